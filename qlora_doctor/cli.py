@@ -1,0 +1,146 @@
+"""Command line: parse options, call the library, render. The only module that prints or exits.
+
+Heavy imports (torch, transformers, rich, yaml, pydantic) stay inside the commands that need them so
+that `qlora-doctor --help` and the fast path of `check` start instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from qlora_doctor import __version__
+from qlora_doctor.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, DoctorError
+
+
+class DoctorGroup(click.Group):
+    """Routes every user-facing error through one place: message on stderr, exit code from the error."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DoctorError as err:
+            for message in err.messages:
+                click.echo(f"error: {message}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+# --- shared options, defined once -------------------------------------------------------------
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(f)
+
+
+def machine_option(f: Callable) -> Callable:
+    return click.option(
+        "--machine",
+        "machine_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Judge the machine described in this JSON file instead of probing this one.",
+    )(f)
+
+
+def verbose_option(f: Callable) -> Callable:
+    return click.option("-v", "--verbose", is_flag=True, help="Show passing checks and probe notes.")(f)
+
+
+def load_machine(machine_file: Path | None):
+    """The machine to judge: the `--machine` file, else the QLORA_DOCTOR_MACHINE file, else a probe."""
+    from qlora_doctor.doctor import machine as machine_mod
+
+    if machine_file is not None:
+        return machine_mod.load_machine_file(machine_file)
+    return machine_mod.probe_machine()
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@click.group(cls=DoctorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qlora-doctor")
+def cli() -> None:
+    """Diagnose, pin and run QLoRA fine-tunes on one GPU."""
+
+
+def main() -> None:
+    cli(prog_name="qlora-doctor")
+
+
+# --- doctor: check, explain -------------------------------------------------------------------
+
+@cli.command()
+@json_option
+@machine_option
+@verbose_option
+@click.option("--save-machine", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the probed machine to this JSON file (the --machine format).")
+@click.option("--requirements", "-r", "requirements_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Judge this pip requirements file (name==version) instead of the installed packages.")
+@click.option("--recipe", "recipe_file", type=str,
+              help="Add recipe-aware checks (bf16 vs the GPU, memory fit) for this recipe (name or path).")
+@click.option("--smoke", is_flag=True, help="Also run a functional test (bitsandbytes + LoRA) in a subprocess.")
+@click.option("--smoke-timeout", type=click.IntRange(min=1), default=180, show_default=True,
+              help="Seconds before the functional test counts as hung.")
+def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine: Path | None,
+          requirements_file: Path | None, recipe_file: str | None, smoke: bool, smoke_timeout: int) -> None:
+    """Judge this environment (or a proposed one) for QLoRA training.
+
+    Exit 0 for pass or warnings, 1 when a check fails, 2 for a bad input file.
+    """
+    from qlora_doctor.doctor.checks import diagnose
+
+    machine = load_machine(machine_file)
+    if save_machine is not None:
+        from qlora_doctor.doctor.machine import save_machine_file
+
+        save_machine_file(machine, save_machine)
+    report = diagnose(machine, requirements_file=requirements_file, recipe=recipe_file,
+                      smoke=smoke, smoke_timeout=smoke_timeout)
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        from qlora_doctor.doctor.render import print_report
+
+        print_report(report, verbose=verbose)
+    sys.exit(EXIT_FAIL if report.status == "fail" else EXIT_OK)
+
+
+@cli.command()
+@click.argument("log", type=click.File("r", encoding="utf-8", errors="replace"), default="-")
+@json_option
+def explain(log, as_json: bool) -> None:
+    """Explain a pasted error, traceback or training log (a FILE, or - for stdin).
+
+    Exit 0 when a known failure matched, 1 when nothing did.
+    """
+    from qlora_doctor.doctor.explain import explain_text
+
+    matches = explain_text(log.read())
+    if as_json:
+        echo_json({"matches": [m.to_json() for m in matches]})
+    else:
+        from qlora_doctor.doctor.render import print_matches
+
+        print_matches(matches)
+    sys.exit(EXIT_OK if matches else EXIT_FAIL)
+
+
+# --- trainer: validate, schema, run, generate, merge (trainer section) ------------------------
+
+
+# --- memory planner: plan (planner section) ---------------------------------------------------
+
+
+# --- matrix, smoke, lock, constraints (matrix section) ----------------------------------------
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
