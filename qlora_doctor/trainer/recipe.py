@@ -1,0 +1,769 @@
+"""A training recipe: one YAML file, validated into typed sections named after the libraries' own
+parameters (transformers' `BitsAndBytesConfig` and `TrainingArguments`, peft's `LoraConfig`,
+datasets' `load_dataset`), so a reader who knows those libraries can read a recipe.
+
+    recipe = load_recipe("demo")               # recipes/demo.yaml, or any path
+    precision = resolve_precision(recipe, machine)   # the `auto`s, decided for one machine
+    BitsAndBytesConfig(**recipe.quantization.bnb_kwargs(precision))
+    LoraConfig(**recipe.lora.lora_kwargs())
+    TrainingArguments(**training_arguments_kwargs(recipe, precision))
+
+Every problem in a recipe is collected and raised at once as one `InputError`, each message naming
+the file and the key: `recipes/x.yaml: lora.r: must be > 0, got 0`.
+
+Paths: `dataset.path` and `dataset.eval_path` are relative to the recipe file's folder and come out
+of validation absolute; a value that is not a local path but looks like `org/name` is a Hugging Face
+hub dataset id and is not checked (validation never needs the network). `training.output_dir` is
+relative to the current directory, like every command-line tool's output.
+
+A later section (`performance:`, `distributed:`) is one more `Section` subclass and one more field
+on `Recipe` with a default, so that recipes written before it stay valid.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from qlora_doctor.errors import InputError
+
+if TYPE_CHECKING:
+    from qlora_doctor.doctor.machine import Machine
+
+# Upper bounds that no real run reaches: they turn a typo like `r: 160000000` into an error here
+# instead of an out-of-memory or an overflow deep inside torch.
+_MAX_COUNT = 10**9
+_MAX_BATCH = 65536
+_MAX_SEQ = 1_048_576
+
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""Local data files `datasets` can read, by suffix -> the `load_dataset` builder name."""
+
+BUILTIN_PREFIX = "builtin:"
+AutoBool = Union[Literal["auto"], bool]
+
+# transformers 5.x `OptimizerNames` and `SchedulerType` values (checked against 5.24), kept here so
+# that validating a recipe does not import transformers. A name missing here fails with the list.
+KNOWN_OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+    "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+    "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit",
+    "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+    "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw",
+    "apollo_adamw_layerwise", "stable_adamw",
+)
+KNOWN_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, `"16"` is not silently the number 16, no NaN/inf."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        min_length=1,
+        description="`builtin:NAME` (a model that ships with qlora-doctor), a local folder "
+                    "(relative to the recipe's folder), or a Hugging Face hub id like `org/name`.")
+    revision: str | None = Field(default=None, description="Hub branch, tag or commit to load.")
+    trust_remote_code: bool = Field(
+        default=False, description="Run Python code that comes with the model repo (a security risk).")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _local_model_exists(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith(BUILTIN_PREFIX):
+            if not value[len(BUILTIN_PREFIX):].strip():
+                raise ValueError(f"{value!r} names no builtin model; e.g. builtin:smollm2-135m-instruct")
+            return value
+        location = _classify_location(value, _base_dir(info), suffixes=())
+        if location.kind == "missing":
+            raise ValueError(f"no model folder at {location.path} (relative paths are resolved against "
+                             f"the recipe's folder {_base_dir(info)}); fix the path, or use a hub id "
+                             "like `HuggingFaceTB/SmolLM2-135M-Instruct`")
+        return location.path if location.kind == "local" else value
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = Field(default=True, description="Quantize the base model to 4 bit (QLoRA); "
+                               "false trains LoRA on an unquantized model.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="auto: bfloat16 on GPUs with compute capability >= 8.0, float16 on "
+                                    "older GPUs, float32 on CPU.")
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = None
+
+    def bnb_kwargs(self, precision: Precision) -> dict[str, Any]:
+        """Keyword arguments for `transformers.BitsAndBytesConfig` (dtype names as strings, which it accepts)."""
+        kwargs: dict[str, Any] = {
+            "load_in_4bit": self.load_in_4bit,
+            "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
+            "bnb_4bit_use_double_quant": self.bnb_4bit_use_double_quant,
+            "bnb_4bit_compute_dtype": precision.compute_dtype,
+        }
+        if self.bnb_4bit_quant_storage is not None:
+            kwargs["bnb_4bit_quant_storage"] = self.bnb_4bit_quant_storage
+        return kwargs
+
+
+class LoraSection(Section):
+    r: int = Field(default=16, gt=0, le=4096, description="LoRA rank.")
+    lora_alpha: float = Field(default=32, gt=0, le=1e6, description="Scaling: updates are multiplied by lora_alpha / r.")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        default="all-linear",
+        description="`all-linear` (every linear layer but the output head), a list of module names "
+                    "like [q_proj, v_proj], or a regex matched against full module names.")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_modules(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and not value.strip() or isinstance(value, list) and not value:
+            raise ValueError("is empty; use `all-linear` or a list like [q_proj, k_proj, v_proj, o_proj]")
+        if isinstance(value, list) and any(not m.strip() for m in value):
+            raise ValueError("has an empty module name")
+        return value
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `peft.LoraConfig`."""
+        return self.model_dump()
+
+
+class DatasetSection(Section):
+    path: str = Field(
+        min_length=1,
+        description="A .jsonl/.json/.csv/.parquet file (relative to the recipe's folder), or a "
+                    "Hugging Face hub dataset id like `tatsu-lab/alpaca`.")
+    name: str | None = Field(default=None, description="Hub dataset configuration name (load_dataset's `name`).")
+    split: str = Field(default="train", min_length=1, description="Hub dataset split to train on.")
+    format: Literal["text", "alpaca", "chat"] = Field(
+        description="text: one text field; alpaca: instruction/input/output; chat: a list of "
+                    "{role, content} messages.")
+    text_field: str = "text"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+    eval_path: str | None = Field(
+        default=None, description="A local file of held-out examples; when null, `eval_split` of the "
+                                  "training data is held out instead.")
+    eval_split: float = Field(default=0.1, ge=0, lt=1,
+                              description="Fraction held out for evaluation when there is no eval_path "
+                                          "(0: no evaluation). Chosen deterministically from training.seed.")
+    train_on_inputs: bool = Field(default=False, description="Compute the loss on the prompt too "
+                                  "(alpaca/chat); by default only the response is learned.")
+    max_samples: int | None = Field(default=None, gt=0, le=_MAX_COUNT,
+                                    description="Use at most this many training rows (the first ones).")
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
+        return _resolve_data_location(value, info, allow_hub=True)
+
+    @field_validator("eval_path")
+    @classmethod
+    def _resolve_eval_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _resolve_data_location(value, info, allow_hub=False)
+
+    @property
+    def is_hub(self) -> bool:
+        """True when `path` is a hub dataset id rather than a local file (local paths are absolute)."""
+        return not os.path.isabs(self.path)
+
+
+class TrainingSection(Section):
+    output_dir: str = Field(min_length=1, description="Where adapters, checkpoints and logs go "
+                                                      "(relative to the current directory).")
+    num_train_epochs: float | None = Field(default=None, gt=0, le=1e6,
+                                           description="Passes over the training data (default 1).")
+    max_steps: int | None = Field(default=None, gt=0, le=_MAX_COUNT,
+                                  description="Optimizer steps; set this or num_train_epochs, not both.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1)
+    fp16: AutoBool = Field(default="auto", description="auto: on for GPUs below compute capability 8.0.")
+    bf16: AutoBool = Field(default="auto", description="auto: on for GPUs with compute capability >= 8.0.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=_MAX_BATCH)
+    per_device_train_batch_size: int = Field(default=1, ge=1, le=_MAX_BATCH)
+    per_device_eval_batch_size: int | None = Field(default=None, ge=1, le=_MAX_BATCH,
+                                                   description="Default: per_device_train_batch_size.")
+    max_seq_length: int = Field(default=512, ge=8, le=_MAX_SEQ,
+                                description="Tokens per example; longer examples are truncated.")
+    gradient_checkpointing: bool = True
+    optim: str = Field(default="paged_adamw_8bit", description="A transformers optimizer name; paged "
+                       "and bnb 8-bit optimizers need CUDA, use adamw_torch on CPU.")
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1,
+                                       description="Fraction of the steps spent warming up (default 0.03).")
+    warmup_steps: int | None = Field(default=None, ge=0, le=_MAX_COUNT, description="Or an exact number of steps.")
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
+    max_grad_norm: float = Field(default=0.3, gt=0, le=1e6)
+    logging_steps: int = Field(default=1, ge=1, le=_MAX_COUNT)
+    eval_strategy: Literal["no", "steps", "epoch"] = "steps"
+    eval_steps: int | None = Field(default=None, ge=1, le=_MAX_COUNT, description="Default: save_steps.")
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"
+    save_steps: int = Field(default=50, ge=1, le=_MAX_COUNT)
+    save_total_limit: int | None = Field(default=2, ge=1, le=_MAX_COUNT)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"
+    dataloader_num_workers: int = Field(default=0, ge=0, le=1024)
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return _one_of(value, KNOWN_OPTIMIZERS, "optimizer")
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return _one_of(value, KNOWN_SCHEDULERS, "scheduler")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSection:
+        problems = training_conflicts(self.model_dump(exclude_defaults=True))
+        if problems:
+            raise ValueError(_CROSS_FIELD_MARK + _CROSS_FIELD_MARK.join(problems))
+        return self
+
+    @property
+    def epochs(self) -> float:
+        """num_train_epochs with its default (1) filled in; ignored by the Trainer when max_steps is set."""
+        return 1.0 if self.num_train_epochs is None else self.num_train_epochs
+
+
+def training_conflicts(training: Any) -> list[str]:
+    """Keys of the training section that contradict each other. Takes the raw mapping too, so that
+    these are reported even when another training key has the wrong type."""
+    if not isinstance(training, dict):
+        return []
+    problems: list[str] = []
+    if training.get("fp16") is True and training.get("bf16") is True:
+        problems.append("training.fp16 and training.bf16: both true; choose one (bf16 on GPUs with "
+                        "compute capability >= 8.0, fp16 on older ones) or leave both `auto`")
+    if training.get("num_train_epochs") is not None and training.get("max_steps") is not None:
+        problems.append("training.num_train_epochs and training.max_steps: both set, and max_steps "
+                        "would silently win; keep one of them")
+    if training.get("warmup_ratio") is not None and training.get("warmup_steps") is not None:
+        problems.append("training.warmup_ratio and training.warmup_steps: both set; keep one of them")
+    return problems
+
+
+class Recipe(Section):
+    """A whole recipe. Build one with `load_recipe` (a file) or `recipe_from_dict` (a mapping)."""
+
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    dataset: DatasetSection
+    training: TrainingSection
+
+
+# --- resolving `auto` for one machine -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes a recipe trains in on one machine, with every `auto` decided."""
+
+    device: Literal["cuda", "cpu"]
+    """Where training runs: `cuda` with an NVIDIA GPU, else `cpu`."""
+    fp16: bool
+    """TrainingArguments.fp16."""
+    bf16: bool
+    """TrainingArguments.bf16."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"]
+    """BitsAndBytesConfig.bnb_4bit_compute_dtype (also the dtype for the model's unquantized weights)."""
+    compute_capability: str | None
+    """The GPU's compute capability the choice was based on; None on CPU or when unknown."""
+    reason: str
+    """One line saying why, e.g. `NVIDIA A100-SXM4-80GB has compute capability 8.0 (>= 8.0): bf16`."""
+
+
+def gpu_supports_bf16(compute_capability: str) -> bool:
+    """bf16 tensor-core math needs Ampere (compute capability 8.0) or newer."""
+    major = int(compute_capability.split(".")[0])
+    return major >= 8
+
+
+def resolve_precision(recipe: Recipe, machine: Machine) -> Precision:
+    """Decide `fp16`/`bf16`/`bnb_4bit_compute_dtype: auto` for `machine` (its first NVIDIA GPU).
+
+    Explicit values are kept as written (the doctor's recipe checks judge them); `auto` picks bf16 on
+    compute capability >= 8.0, fp16 on older or unknown NVIDIA GPUs (fp16 runs on all of them), and
+    float32 without an NVIDIA GPU.
+    """
+    training, gpus = recipe.training, machine.nvidia_gpus
+    cc = gpus[0].compute_capability if gpus else None
+    if not gpus:
+        device: Literal["cuda", "cpu"] = "cpu"
+        preferred = "float32"
+        reason = "no NVIDIA GPU: float32 on CPU"
+    elif cc is None:
+        device, preferred = "cuda", "float16"
+        reason = f"{gpus[0].name}: compute capability unknown, so fp16 (which every NVIDIA GPU runs)"
+    else:
+        device = "cuda"
+        preferred = "bfloat16" if gpu_supports_bf16(cc) else "float16"
+        reason = (f"{gpus[0].name} has compute capability {cc} "
+                  f"({'>=' if preferred == 'bfloat16' else '<'} 8.0): {'bf16' if preferred == 'bfloat16' else 'fp16'}")
+    bf16 = training.bf16 if training.bf16 != "auto" else (training.fp16 is not True and preferred == "bfloat16")
+    fp16 = training.fp16 if training.fp16 != "auto" else (not bf16 and preferred == "float16")
+    if training.bf16 != "auto" or training.fp16 != "auto":
+        reason += f"; recipe sets{' fp16: ' + str(training.fp16).lower() if training.fp16 != 'auto' else ''}" \
+                  f"{' bf16: ' + str(training.bf16).lower() if training.bf16 != 'auto' else ''}"
+    compute = recipe.quantization.bnb_4bit_compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if bf16 else "float16" if fp16 else preferred
+    return Precision(device=device, fp16=bool(fp16), bf16=bool(bf16), compute_dtype=compute,
+                     compute_capability=cc, reason=reason)
+
+
+def training_arguments_kwargs(recipe: Recipe, precision: Precision) -> dict[str, Any]:
+    """Keyword arguments for `transformers.TrainingArguments` (all but `max_seq_length`, which the
+    data pipeline uses). Handles the transformers 5 rename of `warmup_ratio` into a float `warmup_steps`."""
+    t = recipe.training
+    kwargs = t.model_dump(exclude={"max_seq_length", "fp16", "bf16", "num_train_epochs", "max_steps",
+                                   "warmup_ratio", "warmup_steps", "per_device_eval_batch_size", "eval_steps",
+                                   "eval_strategy"})
+    kwargs.update(
+        fp16=precision.fp16, bf16=precision.bf16, num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
+        eval_strategy=t.eval_strategy if recipe.dataset.eval_path or recipe.dataset.eval_split > 0 else "no",
+        eval_steps=t.eval_steps or t.save_steps,
+        use_cpu=precision.device == "cpu",
+    )
+    if t.warmup_steps is not None:
+        kwargs["warmup_steps"] = t.warmup_steps
+    else:
+        ratio = 0.03 if t.warmup_ratio is None else t.warmup_ratio
+        if _training_arguments_accept("warmup_ratio"):
+            kwargs["warmup_ratio"] = ratio
+        else:  # transformers >= 5: a float in [0, 1) is a ratio of the total steps
+            kwargs["warmup_steps"] = ratio
+    if not _training_arguments_accept("gradient_checkpointing") or _training_arguments_accept(
+            "activation_checkpointing"):  # transformers 5.x renamed it and warns on the old name
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+    return kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _training_arguments_accept(name: str) -> bool:
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return any(f.name == name for f in dataclasses.fields(TrainingArguments))
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
+"""The repository's recipes folder, next to the package (searched after ./recipes)."""
+
+
+def recipe_search_path() -> list[Path]:
+    return [Path.cwd() / "recipes", REPO_RECIPES]
+
+
+def find_recipe(path_or_name: str | os.PathLike[str]) -> Path:
+    """A recipe file by path, or by name (`demo` -> the first `recipes/demo.yaml` on the search path)."""
+    text = os.fspath(path_or_name)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise InputError(f"{text}: is a folder; name a recipe file like {text.rstrip('/')}/demo.yaml")
+    is_name = Path(text).name == text and path.suffix not in (".yaml", ".yml")
+    if is_name:
+        for folder in recipe_search_path():
+            for suffix in (".yaml", ".yml"):
+                candidate = folder / f"{text}{suffix}"
+                if candidate.is_file():
+                    return candidate
+    known = sorted({p.stem for folder in recipe_search_path() if folder.is_dir()
+                    for p in [*folder.glob("*.yaml"), *folder.glob("*.yml")]})
+    hint = _did_you_mean(text if is_name else path.stem, known)
+    where = " or ".join(str(f) for f in recipe_search_path())
+    raise InputError(f"{text}: no such recipe file{' or recipe name in ' + where if is_name else ''}"
+                     f"{hint}; known recipes: {', '.join(known) or 'none'}")
+
+
+def load_recipe(path_or_name: str | os.PathLike[str]) -> Recipe:
+    """Read, parse and validate a recipe; raises one `InputError` listing every problem."""
+    path = find_recipe(path_or_name)
+    where = _display(path)
+    data = _read_yaml(path, where)
+    return recipe_from_dict(data, where=where, base_dir=path.resolve().parent)
+
+
+def recipe_from_dict(data: Any, where: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a parsed recipe. Relative data/model paths resolve against `base_dir` (default: cwd)."""
+    from pydantic import ValidationError
+
+    if data is None:
+        raise InputError(f"{where}: the recipe is empty; start from `recipes/demo.yaml` "
+                         "(sections model, quantization, lora, dataset, training)")
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping with the sections model, quantization, lora, "
+                         f"dataset, training at the top level, got {_kind(data)}")
+    # An empty section (`lora:` with nothing under it) means "all defaults", as it reads.
+    data = {k: ({} if v is None and k in Recipe.model_fields else v) for k, v in data.items()}
+    try:
+        return Recipe.model_validate(data, context={"base_dir": base_dir or Path.cwd()})
+    except ValidationError as err:
+        messages = format_validation_errors(err, Recipe)
+        messages += [m for m in training_conflicts(data.get("training")) if m not in messages]
+        raise InputError([f"{where}: {m}" for m in messages]) from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply to be a recipe") from None
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str], where: str = "--set") -> Recipe:
+    """A copy of `recipe` with `section.key=value` overrides (values parsed as YAML), revalidated."""
+    import yaml
+
+    data = recipe.model_dump()
+    errors: list[str] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            errors.append(f"{where} {item!r}: expected SECTION.KEY=VALUE, e.g. training.max_steps=10")
+            continue
+        section, name = parts
+        if section not in data:
+            errors.append(f"{where} {item!r}: unknown section {section!r}{_did_you_mean(section, list(data))}")
+            continue
+        try:
+            value = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else None
+        except yaml.YAMLError as err:
+            errors.append(f"{where} {item!r}: value is not valid YAML ({_yaml_problem(err)})")
+            continue
+        data[section] = {**(data[section] or {}), name: value}
+    if errors:
+        raise InputError(errors)
+    return recipe_from_dict(data, where=where)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of a recipe, for editors (e.g. `# yaml-language-server: $schema=recipe.schema.json`)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "qlora-doctor recipe"
+    return schema
+
+
+def recipe_summary(recipe: Recipe) -> str:
+    """One line describing a recipe, for `validate` and logs."""
+    t, d, q, lora = recipe.training, recipe.dataset, recipe.quantization, recipe.lora
+    length = f"max_steps {t.max_steps}" if t.max_steps is not None else f"{t.epochs:g} epoch(s)"
+    data = d.path if d.is_hub else _display(Path(d.path))
+    modules = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
+    quant = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "unquantized"
+    return (f"{recipe.model.name_or_path} ({quant}), LoRA r={lora.r} {modules}, {d.format} data {data}, "
+            f"{length}, seq {t.max_seq_length} -> {t.output_dir}")
+
+
+# --- YAML -----------------------------------------------------------------------------------------
+
+def _recipe_loader() -> type:
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        """SafeLoader that reads `2e-4` as a number (YAML 1.1 wants `2.0e-4`) and refuses duplicate keys."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader reports it below, with its line
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first}); keep one of them",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    float_re = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                              |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                              |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                              |[-+]?\.(?:inf|Inf|INF)
+                              |\.(?:nan|NaN|NAN))$""", re.X)
+    RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for first in "-+0123456789.":
+        RecipeLoader.yaml_implicit_resolvers[first] = [
+            (tag, regexp) for tag, regexp in RecipeLoader.yaml_implicit_resolvers.get(first, [])
+            if tag != "tag:yaml.org,2002:float"]
+        RecipeLoader.yaml_implicit_resolvers[first].append(("tag:yaml.org,2002:float", float_re))
+    return RecipeLoader
+
+
+class _LazyLoader:
+    """Builds the YAML loader class on first use so that importing this module does not import yaml."""
+
+    _cls: type | None = None
+
+    def __call__(self, stream: Any) -> Any:
+        if _LazyLoader._cls is None:
+            _LazyLoader._cls = _recipe_loader()
+        return _LazyLoader._cls(stream)
+
+
+_RecipeLoader = _LazyLoader()
+
+
+def _read_yaml(path: Path, where: str) -> Any:
+    import yaml
+
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"{where}: cannot read the recipe ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{where}: not a UTF-8 text file (byte {err.start}); a recipe is YAML text, "
+                         "see recipes/demo.yaml") from None
+    if "\x00" in text:
+        raise InputError(f"{where}: contains NUL bytes, so it is not a YAML text file; see recipes/demo.yaml")
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{where}{line}: not valid YAML: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply to be a recipe") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    problem = getattr(err, "problem", None)
+    context = getattr(err, "context", None)
+    if problem:
+        return f"{problem}{' (' + context + ')' if context else ''}"
+    return str(err).splitlines()[0]
+
+
+# --- error messages -------------------------------------------------------------------------------
+
+_CROSS_FIELD_MARK = "\x1f"  # separates several cross-field problems raised by one validator
+
+
+def format_validation_errors(err: Any, model: type[BaseModel]) -> list[str]:
+    """pydantic's errors as `section.key: what is wrong, and the fix`, one line each, in file order."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for e in err.errors(include_url=False):
+        path, field_type = _field_path(model, e["loc"])
+        e["_field_type"] = field_type
+        grouped.setdefault(path, []).append(e)
+    messages: list[str] = []
+    for path, errors in grouped.items():
+        first = errors[0]
+        if first["type"] == "value_error" and _CROSS_FIELD_MARK in first["msg"]:
+            messages.extend(m for m in first["msg"].split(_CROSS_FIELD_MARK)[1:])
+            continue
+        if len(errors) > 1:  # a union (e.g. `auto|true|false`): say what it accepts
+            messages.append(f"{path}: expected {_describe(first['_field_type'])}, got {_show(first['input'])}")
+            continue
+        messages.append(f"{path}: {_message(first, path, model)}" if path else _message(first, path, model))
+    return messages
+
+
+def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, Any]:
+    """Dotted key path from a pydantic `loc`, skipping union-member tags; plus the field's type."""
+    path = ""
+    current: Any = model
+    field_type: Any = None
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            field_type = current.model_fields[part].annotation
+            path = f"{path}.{part}" if path else str(part)
+            current = _unwrap_model(field_type)
+        elif isinstance(part, int):
+            path = f"{path}[{part}]"
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            path = f"{path}.{part}" if path else str(part)  # an unknown key
+            break
+        else:
+            break  # a union member tag such as `literal['auto']` or `list[str]`
+    return path, field_type
+
+
+def _unwrap_model(annotation: Any) -> Any:
+    import typing
+
+    for arg in (typing.get_args(annotation) or (annotation,)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
+
+
+def _message(e: dict[str, Any], path: str, model: type[BaseModel]) -> str:
+    kind, ctx, value = e["type"], e.get("ctx") or {}, e.get("input")
+    if kind == "extra_forbidden":
+        parent = _parent_model(model, path)
+        key = path.rsplit(".", 1)[-1]
+        options = list(parent.model_fields) if parent is not None else []
+        hint = _did_you_mean(key, options) or f" (expected one of {', '.join(options)})"
+        return f"unknown key {key!r}{hint}"
+    if kind == "missing":
+        return "missing (required)"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound:g}, got {_show(value)}" if isinstance(bound, (int, float)) \
+            else f"must be {op} {bound}, got {_show(value)}"
+    if kind == "literal_error":
+        options = [str(o).strip("'") for o in re.findall(r"'[^']*'|True|False", ctx.get("expected", ""))]
+        return f"{_show(value)} is not one of {', '.join(options)}{_did_you_mean(str(value), options)}"
+    if kind == "string_too_short":
+        return "is empty"
+    if kind == "value_error":
+        return str(e["msg"]).removeprefix("Value error, ")
+    if kind in ("finite_number",):
+        return f"must be a finite number, got {_show(value)}"
+    if kind == "model_type" or kind == "dict_type":
+        return f"expected a mapping of keys under it, got {_kind(value)}"
+    return f"expected {_describe(e.get('_field_type'))}, got {_show(value)}"
+
+
+def _parent_model(model: type[BaseModel], path: str) -> type[BaseModel] | None:
+    current: Any = model
+    for part in path.split(".")[:-1]:
+        part = part.split("[")[0]
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = _unwrap_model(current.model_fields[part].annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _describe(annotation: Any) -> str:
+    """`int | None` -> `a whole number or null`, for "expected ..." messages."""
+    import types
+    import typing
+
+    if annotation is None or annotation is type(None):
+        return "null"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
+    if origin is Literal:
+        return "one of " + ", ".join("true" if a is True else "false" if a is False else str(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "a mapping"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+        annotation, str(annotation))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (dict, list)):
+        return _kind(value)
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"{type(value).__name__} {_show(value)}"
+
+
+def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _one_of(value: str, known: tuple[str, ...], what: str) -> str:
+    if value not in known:
+        hint = _did_you_mean(value, known) or f"; known: {', '.join(known)}"
+        raise ValueError(f"{value!r} is not a transformers {what}{hint}")
+    return value
+
+
+# --- paths ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Location:
+    kind: Literal["local", "hub", "missing"]
+    path: str
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _classify_location(value: str, base_dir: Path, suffixes: tuple[str, ...]) -> _Location:
+    """A local path (made absolute), a hub id (`name` or `org/name`), or a local path that is missing."""
+    expanded = Path(value).expanduser()
+    candidate = expanded if expanded.is_absolute() else base_dir / expanded
+    if candidate.exists():
+        return _Location("local", str(candidate.resolve()))
+    looks_local = (value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
+                   or Path(value).suffix.lower() in suffixes or not _HUB_ID.fullmatch(value))
+    return _Location("missing", str(candidate)) if looks_local else _Location("hub", value)
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    context = info.context or {}
+    return Path(context.get("base_dir") or Path.cwd())
+
+
+def _resolve_data_location(value: str, info: ValidationInfo, allow_hub: bool) -> str:
+    base = _base_dir(info)
+    location = _classify_location(value, base, suffixes=tuple(DATA_SUFFIXES))
+    if location.kind == "missing" or location.kind == "hub" and not allow_hub:
+        raise ValueError(f"no such file: {location.path} (relative paths are resolved against the "
+                         f"recipe's folder {base}); fix the path"
+                         + (" or use a hub dataset id like `tatsu-lab/alpaca`" if allow_hub else ""))
+    if location.kind == "local":
+        path = Path(location.path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; name one data file ({', '.join(DATA_SUFFIXES)})")
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            raise ValueError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                             f"use one of {', '.join(DATA_SUFFIXES)}")
+    return location.path
+
+
+def _display(path: Path) -> str:
+    """A path as the user would write it: relative to the current directory when inside it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+    return str(path) if relative.startswith("..") else relative
+
+__all__ = [
+    "DATA_SUFFIXES", "DatasetSection", "LoraSection", "ModelSection", "Precision", "QuantizationSection",
+    "Recipe", "TrainingSection", "apply_overrides", "find_recipe", "format_validation_errors",
+    "gpu_supports_bf16", "load_recipe", "recipe_from_dict", "recipe_json_schema", "recipe_summary",
+    "resolve_precision", "training_arguments_kwargs",
+]
