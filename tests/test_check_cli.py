@@ -1,0 +1,163 @@
+"""`qlora-doctor check` and `explain` end to end through the CLI, on described machines and pin sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qlora_doctor.cli import cli
+
+from helpers import write_machine
+
+GOOD_PINS = "torch==2.5.1+cu124\ntransformers==4.46.3\npeft==0.13.2\nbitsandbytes==0.45.0\naccelerate==1.1.1\ndatasets==3.1.0\n"
+
+
+def run(*args: str, input: str | None = None):
+    return CliRunner().invoke(cli, list(args), input=input)
+
+
+def check_json(tmp_path, pins: str, **machine):
+    req = tmp_path / "req.txt"
+    req.write_text(pins)
+    m = write_machine(tmp_path / "m.json", **machine)
+    result = run("check", "--json", "--machine", str(m), "--requirements", str(req))
+    assert result.exit_code in (0, 1), result.output
+    data = json.loads(result.output)
+    return result, data, {c["id"]: c for c in data["checks"]}
+
+
+def test_check_json_shape_and_exit_code(tmp_path):
+    result, data, checks = check_json(tmp_path, GOOD_PINS)
+    assert data["status"] in ("pass", "warn", "fail")
+    assert set(data) >= {"status", "checks", "machine", "packages"}
+    for c in data["checks"]:
+        assert set(c) >= {"id", "status", "title", "detail", "fix", "sources"}
+        assert c["status"] in ("pass", "warn", "fail", "unknown")
+    assert result.exit_code == (1 if data["status"] == "fail" else 0)
+    assert data["packages"]["torch_build"]["cuda"] == "12.4"
+
+
+def test_driver_too_old_for_torch_cuda_fails_with_fix(tmp_path):
+    result, data, checks = check_json(tmp_path, GOOD_PINS, driver_version="470.82.01")
+    assert result.exit_code == 1
+    c = checks["cuda.driver"]
+    assert c["status"] == "fail"
+    assert "470.82.01 is too old" in c["detail"] and "qlora-doctor lock" in c["fix"]
+    assert c["sources"]
+
+
+def test_new_driver_passes_driver_check(tmp_path):
+    _, _, checks = check_json(tmp_path, GOOD_PINS, driver_version="550.54.15")
+    assert checks["cuda.driver"]["status"] == "pass"
+
+
+def test_unknown_driver_is_unknown_not_pass(tmp_path):
+    _, data, checks = check_json(tmp_path, GOOD_PINS, driver_version=None)
+    assert checks["cuda.driver"]["status"] == "unknown"
+    assert data["status"] != "pass"
+
+
+def test_blackwell_card_needs_newer_torch_build(tmp_path):
+    gpu = [{"name": "NVIDIA GeForce RTX 5090", "compute_capability": "12.0", "memory_total_mib": 32607}]
+    _, _, checks = check_json(tmp_path, GOOD_PINS, gpus=gpu, driver_version="575.51.03")
+    assert checks["cuda.arch"]["status"] == "fail"
+    assert "sm_120" in checks["cuda.arch"]["detail"]
+
+
+def test_missing_training_package_fails(tmp_path):
+    result, _, checks = check_json(tmp_path, "torch==2.5.1+cu124\ntransformers==4.46.3\n")
+    assert result.exit_code == 1
+    assert checks["packages.training"]["status"] == "fail"
+    assert "peft" in checks["packages.training"]["detail"]
+
+
+def test_cpu_machine_warns_but_passes_exit_code(tmp_path):
+    result, data, checks = check_json(
+        tmp_path, "torch==2.13.0+cpu\ntransformers==5.24.0\npeft==0.21.2\nbitsandbytes==0.50.2\n"
+                  "accelerate==1.15.0\ndatasets==5.2.0\n", driver_version=None, gpus=[])
+    assert checks["machine.gpu"]["status"] == "warn"
+    assert result.exit_code == 0, data
+
+
+def test_save_machine_writes_loadable_file(tmp_path):
+    out = tmp_path / "saved.json"
+    m = write_machine(tmp_path / "m.json")
+    result = run("check", "--json", "--machine", str(m), "--save-machine", str(out))
+    assert result.exit_code in (0, 1), result.output
+    assert json.loads(out.read_text())["gpus"][0]["name"] == "NVIDIA A100-SXM4-80GB"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"os": "linux"}', "arch: missing"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_bad_machine_file_is_exit_2_without_traceback(tmp_path, content, message):
+    path = tmp_path / "m.json"
+    path.write_text(content)
+    result = run("check", "--machine", str(path))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and str(path) in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_requirements_file_is_exit_2(tmp_path):
+    req = tmp_path / "req.txt"
+    req.write_text("torch>=2\n")
+    result = run("check", "--requirements", str(req), "--machine", str(write_machine(tmp_path / "m.json")))
+    assert result.exit_code == 2
+    assert f"{req}:1:" in result.output and "exact pin" in result.output
+
+
+def test_missing_files_are_exit_2(tmp_path):
+    assert run("check", "--machine", str(tmp_path / "nope.json")).exit_code == 2
+    assert run("check", "--requirements", str(tmp_path / "nope.txt")).exit_code == 2
+
+
+def test_unknown_flag_is_exit_2():
+    assert run("check", "--no-such-flag").exit_code == 2
+
+
+def test_table_output_mentions_failure_and_fix(tmp_path):
+    req = tmp_path / "req.txt"
+    req.write_text(GOOD_PINS)
+    m = write_machine(tmp_path / "m.json", driver_version="470.82.01")
+    result = run("check", "--machine", str(m), "--requirements", str(req))
+    assert result.exit_code == 1
+    assert "FAIL" in result.output and "qlora-doctor lock" in result.output
+
+
+@pytest.mark.parametrize("text, rule_hint", [
+    ("RuntimeError: CUDA Setup failed despite GPU being available. Please run the following command to get "
+     "more information: python -m bitsandbytes", "bnb"),
+    ("ImportError: cannot import name 'prepare_model_for_int8_training' from 'peft' "
+     "(/usr/lib/python3/site-packages/peft/__init__.py)", "peft"),
+    ("ValueError: Your setup doesn't support bf16/gpu.", "bf16"),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+     "23.65 GiB of which 1.12 GiB is free.", "oom"),
+])
+def test_explain_recognises_the_issue_examples(text, rule_hint):
+    result = run("explain", "--json", "-", input="some log line\n" + text + "\nmore\n")
+    assert result.exit_code == 0, result.output
+    matches = json.loads(result.output)["matches"]
+    assert matches and all(set(m) >= {"id", "cause", "fix", "sources"} for m in matches)
+
+
+def test_explain_nothing_matched_exit_1():
+    result = run("explain", "-", input="hello world\n")
+    assert result.exit_code == 1
+    assert "no known failure" in result.output
+
+
+def test_explain_binary_junk_does_not_crash(tmp_path):
+    path = tmp_path / "junk.log"
+    path.write_bytes(bytes(range(256)) * 50)
+    result = run("explain", str(path))
+    assert result.exit_code in (0, 1)
+    assert "Traceback" not in result.output
+
+
+def test_explain_unreadable_file_is_exit_2(tmp_path):
+    assert run("explain", str(tmp_path / "missing.log")).exit_code == 2

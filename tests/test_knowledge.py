@@ -1,0 +1,60 @@
+"""Every rule of the shipped knowledge base fires on its example and stays quiet on its clear case."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_doctor.doctor.explain import explain_text
+from qlora_doctor.doctor.knowledge import canonical_name, load_rules, load_tables
+from qlora_doctor.doctor.rules import evaluate_rule
+
+from helpers import machine, env
+
+RULES = load_rules()
+WHEN_RULES = [r for r in RULES if r.when is not None]
+TEXT_RULES = [r for r in RULES if r.errors or r.patterns]
+
+
+def _example_env(example: dict):
+    pins = {canonical_name(k): v for k, v in (example.get("packages") or {}).items()}
+    return machine(**(example.get("machine") or {})), env(**pins)
+
+
+def test_knowledge_base_is_large_enough_and_sourced():
+    assert len(RULES) >= 40, f"only {len(RULES)} rules"
+    for rule in RULES:
+        assert rule.sources and all(s.startswith("https://") or s.startswith("http://") for s in rule.sources)
+        assert rule.fix.strip() and rule.cause.strip()
+
+
+@pytest.mark.parametrize("rule", WHEN_RULES, ids=[r.id for r in WHEN_RULES])
+def test_rule_fires_on_its_example(rule):
+    m, e = _example_env(rule.examples["fires"])
+    result = evaluate_rule(rule, m, e)
+    assert result.outcome == "fires", (rule.id, result)
+
+
+@pytest.mark.parametrize("rule", WHEN_RULES, ids=[r.id for r in WHEN_RULES])
+def test_rule_is_clear_on_its_counter_example(rule):
+    m, e = _example_env(rule.examples["clear"])
+    result = evaluate_rule(rule, m, e)
+    assert result.outcome == "clear", (rule.id, result)
+
+
+@pytest.mark.parametrize("rule", TEXT_RULES, ids=[r.id for r in TEXT_RULES])
+def test_explain_recognises_the_rule_log(rule):
+    matches = explain_text(rule.examples["log"])
+    assert rule.id in [m.id for m in matches], (rule.id, [m.id for m in matches])
+
+
+def test_explain_ignores_unrelated_text():
+    assert explain_text("Epoch 1/3: loss 1.234\nsaving checkpoint-500\nall good") == []
+
+
+def test_tables_load_with_sources():
+    tables = load_tables()
+    for rows in (tables.driver_min, tables.torch_archs, tables.torch_default_cuda, tables.bnb_cuda,
+                 tables.gpu_models):
+        assert rows, "every table has rows"
+        for row in rows:
+            assert row.sources, row

@@ -1,0 +1,123 @@
+import json
+
+import pytest
+
+from qlora_doctor.doctor import machine as machine_mod
+from qlora_doctor.doctor.machine import (load_machine_file, parse_nvidia_smi_csv, parse_nvidia_smi_header,
+                                         parse_proc_driver_version, NVIDIA_SMI_FIELDS_OLD, probe_machine,
+                                         save_machine_file)
+from qlora_doctor.errors import InputError
+
+
+def test_parse_nvidia_smi_two_gpus(data_dir):
+    gpus, driver = parse_nvidia_smi_csv((data_dir / "nvidia-smi-2xA100.csv").read_text())
+    assert driver == "550.54.15"
+    assert [g.name for g in gpus] == ["NVIDIA A100-SXM4-80GB"] * 2
+    assert gpus[0].compute_capability == "8.0"
+    assert gpus[1].memory_free_mib == 1203 and gpus[1].memory_total_mib == 81920
+
+
+def test_parse_nvidia_smi_old_driver_without_compute_cap(data_dir):
+    gpus, driver = parse_nvidia_smi_csv((data_dir / "nvidia-smi-t4-old-driver.csv").read_text(),
+                                        NVIDIA_SMI_FIELDS_OLD)
+    assert driver == "470.82.01" and gpus[0].compute_capability is None and gpus[0].name == "Tesla T4"
+
+
+def test_parse_nvidia_smi_not_available_fields(data_dir):
+    gpus, _ = parse_nvidia_smi_csv((data_dir / "nvidia-smi-na.csv").read_text())
+    assert gpus[0].memory_total_mib is None and gpus[0].compute_capability is None
+
+
+def test_parse_nvidia_smi_garbage_is_an_error_not_a_gpu(data_dir):
+    with pytest.raises(ValueError, match="unexpected nvidia-smi line"):
+        parse_nvidia_smi_csv((data_dir / "nvidia-smi-garbage.txt").read_text())
+
+
+def test_parse_nvidia_smi_header(data_dir):
+    assert parse_nvidia_smi_header((data_dir / "nvidia-smi-header.txt").read_text()) == ("580.159.04", "13.0")
+
+
+@pytest.mark.parametrize("name, expected", [("proc-driver-version.txt", "550.54.15"),
+                                            ("proc-driver-version-open.txt", "580.159.04")])
+def test_parse_proc_driver_version(data_dir, name, expected):
+    assert parse_proc_driver_version((data_dir / name).read_text()) == expected
+
+
+def test_machine_file_round_trip(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"os": "linux", "arch": "x86_64", "python": "3.11.7", "driver_version": "550.54.15",
+                                "gpus": [{"name": "Tesla T4", "compute_capability": "7.5",
+                                          "memory_total_mib": 15360}]}))
+    m = load_machine_file(path)
+    assert m.gpu_vendor == "nvidia" and m.gpus[0].compute_capability == "7.5"
+    out = tmp_path / "saved.json"
+    save_machine_file(m, out)
+    again = load_machine_file(out)
+    assert again.gpus == m.gpus and again.driver_version == m.driver_version
+
+
+def test_machine_file_errors_are_collected_and_named(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"os": "plan9", "arch": "x86_64", "python": "three", "driver_versoin": "1",
+                                "gpus": [{"name": "X", "compute_capability": 8.0}]}))
+    with pytest.raises(InputError) as err:
+        load_machine_file(path)
+    text = "\n".join(err.value.messages)
+    assert f"{path}: os: 'plan9' is not one of" in text
+    assert "python: 'three' is not a version" in text
+    assert "unknown key 'driver_versoin'" in text
+    assert "gpus[0].compute_capability: expected a string like \"8.0\"" in text
+
+
+def test_machine_file_invalid_json_names_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{\n "os": "linux",\n oops\n}')
+    with pytest.raises(InputError, match=r"bad.json:3: not valid JSON"):
+        load_machine_file(path)
+
+
+def test_env_override_replaces_probe(tmp_path, monkeypatch):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"os": "linux", "arch": "aarch64", "python": "3.12.1", "driver_version": None,
+                                "gpus": []}))
+    monkeypatch.setenv("QLORA_DOCTOR_MACHINE", str(path))
+    m = probe_machine()
+    assert m.arch == "aarch64" and m.gpus == () and m.gpu_vendor == "none"
+
+
+def _fake_nvidia_smi(tmp_path, script: str):
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text("#!/bin/sh\n" + script)
+    exe.chmod(0o755)
+    return exe
+
+
+def test_probe_falls_back_to_nvidia_smi_and_name_table(tmp_path, monkeypatch, data_dir):
+    """No NVML library here: the probe must get the GPUs from nvidia-smi (an old one without
+    compute_cap), and the compute capability from the GPU table."""
+    csv = (data_dir / "nvidia-smi-t4-old-driver.csv").read_text()
+    _fake_nvidia_smi(tmp_path, f'case "$1" in --query-gpu=*compute_cap*) echo "Field \\"compute_cap\\" is not a valid field to query." >&2; exit 2;;\n'
+                               f'--query-gpu=*) printf "{csv}";;\n*) cat "{data_dir / "nvidia-smi-header.txt"}";; esac\n')
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setattr(machine_mod, "PROC_DRIVER_VERSION", tmp_path / "absent")
+    m = probe_machine()
+    assert m.gpu_vendor == "nvidia"
+    assert m.driver_version == "470.82.01"
+    assert m.gpus[0].name == "Tesla T4" and m.gpus[0].compute_capability == "7.5"
+
+
+def test_probe_survives_a_hanging_nvidia_smi(tmp_path, monkeypatch):
+    _fake_nvidia_smi(tmp_path, "sleep 60\n")
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setattr(machine_mod, "NVIDIA_SMI_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(machine_mod, "PROC_DRIVER_VERSION", tmp_path / "absent")
+    m = probe_machine()
+    assert m.gpus == () and any("no answer within" in n for n in m.notes)
+
+
+def test_probe_reports_garbage_from_nvidia_smi(tmp_path, monkeypatch, data_dir):
+    _fake_nvidia_smi(tmp_path, f'cat "{data_dir / "nvidia-smi-garbage.txt"}"\n')
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setattr(machine_mod, "PROC_DRIVER_VERSION", tmp_path / "absent")
+    m = probe_machine()
+    assert m.gpus == () and any("unexpected nvidia-smi line" in n for n in m.notes)
