@@ -88,14 +88,15 @@ def parse_proc_driver_version(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-NVIDIA_SMI_QUERY = "name,memory.total,memory.free,compute_cap,driver_version"
+NVIDIA_SMI_FIELDS = ("name", "memory.total", "memory.free", "compute_cap", "driver_version")
+# Drivers before ~510 don't know `compute_cap` and refuse the whole query; ask again without it.
+NVIDIA_SMI_FIELDS_OLD = ("name", "memory.total", "memory.free", "driver_version")
 
 
-def parse_nvidia_smi_csv(text: str) -> tuple[list[Gpu], str | None]:
-    """GPUs and driver version from
-    `nvidia-smi --query-gpu=name,memory.total,memory.free,compute_cap,driver_version --format=csv,noheader,nounits`.
+def parse_nvidia_smi_csv(text: str, fields: tuple[str, ...] = NVIDIA_SMI_FIELDS) -> tuple[list[Gpu], str | None]:
+    """GPUs and driver version from `nvidia-smi --query-gpu=<fields> --format=csv,noheader,nounits`.
 
-    Older drivers don't know `compute_cap` and print `[Field Not Supported]` or `[N/A]` there.
+    A field the driver cannot fill reads `[N/A]` or `[Field Not Supported]` and becomes None.
     Raises ValueError on output that is not this CSV (garbage must not become a GPU)."""
     gpus: list[Gpu] = []
     driver: str | None = None
@@ -104,13 +105,16 @@ def parse_nvidia_smi_csv(text: str) -> tuple[list[Gpu], str | None]:
         if not line:
             continue
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 5:
+        if len(parts) != len(fields):
             raise ValueError(f"unexpected nvidia-smi line: {line[:120]!r}")
-        name, total, free, cc, drv = parts
-        if not name or not re.fullmatch(r"\d+(\.\d+){1,2}", drv):
+        row = dict(zip(fields, parts))
+        drv = row.get("driver_version", "")
+        if not row["name"] or not re.fullmatch(r"\d+(\.\d+){1,2}", drv):
             raise ValueError(f"unexpected nvidia-smi line: {line[:120]!r}")
-        gpus.append(Gpu(name=name, compute_capability=cc if _is_cc(cc) else None,
-                        memory_total_mib=_int_or_none(total), memory_free_mib=_int_or_none(free)))
+        cc = row.get("compute_cap", "")
+        gpus.append(Gpu(name=row["name"], compute_capability=cc if _is_cc(cc) else None,
+                        memory_total_mib=_int_or_none(row["memory.total"]),
+                        memory_free_mib=_int_or_none(row["memory.free"])))
         driver = drv
     return gpus, driver
 
@@ -356,12 +360,17 @@ def _probe_nvidia_smi(notes: list[str], want_gpus: bool) -> tuple[list[Gpu], str
         return [], None, None
     gpus: list[Gpu] = []
     driver = cuda = None
-    out = _run([exe, f"--query-gpu={NVIDIA_SMI_QUERY}", "--format=csv,noheader,nounits"], notes)
-    if out is not None and want_gpus:
-        try:
-            gpus, driver = parse_nvidia_smi_csv(out)
-        except ValueError as err:
-            notes.append(f"nvidia-smi: {err}")
+    if want_gpus:
+        for fields in (NVIDIA_SMI_FIELDS, NVIDIA_SMI_FIELDS_OLD):
+            out = _run([exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], notes)
+            if out is None:
+                continue
+            try:
+                gpus, driver = parse_nvidia_smi_csv(out, fields)
+                break
+            except ValueError as err:
+                notes.append(f"nvidia-smi: {err}")
+                break
     header = _run([exe], notes)
     if header is not None:
         header_driver, cuda = parse_nvidia_smi_header(header)

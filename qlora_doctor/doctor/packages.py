@@ -153,7 +153,7 @@ def build_from_local_tag(local: str) -> TorchBuild | None:
 
 def parse_torch_version_py(text: str) -> TorchBuild:
     cuda = re.search(r"^cuda\s*(?::\s*\S+)?\s*=\s*['\"]([\d.]+)['\"]", text, re.MULTILINE)
-    hip = re.search(r"^hip\s*(?::\s*\S+)?\s*=\s*['\"]([\w.]+)['\"]", text, re.MULTILINE)
+    hip = re.search(r"^hip\s*(?::\s*\S+)?\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
     if cuda:
         parts = cuda.group(1).split(".")
         return TorchBuild("cuda", Version(".".join(parts[:2])), how="torch/version.py")
