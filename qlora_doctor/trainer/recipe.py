@@ -87,8 +87,12 @@ class ModelSection(Section):
     @classmethod
     def _local_model_exists(cls, value: str, info: ValidationInfo) -> str:
         if value.startswith(BUILTIN_PREFIX):
-            if not value[len(BUILTIN_PREFIX):].strip():
-                raise ValueError(f"{value!r} names no builtin model; e.g. builtin:smollm2-135m-instruct")
+            from qlora_doctor.trainer.builtin import BUILTIN_MODELS
+
+            if value[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+                known = [BUILTIN_PREFIX + name for name in sorted(BUILTIN_MODELS)]
+                raise ValueError(f"unknown builtin model {value!r}{_did_you_mean(value, known)}; "
+                                 f"builtin models: {', '.join(known)}")
             return value
         location = _classify_location(value, _base_dir(info), suffixes=())
         if location.kind == "missing":
