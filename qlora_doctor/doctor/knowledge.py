@@ -22,7 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DATA_DIR = Path(__file__).parent / "data"
-SEVERITIES = ("fail", "warn")
+SEVERITIES = ("fail", "warn", "note")
 OSES = ("linux", "windows", "darwin")
 VENDORS = ("nvidia", "amd", "apple", "none")
 BACKENDS = ("cuda", "rocm", "cpu")
