@@ -171,16 +171,17 @@ def driver_check(machine: Machine, cuda: Version, build: str, tables: Tables) ->
         return Check("cuda.driver", "unknown", title, f"no driver table row for CUDA {cuda}",
                      found=machine.driver_version, expected="a known CUDA version")
     driver = Version(machine.driver_version)
+    shown = machine.driver_version  # as the driver prints it: Version() would drop the zero in 470.82.01
     minimum = row.minor_compat_driver or row.toolkit_driver
     if driver < minimum:
         return Check("cuda.driver", "fail", title,
-                     f"driver {driver} is too old for {build} (CUDA {cuda} needs >= {minimum} on Linux, "
+                     f"driver {shown} is too old for {build} (CUDA {cuda} needs >= {minimum} on Linux, "
                      f"under minor-version compatibility)",
                      fix=f"upgrade the NVIDIA driver to >= {row.toolkit_driver}, or pin a torch built for an older "
                          "CUDA: `qlora-doctor lock` picks one for this driver",
-                     sources=row.sources, found=str(driver), expected=f">= {minimum}")
-    return Check("cuda.driver", "pass", title, f"driver {driver} runs {build}", sources=row.sources,
-                 found=str(driver), expected=f">= {minimum}")
+                     sources=row.sources, found=shown, expected=f">= {minimum}")
+    return Check("cuda.driver", "pass", title, f"driver {shown} runs {build}", sources=row.sources,
+                 found=shown, expected=f">= {minimum}")
 
 
 def arch_supported(cc: str, archs: tuple[str, ...]) -> bool:

@@ -33,6 +33,8 @@ def print_report(report: Report, verbose: bool = False) -> None:
     for c in report.checks:
         if c.status in ("fail", "warn", "unknown"):
             console.print(f"[{_STYLE[c.status]}]{c.status}[/] {c.id}: {c.detail}", highlight=False)
+            if c.fix:
+                console.print(f"    fix: [green]{c.fix}[/]", highlight=False)
             for src in c.sources:
                 console.print(f"    [dim]{src}[/]", highlight=False)
     if verbose and machine.get("notes"):
