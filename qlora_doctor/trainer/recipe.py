@@ -413,7 +413,7 @@ def find_recipe(path_or_name: str | os.PathLike[str]) -> Path:
 def load_recipe(path_or_name: str | os.PathLike[str]) -> Recipe:
     """Read, parse and validate a recipe; raises one `InputError` listing every problem."""
     path = find_recipe(path_or_name)
-    where = _display(path)
+    where = display_path(path)
     data = _read_yaml(path, where)
     return recipe_from_dict(data, where=where, base_dir=path.resolve().parent)
 
@@ -479,7 +479,7 @@ def recipe_summary(recipe: Recipe) -> str:
     """One line describing a recipe, for `validate` and logs."""
     t, d, q, lora = recipe.training, recipe.dataset, recipe.quantization, recipe.lora
     length = f"max_steps {t.max_steps}" if t.max_steps is not None else f"{t.epochs:g} epoch(s)"
-    data = d.path if d.is_hub else _display(Path(d.path))
+    data = d.path if d.is_hub else display_path(Path(d.path))
     modules = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
     quant = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "unquantized"
     return (f"{recipe.model.name_or_path} ({quant}), LoRA r={lora.r} {modules}, {d.format} data {data}, "
@@ -757,7 +757,7 @@ def _resolve_data_location(value: str, info: ValidationInfo, allow_hub: bool) ->
     return location.path
 
 
-def _display(path: Path) -> str:
+def display_path(path: Path) -> str:
     """A path as the user would write it: relative to the current directory when inside it."""
     try:
         relative = os.path.relpath(path)
@@ -767,7 +767,7 @@ def _display(path: Path) -> str:
 
 __all__ = [
     "DATA_SUFFIXES", "DatasetSection", "LoraSection", "ModelSection", "Precision", "QuantizationSection",
-    "Recipe", "TrainingSection", "apply_overrides", "find_recipe", "format_validation_errors",
+    "Recipe", "TrainingSection", "apply_overrides", "display_path", "find_recipe", "format_validation_errors",
     "gpu_supports_bf16", "load_recipe", "recipe_from_dict", "recipe_json_schema", "recipe_summary",
     "resolve_precision", "training_arguments_kwargs",
 ]
