@@ -32,6 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from qlora_doctor.errors import InputError
+from qlora_doctor.trainer.recipe_errors import (CROSS_FIELD_MARK, describe_value, did_you_mean,
+                                                format_validation_errors, one_of)
+from qlora_doctor.trainer.recipe_yaml import parse_yaml_value, read_recipe_yaml, yaml_problem
 
 if TYPE_CHECKING:
     from qlora_doctor.doctor.machine import Machine
@@ -91,7 +94,7 @@ class ModelSection(Section):
 
             if value[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
                 known = [BUILTIN_PREFIX + name for name in sorted(BUILTIN_MODELS)]
-                raise ValueError(f"unknown builtin model {value!r}{_did_you_mean(value, known)}; "
+                raise ValueError(f"unknown builtin model {value!r}{did_you_mean(value, known)}; "
                                  f"builtin models: {', '.join(known)}")
             return value
         location = _classify_location(value, _base_dir(info), suffixes=())
@@ -233,18 +236,18 @@ class TrainingSection(Section):
     @field_validator("optim")
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
-        return _one_of(value, KNOWN_OPTIMIZERS, "optimizer")
+        return one_of(value, KNOWN_OPTIMIZERS, "optimizer")
 
     @field_validator("lr_scheduler_type")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
-        return _one_of(value, KNOWN_SCHEDULERS, "scheduler")
+        return one_of(value, KNOWN_SCHEDULERS, "scheduler")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSection:
         problems = training_conflicts(self.model_dump(exclude_defaults=True))
         if problems:
-            raise ValueError(_CROSS_FIELD_MARK + _CROSS_FIELD_MARK.join(problems))
+            raise ValueError(CROSS_FIELD_MARK + CROSS_FIELD_MARK.join(problems))
         return self
 
     @property
@@ -404,7 +407,7 @@ def find_recipe(path_or_name: str | os.PathLike[str]) -> Path:
                     return candidate
     known = sorted({p.stem for folder in recipe_search_path() if folder.is_dir()
                     for p in [*folder.glob("*.yaml"), *folder.glob("*.yml")]})
-    hint = _did_you_mean(text if is_name else path.stem, known)
+    hint = did_you_mean(text if is_name else path.stem, known)
     where = " or ".join(str(f) for f in recipe_search_path())
     raise InputError(f"{text}: no such recipe file{' or recipe name in ' + where if is_name else ''}"
                      f"{hint}; known recipes: {', '.join(known) or 'none'}")
@@ -414,7 +417,7 @@ def load_recipe(path_or_name: str | os.PathLike[str]) -> Recipe:
     """Read, parse and validate a recipe; raises one `InputError` listing every problem."""
     path = find_recipe(path_or_name)
     where = display_path(path)
-    data = _read_yaml(path, where)
+    data = read_recipe_yaml(path, where)
     return recipe_from_dict(data, where=where, base_dir=path.resolve().parent)
 
 
@@ -427,7 +430,7 @@ def recipe_from_dict(data: Any, where: str = "<recipe>", base_dir: Path | None =
                          "(sections model, quantization, lora, dataset, training)")
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a mapping with the sections model, quantization, lora, "
-                         f"dataset, training at the top level, got {_kind(data)}")
+                         f"dataset, training at the top level, got {describe_value(data)}")
     # An empty section (`lora:` with nothing under it) means "all defaults", as it reads.
     data = {k: ({} if v is None and k in Recipe.model_fields else v) for k, v in data.items()}
     try:
@@ -454,12 +457,12 @@ def apply_overrides(recipe: Recipe, overrides: list[str], where: str = "--set") 
             continue
         section, name = parts
         if section not in data:
-            errors.append(f"{where} {item!r}: unknown section {section!r}{_did_you_mean(section, list(data))}")
+            errors.append(f"{where} {item!r}: unknown section {section!r}{did_you_mean(section, list(data))}")
             continue
         try:
-            value = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else None
+            value = parse_yaml_value(raw)
         except yaml.YAMLError as err:
-            errors.append(f"{where} {item!r}: value is not valid YAML ({_yaml_problem(err)})")
+            errors.append(f"{where} {item!r}: value is not valid YAML ({yaml_problem(err)})")
             continue
         data[section] = {**(data[section] or {}), name: value}
     if errors:
@@ -484,233 +487,6 @@ def recipe_summary(recipe: Recipe) -> str:
     quant = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "unquantized"
     return (f"{recipe.model.name_or_path} ({quant}), LoRA r={lora.r} {modules}, {d.format} data {data}, "
             f"{length}, seq {t.max_seq_length} -> {t.output_dir}")
-
-
-# --- YAML -----------------------------------------------------------------------------------------
-
-def _recipe_loader() -> type:
-    import yaml
-
-    class RecipeLoader(yaml.SafeLoader):
-        """SafeLoader that reads `2e-4` as a number (YAML 1.1 wants `2.0e-4`) and refuses duplicate keys."""
-
-        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:
-                    continue  # an unhashable key: SafeLoader reports it below, with its line
-                if first is not None:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (first on line {first}); keep one of them",
-                        key_node.start_mark)
-                seen[key] = key_node.start_mark.line + 1
-            return super().construct_mapping(node, deep=deep)
-
-    float_re = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                              |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                              |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                              |[-+]?\.(?:inf|Inf|INF)
-                              |\.(?:nan|NaN|NAN))$""", re.X)
-    RecipeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    for first in "-+0123456789.":
-        RecipeLoader.yaml_implicit_resolvers[first] = [
-            (tag, regexp) for tag, regexp in RecipeLoader.yaml_implicit_resolvers.get(first, [])
-            if tag != "tag:yaml.org,2002:float"]
-        RecipeLoader.yaml_implicit_resolvers[first].append(("tag:yaml.org,2002:float", float_re))
-    return RecipeLoader
-
-
-class _LazyLoader:
-    """Builds the YAML loader class on first use so that importing this module does not import yaml."""
-
-    _cls: type | None = None
-
-    def __call__(self, stream: Any) -> Any:
-        if _LazyLoader._cls is None:
-            _LazyLoader._cls = _recipe_loader()
-        return _LazyLoader._cls(stream)
-
-
-_RecipeLoader = _LazyLoader()
-
-
-def _read_yaml(path: Path, where: str) -> Any:
-    import yaml
-
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise InputError(f"{where}: cannot read the recipe ({err.strerror or err})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{where}: not a UTF-8 text file (byte {err.start}); a recipe is YAML text, "
-                         "see recipes/demo.yaml") from None
-    if "\x00" in text:
-        raise InputError(f"{where}: contains NUL bytes, so it is not a YAML text file; see recipes/demo.yaml")
-    try:
-        return yaml.load(text, Loader=_RecipeLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise InputError(f"{where}{line}: not valid YAML: {_yaml_problem(err)}") from None
-    except RecursionError:
-        raise InputError(f"{where}: nested too deeply to be a recipe") from None
-
-
-def _yaml_problem(err: Exception) -> str:
-    problem = getattr(err, "problem", None)
-    context = getattr(err, "context", None)
-    if problem:
-        return f"{problem}{' (' + context + ')' if context else ''}"
-    return str(err).splitlines()[0]
-
-
-# --- error messages -------------------------------------------------------------------------------
-
-_CROSS_FIELD_MARK = "\x1f"  # separates several cross-field problems raised by one validator
-
-
-def format_validation_errors(err: Any, model: type[BaseModel]) -> list[str]:
-    """pydantic's errors as `section.key: what is wrong, and the fix`, one line each, in file order."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for e in err.errors(include_url=False):
-        path, field_type = _field_path(model, e["loc"])
-        e["_field_type"] = field_type
-        grouped.setdefault(path, []).append(e)
-    messages: list[str] = []
-    for path, errors in grouped.items():
-        first = errors[0]
-        if first["type"] == "value_error" and _CROSS_FIELD_MARK in first["msg"]:
-            messages.extend(m for m in first["msg"].split(_CROSS_FIELD_MARK)[1:])
-            continue
-        if len(errors) > 1:  # a union (e.g. `auto|true|false`): say what it accepts
-            messages.append(f"{path}: expected {_describe(first['_field_type'])}, got {_show(first['input'])}")
-            continue
-        messages.append(f"{path}: {_message(first, path, model)}" if path else _message(first, path, model))
-    return messages
-
-
-def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, Any]:
-    """Dotted key path from a pydantic `loc`, skipping union-member tags; plus the field's type."""
-    path = ""
-    current: Any = model
-    field_type: Any = None
-    for part in loc:
-        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            field_type = current.model_fields[part].annotation
-            path = f"{path}.{part}" if path else str(part)
-            current = _unwrap_model(field_type)
-        elif isinstance(part, int):
-            path = f"{path}[{part}]"
-        elif isinstance(current, type) and issubclass(current, BaseModel):
-            path = f"{path}.{part}" if path else str(part)  # an unknown key
-            break
-        else:
-            break  # a union member tag such as `literal['auto']` or `list[str]`
-    return path, field_type
-
-
-def _unwrap_model(annotation: Any) -> Any:
-    import typing
-
-    for arg in (typing.get_args(annotation) or (annotation,)):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return annotation
-
-
-def _message(e: dict[str, Any], path: str, model: type[BaseModel]) -> str:
-    kind, ctx, value = e["type"], e.get("ctx") or {}, e.get("input")
-    if kind == "extra_forbidden":
-        parent = _parent_model(model, path)
-        key = path.rsplit(".", 1)[-1]
-        options = list(parent.model_fields) if parent is not None else []
-        hint = _did_you_mean(key, options) or f" (expected one of {', '.join(options)})"
-        return f"unknown key {key!r}{hint}"
-    if kind == "missing":
-        return "missing (required)"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
-        bound = next(iter(ctx.values()))
-        return f"must be {op} {bound:g}, got {_show(value)}" if isinstance(bound, (int, float)) \
-            else f"must be {op} {bound}, got {_show(value)}"
-    if kind == "literal_error":
-        options = [str(o).strip("'") for o in re.findall(r"'[^']*'|True|False", ctx.get("expected", ""))]
-        return f"{_show(value)} is not one of {', '.join(options)}{_did_you_mean(str(value), options)}"
-    if kind == "string_too_short":
-        return "is empty"
-    if kind == "value_error":
-        return str(e["msg"]).removeprefix("Value error, ")
-    if kind in ("finite_number",):
-        return f"must be a finite number, got {_show(value)}"
-    if kind == "model_type" or kind == "dict_type":
-        return f"expected a mapping of keys under it, got {_kind(value)}"
-    return f"expected {_describe(e.get('_field_type'))}, got {_show(value)}"
-
-
-def _parent_model(model: type[BaseModel], path: str) -> type[BaseModel] | None:
-    current: Any = model
-    for part in path.split(".")[:-1]:
-        part = part.split("[")[0]
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
-            return None
-        current = _unwrap_model(current.model_fields[part].annotation)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _describe(annotation: Any) -> str:
-    """`int | None` -> `a whole number or null`, for "expected ..." messages."""
-    import types
-    import typing
-
-    if annotation is None or annotation is type(None):
-        return "null"
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe(a) for a in args))
-    if origin is Literal:
-        return "one of " + ", ".join("true" if a is True else "false" if a is False else str(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "a mapping"
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
-        annotation, str(annotation))
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    if isinstance(value, (dict, list)):
-        return _kind(value)
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"{type(value).__name__} {_show(value)}"
-
-
-def _did_you_mean(word: str, options: list[str] | tuple[str, ...]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _one_of(value: str, known: tuple[str, ...], what: str) -> str:
-    if value not in known:
-        hint = _did_you_mean(value, known) or f"; known: {', '.join(known)}"
-        raise ValueError(f"{value!r} is not a transformers {what}{hint}")
-    return value
 
 
 # --- paths ----------------------------------------------------------------------------------------
