@@ -1,0 +1,220 @@
+"""Whether a run fits the GPU, and what would make it fit: `qlora-doctor plan` and the doctor's
+memory-fit check.
+
+The GPU judged is the machine's smallest NVIDIA GPU (`--machine FILE`, else the probe): training runs on
+one GPU, and on a mixed machine the smallest is the one that can run out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from qlora_doctor.memory.estimate import GIB, Estimate, TrainSettings, estimate
+from qlora_doctor.memory.model import ModelCounts, count_parameters, load_model_config
+
+if TYPE_CHECKING:
+    from qlora_doctor.doctor.machine import Machine
+    from qlora_doctor.trainer.recipe import Recipe
+
+SEQ_STEP = 128
+"""Suggested sequence lengths are multiples of this (tensor-core and tokenizer-friendly)."""
+FALLBACK_OPTIMIZER = "paged_adamw_8bit"
+"""The optimizer suggested when the recipe's needs more memory: 8-bit states that can page out."""
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """One change to the recipe that the planner predicts makes the run fit (or brings it closer)."""
+
+    kind: str
+    """`micro_batch`, `seq_len`, `gradient_checkpointing`, `optimizer` or `gpu`."""
+    text: str
+    """The advice, in one sentence."""
+    changes: tuple[tuple[str, Any], ...]
+    """Recipe keys and their new values, e.g. (("training.per_device_train_batch_size", 2), ...)."""
+    total_bytes: int
+    """Predicted GPU memory with the change."""
+    fits: bool
+    """Whether the change alone makes the run fit."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's predicted peak GPU memory, judged against one GPU."""
+
+    model: str
+    """The model as the recipe names it."""
+    settings: TrainSettings
+    """The memory-relevant settings the prediction is for."""
+    parameters: int
+    """The base model's parameter count."""
+    trainable_parameters: int
+    """LoRA parameters."""
+    breakdown: tuple[tuple[str, int], ...]
+    """(what, bytes) alive at the peak; sums to total_bytes."""
+    peak_allocated_bytes: int
+    """Predicted torch.cuda.max_memory_allocated."""
+    peak_reserved_bytes: int
+    """Predicted torch.cuda.max_memory_reserved."""
+    total_bytes: int
+    """Predicted GPU memory in use at the peak: reserved + the CUDA context."""
+    peak_phase: str
+    """Where in the step the peak is: `loss` (logits) or `recompute` (a checkpointed layer's backward)."""
+    gpu_name: str | None
+    """The GPU judged; None without an NVIDIA GPU."""
+    gpu_bytes: int | None
+    """Its total memory; None when unknown or without a GPU."""
+    fits: bool | None
+    """total_bytes <= gpu_bytes; None when gpu_bytes is unknown."""
+    suggestions: tuple[Suggestion, ...]
+    """When it does not fit: changes predicted to make it fit, most useful first."""
+    notes: tuple[str, ...]
+    """What the prediction does not cover, or assumed."""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["settings"]["lora_targets"] = (self.settings.lora_targets if isinstance(self.settings.lora_targets, str)
+                                            else list(self.settings.lora_targets))
+        data["breakdown"] = [{"name": n, "bytes": b} for n, b in self.breakdown]
+        data["suggestions"] = [{**asdict(s), "changes": dict(s.changes)} for s in self.suggestions]
+        data["notes"] = list(self.notes)
+        return data
+
+
+def smallest_gpu(machine: Machine) -> tuple[str | None, int | None]:
+    """(name, bytes) of the machine's NVIDIA GPU with the least memory; bytes None when any is unknown."""
+    gpus = machine.nvidia_gpus
+    if not gpus:
+        return None, None
+    if any(g.memory_total_mib is None for g in gpus):
+        unknown = next(g for g in gpus if g.memory_total_mib is None)
+        return unknown.name, None
+    gpu = min(gpus, key=lambda g: g.memory_total_mib or 0)
+    return gpu.name, (gpu.memory_total_mib or 0) * 2**20
+
+
+def settings_from_recipe(recipe: Recipe, machine: Machine) -> TrainSettings:
+    """The recipe's memory-relevant settings, with `auto` precision resolved for `machine`."""
+    from qlora_doctor.trainer.recipe import resolve_precision
+
+    precision = resolve_precision(recipe, machine)
+    q, lora, t = recipe.quantization, recipe.lora, recipe.training
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+    return TrainSettings(
+        micro_batch=t.per_device_train_batch_size, seq_len=t.max_seq_length,
+        grad_accum=t.gradient_accumulation_steps, gradient_checkpointing=t.gradient_checkpointing,
+        optim=t.optim, lora_r=lora.r, lora_targets=targets, lora_dropout=lora.lora_dropout,
+        load_in_4bit=q.load_in_4bit, double_quant=q.bnb_4bit_use_double_quant,
+        compute_dtype=precision.compute_dtype, mixed_precision=precision.bf16 or precision.fp16)
+
+
+def plan_recipe(recipe: Recipe, machine: Machine) -> Plan:
+    """Plan `recipe` on `machine`'s smallest GPU. Reads only the model's config."""
+    m = recipe.model
+    config = load_model_config(m.name_or_path, m.revision, m.trust_remote_code)
+    counts = count_parameters(config, where=f"model {m.name_or_path}")
+    name, gpu_bytes = smallest_gpu(machine)
+    notes = []
+    if recipe.lora.use_dora:
+        notes.append("lora.use_dora: DoRA's weight norms (a dequantized copy of each weight in backward) "
+                     "are not counted; expect more memory")
+    if recipe.lora.modules_to_save:
+        notes.append(f"lora.modules_to_save {recipe.lora.modules_to_save}: the trainable full copies of "
+                     "these modules and their optimizer states are not counted")
+    if not machine.nvidia_gpus:
+        notes.append("no NVIDIA GPU on this machine: the prediction is for the same settings on a GPU")
+    return plan_for(counts, settings_from_recipe(recipe, machine), name, gpu_bytes, model=m.name_or_path,
+                    extra_notes=tuple(notes))
+
+
+def plan_for(counts: ModelCounts, settings: TrainSettings, gpu_name: str | None, gpu_bytes: int | None,
+             model: str = "", extra_notes: tuple[str, ...] = ()) -> Plan:
+    """The plan for given counts and settings against a GPU of `gpu_bytes` (None: unknown)."""
+    est = estimate(counts, settings)
+    fits = None if gpu_bytes is None else est.total_bytes <= gpu_bytes
+    suggestions = tuple(suggest(counts, settings, gpu_bytes)) if fits is False else ()
+    return Plan(model=model, settings=settings, parameters=counts.total, trainable_parameters=est.trainable_params,
+                breakdown=est.breakdown, peak_allocated_bytes=est.peak_allocated_bytes,
+                peak_reserved_bytes=est.peak_reserved_bytes, total_bytes=est.total_bytes,
+                peak_phase=est.peak_phase, gpu_name=gpu_name, gpu_bytes=gpu_bytes, fits=fits,
+                suggestions=suggestions, notes=est.notes + extra_notes)
+
+
+def plan_config(config: dict[str, Any], settings: TrainSettings, gpu_bytes: int | None,
+                gpu_name: str | None = None, model: str = "") -> Plan:
+    """The plan for a model config (a dict as in config.json) and explicit settings."""
+    return plan_for(count_parameters(config, where=model or "model config"), settings, gpu_name, gpu_bytes,
+                    model=model)
+
+
+def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Suggestion]:
+    """Changes that make a run that does not fit fit, each checked with the same estimate."""
+    def total(settings: TrainSettings) -> int:
+        return estimate(counts, settings).total_bytes
+
+    effective = s.micro_batch * s.grad_accum
+    out: list[Suggestion] = []
+    # The largest micro-batch that fits and divides the effective batch, so it stays exactly the same.
+    for batch in range(s.micro_batch - 1, 0, -1):
+        if effective % batch:
+            continue
+        candidate = replace(s, micro_batch=batch, grad_accum=effective // batch)
+        if total(candidate) <= gpu_bytes:
+            out.append(Suggestion(
+                "micro_batch", f"per_device_train_batch_size {batch} with gradient_accumulation_steps "
+                f"{effective // batch} (same effective batch {effective})",
+                (("training.per_device_train_batch_size", batch),
+                 ("training.gradient_accumulation_steps", effective // batch)), total(candidate), True))
+            break
+    # The longest sequence that fits, at this micro-batch, else at micro-batch 1 (same effective batch).
+    for batch in dict.fromkeys((s.micro_batch, 1)):
+        at_batch = replace(s, micro_batch=batch, grad_accum=effective // batch if batch == 1 else s.grad_accum)
+        seq = _largest_fitting_seq(counts, at_batch, gpu_bytes)
+        if seq is None:
+            continue
+        candidate = replace(at_batch, seq_len=seq)
+        changes: tuple[tuple[str, Any], ...] = (("training.max_seq_length", seq),)
+        text = f"max_seq_length {seq} (longer examples are truncated)"
+        if batch != s.micro_batch:
+            changes += (("training.per_device_train_batch_size", batch),
+                        ("training.gradient_accumulation_steps", candidate.grad_accum))
+            text += (f" with per_device_train_batch_size {batch} and gradient_accumulation_steps "
+                     f"{candidate.grad_accum}")
+        out.append(Suggestion("seq_len", text, changes, total(candidate), True))
+        break
+    if not s.gradient_checkpointing:
+        candidate = replace(s, gradient_checkpointing=True)
+        t = total(candidate)
+        out.append(Suggestion("gradient_checkpointing",
+                              f"gradient_checkpointing: true saves {(total(s) - t) / GIB:.1f} GiB"
+                              + ("" if t <= gpu_bytes else " (not enough alone)"),
+                              (("training.gradient_checkpointing", True),), t, t <= gpu_bytes))
+    if s.optim != FALLBACK_OPTIMIZER:
+        candidate = replace(s, optim=FALLBACK_OPTIMIZER)
+        t = total(candidate)
+        if t < total(s):
+            out.append(Suggestion("optimizer", f"optim: {FALLBACK_OPTIMIZER} saves {(total(s) - t) / GIB:.1f} GiB"
+                                  + ("" if t <= gpu_bytes else " (not enough alone)"),
+                                  (("training.optim", FALLBACK_OPTIMIZER),), t, t <= gpu_bytes))
+    if not any(x.fits for x in out):
+        floor = replace(s, micro_batch=1, seq_len=min(s.seq_len, SEQ_STEP), gradient_checkpointing=True,
+                        optim=FALLBACK_OPTIMIZER)
+        out.append(Suggestion("gpu", f"even micro-batch 1, {floor.seq_len} tokens, checkpointing and "
+                              f"{FALLBACK_OPTIMIZER} need {total(floor) / GIB:.1f} GiB: use a GPU with more "
+                              "memory or a smaller model", (), total(floor), False))
+    return out
+
+
+def _largest_fitting_seq(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> int | None:
+    """The longest multiple of SEQ_STEP below s.seq_len that fits (memory grows with length)."""
+    lo, hi = 1, (s.seq_len - 1) // SEQ_STEP  # in units of SEQ_STEP
+    if hi < 1 or estimate(counts, replace(s, seq_len=SEQ_STEP)).total_bytes > gpu_bytes:
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(counts, replace(s, seq_len=mid * SEQ_STEP)).total_bytes <= gpu_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * SEQ_STEP
