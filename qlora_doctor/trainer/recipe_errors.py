@@ -78,8 +78,8 @@ def _message(e: dict[str, Any], path: str, model: type[BaseModel]) -> str:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
-        return f"must be {op} {bound:g}, got {_show(value)}" if isinstance(bound, (int, float)) \
-            else f"must be {op} {bound}, got {_show(value)}"
+        shown = f"{bound:g}" if isinstance(bound, float) else str(bound)
+        return f"must be {op} {shown}, got {_show(value)}"
     if kind == "literal_error":
         options = [str(o).strip("'") for o in re.findall(r"'[^']*'|True|False", ctx.get("expected", ""))]
         return f"{_show(value)} is not one of {', '.join(options)}{did_you_mean(str(value), options)}"

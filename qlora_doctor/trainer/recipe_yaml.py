@@ -77,6 +77,9 @@ def read_recipe_yaml(path: Path, where: str) -> Any:
 def yaml_problem(err: Exception) -> str:
     problem = getattr(err, "problem", None)
     context = getattr(err, "context", None)
+    context_mark, problem_mark = getattr(err, "context_mark", None), getattr(err, "problem_mark", None)
+    if context and context_mark is not None and problem_mark is not None and context_mark.line != problem_mark.line:
+        context += f" that starts on line {context_mark.line + 1}"
     if problem:
         return f"{problem}{' (' + context + ')' if context else ''}"
     return str(err).splitlines()[0]
