@@ -155,34 +155,47 @@ def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Sugge
 
     effective = s.micro_batch * s.grad_accum
     out: list[Suggestion] = []
-    # The largest micro-batch that fits and divides the effective batch, so it stays exactly the same.
-    for batch in range(s.micro_batch - 1, 0, -1):
-        if effective % batch:
-            continue
-        candidate = replace(s, micro_batch=batch, grad_accum=effective // batch)
-        if total(candidate) <= gpu_bytes:
-            out.append(Suggestion(
+    # Smaller steps first as the recipe has them; without checkpointing, also combined with it.
+    bases = [(s, (), "")]
+    if not s.gradient_checkpointing:
+        bases.append((replace(s, gradient_checkpointing=True), (("training.gradient_checkpointing", True),),
+                      " and gradient_checkpointing: true"))
+    # The largest micro-batch that fits and divides the effective batch, so it stays exactly the same;
+    # the recipe's checkpointing kept unless turning it on allows a larger one.
+    best: tuple[int, Suggestion] | None = None
+    for base, extra, extra_text in bases:
+        batch = next((b for b in range(s.micro_batch - 1, 0, -1) if effective % b == 0 and total(
+            replace(base, micro_batch=b, grad_accum=effective // b)) <= gpu_bytes), None)
+        if batch is not None and (best is None or batch > best[0]):
+            candidate = replace(base, micro_batch=batch, grad_accum=effective // batch)
+            best = (batch, Suggestion(
                 "micro_batch", f"per_device_train_batch_size {batch} with gradient_accumulation_steps "
-                f"{effective // batch} (same effective batch {effective})",
+                f"{effective // batch} (same effective batch {effective}){extra_text}",
                 (("training.per_device_train_batch_size", batch),
-                 ("training.gradient_accumulation_steps", effective // batch)), total(candidate), True))
-            break
+                 ("training.gradient_accumulation_steps", effective // batch)) + extra, total(candidate), True))
+    if best is not None:
+        out.append(best[1])
     # The longest sequence that fits, at this micro-batch, else at micro-batch 1 (same effective batch).
-    for batch in dict.fromkeys((s.micro_batch, 1)):
-        at_batch = replace(s, micro_batch=batch, grad_accum=effective // batch if batch == 1 else s.grad_accum)
-        seq = _largest_fitting_seq(counts, at_batch, gpu_bytes)
-        if seq is None:
-            continue
-        candidate = replace(at_batch, seq_len=seq)
-        changes: tuple[tuple[str, Any], ...] = (("training.max_seq_length", seq),)
-        text = f"max_seq_length {seq} (longer examples are truncated)"
-        if batch != s.micro_batch:
-            changes += (("training.per_device_train_batch_size", batch),
-                        ("training.gradient_accumulation_steps", candidate.grad_accum))
-            text += (f" with per_device_train_batch_size {batch} and gradient_accumulation_steps "
-                     f"{candidate.grad_accum}")
-        out.append(Suggestion("seq_len", text, changes, total(candidate), True))
-        break
+    best = None
+    for base, extra, extra_text in bases:
+        for batch in dict.fromkeys((s.micro_batch, 1)):
+            at_batch = replace(base, micro_batch=batch, grad_accum=effective // batch if batch == 1 else s.grad_accum)
+            seq = _largest_fitting_seq(counts, at_batch, gpu_bytes)
+            if seq is None:
+                continue
+            if best is None or seq > best[0]:
+                candidate = replace(at_batch, seq_len=seq)
+                changes: tuple[tuple[str, Any], ...] = (("training.max_seq_length", seq),)
+                text = f"max_seq_length {seq} (longer examples are truncated)"
+                if batch != s.micro_batch:
+                    changes += (("training.per_device_train_batch_size", batch),
+                                ("training.gradient_accumulation_steps", candidate.grad_accum))
+                    text += (f" with per_device_train_batch_size {batch} and gradient_accumulation_steps "
+                             f"{candidate.grad_accum}")
+                best = (seq, Suggestion("seq_len", text + extra_text, changes + extra, total(candidate), True))
+            break
+    if best is not None:
+        out.append(best[1])
     if not s.gradient_checkpointing:
         candidate = replace(s, gradient_checkpointing=True)
         t = total(candidate)

@@ -1,0 +1,255 @@
+"""Memory planner: parameter counts on the meta device, the estimate's shape and calibration, fit and
+suggestions, the doctor's check and `qlora-doctor plan`. CPU-only and offline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from helpers import machine, write_machine
+from qlora_doctor.cli import cli
+from qlora_doctor.errors import InputError
+from qlora_doctor.memory.check import memory_fit_check
+from qlora_doctor.memory.estimate import GIB, TrainSettings, estimate
+from qlora_doctor.memory.model import count_parameters, load_model_config, lora_targets
+from qlora_doctor.memory.plan import plan_config, plan_for, plan_recipe
+from qlora_doctor.trainer.recipe import recipe_from_dict
+
+TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=128, vocab_size=1000, tie_word_embeddings=True)
+LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
+GPU_24GB = {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9", "memory_total_mib": 24564}
+GPU_80GB = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}
+
+
+def test_counts_tiny_llama_exactly():
+    c = count_parameters(TINY)
+    h, kv, inter, layers, vocab = 64, 32, 128, 2, 1000
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * inter
+    assert c.linear == layers * per_layer == 2 * 36864
+    assert c.linear_largest == h * inter
+    assert c.linear_tensors == 7 * layers
+    assert c.embedding == vocab * h
+    assert c.lm_head == 0 and c.tied_embeddings
+    assert c.norms == (2 * layers + 1) * h
+    assert c.other == 0
+    assert (c.q_dim, c.kv_dim, c.num_layers, c.gated_mlp) == (64, 32, 2, True)
+    untied = count_parameters({**TINY, "tie_word_embeddings": False})
+    assert untied.lm_head == vocab * h and not untied.tied_embeddings
+    assert untied.total == c.total + vocab * h
+
+
+def test_counts_llama3_8b_match_the_published_size():
+    c = count_parameters(LLAMA3_8B)
+    assert c.total == 8_030_261_248  # Meta-Llama-3-8B's parameter count
+    assert c.linear == 32 * 218_103_808
+
+
+def test_builtin_model_config_is_read_without_download():
+    config = load_model_config("builtin:smollm2-135m-instruct")
+    c = count_parameters(config)
+    assert c.tied_embeddings and c.num_layers == 30 and c.total == 134_515_008
+
+
+def test_lora_targets_follow_peft_matching():
+    c = count_parameters(TINY)
+    assert [t.name for t in lora_targets(c, "all-linear")] == [
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert [t.name for t in lora_targets(c, ("q_proj", "v_proj"))] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert [t.name for t in lora_targets(c, r".*\.mlp\.(up|down)_proj")] == ["mlp.up_proj", "mlp.down_proj"]
+    assert lora_targets(c, ("nonexistent",)) == ()
+
+
+def _est(**changes):
+    base = TrainSettings(micro_batch=4, seq_len=2048, optim="adamw_torch", lora_r=16)
+    return estimate(count_parameters(LLAMA3_8B), replace(base, **changes))
+
+
+def test_more_tokens_need_more_memory():
+    assert _est(micro_batch=2).total_bytes < _est(micro_batch=4).total_bytes < _est(micro_batch=8).total_bytes
+    assert _est(seq_len=512).total_bytes < _est(seq_len=2048).total_bytes < _est(seq_len=8192).total_bytes
+
+
+def test_checkpointing_reduces_activations():
+    def activations(e):
+        return sum(b for n, b in e.breakdown if n.startswith("activations"))
+
+    on, off = _est(gradient_checkpointing=True), _est(gradient_checkpointing=False)
+    assert activations(on) * 5 < activations(off)
+    assert on.total_bytes < off.total_bytes
+
+
+def test_double_quant_and_8bit_states_save_memory():
+    assert _est(double_quant=True).total_bytes < _est(double_quant=False).total_bytes
+    single = dict(_est(double_quant=False).breakdown)["quantization constants"]
+    assert single == 4 * count_parameters(LLAMA3_8B).linear // 64  # one fp32 absmax per 64 weights
+    assert _est(optim="paged_adamw_8bit").total_bytes < _est(optim="adamw_torch").total_bytes
+    assert _est(lora_r=8).total_bytes < _est(lora_r=64).total_bytes
+
+
+def test_breakdown_sums_to_the_total():
+    e = _est()
+    assert sum(b for _, b in e.breakdown) == e.total_bytes
+    assert e.peak_allocated_bytes < e.peak_reserved_bytes < e.total_bytes
+
+
+@pytest.mark.parametrize("batch, allocated_gib, reserved_gib", [(8, 44.4, 57.5), (4, 26.6, 32.9)])
+def test_calibration_points_within_10_percent(batch, allocated_gib, reserved_gib):
+    # Measured on one H100 (../shared/GPU.md): Llama-3-8B shape, seq 2048, NF4 + double quant, LoRA r=16
+    # all linear, gradient checkpointing, bf16 autocast, prepare_model_for_kbit_training defaults.
+    e = _est(micro_batch=batch, seq_len=2048, lora_r=16, gradient_checkpointing=True, double_quant=True)
+    assert e.peak_reserved_bytes / GIB == pytest.approx(reserved_gib, rel=0.10)
+    assert e.peak_allocated_bytes / GIB == pytest.approx(allocated_gib, rel=0.10)
+
+
+def test_fits_is_judged_against_the_gpu():
+    settings = TrainSettings(micro_batch=8, seq_len=2048, optim="adamw_torch")
+    assert plan_config(LLAMA3_8B, settings, gpu_bytes=80 * GIB).fits is True
+    too_small = plan_config(LLAMA3_8B, settings, gpu_bytes=24 * GIB)
+    assert too_small.fits is False and too_small.suggestions
+    unknown = plan_config(LLAMA3_8B, settings, gpu_bytes=None)
+    assert unknown.fits is None and unknown.suggestions == ()
+
+
+def test_suggestions_fit_by_the_planners_own_estimate():
+    counts = count_parameters(LLAMA3_8B)
+    settings = TrainSettings(micro_batch=8, seq_len=4096, grad_accum=2, gradient_checkpointing=False,
+                             optim="adamw_torch")
+    gpu = 24 * GIB
+    plan = plan_for(counts, settings, "24 GB card", gpu)
+    assert plan.fits is False
+    kinds = {s.kind: s for s in plan.suggestions}
+    assert {"micro_batch", "seq_len", "gradient_checkpointing", "optimizer"} <= set(kinds)
+    keys = {"training.per_device_train_batch_size": "micro_batch", "training.gradient_accumulation_steps":
+            "grad_accum", "training.max_seq_length": "seq_len", "training.gradient_checkpointing":
+            "gradient_checkpointing", "training.optim": "optim"}
+    for suggestion in plan.suggestions:
+        changed = replace(settings, **{keys[k]: v for k, v in suggestion.changes})
+        if suggestion.kind in ("micro_batch", "seq_len"):
+            # without checkpointing even one sequence of 4096 is too much: they add checkpointing
+            assert ("training.gradient_checkpointing", True) in suggestion.changes
+        assert estimate(counts, changed).total_bytes == suggestion.total_bytes
+        assert (suggestion.total_bytes <= gpu) == suggestion.fits
+    batch = dict(kinds["micro_batch"].changes)
+    assert batch["training.per_device_train_batch_size"] * batch["training.gradient_accumulation_steps"] == 16
+    # the largest: one more sequence per micro-batch (among divisors of 16) would not fit
+    b = batch["training.per_device_train_batch_size"]
+    bigger = [d for d in range(b + 1, 8) if 16 % d == 0]
+    for d in bigger:
+        assert estimate(counts, replace(settings, micro_batch=d, grad_accum=16 // d,
+                                        gradient_checkpointing=True)).total_bytes > gpu
+    seq = dict(kinds["seq_len"].changes)["training.max_seq_length"]
+    assert seq % 128 == 0 and seq < 4096
+    at_batch = dict(kinds["seq_len"].changes).get("training.per_device_train_batch_size", 8)
+    assert estimate(counts, replace(settings, micro_batch=at_batch, seq_len=seq + 128,
+                                    gradient_checkpointing=True)).total_bytes > gpu
+
+
+def test_suggestions_keep_the_recipes_checkpointing_when_that_suffices():
+    settings = TrainSettings(micro_batch=8, seq_len=2048, grad_accum=1, optim="adamw_torch")
+    plan = plan_config(LLAMA3_8B, settings, gpu_bytes=24 * GIB)
+    batch = next(s for s in plan.suggestions if s.kind == "micro_batch")
+    assert batch.fits and dict(batch.changes) == {"training.per_device_train_batch_size": 2,
+                                                  "training.gradient_accumulation_steps": 4}
+
+
+def test_a_model_too_big_for_any_setting_says_so():
+    plan = plan_config(LLAMA3_8B, TrainSettings(micro_batch=1, seq_len=512), gpu_bytes=4 * GIB)
+    assert plan.fits is False
+    assert [s.kind for s in plan.suggestions] == ["gpu"]
+    assert "more memory or a smaller model" in plan.suggestions[0].text
+
+
+# --- recipes, the doctor's check, the CLI -----------------------------------------------------------
+
+def _recipe_dir(tmp_path: Path, config: dict, batch: int = 8, seq: int = 2048, optim: str = "adamw_torch") -> Path:
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps(config))
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "r.yaml").write_text(
+        "model:\n  name_or_path: model\n"
+        "dataset:\n  path: train.jsonl\n  format: text\n"
+        f"training:\n  output_dir: out\n  per_device_train_batch_size: {batch}\n"
+        f"  max_seq_length: {seq}\n  optim: {optim}\n")
+    return tmp_path / "r.yaml"
+
+
+def _recipe(tmp_path: Path, config: dict, **kw):
+    from qlora_doctor.trainer.recipe import load_recipe
+
+    return load_recipe(_recipe_dir(tmp_path, config, **kw))
+
+
+def test_plan_recipe_resolves_precision_for_the_machine(tmp_path):
+    recipe = _recipe(tmp_path, LLAMA3_8B)
+    on_h100 = plan_recipe(recipe, machine(gpus=[GPU_80GB]))
+    assert on_h100.settings.compute_dtype == "bfloat16" and on_h100.settings.mixed_precision
+    assert on_h100.fits is True and on_h100.gpu_name == GPU_80GB["name"]
+    on_t4 = plan_recipe(recipe, machine(gpus=[{"name": "Tesla T4", "compute_capability": "7.5",
+                                               "memory_total_mib": 15360}, GPU_80GB]))
+    assert on_t4.settings.compute_dtype == "float16"
+    assert on_t4.gpu_name == "Tesla T4" and on_t4.fits is False  # the smallest GPU is judged
+
+
+def test_memory_check_fails_with_suggestions_and_passes(tmp_path):
+    recipe = _recipe(tmp_path, LLAMA3_8B)
+    failed = memory_fit_check(recipe, machine(gpus=[GPU_24GB]))
+    assert failed is not None and failed.status == "fail"
+    assert "per_device_train_batch_size" in failed.fix and "max_seq_length" in failed.fix
+    passed = memory_fit_check(recipe, machine(gpus=[GPU_80GB]))
+    assert passed is not None and passed.status == "pass"
+
+
+def test_memory_check_unknown_without_gpu_memory_and_absent_without_gpu(tmp_path):
+    recipe = _recipe(tmp_path, LLAMA3_8B)
+    unknown = memory_fit_check(recipe, machine(gpus=[{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}]))
+    assert unknown is not None and unknown.status == "unknown"
+    assert memory_fit_check(recipe, machine(gpus=[], driver_version="")) is None
+
+
+def test_hub_model_without_hub_is_a_clear_input_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match="cannot read the config of hub model 'qlora-doctor-test/none'.*local folder"):
+        load_model_config("qlora-doctor-test/none")
+
+
+def test_local_folder_without_config_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="has no config.json"):
+        load_model_config(str(tmp_path))
+
+
+def test_cli_plan_exit_codes(tmp_path):
+    recipe = str(_recipe_dir(tmp_path, LLAMA3_8B))
+    runner = CliRunner()
+    fits = runner.invoke(cli, ["plan", recipe, "--machine", str(write_machine(tmp_path / "h100.json", gpus=[GPU_80GB]))])
+    assert fits.exit_code == 0, fits.output
+    assert "fits NVIDIA H100 80GB HBM3" in fits.output
+    small = write_machine(tmp_path / "4090.json", gpus=[GPU_24GB])
+    short = runner.invoke(cli, ["plan", recipe, "--machine", str(small), "--json"])
+    assert short.exit_code == 1, short.output
+    data = json.loads(short.output)
+    assert data["fits"] is False and data["gpu_bytes"] == 24564 * 2**20
+    assert sum(row["bytes"] for row in data["breakdown"]) == data["total_bytes"]
+    assert any(s["kind"] == "micro_batch" and s["fits"] for s in data["suggestions"])
+
+
+def test_cli_plan_bad_input_exits_2(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["plan", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2, missing.output
+    recipe = _recipe_dir(tmp_path, LLAMA3_8B)
+    (tmp_path / "model" / "config.json").unlink()
+    no_config = runner.invoke(cli, ["plan", str(recipe), "--machine",
+                                    str(write_machine(tmp_path / "m.json", gpus=[GPU_80GB]))])
+    assert no_config.exit_code == 2, no_config.output
+    assert "has no config.json" in no_config.output
