@@ -78,9 +78,8 @@ def parse_combinations(data: Any, where: str) -> tuple[Combination, ...]:
     if not isinstance(data, dict) or not isinstance(data.get("combinations"), list) or not data["combinations"]:
         raise InputError(f"{where}: combinations: expected a non-empty list of combinations "
                          "(see `qlora_doctor/matrix/combos.py` for the format)")
-    for key in sorted(set(data) - {"combinations"}):
-        raise InputError(f"{where}: unknown top-level key {key!r} (only `combinations` is allowed)")
-    errors: list[str] = []
+    errors: list[str] = [f"{where}: unknown top-level key {key!r} (only `combinations` is allowed)"
+                         for key in sorted(set(data) - {"combinations"})]
     combos: list[Combination] = []
     seen: set[str] = set()
     for i, raw in enumerate(data["combinations"]):
@@ -108,8 +107,9 @@ def _parse_one(raw: Any, where: str, errors: list[str]) -> Combination | None:
     start = len(errors)
     for key in sorted(set(raw) - _KEYS):
         errors.append(f"{where}: unknown key {key!r} (known: {', '.join(sorted(_KEYS))})")
-    python = str(raw.get("python", ""))
-    if not re.fullmatch(r"3\.\d+", python):
+    python = raw.get("python")
+    # Unquoted 3.10 is the float 3.1 in YAML: only a string is trusted.
+    if not isinstance(python, str) or not re.fullmatch(r"3\.\d+", python):
         errors.append(f"{where}.python: expected a quoted major.minor like \"3.11\", got {raw.get('python')!r}")
     pins: dict[str, str] = {}
     raw_pins = raw.get("pins")
@@ -161,7 +161,7 @@ def _parse_one(raw: Any, where: str, errors: list[str]) -> Combination | None:
         urls = []
     if len(errors) > start or not isinstance(name, str):
         return None
-    return Combination(name=name, python=python, pins=pins, expect=expect, platforms=tuple(platforms),
+    return Combination(name=name, python=str(python), pins=pins, expect=expect, platforms=tuple(platforms),
                        reason=str(raw.get("reason", "")).strip(), rule=str(raw.get("rule", "")).strip(),
                        fails_at=fails_at, match=str(match), index_urls=tuple(urls))
 
