@@ -24,8 +24,10 @@ class DoctorGroup(click.Group):
         try:
             return super().invoke(ctx)
         except DoctorError as err:
+            from qlora_doctor.redact import redact
+
             for message in err.messages:
-                click.echo(f"error: {message}", err=True)
+                click.echo(f"error: {redact(message)}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -61,7 +63,10 @@ def load_machine(machine_file: Path | None):
 
 
 def echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
+    """Print `data` as JSON, with secrets redacted (qlora_doctor/redact.py)."""
+    from qlora_doctor.redact import redact_data
+
+    click.echo(json.dumps(redact_data(data), indent=2, sort_keys=False))
 
 
 @click.group(cls=DoctorGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,8 +113,9 @@ def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine:
         echo_json(report.to_json())
     else:
         from qlora_doctor.doctor.render import print_report
+        from qlora_doctor.redact import redact_data
 
-        print_report(report, verbose=verbose)
+        print_report(redact_data(report), verbose=verbose)
     sys.exit(EXIT_FAIL if report.status == "fail" else EXIT_OK)
 
 

@@ -27,8 +27,12 @@ class Match:
 
 
 def explain_text(text: str) -> list[Match]:
-    """Every rule whose error text appears in `text`, in the order they first appear in it."""
-    text = text[-MAX_CHARS:].replace("\x00", "")
+    """Every rule whose error text appears in `text`, in the order they first appear in it.
+
+    Secrets in the pasted text (tokens, keys) are redacted before matching, so a match never quotes one."""
+    from qlora_doctor.redact import redact
+
+    text = redact(text[-MAX_CHARS:].replace("\x00", ""))
     normalized = _normalize(text)
     found: list[tuple[int, Match]] = []
     for rule in load_rules():

@@ -134,7 +134,7 @@ def _is_cc(text: str) -> bool:
 def _int_or_none(text: str) -> int | None:
     try:
         return int(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):  # `inf`, `1e400`: garbage, not memory
         return None
 
 
@@ -186,9 +186,9 @@ def machine_from_dict(data: Any, where: str) -> Machine:
             errors.append(f"{where}: {key}: expected an object like "
                           '{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "memory_total_mib": 81920}')
             continue
-        extra = set(raw) - {"name", "compute_capability", "memory_total_mib", "memory_free_mib", "vendor"}
-        for k in sorted(extra):
-            errors.append(f"{where}: {key}.{k}: unknown key")
+        gpu_keys = ("name", "compute_capability", "memory_total_mib", "memory_free_mib", "vendor")
+        for k in sorted(set(raw) - set(gpu_keys)):
+            errors.append(f"{where}: {key}: unknown key {k!r} (expected one of {', '.join(gpu_keys)})")
         name = raw.get("name")
         if not isinstance(name, str) or not name.strip():
             errors.append(f"{where}: {key}.name: missing (e.g. \"NVIDIA A100-SXM4-80GB\")")
@@ -240,6 +240,9 @@ def load_machine_file(path: Path | str) -> Machine:
     except json.JSONDecodeError as err:
         raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); "
                          "see `qlora-doctor check --save-machine FILE` for the format")
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to be a machine file; "
+                         "see `qlora-doctor check --save-machine FILE` for the format") from None
     return machine_from_dict(data, str(path))
 
 

@@ -155,8 +155,10 @@ def parse_torch_version_py(text: str) -> TorchBuild:
     cuda = re.search(r"^cuda\s*(?::\s*\S+)?\s*=\s*['\"]([\d.]+)['\"]", text, re.MULTILINE)
     hip = re.search(r"^hip\s*(?::\s*\S+)?\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
     if cuda:
-        parts = cuda.group(1).split(".")
-        return TorchBuild("cuda", Version(".".join(parts[:2])), how="torch/version.py")
+        version = re.match(r"\d+(?:\.\d+)?", cuda.group(1))
+        if version is None:  # `cuda = '.'`: a corrupted file, not a CUDA version
+            return TorchBuild(None, how=f"torch/version.py says cuda = {cuda.group(1)!r}, not a version")
+        return TorchBuild("cuda", Version(version.group(0)), how="torch/version.py")
     if hip:
         return TorchBuild("rocm", rocm=hip.group(1), how="torch/version.py")
     return TorchBuild("cpu", how="torch/version.py (no CUDA, no HIP)")

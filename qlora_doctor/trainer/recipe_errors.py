@@ -49,7 +49,10 @@ def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, Any]
         elif isinstance(part, int):
             path = f"{path}[{part}]"
         elif isinstance(current, type) and issubclass(current, BaseModel):
-            path = f"{path}.{part}" if path else str(part)  # an unknown key
+            # An unknown key; quoted when it is not a plain word, so that `"\n"` or `" "` stay visible
+            # and every message stays one line.
+            key = str(part) if re.fullmatch(r"[\w-]+", str(part)) else repr(str(part))
+            path = f"{path}.{key}" if path else key
             break
         else:
             break  # a union member tag such as `literal['auto']` or `list[str]`
@@ -69,7 +72,7 @@ def _message(e: dict[str, Any], path: str, model: type[BaseModel]) -> str:
     kind, ctx, value = e["type"], e.get("ctx") or {}, e.get("input")
     if kind == "extra_forbidden":
         parent = _parent_model(model, path)
-        key = path.rsplit(".", 1)[-1]
+        key = str(e["loc"][-1]) if e.get("loc") else path.rsplit(".", 1)[-1]
         options = list(parent.model_fields) if parent is not None else []
         hint = did_you_mean(key, options) or f" (expected one of {', '.join(options)})"
         return f"unknown key {key!r}{hint}"

@@ -12,6 +12,10 @@ from typing import Any
 
 from qlora_doctor.errors import InputError
 
+MAX_FLOW_NESTING = 64
+"""Deepest `[`/`{` nesting a recipe may have (reliability: keeps the YAML scanner linear)."""
+
+
 @functools.lru_cache(maxsize=1)
 def recipe_loader() -> type:
     """The loader class, built on first use so that importing this module does not import yaml."""
@@ -34,6 +38,15 @@ def recipe_loader() -> type:
                         key_node.start_mark)
                 seen[key] = key_node.start_mark.line + 1
             return super().construct_mapping(node, deep=deep)
+
+        def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+            # PyYAML's scanner is quadratic in `[`/`{` nesting (5000 `[` take seconds, a megabyte
+            # would hang), and no recipe nests more than a few levels: refuse early, with the line.
+            if self.flow_level >= MAX_FLOW_NESTING:
+                raise yaml.scanner.ScannerError(
+                    None, None, f"more than {MAX_FLOW_NESTING} nested [ ] or {{ }}; a recipe nests 2 or 3",
+                    self.get_mark())
+            super().fetch_flow_collection_start(TokenClass)
 
     float_re = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                               |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
