@@ -1,0 +1,206 @@
+"""lock: selection against fixture records and machine files, lockfile format, drift, repair, constraints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from packaging.specifiers import SpecifierSet
+
+from helpers import CPU_MACHINE, machine, write_machine
+from matrix_support import record_json, stack, write_records
+from qlora_doctor import lock as lk
+from qlora_doctor.cli import cli
+from qlora_doctor.constraints import constraints_for, negate, render_constraints
+from qlora_doctor.doctor.knowledge import Conditions, Rule, load_tables
+from qlora_doctor.doctor.machine import machine_from_dict
+from qlora_doctor.errors import CheckFailed, InputError
+from qlora_doctor.matrix.records import REPO_ROOT, load_record, load_records
+
+A100 = {"gpus": [{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "memory_total_mib": 81920}]}
+
+
+@pytest.fixture
+def gpu_records(tmp_path: Path) -> Path:
+    return write_records(
+        tmp_path / "records",
+        record_json("cu118-old", "linux-x86_64-py3.11-cu118-sm80", stack("2.7.1+cu118", "4.57.6", "0.17.1", "0.46.1",
+                                                                          "1.10.1", "4.1.1")),
+        record_json("cu128-new", "linux-x86_64-py3.11-cu128-sm80", stack("2.11.0+cu128"), date="2026-11-20T00:00:00Z"),
+        record_json("cpu", "linux-x86_64-py3.11-cpu", stack("2.13.0+cpu")),
+        record_json("bad", "linux-x86_64-py3.11-cu130-sm80", stack("2.13.0+cu130", accelerate="1.0.1"), works=False,
+                    expect="fail", rule="accel-tf5-min", failed_at="check"),
+    )
+
+
+def test_newest_fitting_record_wins(gpu_records):
+    fit = lk.choose_record(load_records(gpu_records), machine(driver_version="570.86.15"), "3.11", load_tables())
+    assert fit.record.name == "cu128-new"
+
+
+def test_driver_too_old_for_cu128_picks_the_cu118_record(gpu_records, tmp_path):
+    mfile = write_machine(tmp_path / "m.json", driver_version="470.82.01")
+    result = CliRunner().invoke(cli, ["lock", "--machine", str(mfile), "--results", str(gpu_records)])
+    assert result.exit_code == 0, result.output
+    assert "torch==2.7.1+cu118" in result.output
+    assert "--extra-index-url https://download.pytorch.org/whl/cu118" in result.output
+    assert "# source: matrix record matrix-results/cu118-old--linux-x86_64-py3.11-cu118-sm80.json" in result.output
+    assert f"# regenerate: qlora-doctor lock --machine {mfile}" in result.output
+
+
+def test_no_fit_names_the_closest_record_and_why(tmp_path):
+    folder = write_records(tmp_path / "r", record_json("cu128-new", "linux-x86_64-py3.11-cu128-sm80",
+                                                       stack("2.11.0+cu128")))
+    with pytest.raises(CheckFailed) as err:
+        lk.choose_record(load_records(folder), machine(driver_version="470.82.01"), "3.11", load_tables())
+    text = err.value.messages[0]
+    assert "Closest: cu128-new" in text
+    assert "driver 470.82.01 is too old for CUDA 12.8 (needs >= 525.60.13)" in text
+
+
+def test_python_and_gpu_must_fit(gpu_records):
+    records = load_records(gpu_records)
+    with pytest.raises(CheckFailed, match="tested on Python 3.11, wanted 3.12"):
+        lk.choose_record(records, machine(driver_version="570.86.15"), "3.12", load_tables())
+    cpu = machine_from_dict(CPU_MACHINE, "cpu")
+    assert lk.choose_record(records, cpu, "3.11", load_tables()).record.name == "cpu"
+
+
+def test_keep_and_constraints_pick_the_newest_record_agreeing_with_them(gpu_records, tmp_path):
+    records = load_records(gpu_records)
+    m = machine(driver_version="570.86.15")
+    kept = lk.choose_record(records, m, "3.11", load_tables(), keep=lk.parse_keep(("transformers==4.57.6",)))
+    assert kept.record.name == "cu118-old"
+    cfile = tmp_path / "c.txt"
+    cfile.write_text("transformers<5  # stay on 4.x\n")
+    assert lk.choose_record(records, m, "3.11", load_tables(),
+                            constraints=lk.load_constraints(cfile)).record.name == "cu118-old"
+    with pytest.raises(InputError, match="--keep torch: expected name==version"):
+        lk.parse_keep(("torch",))
+
+
+def test_lockfile_refuses_to_overwrite_different_pins_without_force(gpu_records, tmp_path):
+    out = tmp_path / "lock.txt"
+    mfile = write_machine(tmp_path / "m.json", driver_version="570.86.15")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["lock", "--machine", str(mfile), "--results", str(gpu_records), "-o", str(out)]).exit_code == 0
+    first = out.read_text()
+    again = runner.invoke(cli, ["lock", "--machine", str(mfile), "--results", str(gpu_records), "-o", str(out)])
+    assert again.exit_code == 0 and "unchanged" in again.output and out.read_text() == first
+    other = runner.invoke(cli, ["lock", "--machine", str(mfile), "--results", str(gpu_records), "-o", str(out),
+                                "--keep", "transformers==4.57.6"])
+    assert other.exit_code == 2 and "exists with different pins; pass --force" in other.output
+    forced = runner.invoke(cli, ["lock", "--machine", str(mfile), "--results", str(gpu_records), "-o", str(out),
+                                 "--keep", "transformers==4.57.6", "--force"])
+    assert forced.exit_code == 0 and "transformers==4.57.6" in out.read_text()
+
+
+def test_check_reports_drift(tmp_path):
+    lock = lk.Lockfile({"torch": "2.13.0+cpu", "transformers": "5.24.0", "peft": "0.21.2"}, (), ("x",))
+    diffs = lk.drift(lock, {"torch": "2.13.0+cpu", "transformers": "5.17.0", "pytest": "8.0.0"})
+    assert [d.describe() for d in diffs] == ["peft: locked 0.21.2, not installed",
+                                             "transformers: locked 5.24.0, installed 5.17.0",
+                                             "pytest: installed 8.0.0, not in the lockfile"]
+    assert lk.has_drift(diffs)
+    assert not lk.has_drift(lk.drift(lock, {"torch": "2.13.0+cpu", "transformers": "5.24.0", "peft": "0.21.2",
+                                            "pytest": "8.0.0"}))
+
+
+def test_check_cli_exit_codes_against_the_installed_env(tmp_path):
+    pins = lk.lockable_pins(lk.installed_versions())
+    exact = tmp_path / "exact.txt"
+    exact.write_text(lk.Lockfile(pins, lk.torch_index_urls(pins), ("test",)).render())
+    result = CliRunner().invoke(cli, ["lock", "--check", str(exact)])
+    assert result.exit_code == 0, result.output
+    drifted = tmp_path / "drifted.txt"
+    drifted.write_text(exact.read_text().replace(f"peft=={pins['peft']}", "peft==0.13.0"))
+    result = CliRunner().invoke(cli, ["lock", "--check", str(drifted)])
+    assert result.exit_code == 1 and f"peft: locked 0.13.0, installed {pins['peft']}" in result.output
+
+
+def test_repair_changes_the_fewest_packages(tmp_path):
+    folder = write_records(tmp_path, record_json("a", "linux-x86_64-py3.11-cpu", stack("2.13.0+cpu")),
+                           record_json("b", "linux-x86_64-py3.11-cpu",
+                                       stack("2.13.0+cpu", "5.17.0", "0.21.0", "0.49.2", "1.12.0")))
+    installed = {**stack("2.13.0+cpu", "5.17.0", "0.21.0", "0.49.2", "1.0.1"), "pytest": "8.0"}
+    fix = lk.choose_repair(load_records(folder), machine_from_dict(CPU_MACHINE, "cpu"), "3.11", load_tables(),
+                           installed)
+    assert fix.fit.record.name == "b"
+    assert fix.changes == (("accelerate", "1.0.1", "1.12.0"),)
+    assert fix.command == "pip install accelerate==1.12.0"
+
+
+# --- constraints --------------------------------------------------------------------------------
+
+def _rule(rid: str, severity: str = "fail", **when) -> Rule:
+    packages = tuple((n, SpecifierSet(s)) for n, s in when.pop("packages").items())
+    return Rule(id=rid, title=f"title {rid}", severity=severity, cause="c", fix="f", sources=("https://x",),
+                when=Conditions(packages=packages, **when))
+
+
+def test_negation_of_ranges():
+    assert negate(SpecifierSet("<0.39.0")) == ">=0.39.0"
+    assert negate(SpecifierSet(">=2.11")) == "<2.11"
+    assert negate(SpecifierSet("==0.45.0")) == "!=0.45.0"
+    assert negate(SpecifierSet(">=0.45,<0.46")) == "!=0.45.*"
+    assert negate(SpecifierSet(">=5.0,<6")) == "!=5.*"
+    assert negate(SpecifierSet(">=0.45.3,<0.47.0")) is None  # needs "or": not expressible
+
+
+def test_constraints_for_a_machine():
+    rules = (
+        _rule("bnb-old", packages={"bitsandbytes": "<0.39.0"}),
+        _rule("bnb-series", packages={"bitsandbytes": ">=0.45,<0.46"}, gpu_vendor=("nvidia",)),
+        _rule("windows-only", packages={"bitsandbytes": "<0.43.0"}, os=("windows",)),
+        _rule("odd-range", packages={"peft": ">=0.13.1,<0.15.0"}),
+        _rule("two-packages", packages={"transformers": ">=5", "accelerate": "<1.1"}),
+        _rule("torch-build", packages={"bitsandbytes": "<0.48"}, torch_cuda=SpecifierSet(">=13.0")),
+        _rule("advice", severity="warn", packages={"peft": "<0.6.0"}),
+    )
+    lines, skipped = constraints_for(machine(), rules)
+    assert [(l.requirement, l.rule_id) for l in lines] == [("bitsandbytes>=0.39.0", "bnb-old"),
+                                                           ("bitsandbytes!=0.45.*", "bnb-series")]
+    assert {s.rule_id for s in skipped} == {"odd-range", "two-packages", "torch-build"}
+    cpu_lines, _ = constraints_for(machine_from_dict(CPU_MACHINE, "cpu"), rules)
+    assert [l.rule_id for l in cpu_lines] == ["bnb-old"]  # the nvidia-only rule does not hold there
+    text = render_constraints(machine(), lines, skipped, "qlora-doctor constraints")
+    assert "bitsandbytes>=0.39.0  # rule bnb-old: title bnb-old" in text
+    odd = next(line for line in text.splitlines() if "rule odd-range:" in line)
+    assert odd.startswith("#   rule odd-range: peft") and "has no single-range complement" in odd
+
+
+def test_constraints_cli_from_the_shipped_knowledge_base(tmp_path):
+    mfile = tmp_path / "cpu.json"
+    mfile.write_text(json.dumps(CPU_MACHINE))
+    result = CliRunner().invoke(cli, ["constraints", "--machine", str(mfile)])
+    assert result.exit_code == 0, result.output
+    reqs = [l for l in result.output.splitlines() if l and not l.startswith("#")]
+    assert reqs and all("  # rule " in l for l in reqs)
+    from packaging.requirements import Requirement
+
+    for line in reqs:
+        Requirement(line.split("#")[0].strip())  # each line is a valid pip requirement
+
+
+# --- shipped lockfiles ----------------------------------------------------------------------------
+
+LOCKFILES = sorted((REPO_ROOT / "lockfiles").glob("*.txt"))
+
+
+def test_lockfiles_exist_for_the_tested_platforms():
+    assert LOCKFILES, "lockfiles/ is empty: write one per tested platform with `qlora-doctor lock -o`"
+
+
+@pytest.mark.parametrize("path", LOCKFILES, ids=[p.name for p in LOCKFILES])
+def test_each_lockfile_parses_and_matches_its_record(path: Path):
+    lock = lk.parse_lockfile(path.read_text(), str(path))
+    source = lk.header_value(lock, "source")
+    assert source and source.startswith("matrix record matrix-results/"), source
+    record = load_record(REPO_ROOT / source.split()[2])
+    assert record.works and record.verdict == "pass"
+    assert lock.pins == lk.lockable_pins(record.freeze)
+    assert lock.index_urls == lk.torch_index_urls(record.freeze)
+    assert lk.header_value(lock, "platform").split()[0] == record.platform
+    assert lk.header_value(lock, "status") == "tested"
