@@ -209,6 +209,269 @@ def plan(recipe: str, machine_file: Path | None, as_json: bool) -> None:
 
 # --- matrix, smoke, lock, constraints (matrix section) ----------------------------------------
 
+@cli.command()
+@json_option
+@click.option("--device", type=str, default=None, help="Run on this torch device (default: cuda:0 if seen, else cpu).")
+def smoke(as_json: bool, device: str | None) -> None:
+    """Functional test: tiny 4-bit NF4 model, LoRA, a few steps, save, reload, generate.
+
+    Offline, seconds. Exit 0 when every step passes, 1 when one fails.
+    """
+    from qlora_doctor.smoke import run_smoke
+
+    result = run_smoke(device=device)
+    if as_json:
+        echo_json(result.to_json())
+    else:
+        marks = {"pass": "ok  ", "fail": "FAIL", "skip": "skip"}
+        for step in result.steps:
+            click.echo(f"{marks[step.status]} {step.name:<22} {step.duration_s:6.2f}s  {step.detail}")
+        failed = result.failed_step
+        if failed is not None and failed.error:
+            click.echo(failed.error, err=True)
+        click.echo(f"{result.status} on {result.device} in {result.duration_s:.1f} s")
+    sys.exit(EXIT_OK if result.status == "pass" else EXIT_FAIL)
+
+
+def combos_option(f: Callable) -> Callable:
+    return click.option("--combos", "combos_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="The combinations file (default: matrix.yaml of the checkout).")(f)
+
+
+def results_option(f: Callable) -> Callable:
+    return click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="Folder of matrix records (default: matrix-results/ of the checkout).")(f)
+
+
+def _combos(combos_file: Path | None):
+    from qlora_doctor.matrix.combos import load_combinations
+    from qlora_doctor.matrix.records import REPO_ROOT
+
+    return load_combinations(combos_file or REPO_ROOT / "matrix.yaml")
+
+
+def _results(results_dir: Path | None) -> Path:
+    from qlora_doctor.matrix.records import default_results_dir
+
+    return results_dir or default_results_dir()
+
+
+@cli.group()
+def matrix() -> None:
+    """The compatibility matrix: run combinations, report, generate CI."""
+
+
+@matrix.command("run")
+@combos_option
+@results_option
+@machine_option
+@click.option("--only", multiple=True, help="Run only this combination (repeatable).")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Combinations built and tested at once.")
+@click.option("--in-place", is_flag=True,
+              help="Record the current environment against the --only combination(s) instead of building one.")
+@click.option("--installer", type=click.Choice(["pip", "uv"]), default="pip", show_default=True,
+              help="pip (venv + pip; reads pip's config, e.g. local find-links) or uv (ignores pip's config).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where built environments are kept, keyed by their pins (default ~/.cache/qlora-doctor/matrix-envs).")
+def matrix_run(combos_file, results_dir, machine_file, only, jobs, in_place, installer, cache_dir) -> None:
+    """Build each combination's env, run check and smoke in it, write one JSON record each.
+
+    Exit 0 when every record agrees with matrix.yaml (expected passes pass, known-bad ones fail the
+    documented way), 1 otherwise.
+    """
+    from qlora_doctor.errors import InputError
+    from qlora_doctor.matrix.combos import select
+    from qlora_doctor.matrix.runner import RunOptions, default_cache_dir, run_matrix
+
+    where = str(combos_file or "matrix.yaml")
+    combos = select(_combos(combos_file), tuple(only), where)
+    if in_place and not only:
+        raise InputError("--in-place records the current environment: name its combination with --only NAME")
+    machine = load_machine(machine_file)
+    options = RunOptions(results_dir=_results(results_dir), cache_dir=cache_dir or default_cache_dir(),
+                         installer=installer)
+    summary = run_matrix(combos, machine, options, jobs=jobs, in_place=in_place,
+                         progress=lambda m: click.echo(m, err=True))
+    for skipped in summary.skipped:
+        click.echo(f"skipped {skipped.name}: {skipped.reason}", err=True)
+    if only and summary.skipped:
+        raise InputError([f"--only {s.name}: {s.reason}; run it on a matching machine" for s in summary.skipped])
+    for record, path in zip(summary.records, summary.paths):
+        mark = "ok  " if record.verdict == "pass" else "FAIL"
+        click.echo(f"{mark} {record.name} on {record.platform}: {record.verdict_detail} -> {path}")
+    sys.exit(EXIT_OK if summary.ok else EXIT_FAIL)
+
+
+@matrix.command("report")
+@combos_option
+@results_option
+@click.option("--markdown", is_flag=True, help="Print a Markdown table.")
+def matrix_report(combos_file, results_dir, markdown) -> None:
+    """Table of combinations x platforms from the records. Exit 1 when a record disagrees with matrix.yaml."""
+    from qlora_doctor.matrix.records import load_records
+    from qlora_doctor.matrix.report import build_table, render_markdown, render_text
+
+    combos = _combos(combos_file)
+    table = build_table(combos, load_records(_results(results_dir)))
+    click.echo((render_markdown if markdown else render_text)(table, combos), nl=False)
+    sys.exit(EXIT_OK if table.all_ok else EXIT_FAIL)
+
+
+@matrix.command("ci")
+@combos_option
+@click.option("--github", is_flag=True, required=True, help="Write a GitHub Actions workflow.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here (e.g. .github/workflows/matrix.yml) instead of printing.")
+def matrix_ci(combos_file, github, output) -> None:
+    """Generate the CI workflow whose job matrix comes from matrix.yaml."""
+    from qlora_doctor.fileio import write_atomic
+    from qlora_doctor.matrix.ci import github_workflow
+
+    text = github_workflow(_combos(combos_file))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        write_atomic(output, text)
+        click.echo(f"wrote {output}", err=True)
+
+
+@cli.command()
+@machine_option
+@results_option
+@click.option("--python", "python_version", type=str, default=None, help="Python major.minor (default: the machine's).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the lockfile here (default: print it).")
+@click.option("--untested", is_flag=True, help="Resolve with pip under the knowledge base's constraints instead.")
+@click.option("--keep", multiple=True, help="name==version the lock must keep (repeatable).")
+@click.option("--constraints", "constraints_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A pip constraints file the chosen combination must satisfy.")
+@click.option("--repair", is_flag=True, help="Print the pip command moving this env to the nearest tested set.")
+@click.option("--from-env", is_flag=True, help="Freeze the current environment (only when check passes).")
+@click.option("--check", "check_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Compare the current environment with this lockfile; exit 1 on drift.")
+@click.option("--force", is_flag=True, help="Replace an existing lockfile with different pins.")
+@json_option
+def lock(machine_file, results_dir, python_version, output, untested, keep, constraints_file, repair, from_env,
+         check_file, force, as_json) -> None:
+    """Write exact pins for this machine from the newest tested combination that fits it."""
+    from qlora_doctor import lock as lk
+    from qlora_doctor.errors import CheckFailed, InputError
+    from qlora_doctor.matrix.records import load_records
+
+    modes = [m for m, on in (("--untested", untested), ("--repair", repair), ("--from-env", from_env),
+                             ("--check", check_file is not None)) if on]
+    if len(modes) > 1:
+        raise InputError(f"{' and '.join(modes)} cannot be combined; pick one")
+    if check_file is not None:
+        if not check_file.exists():
+            raise InputError(f"{check_file}: no such lockfile (write one with `qlora-doctor lock -o {check_file}`)")
+        locked = lk.parse_lockfile(check_file.read_text(encoding="utf-8"), str(check_file))
+        diffs = lk.drift(locked, lk.installed_versions())
+        if as_json:
+            echo_json({"lockfile": str(check_file), "drift": lk.has_drift(diffs),
+                       "differences": [{"name": d.name, "kind": d.kind, "locked": d.locked,
+                                        "installed": d.installed} for d in diffs]})
+        else:
+            for d in diffs:
+                click.echo(("  (extra) " if d.kind == "extra" else "  DRIFT   ") + d.describe())
+            click.echo(f"{check_file}: " + ("drift: the environment differs from the lockfile; fix with "
+                                            f"`pip install -r {check_file}`" if lk.has_drift(diffs)
+                                            else "the environment matches the lockfile"))
+        sys.exit(EXIT_FAIL if lk.has_drift(diffs) else EXIT_OK)
+    machine = load_machine(machine_file)
+    python = python_version or ".".join(machine.python.split(".")[:2])
+    tables = lk.load_tables_default()
+    argv = ["lock", *(["--machine", str(machine_file)] if machine_file else []),
+            *(["--python", python_version] if python_version else []), *(["--untested"] if untested else []),
+            *(a for k in keep for a in ("--keep", k)),
+            *(["--constraints", str(constraints_file)] if constraints_file else []),
+            *(["--from-env"] if from_env else []), *(["-o", str(output)] if output else [])]
+    command = lk.command_line(argv)
+    target = str(output) if output else None
+    keep_pins = lk.parse_keep(tuple(keep))
+    constraints = lk.load_constraints(constraints_file) if constraints_file else ()
+    records = load_records(_results(results_dir))
+    if repair:
+        fix = lk.choose_repair(records, machine, python, tables, lk.installed_versions())
+        if as_json:
+            echo_json({**lk.describe_fit(fix.fit), "command": fix.command,
+                       "changes": [{"name": n, "installed": o, "tested": v} for n, o, v in fix.changes]})
+        elif not fix.changes:
+            click.echo(f"nothing to change: the environment already has {fix.fit.record.name}'s versions")
+        else:
+            click.echo(f"# nearest tested combination: {fix.fit.record.name} ({lk.record_source(fix.fit.record)}), "
+                       f"{len(fix.changes)} package(s) change")
+            click.echo(fix.command)
+        sys.exit(EXIT_OK)
+    if from_env:
+        from qlora_doctor.doctor.checks import diagnose
+
+        report = diagnose(machine)
+        if report.status == "fail":
+            raise CheckFailed(["the current environment fails `qlora-doctor check`; not freezing it:"]
+                              + [f"{c.id}: {c.detail}" for c in report.failed])
+        pins = lk.lockable_pins(lk.installed_versions())
+        from qlora_doctor.matrix.tested import env_platform
+        from qlora_doctor.doctor.packages import installed_environment
+
+        platform = env_platform(machine, installed_environment(with_conflicts=False))
+        status = "tested" if report.tested.get("status") == "tested" else "untested (check passed; no matrix record)"
+        lockfile = lk.Lockfile(pins, lk.torch_index_urls(pins), lk.header_lines(
+            machine, python, platform, "the current environment, frozen after `qlora-doctor check` passed", status,
+            command, target))
+    elif untested:
+        from qlora_doctor.constraints import constraints_for
+        from qlora_doctor.doctor.knowledge import load_rules
+
+        lines, _ = constraints_for(machine, load_rules())
+        pins = lk.resolve_untested(machine, python, keep_pins, [l.requirement for l in lines]
+                                   + [str(c) for c in constraints], tables)
+        problems = lk.vet_pins(pins, machine, "pip's resolution")
+        if problems:
+            raise CheckFailed(["pip's resolution breaks known rules; not writing it:", *problems])
+        variant = lk.torch_variant_for(machine, tables)
+        from qlora_doctor.matrix.records import platform_id
+
+        gpus = machine.nvidia_gpus
+        accel = variant if variant == "cpu" or not gpus else f"{variant}-sm{(gpus[0].compute_capability or '').replace('.', '')}"
+        lockfile = lk.Lockfile(pins, lk.torch_index_urls(pins) or (lk.TORCH_INDEX.format(variant=variant),),
+                               lk.header_lines(machine, python, platform_id(machine.os, machine.arch, python, accel),
+                                               "pip's resolver (pip install --dry-run --report) under "
+                                               "`qlora-doctor constraints`; vetted by the doctor: no rule fails",
+                                               "UNTESTED (no matrix record; breaks no known rule)", command, target))
+    else:
+        fit = lk.choose_record(records, machine, python, tables, keep_pins, constraints)
+        lockfile = lk.lockfile_from_record(fit, machine, python, command, target)
+    if output is None:
+        click.echo(lockfile.render(), nl=False)
+    else:
+        written = lk.write_lockfile(lockfile, output, force)
+        click.echo(f"{'wrote' if written else 'unchanged (same pins)'}: {output}", err=True)
+
+
+@cli.command()
+@machine_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the constraints file here (default: print it).")
+def constraints(machine_file, output) -> None:
+    """The knowledge base as a pip constraints file for this machine, one rule per line."""
+    from qlora_doctor.constraints import constraints_for, render_constraints
+    from qlora_doctor.doctor.knowledge import load_rules
+    from qlora_doctor.fileio import write_atomic
+    from qlora_doctor.lock import command_line
+
+    machine = load_machine(machine_file)
+    lines, skipped = constraints_for(machine, load_rules())
+    text = render_constraints(machine, lines, skipped, command_line(["constraints", *(["--machine", str(machine_file)] if machine_file else []),
+                                                            *(["-o", str(output)] if output else [])]))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        write_atomic(output, text)
+        click.echo(f"wrote {output}", err=True)
+
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()
