@@ -253,3 +253,23 @@ def test_cli_plan_bad_input_exits_2(tmp_path):
                                     str(write_machine(tmp_path / "m.json", gpus=[GPU_80GB]))])
     assert no_config.exit_code == 2, no_config.output
     assert "has no config.json" in no_config.output
+
+
+def test_doctor_recipe_checks_include_the_memory_fit(tmp_path):
+    from qlora_doctor.doctor.recipe_checks import recipe_checks
+
+    recipe = _recipe(tmp_path, LLAMA3_8B, batch=8, seq=4096)
+    on_4090 = {c.id: c for c in recipe_checks(recipe, machine(gpus=[GPU_24GB]))}
+    assert on_4090["recipe.memory"].status == "fail"
+    on_cpu = {c.id for c in recipe_checks(recipe, machine(gpus=[], driver_version=""))}
+    assert "recipe.memory" not in on_cpu
+
+
+def test_doctor_check_does_not_wait_for_the_hub(tmp_path):
+    from qlora_doctor.trainer.recipe import load_recipe
+
+    path = _recipe_dir(tmp_path, LLAMA3_8B)
+    path.write_text(path.read_text().replace("name_or_path: model", "name_or_path: qlora-doctor-test/none"))
+    check = memory_fit_check(load_recipe(path), machine(gpus=[GPU_80GB]))
+    assert check is not None and check.status == "unknown"
+    assert "not in the local Hugging Face cache" in check.detail

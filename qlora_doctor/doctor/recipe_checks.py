@@ -161,11 +161,19 @@ def optimizer_device_check(recipe: Recipe, machine: Machine, precision: Precisio
                  sources=PAGED_SOURCES, found=optim, expected="adamw_torch on CPU")
 
 
+def memory_fit_check(recipe: Recipe, machine: Machine, precision: Precision) -> Check | None:
+    """The memory planner's predicted peak against the smallest GPU (see qlora_doctor/memory/check.py)."""
+    from qlora_doctor.memory.check import memory_fit_check as planned_fit
+
+    return planned_fit(recipe, machine, precision)
+
+
 RECIPE_CHECKS: tuple[RecipeCheck, ...] = (
     mixed_precision_check,
     compute_dtype_check,
     trust_remote_code_check,
     optimizer_device_check,
+    memory_fit_check,
 )
 """Run in this order. Append new checks (e.g. memory fit) here."""
 

@@ -5,31 +5,33 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qlora_doctor.doctor.report import Check
-from qlora_doctor.errors import InputError
+from qlora_doctor.errors import DoctorError
 from qlora_doctor.memory.estimate import GIB
 
 if TYPE_CHECKING:
     from qlora_doctor.doctor.machine import Machine
-    from qlora_doctor.trainer.recipe import Recipe
+    from qlora_doctor.trainer.recipe import Precision, Recipe
 
 CHECK_ID = "recipe.memory"
 TITLE = "GPU memory for the recipe"
 
 
-def memory_fit_check(recipe: Recipe, machine: Machine) -> Check | None:
+def memory_fit_check(recipe: Recipe, machine: Machine, precision: Precision | None = None) -> Check | None:
     """FAILED when the planner predicts the recipe does not fit the smallest GPU (the fix lists what
     would), unknown when that GPU's memory or the model's config cannot be read, None (no check) on a
-    machine without an NVIDIA GPU."""
+    machine without an NVIDIA GPU. `precision` is accepted for `RECIPE_CHECKS`' signature; the planner
+    resolves the same precision itself."""
     from qlora_doctor.memory.plan import plan_recipe
 
     if not machine.nvidia_gpus:
         return None
     try:
-        plan = plan_recipe(recipe, machine)
-    except InputError as err:
+        # The doctor stays offline and fast: a hub model's config only from the local cache.
+        plan = plan_recipe(recipe, machine, allow_network=False)
+    except DoctorError as err:  # config unreadable (no hub), or torch/transformers missing
         return Check(CHECK_ID, "unknown", TITLE, "cannot plan memory: " + "; ".join(err.messages),
-                     fix=f"`qlora-doctor plan RECIPE` on a machine that can read {recipe.model.name_or_path}'s config",
-                     found="model config unreadable")
+                     fix=f"run `qlora-doctor plan RECIPE` where {recipe.model.name_or_path}'s config can be read "
+                         "and torch + transformers import", found="not planned")
     found = f"{plan.total_bytes / GIB:.1f} GiB predicted"
     if plan.gpu_bytes is None:
         return Check(CHECK_ID, "unknown", TITLE,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_doctor.errors import InputError
+from qlora_doctor.errors import CheckFailed, InputError
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,10 @@ class ModelCounts:
 
 
 def load_model_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
-                      where: str = "model.name_or_path") -> dict[str, Any]:
+                      where: str = "model.name_or_path", allow_network: bool = True) -> dict[str, Any]:
     """The model's config as a dict, in the documented order (module docstring). `where` names the key
-    that gave `name_or_path`, for messages."""
+    that gave `name_or_path`, for messages. A hub config comes from the local Hugging Face cache, else
+    (when `allow_network`) from the hub."""
     from qlora_doctor.trainer.builtin import builtin_config, is_builtin
 
     if is_builtin(name_or_path):
@@ -101,13 +102,24 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
                          "`meta-llama/Llama-3.2-1B`")
     try:
         from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise CheckFailed(f"{where}: reading a hub model's config needs transformers, which does not import "
+                          f"({type(err).__name__}: {str(err)[:200]}); pip install 'qlora-doctor[train]'") from None
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:  # the local Hugging Face cache first: no network, no waiting for timeouts
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise InputError(f"{where}: cannot read the config of hub model {name_or_path!r} ({first}); "
-                         "run where the Hugging Face hub is reachable (and log in for gated models), or "
-                         "download the model and set model.name_or_path to its local folder") from None
+        if not allow_network:
+            raise InputError(f"{where}: the config of hub model {name_or_path!r} is not in the local Hugging "
+                             "Face cache; run `qlora-doctor plan RECIPE` where the hub is reachable (it caches "
+                             "the config), or set model.name_or_path to a local folder") from None
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise InputError(f"{where}: cannot read the config of hub model {name_or_path!r} ({first}); "
+                             "run where the Hugging Face hub is reachable (and log in for gated models), or "
+                             "download the model and set model.name_or_path to its local folder") from None
     return config.to_dict()
 
 
@@ -118,9 +130,14 @@ def count_parameters(config: dict[str, Any], where: str = "model config") -> Mod
 
 @functools.lru_cache(maxsize=16)
 def _count_cached(config_json: str, where: str) -> ModelCounts:
-    import torch
-    from torch import nn
-    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        import torch
+        from torch import nn
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except Exception as err:  # missing or broken: the doctor reports it, the planner cannot count
+        raise CheckFailed(f"{where}: counting parameters needs torch and transformers, which do not import "
+                          f"({type(err).__name__}: {str(err)[:200]}); pip install 'qlora-doctor[train]' "
+                          "(`qlora-doctor check` says which versions fit this machine)") from None
 
     data = json.loads(config_json)
     model_type = data.get("model_type")

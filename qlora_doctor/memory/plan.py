@@ -109,10 +109,11 @@ def settings_from_recipe(recipe: Recipe, machine: Machine) -> TrainSettings:
         compute_dtype=precision.compute_dtype, mixed_precision=precision.bf16 or precision.fp16)
 
 
-def plan_recipe(recipe: Recipe, machine: Machine) -> Plan:
-    """Plan `recipe` on `machine`'s smallest GPU. Reads only the model's config."""
+def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True) -> Plan:
+    """Plan `recipe` on `machine`'s smallest GPU. Reads only the model's config (a hub model's from the
+    local cache, else from the hub when `allow_network`)."""
     m = recipe.model
-    config = load_model_config(m.name_or_path, m.revision, m.trust_remote_code)
+    config = load_model_config(m.name_or_path, m.revision, m.trust_remote_code, allow_network=allow_network)
     counts = count_parameters(config, where=f"model {m.name_or_path}")
     name, gpu_bytes = smallest_gpu(machine)
     notes = []
