@@ -279,7 +279,7 @@ def test_duplicate_keys_are_refused_with_both_lines(folder):
     ("just a string", "expected a mapping with the sections"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a UTF-8 text file"),
     (b"model: x\x00\x00", "contains NUL bytes"),
-    ("[" * 5000, "nested too deeply"),
+    ("[" * 5000, "nested"),  # "nested too deeply", or the scanner's nesting limit
 ])
 def test_unusable_files_give_one_clear_error(folder, content, expected):
     path = write(folder, content)
