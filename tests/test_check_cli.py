@@ -161,3 +161,13 @@ def test_explain_binary_junk_does_not_crash(tmp_path):
 
 def test_explain_unreadable_file_is_exit_2(tmp_path):
     assert run("explain", str(tmp_path / "missing.log")).exit_code == 2
+
+
+def test_bitsandbytes_library_for_torch_cuda(tmp_path):
+    base = "transformers==4.46.3\npeft==0.13.2\naccelerate==1.1.1\ndatasets==3.1.0\n"
+    # bitsandbytes 0.45.0 has no CUDA 12.8 library at all.
+    _, _, checks = check_json(tmp_path, base + "torch==2.7.1+cu128\nbitsandbytes==0.45.0\n", driver_version="570.86.10")
+    assert checks["bnb.cuda"]["status"] == "fail"
+    # 0.50 falls back to its closest same-major build: CUDA 12.9 loads the 12.8 library.
+    _, _, checks = check_json(tmp_path, base + "torch==2.8.0+cu129\nbitsandbytes==0.50.2\n", driver_version="575.51.03")
+    assert checks["bnb.cuda"]["status"] == "pass" and "12.8" in checks["bnb.cuda"]["detail"]

@@ -235,14 +235,16 @@ def bnb_binary_check(env: Environment, tables: Tables) -> Check:
                      f"no record of which CUDA versions bitsandbytes {bnb} ships libraries for",
                      found=f"bitsandbytes {bnb}, CUDA {cuda}")
     shipped = ", ".join(str(v) for v in row.cuda)
-    if cuda not in row.cuda:
+    library = row.library_for(cuda)
+    if library is None:
         return Check("bnb.cuda", "fail", title,
                      f"bitsandbytes {bnb} ships no native library for CUDA {cuda} (it has {shipped}); "
                      "it will fail to load its CUDA library",
                      fix="pip install -U bitsandbytes   (or set BNB_CUDA_VERSION to a shipped version "
                          "your driver supports)", sources=row.sources,
                      found=f"CUDA {cuda}", expected=shipped)
-    return Check("bnb.cuda", "pass", title, f"bitsandbytes {bnb} ships a library for CUDA {cuda}",
+    how = "" if library == cuda else f" (no {cuda} build: it loads its closest same-major one, CUDA {library})"
+    return Check("bnb.cuda", "pass", title, f"bitsandbytes {bnb} ships a library for CUDA {cuda}{how}",
                  sources=row.sources, found=f"CUDA {cuda}", expected=shipped)
 
 

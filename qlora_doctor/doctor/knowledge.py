@@ -121,6 +121,18 @@ class BnbCuda:
     bitsandbytes: SpecifierSet
     cuda: tuple[Version, ...]
     sources: tuple[str, ...]
+    same_major_fallback: bool = False
+    """The release loads the closest shipped library of the same CUDA major when the exact one is missing."""
+
+    def library_for(self, cuda: Version) -> Version | None:
+        """The CUDA version of the native library this release loads for torch's CUDA `cuda`, or None."""
+        if cuda in self.cuda:
+            return cuda
+        if not self.same_major_fallback:
+            return None
+        same = [v for v in self.cuda if v.major == cuda.major]
+        lower = [v for v in same if v < cuda]
+        return max(lower) if lower else min(same, default=None)
 
 
 @dataclass(frozen=True)
@@ -353,7 +365,7 @@ def load_tables(data_dir: Path = DATA_DIR) -> Tables:
         spec = c.spec(row.get("bitsandbytes"), "bitsandbytes")
         versions = tuple(v for v in (c.version(x, "cuda") for x in row.get("cuda", [])) if v)
         if spec is not None:
-            bnb_cuda.append(BnbCuda(spec, versions, c.sources(row)))
+            bnb_cuda.append(BnbCuda(spec, versions, c.sources(row), bool(row.get("same_major_fallback", False))))
     for i, row in enumerate(data.get("gpu_model", [])):
         c.where = f"{path.name}: gpu_model[{i}]"
         cc = str(row.get("compute_capability", ""))
