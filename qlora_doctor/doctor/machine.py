@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ from typing import Any
 from qlora_doctor.errors import InputError
 
 MACHINE_ENV = "QLORA_DOCTOR_MACHINE"
+# Time bounds: a wedged driver must not wedge `check`. NVML runs in a helper thread that is abandoned
+# after NVML_TIMEOUT_S; all nvidia-smi calls together get NVIDIA_SMI_TIMEOUT_S (a healthy one answers
+# in well under a second). So the whole probe ends within about 8 s, whatever the driver does.
+NVML_TIMEOUT_S = 3.0
 NVIDIA_SMI_TIMEOUT_S = 5.0
 PROC_DRIVER_VERSION = Path("/proc/driver/nvidia/version")
 _OSES = ("linux", "windows", "darwin")
@@ -265,7 +270,7 @@ def probe_machine() -> Machine:
     notes: list[str] = []
     base = dict(os=_os_name(), arch=platform.machine().lower() or "unknown",
                 python=platform.python_version(), libc=_libc())
-    gpus, driver, cuda_driver = _probe_nvml(notes)
+    gpus, driver, cuda_driver = _probe_nvml_bounded(notes)
     if driver is None:
         driver = _probe_proc_driver(notes)
     if not gpus or any(g.compute_capability is None for g in gpus):
@@ -300,6 +305,24 @@ def _os_name() -> str:
 def _libc() -> str | None:
     name, version = platform.libc_ver()
     return f"{name} {version}" if name else None
+
+
+def _probe_nvml_bounded(notes: list[str]) -> tuple[list[Gpu], str | None, str | None]:
+    """`_probe_nvml` in a daemon thread: NVML is a C library, and a hung driver call cannot be
+    interrupted, only left behind."""
+    import threading
+
+    result: list[tuple[list[Gpu], str | None, str | None]] = []
+    thread_notes: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(_probe_nvml(thread_notes)), name="qlora-doctor-nvml",
+                              daemon=True)
+    thread.start()
+    thread.join(NVML_TIMEOUT_S)
+    if thread.is_alive() or not result:
+        notes.append(f"NVML: no answer within {NVML_TIMEOUT_S:g} s (a hung driver?); asked nvidia-smi instead")
+        return [], None, None
+    notes.extend(thread_notes)
+    return result[0]
 
 
 def _probe_nvml(notes: list[str]) -> tuple[list[Gpu], str | None, str | None]:
@@ -363,9 +386,10 @@ def _probe_nvidia_smi(notes: list[str], want_gpus: bool) -> tuple[list[Gpu], str
         return [], None, None
     gpus: list[Gpu] = []
     driver = cuda = None
+    deadline = time.monotonic() + NVIDIA_SMI_TIMEOUT_S
     if want_gpus:
         for fields in (NVIDIA_SMI_FIELDS, NVIDIA_SMI_FIELDS_OLD):
-            out = _run([exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], notes)
+            out = _run([exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], notes, deadline)
             if out is None:
                 continue
             try:
@@ -374,19 +398,25 @@ def _probe_nvidia_smi(notes: list[str], want_gpus: bool) -> tuple[list[Gpu], str
             except ValueError as err:
                 notes.append(f"nvidia-smi: {err}")
                 break
-    header = _run([exe], notes)
+    header = _run([exe], notes, deadline)
     if header is not None:
         header_driver, cuda = parse_nvidia_smi_header(header)
         driver = driver or header_driver
     return gpus, driver, cuda
 
 
-def _run(argv: list[str], notes: list[str]) -> str | None:
+def _run(argv: list[str], notes: list[str], deadline: float) -> str | None:
+    """stdout of `argv`, or None (with a note) when it fails or the time until `deadline` runs out."""
+    name = Path(argv[0]).name
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        notes.append(f"{name}: not asked for {' '.join(argv[1:2]) or 'its header'}, "
+                     f"its {NVIDIA_SMI_TIMEOUT_S:g} s were used up")
+        return None
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S,
-                              errors="replace")
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=remaining, errors="replace")
     except subprocess.TimeoutExpired:
-        notes.append(f"{Path(argv[0]).name}: no answer within {NVIDIA_SMI_TIMEOUT_S:g} s")
+        notes.append(f"{name}: no answer within {NVIDIA_SMI_TIMEOUT_S:g} s")
         return None
     except OSError as err:
         notes.append(f"{Path(argv[0]).name}: {err}")
