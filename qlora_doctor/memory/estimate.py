@@ -137,7 +137,7 @@ class Estimate:
     peak_reserved_bytes: int
     """Predicted `torch.cuda.max_memory_reserved` (allocated + fragmentation)."""
     total_bytes: int
-    """What the GPU must hold: reserved + the CUDA context."""
+    """What the GPU must hold: reserved + the CUDA context (+ paged optimizer states)."""
     peak_phase: str
     """`loss` or `recompute`: the moment of the step the peak is at."""
     trainable_params: int
@@ -187,9 +187,14 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     states, known = optimizer_state_bytes(s.optim, trainable, s.lora_r)
     if not known:
         notes.append(f"optimizer {s.optim!r}: state size unknown, counted as AdamW's 8 bytes per parameter")
-    if s.optim.startswith("paged_"):
-        notes.append(f"{s.optim}: its states can page out to CPU memory when the GPU runs short")
-    rows.append((f"optimizer states ({s.optim})", states))
+    paged = s.optim.startswith("paged_")
+    if paged:
+        # bitsandbytes allocates paged states with cudaMallocManaged, outside torch's caching allocator:
+        # on the GPU while there is room (so counted in the total), but not in torch's counters.
+        notes.append(f"{s.optim}: its states live in CUDA unified memory (outside torch's reserved memory) "
+                     "and page out to CPU memory when the GPU runs short")
+    else:
+        rows.append((f"optimizer states ({s.optim})", states))
     static = sum(b for _, b in rows)
 
     tokens = s.tokens
@@ -224,10 +229,14 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     fragmentation = int(FRAGMENTATION_LOGITS * logits_bytes + FRAGMENTATION_ACTIVATIONS * activation_bytes)
     rows.append(("allocator fragmentation (reserved - allocated)", fragmentation))
     reserved = allocated + fragmentation
+    outside = CUDA_CONTEXT_BYTES
+    if paged:
+        rows.append((f"optimizer states ({s.optim}, unified memory)", states))
+        outside += states
     rows.append(("CUDA context (not in torch's counters)", CUDA_CONTEXT_BYTES))
     assert static > 0
     return Estimate(breakdown=tuple((n, int(b)) for n, b in rows), peak_allocated_bytes=int(allocated),
-                    peak_reserved_bytes=int(reserved), total_bytes=int(reserved + CUDA_CONTEXT_BYTES),
+                    peak_reserved_bytes=int(reserved), total_bytes=int(reserved + outside),
                     peak_phase=phase, trainable_params=trainable, notes=tuple(notes))
 
 

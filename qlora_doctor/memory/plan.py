@@ -58,7 +58,7 @@ class Plan:
     peak_reserved_bytes: int
     """Predicted torch.cuda.max_memory_reserved."""
     total_bytes: int
-    """Predicted GPU memory in use at the peak: reserved + the CUDA context."""
+    """Predicted GPU memory in use at the peak: reserved + the CUDA context (+ paged optimizer states)."""
     peak_phase: str
     """Where in the step the peak is: `loss` (logits) or `recompute` (a checkpointed layer's backward)."""
     gpu_name: str | None
