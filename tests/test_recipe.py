@@ -128,6 +128,12 @@ def test_all_errors_reported_at_once_with_file_and_key(folder):
     assert len(messages) == 3
 
 
+def test_number_as_a_key_is_an_unknown_key(folder):
+    messages = errors_of(write(folder, MINIMAL + "1: 2\n"))
+    assert any(m.endswith(": 1: unknown key '1' (expected one of model, quantization, lora, dataset, training)")
+               for m in messages), messages
+
+
 def test_unknown_section_is_named(folder):
     messages = errors_of(write(folder, MINIMAL + "trainig:\n  seed: 1\n"))
     assert any("trainig: unknown key 'trainig' (did you mean 'training'?)" in m for m in messages)

@@ -46,14 +46,14 @@ def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, Any]
             field_type = current.model_fields[part].annotation
             path = f"{path}.{part}" if path else str(part)
             current = _unwrap_model(field_type)
-        elif isinstance(part, int):
-            path = f"{path}[{part}]"
         elif isinstance(current, type) and issubclass(current, BaseModel):
-            # An unknown key; quoted when it is not a plain word, so that `"\n"` or `" "` stay visible
-            # and every message stays one line.
+            # An unknown key (maybe a number: `1: 2`); quoted when it is not a plain word, so that
+            # `"\n"` or `" "` stay visible and every message stays one line.
             key = str(part) if re.fullmatch(r"[\w-]+", str(part)) else repr(str(part))
             path = f"{path}.{key}" if path else key
             break
+        elif isinstance(part, int):
+            path = f"{path}[{part}]"
         else:
             break  # a union member tag such as `literal['auto']` or `list[str]`
     return path, field_type
@@ -70,7 +70,7 @@ def _unwrap_model(annotation: Any) -> Any:
 
 def _message(e: dict[str, Any], path: str, model: type[BaseModel]) -> str:
     kind, ctx, value = e["type"], e.get("ctx") or {}, e.get("input")
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "invalid_key"):  # invalid_key: a key that is not a string, like `1: 2`
         parent = _parent_model(model, path)
         key = str(e["loc"][-1]) if e.get("loc") else path.rsplit(".", 1)[-1]
         options = list(parent.model_fields) if parent is not None else []
