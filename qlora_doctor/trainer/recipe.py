@@ -256,6 +256,45 @@ class TrainingSection(Section):
         return 1.0 if self.num_train_epochs is None else self.num_train_epochs
 
 
+class PerformanceSection(Section):
+    """Speed levers of `qlora-doctor run` (applied by `qlora_doctor/trainer/speed.py`). The defaults are
+    the fast path; `upcast_unquantized: true, checkpoint_layers: all, liger_kernel: false, fused_lora:
+    false, padding_free: false, group_by_length: false` is the plain transformers+peft path."""
+
+    upcast_unquantized: bool = Field(
+        default=False, description="Cast every weight that is not 4-bit (embeddings, norms, lm_head) to "
+        "float32 as peft's prepare_model_for_kbit_training does; false keeps them in the compute dtype "
+        "(less memory, no per-step casts).")
+    checkpoint_layers: Union[Literal["all"], int, float] = Field(
+        default="all", description="With training.gradient_checkpointing: which decoder layers recompute "
+        "their activations in the backward pass: `all`, a count (the first N layers), or a fraction in "
+        "(0, 1] of the layers. Fewer: faster, more memory.")
+    liger_kernel: AutoBool = Field(
+        default="auto", description="Liger Kernel's fused linear cross-entropy, RMSNorm, SwiGLU and RoPE. "
+        "auto: on when liger-kernel is installed, the model type is supported and training runs on CUDA.")
+    fused_lora: AutoBool = Field(
+        default="auto", description="One autograd function per LoRA-on-4-bit layer (dequantize, base matmul, "
+        "LoRA and dropout together; the dropout mask is regenerated instead of stored). auto: on for "
+        "4-bit plain LoRA (no DoRA, no bias).")
+    padding_free: AutoBool = Field(
+        default="auto", description="Concatenate each batch into one row without padding "
+        "(DataCollatorWithFlattening). auto: on when the attention implementation has variable-length "
+        "kernels (flash_attention_2/3); sdpa would compute attention across the whole packed row.")
+    group_by_length: bool = Field(
+        default=True, description="Batch examples of similar length together (less padding); the "
+        "order of batches stays random.")
+    torch_compile: bool = Field(default=False, description="torch.compile the model (TrainingArguments.torch_compile).")
+
+    @field_validator("checkpoint_layers")
+    @classmethod
+    def _layer_selection(cls, value: str | int | float) -> str | int | float:
+        if isinstance(value, int) and not 0 <= value <= _MAX_COUNT:
+            raise ValueError(f"a layer count must be >= 0, got {value}; or use `all` or a fraction like 0.5")
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(f"a fraction of the layers must be in (0, 1], got {value}; or use `all` or a count")
+        return value
+
+
 def training_conflicts(training: Any) -> list[str]:
     """Keys of the training section that contradict each other. Takes the raw mapping too, so that
     these are reported even when another training key has the wrong type."""
@@ -281,6 +320,7 @@ class Recipe(Section):
     lora: LoraSection = LoraSection()
     dataset: DatasetSection
     training: TrainingSection
+    performance: PerformanceSection = PerformanceSection()
 
 
 # --- resolving `auto` for one machine -------------------------------------------------------------
@@ -542,7 +582,7 @@ def display_path(path: Path) -> str:
     return str(path) if relative.startswith("..") else relative
 
 __all__ = [
-    "DATA_SUFFIXES", "DatasetSection", "LoraSection", "ModelSection", "Precision", "QuantizationSection",
+    "DATA_SUFFIXES", "DatasetSection", "LoraSection", "ModelSection", "PerformanceSection", "Precision", "QuantizationSection",
     "Recipe", "TrainingSection", "apply_overrides", "display_path", "find_recipe", "format_validation_errors",
     "gpu_supports_bf16", "load_recipe", "recipe_from_dict", "recipe_json_schema", "recipe_summary",
     "resolve_precision", "training_arguments_kwargs",
