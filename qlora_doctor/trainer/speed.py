@@ -1,0 +1,276 @@
+"""The speed levers of `qlora-doctor run` (a recipe's `performance:` section), decided and applied.
+
+    plan = speed_plan(recipe, precision, model_type)        # every `auto` decided, with reasons
+    model = prepare_for_training(model, recipe, plan)       # instead of peft's prepare_model_for_kbit_training
+    model = get_peft_model(model, LoraConfig(...))
+    apply_after_peft(model, plan)                           # fused LoRA layers
+    TrainingArguments(**kwargs, **training_arguments_overrides(plan, kwargs))
+
+What each lever does and why it is the default (measured by bench/train_throughput.py):
+  upcast_unquantized: false  peft's prepare casts embeddings, norms and lm_head to float32; with bf16
+                             autocast every step then casts them back (the 1 GB lm_head included) and
+                             the logits come out in float32. Keeping them in the compute dtype saves
+                             that memory and time; the LoRA weights stay float32 either way.
+  checkpoint_layers          recompute only some decoder layers (the first N): memory for speed.
+  liger_kernel: auto         fused linear cross-entropy (no [tokens, 128k] float32 logits), RMSNorm,
+                             SwiGLU, RoPE. Triton kernels: CUDA only.
+  fused_lora: auto           qlora_doctor/trainer/fused_lora.py: one autograd node per adapted layer,
+                             dropout mask regenerated instead of stored.
+  padding_free: auto         DataCollatorWithFlattening where attention has variable-length kernels.
+  group_by_length: true      similar lengths in one batch: less padding for every attention kernel.
+  torch_compile: false       compiles poorly around bitsandbytes' 4-bit parameters; opt in.
+The optimizer stays the recipe's `training.optim`: for LoRA's few million parameters its step is a
+fraction of a percent of the step time, so a fused AdamW gains nothing measurable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qlora_doctor.trainer.recipe import PerformanceSection, Precision, Recipe
+
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+"""Attention implementations with variable-length kernels (padding-free batches cost no more attention)."""
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One lever as decided for a run."""
+
+    name: str
+    """The recipe key under `performance:`."""
+    on: bool
+    reason: str
+    """Why it is on or off, e.g. `liger-kernel is not installed (pip install liger-kernel)`."""
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """Every `performance:` lever decided for one run."""
+
+    upcast_unquantized: Lever
+    checkpointing: Lever
+    checkpoint_layers: str | int | float
+    liger_kernel: Lever
+    fused_lora: Lever
+    padding_free: Lever
+    group_by_length: Lever
+    torch_compile: Lever
+
+    def levers(self) -> list[Lever]:
+        return [self.upcast_unquantized, self.checkpointing, self.liger_kernel, self.fused_lora,
+                self.padding_free, self.group_by_length, self.torch_compile]
+
+    def to_json(self) -> dict[str, Any]:
+        return {lever.name: {"on": lever.on, "reason": lever.reason} for lever in self.levers()}
+
+
+# --- deciding -------------------------------------------------------------------------------------
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_supported_model_types() -> frozenset[str] | None:
+    """Model types liger-kernel patches (None when it is not installed or its table moved)."""
+    if not liger_installed():
+        return None
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # noqa: BLE001 - an import error inside liger (e.g. no triton) means unavailable
+        return None
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def decide_liger(setting: Any, device: str, model_type: str | None) -> Lever:
+    """liger_kernel: auto|true|false for a device and model type (None: not known yet)."""
+    if setting is False:
+        return Lever("liger_kernel", False, "off in the recipe")
+    problem = None
+    if not liger_installed():
+        problem = "liger-kernel is not installed (`pip install liger-kernel`)"
+    elif device != "cuda":
+        problem = "its Triton kernels need an NVIDIA GPU; training runs on the CPU"
+    else:
+        supported = liger_supported_model_types()
+        if supported is None:
+            problem = "liger-kernel is installed but cannot be imported (is triton installed?)"
+        elif model_type is not None and model_type not in supported:
+            problem = f"model type {model_type!r} is not one liger-kernel patches"
+    if problem is None:
+        return Lever("liger_kernel", True, "installed, CUDA" + (f", supports {model_type}" if model_type else ""))
+    return Lever("liger_kernel", False, problem)
+
+
+def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = None,
+               attn_implementation: str | None = None) -> SpeedPlan:
+    """Decide the `performance:` levers of `recipe` for the machine `precision` was resolved for.
+    `model_type`/`attn_implementation` come from the loaded model's config (None before loading)."""
+    perf: PerformanceSection = recipe.performance
+    quantized = recipe.quantization.load_in_4bit
+    upcast = Lever("upcast_unquantized", perf.upcast_unquantized and quantized,
+                   "recipe: float32 like peft's prepare_model_for_kbit_training" if perf.upcast_unquantized
+                   else "unquantized weights stay in the compute dtype")
+    ckpt_on = recipe.training.gradient_checkpointing and perf.checkpoint_layers != 0
+    checkpointing = Lever("checkpoint_layers", ckpt_on,
+                          f"non-reentrant, layers: {perf.checkpoint_layers}" if ckpt_on
+                          else "training.gradient_checkpointing is false" if not recipe.training.gradient_checkpointing
+                          else "checkpoint_layers: 0")
+    if perf.fused_lora is False:
+        fused = Lever("fused_lora", False, "off in the recipe")
+    elif not quantized:
+        fused = Lever("fused_lora", False, "the model is not 4-bit (quantization.load_in_4bit: false)")
+    elif recipe.lora.use_dora or recipe.lora.bias != "none":
+        fused = Lever("fused_lora", False, "DoRA and LoRA biases are not fused")
+    else:
+        fused = Lever("fused_lora", True, "plain LoRA on 4-bit layers")
+    if perf.padding_free is False:
+        padding_free = Lever("padding_free", False, "off in the recipe")
+    elif perf.padding_free is True:
+        padding_free = Lever("padding_free", True, "on in the recipe")
+    elif attn_implementation in FLASH_ATTENTION:
+        padding_free = Lever("padding_free", True, f"{attn_implementation} has variable-length kernels")
+    else:
+        padding_free = Lever("padding_free", False, f"attention {attn_implementation or 'not known yet'} would "
+                             "compute over the whole packed row; batches are grouped by length instead")
+    grouped = perf.group_by_length and not padding_free.on
+    group = Lever("group_by_length", grouped, "similar lengths batched together" if grouped
+                  else "padding-free batches have no padding" if perf.group_by_length else "off in the recipe")
+    compile_ = Lever("torch_compile", perf.torch_compile, "on in the recipe" if perf.torch_compile else "off (default)")
+    return SpeedPlan(upcast_unquantized=upcast, checkpointing=checkpointing, checkpoint_layers=perf.checkpoint_layers,
+                     liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type),
+                     fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_)
+
+
+def plan_for_model(recipe: Recipe, precision: Precision, model: Any) -> SpeedPlan:
+    """`speed_plan` with the model type and attention implementation of a loaded model."""
+    config = getattr(model, "config", None)
+    return speed_plan(recipe, precision, getattr(config, "model_type", None),
+                      getattr(config, "_attn_implementation", None))
+
+
+# --- applying to the model ------------------------------------------------------------------------
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The model's checkpointable blocks (transformers' GradientCheckpointingLayer), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpointed_indices(selection: str | int | float, layer_count: int) -> list[int]:
+    """Which decoder layers (0-based) recompute: `all`, the first N, or the first round(f * count)."""
+    if selection == "all":
+        return list(range(layer_count))
+    count = selection if isinstance(selection, int) else round(selection * layer_count)
+    return list(range(min(count, layer_count)))
+
+
+def enable_checkpointing(model: Any, selection: str | int | float) -> list[int]:
+    """Non-reentrant gradient checkpointing on the selected decoder layers only; returns their indices."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = decoder_layers(model)
+    chosen = checkpointed_indices(selection, len(layers))
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return chosen
+
+
+def prepare_for_training(model: Any, recipe: Recipe, plan: SpeedPlan) -> Any:
+    """The base model ready for LoRA: frozen, dtypes per `upcast_unquantized`, checkpointing per the plan,
+    Liger kernels applied. Replaces peft's prepare_model_for_kbit_training (which upcast=True calls)."""
+    if plan.upcast_unquantized.on:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    if plan.checkpointing.on:
+        enable_checkpointing(model, plan.checkpoint_layers)
+        model.enable_input_require_grads()  # only reentrant checkpointing needs it; harmless otherwise
+    if plan.liger_kernel.on:
+        apply_liger(model)
+    return model
+
+
+def apply_liger(model: Any) -> None:
+    """Liger Kernel's patches for this model instance (its RoPE patch is module-wide)."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    MODEL_TYPE_TO_APPLY_LIGER_FN[model.config.model_type](model=model)
+
+
+def apply_after_peft(model: Any, plan: SpeedPlan) -> SpeedPlan:
+    """Levers that act on the LoRA layers; returns the plan with fused_lora's outcome."""
+    import dataclasses
+
+    if not plan.fused_lora.on:
+        return plan
+    from qlora_doctor.trainer.fused_lora import fuse_lora_layers
+
+    count, skipped = fuse_lora_layers(model)
+    reason = f"{count} LoRA layers fused" + (f"; not fused: {'; '.join(skipped)}" if skipped else "")
+    return dataclasses.replace(plan, fused_lora=Lever("fused_lora", count > 0, reason))
+
+
+# --- applying to the Trainer ----------------------------------------------------------------------
+
+def training_arguments_overrides(plan: SpeedPlan) -> dict[str, Any]:
+    """TrainingArguments changes: the model's checkpointing is already set (the Trainer would
+    re-enable it on every layer), grouping by length, torch.compile."""
+    from qlora_doctor.trainer.recipe import _training_arguments_accept
+
+    overrides: dict[str, Any] = {}
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        if _training_arguments_accept(name):
+            overrides[name] = False
+            break
+    if plan.group_by_length.on:
+        if _training_arguments_accept("train_sampling_strategy"):  # transformers >= 5.2x
+            overrides["train_sampling_strategy"] = "group_by_length"
+        elif _training_arguments_accept("group_by_length"):
+            overrides["group_by_length"] = True
+    if plan.torch_compile.on:
+        overrides["torch_compile"] = True
+    return overrides
+
+
+@dataclass(frozen=True)
+class FlatteningCollator:
+    """Padding-free batches: one row of every example end to end, position ids restarting at 0 per
+    example (transformers builds a per-example causal mask from them), the first label of each
+    example ignored (it would be predicted from the previous example)."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from qlora_doctor.trainer.data import IGNORE_INDEX
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            n = len(f["input_ids"])
+            ids += list(f["input_ids"])
+            labels += [IGNORE_INDEX] + list(f.get("labels", f["input_ids"]))[1:]
+            positions += list(range(n))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
+
+
+def make_collator(plan: SpeedPlan, tokenizer: Any) -> Any:
+    """The batch collator for the plan: padding-free, or the data pipeline's padding collator."""
+    if plan.padding_free.on:
+        return FlatteningCollator()
+    from qlora_doctor.trainer.data import make_collator as padding_collator
+
+    return padding_collator(tokenizer)
