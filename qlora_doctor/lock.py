@@ -387,7 +387,7 @@ def load_constraints(path: Path) -> tuple[Requirement, ...]:
 # --- untested: ask pip's resolver, then vet with the doctor -------------------------------------
 
 def resolve_untested(machine: Machine, python: str, keep: dict[str, str], constraint_lines: list[str],
-                     tables: Tables, timeout_s: float = 900) -> dict[str, str]:
+                     tables: Tables, timeout_s: float = 600) -> dict[str, str]:
     """pip's own resolver (`pip install --dry-run --ignore-installed --report -`), not ours."""
     reqs = [f"{n}=={keep[n]}" if n in keep else n for n in TRAINING_NEEDS]
     reqs += [f"{n}=={v}" for n, v in keep.items() if n not in TRAINING_NEEDS]
@@ -399,15 +399,29 @@ def resolve_untested(machine: Machine, python: str, keep: dict[str, str], constr
         here = ".".join(str(x) for x in sys.version_info[:2])
         if python != here:
             argv += ["--python-version", python, "--only-binary", ":all:"]
-        variant = torch_variant_for(machine, tables)
-        argv += ["--extra-index-url", TORCH_INDEX.format(variant=variant), *reqs]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, "PIP_PROGRESS_BAR": "off"})
+        # Resolve against the default index only: the versions are the same on PyTorch's CUDA indexes, and
+        # asking those (unreachable behind many firewalls) can stall pip for minutes. The CUDA variant is
+        # added to torch's pin afterwards, and the lockfile names its index.
+        argv += ["--timeout", "20", "--retries", "1", *reqs]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
+                                  env={**os.environ, "PIP_PROGRESS_BAR": "off"})
+        except subprocess.TimeoutExpired:
+            raise CheckFailed(f"pip did not finish resolving {' '.join(reqs)} within {timeout_s:.0f} s; "
+                              "pin more packages with --keep, or use a tested combination (`qlora-doctor lock`)")
     if proc.returncode != 0:
         raise CheckFailed(f"pip could not resolve {' '.join(reqs)} under the knowledge base's constraints:\n"
                           + proc.stderr.strip()[-1500:])
     report = json.loads(proc.stdout[proc.stdout.find("{"):])
-    return {canonical_name(i["metadata"]["name"]): i["metadata"]["version"] for i in report.get("install", [])}
+    pins = {canonical_name(i["metadata"]["name"]): i["metadata"]["version"] for i in report.get("install", [])}
+    variant = torch_variant_for(machine, tables)
+    if "torch" in pins and "+" not in pins["torch"]:
+        default = tables.default_cuda_for_torch(Version(pins["torch"]))
+        if default is None or "cu" + default.cuda.replace(".", "") != variant:
+            # PyPI's torch drags in the CUDA wheels of its default build; the variant's index brings its own.
+            pins = {n: v for n, v in pins.items() if not n.startswith("nvidia-")}
+        pins["torch"] = f"{pins['torch']}+{variant}"
+    return pins
 
 
 CUDA_VARIANTS = ("13.0", "12.9", "12.8", "12.6", "12.4", "12.1", "11.8")

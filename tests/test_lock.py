@@ -204,3 +204,23 @@ def test_each_lockfile_parses_and_matches_its_record(path: Path):
     assert lock.index_urls == lk.torch_index_urls(record.freeze)
     assert lk.header_value(lock, "platform").split()[0] == record.platform
     assert lk.header_value(lock, "status") == "tested"
+
+
+@pytest.mark.slow
+def test_lock_untested_resolves_with_pip_and_vets(tmp_path):
+    """Real pip resolution against PyPI (reachable on CI), under the knowledge base's constraints."""
+    import json as _json
+
+    machine = tmp_path / "a100.json"
+    machine.write_text(_json.dumps({"os": "linux", "arch": "x86_64", "python": "3.11.7", "driver_version": "550.54.15",
+                                    "gpus": [{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0",
+                                              "memory_total_mib": 81920}]}))
+    out = tmp_path / "lock.txt"
+    result = CliRunner().invoke(cli, ["lock", "--untested", "--machine", str(machine), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "UNTESTED" in text
+    torch_pin = next(line for line in text.splitlines() if line.startswith("torch=="))
+    assert torch_pin.split("+")[1].startswith("cu12"), torch_pin  # driver 550 runs CUDA 12.x, not 13
+    assert "--extra-index-url https://download.pytorch.org/whl/cu12" in text
+    assert not any(line.startswith("nvidia-") for line in text.splitlines())
