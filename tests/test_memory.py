@@ -17,7 +17,6 @@ from qlora_doctor.memory.check import memory_fit_check
 from qlora_doctor.memory.estimate import GIB, TrainSettings, estimate
 from qlora_doctor.memory.model import count_parameters, load_model_config, lora_targets
 from qlora_doctor.memory.plan import plan_config, plan_for, plan_recipe
-from qlora_doctor.trainer.recipe import recipe_from_dict
 
 TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=128, vocab_size=1000, tie_word_embeddings=True)
@@ -128,7 +127,8 @@ def test_suggestions_fit_by_the_planners_own_estimate():
     assert {"micro_batch", "seq_len", "gradient_checkpointing", "optimizer"} <= set(kinds)
     keys = {"training.per_device_train_batch_size": "micro_batch", "training.gradient_accumulation_steps":
             "grad_accum", "training.max_seq_length": "seq_len", "training.gradient_checkpointing":
-            "gradient_checkpointing", "training.optim": "optim"}
+            "gradient_checkpointing", "training.optim": "optim", "training.per_device_eval_batch_size":
+            "eval_micro_batch"}
     for suggestion in plan.suggestions:
         changed = replace(settings, **{keys[k]: v for k, v in suggestion.changes})
         if suggestion.kind in ("micro_batch", "seq_len"):
@@ -273,3 +273,16 @@ def test_doctor_check_does_not_wait_for_the_hub(tmp_path):
     check = memory_fit_check(load_recipe(path), machine(gpus=[GPU_80GB]))
     assert check is not None and check.status == "unknown"
     assert "not in the local Hugging Face cache" in check.detail
+
+
+def test_a_large_evaluation_batch_can_be_the_peak():
+    train_only = TrainSettings(micro_batch=1, seq_len=2048, optim="adamw_torch")
+    with_eval = replace(train_only, eval_micro_batch=8)
+    counts = count_parameters(LLAMA3_8B)
+    assert estimate(counts, with_eval).peak_phase == "eval"
+    assert estimate(counts, with_eval).total_bytes > estimate(counts, train_only).total_bytes
+    assert estimate(counts, replace(train_only, eval_micro_batch=1)).peak_phase == "loss"
+    gpu = estimate(counts, replace(train_only, eval_micro_batch=2)).total_bytes
+    plan = plan_for(counts, with_eval, "card", gpu)
+    fix = next(s for s in plan.suggestions if s.kind == "eval_batch")
+    assert fix.fits and dict(fix.changes) == {"training.per_device_eval_batch_size": 2}

@@ -7,10 +7,11 @@ non-reentrant gradient checkpointing), peft LoRA adapters (float32), and the for
 (`bf16`/`fp16` in TrainingArguments). Because the embeddings are float32 after that upcast, the residual
 stream between layers is float32 too: autocast only changes what matmuls and attention produce.
 
-Peak = static memory (weights, adapters, optimizer) + the larger of two moments of the backward pass:
+Peak = static memory (weights, adapters, optimizer) + the largest of these moments:
   * the loss: every layer's saved activations (or, with checkpointing, each layer's input) plus the
     logits buffers;
-  * with checkpointing, the recompute of one layer: its full activations and its gradients.
+  * with checkpointing, the recompute of one layer: its full activations and its gradients;
+  * evaluation (per_device_eval_batch_size, no grad): its logits through the float32 loss.
 `torch.cuda.max_memory_reserved` adds the caching allocator's fragmentation; the GPU also holds the CUDA
 context, which torch does not count.
 
@@ -82,6 +83,8 @@ class TrainSettings:
     """bnb_4bit_compute_dtype, also the dtype the base is loaded in."""
     mixed_precision: bool = True
     """The Trainer's bf16 or fp16 (forward under autocast)."""
+    eval_micro_batch: int | None = None
+    """per_device_eval_batch_size when the run evaluates; None without evaluation."""
 
     @property
     def tokens(self) -> int:
@@ -139,7 +142,7 @@ class Estimate:
     total_bytes: int
     """What the GPU must hold: reserved + the CUDA context (+ paged optimizer states)."""
     peak_phase: str
-    """`loss` or `recompute`: the moment of the step the peak is at."""
+    """`loss`, `recompute` or `eval`: the moment of the run the peak is at."""
     trainable_params: int
     notes: tuple[str, ...]
 
@@ -221,6 +224,16 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
         phase = "loss"
         activation_rows = [("activations: all layers", (counts.num_layers * layer_saved + head) * tokens),
                            ("logits and loss buffers", max(logits, layer_working) * tokens)]
+    if s.eval_micro_batch:
+        # Evaluation runs between steps without grad: nothing saved per layer, but its logits go through
+        # the same float32 loss (compute-dtype logits, their float32 copy, log_softmax's output).
+        eval_tokens = s.eval_micro_batch * s.seq_len
+        eval_logits = counts.vocab_size * (act + 4 + 4) * eval_tokens
+        eval_hidden = 3 * counts.hidden_size * residual * eval_tokens
+        if eval_logits + eval_hidden > sum(b for _, b in activation_rows) * (1 + FRAGMENTATION_LOGITS):
+            phase = "eval"
+            activation_rows = [("activations: evaluation forward (no grad)", eval_hidden),
+                               ("logits and loss buffers (evaluation)", eval_logits)]
     rows += activation_rows
     allocated = sum(b for _, b in rows)
 

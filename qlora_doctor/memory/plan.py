@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from qlora_doctor.memory.estimate import GIB, Estimate, TrainSettings, estimate
+from qlora_doctor.memory.estimate import GIB, TrainSettings, estimate
 from qlora_doctor.memory.model import ModelCounts, count_parameters, load_model_config
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class Suggestion:
     """One change to the recipe that the planner predicts makes the run fit (or brings it closer)."""
 
     kind: str
-    """`micro_batch`, `seq_len`, `gradient_checkpointing`, `optimizer` or `gpu`."""
+    """`micro_batch`, `seq_len`, `eval_batch`, `gradient_checkpointing`, `optimizer` or `gpu`."""
     text: str
     """The advice, in one sentence."""
     changes: tuple[tuple[str, Any], ...]
@@ -60,7 +60,7 @@ class Plan:
     total_bytes: int
     """Predicted GPU memory in use at the peak: reserved + the CUDA context (+ paged optimizer states)."""
     peak_phase: str
-    """Where in the step the peak is: `loss` (logits) or `recompute` (a checkpointed layer's backward)."""
+    """Where the peak is: `loss` (logits), `recompute` (a checkpointed layer's backward) or `eval`."""
     gpu_name: str | None
     """The GPU judged; None without an NVIDIA GPU."""
     gpu_bytes: int | None
@@ -106,7 +106,16 @@ def settings_from_recipe(recipe: Recipe, machine: Machine) -> TrainSettings:
         grad_accum=t.gradient_accumulation_steps, gradient_checkpointing=t.gradient_checkpointing,
         optim=t.optim, lora_r=lora.r, lora_targets=targets, lora_dropout=lora.lora_dropout,
         load_in_4bit=q.load_in_4bit, double_quant=q.bnb_4bit_use_double_quant,
-        compute_dtype=precision.compute_dtype, mixed_precision=precision.bf16 or precision.fp16)
+        compute_dtype=precision.compute_dtype, mixed_precision=precision.bf16 or precision.fp16,
+        eval_micro_batch=_eval_batch(recipe))
+
+
+def _eval_batch(recipe: Recipe) -> int | None:
+    """The evaluation micro-batch when the run evaluates (as training_arguments_kwargs decides)."""
+    t, d = recipe.training, recipe.dataset
+    if t.eval_strategy == "no" or not (d.eval_path or d.eval_split > 0):
+        return None
+    return t.per_device_eval_batch_size or t.per_device_train_batch_size
 
 
 def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True) -> Plan:
@@ -166,21 +175,23 @@ def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Sugge
     best: tuple[int, Suggestion] | None = None
     for base, extra, extra_text in bases:
         batch = next((b for b in range(s.micro_batch - 1, 0, -1) if effective % b == 0 and total(
-            replace(base, micro_batch=b, grad_accum=effective // b)) <= gpu_bytes), None)
+            _at_batch(base, b, effective // b)) <= gpu_bytes), None)
         if batch is not None and (best is None or batch > best[0]):
-            candidate = replace(base, micro_batch=batch, grad_accum=effective // batch)
+            candidate = _at_batch(base, batch, effective // batch)
+            eval_change, eval_text = _eval_change(s, candidate)
             best = (batch, Suggestion(
                 "micro_batch", f"per_device_train_batch_size {batch} with gradient_accumulation_steps "
-                f"{effective // batch} (same effective batch {effective}){extra_text}",
+                f"{effective // batch} (same effective batch {effective}){extra_text}{eval_text}",
                 (("training.per_device_train_batch_size", batch),
-                 ("training.gradient_accumulation_steps", effective // batch)) + extra, total(candidate), True))
+                 ("training.gradient_accumulation_steps", effective // batch)) + extra + eval_change,
+                total(candidate), True))
     if best is not None:
         out.append(best[1])
     # The longest sequence that fits, at this micro-batch, else at micro-batch 1 (same effective batch).
     best = None
     for base, extra, extra_text in bases:
         for batch in dict.fromkeys((s.micro_batch, 1)):
-            at_batch = replace(base, micro_batch=batch, grad_accum=effective // batch if batch == 1 else s.grad_accum)
+            at_batch = _at_batch(base, batch, effective // batch if batch == 1 else s.grad_accum)
             seq = _largest_fitting_seq(counts, at_batch, gpu_bytes)
             if seq is None:
                 continue
@@ -193,10 +204,19 @@ def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Sugge
                                 ("training.gradient_accumulation_steps", candidate.grad_accum))
                     text += (f" with per_device_train_batch_size {batch} and gradient_accumulation_steps "
                              f"{candidate.grad_accum}")
-                best = (seq, Suggestion("seq_len", text + extra_text, changes + extra, total(candidate), True))
+                eval_change, eval_text = _eval_change(s, candidate)
+                best = (seq, Suggestion("seq_len", text + extra_text + eval_text, changes + extra + eval_change,
+                                        total(candidate), True))
             break
     if best is not None:
         out.append(best[1])
+    if s.eval_micro_batch and s.eval_micro_batch > 1:
+        eval_batch = next((b for b in range(s.eval_micro_batch - 1, 0, -1)
+                           if total(replace(s, eval_micro_batch=b)) <= gpu_bytes), None)
+        if eval_batch is not None:
+            out.append(Suggestion("eval_batch", f"per_device_eval_batch_size {eval_batch}",
+                                  (("training.per_device_eval_batch_size", eval_batch),),
+                                  total(replace(s, eval_micro_batch=eval_batch)), True))
     if not s.gradient_checkpointing:
         candidate = replace(s, gradient_checkpointing=True)
         t = total(candidate)
@@ -218,6 +238,20 @@ def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Sugge
                               f"{FALLBACK_OPTIMIZER} need {total(floor) / GIB:.1f} GiB: use a GPU with more "
                               "memory or a smaller model", (), total(floor), False))
     return out
+
+
+def _at_batch(s: TrainSettings, batch: int, grad_accum: int) -> TrainSettings:
+    """`s` at another micro-batch; an evaluation batch larger than it shrinks with it (by default
+    per_device_eval_batch_size follows the training micro-batch)."""
+    eval_batch = min(s.eval_micro_batch, batch) if s.eval_micro_batch else s.eval_micro_batch
+    return replace(s, micro_batch=batch, grad_accum=grad_accum, eval_micro_batch=eval_batch)
+
+
+def _eval_change(old: TrainSettings, new: TrainSettings) -> tuple[tuple[tuple[str, Any], ...], str]:
+    if new.eval_micro_batch == old.eval_micro_batch:
+        return (), ""
+    return ((("training.per_device_eval_batch_size", new.eval_micro_batch),),
+            f" and per_device_eval_batch_size {new.eval_micro_batch}")
 
 
 def _largest_fitting_seq(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> int | None:
