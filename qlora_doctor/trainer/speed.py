@@ -197,6 +197,9 @@ def prepare_for_training(model: Any, recipe: Recipe, plan: SpeedPlan) -> Any:
     if plan.checkpointing.on:
         enable_checkpointing(model, plan.checkpoint_layers)
         model.enable_input_require_grads()  # only reentrant checkpointing needs it; harmless otherwise
+    # Training needs no KV cache, and with one transformers does not detect padding-free (packed) rows
+    # from their position ids, so attention would cross from one example into the next.
+    model.config.use_cache = False
     if plan.liger_kernel.on:
         apply_liger(model)
     return model
@@ -274,3 +277,56 @@ def make_collator(plan: SpeedPlan, tokenizer: Any) -> Any:
     from qlora_doctor.trainer.data import make_collator as padding_collator
 
     return padding_collator(tokenizer)
+
+
+# --- the doctor's view ----------------------------------------------------------------------------
+
+LIGER_SOURCES = ("https://github.com/linkedin/Liger-Kernel#high-level-apis",)
+
+
+def recipe_model_type(recipe: Recipe) -> str | None:
+    """The model type from a builtin or local model's config.json (None for a hub id: not downloaded)."""
+    import json
+    import os
+
+    from qlora_doctor.trainer.builtin import builtin_config, is_builtin
+
+    name = recipe.model.name_or_path
+    try:
+        if is_builtin(name):
+            return builtin_config(name).get("model_type")
+        config = os.path.join(name, "config.json")
+        if os.path.isabs(name) and os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def performance_check(recipe: Recipe, precision: Precision) -> Any:
+    """`check --recipe`: which speed levers will be on, and for those asked for but unavailable, why.
+    warn: a lever set to `true` cannot be used; pass otherwise (an `auto` lever that stays off is said)."""
+    from qlora_doctor.doctor.report import Check
+
+    plan = speed_plan(recipe, precision, recipe_model_type(recipe))
+    perf = recipe.performance
+    on = [lever.name for lever in plan.levers() if lever.on]
+    forced_off = [lever for lever in plan.levers()
+                  if getattr(perf, lever.name, None) is True and not lever.on and lever.name != "upcast_unquantized"]
+    auto_off = [lever for lever in plan.levers() if getattr(perf, lever.name, None) == "auto" and not lever.on]
+    detail = "on: " + (", ".join(on) or "none")
+    if auto_off:
+        detail += "; auto and off: " + "; ".join(f"{lever.name} ({lever.reason})" for lever in auto_off)
+    found = ", ".join(f"{lever.name}={'on' if lever.on else 'off'}" for lever in plan.levers())
+    title = "Speed levers (performance:)"
+    if forced_off:
+        lever = forced_off[0]
+        fix = ("install it (`pip install liger-kernel`) or set `performance.liger_kernel: auto`"
+               if lever.name == "liger_kernel" and "not installed" in lever.reason
+               else f"set `performance.{lever.name}: auto` in the recipe")
+        return Check("recipe.performance", "warn", title,
+                     "; ".join(f"performance.{lv.name}: true but {lv.reason}" for lv in forced_off) + f" ({detail})",
+                     fix=fix, sources=LIGER_SOURCES if lever.name == "liger_kernel" else (),
+                     found=found, expected="every lever set to true available")
+    return Check("recipe.performance", "pass", title, detail, found=found, expected="auto")

@@ -1,0 +1,293 @@
+"""The `performance:` levers (qlora_doctor/trainer/speed.py, fused_lora.py) on a tiny 4-bit Llama on CPU.
+
+bitsandbytes >= 0.48 quantizes NF4 on the CPU, so the same layers as on a GPU are built here; liger-kernel
+is not installed in this environment, which is exactly the case the degrade tests need."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+from qlora_doctor.errors import InputError  # noqa: E402
+from qlora_doctor.trainer import speed  # noqa: E402
+from qlora_doctor.trainer.fused_lora import LoraLinear4bitFunction, fuse_lora_layers, unfuse_lora_layers  # noqa: E402
+from qlora_doctor.trainer.recipe import Precision, recipe_from_dict  # noqa: E402
+
+from helpers import CPU_MACHINE, machine  # noqa: E402
+
+CPU = Precision(device="cpu", fp16=False, bf16=False, compute_dtype="float32", compute_capability=None, reason="test")
+H100 = Precision(device="cuda", fp16=False, bf16=True, compute_dtype="bfloat16", compute_capability="9.0", reason="test")
+LAYERS = 4
+
+
+def make_recipe(tmp_path, model="org/model", **performance):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    return recipe_from_dict({"model": {"name_or_path": str(model)}, "dataset": {"path": str(data), "format": "text"},
+                             "training": {"output_dir": str(tmp_path / "out")}, "performance": performance})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def load_4bit(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=dtype, device_map={"": "cpu"})
+
+
+def add_lora(model, dropout=0.0, seed=1):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; non-zero B makes every gradient path count
+            torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+    return model
+
+
+# --- options --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("performance, message", [
+    ({"checkpoint_layers": 1.5}, "performance.checkpoint_layers: a fraction of the layers must be in (0, 1]"),
+    ({"checkpoint_layers": -2}, "performance.checkpoint_layers: a layer count must be >= 0"),
+    ({"checkpoint_layers": "half"}, "performance.checkpoint_layers: expected one of all"),
+    ({"liger_kernel": "yes"}, "performance.liger_kernel: expected one of auto or true or false"),
+    ({"fused_lora": 1}, "performance.fused_lora: expected one of auto or true or false"),
+    ({"padding_free": None}, "performance.padding_free"),
+    ({"upcast_unquantized": "auto"}, "performance.upcast_unquantized"),
+    ({"group_by_lenght": True}, "did you mean 'group_by_length'"),
+    ({"torch_compile": "true"}, "performance.torch_compile"),
+])
+def test_bad_performance_options_name_the_key(tmp_path, performance, message):
+    with pytest.raises(InputError, match=None) as err:
+        make_recipe(tmp_path, **performance)
+    assert message in str(err.value)
+
+
+def test_good_options_and_defaults(tmp_path):
+    r = make_recipe(tmp_path, checkpoint_layers=0.25, liger_kernel=False, fused_lora=True)
+    assert (r.performance.checkpoint_layers, r.performance.liger_kernel, r.performance.fused_lora) == (0.25, False, True)
+    default = make_recipe(tmp_path).performance
+    assert (default.upcast_unquantized, default.checkpoint_layers, default.liger_kernel, default.torch_compile) == \
+        (False, "all", "auto", False)
+
+
+@pytest.mark.parametrize("selection, count, expected", [
+    ("all", 4, [0, 1, 2, 3]), (2, 4, [0, 1]), (0, 4, []), (9, 4, [0, 1, 2, 3]), (0.5, 32, list(range(16))),
+    (1.0, 3, [0, 1, 2]), (0.1, 4, []),
+])
+def test_checkpointed_indices(selection, count, expected):
+    assert speed.checkpointed_indices(selection, count) == expected
+
+
+# --- liger missing ----------------------------------------------------------------------------------
+
+def test_liger_degrades_cleanly_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "liger_installed", lambda: False)
+    auto = speed.speed_plan(make_recipe(tmp_path), H100, "llama")
+    assert not auto.liger_kernel.on and "not installed" in auto.liger_kernel.reason
+    check = speed.performance_check(make_recipe(tmp_path), H100)
+    assert check.status == "pass" and "liger_kernel (liger-kernel is not installed" in check.detail
+    forced = speed.performance_check(make_recipe(tmp_path, liger_kernel=True), H100)
+    assert forced.status == "warn" and "pip install liger-kernel" in forced.fix, forced
+
+
+def test_liger_auto_is_off_on_cpu_even_if_installed(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "liger_installed", lambda: True)
+    plan = speed.speed_plan(make_recipe(tmp_path), CPU, "llama")
+    assert not plan.liger_kernel.on and "NVIDIA GPU" in plan.liger_kernel.reason
+
+
+def test_check_recipe_reports_the_levers(tmp_path):
+    from qlora_doctor.doctor.recipe_checks import recipe_checks
+
+    checks = {c.id: c for c in recipe_checks(make_recipe(tmp_path, liger_kernel=True), machine(**CPU_MACHINE))}
+    assert checks["recipe.performance"].status == "warn"
+    assert "performance.liger_kernel: true but" in checks["recipe.performance"].detail
+
+
+def test_plain_path_is_all_levers_off(tmp_path):
+    r = make_recipe(tmp_path, upcast_unquantized=True, liger_kernel=False, fused_lora=False, padding_free=False,
+                    group_by_length=False)
+    plan = speed.speed_plan(r, H100, "llama", "sdpa")
+    assert [lever.name for lever in plan.levers() if lever.on] == ["upcast_unquantized", "checkpoint_layers"]
+
+
+def test_padding_free_auto_only_with_varlen_attention(tmp_path):
+    r = make_recipe(tmp_path)
+    assert not speed.speed_plan(r, H100, "llama", "sdpa").padding_free.on
+    assert speed.speed_plan(r, H100, "llama", "sdpa").group_by_length.on
+    flash = speed.speed_plan(r, H100, "llama", "flash_attention_2")
+    assert flash.padding_free.on and not flash.group_by_length.on
+
+
+def test_trainer_does_not_re_enable_checkpointing(tmp_path):
+    overrides = speed.training_arguments_overrides(speed.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa"))
+    assert False in overrides.values()
+    assert overrides.get("train_sampling_strategy") == "group_by_length" or overrides.get("group_by_length") is True
+
+
+# --- dtypes and checkpointing ----------------------------------------------------------------------
+
+def test_no_upcast_keeps_the_compute_dtype_and_peft_upcasts(tmp_path, tiny_llama):
+    from peft import prepare_model_for_kbit_training
+
+    ours = speed.prepare_for_training(load_4bit(tiny_llama, torch.bfloat16), make_recipe(tmp_path),
+                                      speed.speed_plan(make_recipe(tmp_path), CPU))
+    theirs = prepare_model_for_kbit_training(load_4bit(tiny_llama, torch.bfloat16))
+    for model, dtype in ((ours, torch.bfloat16), (theirs, torch.float32)):
+        assert model.model.embed_tokens.weight.dtype == dtype
+        assert model.model.norm.weight.dtype == dtype
+        assert model.model.layers[0].input_layernorm.weight.dtype == dtype
+        assert model.lm_head.weight.dtype == dtype
+        assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Params4bit"
+        assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_selective_checkpointing_recomputes_exactly_the_chosen_layers(tmp_path, tiny_llama):
+    r = make_recipe(tmp_path, checkpoint_layers=2)
+    model = add_lora(speed.prepare_for_training(load_4bit(tiny_llama), r, speed.speed_plan(r, CPU)))
+    model.train()
+    layers = speed.decoder_layers(model)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, True, False, False]
+    calls = [0] * LAYERS
+    for i, layer in enumerate(layers):
+        layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [2, 2, 1, 1]  # checkpointed layers run again in the backward pass
+
+
+# --- fused LoRA ---------------------------------------------------------------------------------------
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_lora_gradients_equal_peft(tiny_llama):
+    model = add_lora(load_4bit(tiny_llama))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss_peft, grads_peft = loss_and_grads(model, ids)
+    fused, skipped = fuse_lora_layers(model)
+    assert (fused, skipped) == (7 * LAYERS, [])
+    loss_fused, grads_fused = loss_and_grads(model, ids)
+    assert loss_fused == pytest.approx(loss_peft, rel=1e-5)
+    assert set(grads_fused) == set(grads_peft)
+    for name, grad in grads_peft.items():
+        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with model.disable_adapter():  # falls back to peft's forward: the base model alone
+        base = model(input_ids=ids).logits
+    unfuse_lora_layers(model)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, base)
+
+
+def test_fused_lora_dropout_matches_a_reference_with_the_same_mask(tiny_llama):
+    """With dropout the mask is drawn in forward and drawn again in backward from the saved RNG state;
+    the gradients must be those of y = Wx + s*B(A(mask*x/(1-p))) with that one mask."""
+    import bitsandbytes.functional as bnb_f
+
+    layer = add_lora(load_4bit(tiny_llama), dropout=0.3).base_model.model.model.layers[0].mlp.down_proj
+    base = layer.get_base_layer()
+    a0, b0 = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(2))
+    p, s = 0.3, float(layer.scaling["default"])
+    xf, af, bf = (t.clone().requires_grad_(True) for t in (x, a0, b0))
+    torch.manual_seed(123)
+    y = LoraLinear4bitFunction.apply(xf, af, bf, base.weight, base.weight.quant_state, s, p, torch.float32)
+    g = torch.randn_like(y)
+    torch.manual_seed(999)  # the backward must not depend on the RNG state at backward time
+    y.backward(g)
+    torch.manual_seed(123)
+    _, mask = torch.native_dropout(x.reshape(-1, 128), p, True)
+    assert 0 < mask.float().mean() < 1
+    xr, ar, br = (t.clone().requires_grad_(True) for t in (x, a0, b0))
+    w = bnb_f.dequantize_4bit(base.weight, base.weight.quant_state)
+    dropped = xr * mask.view_as(xr) / (1 - p)
+    yr = xr @ w.t() + s * (dropped @ ar.t()) @ br.t()
+    yr.backward(g)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    for ours, ref in ((xf, xr), (af, ar), (bf, br)):
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_path_loss_follows_the_baseline(tmp_path, tiny_llama):
+    """A few AdamW steps: peft's prepare + peft's LoRA vs our prepare + fused LoRA + selective
+    checkpointing (dropout 0, float32 on CPU, so both compute the same function)."""
+    from peft import prepare_model_for_kbit_training
+
+    ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+    r = make_recipe(tmp_path, checkpoint_layers=0.5)
+    curves = []
+    for fast in (False, True):
+        base = load_4bit(tiny_llama)
+        if fast:
+            base = speed.prepare_for_training(base, r, speed.speed_plan(r, CPU))
+        else:
+            base = prepare_model_for_kbit_training(base, gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = add_lora(base)
+        if fast:
+            assert speed.apply_after_peft(model, speed.speed_plan(r, CPU)).fused_lora.on
+        model.train()
+        optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for _ in range(4):
+            optim.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optim.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0][-1] < curves[0][0]  # it learns, so the comparison means something
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+
+
+# --- padding-free -------------------------------------------------------------------------------------
+
+def test_flattening_collator_and_its_loss_equal_padded(tiny_llama):
+    from qlora_doctor.trainer.data import PaddingCollator
+
+    features = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4, "labels": [-100, 6, 7, 8]},
+                {"input_ids": [9, 10, 11], "attention_mask": [1] * 3, "labels": [9, 10, 11]}]
+    flat = speed.FlatteningCollator()(features)
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert flat["labels"].tolist() == [[-100, 6, 7, 8, -100, 10, 11]]
+    model = add_lora(load_4bit(tiny_llama))
+    model.eval()
+    padded = PaddingCollator(pad_token_id=0)(features)
+    with torch.no_grad():
+        loss_padded = model(**padded, use_cache=False).loss
+        loss_flat = model(**flat, use_cache=False).loss  # with a cache, packed rows are not detected
+    assert loss_flat.item() == pytest.approx(loss_padded.item(), rel=1e-4)
+
+
+def test_load_for_training_applies_the_levers(tmp_path, tiny_llama):
+    from qlora_doctor.trainer.model import load_for_training
+
+    r = make_recipe(tmp_path, model=tiny_llama, checkpoint_layers=1)
+    model = load_for_training(r, CPU, str(tiny_llama))
+    layers = speed.decoder_layers(model)
+    assert [layer.gradient_checkpointing for layer in layers] == [True] + [False] * (LAYERS - 1)
+    q_proj = layers[0].self_attn.q_proj
+    assert "forward" in vars(q_proj)  # routed through the fused function
+    assert model.base_model.model.model.norm.weight.dtype == torch.float32  # CPU compute dtype
