@@ -168,12 +168,20 @@ def memory_fit_check(recipe: Recipe, machine: Machine, precision: Precision) -> 
     return planned_fit(recipe, machine, precision)
 
 
+def performance_check(recipe: Recipe, machine: Machine, precision: Precision) -> Check:
+    """The recipe's speed levers: which are on, and why one asked for is unavailable (trainer/speed.py)."""
+    from qlora_doctor.trainer.speed import performance_check as levers_check
+
+    return levers_check(recipe, precision)
+
+
 RECIPE_CHECKS: tuple[RecipeCheck, ...] = (
     mixed_precision_check,
     compute_dtype_check,
     trust_remote_code_check,
     optimizer_device_check,
     memory_fit_check,
+    performance_check,
 )
 """Run in this order. Append new checks (e.g. memory fit) here."""
 
