@@ -57,6 +57,10 @@ _ASSIGNMENT = re.compile(r"""(%s["']?\s*[:=]\s*["']?)([^\s"',;}{]{%d,})""" % (_S
                          re.I)
 
 
+# `https://user:<password>@host/...` (a pip index URL with credentials in it): the password goes.
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:)([^@\s/]+)(@)")
+
+
 def hf_token_paths(environ: os._Environ[str] | dict[str, str] | None = None) -> list[Path]:
     """Where huggingface_hub keeps a saved token, most specific first (as huggingface_hub resolves it)."""
     env = os.environ if environ is None else environ
@@ -100,6 +104,8 @@ def redact(text: str, secrets: dict[str, str] | None = None) -> str:
             text = text.replace(value, f"[redacted {origin}]")
     for pattern in TOKEN_PATTERNS:
         text = pattern.sub(REDACTED, text)
+    text = _URL_PASSWORD.sub(lambda m: m.group(1) + (m.group(2) if _is_redacted(m.group(2)) else REDACTED) + m.group(3),
+                             text)
     text = _BEARER.sub(lambda m: m.group(1) + (m.group(2) if _is_redacted(m.group(2)) else REDACTED), text)
     return _ASSIGNMENT.sub(lambda m: m.group(1) + (m.group(2) if _is_redacted(m.group(2)) else REDACTED), text)
 
