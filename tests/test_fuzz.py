@@ -12,9 +12,11 @@ Derandomized, so CI sees the same cases every run; the counts below are per test
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,6 +49,7 @@ FUZZ = settings(max_examples=MANY, deadline=1000, derandomize=True, database=Non
 FUZZ_FILES = settings(FUZZ, max_examples=SOME)
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="qlora-doctor-fuzz-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
 GOOD_ENV = env(torch="2.5.1+cu124", transformers="4.46.3", peft="0.13.2", bitsandbytes="0.45.0",
                accelerate="1.1.1", datasets="3.1.0")
 STATUSES = {"pass", "warn", "fail", "unknown"}
