@@ -1,0 +1,585 @@
+"""QLoRA training throughput: the plain transformers+peft+bitsandbytes path (a) against
+`qlora-doctor run`'s path (b) and each of its levers, in one process, on the same card.
+
+(a) baseline: 4-bit NF4 + double quant, bf16 compute, peft's `prepare_model_for_kbit_training`
+    defaults, LoRA r=16 on all linear layers (dropout 0.05), gradient checkpointing on, the transformers
+    Trainer with bf16=True (autocast) -- what a user of the libraries gets.
+(b) the trainer's own functions: `load_for_training` (qlora_doctor/trainer/model.py, which applies the
+    recipe's `performance:` levers), `training_arguments_kwargs` + `speed.training_arguments_overrides`,
+    `speed.make_collator`, the same Trainer. Ablation variants set `performance:` keys one by one.
+
+Models are random weights built from a config (`from_config` in bf16 on the GPU), saved once under
+--models-dir and loaded in 4-bit like any checkpoint. Tokens/s count non-padding tokens of timed steps
+(after --warmup steps, CUDA synchronized at each step's start and end). MFU uses 4N FLOPs per token
+(forward 2N + input-gradient backward 2N, N = matmul parameters incl. lm_head) over 989 TFLOP/s.
+Results are rewritten to --out after every point, so a time-out keeps what was measured.
+
+    python3 bench/train_throughput.py --out /tmp/t.json --quick                  # first look (8B, batch 8)
+    python3 bench/train_throughput.py --out /tmp/t.json --shapes 8b --batches 4,8 --variants ablation
+    python3 bench/train_throughput.py --out /tmp/t.json --device cpu --tiny --loss-steps 5 --varlen   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # qlora_doctor from this checkout
+
+PEAK_FLOPS = 989e12
+GIB = 2**30
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, head_dim=128),
+    "tiny-1b": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, vocab_size=512, tie_word_embeddings=True, head_dim=16),
+    "tiny-8b": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=256, vocab_size=512, tie_word_embeddings=False, head_dim=32),
+}
+
+# Ablation: `performance:` settings of recipe variants (b). "baseline" is the plain path (a).
+ALL_OFF = dict(upcast_unquantized=True, liger_kernel=False, fused_lora=False, padding_free=False,
+               group_by_length=False, checkpoint_layers="all")
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "baseline": None,
+    "recipe_all_off": ALL_OFF,
+    "no_upcast": {**ALL_OFF, "upcast_unquantized": False},
+    "liger": {**ALL_OFF, "liger_kernel": True},
+    "fused_lora": {**ALL_OFF, "fused_lora": True},
+    "no_upcast+liger": {**ALL_OFF, "upcast_unquantized": False, "liger_kernel": True},
+    "fast": {},  # every default: the path `qlora-doctor run` takes
+    "fast_ckpt_0.75": {"checkpoint_layers": 0.75},
+    "fast_ckpt_0.5": {"checkpoint_layers": 0.5},
+    "fast_ckpt_0.25": {"checkpoint_layers": 0.25},
+    "fast_no_ckpt": {"checkpoint_layers": 0},
+    "fast_compile": {"torch_compile": True},
+}
+ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
+            "fast_no_ckpt"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON results file (rewritten after every point)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (tiny-1b, tiny-8b) for a CPU smoke run")
+    p.add_argument("--quick", action="store_true", help="8B, batch 8, baseline and fast, 4 timed steps")
+    p.add_argument("--shapes", default="8b", help="comma list of 1b, 8b (with --tiny: tiny-1b, tiny-8b)")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batches", default="1,4,8")
+    p.add_argument("--variants", default="baseline,fast",
+                   help=f"comma list, or `ablation` ({','.join(ABLATION)}); known: {','.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per point")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--long-seq", type=int, default=0, help="also run baseline and fast at this sequence length, batch 1")
+    p.add_argument("--varlen", action="store_true", help="variable-length data (uniform 128..seq): padded vs ours")
+    p.add_argument("--varlen-shape", default=None, help="shape for --varlen and --loss-steps (default 1b / tiny-1b)")
+    p.add_argument("--varlen-batch", type=int, default=8)
+    p.add_argument("--loss-steps", type=int, default=0, help="loss curves of (a) and (b) over this many steps")
+    p.add_argument("--loss-seq", type=int, default=512)
+    p.add_argument("--loss-batch", type=int, default=4)
+    p.add_argument("--loss-lr", type=float, default=3e-3,
+                   help="learning rate of the loss-curve runs (LoRA on random weights moves slowly at 2e-4)")
+    p.add_argument("--loss-tolerance", type=float, default=0.05,
+                   help="allowed relative difference of the mean loss over the last 10 steps")
+    p.add_argument("--budget-s", type=float, default=480, help="skip points that would start after this many seconds")
+    p.add_argument("--models-dir", default="/tmp/models")
+    p.add_argument("--optim", default=None, help="optimizer for both paths (default: the recipe default on cuda, "
+                                                 "adamw_torch on cpu)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shapes, args.batches, args.variants, args.steps, args.warmup = "8b", "8", "baseline,fast", 4, 1
+    if args.tiny:
+        args.shapes = ",".join(s if s.startswith("tiny-") else f"tiny-{s}" for s in args.shapes.split(","))
+        if args.seq == 2048:
+            args.seq = 64
+        args.loss_seq = min(args.loss_seq, 64)
+    if args.variants == "ablation":
+        args.variants = ",".join(ABLATION)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+# --- environment ----------------------------------------------------------------------------------
+
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "liger-kernel", "triton"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def matmul_params(shape: dict[str, Any]) -> int:
+    h, L, i, v = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
+    kv = shape["num_key_value_heads"] * shape["head_dim"]
+    q = shape["num_attention_heads"] * shape["head_dim"]
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    return L * per_layer + v * h
+
+
+def build_model(name: str, device: str, models_dir: str) -> str:
+    """Random weights for a shape, saved once (reused when config.json is already there)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = Path(models_dir) / f"llama-{name}"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return str(path)
+    config = LlamaConfig(**SHAPES[name], max_position_embeddings=131072, rope_theta=500000.0,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = Path(tempfile.mkdtemp(dir=models_dir if Path(models_dir).is_dir() else None))
+    model.save_pretrained(tmp)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)
+    return str(path)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+class TokenData:
+    """A map-style dataset of token rows (lists), as the trainer's data pipeline produces them."""
+
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        ids = self.rows[i]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+
+
+def random_rows(count: int, lengths: list[int], vocab: int, seed: int) -> TokenData:
+    rng = random.Random(seed)
+    return TokenData([[rng.randrange(3, vocab) for _ in range(lengths[k % len(lengths)])] for k in range(count)])
+
+
+def pattern_rows(count: int, seq: int, seed: int, period: int = 16, alphabet: int = 64) -> TokenData:
+    """Learnable: each row repeats a random pattern of `period` tokens drawn from `alphabet` tokens."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        pattern = [rng.randrange(3, 3 + alphabet) for _ in range(period)]
+        rows.append((pattern * (seq // period + 1))[:seq])
+    return TokenData(rows)
+
+
+class CountingCollator:
+    """Wraps a collator; queues (non-padding tokens, tokens computed) per batch for the timing callback."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.queue = inner, collections.deque()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(features)
+        real = sum(len(f["input_ids"]) for f in features)
+        self.queue.append((real, int(batch["input_ids"].numel())))
+        return batch
+
+
+def step_timer(device: str, collator: CountingCollator, losses: list[float]) -> Any:
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[tuple[float, int, int]] = []
+            self._t = 0.0
+
+        def _sync(self) -> None:
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._sync()
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._sync()
+            real, total = collator.queue.popleft() if collator.queue else (0, 0)
+            self.steps.append((time.perf_counter() - self._t, real, total))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return StepTimer()
+
+
+# --- the two paths ----------------------------------------------------------------------------------
+
+def precision_for(device: str) -> Any:
+    from qlora_doctor.trainer.recipe import Precision
+
+    if device == "cuda":
+        return Precision(device="cuda", fp16=False, bf16=True, compute_dtype="bfloat16", compute_capability="9.0",
+                         reason="bench: bf16 on the GPU")
+    return Precision(device="cpu", fp16=False, bf16=False, compute_dtype="float32", compute_capability=None,
+                     reason="bench: float32 on the CPU")
+
+
+def make_recipe(model_path: str, performance: dict[str, Any], work: Path, batch: int, seq: int, steps: int,
+                optim: str, lr: float, logging_steps: int) -> Any:
+    from qlora_doctor.trainer.recipe import recipe_from_dict
+
+    data = work / "unused.jsonl"
+    data.write_text('{"text": "the bench feeds its own token rows"}\n')
+    return recipe_from_dict({
+        "model": {"name_or_path": model_path},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+        "dataset": {"path": str(data), "format": "text", "eval_split": 0},
+        "training": {"output_dir": str(work / "out"), "max_steps": steps, "per_device_train_batch_size": batch,
+                     "max_seq_length": seq, "optim": optim, "learning_rate": lr, "save_strategy": "no",
+                     "eval_strategy": "no", "logging_steps": logging_steps, "warmup_steps": 0},
+        "performance": performance,
+    })
+
+
+def _checkpointing_arg() -> str:
+    from qlora_doctor.trainer.recipe import _training_arguments_accept
+
+    return "activation_checkpointing" if _training_arguments_accept("activation_checkpointing") else "gradient_checkpointing"
+
+
+def baseline_trainer_parts(model_path: str, device: str, batch: int, steps: int, optim: str, lr: float,
+                           logging_steps: int, work: Path) -> tuple[Any, Any, Any]:
+    """(model, TrainingArguments, collator) of the plain path, written as the libraries' docs show it."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
+
+    from qlora_doctor.trainer.data import PaddingCollator
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=q, dtype=dtype,
+                                                 device_map={"": 0} if device == "cuda" else {"": "cpu"})
+    model = prepare_model_for_kbit_training(model)  # defaults: fp32 upcast, gradient checkpointing
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(work / "baseline"), per_device_train_batch_size=batch, max_steps=steps,
+                             bf16=device == "cuda", use_cpu=device == "cpu", optim=optim, learning_rate=lr,
+                             warmup_steps=0, logging_steps=logging_steps, save_strategy="no", report_to="none",
+                             lr_scheduler_type="cosine", max_grad_norm=0.3, label_names=["labels"],
+                             **{_checkpointing_arg(): True})
+    return model, args, PaddingCollator(pad_token_id=0)
+
+
+def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str, batch: int, seq: int, steps: int,
+                       optim: str, lr: float, logging_steps: int, work: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(model, TrainingArguments, collator, levers) exactly as `qlora-doctor run` builds them."""
+    from transformers import TrainingArguments
+
+    from qlora_doctor.trainer import speed
+    from qlora_doctor.trainer.model import load_for_training
+    from qlora_doctor.trainer.recipe import training_arguments_kwargs
+
+    precision = precision_for(device)
+    recipe = make_recipe(model_path, performance, work, batch, seq, steps, optim, lr, logging_steps)
+    model = load_for_training(recipe, precision, model_path)
+    plan = speed.plan_for_model(recipe, precision, model)
+    kwargs = training_arguments_kwargs(recipe, precision)
+    kwargs.update(speed.training_arguments_overrides(plan), report_to="none")
+    args = TrainingArguments(**kwargs, label_names=["labels"])
+
+    class _Tok:  # make_collator reads only the pad token
+        pad_token_id, eos_token_id = 0, 2
+
+    return model, args, speed.make_collator(plan, _Tok()), plan.to_json()
+
+
+@contextlib.contextmanager
+def restored_llama_module() -> Any:
+    """Liger patches transformers' llama module (RoPE, classes); undo it so the next baseline is plain."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    forward = modeling_llama.LlamaForCausalLM.forward
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(modeling_llama, key, value)
+        modeling_llama.LlamaForCausalLM.forward = forward
+
+
+def free(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def train_points(variant: str, model_path: str, shape: str, seq: int, batches: list[int], data_for: Any,
+                 args: argparse.Namespace, optim: str, lr: float = 2e-4, logging_steps: int = 1000,
+                 deadline: float = math.inf) -> list[dict[str, Any]]:
+    """One model load, then one Trainer per batch size; every point is recorded, OOMs included."""
+    import torch
+    from transformers import Trainer
+
+    device = args.device
+    steps = args.warmup + args.steps
+    results: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
+    performance = VARIANTS[variant]
+    model = None
+    with restored_llama_module():
+        try:
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            if performance is None:
+                model, targs, inner, levers = (*baseline_trainer_parts(model_path, device, batches[0], steps, optim,
+                                                                        lr, logging_steps, work), None)
+            else:
+                model, targs, inner, levers = ours_trainer_parts(model_path, performance, device, batches[0], seq,
+                                                                 steps, optim, lr, logging_steps, work)
+            load_s = time.perf_counter() - t0
+        except torch.OutOfMemoryError as err:
+            model = None
+            return [dict(shape=shape, seq=seq, batch=b, variant=variant, error=f"OOM while loading: {err}"[:300])
+                    for b in batches]
+        oom = False
+        for batch in batches:
+            point: dict[str, Any] = dict(shape=shape, seq=seq, batch=batch, variant=variant,
+                                         load_seconds=round(load_s, 1), levers=levers)
+            if oom or time.perf_counter() > deadline:
+                point["error"] = "skipped: a smaller batch ran out of memory" if oom else "skipped: --budget-s reached"
+                results.append(point)
+                continue
+            collator = CountingCollator(inner)
+            losses: list[float] = []
+            timer = step_timer(device, collator, losses)
+            targs.per_device_train_batch_size = batch
+            trainer = None
+            try:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                trainer = Trainer(model=model, args=targs, train_dataset=data_for(batch, steps),
+                                  data_collator=collator, callbacks=[timer])
+                trainer.train()
+                timed = timer.steps[args.warmup:] if len(timer.steps) > args.warmup else timer.steps
+                seconds = sum(s for s, _, _ in timed)
+                real = sum(r for _, r, _ in timed)
+                computed = sum(c for _, _, c in timed)
+                point.update(steps_timed=len(timed), step_seconds=[round(s, 4) for s, _, _ in timed],
+                             tokens_per_s=round(real / seconds, 1) if seconds else None,
+                             padding_waste=round(1 - real / computed, 4) if computed else None,
+                             losses=losses or None)
+                if device == "cuda":
+                    point.update(max_memory_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
+                                 max_memory_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2))
+            except torch.OutOfMemoryError as err:
+                point["error"] = f"OOM: {str(err).splitlines()[0]}"[:300]
+                oom = True
+            finally:
+                if trainer is not None:
+                    trainer.accelerator.free_memory()
+                del trainer
+                free(device)
+            results.append(point)
+        del model
+    free(device)
+    return results
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+class Results:
+    def __init__(self, path: str, meta: dict[str, Any]):
+        self.path, self.data = Path(path), {"meta": meta, "points": [], "speedups": [], "varlen": [],
+                                            "loss_curves": None, "summary": {}}
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def add_mfu(points: list[dict[str, Any]]) -> None:
+    for p in points:
+        if p.get("tokens_per_s"):
+            n = matmul_params(SHAPES[p["shape"]])
+            p["mfu_4n"] = round(p["tokens_per_s"] * 4 * n / PEAK_FLOPS, 4)
+
+
+def summarize(res: Results) -> None:
+    points = [p for p in res.data["points"] if p.get("tokens_per_s")]
+    speedups = []
+    summary: dict[str, Any] = {}
+    for shape, seq in sorted({(p["shape"], p["seq"]) for p in points}):
+        group = [p for p in points if (p["shape"], p["seq"]) == (shape, seq)]
+        base = {p["batch"]: p for p in group if p["variant"] == "baseline"}
+        for p in group:
+            if p["variant"] != "baseline" and p["batch"] in base:
+                b = base[p["batch"]]
+                speedups.append(dict(shape=shape, seq=seq, batch=p["batch"], variant=p["variant"],
+                                     tokens_per_s_speedup=round(p["tokens_per_s"] / b["tokens_per_s"], 3),
+                                     reserved_ratio=_ratio(p, b, "max_memory_reserved_gib"),
+                                     allocated_ratio=_ratio(p, b, "max_memory_allocated_gib")))
+        if base:
+            best = max(base.values(), key=lambda p: p["tokens_per_s"])
+            key = f"{shape}_seq{seq}"
+            summary[key] = {"baseline_fastest_batch": best["batch"], "baseline_tokens_per_s": best["tokens_per_s"]}
+            for p in group:
+                if p["variant"] == "baseline":
+                    continue
+                entry = summary[key].setdefault(p["variant"], {})
+                entry[f"b{p['batch']}_speedup_vs_baseline_fastest"] = round(p["tokens_per_s"] / best["tokens_per_s"], 3)
+                if p["batch"] == 8 and 8 in base:
+                    entry["b8_reserved_ratio_vs_baseline_b8"] = _ratio(p, base[8], "max_memory_reserved_gib")
+    res.data["speedups"], res.data["summary"] = speedups, summary
+
+
+def _ratio(p: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    return round(p[key] / b[key], 3) if p.get(key) and b.get(key) else None
+
+
+def loss_curves(args: argparse.Namespace, res: Results, optim: str, deadline: float) -> None:
+    shape = args.varlen_shape or ("tiny-1b" if args.tiny else "1b")
+    path = build_model(shape, args.device, args.models_dir)
+    n = args.loss_steps
+    data = pattern_rows(n * args.loss_batch, args.loss_seq, seed=7)
+    saved = (args.warmup, args.steps)
+    args.warmup, args.steps = 0, n
+    curves = {}
+    for variant in ("baseline", "fast_loss"):
+        VARIANTS["fast_loss"] = {"group_by_length": False}  # same batches in the same order as the baseline
+        pts = train_points("baseline" if variant == "baseline" else "fast_loss", path, shape, args.loss_seq,
+                           [args.loss_batch], lambda b, s: data, args, optim, lr=args.loss_lr, logging_steps=1,
+                           deadline=deadline)
+        curves[variant] = pts[0]
+    args.warmup, args.steps = saved
+    a, b = curves["baseline"].get("losses") or [], curves["fast_loss"].get("losses") or []
+    out: dict[str, Any] = {"shape": shape, "seq": args.loss_seq, "batch": args.loss_batch, "steps": n, "lr": args.loss_lr,
+                           "data": "rows repeating a random 16-token pattern over 64 tokens, seed 7",
+                           "baseline": a, "fast": b, "tolerance": args.loss_tolerance,
+                           "errors": {k: v.get("error") for k, v in curves.items() if v.get("error")}}
+    if a and b and len(a) == len(b):
+        tail = min(10, len(a))
+        mean_a, mean_b = sum(a[-tail:]) / tail, sum(b[-tail:]) / tail
+        out.update(max_abs_step_diff=round(max(abs(x - y) for x, y in zip(a, b)), 4),
+                   last_mean_baseline=round(mean_a, 4), last_mean_fast=round(mean_b, 4),
+                   last_mean_rel_diff=round(abs(mean_b - mean_a) / mean_a, 4),
+                   loss_moved=a[-1] < 0.8 * a[0],
+                   within_tolerance=abs(mean_b - mean_a) / mean_a <= args.loss_tolerance)
+        out["plot"] = plot_losses(a, b, Path(args.out).parent / "loss_curves.png", out)
+    res.data["loss_curves"] = out
+
+
+def plot_losses(a: list[float], b: list[float], path: Path, info: dict[str, Any]) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(a) + 1), a, label="(a) transformers+peft+bnb baseline")
+    ax.plot(range(1, len(b) + 1), b, label="(b) qlora-doctor run (fast path)", linestyle="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{info['shape']}, seq {info['seq']}, batch {info['batch']}: last-10 mean rel diff "
+                 f"{info.get('last_mean_rel_diff')}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    started = time.perf_counter()
+    deadline = started + args.budget_s
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device; use --device cpu --tiny for a CPU smoke run", file=sys.stderr)
+        return 2
+    optim = args.optim or ("paged_adamw_8bit" if args.device == "cuda" else "adamw_torch")
+    meta = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "device": args.device,
+            "card": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
+            "versions": versions(), "optim": optim, "peak_flops": PEAK_FLOPS, "warmup_steps": args.warmup,
+            "timed_steps": args.steps, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    res = Results(args.out, meta)
+    res.write()
+    Path(args.models_dir).mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    variants = args.variants.split(",")
+    for shape in args.shapes.split(","):
+        t0 = time.perf_counter()
+        path = build_model(shape, args.device, args.models_dir)
+        res.data["meta"].setdefault("build_seconds", {})[shape] = round(time.perf_counter() - t0, 1)
+        vocab = SHAPES[shape]["vocab_size"]
+        runs = [(args.seq, batches)] + ([(args.long_seq, [1])] if args.long_seq else [])
+        for seq, bs in runs:
+            for variant in (variants if seq == args.seq else ["baseline", "fast"]):
+                data_for = (lambda b, s, seq=seq: random_rows(b * s, [seq], vocab, seed=1))
+                res.data["points"] += train_points(variant, path, shape, seq, bs, data_for, args, optim,
+                                                   deadline=deadline)
+                add_mfu(res.data["points"])
+                summarize(res)
+                res.write()
+    if args.varlen:
+        shape = args.varlen_shape or ("tiny-1b" if args.tiny else "1b")
+        path = build_model(shape, args.device, args.models_dir)
+        rng = random.Random(3)
+        steps = args.warmup + args.steps
+        lengths = [rng.randint(min(128, args.seq), args.seq) for _ in range(args.varlen_batch * steps)]
+        data = random_rows(len(lengths), lengths, SHAPES[shape]["vocab_size"], seed=5)
+        VARIANTS["fast_padding_free"] = {"padding_free": True}
+        for variant in ("baseline", "fast", "fast_padding_free"):
+            pts = train_points(variant, path, shape, args.seq, [args.varlen_batch], lambda b, s: data, args, optim,
+                               deadline=deadline)
+            for p in pts:
+                p["data"] = f"lengths uniform {min(128, args.seq)}..{args.seq}"
+            add_mfu(pts)
+            res.data["varlen"] += pts
+            res.write()
+    if args.loss_steps:
+        loss_curves(args, res, optim, deadline)
+    res.data["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
+    res.write()
+    print(json.dumps({"summary": res.data["summary"], "loss_curves": {k: v for k, v in (res.data["loss_curves"] or {}).items()
+                                                                        if k not in ("baseline", "fast")}},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
