@@ -180,6 +180,125 @@ def schema(output: Path | None) -> None:
         click.echo(f"wrote {output}")
 
 
+@cli.command()
+@click.argument("recipe_name", metavar="RECIPE")
+@machine_option
+@json_option
+@click.option("--skip-check", is_flag=True,
+              help="Train even when a check fails (recorded in the output's manifest.json).")
+@click.option("--resume", is_flag=True, help="Continue the run in training.output_dir from its last complete checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace training.output_dir when a previous run is in it.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one recipe value, e.g. --set training.max_steps=10 (repeatable).")
+def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: bool, resume: bool,
+        overwrite: bool, overrides: tuple[str, ...]) -> None:
+    """Check the environment, then fine-tune RECIPE (a name like `demo`, or a path) with QLoRA.
+
+    Writes the adapter, tokenizer, resolved recipe, check report, package lock, manifest, metrics and a
+    loss plot to training.output_dir. Exit 0 when training finished, 1 when a check failed (nothing
+    is loaded), 2 for a bad recipe or an output folder in use, 128+N when signal N stopped training
+    after saving a checkpoint.
+    """
+    import shlex
+
+    from qlora_doctor.trainer.recipe import apply_overrides, find_recipe, load_recipe
+    from qlora_doctor.trainer.train import RunRefused, run_recipe
+
+    recipe_path = find_recipe(recipe_name)
+    recipe = load_recipe(recipe_path)
+    if overrides:
+        recipe = apply_overrides(recipe, list(overrides))
+    machine = load_machine(machine_file)
+    argv = ["qlora-doctor", "run", recipe_name]
+    argv += [f"--set={o}" for o in overrides]
+    argv += [flag for flag, on in (("--skip-check", skip_check), ("--resume", resume),
+                                   ("--overwrite", overwrite)) if on]
+    argv += ["--machine", str(machine_file)] if machine_file else []
+    try:
+        result = run_recipe(recipe, machine, where=str(recipe_path), skip_check=skip_check, resume=resume,
+                            overwrite=overwrite, command=shlex.join(argv))
+    except RunRefused as refused:
+        from qlora_doctor.doctor.render import print_report
+        from qlora_doctor.redact import redact_data
+
+        print_report(redact_data(refused.report))
+        raise
+    if as_json:
+        data = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+        echo_json({**data, "files": list(result.files)})
+    else:
+        _print_run(result, recipe_name)
+    if result.stopped_by is not None:
+        import signal
+
+        sys.exit(128 + signal.Signals[result.stopped_by].value)
+
+
+def _print_run(result, recipe_name: str) -> None:
+    minutes, seconds = divmod(round(result.wall_seconds), 60)
+    if result.skip_check and result.check_status == "fail":
+        click.echo("warning: trained although checks failed (--skip-check); see doctor-report.json", err=True)
+    if result.status == "stopped":
+        click.echo(f"stopped at step {result.steps} after a signal; a checkpoint is saved. Continue with:\n"
+                   f"  qlora-doctor run {recipe_name} --resume")
+    else:
+        click.echo(f"trained {result.steps} steps in {minutes}m{seconds:02d}s"
+                   + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""))
+    if result.eval_loss_before is not None:
+        after = f"{result.eval_loss_after:.4f}" if result.eval_loss_after is not None else "not measured"
+        click.echo(f"eval loss: {result.eval_loss_before:.4f} before -> {after} after")
+    if result.train_tokens_per_second:
+        click.echo(f"throughput: {result.train_tokens_per_second:,.0f} tokens/s (non-padding)")
+    click.echo(f"output: {result.output_dir}/ ({', '.join(result.files)})")
+    if result.status == "completed":
+        click.echo(f"try it: qlora-doctor generate {result.output_dir} --prompt \"...\" --compare")
+
+
+@cli.command()
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="A user message; the model's chat template is applied.")
+@click.option("--compare", is_flag=True, help="Also answer with the base model (adapter disabled).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@machine_option
+@json_option
+def generate(output_dir: Path, prompt: str, compare: bool, max_new_tokens: int, machine_file: Path | None,
+             as_json: bool) -> None:
+    """Answer a prompt with the adapter of a finished run (greedy, so deterministic).
+
+    OUTPUT_DIR is the run's training.output_dir. Exit 2 when it holds no finished run.
+    """
+    from qlora_doctor.trainer.generate import generate as generate_answer
+
+    result = generate_answer(output_dir, prompt, load_machine(machine_file), compare=compare,
+                             max_new_tokens=max_new_tokens)
+    if as_json:
+        echo_json(result.__dict__)
+        return
+    click.echo(f"prompt: {result.prompt}")
+    click.echo(f"tuned:  {result.answer}")
+    if result.base_answer is not None:
+        click.echo(f"base:   {result.base_answer}")
+
+
+@cli.command()
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option("--to", "to", required=True, type=click.Path(path_type=Path),
+              help="A new (or empty) folder for the merged checkpoint.")
+@machine_option
+@json_option
+def merge(output_dir: Path, to: Path, machine_file: Path | None, as_json: bool) -> None:
+    """Fold a run's adapter into its base model and save a plain checkpoint (+ tokenizer).
+
+    The base is reloaded in 16-bit (float32 on the CPU), not 4-bit, so the merge loses nothing.
+    """
+    from qlora_doctor.trainer.generate import merge as merge_adapter
+
+    result = merge_adapter(output_dir, to, load_machine(machine_file))
+    if as_json:
+        echo_json({"path": str(result.path), "base_model": result.base_model, "dtype": result.dtype})
+        return
+    click.echo(f"merged {result.base_model} + {output_dir} ({result.dtype}) -> {result.path}")
+
 
 # --- memory planner: plan (planner section) ---------------------------------------------------
 

@@ -20,3 +20,35 @@ def builtin_checkpoint() -> Path:
     from qlora_doctor.trainer.builtin import ensure_checkpoint
 
     return ensure_checkpoint(DEMO_MODEL)
+
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_TRAIN = REPO / "recipes" / "data" / "demo" / "train.jsonl"
+
+
+def write_tiny_recipe(folder: Path, rows: int = 8, **training: object) -> Path:
+    """A recipe like the demo, shrunk to seconds on a CPU: the first `rows` demo rows, evaluated on the
+    same rows (so a few steps must lower the eval loss), short sequences, a checkpoint every 2 steps."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = DEMO_TRAIN.read_text(encoding="utf-8").splitlines()[:rows]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    settings = {
+        "output_dir": str(folder / "out"), "max_steps": 4, "learning_rate": 1.0e-3,
+        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "max_seq_length": 96,
+        "gradient_checkpointing": False, "optim": "adamw_torch", "lr_scheduler_type": "constant",
+        "warmup_steps": 0, "logging_steps": 1, "eval_strategy": "no", "save_steps": 2,
+        "save_total_limit": 3, "seed": 0,
+    }
+    settings.update(training)
+    recipe = {
+        "model": {"name_or_path": DEMO_MODEL},
+        "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "dataset": {"path": "train.jsonl", "format": "chat", "eval_path": "train.jsonl"},
+        "training": settings,
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path

@@ -1,0 +1,269 @@
+"""`qlora-doctor run`: gate on the doctor's checks, then train a QLoRA adapter with the transformers
+Trainer and write everything `outputs.py` lists.
+
+Order, so that nothing is loaded or deleted for a run that will be refused:
+  1. the output folder against --resume/--overwrite (InputError, exit 2);
+  2. the doctor's checks with the recipe (RunRefused, exit 1) unless --skip-check;
+  3. only then: replace the folder (--overwrite), write a `running` manifest, load, train, save.
+
+SIGTERM during training makes the Trainer save a checkpoint at the end of the current step and stop;
+the run then ends with status `stopped` and `--resume` continues it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from qlora_doctor import __version__
+from qlora_doctor.errors import CheckFailed
+from qlora_doctor.trainer import outputs
+
+if TYPE_CHECKING:
+    from qlora_doctor.doctor.machine import Machine
+    from qlora_doctor.doctor.report import Report
+    from qlora_doctor.trainer.recipe import Precision, Recipe
+
+
+class RunRefused(CheckFailed):
+    """The doctor's checks failed, so training did not start. Carries the report for the CLI to show."""
+
+    def __init__(self, report: Report):
+        self.report = report
+        failed = [f"{c.title}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in report.failed]
+        super().__init__(["training refused: the environment failed the checks below; fix them, or pass "
+                          "--skip-check to train anyway (recorded in manifest.json)", *failed])
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished (or stopped) run produced."""
+
+    output_dir: Path
+    status: Literal["completed", "stopped"]
+    """`stopped`: a SIGTERM saved a checkpoint and ended training early; continue with --resume."""
+    stopped_by: str | None
+    """The signal that stopped training (`SIGTERM`, `SIGINT`), None when it ran to the end."""
+    steps: int
+    """Optimizer steps done in total (including those before a resume)."""
+    eval_loss_before: float | None
+    """Eval loss of the base model (LoRA adds nothing before training); None without eval data."""
+    eval_loss_after: float | None
+    """Eval loss with the trained adapter; None without eval data or when stopped."""
+    train_tokens_per_second: float | None
+    """Non-padding tokens trained per second of optimizer steps (evaluation and saving excluded)."""
+    wall_seconds: float
+    """From the start of the command to the last file written, loading and checks included."""
+    resumed_from: Path | None
+    skip_check: bool
+    check_status: str
+    """The doctor report's status (pass, warn or fail), also when --skip-check ignored a failure."""
+    files: tuple[str, ...]
+    """The files written into output_dir (names relative to it)."""
+
+
+def run_recipe(recipe: Recipe, machine: Machine, *, where: str, skip_check: bool = False,
+               resume: bool = False, overwrite: bool = False, command: str = "qlora-doctor run",
+               diagnose: Callable[..., Report] | None = None) -> RunResult:
+    """Train `recipe` on `machine` and write its output folder. `where` names the recipe in messages."""
+    started = time.perf_counter()
+    started_at = _now()
+    plan = outputs.plan_output_dir(Path(recipe.training.output_dir), resume, overwrite, where)
+    if diagnose is None:
+        from qlora_doctor.doctor.checks import diagnose
+    report = diagnose(machine, recipe=recipe)
+    if report.status == "fail" and not skip_check:
+        raise RunRefused(report)
+
+    from qlora_doctor.trainer.recipe import resolve_precision
+
+    precision = resolve_precision(recipe, machine)
+    if plan.replace_existing:
+        outputs.clear_output_dir(plan.output_dir)
+    out = plan.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(recipe, machine, precision, command, started_at, skip_check, report, plan)
+    outputs.write_json(out / outputs.MANIFEST, manifest)
+    outputs.write_json(out / outputs.REPORT, report.to_json())
+    outputs.write_atomic(out / outputs.LOCKFILE, outputs.lockfile_text(__version__, command))
+    outputs.write_atomic(out / outputs.RECIPE, resolved_recipe_yaml(recipe, precision, machine, command))
+
+    trained = _train(recipe, precision, plan)
+
+    def save_adapter(tmp: Path) -> None:
+        trained.model.save_pretrained(tmp)
+        trained.tokenizer.save_pretrained(tmp)
+
+    written = outputs.save_dir_atomic(out, save_adapter)
+    wall = time.perf_counter() - started
+    metrics = {**trained.metrics, "wall_seconds": round(wall, 2)}
+    outputs.write_json(out / outputs.METRICS, metrics)
+    outputs.plot_losses(out / outputs.LOSS_PLOT, metrics["train_loss_history"], metrics["eval_history"],
+                        metrics["eval_loss_before"], metrics["eval_loss_after"],
+                        f"{recipe.model.name_or_path}, LoRA r={recipe.lora.r}, {metrics['steps']} steps")
+    manifest.update(status=trained.status, finished_at=_now(), wall_seconds=round(wall, 2))
+    outputs.write_json(out / outputs.MANIFEST, manifest)
+    files = sorted({p.name for p in written} | {outputs.MANIFEST, outputs.REPORT, outputs.LOCKFILE,
+                                                 outputs.RECIPE, outputs.METRICS, outputs.LOSS_PLOT})
+    return RunResult(output_dir=out, status=trained.status, stopped_by=metrics["stopped_by"], steps=metrics["steps"],
+                     eval_loss_before=metrics["eval_loss_before"], eval_loss_after=metrics["eval_loss_after"],
+                     train_tokens_per_second=metrics["train_tokens_per_second"], wall_seconds=wall,
+                     resumed_from=plan.resume_from, skip_check=skip_check, check_status=report.status,
+                     files=tuple(files))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _manifest(recipe: Recipe, machine: Machine, precision: Precision, command: str, started_at: str,
+              skip_check: bool, report: Report, plan: outputs.OutputPlan) -> dict[str, Any]:
+    import platform
+
+    from qlora_doctor.trainer.builtin import is_builtin
+
+    return {
+        "tool": "qlora-doctor",
+        "tool_version": __version__,
+        "command": command,
+        "status": "running",
+        "started_at": started_at,
+        "finished_at": None,
+        "skip_check": skip_check,
+        "check_status": report.status,
+        "failed_checks": [c.id for c in report.failed],
+        "resumed_from": str(plan.resume_from) if plan.resume_from else None,
+        "model": recipe.model.name_or_path,
+        "builtin_model": is_builtin(recipe.model.name_or_path),
+        "precision": {"device": precision.device, "fp16": precision.fp16, "bf16": precision.bf16,
+                      "compute_dtype": precision.compute_dtype, "reason": precision.reason},
+        "machine": machine.to_json(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def resolved_recipe_yaml(recipe: Recipe, precision: Precision, machine: Machine, command: str) -> str:
+    """The recipe as run: paths absolute, `auto` precision replaced by what was chosen for `machine`."""
+    import yaml
+
+    data = recipe.model_dump(mode="json")
+    data["quantization"]["bnb_4bit_compute_dtype"] = precision.compute_dtype
+    data["training"]["fp16"] = precision.fp16
+    data["training"]["bf16"] = precision.bf16
+    header = (f"# The recipe as run by `{command}` (qlora-doctor {__version__}).\n"
+              f"# Paths are absolute; fp16/bf16/compute dtype were resolved for this machine: {precision.reason}.\n")
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+# --- training -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Trained:
+    model: Any
+    tokenizer: Any
+    status: Literal["completed", "stopped"]
+    metrics: dict[str, Any]
+
+
+def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _Trained:
+    from transformers import Trainer, TrainingArguments
+
+    from qlora_doctor.trainer.builtin import resolve_model_path
+    from qlora_doctor.trainer.callbacks import StopOnSignal, Throughput
+    from qlora_doctor.trainer import speed
+    from qlora_doctor.trainer.data import build_datasets
+    from qlora_doctor.trainer.model import load_for_training, load_tokenizer
+    from qlora_doctor.trainer.recipe import training_arguments_kwargs
+
+    path = resolve_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(path, recipe.model.revision, recipe.model.trust_remote_code)
+    train_ds, eval_ds = build_datasets(recipe, tokenizer)
+    model = load_for_training(recipe, precision, path)
+
+    kwargs = training_arguments_kwargs(recipe, precision)
+    if eval_ds is None:
+        kwargs["eval_strategy"] = "no"
+    speed_plan = speed.plan_for_model(recipe, precision, model)
+    kwargs.update(speed.training_arguments_overrides(speed_plan))  # the model's checkpointing is set already
+    args = TrainingArguments(
+        **kwargs,
+        # PeftModel.forward takes **kwargs, so the Trainer cannot see that it accepts labels and
+        # would skip the eval loss without this.
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+    )
+    stop = StopOnSignal()
+    throughput = Throughput()
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=speed.make_collator(speed_plan, tokenizer), processing_class=tokenizer,
+                      callbacks=[stop, throughput])
+    from qlora_doctor.trainer.faults import install_fault
+
+    install_fault(trainer)  # test-only seam (tests/test_interrupt.py); inert unless QLORA_DOCTOR_FAULT is set
+    eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    _reset_peak_memory(precision)
+    with stop.installed():
+        trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    status: Literal["completed", "stopped"] = "stopped" if stop.signal_name else "completed"
+    history = trainer.state.log_history
+    eval_after = None
+    if eval_ds is not None and status == "completed":
+        # The Trainer often evaluated at the last step already (eval_steps divides it): reuse that.
+        last_eval = next((r for r in reversed(history) if "eval_loss" in r), None)
+        if last_eval is not None and last_eval["step"] == trainer.state.global_step:
+            eval_after = last_eval["eval_loss"]
+        else:
+            eval_after = trainer.evaluate()["eval_loss"]
+            history = trainer.state.log_history
+
+    metrics = {
+        "status": status,
+        "stopped_by": stop.signal_name,
+        "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "train_rows": len(train_ds),
+        "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+        "eval_loss_before": _round(eval_before),
+        "eval_loss_after": _round(eval_after),
+        "train_loss_history": [{"step": r["step"], "loss": r["loss"], "learning_rate": r.get("learning_rate"),
+                                "epoch": r.get("epoch")} for r in history if "loss" in r],
+        "eval_history": [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in history if "eval_loss" in r],
+        "train_tokens": throughput.tokens,
+        "train_step_seconds": round(throughput.seconds, 2),
+        "train_tokens_per_second": round(throughput.tokens / throughput.seconds, 1) if throughput.seconds else None,
+        "peak_memory": peak_memory(precision),
+        "performance": speed_plan.to_json(),
+        "resumed_from": str(plan.resume_from) if plan.resume_from else None,
+    }
+    return _Trained(model=trainer.model, tokenizer=tokenizer, status=status, metrics=metrics)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 5)
+
+
+def _reset_peak_memory(precision: Precision) -> None:
+    if precision.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(precision: Precision) -> dict[str, Any]:
+    """Peak GPU memory of training (allocated and reserved by torch) on CUDA; the process's peak
+    resident memory on the CPU."""
+    if precision.device == "cuda":
+        import torch
+
+        return {"device": "cuda", "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(),
+                "max_memory_reserved_bytes": torch.cuda.max_memory_reserved()}
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"device": "cpu", "max_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
