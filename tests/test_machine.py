@@ -121,3 +121,13 @@ def test_probe_reports_garbage_from_nvidia_smi(tmp_path, monkeypatch, data_dir):
     monkeypatch.setattr(machine_mod, "PROC_DRIVER_VERSION", tmp_path / "absent")
     m = probe_machine()
     assert m.gpus == () and any("unexpected nvidia-smi line" in n for n in m.notes)
+
+
+def test_outputs_captured_on_the_gpu_machine(data_dir):
+    """Captured on the device tool's H100 (2026-11-28): the header, /proc and the CSV query agree."""
+    header = parse_nvidia_smi_header((data_dir / "nvidia-smi-h100-device.txt").read_text())
+    proc = parse_proc_driver_version((data_dir / "proc-driver-version-h100-device.txt").read_text())
+    gpus, driver = parse_nvidia_smi_csv((data_dir / "nvidia-smi-h100-device.csv").read_text())
+    assert header == ("580.159.04", "13.0") and proc == driver == "580.159.04"
+    assert gpus[0].name == "NVIDIA H100 80GB HBM3" and gpus[0].compute_capability == "9.0"
+    assert gpus[0].memory_total_mib == 81559
