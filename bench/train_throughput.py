@@ -356,6 +356,9 @@ def train_points(variant: str, model_path: str, shape: str, seq: int, batches: l
     work = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
     performance = VARIANTS[variant]
     model = None
+    if time.perf_counter() > deadline:  # don't even load
+        return [dict(shape=shape, seq=seq, batch=b, variant=variant, error="skipped: --budget-s reached")
+                for b in batches]
     with restored_llama_module():
         try:
             torch.manual_seed(0)
@@ -541,7 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.models_dir).mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batches.split(",")]
     variants = args.variants.split(",")
+    if args.loss_steps:  # first: small, and the correctness evidence must not fall to --budget-s
+        loss_curves(args, res, optim, deadline)
+        res.write()
     for shape in args.shapes.split(","):
+        if time.perf_counter() > deadline:
+            res.data["points"].append(dict(shape=shape, error="skipped: --budget-s reached before building it"))
+            continue
         t0 = time.perf_counter()
         path = build_model(shape, args.device, args.models_dir)
         res.data["meta"].setdefault("build_seconds", {})[shape] = round(time.perf_counter() - t0, 1)
@@ -555,24 +564,23 @@ def main(argv: list[str] | None = None) -> int:
                 add_mfu(res.data["points"])
                 summarize(res)
                 res.write()
-    if args.varlen:
+    if args.varlen and time.perf_counter() < deadline:
         shape = args.varlen_shape or ("tiny-1b" if args.tiny else "1b")
         path = build_model(shape, args.device, args.models_dir)
         rng = random.Random(3)
         steps = args.warmup + args.steps
-        lengths = [rng.randint(min(128, args.seq), args.seq) for _ in range(args.varlen_batch * steps)]
+        low = min(128, max(1, args.seq // 4))
+        lengths = [rng.randint(low, args.seq) for _ in range(args.varlen_batch * steps)]
         data = random_rows(len(lengths), lengths, SHAPES[shape]["vocab_size"], seed=5)
         VARIANTS["fast_padding_free"] = {"padding_free": True}
         for variant in ("baseline", "fast", "fast_padding_free"):
             pts = train_points(variant, path, shape, args.seq, [args.varlen_batch], lambda b, s: data, args, optim,
                                deadline=deadline)
             for p in pts:
-                p["data"] = f"lengths uniform {min(128, args.seq)}..{args.seq}"
+                p["data"] = f"lengths uniform {low}..{args.seq}"
             add_mfu(pts)
             res.data["varlen"] += pts
             res.write()
-    if args.loss_steps:
-        loss_curves(args, res, optim, deadline)
     res.data["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     res.write()
     print(json.dumps({"summary": res.data["summary"], "loss_curves": {k: v for k, v in (res.data["loss_curves"] or {}).items()
