@@ -1,25 +1,37 @@
 """Measure QLoRA peak GPU memory on a grid of runs and put it beside the memory planner's prediction.
 
 For each model shape (Llama-3.2-1B, Llama-3-8B; Llama-3-70B with --with-70b) this builds a model with
-random weights from a `LlamaConfig`, saves it once with `save_pretrained`, loads it in 4-bit through the
-trainer's own `qlora_doctor.trainer.model.load_for_training` (BitsAndBytesConfig from the recipe,
-`prepare_model_for_kbit_training`, `get_peft_model`), trains 3 steps with the transformers Trainer on
-random tokens (TrainingArguments from the trainer's `training_arguments_kwargs`), and records
+random weights from a `LlamaConfig`, saves it once with `save_pretrained` under --models-dir (the same
+folders and format as bench/gpu_train_recipes.py), loads it in 4-bit through the trainer's own
+`qlora_doctor.trainer.model.load_for_training` (BitsAndBytesConfig from the recipe, the `performance:`
+levers applied by `qlora_doctor/trainer/speed.py`, `get_peft_model`, fused LoRA), trains 3 steps with the
+transformers Trainer on random tokens (TrainingArguments from the trainer's `training_arguments_kwargs`
+plus `speed.training_arguments_overrides`, as `qlora-doctor run` does), and records
 `torch.cuda.max_memory_allocated` / `max_memory_reserved` next to the planner's prediction for the same
 recipe. Points the planner predicts do not fit the GPU are recorded as skipped, not run.
 
-    python3 bench/memory_accuracy.py                  # the whole grid, about 5 minutes on one H100
+Two variants (--variant): `fast`, the recipe's default `performance:` section (the path `qlora-doctor
+run` takes: no fp32 upcast, Liger where installed, fused LoRA, ...), and `plain`, every lever off in the
+recipe (peft's prepare_model_for_kbit_training path, on which the planner was first calibrated). Each
+point records the levers as the trainer decided them (`levers`, from speed.py, with the fused-LoRA
+outcome) and as the planner decided them (`planner_levers`); `levers_match` says whether they agree.
+
+    python3 bench/memory_accuracy.py                  # the fast-path grid
+    python3 bench/memory_accuracy.py --variant fast,plain --budget-s 420   # both, ~8 minutes on one H100
     python3 bench/memory_accuracy.py --points 4       # the first 4 points only (1B shape): a quick check
     python3 bench/memory_accuracy.py --with-70b       # also the 70B point (built directly in 4-bit)
-    python3 bench/memory_table.py $OUT/memory_accuracy.json   # the README table
+    python3 bench/memory_accuracy.py --shapes tiny --variant fast,plain   # try the script on a CPU
+    python3 bench/memory_table.py $OUT/memory_accuracy.json --fit   # the README table, refit per path
 
 Unattended by design: each shape runs in its own subprocess (a crash loses only that shape's remaining
 points), an out-of-memory error is caught and recorded per point, results are written after every
 point, and points past the time budget (--budget-s) are recorded as skipped.
 
 Between points of one shape the 4-bit base stays loaded: the LoRA adapters are removed with
-`unload()`, the allocator cache is emptied and the peak counters reset, so each point's peak counts
-the base weights plus that run. `fresh_process` marks the first point of each shape.
+`unload()`, what the levers did to the base is undone (Liger's per-module forwards and its patches of
+transformers' llama module, the plain path's float32 upcast, checkpointing flags), the allocator cache is
+emptied and the peak counters reset, so each point's peak counts the base weights plus that run. Plain
+points run before fast ones. `fresh_process` marks the first point of each shape.
 
 The 70B point: 140 GB of bf16 weights cannot be saved or loaded on the machine in time, so the base is
 built directly in 4-bit on the GPU (meta-device model, linear layers replaced by bnb Linear4bit and
@@ -62,6 +74,12 @@ COMMON = dict(model_type="llama", max_position_embeddings=8192, rms_norm_eps=1e-
               bos_token_id=1, eos_token_id=2)
 
 
+VARIANTS = ("fast", "plain")
+PLAIN_PERFORMANCE = dict(upcast_unquantized=True, checkpoint_layers="all", liger_kernel=False, fused_lora=False,
+                         padding_free=False, group_by_length=False, torch_compile=False)
+"""The recipe's `performance:` section for the plain path (PerformanceSection's docstring); fast: defaults."""
+
+
 @dataclass(frozen=True)
 class Point:
     shape: str
@@ -69,16 +87,26 @@ class Point:
     batch: int
     checkpointing: bool
     r: int
+    variant: str = "fast"
+    checkpoint_layers: str | int | float = "all"
+    """performance.checkpoint_layers (fast variant only)."""
 
     @property
     def name(self) -> str:
-        return f"{self.shape} s{self.seq} b{self.batch} {'gc' if self.checkpointing else 'nogc'} r{self.r}"
+        ckpt = "nogc" if not self.checkpointing else "gc" if self.checkpoint_layers == "all" else f"gc{self.checkpoint_layers}"
+        return f"{self.variant} {self.shape} s{self.seq} b{self.batch} {ckpt} r{self.r}"
 
 
-def grid() -> list[Point]:
-    """>= 16 points over seq 512/2048/8192, batch 1/4/8, checkpointing on/off, r 8/64 (plus the two r=16
-    calibration points of the issue), cheap 1B points first so that --points N is quick."""
+def grid(variant: str = "fast") -> list[Point]:
+    """fast: >= 16 points over seq 512/2048/8192, batch 1/4/8, checkpointing on/off, r 8/64 (plus the two
+    r=16 calibration points of the issue) and two of selective checkpointing; plain: the two calibration
+    points and three more (checkpointing off included), enough to see that its prediction still holds.
+    Cheap 1B points first so that --points N is quick."""
     one, eight = "llama-3.2-1b", "llama-3-8b"
+    if variant == "plain":
+        return [Point(one, 2048, 4, True, 64, "plain"), Point(one, 2048, 4, False, 8, "plain"),
+                Point(eight, 2048, 4, True, 16, "plain"), Point(eight, 2048, 8, True, 16, "plain"),
+                Point(eight, 512, 4, False, 8, "plain")]
     return [
         Point(one, 512, 1, True, 8), Point(one, 2048, 4, True, 64), Point(one, 512, 4, False, 8),
         Point(one, 2048, 1, False, 64), Point(one, 512, 8, True, 64), Point(one, 2048, 1, True, 8),
@@ -87,11 +115,16 @@ def grid() -> list[Point]:
         Point(eight, 512, 1, True, 8), Point(eight, 2048, 4, True, 16), Point(eight, 2048, 8, True, 16),
         Point(eight, 2048, 1, True, 64), Point(eight, 8192, 1, True, 8), Point(eight, 8192, 4, True, 64),
         Point(eight, 512, 4, False, 8), Point(eight, 2048, 1, False, 64), Point(eight, 512, 8, False, 8),
+        Point(one, 2048, 8, True, 16, checkpoint_layers=0.5), Point(eight, 2048, 4, True, 16, checkpoint_layers=0.5),
     ]
 
 
 POINT_70B = Point("llama-3-70b", 2048, 1, True, 16)
-TINY_GRID = [Point("tiny", 64, 2, True, 8), Point("tiny", 64, 2, False, 8)]
+
+
+def tiny_grid(variant: str) -> list[Point]:
+    return [Point("tiny", 64, 2, True, 8, variant), Point("tiny", 64, 2, False, 8, variant)] + (
+        [Point("tiny", 64, 2, True, 8, variant, checkpoint_layers=1)] if variant == "fast" else [])
 
 
 def main() -> None:
@@ -99,14 +132,19 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
                         help="result JSON (default: $OUT/memory_accuracy.json, else bench/results/memory_accuracy.json)")
-    parser.add_argument("--points", type=int, default=None, help="run only the first N grid points")
+    parser.add_argument("--variant", default="fast",
+                        help="fast (the recipe's default performance: levers), plain (all off), or fast,plain")
+    parser.add_argument("--points", type=int, default=None, help="run only the first N grid points of each variant")
     parser.add_argument("--with-70b", action="store_true", help="also the Llama-3-70B point, built in 4-bit")
     parser.add_argument("--shapes", default=None, help="comma-separated shapes to run (default: the grid's)")
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per point")
     parser.add_argument("--budget-s", type=float, default=400.0,
                         help="stop starting points after this many seconds (recorded as skipped)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "qlora-doctor-memory-bench",
-                        help="where the random models are saved (local disk; ~19 GB)")
+                        help="scratch files (point lists, results, the Trainer's output_dir)")
+    parser.add_argument("--models-dir", type=Path, default=Path("/tmp/models"),
+                        help="where the random models are saved once, one folder per shape (~19 GB); the "
+                             "folders bench/gpu_train_recipes.py uses")
     parser.add_argument("--build-4bit", default="llama-3-70b",
                         help="shapes built directly in 4-bit in memory instead of saved and loaded")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -126,12 +164,21 @@ def run_parent(args: argparse.Namespace) -> None:
     started = time.time()
     out = args.out or (Path(os.environ["OUT"]) / "memory_accuracy.json" if os.environ.get("OUT")
                        else REPO / "bench" / "results" / "memory_accuracy.json")
-    points = TINY_GRID if args.shapes == "tiny" else grid()
-    if args.shapes and args.shapes != "tiny":
-        wanted = set(args.shapes.split(","))
-        points = [p for p in points if p.shape in wanted]
-    if args.points is not None:
-        points = points[:args.points]
+    variants = args.variant.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"--variant {args.variant}: unknown {unknown}; use fast, plain or fast,plain")
+    points = []
+    for variant in variants:
+        some = tiny_grid(variant) if args.shapes == "tiny" else grid(variant)
+        if args.shapes and args.shapes != "tiny":
+            wanted = set(args.shapes.split(","))
+            some = [p for p in some if p.shape in wanted]
+        points += some[:args.points] if args.points is not None else some
+    # One worker per shape; within it plain points first: few, and the calibration points among them must
+    # not fall to --budget-s. What the plain path does to the base is undone after each point (each point
+    # records `base_embedding_dtype` to show it).
+    points.sort(key=lambda p: -VARIANTS.index(p.variant))
     if args.with_70b:
         points.append(POINT_70B)
     result: dict[str, Any] = {
@@ -141,8 +188,10 @@ def run_parent(args: argparse.Namespace) -> None:
         **environment(),
         "shapes": {name: {**COMMON, **SHAPES[name]} for name in dict.fromkeys(p.shape for p in points)},
         "settings": "NF4 + double quant, bf16 compute + autocast (auto), LoRA all-linear dropout 0.05, "
-                    "adamw_torch, prepare_model_for_kbit_training defaults, non-reentrant checkpointing, "
+                    "adamw_torch, performance: defaults (fast) or all levers off (plain: "
+                    "prepare_model_for_kbit_training), non-reentrant checkpointing, "
                     f"{args.steps} steps on random tokens",
+        "variants": variants,
         "points": [],
     }
     deadline = started + args.budget_s
@@ -155,7 +204,7 @@ def run_parent(args: argparse.Namespace) -> None:
         results_file.unlink(missing_ok=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", shape, "--plan-file", str(plan_file),
                "--results-file", str(results_file), "--deadline", str(deadline), "--steps", str(args.steps),
-               "--workdir", str(args.workdir), "--build-4bit", args.build_4bit]
+               "--workdir", str(args.workdir), "--models-dir", str(args.models_dir), "--build-4bit", args.build_4bit]
         print(f"[{time.time() - started:6.1f}s] {shape}: {len(shape_points)} point(s)", flush=True)
         proc = subprocess.run(cmd)
         done = [json.loads(line) for line in results_file.read_text().splitlines()] if results_file.exists() else []
@@ -178,7 +227,7 @@ def environment() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-doctor"):
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel", "triton", "qlora-doctor"):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
@@ -194,6 +243,15 @@ def environment() -> dict[str, Any]:
 
 
 def summary(points: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {"all": _summary(points)}
+    for variant in VARIANTS:
+        some = [p for p in points if p.get("variant", "plain") == variant]
+        if some:
+            out[variant] = _summary(some)
+    return out
+
+
+def _summary(points: list[dict[str, Any]]) -> dict[str, Any]:
     measured = [p for p in points if p["status"] == "measured" and p.get("measured")]
     errors = [p["error_reserved_pct"] for p in measured]
     return {
@@ -203,6 +261,7 @@ def summary(points: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": sum(p["status"] == "error" for p in points),
         "max_abs_error_reserved_pct": max((abs(e) for e in errors), default=None),
         "within_10pct": sum(abs(e) <= 10 for e in errors),
+        "levers_mismatch": sum(p.get("levers_match") is False for p in points),
     }
 
 
@@ -228,7 +287,8 @@ def run_worker(args: argparse.Namespace) -> None:
     data_file.write_text('{"text": "unused: the bench feeds random tokens"}\n')
 
     base = None
-    model_dir = args.workdir / shape
+    model_dir = args.models_dir / shape
+    restore_llama = snapshot_llama_module()
     load_info: dict[str, Any] = {}
     for index, point in enumerate(points):
         record: dict[str, Any] = {"name": point.name, **asdict(point)}
@@ -237,6 +297,7 @@ def run_worker(args: argparse.Namespace) -> None:
             machine = this_machine()
             plan = planned(config, recipe, machine, gpu_name, gpu_bytes)
             record["predicted"] = plan
+            record["planner_levers"] = plan["levers"]
             if plan["fits"] is False:
                 record["status"] = "skipped"
                 record["reason"] = "the planner predicts it does not fit"
@@ -255,7 +316,8 @@ def run_worker(args: argparse.Namespace) -> None:
                     record["fresh_process"] = True
                 else:
                     record["fresh_process"] = False
-                record.update(measure(base, recipe, machine, point, config, cuda))
+                record.update(measure(base, recipe, machine, point, config, cuda, restore_llama))
+                record["levers_match"] = _same_decisions(record.get("levers"), plan["levers"])
                 if record.get("measured"):
                     record["error_reserved_pct"] = round(
                         100 * (plan["peak_reserved_bytes"] / record["measured"]["max_memory_reserved_bytes"] - 1), 2)
@@ -295,6 +357,8 @@ def bench_recipe(point: Point, model_dir: Path, data_file: Path, workdir: Path, 
                      "gradient_checkpointing": point.checkpointing, "optim": "adamw_torch",
                      "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1,
                      "save_strategy": "no", "eval_strategy": "no", "report_to": "none"},
+        "performance": PLAIN_PERFORMANCE if point.variant == "plain" else (
+            {} if point.checkpoint_layers == "all" else {"checkpoint_layers": point.checkpoint_layers}),
     }, where=f"bench:{point.name}")
 
 
@@ -303,10 +367,52 @@ def planned(config: dict[str, Any], recipe: Any, machine: Any, gpu_name: str | N
     from qlora_doctor.memory.model import count_parameters
     from qlora_doctor.memory.plan import plan_for, settings_from_recipe
 
-    plan = plan_for(count_parameters(config), settings_from_recipe(recipe, machine), gpu_name, gpu_bytes)
+    settings = settings_from_recipe(recipe, machine, model_type=config["model_type"])
+    plan = plan_for(count_parameters(config), settings, gpu_name, gpu_bytes)
     return {"peak_allocated_bytes": plan.peak_allocated_bytes, "peak_reserved_bytes": plan.peak_reserved_bytes,
             "total_bytes": plan.total_bytes, "fits": plan.fits, "peak_phase": plan.peak_phase,
-            "breakdown": [{"name": n, "bytes": b} for n, b in plan.breakdown]}
+            "calibration": plan.calibration, "breakdown": [{"name": n, "bytes": b} for n, b in plan.breakdown],
+            "levers": {lever.name: {"on": lever.on, "reason": lever.reason} for lever in settings.levers}}
+
+
+def _same_decisions(trainer: dict[str, Any] | None, planner: dict[str, Any]) -> bool | None:
+    """Whether every lever is on/off alike (reasons may differ: the trainer knows the attention
+    implementation and how many LoRA layers it fused)."""
+    if not trainer:
+        return None
+    return {k: v["on"] for k, v in trainer.items()} == {k: v["on"] for k, v in planner.items()}
+
+
+def snapshot_llama_module() -> Any:
+    """A function that puts transformers' llama module back as it is now (Liger patches its RoPE and
+    classes module-wide)."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    forward = modeling_llama.LlamaForCausalLM.forward
+
+    def restore() -> None:
+        for key, value in saved.items():
+            setattr(modeling_llama, key, value)
+        modeling_llama.LlamaForCausalLM.forward = forward
+
+    return restore
+
+
+def undo_levers(base: Any, compute_dtype: Any, restore_llama: Any) -> None:
+    """The base as load_base left it: no Liger forwards bound to its modules, no float32 upcast (the
+    plain path's prepare casts in place), no checkpointing or input-grad hook."""
+    for module in base.modules():
+        module.__dict__.pop("forward", None)  # Liger binds its forwards per instance
+        module.__dict__.pop("_get_name", None)
+        if hasattr(module, "gradient_checkpointing"):
+            module.gradient_checkpointing = False
+    for param in base.parameters():
+        if param.__class__.__name__ != "Params4bit" and param.is_floating_point() and param.dtype != compute_dtype:
+            param.data = param.data.to(compute_dtype)
+    if getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
+    restore_llama()
 
 
 def build_base(shape: str, config: dict[str, Any], model_dir: Path, recipe: Any, machine: Any,
@@ -408,13 +514,17 @@ def build_4bit_in_memory(config: dict[str, Any], recipe: Any, machine: Any) -> A
     return model
 
 
-def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str, Any], cuda: bool) -> dict[str, Any]:
-    """Train `point` on `base` through the trainer's load_for_training; the peak counters of the run."""
+def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str, Any], cuda: bool,
+            restore_llama: Any) -> dict[str, Any]:
+    """Train `point` on `base` through the trainer's load_for_training and speed levers, as
+    `qlora-doctor run` does; the peak counters of the run and the levers as the trainer decided them."""
     import torch
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     import qlora_doctor.trainer.model as trainer_model
+    from qlora_doctor.trainer import speed
+    from qlora_doctor.trainer.fused_lora import _fused_forward
     from qlora_doctor.trainer.recipe import resolve_precision, training_arguments_kwargs
 
     class RandomTokens(Dataset):
@@ -429,21 +539,33 @@ def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str
             return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
 
     precision = resolve_precision(recipe, machine)
-    base.gradient_checkpointing_disable()  # a previous point may have enabled it
+    disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+    disable()  # a previous point may have enabled it (transformers >= 5.2x renamed the method)
+    # The decision load_for_training makes on this base (same call), then what fusing actually did.
+    decided = speed.plan_for_model(recipe, precision, base)
+    embedding_dtype = str(base.get_input_embeddings().weight.dtype)  # before this point's levers touch it
     original = trainer_model.load_base
     trainer_model.load_base = lambda *a, **k: base
     try:
         model = trainer_model.load_for_training(recipe, precision, recipe.model.name_or_path)
     finally:
         trainer_model.load_base = original
+    fused = sum(getattr(m.forward, "__func__", None) is _fused_forward for m in model.modules()
+                if "forward" in vars(m))
+    levers = decided.to_json()
+    levers["fused_lora"] = {"on": fused > 0, "reason": f"{fused} LoRA layers fused" if fused
+                            else levers["fused_lora"]["reason"]}
     trainer = None
     started = time.time()
-    status, extra = ("measured" if cuda else "ran_without_cuda"), {}
+    status, extra = ("measured" if cuda else "ran_without_cuda"), {"levers": levers}
+    extra["base_embedding_dtype"] = embedding_dtype
     try:
         kwargs = training_arguments_kwargs(recipe, precision)
+        kwargs.update(speed.training_arguments_overrides(decided))  # as trainer/train.py: checkpointing is set
         args = TrainingArguments(**kwargs, label_names=["labels"], disable_tqdm=True)
         data = RandomTokens(point.batch * recipe.training.max_steps, point.seq, config["vocab_size"])
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+        collator = speed.FlatteningCollator() if decided.padding_free.on else default_data_collator
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
         if cuda:
             gc.collect()
             torch.cuda.reset_peak_memory_stats()
@@ -465,8 +587,9 @@ def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str
     finally:
         extra["train_seconds"] = round(time.time() - started, 1)
         trainer = None
-        model.unload()  # LoRA layers out, the 4-bit base back as it was
+        model.unload()  # LoRA layers out (fused forwards with them)
         model = None
+        undo_levers(base, trainer_model.torch_dtype(precision.compute_dtype), restore_llama)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

@@ -3,9 +3,12 @@ peak against the measured `torch.cuda.max_memory_reserved` (and allocated), erro
 
     python3 bench/memory_table.py bench/results/memory_accuracy.json [more.json ...] [--fit]
 
---fit also refits the planner's two fragmentation constants (reserved - allocated, as fractions of the
-logits buffers and of the activations) by least squares on the measured points, to paste into
-qlora_doctor/memory/estimate.py with the measurement they came from.
+--fit also refits the planner's fragmentation constants (reserved - allocated, as fractions of the
+logits buffers and of the activations) by least squares on the measured points, separately for each
+calibration path the planner used (`predicted.calibration`: `plain` -> FRAGMENTATION_*, `fast` ->
+FAST_FRAGMENTATION_*; results from before the fast path count as plain), to paste into
+qlora_doctor/memory/estimate.py with the measurement they came from. Where a path's points cannot
+separate the two (with Liger the logits buffer is one small chunk), only the activations fraction is fitted.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ def table(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> str:
         versions = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items() if v)
         lines.append(f"Measured on {run.get('device') or 'an unknown device'} ({versions}) by "
                      f"`{run.get('command')}`, {run.get('started_at')}.")
-    lines += ["", "| model | seq | micro-batch | checkpointing | LoRA r | predicted reserved | measured reserved "
+    lines += ["", "| path | model | seq | micro-batch | checkpointing | LoRA r | predicted reserved | measured reserved "
               "| error | predicted allocated | measured allocated | error |",
-              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         pred = p.get("predicted") or {}
-        head = (f"| {p['shape']} | {p['seq']} | {p['batch']} | {'on' if p['checkpointing'] else 'off'} | {p['r']} "
+        ckpt = "off" if not p["checkpointing"] else "on" if p.get("checkpoint_layers", "all") == "all" \
+            else f"first {p['checkpoint_layers']}"
+        head = (f"| {_path_label(p)} | {p['shape']} | {p['seq']} | {p['batch']} | {ckpt} | {p['r']} "
                 f"| {_gib(pred.get('peak_reserved_bytes'))} ")
         measured = p.get("measured")
         if p.get("status") == "measured" and measured:
@@ -61,7 +66,31 @@ def table(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _path_label(p: dict[str, Any]) -> str:
+    """The variant, and the levers the trainer turned on (from the point's `levers`)."""
+    levers = p.get("levers") or {}
+    on = [name for name, lever in levers.items() if lever.get("on") and name in ("upcast_unquantized", "liger_kernel",
+                                                                                  "fused_lora")]
+    return p.get("variant", "plain") + (f" ({', '.join(on)})" if on else "")
+
+
+def calibration_of(p: dict[str, Any]) -> str:
+    return (p.get("predicted") or {}).get("calibration", "plain")
+
+
 def fit_fragmentation(points: list[dict[str, Any]]) -> str:
+    """One fit per calibration path (see the module docstring)."""
+    names = {"plain": ("FRAGMENTATION_LOGITS", "FRAGMENTATION_ACTIVATIONS"),
+             "fast": ("FAST_FRAGMENTATION_LOGITS", "FAST_FRAGMENTATION_ACTIVATIONS")}
+    out = []
+    for path, (logits_name, acts_name) in names.items():
+        some = [p for p in points if calibration_of(p) == path]
+        if some:
+            out.append(f"{path} path: " + _fit(some, logits_name, acts_name))
+    return "\n".join(out) or "fit: no points"
+
+
+def _fit(points: list[dict[str, Any]], logits_name: str, acts_name: str) -> str:
     """Least squares for reserved - allocated = a * logits + b * activations (measured points only)."""
     rows = []
     for p in points:
@@ -80,11 +109,17 @@ def fit_fragmentation(points: list[dict[str, Any]]) -> str:
     sly = sum(l * y for l, _, y in rows)
     say = sum(a * y for _, a, y in rows)
     det = sll * saa - sla * sla
-    if det == 0:
-        return "fit: the points do not separate logits from activations"
+    if det <= 1e-6 * sll * saa:
+        # Logits and activations move together (or there are no logits): one fraction of their sum.
+        sxx = sum((l + a) ** 2 for l, a, _ in rows)
+        if sxx == 0:
+            return "fit: no logits or activations in the predicted breakdowns"
+        b = sum((l + a) * y for l, a, y in rows) / sxx
+        return (f"fit on {len(rows)} points (logits not separable, one fraction for both): {acts_name} = {b:.3f} "
+                f"(keep {logits_name}; qlora_doctor/memory/estimate.py)")
     a = (sly * saa - say * sla) / det
     b = (sll * say - sla * sly) / det
-    return (f"fit on {len(rows)} points: FRAGMENTATION_LOGITS = {a:.3f}, FRAGMENTATION_ACTIVATIONS = {b:.3f} "
+    return (f"fit on {len(rows)} points: {logits_name} = {a:.3f}, {acts_name} = {b:.3f} "
             "(qlora_doctor/memory/estimate.py)")
 
 

@@ -286,3 +286,168 @@ def test_a_large_evaluation_batch_can_be_the_peak():
     plan = plan_for(counts, with_eval, "card", gpu)
     fix = next(s for s in plan.suggestions if s.kind == "eval_batch")
     assert fix.fits and dict(fix.changes) == {"training.per_device_eval_batch_size": 2}
+
+
+# --- the fast path: `performance:` levers (qlora_doctor/trainer/speed.py) ------------------------------
+
+FAST = dict(upcast_unquantized=False, liger_kernel=True, fused_lora=True)
+
+
+def _liger_available(monkeypatch):
+    """liger-kernel as on the GPU machine (installed, patches llama); it is not installed here."""
+    from qlora_doctor.trainer import speed
+
+    monkeypatch.setattr(speed, "liger_installed", lambda: True)
+    monkeypatch.setattr(speed, "liger_supported_model_types", lambda: frozenset({"llama", "qwen2"}))
+
+
+def _rows(e, prefix):
+    return sum(b for n, b in e.breakdown if n.startswith(prefix))
+
+
+def test_fast_path_8b_is_far_below_the_plain_path(tmp_path, monkeypatch):
+    _liger_available(monkeypatch)
+    recipe = _recipe(tmp_path, LLAMA3_8B, batch=8, seq=2048)
+    h100 = machine(gpus=[GPU_80GB])
+    with_eval = plan_recipe(recipe, h100)
+    s = with_eval.settings
+    assert (s.upcast_unquantized, s.liger_kernel, s.fused_lora, s.checkpoint_layers) == (False, True, True, "all")
+    # Evaluation still builds full logits (Liger's forward does outside training): with them gone from
+    # training, an evaluation batch of 8 is this recipe's peak.
+    assert s.eval_micro_batch == 8 and with_eval.peak_phase == "eval"
+    counts = count_parameters(LLAMA3_8B)
+    fast = plan_for(counts, replace(s, eval_micro_batch=None), None, None)
+    plain = plan_for(counts, replace(s, eval_micro_batch=None, upcast_unquantized=True, liger_kernel=False,
+                                     fused_lora=False), None, None)
+    assert plain.total_bytes / GIB > 50 and fast.total_bytes / GIB < 16
+    assert fast.calibration == "fast" and plain.calibration == "plain"
+    parts = dict(fast.breakdown)
+    assert "logits and loss buffers" not in parts  # no b*s*vocab logits at all
+    assert "lm_head weight cast for autocast" not in parts
+    assert parts["embeddings, lm_head, norms (bfloat16)"] == 2 * (count_parameters(LLAMA3_8B).total
+                                                                 - count_parameters(LLAMA3_8B).linear)
+    # the checkpointed inputs are bf16: half of the plain path's float32 residual stream
+    assert parts["activations: checkpointed layer inputs"] < 0.6 * dict(plain.breakdown)[
+        "activations: checkpointed layer inputs"]
+
+
+def test_liger_chunk_follows_liger_kernels_formula():
+    from qlora_doctor.memory.activations import liger_chunk_tokens
+
+    # inc_factor = cdiv(128256, 4096) = 32; next_power_of_2(cdiv(16384, 32)) = 512
+    assert liger_chunk_tokens(8 * 2048, 128256, 4096) == 512
+    assert liger_chunk_tokens(3 * 1000, 128256, 4096) == 128  # cdiv(3000, 32) = 94 -> 128
+    assert liger_chunk_tokens(20, 1000, 64) == 2  # cdiv(1000, 64) = 16; cdiv(20, 16) = 2
+    assert liger_chunk_tokens(5, 100, 4096) == 5  # one chunk never exceeds the tokens
+
+
+@pytest.mark.parametrize("gc", [True, False])
+def test_each_lever_moves_the_prediction_the_right_way(gc):
+    plain = dict(micro_batch=4, gradient_checkpointing=gc, lora_dropout=0.05)
+    fast = {**plain, **FAST}
+    base, all_on = _est(**plain), _est(**fast)
+    assert all_on.total_bytes < base.total_bytes
+    for lever, value in (("upcast_unquantized", False), ("liger_kernel", True), ("fused_lora", True)):
+        on_plain = _est(**{**plain, lever: value})
+        off_fast = _est(**{**fast, lever: not value})
+        assert on_plain.total_bytes < base.total_bytes, lever
+        assert off_fast.total_bytes > all_on.total_bytes, lever
+    # Liger's kernels save fewer per-layer tensors too (SwiGLU: gate and up, not the activation).
+    no_ckpt = dict(micro_batch=1, gradient_checkpointing=False, upcast_unquantized=False)
+    assert (_rows(_est(**no_ckpt, liger_kernel=True), "activations: all layers")
+            < _rows(_est(**no_ckpt, liger_kernel=False), "activations: all layers"))
+    # fused LoRA: no dropout masks or copies; without dropout peft saves shared inputs too, so less gain
+    with_dropout = _rows(_est(**no_ckpt, fused_lora=False), "activations") - _rows(_est(**no_ckpt, fused_lora=True), "activations")
+    no_dropout = (_rows(_est(**no_ckpt, lora_dropout=0.0, fused_lora=False), "activations")
+                  - _rows(_est(**no_ckpt, lora_dropout=0.0, fused_lora=True), "activations"))
+    assert with_dropout > 0 and 0 <= no_dropout < with_dropout
+
+
+def test_selective_checkpointing_is_between_all_and_none():
+    def total(**kw):
+        return _est(micro_batch=4, **FAST, **kw).total_bytes
+
+    everything, none = total(checkpoint_layers="all"), total(gradient_checkpointing=False)
+    half, quarter = total(checkpoint_layers=0.5), total(checkpoint_layers=8)
+    assert everything < half < quarter < none
+    assert total(checkpoint_layers=0) == none and total(checkpoint_layers=1.0) == everything
+    e = _est(micro_batch=4, checkpoint_layers=0.5)  # the plain path but for this lever
+    assert e.calibration == "fast"
+    assert any("(16 of 32 layers)" in n for n, _ in e.breakdown)
+    assert _est(micro_batch=4, gradient_checkpointing=False).calibration == "plain"
+
+
+def test_suggestions_turn_on_checkpointing_for_every_layer():
+    counts = count_parameters(LLAMA3_8B)
+    settings = TrainSettings(micro_batch=8, seq_len=2048, optim="adamw_torch", checkpoint_layers=0.25, **FAST)
+    plan = plan_for(counts, settings, "24 GB card", 24 * GIB)
+    assert plan.fits is False
+    ckpt = next(s for s in plan.suggestions if s.kind == "gradient_checkpointing")
+    assert dict(ckpt.changes) == {"training.gradient_checkpointing": True, "performance.checkpoint_layers": "all"}
+    assert ckpt.total_bytes == estimate(counts, replace(settings, checkpoint_layers="all")).total_bytes
+
+
+def _recipe_with(tmp_path, performance: str = "", training: str = "", lora: str = ""):
+    path = _recipe_dir(tmp_path, LLAMA3_8B)
+    text = path.read_text() + training
+    if lora:
+        text += f"lora:\n{lora}"
+    if performance:
+        text += f"performance:\n{performance}"
+    path.write_text(text)
+    from qlora_doctor.trainer.recipe import load_recipe
+
+    return load_recipe(path)
+
+
+@pytest.mark.parametrize("liger", [True, False])
+@pytest.mark.parametrize("performance, training, lora", [
+    ("", "", ""),
+    ("  upcast_unquantized: true\n  checkpoint_layers: all\n  liger_kernel: false\n  fused_lora: false\n"
+     "  padding_free: false\n  group_by_length: false\n", "", ""),
+    ("  checkpoint_layers: 0.5\n  liger_kernel: true\n  torch_compile: true\n", "", ""),
+    ("  checkpoint_layers: 0\n", "", ""),
+    ("", "  gradient_checkpointing: false\n", ""),
+    ("  padding_free: true\n", "", "  use_dora: true\n"),
+])
+def test_planner_decides_levers_exactly_as_the_trainer(tmp_path, monkeypatch, liger, performance, training, lora):
+    from qlora_doctor.memory.plan import settings_from_recipe
+    from qlora_doctor.trainer import speed
+    from qlora_doctor.trainer.recipe import resolve_precision
+
+    if liger:
+        _liger_available(monkeypatch)
+    recipe = _recipe_with(tmp_path, performance, training, lora)
+    for m in (machine(gpus=[GPU_80GB]), machine(gpus=[], driver_version=""),
+              machine(gpus=[{"name": "Tesla T4", "compute_capability": "7.5", "memory_total_mib": 15360}])):
+        trainer = speed.speed_plan(recipe, resolve_precision(recipe, m), "llama")
+        s = settings_from_recipe(recipe, m)  # model type read from the recipe's local config.json
+        assert s.levers == tuple(trainer.levers())
+        assert (s.upcast_unquantized, s.gradient_checkpointing, s.checkpoint_layers, s.liger_kernel, s.fused_lora) == (
+            trainer.upcast_unquantized.on, trainer.checkpointing.on, trainer.checkpoint_layers,
+            trainer.liger_kernel.on, trainer.fused_lora.on)
+
+
+def test_plan_notes_say_which_levers_are_assumed(tmp_path):
+    recipe = _recipe_with(tmp_path, "  torch_compile: true\n")
+    plan = plan_recipe(recipe, machine(gpus=[GPU_80GB]))
+    notes = " ".join(plan.notes)
+    assert "liger_kernel off (liger-kernel is not installed" in notes  # as in this environment
+    assert "every micro-batch is counted as full" in notes  # group_by_length is on by default
+    assert "torch_compile" in notes
+    data = plan.to_json()
+    assert data["settings"]["levers"][0] == {"name": "upcast_unquantized", "on": False,
+                                             "reason": "unquantized weights stay in the compute dtype"}
+    assert data["calibration"] == "fast"
+
+
+@pytest.mark.parametrize("batch, gc, dropout, reserved_gib", [(8, True, 0.0, 14.5), (4, False, 0.0, 43.5)])
+def test_fast_path_first_principles_check(batch, gc, dropout, reserved_gib):
+    # Not fitted: an off-the-shelf probe on one H100 (Llama-3-8B shape, seq 2048, r=16 all-linear, NF4 +
+    # double quant, no fp32 upcast, non-reentrant checkpointing, Liger's kernels, peft's LoRA) measured
+    # 14.5 GiB reserved at batch 8 with checkpointing and 43.5 GiB at batch 4 without. Its peft LoRA
+    # cannot have stored dropout copies and masks (117 KB per token per layer would not fit 43.5 GiB),
+    # so it is compared with dropout 0. The FAST_FRAGMENTATION_* priors are the plain path's.
+    e = _est(micro_batch=batch, gradient_checkpointing=gc, lora_dropout=dropout, upcast_unquantized=False,
+             liger_kernel=True)
+    assert e.peak_reserved_bytes / GIB == pytest.approx(reserved_gib, rel=0.10)

@@ -3,6 +3,7 @@ anything is downloaded, and say what fits (`qlora-doctor plan`).
 
     model.py     the config (builtin, local folder or hub) and parameters counted on the meta device
     estimate.py  the peak of one training step, part by part, with every constant explained
+    activations.py  what a step keeps per token, on the plain path and with each speed lever
     plan.py      the fit against the machine's smallest GPU, and suggestions when it does not fit
     render.py    the terminal table (used by the CLI only)
 """

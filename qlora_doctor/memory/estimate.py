@@ -1,31 +1,54 @@
 """Peak GPU memory of one QLoRA training step, from parameter counts and the run's settings.
 
 The model of a step is what `qlora_doctor.trainer.model.load_for_training` builds and the transformers
-Trainer runs: the base loaded in the compute dtype and quantized by bitsandbytes,
-`prepare_model_for_kbit_training` (which upcasts every non-4-bit parameter to float32 and enables
-non-reentrant gradient checkpointing), peft LoRA adapters (float32), and the forward under autocast
-(`bf16`/`fp16` in TrainingArguments). Because the embeddings are float32 after that upcast, the residual
-stream between layers is float32 too: autocast only changes what matmuls and attention produce.
+Trainer runs: the base loaded in the compute dtype and quantized by bitsandbytes, prepared for training
+as the recipe's `performance:` levers say (`qlora_doctor/trainer/speed.py`, decided by its `speed_plan`;
+`settings_from_recipe` in plan.py carries the decisions here), peft LoRA adapters (float32), and the
+forward under autocast (`bf16`/`fp16` in TrainingArguments).
+
+Two paths, lever by lever (per-token counts in activations.py):
+  * the plain path (upcast_unquantized: true, checkpoint_layers: all, Liger and fused LoRA off) is peft's
+    `prepare_model_for_kbit_training`: every non-4-bit parameter upcast to float32, so the embeddings'
+    output and with it the residual stream between layers is float32 (autocast only changes what matmuls
+    and attention produce), full float32 logits through transformers' loss, every layer checkpointed;
+  * upcast_unquantized: false keeps embeddings, norms and lm_head in the compute dtype, so the residual
+    stream is in the compute dtype and lm_head needs no autocast copy;
+  * checkpoint_layers: the first N layers keep only their input, the others all their activations;
+  * liger_kernel: the fused linear cross-entropy never builds the b*s*vocab logits (a chunk of them plus
+    the saved gradient of lm_head's input instead); its RMSNorm and SwiGLU save fewer tensors;
+  * fused_lora: one saved input per distinct input tensor and no dropout masks.
+padding_free / group_by_length only ever shorten batches (the planner assumes every sequence is
+max_seq_length), and torch_compile's memory effect is not modelled (plan.py notes both).
 
 Peak = static memory (weights, adapters, optimizer) + the largest of these moments:
-  * the loss: every layer's saved activations (or, with checkpointing, each layer's input) plus the
-    logits buffers;
-  * with checkpointing, the recompute of one layer: its full activations and its gradients;
-  * evaluation (per_device_eval_batch_size, no grad): its logits through the float32 loss.
+  * the loss: every layer's saved activations (a checkpointed layer: its input only) plus the
+    logits/loss buffers;
+  * with checkpointing, the recompute of one layer: its full activations and its gradients (by then the
+    layers that are not checkpointed, the last ones, have run their backward and freed theirs);
+  * evaluation (per_device_eval_batch_size, no grad): its logits through the float32 loss (Liger's
+    forward builds full logits outside training too).
 `torch.cuda.max_memory_reserved` adds the caching allocator's fragmentation; the GPU also holds the CUDA
 context, which torch does not count.
 
-Every constant below says where it comes from. The fitted ones (FRAGMENTATION_*, LOGITS_*) were
-calibrated on one H100 measurement (Llama-3-8B shape, seq 2048, NF4 + double quant, LoRA r=16 on all
+Every constant says where it comes from. The fitted ones (FRAGMENTATION_*, LOGITS_*) were calibrated on
+one H100 measurement of the plain path (Llama-3-8B shape, seq 2048, NF4 + double quant, LoRA r=16 on all
 linear layers, checkpointing, bf16 autocast): batch 8 -> 44.4 GiB allocated / 57.5 GiB reserved,
-batch 4 -> 26.6 / 32.9 GiB. Refit them from `bench/memory_accuracy.py` (see `bench/memory_table.py --fit`).
+batch 4 -> 26.6 / 32.9 GiB. The fast path's fragmentation (FAST_FRAGMENTATION_*) is a prior until GPU
+points refit it. Refit both from `bench/memory_accuracy.py` (see `bench/memory_table.py --fit`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from qlora_doctor.memory.model import LinearShape, ModelCounts, lora_targets
+if TYPE_CHECKING:
+    from qlora_doctor.trainer.speed import Lever
+
+from qlora_doctor.memory import activations as per_token
+from qlora_doctor.memory.activations import (  # noqa: F401 - re-exported: the calibrated constants
+    ACTIVATION_MASK_BYTES, LOGITS_COMPUTE_COPIES, LOGITS_FP32_COPIES, Levers)
+from qlora_doctor.memory.model import ModelCounts, lora_targets
 
 MIB = 2**20
 GIB = 2**30
@@ -41,14 +64,6 @@ CUDA_CONTEXT_BYTES = 512 * MIB
 """The CUDA context, kernels loaded lazily (CUDA_MODULE_LOADING=LAZY, the default since CUDA 11.7) plus
 cuBLAS/cuDNN handles: about 500 MiB on an H100 with torch 2.x; not part of torch's reserved memory."""
 
-LOGITS_FP32_COPIES = 3
-"""In the loss's backward three float32 b*s*vocab tensors are alive together: log_softmax's output (saved
-for its backward), the gradient of the loss w.r.t. it (from nll_loss's backward) and the gradient w.r.t. the
-logits that log_softmax's backward produces (transformers' ForCausalLMLoss upcasts logits to float32)."""
-LOGITS_COMPUTE_COPIES = 1
-"""Plus one b*s*vocab tensor in the activation dtype (the logits lm_head produced): the calibration
-measurement's peak is one such tensor above the three float32 ones."""
-
 FRAGMENTATION_LOGITS = 0.44
 """Reserved minus allocated, as a fraction of the logits buffers: these are by far the largest blocks, and
 each step the allocator cannot fit them into the holes the previous step left (LoRA grads and optimizer
@@ -59,8 +74,13 @@ FRAGMENTATION_ACTIVATIONS = 0.10
 """Reserved minus allocated for the per-layer activations: same-sized tensors allocated and freed in stack
 order each step, so little; 10% is a prior until GPU measurements without checkpointing refit it."""
 
-ACTIVATION_MASK_BYTES = 1
-"""Dropout keeps a bool mask (1 byte per element) for backward."""
+FAST_FRAGMENTATION_LOGITS = FRAGMENTATION_LOGITS
+"""FRAGMENTATION_LOGITS for a run on the fast path (any memory lever off the plain path). A prior (the plain
+path's value) until `bench/memory_table.py --fit` refits it on fast-path points; with Liger the only
+logits buffer is one chunk, so it matters only where Liger is off."""
+FAST_FRAGMENTATION_ACTIVATIONS = FRAGMENTATION_ACTIVATIONS
+"""FRAGMENTATION_ACTIVATIONS for a run on the fast path: a prior (the plain path's value) until
+`bench/memory_table.py --fit` refits it on fast-path points."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +105,15 @@ class TrainSettings:
     """The Trainer's bf16 or fp16 (forward under autocast)."""
     eval_micro_batch: int | None = None
     """per_device_eval_batch_size when the run evaluates; None without evaluation."""
+    # The `performance:` levers as speed.speed_plan decided them; the defaults are the plain path.
+    upcast_unquantized: bool = True
+    """Non-4-bit weights in float32 (peft's prepare); false: in the compute dtype. Only with load_in_4bit."""
+    checkpoint_layers: str | int | float = "all"
+    """With gradient_checkpointing: `all`, the first N layers, or a fraction of them (speed.checkpointed_indices)."""
+    liger_kernel: bool = False
+    fused_lora: bool = False
+    levers: tuple[Lever, ...] = ()
+    """Every lever with its reason, as `speed.speed_plan` decided it (empty when not made from a recipe)."""
 
     @property
     def tokens(self) -> int:
@@ -143,22 +172,45 @@ class Estimate:
     """What the GPU must hold: reserved + the CUDA context (+ paged optimizer states)."""
     peak_phase: str
     """`loss`, `recompute` or `eval`: the moment of the run the peak is at."""
+    calibration: str
+    """`plain` or `fast`: whose fitted fragmentation constants apply (see calibration_path)."""
     trainable_params: int
     notes: tuple[str, ...]
+
+
+def checkpointed_layers(counts: ModelCounts, s: TrainSettings) -> int:
+    """How many decoder layers recompute in the backward (the trainer's own selection rule)."""
+    from qlora_doctor.trainer.speed import checkpointed_indices
+
+    if not s.gradient_checkpointing:
+        return 0
+    return len(checkpointed_indices(s.checkpoint_layers, counts.num_layers))
+
+
+def calibration_path(counts: ModelCounts, s: TrainSettings) -> str:
+    """`plain` when the run is the path the FRAGMENTATION_* constants were fitted on (fp32 upcast with
+    4-bit, no Liger, no fused LoRA, checkpointing all layers or none), else `fast`."""
+    selective = 0 < checkpointed_layers(counts, s) < counts.num_layers
+    no_upcast = s.load_in_4bit and not s.upcast_unquantized
+    return "fast" if (no_upcast or s.liger_kernel or s.fused_lora or selective) else "plain"
 
 
 def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     """Predict the peak of a training step (after the first, when optimizer states exist)."""
     notes: list[str] = []
     compute = _DTYPE_BYTES[s.compute_dtype]
-    # prepare_model_for_kbit_training casts every fp16/bf16 parameter that is not 4-bit to float32;
-    # without 4-bit loading there is no prepare, and everything stays in the compute dtype.
-    unquantized = 4 if s.load_in_4bit else compute
+    # peft's prepare (upcast_unquantized) casts every fp16/bf16 parameter that is not 4-bit to float32;
+    # without it, or without 4-bit loading, everything stays in the compute dtype.
+    unquantized = 4 if s.load_in_4bit and s.upcast_unquantized else compute
     # What matmuls and attention produce: the autocast dtype, or without autocast the residual
     # stream's dtype (bnb casts its output back to its input's dtype).
     act = compute if s.mixed_precision else unquantized
-    # The residual stream starts as the embedding output (float32 after prepare) and adds keep it so.
+    # The residual stream starts as the embedding output and adds keep its dtype.
     residual = unquantized
+    levers = Levers(liger_kernel=s.liger_kernel, fused_lora=s.fused_lora)
+    path = calibration_path(counts, s)
+    frag_logits, frag_acts = ((FRAGMENTATION_LOGITS, FRAGMENTATION_ACTIVATIONS) if path == "plain"
+                              else (FAST_FRAGMENTATION_LOGITS, FAST_FRAGMENTATION_ACTIVATIONS))
 
     rows: list[tuple[str, int]] = []
     if s.load_in_4bit:
@@ -176,7 +228,7 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     name = "float32" if unquantized == 4 else s.compute_dtype
     rows.append((f"embeddings, lm_head, norms ({name})", kept * unquantized))
     if s.mixed_precision and unquantized != compute:
-        # Autocast casts lm_head's float32 weight for the matmul; the copy is saved for the backward.
+        # Autocast casts lm_head's float32 weight for the matmul (Liger's chunks: for each chunk).
         rows.append(("lm_head weight cast for autocast", counts.vocab_size * counts.hidden_size * compute))
 
     targets = lora_targets(counts, s.lora_targets)
@@ -184,8 +236,9 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
         notes.append(f"lora.target_modules {s.lora_targets!r} matches no linear layer of this model")
     trainable = counts.num_layers * sum(s.lora_r * (t.in_features + t.out_features) for t in targets)
     # peft keeps adapters in float32 (autocast_adapter_dtype); grads are float32; autocast caches a
-    # compute-dtype copy of each adapter weight, which the backward keeps.
-    lora_copy = compute if s.mixed_precision else 0
+    # compute-dtype copy of each adapter weight, which the backward keeps. Fused LoRA casts them inside
+    # its own function (no autocast op), so nothing is cached.
+    lora_copy = compute if s.mixed_precision and not s.fused_lora else 0
     rows.append(("LoRA weights + gradients (float32)", trainable * (8 + lora_copy)))
     states, known = optimizer_state_bytes(s.optim, trainable, s.lora_r)
     if not known:
@@ -200,37 +253,14 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
         rows.append((f"optimizer states ({s.optim})", states))
     static = sum(b for _, b in rows)
 
-    tokens = s.tokens
-    mask = ACTIVATION_MASK_BYTES if s.lora_dropout > 0 else 0
-    layer_saved = _layer_saved_per_token(counts, targets, s.lora_r, act, residual, mask)
-    layer_input = counts.hidden_size * residual
-    # The backward of one layer: gradients of the MLP's three intermediate tensors and of the residual.
-    layer_working = 3 * counts.intermediate_size * act + 2 * counts.hidden_size * 4
-    head = counts.hidden_size * (residual + act)  # final norm output + lm_head's input cast
-    logits = counts.vocab_size * (LOGITS_FP32_COPIES * 4 + LOGITS_COMPUTE_COPIES * act)
-
-    if s.gradient_checkpointing:
-        kept_acts = counts.num_layers * layer_input + head
-        recompute = layer_saved - layer_input + layer_working
-        if logits >= recompute:
-            phase = "loss"
-            activation_rows = [("activations: checkpointed layer inputs", kept_acts * tokens),
-                               ("logits and loss buffers", logits * tokens)]
-        else:
-            phase = "recompute"
-            activation_rows = [("activations: checkpointed layer inputs", kept_acts * tokens),
-                               ("activations: one layer recomputed + its gradients", recompute * tokens)]
-    else:
-        phase = "loss"
-        activation_rows = [("activations: all layers", (counts.num_layers * layer_saved + head) * tokens),
-                           ("logits and loss buffers", max(logits, layer_working) * tokens)]
+    activation_rows, phase = _step_activations(counts, s, targets, act, residual, levers)
     if s.eval_micro_batch:
         # Evaluation runs between steps without grad: nothing saved per layer, but its logits go through
         # the same float32 loss (compute-dtype logits, their float32 copy, log_softmax's output).
         eval_tokens = s.eval_micro_batch * s.seq_len
         eval_logits = counts.vocab_size * (act + 4 + 4) * eval_tokens
         eval_hidden = 3 * counts.hidden_size * residual * eval_tokens
-        if eval_logits + eval_hidden > sum(b for _, b in activation_rows) * (1 + FRAGMENTATION_LOGITS):
+        if eval_logits + eval_hidden > sum(b for _, b in activation_rows) * (1 + frag_logits):
             phase = "eval"
             activation_rows = [("activations: evaluation forward (no grad)", eval_hidden),
                                ("logits and loss buffers (evaluation)", eval_logits)]
@@ -239,8 +269,8 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
 
     logits_bytes = sum(b for n, b in activation_rows if n.startswith("logits"))
     activation_bytes = sum(b for n, b in activation_rows if n.startswith("activations"))
-    fragmentation = int(FRAGMENTATION_LOGITS * logits_bytes + FRAGMENTATION_ACTIVATIONS * activation_bytes)
-    rows.append(("allocator fragmentation (reserved - allocated)", fragmentation))
+    fragmentation = int(frag_logits * logits_bytes + frag_acts * activation_bytes)
+    rows.append((f"allocator fragmentation (reserved - allocated, {path} path)", fragmentation))
     reserved = allocated + fragmentation
     outside = CUDA_CONTEXT_BYTES
     if paged:
@@ -250,23 +280,46 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     assert static > 0
     return Estimate(breakdown=tuple((n, int(b)) for n, b in rows), peak_allocated_bytes=int(allocated),
                     peak_reserved_bytes=int(reserved), total_bytes=int(reserved + outside),
-                    peak_phase=phase, trainable_params=trainable, notes=tuple(notes))
+                    peak_phase=phase, calibration=path, trainable_params=trainable, notes=tuple(notes))
 
 
-def _layer_saved_per_token(counts: ModelCounts, targets: tuple[LinearShape, ...], r: int, act: int,
-                           residual: int, mask: int) -> int:
-    """Bytes one decoder layer keeps for its backward, per token, without checkpointing.
+def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act: int, residual: int,
+                      levers: Levers) -> tuple[list[tuple[str, int]], str]:
+    """The activation rows of the larger of the loss and recompute moments, and which it is.
 
-    * the two residual-stream tensors the two RMSNorms save (the layer's input, the post-attention sum);
-    * per LoRA-wrapped linear: its input cast to the activation dtype for lora_A (autocast makes a fresh
-      copy for every adapter, and lora_A's backward needs it), the dropout mask, and lora_A's r outputs.
-      bitsandbytes' 4-bit matmul saves no input (its weight is frozen), so plain 4-bit layers add nothing;
-    * attention (SDPA, memory-efficient/flash: no s x s matrix): q, k, v and the output;
-    * the MLP: gate and up outputs and the activation's output (SwiGLU), or the first projection's.
-    """
-    h, inter = counts.hidden_size, counts.intermediate_size
-    norms = 2 * h * residual
-    lora = sum(t.in_features * (act + mask) + r * act for t in targets)
-    attention = (2 * counts.q_dim + 2 * counts.kv_dim) * act
-    mlp = (3 if counts.gated_mlp else 1) * inter * act
-    return norms + lora + attention + mlp
+    Row names matter: fragmentation applies FRAGMENTATION_LOGITS to rows named `logits...` and
+    FRAGMENTATION_ACTIVATIONS to rows named `activations...`."""
+    tokens, layers = s.tokens, counts.num_layers
+    layer_saved = per_token.layer_saved_per_token(counts, targets, s.lora_r, act, residual, s.lora_dropout > 0, levers)
+    layer_input = counts.hidden_size * residual
+    working = per_token.layer_working_per_token(counts, act, residual, levers)
+    head = per_token.head_per_token(counts, act, residual, levers)
+    checkpointed = checkpointed_layers(counts, s)
+
+    if levers.liger_kernel:
+        chunk, hidden = per_token.liger_loss_bytes(counts, tokens, act, residual)
+        loss_rows = [("logits: one chunk of Liger's fused linear cross-entropy", chunk),
+                     ("activations: lm_head input and its gradient (fused cross-entropy)", hidden)]
+        if checkpointed < layers and working * tokens > chunk + hidden:
+            # the backward of the layers that keep their activations needs more than the loss did
+            loss_rows = [("activations: one layer's backward (gradients)", working * tokens)]
+    else:
+        logits = per_token.full_logits_per_token(counts, act)
+        loss_rows = [("logits and loss buffers", (max(logits, working) if checkpointed < layers else logits) * tokens)]
+
+    if checkpointed == 0:
+        return [("activations: all layers", (layers * layer_saved + head) * tokens)] + loss_rows, "loss"
+    if checkpointed == layers:
+        stored = [("activations: checkpointed layer inputs", (layers * layer_input + head) * tokens)]
+    else:
+        stored = [(f"activations: checkpointed layer inputs ({checkpointed} of {layers} layers)",
+                   checkpointed * layer_input * tokens),
+                  (f"activations: the {layers - checkpointed} layers not checkpointed",
+                   ((layers - checkpointed) * layer_saved + head) * tokens)]
+    recompute = (layer_saved - layer_input + working) * tokens
+    # At a recompute the layers not checkpointed (the last ones) have freed theirs already.
+    at_recompute = [("activations: checkpointed layer inputs", (checkpointed * layer_input + head) * tokens),
+                    ("activations: one layer recomputed + its gradients", recompute)]
+    if sum(b for _, b in stored + loss_rows) >= sum(b for _, b in at_recompute):
+        return stored + loss_rows, "loss"
+    return at_recompute, "recompute"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from qlora_doctor.memory.estimate import GIB, TrainSettings, estimate
+from qlora_doctor.memory.estimate import GIB, TrainSettings, checkpointed_layers, estimate
 from qlora_doctor.memory.model import ModelCounts, count_parameters, load_model_config
 
 if TYPE_CHECKING:
@@ -61,6 +61,8 @@ class Plan:
     """Predicted GPU memory in use at the peak: reserved + the CUDA context (+ paged optimizer states)."""
     peak_phase: str
     """Where the peak is: `loss` (logits), `recompute` (a checkpointed layer's backward) or `eval`."""
+    calibration: str
+    """`plain` or `fast`: whose fitted constants applied (estimate.calibration_path)."""
     gpu_name: str | None
     """The GPU judged; None without an NVIDIA GPU."""
     gpu_bytes: int | None
@@ -94,20 +96,44 @@ def smallest_gpu(machine: Machine) -> tuple[str | None, int | None]:
     return gpu.name, (gpu.memory_total_mib or 0) * 2**20
 
 
-def settings_from_recipe(recipe: Recipe, machine: Machine) -> TrainSettings:
-    """The recipe's memory-relevant settings, with `auto` precision resolved for `machine`."""
+def settings_from_recipe(recipe: Recipe, machine: Machine, model_type: str | None = None,
+                         attn_implementation: str | None = None) -> TrainSettings:
+    """The recipe's memory-relevant settings for `machine`: `auto` precision resolved as the trainer
+    resolves it, and the `performance:` levers decided by the trainer's own `speed.speed_plan` (with the
+    model's type: `model_type`, else read from a builtin or local model's config as `check --recipe` does).
+    Liger's decision depends on this Python environment (is liger-kernel installed), as the trainer's does
+    where it runs."""
+    from qlora_doctor.trainer import speed
     from qlora_doctor.trainer.recipe import resolve_precision
 
     precision = resolve_precision(recipe, machine)
+    levers = speed.speed_plan(recipe, precision, model_type or speed.recipe_model_type(recipe), attn_implementation)
     q, lora, t = recipe.quantization, recipe.lora, recipe.training
     targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     return TrainSettings(
         micro_batch=t.per_device_train_batch_size, seq_len=t.max_seq_length,
-        grad_accum=t.gradient_accumulation_steps, gradient_checkpointing=t.gradient_checkpointing,
+        grad_accum=t.gradient_accumulation_steps, gradient_checkpointing=levers.checkpointing.on,
         optim=t.optim, lora_r=lora.r, lora_targets=targets, lora_dropout=lora.lora_dropout,
         load_in_4bit=q.load_in_4bit, double_quant=q.bnb_4bit_use_double_quant,
         compute_dtype=precision.compute_dtype, mixed_precision=precision.bf16 or precision.fp16,
-        eval_micro_batch=_eval_batch(recipe))
+        eval_micro_batch=_eval_batch(recipe), upcast_unquantized=levers.upcast_unquantized.on,
+        checkpoint_layers=levers.checkpoint_layers, liger_kernel=levers.liger_kernel.on,
+        fused_lora=levers.fused_lora.on, levers=tuple(levers.levers()))
+
+
+def lever_notes(settings: TrainSettings) -> list[str]:
+    """What the prediction assumes about the levers that do not change its shape."""
+    on = {lever.name: lever for lever in settings.levers}
+    notes = []
+    liger = on.get("liger_kernel")
+    if liger is not None and not liger.on:
+        notes.append(f"liger_kernel off ({liger.reason}): the full logits and their float32 loss are counted")
+    if any(on[n].on for n in ("padding_free", "group_by_length") if n in on):
+        notes.append("padding_free/group_by_length only shorten batches: every micro-batch is counted as "
+                     "full (max_seq_length tokens per example)")
+    if "torch_compile" in on and on["torch_compile"].on:
+        notes.append("torch_compile: its effect on memory (fused kernels, compile-time buffers) is not modelled")
+    return notes
 
 
 def _eval_batch(recipe: Recipe) -> int | None:
@@ -134,8 +160,10 @@ def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True) ->
                      "these modules and their optimizer states are not counted")
     if not machine.nvidia_gpus:
         notes.append("no NVIDIA GPU on this machine: the prediction is for the same settings on a GPU")
-    return plan_for(counts, settings_from_recipe(recipe, machine), name, gpu_bytes, model=m.name_or_path,
-                    extra_notes=tuple(notes))
+    settings = settings_from_recipe(recipe, machine, model_type=counts.model_type,
+                                    attn_implementation=config.get("_attn_implementation"))
+    notes += lever_notes(settings)
+    return plan_for(counts, settings, name, gpu_bytes, model=m.name_or_path, extra_notes=tuple(notes))
 
 
 def plan_for(counts: ModelCounts, settings: TrainSettings, gpu_name: str | None, gpu_bytes: int | None,
@@ -147,7 +175,7 @@ def plan_for(counts: ModelCounts, settings: TrainSettings, gpu_name: str | None,
     return Plan(model=model, settings=settings, parameters=counts.total, trainable_parameters=est.trainable_params,
                 breakdown=est.breakdown, peak_allocated_bytes=est.peak_allocated_bytes,
                 peak_reserved_bytes=est.peak_reserved_bytes, total_bytes=est.total_bytes,
-                peak_phase=est.peak_phase, gpu_name=gpu_name, gpu_bytes=gpu_bytes, fits=fits,
+                peak_phase=est.peak_phase, calibration=est.calibration, gpu_name=gpu_name, gpu_bytes=gpu_bytes, fits=fits,
                 suggestions=suggestions, notes=est.notes + extra_notes)
 
 
@@ -167,9 +195,9 @@ def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Sugge
     out: list[Suggestion] = []
     # Smaller steps first as the recipe has them; without checkpointing, also combined with it.
     bases = [(s, (), "")]
-    if not s.gradient_checkpointing:
-        bases.append((replace(s, gradient_checkpointing=True), (("training.gradient_checkpointing", True),),
-                      " and gradient_checkpointing: true"))
+    full_ckpt = _checkpoint_all(counts, s)
+    if full_ckpt is not None:
+        bases.append((full_ckpt[0], full_ckpt[1], " and " + full_ckpt[2]))
     # The largest micro-batch that fits and divides the effective batch, so it stays exactly the same;
     # the recipe's checkpointing kept unless turning it on allows a larger one.
     best: tuple[int, Suggestion] | None = None
@@ -217,13 +245,11 @@ def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Sugge
             out.append(Suggestion("eval_batch", f"per_device_eval_batch_size {eval_batch}",
                                   (("training.per_device_eval_batch_size", eval_batch),),
                                   total(replace(s, eval_micro_batch=eval_batch)), True))
-    if not s.gradient_checkpointing:
-        candidate = replace(s, gradient_checkpointing=True)
+    if full_ckpt is not None:
+        candidate, changes, text = full_ckpt
         t = total(candidate)
-        out.append(Suggestion("gradient_checkpointing",
-                              f"gradient_checkpointing: true saves {(total(s) - t) / GIB:.1f} GiB"
-                              + ("" if t <= gpu_bytes else " (not enough alone)"),
-                              (("training.gradient_checkpointing", True),), t, t <= gpu_bytes))
+        out.append(Suggestion("gradient_checkpointing", f"{text} saves {(total(s) - t) / GIB:.1f} GiB"
+                              + ("" if t <= gpu_bytes else " (not enough alone)"), changes, t, t <= gpu_bytes))
     if s.optim != FALLBACK_OPTIMIZER:
         candidate = replace(s, optim=FALLBACK_OPTIMIZER)
         t = total(candidate)
@@ -233,11 +259,23 @@ def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Sugge
                                   (("training.optim", FALLBACK_OPTIMIZER),), t, t <= gpu_bytes))
     if not any(x.fits for x in out):
         floor = replace(s, micro_batch=1, seq_len=min(s.seq_len, SEQ_STEP), gradient_checkpointing=True,
-                        optim=FALLBACK_OPTIMIZER)
+                        checkpoint_layers="all", optim=FALLBACK_OPTIMIZER)
         out.append(Suggestion("gpu", f"even micro-batch 1, {floor.seq_len} tokens, checkpointing and "
                               f"{FALLBACK_OPTIMIZER} need {total(floor) / GIB:.1f} GiB: use a GPU with more "
                               "memory or a smaller model", (), total(floor), False))
     return out
+
+
+def _checkpoint_all(counts: ModelCounts, s: TrainSettings) -> tuple[TrainSettings, tuple[tuple[str, Any], ...], str] | None:
+    """Checkpointing every layer, when the run does not: (settings, recipe changes, text); else None."""
+    if checkpointed_layers(counts, s) == counts.num_layers:
+        return None
+    changes: tuple[tuple[str, Any], ...] = (("training.gradient_checkpointing", True),)
+    text = "gradient_checkpointing: true"
+    if s.checkpoint_layers != "all":
+        changes += (("performance.checkpoint_layers", "all"),)
+        text += " with performance.checkpoint_layers: all"
+    return replace(s, gradient_checkpointing=True, checkpoint_layers="all"), changes, text
 
 
 def _at_batch(s: TrainSettings, batch: int, grad_accum: int) -> TrainSettings:

@@ -21,6 +21,9 @@ def print_plan(plan: Plan) -> None:
     console.print(f"[bold]step[/]: micro-batch {s.micro_batch} x {s.seq_len} tokens, gradient accumulation "
                   f"{s.grad_accum}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.optim}, "
                   f"compute {s.compute_dtype}{' (autocast)' if s.mixed_precision else ''}", highlight=False)
+    if s.levers:
+        on = ", ".join(lever.name for lever in s.levers if lever.on) or "none"
+        console.print(f"[bold]performance levers on[/]: {on} ({plan.calibration}-path calibration)", highlight=False)
     table = Table(show_lines=False, expand=False)
     table.add_column("part at the peak", overflow="fold")
     table.add_column("memory", justify="right")
