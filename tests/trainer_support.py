@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_TRAIN = REPO / "recipes" / "data" / "demo" / "train.jsonl"
 
 
-def write_tiny_recipe(folder: Path, rows: int = 8, **training: object) -> Path:
+def write_tiny_recipe(folder: Path, rows: int = 4, **training: object) -> Path:
     """A recipe like the demo, shrunk to seconds on a CPU: the first `rows` demo rows, evaluated on the
     same rows (so a few steps must lower the eval loss), short sequences, a checkpoint every 2 steps."""
     import yaml
@@ -36,7 +36,7 @@ def write_tiny_recipe(folder: Path, rows: int = 8, **training: object) -> Path:
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     settings = {
         "output_dir": str(folder / "out"), "max_steps": 4, "learning_rate": 1.0e-3,
-        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "max_seq_length": 96,
+        "per_device_train_batch_size": 2, "per_device_eval_batch_size": 4, "max_seq_length": 96,
         "gradient_checkpointing": False, "optim": "adamw_torch", "lr_scheduler_type": "constant",
         "warmup_steps": 0, "logging_steps": 1, "eval_strategy": "no", "save_steps": 2,
         "save_total_limit": 3, "seed": 0,
