@@ -190,14 +190,20 @@ def schema(output: Path | None) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace training.output_dir when a previous run is in it.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one recipe value, e.g. --set training.max_steps=10 (repeatable).")
+@click.option("--print-launch", is_flag=True,
+              help="distributed recipes: print the `accelerate launch` command for each host of a multi-host "
+                   "job (started by a scheduler) and exit, without checking or training.")
 def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: bool, resume: bool,
-        overwrite: bool, overrides: tuple[str, ...]) -> None:
+        overwrite: bool, overrides: tuple[str, ...], print_launch: bool) -> None:
     """Check the environment, then fine-tune RECIPE (a name like `demo`, or a path) with QLoRA.
 
     Writes the adapter, tokenizer, resolved recipe, check report, package lock, manifest, metrics and a
     loss plot to training.output_dir. Exit 0 when training finished, 1 when a check failed (nothing
     is loaded), 2 for a bad recipe or an output folder in use, 128+N when signal N stopped training
     after saving a checkpoint.
+
+    With `distributed.strategy: ddp` or `fsdp` the checks run here and training runs in
+    `distributed.num_processes` processes started by `accelerate launch` (trainer/distributed.py).
     """
     import shlex
 
@@ -214,9 +220,19 @@ def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: 
     argv += [flag for flag, on in (("--skip-check", skip_check), ("--resume", resume),
                                    ("--overwrite", overwrite)) if on]
     argv += ["--machine", str(machine_file)] if machine_file else []
+    if print_launch:
+        click.echo(_launch_text(recipe, machine, recipe_path, overrides, machine_file), nl=False)
+        return
     try:
-        result = run_recipe(recipe, machine, where=str(recipe_path), skip_check=skip_check, resume=resume,
-                            overwrite=overwrite, command=shlex.join(argv))
+        if recipe.distributed.strategy != "none":
+            from qlora_doctor.trainer.distributed import run_distributed
+
+            result = run_distributed(recipe, machine, recipe_path, where=str(recipe_path), overrides=overrides,
+                                     skip_check=skip_check, resume=resume, overwrite=overwrite,
+                                     machine_file=machine_file, command=shlex.join(argv))
+        else:
+            result = run_recipe(recipe, machine, where=str(recipe_path), skip_check=skip_check, resume=resume,
+                                overwrite=overwrite, command=shlex.join(argv))
     except RunRefused as refused:
         from qlora_doctor.doctor.render import print_report
         from qlora_doctor.redact import redact_data
@@ -232,6 +248,21 @@ def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: 
         import signal
 
         sys.exit(128 + signal.Signals[result.stopped_by].value)
+
+
+def _launch_text(recipe, machine, recipe_path: Path, overrides: tuple[str, ...], machine_file: Path | None) -> str:
+    from qlora_doctor.errors import InputError
+    from qlora_doctor.trainer.distributed import (launch_argv, print_launch_text, resolve_num_processes,
+                                                  worker_args)
+    from qlora_doctor.trainer.recipe import resolve_precision
+
+    if recipe.distributed.strategy == "none":
+        raise InputError(f"{recipe_path}: --print-launch needs `distributed.strategy: ddp` or `fsdp` in the recipe "
+                         "(or --set distributed.strategy=ddp)")
+    args = worker_args(recipe_path, overrides, parent_report="-", machine_file=machine_file)
+    argv = launch_argv(recipe, resolve_precision(recipe, machine), resolve_num_processes(recipe, machine, str(recipe_path)),
+                       args, python="python3", multi_host=True)
+    return print_launch_text(argv)
 
 
 def _print_run(result, recipe_name: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from qlora_doctor.doctor.distributed_checks import DISTRIBUTED_CHECKS
 from qlora_doctor.doctor.machine import Gpu, Machine
 from qlora_doctor.doctor.report import Check
 from qlora_doctor.trainer.recipe import Precision, Recipe, gpu_supports_bf16, resolve_precision
@@ -165,6 +166,8 @@ def memory_fit_check(recipe: Recipe, machine: Machine, precision: Precision) -> 
     """The memory planner's predicted peak against the smallest GPU (see qlora_doctor/memory/check.py)."""
     from qlora_doctor.memory.check import memory_fit_check as planned_fit
 
+    if recipe.distributed.strategy == "fsdp":  # one rank holds a shard: distributed_checks judges that
+        return None
     return planned_fit(recipe, machine, precision)
 
 
@@ -182,6 +185,7 @@ RECIPE_CHECKS: tuple[RecipeCheck, ...] = (
     optimizer_device_check,
     memory_fit_check,
     performance_check,
+    *DISTRIBUTED_CHECKS,  # distributed.strategy ddp/fsdp only (qlora_doctor/doctor/distributed_checks.py)
 )
 """Run in this order. Append new checks (e.g. memory fit) here."""
 

@@ -16,8 +16,17 @@ if TYPE_CHECKING:
     from qlora_doctor.trainer.recipe import Precision, Recipe
 
 
-def device_map(precision: Precision) -> dict[str, Any]:
-    return {"": 0} if precision.device == "cuda" else {"": "cpu"}
+def device_map(precision: Precision, strategy: str = "none") -> dict[str, Any] | None:
+    """Where the weights load. Under `accelerate launch` (distributed.strategy ddp) each rank takes the
+    GPU of its LOCAL_RANK; under fsdp None, so that transformers' FSDP-aware loading (rank 0 reads, the
+    others stay on the meta device) runs and FSDP places the shards."""
+    import os
+
+    if strategy == "fsdp":
+        return None
+    if precision.device != "cuda":
+        return {"": "cpu"}
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
 def torch_dtype(name: str) -> Any:
@@ -57,6 +66,9 @@ def quantization_config(recipe: Recipe, precision: Precision) -> Any:
 
     kwargs = recipe.quantization.bnb_kwargs(precision)
     kwargs["bnb_4bit_compute_dtype"] = torch_dtype(kwargs["bnb_4bit_compute_dtype"])
+    if recipe.distributed.strategy == "fsdp" and "bnb_4bit_quant_storage" not in kwargs:
+        # FSDP flattens the 4-bit weights with the 16-bit ones: they must share a storage dtype.
+        kwargs["bnb_4bit_quant_storage"] = kwargs["bnb_4bit_compute_dtype"]
     if "bnb_4bit_quant_storage" in kwargs:
         kwargs["bnb_4bit_quant_storage"] = torch_dtype(kwargs["bnb_4bit_quant_storage"])
     return BitsAndBytesConfig(**kwargs)
@@ -73,7 +85,8 @@ def load_base(recipe: Recipe, precision: Precision, path: str, quantized: bool =
         trust_remote_code=recipe.model.trust_remote_code,
         quantization_config=quantization_config(recipe, precision) if quantized else None,
         dtype=torch_dtype(precision.compute_dtype),
-        device_map=device_map(precision),
+        device_map=device_map(precision, recipe.distributed.strategy),
+        low_cpu_mem_usage=True,
     )
 
 

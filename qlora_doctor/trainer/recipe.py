@@ -295,6 +295,32 @@ class PerformanceSection(Section):
         return value
 
 
+class DistributedSection(Section):
+    """Training on several GPUs of one machine through `accelerate launch` (launcher:
+    `qlora_doctor/trainer/distributed.py`). `none` trains on one GPU in the `qlora-doctor run` process;
+    `ddp` keeps one whole 4-bit model per GPU; `fsdp` shards the 4-bit model across the GPUs
+    (FSDP-QLoRA, for a model that does not fit one GPU)."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = Field(
+        default="none", description="none: one process, one GPU; ddp: one model copy per GPU; fsdp: the "
+        "model sharded across the GPUs (needs quantization.bnb_4bit_quant_storage equal to the compute dtype).")
+    num_processes: Union[Literal["auto"], int] = Field(
+        default="auto", description="Processes (one per GPU) on this machine; auto: every visible GPU.")
+    main_process_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Port of rank 0's rendezvous (accelerate's default 29500 when null).")
+    fsdp_auto_wrap_layer: str | None = Field(
+        default=None, min_length=1, description="fsdp: the decoder layer class to wrap (default: the "
+        "model's own `_no_split_modules`, e.g. LlamaDecoderLayer).")
+    fsdp_offload_params: bool = Field(default=False, description="fsdp: keep parameter shards in CPU RAM (slow).")
+
+    @field_validator("num_processes")
+    @classmethod
+    def _process_count(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and not 1 <= value <= 1024:
+            raise ValueError(f"must be between 1 and 1024 (one per GPU) or `auto`, got {value}")
+        return value
+
+
 def training_conflicts(training: Any) -> list[str]:
     """Keys of the training section that contradict each other. Takes the raw mapping too, so that
     these are reported even when another training key has the wrong type."""
@@ -321,6 +347,18 @@ class Recipe(Section):
     dataset: DatasetSection
     training: TrainingSection
     performance: PerformanceSection = PerformanceSection()
+    distributed: DistributedSection = DistributedSection()
+
+    @model_validator(mode="after")
+    def _fsdp_quant_storage(self) -> Recipe:
+        q = self.quantization
+        if (self.distributed.strategy == "fsdp" and q.load_in_4bit and q.bnb_4bit_quant_storage is not None
+                and q.bnb_4bit_quant_storage == "uint8"):
+            raise ValueError(CROSS_FIELD_MARK + "distributed.strategy: fsdp with quantization.bnb_4bit_quant_storage: "
+                             "uint8: FSDP cannot shard uint8 weights together with bf16 ones; set "
+                             "`quantization.bnb_4bit_quant_storage: bfloat16` (the compute dtype) or leave it unset "
+                             "(fsdp then stores 4-bit weights in the compute dtype)")
+        return self
 
 
 # --- resolving `auto` for one machine -------------------------------------------------------------
@@ -405,6 +443,9 @@ def training_arguments_kwargs(recipe: Recipe, precision: Precision) -> dict[str,
             kwargs["warmup_ratio"] = ratio
         else:  # transformers >= 5: a float in [0, 1) is a ratio of the total steps
             kwargs["warmup_steps"] = ratio
+    if recipe.distributed.strategy != "none":
+        # Every LoRA weight gets a gradient each step; without this DDP walks the graph for unused ones.
+        kwargs["ddp_find_unused_parameters"] = False
     if not _training_arguments_accept("gradient_checkpointing") or _training_arguments_accept(
             "activation_checkpointing"):  # transformers 5.x renamed it and warns on the old name
         kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
@@ -582,7 +623,7 @@ def display_path(path: Path) -> str:
     return str(path) if relative.startswith("..") else relative
 
 __all__ = [
-    "DATA_SUFFIXES", "DatasetSection", "LoraSection", "ModelSection", "PerformanceSection", "Precision", "QuantizationSection",
+    "DATA_SUFFIXES", "DatasetSection", "DistributedSection", "LoraSection", "ModelSection", "PerformanceSection", "Precision", "QuantizationSection",
     "Recipe", "TrainingSection", "apply_overrides", "display_path", "find_recipe", "format_validation_errors",
     "gpu_supports_bf16", "load_recipe", "recipe_from_dict", "recipe_json_schema", "recipe_summary",
     "resolve_precision", "training_arguments_kwargs",

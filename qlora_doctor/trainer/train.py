@@ -6,6 +6,10 @@ Order, so that nothing is loaded or deleted for a run that will be refused:
   2. the doctor's checks with the recipe (RunRefused, exit 1) unless --skip-check;
   3. only then: replace the folder (--overwrite), write a `running` manifest, load, train, save.
 
+Under `accelerate launch` (distributed.strategy ddp/fsdp, see trainer/distributed.py) every rank runs
+`run_recipe` with the parent's output plan and check report (`output_plan`, `diagnose`), and only rank 0
+writes files.
+
 SIGTERM during training makes the Trainer save a checkpoint at the end of the current step and stop;
 the run then ends with status `stopped` and `--resume` continues it.
 """
@@ -67,11 +71,16 @@ class RunResult:
 
 def run_recipe(recipe: Recipe, machine: Machine, *, where: str, skip_check: bool = False,
                resume: bool = False, overwrite: bool = False, command: str = "qlora-doctor run",
-               diagnose: Callable[..., Report] | None = None) -> RunResult:
-    """Train `recipe` on `machine` and write its output folder. `where` names the recipe in messages."""
+               diagnose: Callable[..., Report] | None = None,
+               output_plan: outputs.OutputPlan | None = None) -> RunResult:
+    """Train `recipe` on `machine` and write its output folder. `where` names the recipe in messages.
+    `output_plan`: the folder decision a launching parent already made (distributed workers)."""
+    from qlora_doctor.trainer.distributed import rank_info
+
     started = time.perf_counter()
     started_at = _now()
-    plan = outputs.plan_output_dir(Path(recipe.training.output_dir), resume, overwrite, where)
+    main = rank_info().is_main
+    plan = output_plan or outputs.plan_output_dir(Path(recipe.training.output_dir), resume, overwrite, where)
     if diagnose is None:
         from qlora_doctor.doctor.checks import diagnose
     report = diagnose(machine, recipe=recipe)
@@ -81,22 +90,31 @@ def run_recipe(recipe: Recipe, machine: Machine, *, where: str, skip_check: bool
     from qlora_doctor.trainer.recipe import resolve_precision
 
     precision = resolve_precision(recipe, machine)
-    if plan.replace_existing:
-        outputs.clear_output_dir(plan.output_dir)
     out = plan.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(recipe, machine, precision, command, started_at, skip_check, report, plan)
-    outputs.write_json(out / outputs.MANIFEST, manifest)
-    outputs.write_json(out / outputs.REPORT, report.to_json())
-    outputs.write_atomic(out / outputs.LOCKFILE, outputs.lockfile_text(__version__, command))
-    outputs.write_atomic(out / outputs.RECIPE, resolved_recipe_yaml(recipe, precision, machine, command))
+    if main:
+        if plan.replace_existing:
+            outputs.clear_output_dir(plan.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        outputs.write_json(out / outputs.MANIFEST, manifest)
+        outputs.write_json(out / outputs.REPORT, report.to_json())
+        outputs.write_atomic(out / outputs.LOCKFILE, outputs.lockfile_text(__version__, command))
+        outputs.write_atomic(out / outputs.RECIPE, resolved_recipe_yaml(recipe, precision, machine, command))
 
     trained = _train(recipe, precision, plan)
 
     def save_adapter(tmp: Path) -> None:
-        trained.model.save_pretrained(tmp)
+        # FSDP: the adapter gathered from the shards (same files as a one-GPU run); else the model's own.
+        trained.model.save_pretrained(tmp, **({"state_dict": trained.state_dict} if trained.state_dict else {}))
         trained.tokenizer.save_pretrained(tmp)
 
+    if not main:  # the other ranks trained and took part in gathering; rank 0 writes
+        return RunResult(output_dir=out, status=trained.status, stopped_by=trained.metrics["stopped_by"],
+                         steps=trained.metrics["steps"], eval_loss_before=trained.metrics["eval_loss_before"],
+                         eval_loss_after=trained.metrics["eval_loss_after"],
+                         train_tokens_per_second=trained.metrics["train_tokens_per_second"],
+                         wall_seconds=time.perf_counter() - started, resumed_from=plan.resume_from,
+                         skip_check=skip_check, check_status=report.status, files=())
     written = outputs.save_dir_atomic(out, save_adapter)
     wall = time.perf_counter() - started
     metrics = {**trained.metrics, "wall_seconds": round(wall, 2)}
@@ -167,6 +185,8 @@ class _Trained:
     tokenizer: Any
     status: Literal["completed", "stopped"]
     metrics: dict[str, Any]
+    state_dict: dict[str, Any] | None = None
+    """FSDP: the full model state dict gathered on rank 0 (peft's save_pretrained keeps the adapter)."""
 
 
 def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _Trained:
@@ -220,8 +240,15 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _T
             eval_after = trainer.evaluate()["eval_loss"]
             history = trainer.state.log_history
 
+    state_dict = None
+    if trainer.is_fsdp_enabled:  # a collective: every rank gathers, rank 0 receives (on the CPU)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) or None
+    world = args.world_size
     metrics = {
         "status": status,
+        "world_size": world,
+        "distributed_strategy": recipe.distributed.strategy,
+        "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
         "stopped_by": stop.signal_name,
         "steps": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
@@ -240,7 +267,8 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _T
         "performance": speed_plan.to_json(),
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
     }
-    return _Trained(model=trainer.model, tokenizer=tokenizer, status=status, metrics=metrics)
+    model = trainer.accelerator.unwrap_model(trainer.model) if trainer.is_fsdp_enabled else trainer.model
+    return _Trained(model=model, tokenizer=tokenizer, status=status, metrics=metrics, state_dict=state_dict)
 
 
 def _round(value: float | None) -> float | None:

@@ -1,0 +1,211 @@
+"""`qlora-doctor run` on several GPUs: the `accelerate launch` command for a recipe's `distributed:`
+section, the environment the launched processes get, and the rank facts a worker reads.
+
+The parent (`qlora-doctor run`) checks the output folder and runs the doctor's checks once; only then
+does it start `accelerate launch ... --module qlora_doctor.trainer.worker RECIPE ...` as an argument
+list (never a shell string), with this process's environment passed through unchanged plus PYTHONPATH
+naming the folder qlora_doctor is imported from (so an uninstalled checkout works) - which also keeps
+NCCL's NVLink multicast guards (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
+NVSHMEM_DISABLE_NVLS=1) in every rank when they are set. Each rank runs `run_recipe`, the same
+training path as a one-GPU run; only rank 0 writes files.
+
+FSDP-QLoRA follows the transformers/peft recipe (https://huggingface.co/docs/peft/accelerate/fsdp,
+"Use PEFT QLoRA and FSDP for finetuning large models on multiple GPUs"; answerdotai/fsdp_qlora):
+4-bit weights stored in the compute dtype (`bnb_4bit_quant_storage`, set by trainer/model.py), FSDP1
+with `use_orig_params` (frozen and trainable weights in one flat parameter), transformer-based
+auto-wrap (accelerate wraps the model's `_no_split_modules`, e.g. LlamaDecoderLayer, unless
+`distributed.fsdp_auto_wrap_layer` names a class), `cpu_ram_efficient_loading` + `sync_module_states`
+(rank 0 reads the checkpoint, the others start on the meta device and receive it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from qlora_doctor.errors import InputError
+
+if TYPE_CHECKING:
+    from qlora_doctor.doctor.machine import Machine
+    from qlora_doctor.trainer.recipe import Precision, Recipe
+
+WORKER_MODULE = "qlora_doctor.trainer.worker"
+MULTICAST_GUARDS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+"""Environment variables that keep NCCL/torch/NVSHMEM off NVLink multicast; passed through when set."""
+ACCELERATE_SOURCES = (
+    "https://huggingface.co/docs/accelerate/package_reference/cli#accelerate-launch",
+    "https://huggingface.co/docs/peft/accelerate/fsdp",
+    "https://huggingface.co/docs/transformers/main/en/quantization/bitsandbytes",
+)
+MULTI_HOST_PLACEHOLDERS = {
+    "--num_machines": "$NUM_MACHINES",
+    "--machine_rank": "$MACHINE_RANK",
+    "--main_process_ip": "$MAIN_PROCESS_IP",
+}
+"""What `--print-launch` leaves to the scheduler: every host runs the same command with its own values."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in an `accelerate launch` job (all zeros / one when not launched)."""
+
+    rank: int
+    """Global rank (RANK); 0 writes the outputs."""
+    local_rank: int
+    """The GPU index on this host (LOCAL_RANK)."""
+    world_size: int
+    """Processes in the job (WORLD_SIZE)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def rank_info(environ: Mapping[str, str] | None = None) -> RankInfo:
+    """This process's rank, from the variables torchrun/accelerate set (defaults: a single process)."""
+    env = os.environ if environ is None else environ
+    return RankInfo(rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")),
+                    world_size=int(env.get("WORLD_SIZE", "1")))
+
+
+def resolve_num_processes(recipe: Recipe, machine: Machine, where: str) -> int:
+    """`distributed.num_processes` with `auto` decided: every NVIDIA GPU of the machine."""
+    wanted = recipe.distributed.num_processes
+    if wanted != "auto":
+        return int(wanted)
+    count = len(machine.nvidia_gpus)
+    if count == 0:
+        raise InputError(f"{where}: distributed.num_processes: auto found no NVIDIA GPU on this machine; set "
+                         "`distributed.num_processes: N` (with --print-launch for another machine) or "
+                         "`distributed.strategy: none`")
+    return count
+
+
+def mixed_precision_flag(precision: Precision) -> str:
+    return "bf16" if precision.bf16 else "fp16" if precision.fp16 else "no"
+
+
+def launch_argv(recipe: Recipe, precision: Precision, num_processes: int, worker_args: Sequence[str], *,
+                python: str = sys.executable, multi_host: bool = False) -> list[str]:
+    """The `accelerate launch` command, as an argument list, that starts `num_processes` workers on this
+    host running `python -m qlora_doctor.trainer.worker WORKER_ARGS`. `multi_host`: leave the machine
+    count, rank and rank 0's address to the scheduler (see MULTI_HOST_PLACEHOLDERS)."""
+    d = recipe.distributed
+    argv = [python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    if multi_host:
+        for flag, value in MULTI_HOST_PLACEHOLDERS.items():
+            argv += [flag, value]
+    else:
+        argv += ["--num_machines", "1"]
+    if d.main_process_port is not None:
+        argv += ["--main_process_port", str(d.main_process_port)]
+    argv += ["--mixed_precision", mixed_precision_flag(precision), "--dynamo_backend", "no"]
+    if d.strategy == "ddp" or precision.device == "cpu":
+        # accelerate's `--cpu` runs several processes only through mpirun; `--multi_gpu` starts them with
+        # torchrun, which on a machine without CUDA gives gloo ranks (how the CPU test runs DDP).
+        argv += ["--multi_gpu"]
+    if d.strategy == "fsdp":
+        argv += ["--use_fsdp", "--fsdp_version", "1",
+                 "--fsdp_sharding_strategy", "FULL_SHARD",
+                 "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+                 "--fsdp_use_orig_params", "true",
+                 "--fsdp_cpu_ram_efficient_loading", "true",
+                 "--fsdp_sync_module_states", "true",
+                 "--fsdp_offload_params", "true" if d.fsdp_offload_params else "false",
+                 "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
+        if d.fsdp_auto_wrap_layer:
+            argv += ["--fsdp_transformer_layer_cls_to_wrap", d.fsdp_auto_wrap_layer]
+    argv += ["--module", WORKER_MODULE, *worker_args]
+    return argv
+
+
+def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The launched processes' environment: this one, unchanged (multicast guards, CUDA_VISIBLE_DEVICES,
+    HF_HOME ... pass through), plus the folder qlora_doctor is imported from at the front of PYTHONPATH
+    so `python -m qlora_doctor.trainer.worker` finds the same code when it is not pip-installed."""
+    env = dict(os.environ if environ is None else environ)
+    package_root = str(Path(__file__).resolve().parent.parent.parent)
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if package_root not in parts:
+        parts.insert(0, package_root)
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")  # one tokenizer pool per rank would oversubscribe
+    return env
+
+
+def print_launch_text(argv: Sequence[str]) -> str:
+    """`--print-launch`: the command for each host of a multi-host job, with what to fill in."""
+    import shlex
+
+    command = shlex.join(argv)
+    for value in MULTI_HOST_PLACEHOLDERS.values():  # shlex quotes `$X`; leave it for the shell to expand
+        command = command.replace(shlex.quote(value), value)
+    return (
+        "# Run this on every host of the job (e.g. from an sbatch script), after `qlora-doctor check --recipe`.\n"
+        "# Fill in per host: NUM_MACHINES = hosts in the job; MACHINE_RANK = this host's index 0..NUM_MACHINES-1\n"
+        "# (e.g. $SLURM_NODEID); MAIN_PROCESS_IP = the address of host 0 (e.g. the first name in\n"
+        "# $SLURM_JOB_NODELIST), reachable from every host on the main process port.\n"
+        "# --num_processes counts the processes on ALL hosts (GPUs per host x NUM_MACHINES): edit it to match.\n"
+        "# The workers skip the doctor's checks (--parent-report -, recorded as not checked): run `qlora-doctor check --recipe` on one host first.\n"
+        f"{command}\n")
+
+
+def worker_args(recipe_path: Path, overrides: Sequence[str], *, parent_report: str, skip_check: bool = False,
+                replace_existing: bool = False, resume_from: Path | None = None, result_file: Path | None = None,
+                machine_file: Path | None = None, command: str | None = None) -> list[str]:
+    """The worker's arguments (see qlora_doctor/trainer/worker.py)."""
+    args = [str(recipe_path), *(f"--set={o}" for o in overrides), "--parent-report", parent_report]
+    args += ["--skip-check"] if skip_check else []
+    args += ["--replace-existing"] if replace_existing else []
+    args += ["--resume-from", str(resume_from)] if resume_from is not None else []
+    args += ["--result-file", str(result_file)] if result_file is not None else []
+    args += ["--machine", str(machine_file)] if machine_file is not None else []
+    args += ["--command", command] if command else []
+    return args
+
+
+def run_distributed(recipe: Recipe, machine: Machine, recipe_path: Path, *, where: str,
+                    overrides: Sequence[str] = (), skip_check: bool = False, resume: bool = False,
+                    overwrite: bool = False, machine_file: Path | None = None, command: str = "qlora-doctor run",
+                    diagnose=None, runner=None):
+    """`qlora-doctor run` for distributed.strategy ddp/fsdp: the output-folder decision and the doctor's
+    checks here, once; then `accelerate launch` of the workers, which train and (rank 0) write the same
+    outputs as a one-GPU run. `runner` (default subprocess.run) is the test seam. Returns the RunResult
+    rank 0 wrote."""
+    import json
+    import subprocess
+    import tempfile
+
+    from qlora_doctor.errors import CheckFailed
+    from qlora_doctor.trainer import outputs
+    from qlora_doctor.trainer.recipe import resolve_precision
+    from qlora_doctor.trainer.train import RunRefused, RunResult
+
+    plan = outputs.plan_output_dir(Path(recipe.training.output_dir), resume, overwrite, where)
+    if diagnose is None:
+        from qlora_doctor.doctor.checks import diagnose
+    report = diagnose(machine, recipe=recipe)
+    if report.status == "fail" and not skip_check:
+        raise RunRefused(report)
+    precision = resolve_precision(recipe, machine)
+    processes = resolve_num_processes(recipe, machine, where)
+    with tempfile.TemporaryDirectory(prefix="qlora-doctor-launch-") as tmp:
+        report_file, result_file = Path(tmp) / "parent-report.json", Path(tmp) / "result.json"
+        outputs.write_json(report_file, report.to_json())
+        args = worker_args(recipe_path.resolve(), overrides, parent_report=str(report_file), skip_check=skip_check,
+                           replace_existing=plan.replace_existing, resume_from=plan.resume_from,
+                           result_file=result_file, machine_file=machine_file, command=command)
+        argv = launch_argv(recipe, precision, processes, args)
+        completed = (runner or subprocess.run)(argv, env=child_environment(), check=False)
+        if not result_file.is_file():
+            raise CheckFailed(f"{where}: the {processes} training processes ({recipe.distributed.strategy}) exited "
+                              f"with status {completed.returncode} before rank 0 wrote its result; the error is "
+                              "above (search it with `qlora-doctor explain`)")
+        data = json.loads(result_file.read_text(encoding="utf-8"))
+    data["output_dir"] = Path(data["output_dir"])
+    data["resumed_from"] = Path(data["resumed_from"]) if data["resumed_from"] else None
+    data["files"] = tuple(data["files"])
+    return RunResult(**data)
