@@ -30,8 +30,11 @@ point, and points past the time budget (--budget-s) are recorded as skipped.
 Between points of one shape the 4-bit base stays loaded: the LoRA adapters are removed with
 `unload()`, what the levers did to the base is undone (Liger's per-module forwards and its patches of
 transformers' llama module, the plain path's float32 upcast, checkpointing flags), the allocator cache is
-emptied and the peak counters reset, so each point's peak counts the base weights plus that run. Plain
-points run before fast ones. `fresh_process` marks the first point of each shape.
+emptied (before and after the undo, so the undo's casts do not pin this run's cached blocks) and the peak
+counters reset, so each point's peak counts the base weights plus that run; `reserved_at_start_bytes`
+records what was reserved when the counters were reset (bench/memory_table.py leaves a point that
+started with cache out of the comparison). Plain points run before fast ones. `fresh_process` marks the
+first point of each shape.
 
 The 70B point: 140 GB of bf16 weights cannot be saved or loaded on the machine in time, so the base is
 built directly in 4-bit on the GPU (meta-device model, linear layers replaced by bnb Linear4bit and
@@ -568,12 +571,17 @@ def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
         if cuda:
             gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            # The reserved peak starts at what is reserved now: memory_table.py checks it held no cache.
+            at_start = {"reserved_at_start_bytes": torch.cuda.memory_reserved(),
+                        "allocated_at_start_bytes": torch.cuda.memory_allocated()}
         trainer.train()
         if cuda:
             torch.cuda.synchronize()
             free, total = torch.cuda.mem_get_info()
             extra["measured"] = {
+                **at_start,
                 "max_memory_allocated_bytes": torch.cuda.max_memory_allocated(),
                 "max_memory_reserved_bytes": torch.cuda.max_memory_reserved(),
                 "device_used_after_bytes": total - free,
@@ -589,6 +597,9 @@ def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str
         trainer = None
         model.unload()  # LoRA layers out (fused forwards with them)
         model = None
+        gc.collect()
+        if cuda:  # else undo_levers' casts land in this run's cached blocks and pin them for the next point
+            torch.cuda.empty_cache()
         undo_levers(base, trainer_model.torch_dtype(precision.compute_dtype), restore_llama)
         gc.collect()
         if cuda:

@@ -1,14 +1,23 @@
-"""Turn bench/memory_accuracy.py results into a Markdown table for the README: the planner's predicted
-peak against the measured `torch.cuda.max_memory_reserved` (and allocated), error in percent.
+"""Turn bench/memory_accuracy.py results into a Markdown table for the README: the memory planner's
+prediction, recomputed by the current planner code for every measured point, against the measured
+`torch.cuda.max_memory_reserved` (and allocated), error in percent.
 
-    python3 bench/memory_table.py bench/results/memory_accuracy.json [more.json ...] [--fit]
+    python3 bench/memory_table.py bench/results/memory_accuracy_h100.json [more.json ...] [--fit]
 
---fit also refits the planner's fragmentation constants (reserved - allocated, as fractions of the
-logits buffers and of the activations) by least squares on the measured points, separately for each
-calibration path the planner used (`predicted.calibration`: `plain` -> FRAGMENTATION_*, `fast` ->
-FAST_FRAGMENTATION_*; results from before the fast path count as plain), to paste into
-qlora_doctor/memory/estimate.py with the measurement they came from. Where a path's points cannot
-separate the two (with Liger the logits buffer is one small chunk), only the activations fraction is fitted.
+Each point is replayed with the settings it ran with and the levers the trainer decided (`levers` in the
+point, from speed.py), so the table always says what the planner predicts now, not what it predicted
+when the point was measured (the stored `predicted` is ignored).
+
+A point whose measured reserved peak includes allocator cache left by an earlier point of the same
+process is marked and left out of the fit and of the error summary (`inherited_cache`): the bench resets
+the peak counters per point, and `reset_peak_memory_stats` starts the reserved peak at what is reserved
+then. Results that record `reserved_at_start_bytes` say so exactly; older ones are judged by a bound.
+
+--fit refits the planner's three fragmentation constants (reserved - allocated = FRAGMENTATION_LOGITS *
+logits rows + FRAGMENTATION_WORKING * working rows + FRAGMENTATION_BYTES) by least squares on the usable
+points of every path together, and reports the errors in sample, leave-one-out and with each model shape
+held out (fit on the others), to paste into qlora_doctor/memory/estimate.py with the measurement they
+came from.
 """
 
 from __future__ import annotations
@@ -19,21 +28,88 @@ import sys
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
 GIB = 2**30
+INHERITED_CACHE_TOLERANCE_BYTES = 256 * 2**20
+"""Cache carried into a point below this is noise (the allocator's small segments)."""
 
 
 def load(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(runs, points): each point carries its run's `shapes` under `config`."""
     runs, points = [], []
     for path in paths:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             sys.exit(f"{path}: cannot read the results ({err}); pass the JSON bench/memory_accuracy.py wrote")
-        if not isinstance(data, dict) or "points" not in data:
-            sys.exit(f"{path}: no `points` in it; pass the JSON bench/memory_accuracy.py wrote")
+        if not isinstance(data, dict) or "points" not in data or "shapes" not in data:
+            sys.exit(f"{path}: no `points`/`shapes` in it; pass the JSON bench/memory_accuracy.py wrote")
         runs.append({"file": str(path), **{k: data.get(k) for k in ("device", "versions", "command", "started_at")}})
-        points.extend(data["points"])
+        for p in data["points"]:
+            points.append({**p, "config": data["shapes"].get(p["shape"])})
     return runs, points
+
+
+def settings_of(point: dict[str, Any]) -> Any:
+    """The planner's TrainSettings for a measured point: bench_recipe's settings (adamw_torch, LoRA on all
+    linear layers, dropout 0.05, NF4 + double quant, bf16 autocast) and the levers as the trainer decided
+    them for that run."""
+    from qlora_doctor.memory.estimate import TrainSettings
+
+    levers = point.get("levers") or {}
+
+    def on(name: str, default: bool) -> bool:
+        return bool(levers[name]["on"]) if name in levers else default
+
+    return TrainSettings(
+        micro_batch=point["batch"], seq_len=point["seq"], gradient_checkpointing=point["checkpointing"],
+        optim="adamw_torch", lora_r=point["r"], lora_targets="all-linear", lora_dropout=0.05,
+        load_in_4bit=True, double_quant=True, compute_dtype="bfloat16", mixed_precision=True,
+        upcast_unquantized=on("upcast_unquantized", point.get("variant") == "plain"),
+        checkpoint_layers=point.get("checkpoint_layers", "all"),
+        liger_kernel=on("liger_kernel", False), fused_lora=on("fused_lora", False))
+
+
+def replay(point: dict[str, Any]) -> Any:
+    """The current planner's Estimate for a measured point."""
+    from qlora_doctor.memory.estimate import estimate
+    from qlora_doctor.memory.model import count_parameters
+
+    return estimate(count_parameters(point["config"], where=f"shape {point['shape']}"), settings_of(point))
+
+
+def is_measured(point: dict[str, Any]) -> bool:
+    return point.get("status") == "measured" and bool(point.get("measured")) and point.get("config") is not None
+
+
+def inherited_cache(point: dict[str, Any], est: Any) -> str | None:
+    """Why the point's measured reserved peak includes cache from an earlier point, or None.
+
+    Recorded (`reserved_at_start_bytes`, `allocated_at_start_bytes`): the cache at the start. Otherwise a
+    bound: cached free blocks (reserved - allocated at the peak) larger than everything the point
+    allocated on top of the base model it started with cannot have come from the point itself."""
+    m = point["measured"]
+    if "reserved_at_start_bytes" in m:
+        carried = m["reserved_at_start_bytes"] - m.get("allocated_at_start_bytes", 0)
+        if carried > INHERITED_CACHE_TOLERANCE_BYTES:
+            return f"{carried / GIB:.2f} GiB of allocator cache reserved at the start of the point"
+        return None
+    parts = dict(est.breakdown)
+    base = sum(b for n, b in parts.items() if n.startswith(("4-bit weights", "quantization constants",
+                                                              "embeddings, lm_head, norms")))
+    own = m["max_memory_allocated_bytes"] - base
+    cached = m["max_memory_reserved_bytes"] - m["max_memory_allocated_bytes"]
+    if cached > own + INHERITED_CACHE_TOLERANCE_BYTES:
+        return (f"{cached / GIB:.2f} GiB cached at the peak, more than the {own / GIB:.2f} GiB the point allocated "
+                "beyond its base model: cache left by the previous point")
+    return None
+
+
+def error_pct(predicted: int, measured: int) -> float:
+    return 100 * (predicted / measured - 1)
 
 
 def table(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> str:
@@ -42,28 +118,49 @@ def table(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> str:
         versions = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items() if v)
         lines.append(f"Measured on {run.get('device') or 'an unknown device'} ({versions}) by "
                      f"`{run.get('command')}`, {run.get('started_at')}.")
-    lines += ["", "| path | model | seq | micro-batch | checkpointing | LoRA r | predicted reserved | measured reserved "
-              "| error | predicted allocated | measured allocated | error |",
-              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "Predictions recomputed by the current planner (`python3 bench/memory_table.py "
+              + " ".join(_shown(r["file"]) for r in runs) + "`).",
+              "", "| path | model | seq | micro-batch | checkpointing | LoRA r | predicted reserved | measured reserved "
+              "| error | predicted allocated | measured allocated | error | peak at |",
+              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    errors, alloc_errors, excluded = [], [], []
     for p in points:
-        pred = p.get("predicted") or {}
         ckpt = "off" if not p["checkpointing"] else "on" if p.get("checkpoint_layers", "all") == "all" \
             else f"first {p['checkpoint_layers']}"
-        head = (f"| {_path_label(p)} | {p['shape']} | {p['seq']} | {p['batch']} | {ckpt} | {p['r']} "
-                f"| {_gib(pred.get('peak_reserved_bytes'))} ")
-        measured = p.get("measured")
-        if p.get("status") == "measured" and measured:
-            lines.append(head + f"| {_gib(measured['max_memory_reserved_bytes'])} | {p['error_reserved_pct']:+.1f}% "
-                         f"| {_gib(pred.get('peak_allocated_bytes'))} | {_gib(measured['max_memory_allocated_bytes'])} "
-                         f"| {p['error_allocated_pct']:+.1f}% |")
-        else:
+        head = f"| {_path_label(p)} | {p['shape']} | {p['seq']} | {p['batch']} | {ckpt} | {p['r']} "
+        if not is_measured(p):
             why = p.get("reason") or p.get("error") or p.get("status")
-            lines.append(head + f"| {p.get('status')}: {str(why)[:80]} | | {_gib(pred.get('peak_allocated_bytes'))} | | |")
-    errors = [abs(p["error_reserved_pct"]) for p in points if p.get("error_reserved_pct") is not None]
+            lines.append(head + f"| | {p.get('status')}: {str(why)[:80]} | | | | | |")
+            continue
+        est, m = replay(p), p["measured"]
+        er = error_pct(est.peak_reserved_bytes, m["max_memory_reserved_bytes"])
+        ea = error_pct(est.peak_allocated_bytes, m["max_memory_allocated_bytes"])
+        why = inherited_cache(p, est)
+        mark = ""
+        if why:
+            excluded.append((p["name"], er, why))
+            mark = f" [^{len(excluded)}]"
+        else:
+            errors.append(abs(er))
+        alloc_errors.append(abs(ea))
+        lines.append(head + f"| {_gib(est.peak_reserved_bytes)} | {_gib(m['max_memory_reserved_bytes'])} "
+                     f"| {er:+.1f}%{mark} | {_gib(est.peak_allocated_bytes)} | {_gib(m['max_memory_allocated_bytes'])} "
+                     f"| {ea:+.1f}% | {est.peak_phase} |")
     if errors:
-        lines += ["", f"{len(errors)} measured points; largest reserved error {max(errors):.1f}%, "
-                      f"{sum(e <= 10 for e in errors)} within 10%."]
+        lines += ["", f"{len(errors)} measured points compared; largest reserved error {max(errors):.1f}%, "
+                      f"{sum(e <= 10 for e in errors)} within 10%; largest allocated error "
+                      f"{max(alloc_errors):.1f}% (all {len(alloc_errors)} points)."]
+    for i, (name, er, why) in enumerate(excluded, 1):
+        lines += ["", f"[^{i}]: {name}: not compared ({why}; {er:+.1f}% against that peak). "
+                      "bench/memory_accuracy.py now empties the cache before undoing a point's levers and "
+                      "records `reserved_at_start_bytes`."]
     return "\n".join(lines)
+
+
+def _shown(file: str) -> str:
+    """A results file as the command to regenerate the table names it: relative to the repository."""
+    path = Path(file).resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.as_posix()
 
 
 def _path_label(p: dict[str, Any]) -> str:
@@ -74,53 +171,78 @@ def _path_label(p: dict[str, Any]) -> str:
     return p.get("variant", "plain") + (f" ({', '.join(on)})" if on else "")
 
 
-def calibration_of(p: dict[str, Any]) -> str:
-    return (p.get("predicted") or {}).get("calibration", "plain")
+# --- the fit ---------------------------------------------------------------------------------------------
+
+FIT_NAMES = ("FRAGMENTATION_LOGITS", "FRAGMENTATION_WORKING", "FRAGMENTATION_BYTES")
 
 
-def fit_fragmentation(points: list[dict[str, Any]]) -> str:
-    """One fit per calibration path (see the module docstring)."""
-    names = {"plain": ("FRAGMENTATION_LOGITS", "FRAGMENTATION_ACTIVATIONS"),
-             "fast": ("FAST_FRAGMENTATION_LOGITS", "FAST_FRAGMENTATION_ACTIVATIONS")}
-    out = []
-    for path, (logits_name, acts_name) in names.items():
-        some = [p for p in points if calibration_of(p) == path]
-        if some:
-            out.append(f"{path} path: " + _fit(some, logits_name, acts_name))
-    return "\n".join(out) or "fit: no points"
-
-
-def _fit(points: list[dict[str, Any]], logits_name: str, acts_name: str) -> str:
-    """Least squares for reserved - allocated = a * logits + b * activations (measured points only)."""
+def fit_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per usable point: the features of the fragmentation model, the allocated prediction and the measurement."""
     rows = []
     for p in points:
-        m, pred = p.get("measured"), p.get("predicted") or {}
-        if p.get("status") != "measured" or not m:
+        if not is_measured(p):
             continue
-        parts = {r["name"]: r["bytes"] for r in pred.get("breakdown", [])}
-        logits = sum(b for n, b in parts.items() if n.startswith("logits"))
-        acts = sum(b for n, b in parts.items() if n.startswith("activations"))
-        rows.append((logits, acts, m["max_memory_reserved_bytes"] - m["max_memory_allocated_bytes"]))
-    if len(rows) < 2:
-        return "fit: fewer than 2 measured points"
-    sll = sum(l * l for l, _, _ in rows)
-    saa = sum(a * a for _, a, _ in rows)
-    sla = sum(l * a for l, a, _ in rows)
-    sly = sum(l * y for l, _, y in rows)
-    say = sum(a * y for _, a, y in rows)
-    det = sll * saa - sla * sla
-    if det <= 1e-6 * sll * saa:
-        # Logits and activations move together (or there are no logits): one fraction of their sum.
-        sxx = sum((l + a) ** 2 for l, a, _ in rows)
-        if sxx == 0:
-            return "fit: no logits or activations in the predicted breakdowns"
-        b = sum((l + a) * y for l, a, y in rows) / sxx
-        return (f"fit on {len(rows)} points (logits not separable, one fraction for both): {acts_name} = {b:.3f} "
-                f"(keep {logits_name}; qlora_doctor/memory/estimate.py)")
-    a = (sly * saa - say * sla) / det
-    b = (sll * say - sla * sly) / det
-    return (f"fit on {len(rows)} points: {logits_name} = {a:.3f}, {acts_name} = {b:.3f} "
-            "(qlora_doctor/memory/estimate.py)")
+        est = replay(p)
+        if inherited_cache(p, est):
+            continue
+        parts = est.breakdown
+        rows.append({
+            "name": p["name"], "shape": p["shape"],
+            "features": (sum(b for n, b in parts if n.startswith("logits")),
+                         sum(b for n, b in parts if n.startswith("working")), GIB),
+            "allocated": est.peak_allocated_bytes, "reserved": p["measured"]["max_memory_reserved_bytes"]})
+    return rows
+
+
+def least_squares(rows: list[dict[str, Any]]) -> tuple[float, ...]:
+    """Coefficients c minimizing sum((allocated + c . features - reserved)^2) (normal equations, 3x3)."""
+    n = len(rows[0]["features"])
+    a = [[sum(r["features"][i] * r["features"][j] for r in rows) for j in range(n)] for i in range(n)]
+    b = [sum(r["features"][i] * (r["reserved"] - r["allocated"]) for r in rows) for i in range(n)]
+    return tuple(_solve(a, b))
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12 * max(1.0, max(abs(x) for row in m for x in row)):
+            raise ValueError("the points cannot separate the fragmentation terms; measure more varied points")
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+def predicted_reserved(row: dict[str, Any], coef: tuple[float, ...]) -> float:
+    return row["allocated"] + sum(c * f for c, f in zip(coef, row["features"]))
+
+
+def fit_report(points: list[dict[str, Any]]) -> str:
+    rows = fit_rows(points)
+    if len(rows) < 5:
+        return "fit: fewer than 5 usable measured points"
+    coef = least_squares(rows)
+    in_sample = [error_pct(predicted_reserved(r, coef), r["reserved"]) for r in rows]
+    loo = [error_pct(predicted_reserved(r, least_squares(rows[:i] + rows[i + 1:])), r["reserved"])
+           for i, r in enumerate(rows)]
+    lines = [f"fit on {len(rows)} points: {FIT_NAMES[0]} = {coef[0]:.3f}, {FIT_NAMES[1]} = {coef[1]:.3f}, "
+             f"{FIT_NAMES[2]} = {coef[2]:.3f} GiB (qlora_doctor/memory/estimate.py)",
+             f"  in sample: largest reserved error {max(map(abs, in_sample)):.1f}%",
+             f"  leave-one-out: largest {max(map(abs, loo)):.1f}% "
+             f"({rows[max(range(len(rows)), key=lambda i: abs(loo[i]))]['name']})"]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        train = [r for r in rows if r["shape"] != shape]
+        if len(train) < 5:
+            continue
+        held = least_squares(train)
+        errs = [error_pct(predicted_reserved(r, held), r["reserved"]) for r in rows if r["shape"] == shape]
+        lines.append(f"  {shape} held out (fit on the other shapes): largest {max(map(abs, errs)):.1f}% "
+                     f"over {len(errs)} points")
+    return "\n".join(lines)
 
 
 def _gib(value: Any) -> str:
@@ -136,7 +258,7 @@ def main() -> None:
     print(table(runs, points))
     if args.fit:
         print()
-        print(fit_fragmentation(points))
+        print(fit_report(points))
 
 
 if __name__ == "__main__":

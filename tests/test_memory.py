@@ -98,13 +98,87 @@ def test_breakdown_sums_to_the_total():
     assert e.peak_allocated_bytes < e.peak_reserved_bytes < e.total_bytes
 
 
-@pytest.mark.parametrize("batch, allocated_gib, reserved_gib", [(8, 44.4, 57.5), (4, 26.6, 32.9)])
-def test_calibration_points_within_10_percent(batch, allocated_gib, reserved_gib):
-    # Measured on one H100 (../shared/GPU.md): Llama-3-8B shape, seq 2048, NF4 + double quant, LoRA r=16
-    # all linear, gradient checkpointing, bf16 autocast, prepare_model_for_kbit_training defaults.
-    e = _est(micro_batch=batch, seq_len=2048, lora_r=16, gradient_checkpointing=True, double_quant=True)
-    assert e.peak_reserved_bytes / GIB == pytest.approx(reserved_gib, rel=0.10)
-    assert e.peak_allocated_bytes / GIB == pytest.approx(allocated_gib, rel=0.10)
+H100_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "memory_accuracy_h100.json"
+
+
+def _memory_table():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_table", H100_RESULTS.parent.parent / "memory_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_measured_h100_point_within_10_percent():
+    """The guard the README cites: every point of bench/results/memory_accuracy_h100.json (28 runs through
+    the trainer's Trainer path on one H100, plain and fast path), replayed through the current planner,
+    within 10% of the measured peak reserved memory, and its allocated peak within 2%.
+
+    This replaces the issue's two calibration points (Llama-3-8B, seq 2048, r=16, plain path: batch 8 ->
+    44.4 GiB allocated / 57.5 GiB reserved, batch 4 -> 26.6 / 32.9 GiB). They came from a different loop
+    than `qlora-doctor run` (one that keeps the compute-dtype logits alive through backward); the same runs
+    through the Trainer measured 40.5 / 50.9 and 24.7 / 29.1 GiB, which the planner now predicts, so the
+    issue's figures are 14% and 11% off in reserved memory and no longer a valid reference.
+
+    One point is left out of the reserved comparison and must stay the only one: its reserved peak holds
+    cache carried over from the previous point of the bench process (memory_table.inherited_cache says
+    why, with numbers); its allocated peak is still compared."""
+    table = _memory_table()
+    _, points = table.load([H100_RESULTS])
+    measured = [p for p in points if table.is_measured(p)]
+    assert len(measured) == 28
+    off, excluded = [], []
+    for p in measured:
+        est, m = table.replay(p), p["measured"]
+        reserved = table.error_pct(est.peak_reserved_bytes, m["max_memory_reserved_bytes"])
+        allocated = table.error_pct(est.peak_allocated_bytes, m["max_memory_allocated_bytes"])
+        if abs(allocated) > 2:
+            off.append(f"{p['name']}: allocated {allocated:+.1f}%")
+        if table.inherited_cache(p, est):
+            excluded.append(p["name"])
+        elif abs(reserved) > 10:
+            off.append(f"{p['name']}: reserved {reserved:+.1f}%")
+    assert not off, off
+    assert excluded == ["fast llama-3-8b s512 b1 gc r8"]
+
+
+def test_inherited_cache_is_told_apart_from_the_points_own_fragmentation():
+    table = _memory_table()
+    _, points = table.load([H100_RESULTS])
+    by_name = {p["name"]: p for p in points}
+    carried = by_name["fast llama-3-8b s512 b1 gc r8"]
+    est = table.replay(carried)
+    assert "cache left by the previous point" in table.inherited_cache(carried, est)
+    # a large but genuine fragmentation (the plain path's logits) is not mistaken for carried cache
+    plain = by_name["plain llama-3-8b s2048 b8 gc r16"]
+    assert table.inherited_cache(plain, table.replay(plain)) is None
+    # newer results record the cache at the start of the point: that decides
+    recorded = {**carried, "measured": {**carried["measured"], "reserved_at_start_bytes": 6 * GIB,
+                                        "allocated_at_start_bytes": 6 * GIB - 2**20}}
+    assert table.inherited_cache(recorded, est) is None
+    recorded["measured"]["allocated_at_start_bytes"] = 5 * GIB
+    assert "1.00 GiB of allocator cache" in table.inherited_cache(recorded, est)
+
+
+def test_committed_h100_table_is_what_the_current_planner_predicts():
+    table = _memory_table()
+    runs, points = table.load([H100_RESULTS])
+    committed = (H100_RESULTS.parent / "memory_table_h100.md").read_text()
+    assert table.table(runs, points) in committed, (
+        "bench/results/memory_table_h100.md is stale: regenerate it with `python3 bench/memory_table.py "
+        "bench/results/memory_accuracy_h100.json --fit > bench/results/memory_table_h100.md`")
+
+
+def test_fragmentation_fit_reproduces_the_shipped_constants():
+    from qlora_doctor.memory.estimate import FRAGMENTATION_BYTES, FRAGMENTATION_LOGITS, FRAGMENTATION_WORKING
+
+    table = _memory_table()
+    _, points = table.load([H100_RESULTS])
+    logits, working, constant = table.least_squares(table.fit_rows(points))
+    assert logits == pytest.approx(FRAGMENTATION_LOGITS, abs=0.01)
+    assert working == pytest.approx(FRAGMENTATION_WORKING, abs=0.01)
+    assert constant * GIB == pytest.approx(FRAGMENTATION_BYTES, abs=0.01 * GIB)
 
 
 def test_fits_is_judged_against_the_gpu():
@@ -319,7 +393,7 @@ def test_fast_path_8b_is_far_below_the_plain_path(tmp_path, monkeypatch):
     fast = plan_for(counts, replace(s, eval_micro_batch=None), None, None)
     plain = plan_for(counts, replace(s, eval_micro_batch=None, upcast_unquantized=True, liger_kernel=False,
                                      fused_lora=False), None, None)
-    assert plain.total_bytes / GIB > 50 and fast.total_bytes / GIB < 16
+    assert plain.total_bytes / GIB > 45 and fast.total_bytes / GIB < 16  # measured: 50.9 and 15.4 GiB reserved
     assert fast.calibration == "fast" and plain.calibration == "plain"
     parts = dict(fast.breakdown)
     assert "logits and loss buffers" not in parts  # no b*s*vocab logits at all
@@ -447,7 +521,7 @@ def test_fast_path_first_principles_check(batch, gc, dropout, reserved_gib):
     # double quant, no fp32 upcast, non-reentrant checkpointing, Liger's kernels, peft's LoRA) measured
     # 14.5 GiB reserved at batch 8 with checkpointing and 43.5 GiB at batch 4 without. Its peft LoRA
     # cannot have stored dropout copies and masks (117 KB per token per layer would not fit 43.5 GiB),
-    # so it is compared with dropout 0. The FAST_FRAGMENTATION_* priors are the plain path's.
+    # so it is compared with dropout 0. Not used to fit anything.
     e = _est(micro_batch=batch, gradient_checkpointing=gc, lora_dropout=dropout, upcast_unquantized=False,
              liger_kernel=True)
     assert e.peak_reserved_bytes / GIB == pytest.approx(reserved_gib, rel=0.10)

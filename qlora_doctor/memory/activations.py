@@ -4,7 +4,7 @@ layer's backward, the head, and the loss buffers, on the plain path and with eac
 
 Dtypes, in bytes: `act` is what matmuls and attention produce (the autocast dtype); `residual` is the
 residual stream's, which is the embeddings' dtype: float32 after peft's prepare (upcast_unquantized),
-else the compute dtype. Each count names the op that saves the tensor (torch keeps a tensor for
+else the compute dtype; `projection_dtype` is what q/k/v/gate/up produce from a norm's output in that dtype. Each count names the op that saves the tensor (torch keeps a tensor for
 backward only when an op saves it; bitsandbytes' 4-bit matmul saves no input, its weight is frozen).
 """
 
@@ -20,10 +20,12 @@ ACTIVATION_MASK_BYTES = 1
 LOGITS_FP32_COPIES = 3
 """In the loss's backward three float32 b*s*vocab tensors are alive together: log_softmax's output (saved
 for its backward), the gradient of the loss w.r.t. it (from nll_loss's backward) and the gradient w.r.t. the
-logits that log_softmax's backward produces (transformers' ForCausalLMLoss upcasts logits to float32)."""
-LOGITS_COMPUTE_COPIES = 1
-"""Plus one b*s*vocab tensor in the activation dtype (the logits lm_head produced): the calibration
-measurement's peak is one such tensor above the three float32 ones."""
+logits that log_softmax's backward produces (transformers' ForCausalLMLoss upcasts logits to float32). The
+logits lm_head produced (compute dtype) are gone by then: the Trainer's `compute_loss` keeps only the loss
+of the model's output, and their float32 copy is not saved by anything. (A hand-written loop that holds
+`outputs.logits` through `backward()` keeps one more compute-dtype copy: the issue's 57.5 GiB point.)
+The forward's own peak (compute-dtype logits, their float32 copy, log_softmax's output: 2 + 4 + 4 bytes)
+is below these 12 bytes. Checked on the H100 points of bench/results/memory_accuracy_h100.json."""
 
 LIGER_CE_TOKEN_BYTES = 4 + 8 + 8 + 1
 """Liger's fused linear cross-entropy, per token besides the hidden-size tensors: the float32 per-token
@@ -32,6 +34,12 @@ loss (`loss_1d`), the padded and the shifted int64 labels (`LigerForCausalLMLoss
 SHARED_INPUTS = (frozenset({"q_proj", "k_proj", "v_proj"}), frozenset({"gate_proj", "up_proj"}))
 """Linear layers of one decoder layer that read the same tensor (the attention norm's / the MLP norm's
 output): where their LoRA saves that tensor itself rather than a copy, it is kept once for the group."""
+
+ATTENTION_OUTPUT_READERS = frozenset({"o_proj"})
+"""The linear layer reading the attention's output. SDPA (flash / memory-efficient) returns it laid out as
+[batch, seq, heads, head_dim], so transformers' `transpose(1, 2).contiguous()` copies nothing: where LoRA
+saves that tensor itself (fused LoRA), it is the one SDPA saved for its own backward, counted once. On the
+H100 points without checkpointing, counting it twice over-predicted by q_dim x 2 bytes per token per layer."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,15 @@ class Levers:
     """Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy."""
     fused_lora: bool
     """`trainer/fused_lora.py`'s one autograd function per LoRA-on-4-bit layer."""
+
+
+def projection_dtype(act: int, residual: int) -> int:
+    """Bytes per element of what a linear layer outputs when it reads the residual stream's dtype (the
+    norms' outputs feed q/k/v and gate/up): bitsandbytes' Linear4bit casts its output back to its input's
+    dtype (`matmul_4bit(...).to(inp_dtype)`) and fused LoRA does the same, so with a float32 residual
+    stream (upcast_unquantized) these outputs, and the MLP's intermediate tensors after them, are float32
+    even under autocast; peft adds LoRA's compute-dtype output into that."""
+    return max(act, residual)
 
 
 def layer_saved_per_token(counts: ModelCounts, targets: tuple[LinearShape, ...], r: int, act: int, residual: int,
@@ -57,20 +74,22 @@ def layer_saved_per_token(counts: ModelCounts, targets: tuple[LinearShape, ...],
       per group of layers reading it (SHARED_INPUTS). Fused LoRA saves a reference to x (a copy only where
       x must be cast to the compute dtype) and regenerates the mask from the RNG state instead of storing
       it. Both keep lora_A's r outputs;
-    * attention (SDPA, memory-efficient/flash: no s x s matrix): q, k, v and the output; Liger's RoPE
-      saves only cos/sin, as transformers' does;
-    * the MLP: SwiGLU's gate and up outputs and the activation's output; Liger's fused SwiGLU saves gate
-      and up only (it recomputes silu in its backward).
+    * attention (SDPA, memory-efficient/flash: no s x s matrix): q, k, v and the output, cast to the
+      activation dtype by autocast; Liger's RoPE saves only cos/sin, as transformers' does;
+    * the MLP: SwiGLU's gate and up outputs and the activation's output, in the projection dtype
+      (`projection_dtype`: float32 on the plain path); Liger's fused SwiGLU saves gate and up only (it
+      recomputes silu in its backward).
     """
     h, inter = counts.hidden_size, counts.intermediate_size
+    proj = projection_dtype(act, residual)
     norm_saved = residual if levers.liger_kernel else max(residual, 4)
     norms = 2 * h * norm_saved
     lora = sum(r * act for _ in targets) + _lora_inputs(h, targets, act, residual, dropout, levers.fused_lora)
     attention = (2 * counts.q_dim + 2 * counts.kv_dim) * act
     if counts.gated_mlp:
-        mlp = (2 if levers.liger_kernel else 3) * inter * act
+        mlp = (2 if levers.liger_kernel else 3) * inter * proj
     else:
-        mlp = inter * act
+        mlp = inter * proj
     return norms + lora + attention + mlp
 
 
@@ -82,6 +101,8 @@ def _lora_inputs(h: int, targets: tuple[LinearShape, ...], act: int, residual: i
     total, seen = 0, set()
     for t in targets:
         short = t.name.split(".")[-1]
+        if fused and short in ATTENTION_OUTPUT_READERS:
+            continue  # attention's saved output (ATTENTION_OUTPUT_READERS)
         group = next((g for g in SHARED_INPUTS if short in g), None)
         # The grouped layers read a norm's output, in the residual stream's dtype; a cast to the compute
         # dtype makes one copy per layer.
@@ -94,25 +115,39 @@ def _lora_inputs(h: int, targets: tuple[LinearShape, ...], act: int, residual: i
     return total
 
 
-def layer_working_per_token(counts: ModelCounts, act: int, residual: int, levers: Levers) -> int:
-    """The backward of one layer: gradients of the MLP's intermediate tensors (Liger's SwiGLU backward
-    writes the gate and up gradients into its saved inputs, leaving one new tensor) and two gradients of
-    the residual stream (in its dtype)."""
-    mlp_grads = 1 if levers.liger_kernel else 3
-    return mlp_grads * counts.intermediate_size * act + 2 * counts.hidden_size * residual
+def layer_working_per_token(counts: ModelCounts, act: int, residual: int, dropout: bool, levers: Levers) -> int:
+    """What one layer's backward allocates on top of its saved tensors, per token, at its largest: the
+    backward of the MLP's down projection (the first linear of the layer the gradient reaches, while every
+    saved tensor of the layer is still alive), plus the incoming gradient of the residual stream.
+
+    Fused LoRA (`trainer/fused_lora.py`, LoraLinear4bitFunction.backward) with dropout holds, for the down
+    projection's input width: the dropped-out input and its mask, drawn again from the saved RNG state;
+    `grad_x = g @ W`; `g_a @ A` and native_dropout_backward's output, both alive while the latter is
+    computed: 4 tensors in the compute dtype and one bool mask. Without dropout `grad_x.addmm_` works in
+    place: one tensor. Liger's SwiGLU backward then writes its gradients into its saved inputs.
+
+    peft's unfused LoRA (not the peak of any measured point yet, so from the autograd graph): the
+    gradients of the three MLP intermediates in the projection dtype and the LoRA branch's compute-dtype
+    input gradient."""
+    inter, h = counts.intermediate_size, counts.hidden_size
+    if levers.fused_lora:
+        down = inter * (4 * act + ACTIVATION_MASK_BYTES) if dropout else inter * act
+    else:
+        down = (1 if levers.liger_kernel else 3) * inter * projection_dtype(act, residual) + inter * act
+    return down + h * residual
 
 
 def head_per_token(counts: ModelCounts, act: int, residual: int, levers: Levers) -> int:
-    """The final norm's saved tensor; without Liger also lm_head's input in the activation dtype (with
-    Liger the fused cross-entropy keeps no input: see liger_loss_bytes)."""
+    """The final norm's saved tensor (lm_head is frozen, so its matmul saves no input; with Liger the fused
+    cross-entropy's buffers are in liger_loss_bytes)."""
     if levers.liger_kernel:
         return counts.hidden_size * residual
-    return counts.hidden_size * (max(residual, 4) + act)
+    return counts.hidden_size * max(residual, 4)
 
 
 def full_logits_per_token(counts: ModelCounts, act: int) -> int:
-    """Logits and loss buffers of transformers' loss (LOGITS_*), per token."""
-    return counts.vocab_size * (LOGITS_FP32_COPIES * 4 + LOGITS_COMPUTE_COPIES * act)
+    """Logits and loss buffers of transformers' loss (LOGITS_FP32_COPIES), per token, at the loss's backward."""
+    return counts.vocab_size * LOGITS_FP32_COPIES * 4
 
 
 def liger_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:

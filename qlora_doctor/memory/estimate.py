@@ -20,21 +20,25 @@ Two paths, lever by lever (per-token counts in activations.py):
 padding_free / group_by_length only ever shorten batches (the planner assumes every sequence is
 max_seq_length), and torch_compile's memory effect is not modelled (plan.py notes both).
 
-Peak = static memory (weights, adapters, optimizer) + the largest of these moments:
+Peak = static memory (weights, LoRA weights, optimizer states, cuBLAS workspaces) + the largest of these
+moments (`_step_activations`):
   * the loss: every layer's saved activations (a checkpointed layer: its input only) plus the
-    logits/loss buffers;
-  * with checkpointing, the recompute of one layer: its full activations and its gradients (by then the
-    layers that are not checkpointed, the last ones, have run their backward and freed theirs);
+    logits/loss buffers; no LoRA gradient exists yet (the Trainer's zero_grad sets them to None);
+  * without checkpointing (or for the layers not checkpointed), the backward of the last layer: all
+    saved activations plus that layer's working memory (its down projection's backward);
+  * with checkpointing, the recompute of one layer: the checkpointed inputs, its full activations and
+    its working memory (by then the layers that are not checkpointed have freed theirs);
+  * the optimizer step: LoRA gradients and the optimizer's temporaries, no activations;
   * evaluation (per_device_eval_batch_size, no grad): its logits through the float32 loss (Liger's
     forward builds full logits outside training too).
 `torch.cuda.max_memory_reserved` adds the caching allocator's fragmentation; the GPU also holds the CUDA
 context, which torch does not count.
 
-Every constant says where it comes from. The fitted ones (FRAGMENTATION_*, LOGITS_*) were calibrated on
-one H100 measurement of the plain path (Llama-3-8B shape, seq 2048, NF4 + double quant, LoRA r=16 on all
-linear layers, checkpointing, bf16 autocast): batch 8 -> 44.4 GiB allocated / 57.5 GiB reserved,
-batch 4 -> 26.6 / 32.9 GiB. The fast path's fragmentation (FAST_FRAGMENTATION_*) is a prior until GPU
-points refit it. Refit both from `bench/memory_accuracy.py` (see `bench/memory_table.py --fit`).
+Every constant says where it comes from. The allocated side is counted tensor by tensor, nothing fitted:
+on the 28 H100 points of bench/results/memory_accuracy_h100.json (Llama-3.2-1B and Llama-3-8B shapes,
+seq 512-8192, batch 1-8, LoRA r 8-64, checkpointing all/half/none, plain and fast path) it is within 1%
+of `max_memory_allocated`. The three FRAGMENTATION_* constants are fitted on those points (one set for
+both paths); `bench/memory_table.py --fit` refits them and reports leave-one-out and by-model errors.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ if TYPE_CHECKING:
 
 from qlora_doctor.memory import activations as per_token
 from qlora_doctor.memory.activations import (  # noqa: F401 - re-exported: the calibrated constants
-    ACTIVATION_MASK_BYTES, LOGITS_COMPUTE_COPIES, LOGITS_FP32_COPIES, Levers)
+    ACTIVATION_MASK_BYTES, LOGITS_FP32_COPIES, Levers)
 from qlora_doctor.memory.model import ModelCounts, lora_targets
 
 MIB = 2**20
@@ -64,23 +68,28 @@ CUDA_CONTEXT_BYTES = 512 * MIB
 """The CUDA context, kernels loaded lazily (CUDA_MODULE_LOADING=LAZY, the default since CUDA 11.7) plus
 cuBLAS/cuDNN handles: about 500 MiB on an H100 with torch 2.x; not part of torch's reserved memory."""
 
-FRAGMENTATION_LOGITS = 0.44
-"""Reserved minus allocated, as a fraction of the logits buffers: these are by far the largest blocks, and
-each step the allocator cannot fit them into the holes the previous step left (LoRA grads and optimizer
-states get allocated inside freed logits blocks), so it reserves new segments. Fitted on the calibration
-points (13.1 GiB at batch 8, 6.3 GiB at batch 4: both ~0.44 of their logits buffers after
-FRAGMENTATION_ACTIVATIONS)."""
-FRAGMENTATION_ACTIVATIONS = 0.10
-"""Reserved minus allocated for the per-layer activations: same-sized tensors allocated and freed in stack
-order each step, so little; 10% is a prior until GPU measurements without checkpointing refit it."""
+CUBLAS_WORKSPACE_BYTES = 32 * MIB
+"""torch's cuBLAS workspace on a Hopper GPU (`getDefaultWorkspaceSize`: 4096 * 8 KiB on sm90, about 8 MiB on
+older GPUs), allocated through the caching allocator, one per (cuBLAS handle, stream): the forward's thread
+and the autograd engine's device thread each get a handle, so two. The H100 points' allocated peaks sat a
+near-constant 60-80 MiB above the sum of the tensors."""
 
-FAST_FRAGMENTATION_LOGITS = FRAGMENTATION_LOGITS
-"""FRAGMENTATION_LOGITS for a run on the fast path (any memory lever off the plain path). A prior (the plain
-path's value) until `bench/memory_table.py --fit` refits it on fast-path points; with Liger the only
-logits buffer is one chunk, so it matters only where Liger is off."""
-FAST_FRAGMENTATION_ACTIVATIONS = FRAGMENTATION_ACTIVATIONS
-"""FRAGMENTATION_ACTIVATIONS for a run on the fast path: a prior (the plain path's value) until
-`bench/memory_table.py --fit` refits it on fast-path points."""
+# Reserved minus allocated (the caching allocator's cached free blocks at the peak), in three parts fitted
+# together by least squares on the 27 usable H100 points of bench/results/memory_accuracy_h100.json (plain
+# and fast path alike: the allocator does not know the path; `bench/memory_table.py --fit` refits them and
+# reports leave-one-out and by-model held-out errors).
+FRAGMENTATION_LOGITS = 0.36
+"""Fraction of the logits buffers (`logits...` rows): by far the largest blocks. The loss's backward asks for
+three float32 b*s*vocab blocks where the forward freed a compute-dtype one and a float32 one, and between
+steps LoRA gradients and optimizer states get allocated inside the freed blocks, so it reserves new
+segments."""
+FRAGMENTATION_WORKING = 0.24
+"""Fraction of one layer's backward working memory (`working...` rows: the recomputed layer and its
+gradients): allocated and freed once per layer, interleaved with the LoRA gradients that stay, so the
+freed blocks come back split."""
+FRAGMENTATION_BYTES = int(0.14 * GIB)
+"""A constant: the partly used 2 MiB (small pool) and 20 MiB (1-10 MiB requests) segments the allocator
+reserves for small tensors (quantization states, LoRA weights and gradients, norms)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,11 @@ class TrainSettings:
 
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+OPTIMIZER_STEP_TEMP_BYTES: dict[str, int] = {"adamw_torch": 4, "adamw_torch_xla": 4, "adamw_anyprecision": 4}
+"""Bytes per trainable parameter an optimizer step allocates besides the gradients: torch's foreach AdamW
+(the default for `adamw_torch` on CUDA) builds `_foreach_sqrt(exp_avg_sq)`, one float32 copy of every
+state. Fused and bitsandbytes optimizers update in their kernels (0, the default)."""
 
 OPTIMIZER_STATE_BYTES: dict[str, float] = {
     # torch AdamW & co.: exp_avg and exp_avg_sq in float32.
@@ -173,7 +187,7 @@ class Estimate:
     peak_phase: str
     """`loss`, `recompute` or `eval`: the moment of the run the peak is at."""
     calibration: str
-    """`plain` or `fast`: whose fitted fragmentation constants apply (see calibration_path)."""
+    """`plain` or `fast`: which measured path the run takes (see calibration_path)."""
     trainable_params: int
     notes: tuple[str, ...]
 
@@ -188,8 +202,9 @@ def checkpointed_layers(counts: ModelCounts, s: TrainSettings) -> int:
 
 
 def calibration_path(counts: ModelCounts, s: TrainSettings) -> str:
-    """`plain` when the run is the path the FRAGMENTATION_* constants were fitted on (fp32 upcast with
-    4-bit, no Liger, no fused LoRA, checkpointing all layers or none), else `fast`."""
+    """`plain` when the run takes peft's prepare_model_for_kbit_training path (fp32 upcast with 4-bit, no
+    Liger, no fused LoRA, checkpointing all layers or none), else `fast`: which of the measured paths of
+    bench/results/memory_accuracy_h100.json the run is on (both share the fitted constants)."""
     selective = 0 < checkpointed_layers(counts, s) < counts.num_layers
     no_upcast = s.load_in_4bit and not s.upcast_unquantized
     return "fast" if (no_upcast or s.liger_kernel or s.fused_lora or selective) else "plain"
@@ -209,8 +224,6 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     residual = unquantized
     levers = Levers(liger_kernel=s.liger_kernel, fused_lora=s.fused_lora)
     path = calibration_path(counts, s)
-    frag_logits, frag_acts = ((FRAGMENTATION_LOGITS, FRAGMENTATION_ACTIVATIONS) if path == "plain"
-                              else (FAST_FRAGMENTATION_LOGITS, FAST_FRAGMENTATION_ACTIVATIONS))
 
     rows: list[tuple[str, int]] = []
     if s.load_in_4bit:
@@ -230,16 +243,20 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     if s.mixed_precision and unquantized != compute:
         # Autocast casts lm_head's float32 weight for the matmul (Liger's chunks: for each chunk).
         rows.append(("lm_head weight cast for autocast", counts.vocab_size * counts.hidden_size * compute))
+    rows.append(("cuBLAS workspaces (forward and backward threads)", 2 * CUBLAS_WORKSPACE_BYTES))
 
     targets = lora_targets(counts, s.lora_targets)
     if not targets:
         notes.append(f"lora.target_modules {s.lora_targets!r} matches no linear layer of this model")
-    trainable = counts.num_layers * sum(s.lora_r * (t.in_features + t.out_features) for t in targets)
-    # peft keeps adapters in float32 (autocast_adapter_dtype); grads are float32; autocast caches a
-    # compute-dtype copy of each adapter weight, which the backward keeps. Fused LoRA casts them inside
-    # its own function (no autocast op), so nothing is cached.
+    per_layer_trainable = sum(s.lora_r * (t.in_features + t.out_features) for t in targets)
+    trainable = counts.num_layers * per_layer_trainable
+    # peft keeps adapters in float32 (autocast_adapter_dtype); autocast caches a compute-dtype copy of each
+    # adapter weight, which the backward keeps. Fused LoRA casts them inside its own function (no autocast
+    # op), so nothing is cached. Their float32 gradients exist only from the backward on (the Trainer's
+    # zero_grad sets them to None each step): they are part of the moments below, not static.
     lora_copy = compute if s.mixed_precision and not s.fused_lora else 0
-    rows.append(("LoRA weights + gradients (float32)", trainable * (8 + lora_copy)))
+    rows.append(("LoRA weights (float32)" + (" and their autocast copies" if lora_copy else ""),
+                 trainable * (4 + lora_copy)))
     states, known = optimizer_state_bytes(s.optim, trainable, s.lora_r)
     if not known:
         notes.append(f"optimizer {s.optim!r}: state size unknown, counted as AdamW's 8 bytes per parameter")
@@ -253,14 +270,18 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
         rows.append((f"optimizer states ({s.optim})", states))
     static = sum(b for _, b in rows)
 
-    activation_rows, phase = _step_activations(counts, s, targets, act, residual, levers)
+    activation_rows, phase = _step_activations(counts, s, targets, act, residual, levers, per_layer_trainable)
+    step_rows = [("LoRA gradients (float32)", trainable * 4),
+                 (f"optimizer step temporaries ({s.optim})", trainable * OPTIMIZER_STEP_TEMP_BYTES.get(s.optim, 0))]
+    if sum(b for _, b in step_rows) > sum(b for _, b in activation_rows):
+        activation_rows, phase = step_rows, "optimizer step"
     if s.eval_micro_batch:
         # Evaluation runs between steps without grad: nothing saved per layer, but its logits go through
         # the same float32 loss (compute-dtype logits, their float32 copy, log_softmax's output).
         eval_tokens = s.eval_micro_batch * s.seq_len
         eval_logits = counts.vocab_size * (act + 4 + 4) * eval_tokens
         eval_hidden = 3 * counts.hidden_size * residual * eval_tokens
-        if eval_logits + eval_hidden > sum(b for _, b in activation_rows) * (1 + frag_logits):
+        if eval_logits + eval_hidden > sum(b for _, b in activation_rows) * (1 + FRAGMENTATION_LOGITS):
             phase = "eval"
             activation_rows = [("activations: evaluation forward (no grad)", eval_hidden),
                                ("logits and loss buffers (evaluation)", eval_logits)]
@@ -268,9 +289,10 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     allocated = sum(b for _, b in rows)
 
     logits_bytes = sum(b for n, b in activation_rows if n.startswith("logits"))
-    activation_bytes = sum(b for n, b in activation_rows if n.startswith("activations"))
-    fragmentation = int(frag_logits * logits_bytes + frag_acts * activation_bytes)
-    rows.append((f"allocator fragmentation (reserved - allocated, {path} path)", fragmentation))
+    working_bytes = sum(b for n, b in activation_rows if n.startswith("working"))
+    fragmentation = int(FRAGMENTATION_LOGITS * logits_bytes + FRAGMENTATION_WORKING * working_bytes
+                        + FRAGMENTATION_BYTES)
+    rows.append(("allocator fragmentation (reserved - allocated)", fragmentation))
     reserved = allocated + fragmentation
     outside = CUDA_CONTEXT_BYTES
     if paged:
@@ -284,42 +306,50 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
 
 
 def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act: int, residual: int,
-                      levers: Levers) -> tuple[list[tuple[str, int]], str]:
-    """The activation rows of the larger of the loss and recompute moments, and which it is.
+                      levers: Levers, per_layer_trainable: int) -> tuple[list[tuple[str, int]], str]:
+    """The rows of the largest moment of a step's forward and backward, and which it is:
+
+    * `loss`: every layer's saved tensors (a checkpointed layer: its input only), the final norm's, and
+      the loss buffers (no LoRA gradient yet);
+    * `backward`: without checkpointing (or selective), the backward of the last layer that kept its
+      activations: all of them, the incoming gradient and that layer's working memory;
+    * `recompute`: with checkpointing, the backward of the last checkpointed layer, recomputed: the
+      checkpointed inputs, its full saved tensors and its working memory; the layers after it have freed
+      theirs (and the final norm its input) but left their LoRA gradients.
 
     Row names matter: fragmentation applies FRAGMENTATION_LOGITS to rows named `logits...` and
-    FRAGMENTATION_ACTIVATIONS to rows named `activations...`."""
+    FRAGMENTATION_WORKING to rows named `working...`."""
     tokens, layers = s.tokens, counts.num_layers
-    layer_saved = per_token.layer_saved_per_token(counts, targets, s.lora_r, act, residual, s.lora_dropout > 0, levers)
+    dropout = s.lora_dropout > 0
+    layer_saved = per_token.layer_saved_per_token(counts, targets, s.lora_r, act, residual, dropout, levers)
     layer_input = counts.hidden_size * residual
-    working = per_token.layer_working_per_token(counts, act, residual, levers)
+    working = per_token.layer_working_per_token(counts, act, residual, dropout, levers)
     head = per_token.head_per_token(counts, act, residual, levers)
     checkpointed = checkpointed_layers(counts, s)
+    kept = layers - checkpointed
 
     if levers.liger_kernel:
         chunk, hidden = per_token.liger_loss_bytes(counts, tokens, act, residual)
         loss_rows = [("logits: one chunk of Liger's fused linear cross-entropy", chunk),
                      ("activations: lm_head input and its gradient (fused cross-entropy)", hidden)]
-        if checkpointed < layers and working * tokens > chunk + hidden:
-            # the backward of the layers that keep their activations needs more than the loss did
-            loss_rows = [("activations: one layer's backward (gradients)", working * tokens)]
     else:
-        logits = per_token.full_logits_per_token(counts, act)
-        loss_rows = [("logits and loss buffers", (max(logits, working) if checkpointed < layers else logits) * tokens)]
-
-    if checkpointed == 0:
-        return [("activations: all layers", (layers * layer_saved + head) * tokens)] + loss_rows, "loss"
+        loss_rows = [("logits and loss buffers", per_token.full_logits_per_token(counts, act) * tokens)]
+    inputs = checkpointed * layer_input * tokens
     if checkpointed == layers:
-        stored = [("activations: checkpointed layer inputs", (layers * layer_input + head) * tokens)]
+        stored = [("activations: checkpointed layer inputs", inputs + head * tokens)]
+    elif checkpointed == 0:
+        stored = [("activations: all layers", (layers * layer_saved + head) * tokens)]
     else:
-        stored = [(f"activations: checkpointed layer inputs ({checkpointed} of {layers} layers)",
-                   checkpointed * layer_input * tokens),
-                  (f"activations: the {layers - checkpointed} layers not checkpointed",
-                   ((layers - checkpointed) * layer_saved + head) * tokens)]
-    recompute = (layer_saved - layer_input + working) * tokens
-    # At a recompute the layers not checkpointed (the last ones) have freed theirs already.
-    at_recompute = [("activations: checkpointed layer inputs", (checkpointed * layer_input + head) * tokens),
-                    ("activations: one layer recomputed + its gradients", recompute)]
-    if sum(b for _, b in stored + loss_rows) >= sum(b for _, b in at_recompute):
-        return stored + loss_rows, "loss"
-    return at_recompute, "recompute"
+        stored = [(f"activations: checkpointed layer inputs ({checkpointed} of {layers} layers)", inputs),
+                  (f"activations: the {kept} layers not checkpointed", (kept * layer_saved + head) * tokens)]
+    moments = [(stored + loss_rows, "loss")]
+    if kept:
+        moments.append(([(f"activations: checkpointed layer inputs ({checkpointed} of {layers} layers)", inputs),
+                         (f"activations: the {kept} layers not checkpointed", kept * layer_saved * tokens),
+                         ("working: one layer's backward (gradients)", working * tokens)], "backward"))
+    if checkpointed:
+        moments.append(([("activations: checkpointed layer inputs", inputs),
+                         ("working: one layer recomputed + its backward", (layer_saved - layer_input + working) * tokens),
+                         ("LoRA gradients of the layers after it (float32)", kept * per_layer_trainable * 4)],
+                        "recompute"))
+    return max(moments, key=lambda m: sum(b for _, b in m[0]))

@@ -62,7 +62,7 @@ class Plan:
     peak_phase: str
     """Where the peak is: `loss` (logits), `recompute` (a checkpointed layer's backward) or `eval`."""
     calibration: str
-    """`plain` or `fast`: whose fitted constants applied (estimate.calibration_path)."""
+    """`plain` or `fast`: which measured path the run takes (estimate.calibration_path)."""
     gpu_name: str | None
     """The GPU judged; None without an NVIDIA GPU."""
     gpu_bytes: int | None

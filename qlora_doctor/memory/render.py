@@ -23,7 +23,7 @@ def print_plan(plan: Plan) -> None:
                   f"compute {s.compute_dtype}{' (autocast)' if s.mixed_precision else ''}", highlight=False)
     if s.levers:
         on = ", ".join(lever.name for lever in s.levers if lever.on) or "none"
-        console.print(f"[bold]performance levers on[/]: {on} ({plan.calibration}-path calibration)", highlight=False)
+        console.print(f"[bold]performance levers on[/]: {on} ({plan.calibration} path)", highlight=False)
     table = Table(show_lines=False, expand=False)
     table.add_column("part at the peak", overflow="fold")
     table.add_column("memory", justify="right")
