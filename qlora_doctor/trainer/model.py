@@ -65,10 +65,10 @@ def quantization_config(recipe: Recipe, precision: Precision) -> Any:
     from transformers import BitsAndBytesConfig
 
     kwargs = recipe.quantization.bnb_kwargs(precision)
-    kwargs["bnb_4bit_compute_dtype"] = torch_dtype(kwargs["bnb_4bit_compute_dtype"])
     if recipe.distributed.strategy == "fsdp" and "bnb_4bit_quant_storage" not in kwargs:
         # FSDP flattens the 4-bit weights with the 16-bit ones: they must share a storage dtype.
         kwargs["bnb_4bit_quant_storage"] = kwargs["bnb_4bit_compute_dtype"]
+    kwargs["bnb_4bit_compute_dtype"] = torch_dtype(kwargs["bnb_4bit_compute_dtype"])
     if "bnb_4bit_quant_storage" in kwargs:
         kwargs["bnb_4bit_quant_storage"] = torch_dtype(kwargs["bnb_4bit_quant_storage"])
     return BitsAndBytesConfig(**kwargs)

@@ -1,0 +1,385 @@
+"""distributed.strategy ddp/fsdp: the recipe section, the `accelerate launch` command and environment,
+the parent/worker split of `qlora-doctor run`, and the doctor's distributed checks on described machines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qlora_doctor.cli import cli
+from qlora_doctor.doctor import distributed_checks
+from qlora_doctor.doctor.recipe_checks import recipe_checks
+from qlora_doctor.doctor.report import Check, Report
+from qlora_doctor.errors import CheckFailed, InputError
+from qlora_doctor.trainer import distributed
+from qlora_doctor.trainer.recipe import apply_overrides, load_recipe, resolve_precision
+from qlora_doctor.trainer.train import RunRefused
+from qlora_doctor.trainer.worker import report_from_json
+
+from helpers import CPU_MACHINE, machine, write_machine
+from tests.trainer_support import builtin_checkpoint, write_tiny_recipe  # noqa: F401 (fixture)
+
+H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}
+A100_40 = {"name": "NVIDIA A100-SXM4-40GB", "compute_capability": "8.0", "memory_total_mib": 40960}
+GPU_13GB = {"name": "NVIDIA Small", "compute_capability": "8.9", "memory_total_mib": 13312}
+LLAMA3_8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                 max_position_embeddings=8192, tie_word_embeddings=False)
+GUARDS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def recipe(*overrides: str):
+    return apply_overrides(load_recipe("demo"), list(overrides))
+
+
+def by_id(checks, check_id):
+    matching = [c for c in checks if c.id == check_id]
+    assert len(matching) == 1, [c.id for c in checks]
+    return matching[0]
+
+
+@pytest.fixture
+def nccl(monkeypatch):
+    """This CPU torch has no NCCL; the checks judge the described GPU machine as if it had."""
+    monkeypatch.setattr(distributed_checks, "nccl_available", lambda: True)
+
+
+@pytest.fixture
+def llama8b_config(tmp_path) -> Path:
+    folder = tmp_path / "llama-3-8b-config"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
+    return folder
+
+
+# --- the recipe section ---------------------------------------------------------------------------
+
+def test_default_is_one_process_and_older_recipes_stay_valid():
+    r = load_recipe("demo")
+    assert r.distributed.strategy == "none" and r.distributed.num_processes == "auto"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distributed.strategy=mpi", "distributed.strategy: 'mpi' is not one of none, ddp, fsdp"),
+    ("distributed.num_processes=0", "distributed.num_processes: must be between 1 and 1024"),
+    ("distributed.num_processes='2'", "distributed.num_processes"),
+    ("distributed.nproc=2", "distributed.nproc: unknown key 'nproc'"),
+    ("distributed.main_process_port=80", "distributed.main_process_port"),
+])
+def test_bad_section_values_name_the_key(override, message):
+    with pytest.raises(InputError) as err:
+        recipe(override)
+    assert any(message in m for m in err.value.messages), err.value.messages
+
+
+def test_fsdp_with_uint8_storage_is_refused_with_the_fix():
+    with pytest.raises(InputError) as err:
+        recipe("distributed.strategy=fsdp", "quantization.bnb_4bit_quant_storage=uint8")
+    assert any("bnb_4bit_quant_storage: bfloat16" in m for m in err.value.messages), err.value.messages
+
+
+def test_errors_from_a_file_carry_its_path(tmp_path):
+    text = (Path(__file__).parent.parent / "recipes" / "demo.yaml").read_text()
+    path = tmp_path / "d.yaml"
+    path.write_text(text.replace("dataset:\n", "distributed:\n  strategy: ddp\n  num_processes: -1\ndataset:\n", 1)
+                    .replace("path: data/", f"path: {Path(__file__).parent.parent / 'recipes' / 'data'}/"))
+    with pytest.raises(InputError) as err:
+        load_recipe(path)
+    assert any(m.endswith("distributed.num_processes: must be between 1 and 1024 (one per GPU) or `auto`, got -1")
+               and "d.yaml" in m for m in err.value.messages), err.value.messages
+
+
+def test_fsdp_stores_4bit_weights_in_the_compute_dtype():
+    from qlora_doctor.trainer.model import quantization_config
+
+    r = recipe("distributed.strategy=fsdp")
+    precision = resolve_precision(r, machine(gpus=[H100, H100]))
+    config = quantization_config(r, precision)
+    assert str(config.bnb_4bit_quant_storage) == "torch.bfloat16" == str(config.bnb_4bit_compute_dtype)
+    assert "bnb_4bit_quant_storage" not in recipe().quantization.bnb_kwargs(precision)
+
+
+def test_ddp_turns_off_the_unused_parameter_search():
+    from qlora_doctor.trainer.recipe import training_arguments_kwargs
+
+    r = recipe("distributed.strategy=ddp")
+    precision = resolve_precision(r, machine(gpus=[H100, H100]))
+    assert training_arguments_kwargs(r, precision)["ddp_find_unused_parameters"] is False
+    assert "ddp_find_unused_parameters" not in training_arguments_kwargs(recipe(), precision)
+
+
+def test_device_map_follows_local_rank(monkeypatch):
+    from qlora_doctor.trainer.model import device_map
+
+    precision = resolve_precision(recipe(), machine(gpus=[H100, H100]))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert device_map(precision, "ddp") == {"": 1}
+    assert device_map(precision, "fsdp") is None  # FSDP places the shards; rank 0 reads the checkpoint
+    monkeypatch.delenv("LOCAL_RANK")
+    assert device_map(precision) == {"": 0}
+
+
+# --- the launch command ---------------------------------------------------------------------------
+
+def test_ddp_argv_is_a_list_for_accelerate_with_the_worker_module():
+    r = recipe("distributed.strategy=ddp", "distributed.main_process_port=29611")
+    precision = resolve_precision(r, machine(gpus=[H100, H100]))
+    args = distributed.worker_args(Path("/r/x.yaml"), ["training.max_steps=3"], parent_report="/tmp/rep.json")
+    argv = distributed.launch_argv(r, precision, 2, args, python="/py")
+    assert argv[:5] == ["/py", "-m", "accelerate.commands.launch", "--num_processes", "2"]
+    assert all(isinstance(a, str) for a in argv)
+    joined = " ".join(argv)
+    assert "--multi_gpu" in argv and "--use_fsdp" not in argv
+    assert "--num_machines 1" in joined and "--main_process_port 29611" in joined and "--mixed_precision bf16" in joined
+    assert argv[argv.index("--module") + 1:] == ["qlora_doctor.trainer.worker", "/r/x.yaml",
+                                                  "--set=training.max_steps=3", "--parent-report", "/tmp/rep.json"]
+
+
+def test_fsdp_argv_has_the_fsdp_qlora_settings():
+    r = recipe("distributed.strategy=fsdp", "distributed.fsdp_auto_wrap_layer=LlamaDecoderLayer")
+    precision = resolve_precision(r, machine(gpus=[H100, H100]))
+    argv = distributed.launch_argv(r, precision, 2, ["x.yaml"])
+    pairs = dict(zip(argv, argv[1:]))
+    assert "--use_fsdp" in argv and "--multi_gpu" not in argv
+    assert pairs["--fsdp_use_orig_params"] == "true"
+    assert pairs["--fsdp_cpu_ram_efficient_loading"] == "true" and pairs["--fsdp_sync_module_states"] == "true"
+    assert pairs["--fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert pairs["--fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert pairs["--fsdp_version"] == "1"
+
+
+def test_accelerate_parses_the_argv():
+    """The flags are accelerate 1.x's own: its parser accepts every one of them."""
+    from accelerate.commands.launch import launch_command_parser
+
+    r = recipe("distributed.strategy=fsdp")
+    argv = distributed.launch_argv(r, resolve_precision(r, machine(gpus=[H100, H100])), 2, ["x.yaml", "--set=a.b=1"])
+    parsed = launch_command_parser().parse_args(argv[3:])
+    assert parsed.use_fsdp and parsed.num_processes == 2 and parsed.module
+    assert parsed.training_script == "qlora_doctor.trainer.worker"
+    assert parsed.training_script_args == ["x.yaml", "--set=a.b=1"]
+
+
+def test_print_launch_for_a_multi_host_job(tmp_path):
+    machine_file = write_machine(tmp_path / "m.json", gpus=[H100] * 8)
+    result = CliRunner().invoke(cli, ["run", "demo", "--set", "distributed.strategy=fsdp", "--machine",
+                                      str(machine_file), "--print-launch"])
+    assert result.exit_code == 0, result.output
+    command = [line for line in result.output.splitlines() if not line.startswith("#")]
+    assert len(command) == 1
+    line = command[0]
+    assert line.startswith("python3 -m accelerate.commands.launch --num_processes 8 ")
+    # the scheduler fills these in; left unquoted so the host's shell expands them
+    for flag, value in distributed.MULTI_HOST_PLACEHOLDERS.items():
+        assert f"{flag} {value}" in line
+    assert "--use_fsdp" in line and "--module qlora_doctor.trainer.worker" in line
+    assert "--set=distributed.strategy=fsdp --parent-report -" in line
+    assert "MACHINE_RANK = this host's index" in result.output and "MAIN_PROCESS_IP" in result.output
+
+
+def test_print_launch_without_a_strategy_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["run", "demo", "--print-launch"])
+    assert result.exit_code == 2, result.output
+    assert "distributed.strategy: ddp" in result.output
+
+
+def test_auto_processes_without_gpus_names_the_fix():
+    r = recipe("distributed.strategy=ddp")
+    with pytest.raises(InputError, match="distributed.num_processes: N"):
+        distributed.resolve_num_processes(r, machine(**CPU_MACHINE), "demo.yaml")
+    assert distributed.resolve_num_processes(r, machine(gpus=[H100] * 4), "demo.yaml") == 4
+
+
+# --- the environment of the launched processes -----------------------------------------------------
+
+def test_child_environment_passes_everything_through_and_finds_the_package(monkeypatch, tmp_path):
+    for key, value in GUARDS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    env = distributed.child_environment()
+    code = ("import json, os, qlora_doctor; print(json.dumps({k: os.environ.get(k) for k in %r} | "
+            "{'pkg': qlora_doctor.__file__}))" % (list(GUARDS),))
+    # from another folder, as accelerate's children start: qlora_doctor must come from PYTHONPATH
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
+    seen = json.loads(out.stdout)
+    assert {k: seen[k] for k in GUARDS} == GUARDS
+    assert Path(seen["pkg"]).resolve() == Path(distributed.__file__).resolve().parent.parent / "__init__.py"
+    assert env["PYTHONPATH"].split(":")[1] == "/somewhere/else"
+
+
+def _report(status: str) -> Report:
+    return Report(checks=(Check("x.check", status, "A check", "detail", fix="the fix"),), machine={}, packages={})
+
+
+def test_run_distributed_launches_with_the_guards_and_reports_a_worker_crash(monkeypatch, tmp_path):
+    for key, value in GUARDS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    r = recipe("distributed.strategy=ddp", f"training.output_dir={tmp_path / 'out'}")
+    calls = []
+
+    def runner(argv, env, check):
+        calls.append((argv, env))
+        return subprocess.CompletedProcess(argv, 3)
+
+    with pytest.raises(CheckFailed, match="exited with status 3 before rank 0 wrote its result"):
+        distributed.run_distributed(r, machine(gpus=[H100, H100]), Path("recipes/demo.yaml"), where="demo",
+                                    diagnose=lambda m, recipe: _report("pass"), runner=runner)
+    (argv, env), = calls
+    assert {k: env[k] for k in GUARDS} == GUARDS
+    assert "--parent-report" in argv and argv[argv.index("--num_processes") + 1] == "2"
+    assert not (tmp_path / "out").exists()  # the parent writes nothing; rank 0 does
+
+
+def test_run_distributed_refuses_before_launching(tmp_path):
+    r = recipe("distributed.strategy=ddp", f"training.output_dir={tmp_path / 'out'}")
+    with pytest.raises(RunRefused):
+        distributed.run_distributed(r, machine(gpus=[H100, H100]), Path("recipes/demo.yaml"), where="demo",
+                                    diagnose=lambda m, recipe: _report("fail"),
+                                    runner=lambda *a, **k: pytest.fail("launched although a check failed"))
+
+
+def test_worker_records_the_parents_report():
+    report = _report("warn")
+    again = report_from_json(json.loads(json.dumps(report.to_json())))
+    assert again == report and again.status == "warn"
+
+
+def test_rank_info_from_the_launcher_variables():
+    info = distributed.rank_info({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert (info.rank, info.local_rank, info.world_size, info.is_main) == (3, 1, 4, False)
+    assert distributed.rank_info({}).is_main
+
+
+# --- the doctor's checks --------------------------------------------------------------------------
+
+def test_single_gpu_recipes_get_no_distributed_checks():
+    checks = recipe_checks(recipe(), machine(gpus=[H100, H100]))
+    assert not [c for c in checks if c.id.startswith("recipe.distributed")]
+
+
+def test_two_processes_on_one_gpu_fail_and_two_gpus_pass(tmp_path, nccl):
+    r = recipe("distributed.strategy=ddp", "distributed.num_processes=2")
+    one = by_id(recipe_checks(r, machine(gpus=[H100])), "recipe.distributed.gpus")
+    assert one.status == "fail" and "distributed.num_processes: 1" in one.fix
+    two = by_id(recipe_checks(r, machine(gpus=[H100, H100])), "recipe.distributed.gpus")
+    assert two.status == "pass" and two.detail == "2 x NVIDIA H100 80GB HBM3"
+
+
+def test_check_cli_with_machine_files(tmp_path, nccl):
+    path = tmp_path / "r.yaml"
+    demo = (Path(__file__).parent.parent / "recipes" / "demo.yaml").read_text()
+    path.write_text(demo.replace("data/", str(Path(__file__).parent.parent / "recipes" / "data") + "/")
+                    + "distributed:\n  strategy: ddp\n  num_processes: 2\n")
+    for gpus, expected in (([H100], 1), ([H100, H100], 0)):
+        machine_file = write_machine(tmp_path / f"m{len(gpus)}.json", gpus=gpus)
+        result = CliRunner().invoke(cli, ["check", "--recipe", str(path), "--machine", str(machine_file), "--json"])
+        report = json.loads(result.output)
+        check = by_id([Check(**{**c, "sources": tuple(c["sources"])}) for c in report["checks"]],
+                      "recipe.distributed.gpus")
+        assert check.status == ("fail" if expected else "pass"), check
+        if expected:  # the 2-GPU file can fail other checks here (this CPU torch), so only one way round
+            assert result.exit_code == 1 and report["status"] == "fail", result.output
+
+
+def test_mixed_gpus_warn():
+    check = by_id(recipe_checks(recipe("distributed.strategy=ddp"), machine(gpus=[H100, A100_40])),
+                  "recipe.distributed.gpus")
+    assert check.status == "warn" and "CUDA_VISIBLE_DEVICES" in check.fix
+
+
+def test_no_nccl_fails(monkeypatch):
+    monkeypatch.setattr(distributed_checks, "nccl_available", lambda: False)
+    check = by_id(recipe_checks(recipe("distributed.strategy=ddp"), machine(gpus=[H100, H100])),
+                  "recipe.distributed.nccl")
+    assert check.status == "fail" and "is_nccl_available() is False" in check.detail
+
+
+def test_nccl_not_checked_on_cpu():
+    checks = recipe_checks(recipe("distributed.strategy=ddp", "distributed.num_processes=2"), machine(**CPU_MACHINE))
+    assert not [c for c in checks if c.id == "recipe.distributed.nccl"]
+    assert by_id(checks, "recipe.distributed.gpus").status == "warn"
+
+
+def test_ddp_on_a_model_too_big_for_one_gpu_fails_with_fsdp_as_the_fix(llama8b_config, nccl):
+    r = recipe(f"model.name_or_path={llama8b_config}", "distributed.strategy=ddp", "distributed.num_processes=2")
+    check = by_id(recipe_checks(r, machine(gpus=[GPU_13GB, GPU_13GB])), "recipe.distributed.strategy")
+    assert check.status == "fail" and check.fix == "set `distributed.strategy: fsdp` (shards the 4-bit model across the GPUs)"
+
+
+def test_fsdp_on_a_model_too_big_for_one_gpu_passes_per_rank(llama8b_config, nccl):
+    r = recipe(f"model.name_or_path={llama8b_config}", "distributed.strategy=fsdp", "distributed.num_processes=2")
+    checks = recipe_checks(r, machine(gpus=[GPU_13GB, GPU_13GB]))
+    check = by_id(checks, "recipe.distributed.strategy")
+    assert check.status == "pass", check
+    assert "does not fit" in check.detail and "per rank with 2 ranks" in check.detail
+    assert not [c for c in checks if c.id == "recipe.memory"]  # one GPU's fit does not apply to a shard
+
+
+def test_fsdp_where_one_gpu_would_do_warns(llama8b_config, nccl):
+    r = recipe(f"model.name_or_path={llama8b_config}", "distributed.strategy=fsdp")
+    check = by_id(recipe_checks(r, machine(gpus=[H100, H100])), "recipe.distributed.strategy")
+    assert check.status == "warn" and check.fix == "set `distributed.strategy: ddp`"
+
+
+def test_ddp_that_fits_one_gpu_passes(llama8b_config, nccl):
+    r = recipe(f"model.name_or_path={llama8b_config}", "distributed.strategy=ddp")
+    assert by_id(recipe_checks(r, machine(gpus=[H100, H100])), "recipe.distributed.strategy").status == "pass"
+
+
+def test_fsdp_rank_share_divides_only_the_sharded_rows():
+    breakdown = (("4-bit weights (NF4, 2 per byte)", 800), ("activations", 100), ("LoRA weights (float32)", 200))
+    # 1000 sharded over 4 ranks = 250, + 2 of 10 layers gathered = 200, + 100 activations
+    assert distributed_checks.fsdp_rank_bytes(breakdown, 1100, ranks=4, layers=10) == 550
+
+
+def test_multicast_guards_are_reported_as_passed_through():
+    r = recipe("distributed.strategy=ddp")
+    m = machine(gpus=[H100, H100])
+    precision = resolve_precision(r, m)
+    set_ = distributed_checks.multicast_guard_check(r, m, precision, environ=GUARDS)
+    assert set_.status == "pass" and "NCCL_NVLS_ENABLE=0" in set_.found and "passed through" in set_.detail
+    unset = distributed_checks.multicast_guard_check(r, m, precision, environ={})
+    assert unset.found == "none set"
+
+
+# --- a real run: two gloo ranks on the CPU ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path, builtin_checkpoint):
+    """Two ranks (torchrun via accelerate, gloo) train a tiny random Llama in 4 bit on the CPU for 2 steps."""
+    import yaml
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_checkpoint)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny-llama")
+    tokenizer.save_pretrained(tmp_path / "tiny-llama")
+    path = write_tiny_recipe(tmp_path, rows=8, max_steps=2, save_strategy="no", per_device_train_batch_size=2)
+    data = yaml.safe_load(path.read_text())
+    data["model"]["name_or_path"] = "tiny-llama"
+    data["distributed"] = {"strategy": "ddp", "num_processes": 2, "main_process_port": 29517}
+    path.write_text(yaml.safe_dump(data))
+
+    result = CliRunner().invoke(cli, ["run", str(path), "--json", "--machine",
+                                      str(write_machine(tmp_path / "cpu.json", **CPU_MACHINE))])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["distributed_strategy"] == "ddp"
+    assert metrics["effective_batch_size"] == 2 * 1 * 2
+    assert metrics["steps"] == 2 and metrics["epochs"] == 1.0  # 8 rows / (2 per rank x 2 ranks) = 2 steps
+    assert (out / "adapter_model.safetensors").is_file()
+    report = json.loads((out / "doctor-report.json").read_text())
+    assert "recipe.distributed.gpus" in [c["id"] for c in report["checks"]]  # the parent's checks, recorded
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["command"].startswith("qlora-doctor run ")
