@@ -153,6 +153,23 @@ def test_fsdp_argv_has_the_fsdp_qlora_settings():
     assert pairs["--fsdp_version"] == "1"
 
 
+@pytest.mark.parametrize("gpus", [[], [H100, H100]])
+def test_one_launcher_flag_per_strategy(gpus):
+    """accelerate refuses `--multi_gpu` together with `--use_fsdp` (found on a CPU run)."""
+    for strategy, flag in (("ddp", "--multi_gpu"), ("fsdp", "--use_fsdp")):
+        r = recipe(f"distributed.strategy={strategy}")
+        argv = distributed.launch_argv(r, resolve_precision(r, machine(gpus=gpus)), 2, ["x.yaml"])
+        flags = [a for a in argv if a in ("--cpu", "--multi_gpu", "--use_fsdp", "--use_deepspeed", "--tpu")]
+        assert flags == [flag], (strategy, gpus, argv)
+
+
+def test_fsdp_without_a_gpu_fails_with_accelerates_error():
+    check = by_id(recipe_checks(recipe("distributed.strategy=fsdp", "distributed.num_processes=2"),
+                                machine(**CPU_MACHINE)), "recipe.distributed.gpus")
+    assert check.status == "fail" and "no available devices found" in check.detail
+    assert "distributed.strategy: ddp" in check.fix
+
+
 def test_accelerate_parses_the_argv():
     """The flags are accelerate 1.x's own: its parser accepts every one of them."""
     from accelerate.commands.launch import launch_command_parser

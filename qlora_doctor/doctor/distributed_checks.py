@@ -41,6 +41,12 @@ def distributed_gpus_check(recipe: Recipe, machine: Machine, precision: Precisio
     gpus = machine.nvidia_gpus
     wanted = _processes(recipe, machine)
     found = ", ".join(f"{g.name} ({g.memory_total_mib} MiB)" for g in gpus) or "no NVIDIA GPU"
+    if not gpus and d.strategy == "fsdp":
+        return Check("recipe.distributed.gpus", "fail", title,
+                     "fsdp needs an accelerator: without one accelerate's FSDP plugin stops with \"There are "
+                     "currently no available devices found, must be one of 'XPU', 'CUDA', ...\"",
+                     fix="run on a machine with NVIDIA GPUs, or use `distributed.strategy: ddp` (gloo on the CPU, "
+                         "for testing) or `none`", found=found, expected=f"{d.num_processes} GPUs")
     if not gpus:
         return Check("recipe.distributed.gpus", "warn", title,
                      f"no NVIDIA GPU: {d.num_processes} process(es) would train on the CPU with the gloo backend "

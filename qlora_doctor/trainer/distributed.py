@@ -103,9 +103,10 @@ def launch_argv(recipe: Recipe, precision: Precision, num_processes: int, worker
     if d.main_process_port is not None:
         argv += ["--main_process_port", str(d.main_process_port)]
     argv += ["--mixed_precision", mixed_precision_flag(precision), "--dynamo_backend", "no"]
-    if d.strategy == "ddp" or precision.device == "cpu":
-        # accelerate's `--cpu` runs several processes only through mpirun; `--multi_gpu` starts them with
-        # torchrun, which on a machine without CUDA gives gloo ranks (how the CPU test runs DDP).
+    if d.strategy == "ddp":
+        # Also on a CPU: accelerate's `--cpu` runs several processes only through mpirun, `--multi_gpu`
+        # starts them with torchrun, which without CUDA gives gloo ranks (how the CPU test runs DDP).
+        # `--use_fsdp` starts torchrun itself, and accelerate refuses it together with --multi_gpu.
         argv += ["--multi_gpu"]
     if d.strategy == "fsdp":
         argv += ["--use_fsdp", "--fsdp_version", "1",
