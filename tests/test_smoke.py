@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from qlora_doctor.doctor.smoke import SmokeProcess, judge_smoke, parse_smoke_output, run_smoke_process
+from qlora_doctor.doctor.smoke import judge_smoke, parse_smoke_output, run_smoke_process
+from qlora_doctor.subprocs import Completed
 from qlora_doctor.smoke import NF4_MEAN_ABS_ERROR_MAX, TRAIN_STEPS, run_smoke
 
 STEPS = ["torch.device", "bnb.library", "bnb.nf4_roundtrip", "bnb.linear4bit_lora", "model.load_4bit",
@@ -44,7 +45,7 @@ def test_smoke_json_round_trips_through_the_parser(cpu_result):
     text = "noise a library printed\n" + json.dumps(cpu_result.to_json(), indent=2)
     data = parse_smoke_output(text)
     assert data is not None and data["status"] == "pass"
-    check = judge_smoke(SmokeProcess(0, text, ""), 60)
+    check = judge_smoke(Completed(0, text, ""), 60)
     assert check.status == "pass"
     assert "NF4 round-trip" in check.detail and "libbitsandbytes" in check.detail
 
@@ -70,7 +71,7 @@ def test_a_hang_is_a_failed_check_not_a_hung_doctor():
 
 
 def test_a_crash_is_a_failed_check_with_the_output_excerpt():
-    crash = SmokeProcess(-11, "", "Fatal Python error: Segmentation fault\n  File bitsandbytes/cextension.py")
+    crash = Completed(-11, "", "Fatal Python error: Segmentation fault\n  File bitsandbytes/cextension.py")
     check = judge_smoke(crash, 60)
     assert check.status == "fail"
     assert "killed by signal 11" in check.detail and "Segmentation fault" in check.detail
@@ -81,7 +82,7 @@ def test_a_failing_step_is_named_with_its_error():
             "steps": [{"name": "torch.device", "status": "pass", "detail": "", "error": ""},
                       {"name": "bnb.library", "status": "fail", "detail": "RuntimeError: No compatible CUDA binary",
                        "error": "Traceback ...\nRuntimeError: No compatible CUDA binary"}]}
-    check = judge_smoke(SmokeProcess(1, json.dumps(data), ""), 60)
+    check = judge_smoke(Completed(1, json.dumps(data), ""), 60)
     assert check.status == "fail"
     assert check.detail.startswith("step bnb.library failed: RuntimeError: No compatible CUDA binary")
     assert check.found == "bnb.library"

@@ -10,45 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from qlora_doctor.doctor.report import Check
+from qlora_doctor.subprocs import Completed, run_bounded
 
 TITLE = "Functional test (4-bit NF4 + LoRA train, save, reload, generate)"
 EXCERPT_CHARS = 1500
-
-
-@dataclass(frozen=True)
-class SmokeProcess:
-    """What the smoke subprocess left behind."""
-
-    returncode: int | None
-    """None when it was killed for running past the timeout."""
-    stdout: str
-    stderr: str
 
 
 def smoke_command() -> list[str]:
     return [sys.executable, "-m", "qlora_doctor.cli", "smoke", "--json"]
 
 
-def run_smoke_process(timeout_s: float, argv: list[str] | None = None) -> SmokeProcess:
-    proc = subprocess.Popen(argv or smoke_command(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="replace", start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-        return SmokeProcess(proc.returncode, out, err)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        out, err = proc.communicate()
-        return SmokeProcess(None, out, err)
+def run_smoke_process(timeout_s: float, argv: list[str] | None = None) -> Completed:
+    return run_bounded(argv or smoke_command(), timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def parse_smoke_output(stdout: str) -> dict[str, Any] | None:
@@ -68,7 +45,7 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
-def judge_smoke(process: SmokeProcess, timeout_s: float) -> Check:
+def judge_smoke(process: Completed, timeout_s: float) -> Check:
     """The check for one smoke run (pure: tested on captured outputs)."""
     tail = excerpt(process.stderr or process.stdout)
     if process.returncode is None:

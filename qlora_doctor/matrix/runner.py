@@ -22,8 +22,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from qlora_doctor.doctor.knowledge import canonical_name
 from qlora_doctor.doctor.machine import Machine
 from qlora_doctor.doctor.packages import build_from_local_tag
 from qlora_doctor.matrix.combos import Combination
+from qlora_doctor.subprocs import Completed, run_bounded
 from qlora_doctor.matrix.records import (REPO_ROOT, Record, StepResult, accelerator_id, platform_id,
                                          write_record)
 
@@ -142,34 +141,9 @@ def verdict_for(combo: dict[str, Any], steps: tuple[StepResult, ...],
 
 # --- subprocesses -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Completed:
-    returncode: int | None
-    """None: killed after the timeout."""
-    output: str
-    stdout: str
-    duration_s: float
-
-
 def run_command(argv: list[str], timeout_s: float, env: dict[str, str] | None = None,
                 cwd: Path | None = None) -> Completed:
-    start = time.perf_counter()
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                                env=env, cwd=cwd, start_new_session=True)
-    except OSError as err:
-        return Completed(127, f"{argv[0]}: {err}", "", 0.0)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-        code: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        out, err = proc.communicate()
-        code = None
-    return Completed(code, (out or "") + (err or ""), out or "", round(time.perf_counter() - start, 2))
+    return run_bounded(argv, timeout_s, env=env, cwd=cwd)
 
 
 def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
@@ -304,9 +278,8 @@ def _smoke_step(python: str, env: dict[str, str], cwd: Path, timeout_s: float) -
 
     done = run_command([python, "-m", "qlora_doctor.cli", "smoke", "--json"], timeout_s, env=env, cwd=cwd)
     data = parse_smoke_output(done.stdout) or {}
-    from qlora_doctor.doctor.smoke import SmokeProcess
 
-    check = judge_smoke(SmokeProcess(done.returncode, done.stdout, done.output), timeout_s)
+    check = judge_smoke(done, timeout_s)
     failed = next((s for s in data.get("steps", []) if s.get("status") == "fail"), None)
     summary = {"device": data.get("device"), "losses": data.get("losses", []), "facts": data.get("facts", {}),
                "failed_step": failed["name"] if failed else None,
