@@ -17,7 +17,7 @@ shape the planner says does not fit one GPU. Random weights (the GPU machine has
    fsdp needs) in place of trainer/model.py's load_base; everything else is the product's path
    (`accelerate launch` with the launcher's own FSDP flags, worker, Trainer, adapter gathered and saved by
    rank 0). The sequence length and batch are the first candidates for which the memory planner says
-   one GPU does NOT fit and the doctor's strategy check says a rank's FSDP share does. 2 steps; then the
+   one GPU does NOT fit (by the least) and the doctor's strategy check says a rank's FSDP share does. 2 steps; then the
    saved adapter is loaded back with PeftModel.from_pretrained onto a meta-device 70B (no memory) and
    compared tensor by tensor with the file.
 
@@ -47,8 +47,8 @@ from memory_accuracy import COMMON, SHAPES, save_random_checkpoint  # noqa: E402
 
 LOSS_TOLERANCE = 0.15
 """Largest per-step train-loss difference (nats) between the one-GPU and the DDP run that counts as agreeing."""
-FSDP_CANDIDATES = ((8192, 2), (16384, 1), (12288, 2), (24576, 1))
-"""(max_seq_length, per-device batch) tried in order for the fsdp part."""
+FSDP_CANDIDATES = ((12288, 1), (13312, 1), (14336, 1), (16384, 1), (7168, 2), (8192, 2))
+"""(max_seq_length, per-device batch) planned for the fsdp part; the one that exceeds one GPU by the least wins."""
 MULTICAST_GUARDS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 
@@ -177,8 +177,9 @@ def ddp_part(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
 
 # --- fsdp ---------------------------------------------------------------------------------------------
 
-def fsdp_point(config_dir: Path, recipe_for: Any, machine: Any) -> tuple[int, int, dict[str, Any]] | None:
-    """The first FSDP_CANDIDATES point whose one-GPU plan does not fit and whose FSDP share passes."""
+def fsdp_point(recipe_for: Any, machine: Any) -> tuple[int, int, dict[str, Any]]:
+    """Of the FSDP_CANDIDATES whose one-GPU plan does not fit and whose FSDP share passes the doctor's check,
+    the smallest (most headroom per rank: the share estimate is approximate)."""
     from qlora_doctor.doctor.distributed_checks import strategy_check
     from qlora_doctor.memory.estimate import GIB
     from qlora_doctor.memory.plan import plan_recipe
@@ -192,9 +193,11 @@ def fsdp_point(config_dir: Path, recipe_for: Any, machine: Any) -> tuple[int, in
         row = {"seq": seq, "batch": batch, "one_gpu_gib": round(plan.total_bytes / GIB, 1), "one_gpu_fits": plan.fits,
                "strategy_check": check.status if check else None, "per_rank": check.found if check else None}
         tried.append(row)
-        if plan.fits is False and check is not None and check.status == "pass":
-            return seq, batch, {"chosen": row, "tried": tried}
-    return None if not tried else (0, 0, {"chosen": None, "tried": tried})
+    usable = [r for r in tried if r["one_gpu_fits"] is False and r["strategy_check"] == "pass"]
+    if not usable:
+        return 0, 0, {"chosen": None, "tried": tried}
+    best = min(usable, key=lambda r: r["one_gpu_gib"])
+    return best["seq"], best["batch"], {"chosen": best, "tried": tried}
 
 
 def fsdp_part(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
@@ -224,13 +227,14 @@ def fsdp_part(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
 
     def recipe_for(seq: int, batch: int) -> Any:
         path = work / f"fsdp-{seq}-{batch}.yaml"
+        # adamw_torch: bitsandbytes' paged 8-bit optimizers over FSDP's flat-parameter views are untested
         write_recipe(path, config_dir, data, work / "run", steps=args.fsdp_steps, batch=batch, grad_accum=1,
-                     seq=seq, strategy="fsdp", port=29541)
+                     seq=seq, strategy="fsdp", port=29541, optim="adamw_torch")
         return load_recipe(path)
 
-    point = fsdp_point(config_dir, recipe_for, machine)
-    result: dict[str, Any] = {"shape": shape, "steps": args.fsdp_steps, "planner": point[2] if point else None}
-    if not point or not point[0]:
+    point = fsdp_point(recipe_for, machine)
+    result: dict[str, Any] = {"shape": shape, "steps": args.fsdp_steps, "planner": point[2]}
+    if not point[0]:
         result["skipped"] = "no candidate point where one GPU does not fit and the FSDP share does"
         return result
     seq, batch, _ = point

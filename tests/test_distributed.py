@@ -254,6 +254,31 @@ def test_run_distributed_launches_with_the_guards_and_reports_a_worker_crash(mon
     assert not (tmp_path / "out").exists()  # the parent writes nothing; rank 0 does
 
 
+def test_sigterm_to_the_parent_reaches_the_launched_process(tmp_path):
+    import os
+    import signal
+    import threading
+
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    child = ("import pathlib, signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(got)!r}).write_text('SIGTERM'), sys.exit(7)))\n"
+             f"pathlib.Path({str(ready)!r}).write_text('1')\n"
+             "time.sleep(60)\n")
+
+    def kill_parent_when_ready():
+        for _ in range(300):
+            if ready.exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            threading.Event().wait(0.05)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=kill_parent_when_ready, daemon=True).start()
+    completed = distributed.run_forwarding_signals([sys.executable, "-c", child], os.environ)
+    assert completed.returncode == 7 and got.read_text() == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) == before  # this process's own handling is back
+
+
 def test_run_distributed_refuses_before_launching(tmp_path):
     r = recipe("distributed.strategy=ddp", f"training.output_dir={tmp_path / 'out'}")
     with pytest.raises(RunRefused):

@@ -177,7 +177,6 @@ def run_distributed(recipe: Recipe, machine: Machine, recipe_path: Path, *, wher
     outputs as a one-GPU run. `runner` (default subprocess.run) is the test seam. Returns the RunResult
     rank 0 wrote."""
     import json
-    import subprocess
     import tempfile
 
     from qlora_doctor.errors import CheckFailed
@@ -200,7 +199,7 @@ def run_distributed(recipe: Recipe, machine: Machine, recipe_path: Path, *, wher
                            replace_existing=plan.replace_existing, resume_from=plan.resume_from,
                            result_file=result_file, machine_file=machine_file, command=command)
         argv = launch_argv(recipe, precision, processes, args)
-        completed = (runner or subprocess.run)(argv, env=child_environment(), check=False)
+        completed = (runner or run_forwarding_signals)(argv, env=child_environment(), check=False)
         if not result_file.is_file():
             raise CheckFailed(f"{where}: the {processes} training processes ({recipe.distributed.strategy}) exited "
                               f"with status {completed.returncode} before rank 0 wrote its result; the error is "
@@ -210,3 +209,22 @@ def run_distributed(recipe: Recipe, machine: Machine, recipe_path: Path, *, wher
     data["resumed_from"] = Path(data["resumed_from"]) if data["resumed_from"] else None
     data["files"] = tuple(data["files"])
     return RunResult(**data)
+
+
+def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str], check: bool = False):
+    """Run the launcher and wait for it. A SIGTERM to this process (a scheduler's) is passed on to it:
+    torchrun passes it to the ranks, whose Trainer saves a checkpoint and stops (`--resume` continues).
+    Ctrl-C already reaches every process of the terminal's group, so SIGINT is only waited out here."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(list(argv), env=dict(env))
+    handlers = {signal.SIGTERM: lambda signum, frame: proc.send_signal(signum),
+                signal.SIGINT: lambda signum, frame: None}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(list(argv), returncode)

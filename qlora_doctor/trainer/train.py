@@ -224,7 +224,9 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _T
     from qlora_doctor.trainer.faults import install_fault
 
     install_fault(trainer)  # test-only seam (tests/test_interrupt.py); inert unless QLORA_DOCTOR_FAULT is set
-    eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    # FSDP: an evaluate() before train() would wrap the model without peft's LoRA wrap policy (that
+    # transformers applies in train()), mixing float32 adapters into bf16 flat parameters; skip it.
+    eval_before = trainer.evaluate()["eval_loss"] if eval_ds is not None and not trainer.is_fsdp_enabled else None
     _reset_peak_memory(precision)
     with stop.installed():
         trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
