@@ -23,7 +23,7 @@ FSDP_QLORA_SOURCES = ("https://huggingface.co/docs/peft/accelerate/fsdp",
 NCCL_SOURCES = ("https://pytorch.org/docs/stable/distributed.html#backends",)
 MULTICAST_SOURCES = ("https://docs.nvidia.com/deeplearning/nccl/user-guide/docs/env.html#nccl-nvls-enable",)
 SHARDED_ROWS = ("4-bit weights", "quantization constants", "linear weights", "embeddings, lm_head, norms",
-                "LoRA weights", "optimizer", "gradients")
+                "LoRA weights", "LoRA gradients", "optimizer states")
 """Planner breakdown rows (by prefix) that FSDP divides among the ranks; activations and logits are not."""
 
 
