@@ -35,6 +35,10 @@ SAVE_STEPS = 2
 HF_TOKEN = "hf_" + "Zq8" * 12
 WANDB_KEY = "0123456789abcdef" * 2 + "feedbeef"
 PATTERN_ONLY_TOKEN = "hf_" + "PastedFromSomewhereElse1234567890"
+# A resumed run replays the same batches from the same state, so its losses match the uninterrupted run's;
+# resuming from the wrong step or data moves them by whole percents. On 2 busy CPU cores one step's loss
+# was seen 1.7e-4 (relative) away from the reference, so the bound is 1e-3, not bit equality.
+LOSS_REL_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +185,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model, re
     assert metrics["resumed_from"] == str(out / f"checkpoint-{stopped_at}")
     after = losses(out)
     for step in range(stopped_at + 1, MAX_STEPS + 1):
-        assert after[step] == pytest.approx(reference["losses"][step], rel=1e-4), step
+        assert after[step] == pytest.approx(reference["losses"][step], rel=LOSS_REL_TOLERANCE), step
 
 
 def test_sigkill_mid_run_and_mid_save_then_resume_uses_the_last_complete_checkpoint(tmp_path, tiny_model, reference):
@@ -210,7 +214,7 @@ def test_sigkill_mid_run_and_mid_save_then_resume_uses_the_last_complete_checkpo
     assert checkpoint_state(out / f"checkpoint-{MAX_STEPS}")["global_step"] == MAX_STEPS
     after = losses(out)
     for step in range(3, MAX_STEPS + 1):
-        assert after[step] == pytest.approx(reference["losses"][step], rel=1e-4), step
+        assert after[step] == pytest.approx(reference["losses"][step], rel=LOSS_REL_TOLERANCE), step
 
 
 def test_a_bad_fault_setting_is_an_input_error():
