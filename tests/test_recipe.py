@@ -386,3 +386,17 @@ def test_recipe_from_dict_without_a_file_resolves_against_cwd(folder, monkeypatc
                                "dataset": {"path": "train.jsonl", "format": "text"},
                                "training": {"output_dir": "o"}})
     assert recipe.dataset.path == str(folder.resolve() / "train.jsonl")
+
+
+def test_a_path_too_long_for_the_file_system_is_an_input_error(tmp_path):
+    """Found by the fuzzer: a 5,000-character eval_path made os.stat raise ENAMETOOLONG."""
+    import yaml
+
+    demo = REPO_RECIPES / "demo.yaml"
+    data = yaml.safe_load(demo.read_text())
+    data["dataset"]["path"] = str(demo.parent / "data/demo/train.jsonl")
+    data["dataset"]["eval_path"] = "a" * 5000
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError, match=r"dataset\.eval_path: .*not a usable path"):
+        load_recipe(str(recipe))

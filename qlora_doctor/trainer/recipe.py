@@ -585,7 +585,12 @@ def _classify_location(value: str, base_dir: Path, suffixes: tuple[str, ...]) ->
     """A local path (made absolute), a hub id (`name` or `org/name`), or a local path that is missing."""
     expanded = Path(value).expanduser()
     candidate = expanded if expanded.is_absolute() else base_dir / expanded
-    if candidate.exists():
+    try:
+        exists = candidate.exists()
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte: not a path
+        raise ValueError(f"not a usable path ({err.strerror if isinstance(err, OSError) else err}); "
+                         "fix the path") from None
+    if exists:
         return _Location("local", str(candidate.resolve()))
     looks_local = (value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
                    or Path(value).suffix.lower() in suffixes or not _HUB_ID.fullmatch(value))
