@@ -400,3 +400,18 @@ def test_a_path_too_long_for_the_file_system_is_an_input_error(tmp_path):
     recipe.write_text(yaml.safe_dump(data))
     with pytest.raises(InputError, match=r"dataset\.eval_path: .*not a usable path"):
         load_recipe(str(recipe))
+
+
+def test_bare_no_strategy_is_read_as_the_string_no(tmp_path):
+    """`eval_strategy: no` is how TrainingArguments users write it; YAML 1.1 makes it false."""
+    import yaml
+
+    demo = REPO_RECIPES / "demo.yaml"
+    text = demo.read_text().replace("eval_strategy: steps", "eval_strategy: no").replace(
+        "data/demo/", str(demo.parent / "data/demo") + "/")
+    assert "eval_strategy: no" in text
+    path = tmp_path / "no.yaml"
+    path.write_text(text + "\n")
+    recipe = load_recipe(str(path))
+    assert recipe.training.eval_strategy == "no"
+    assert yaml.safe_load("a: no")["a"] is False  # the reason for the validator

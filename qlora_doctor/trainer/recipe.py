@@ -230,6 +230,12 @@ class TrainingSection(Section):
     save_steps: int = Field(default=50, ge=1, le=_MAX_COUNT)
     save_total_limit: int | None = Field(default=2, ge=1, le=_MAX_COUNT)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
+
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` (the TrainingArguments value) as false.
+        return "no" if value is False else value
     report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"
     dataloader_num_workers: int = Field(default=0, ge=0, le=1024)
 
