@@ -65,9 +65,9 @@ def test_lora_targets_follow_peft_matching():
     assert lora_targets(c, ("nonexistent",)) == ()
 
 
-def _est(**changes):
+def _est(cache_at_start_bytes=None, **changes):
     base = TrainSettings(micro_batch=4, seq_len=2048, optim="adamw_torch", lora_r=16)
-    return estimate(count_parameters(LLAMA3_8B), replace(base, **changes))
+    return estimate(count_parameters(LLAMA3_8B), replace(base, **changes), cache_at_start_bytes)
 
 
 def test_more_tokens_need_more_memory():
@@ -96,6 +96,32 @@ def test_breakdown_sums_to_the_total():
     e = _est()
     assert sum(b for _, b in e.breakdown) == e.total_bytes
     assert e.peak_allocated_bytes < e.peak_reserved_bytes < e.total_bytes
+
+
+def test_reserved_peak_is_never_below_what_training_starts_with():
+    # The 8B fast-path point that missed by 15%: a step small enough to fit in the cache it starts with.
+    small = dict(micro_batch=1, seq_len=512, lora_r=8, upcast_unquantized=False, liger_kernel=True, fused_lora=True)
+    default = _est(**small)
+    loaded = dict(default.breakdown)
+    at_start = (loaded["4-bit weights (NF4, 2 per byte)"] + loaded["quantization constants (double quant)"]
+                + loaded["embeddings, lm_head, norms (bfloat16)"]
+                + loaded["cuBLAS workspaces (forward and backward threads)"] + default.trainable_params * 4)
+    # by default the cache loading leaves: one bf16 copy of the largest weight (the MLP's 14336 x 4096)
+    assert default.reserved_at_start_bytes == at_start + 14336 * 4096 * 2
+    assert default.peak_phase == "recompute" and default.peak_reserved_bytes > default.reserved_at_start_bytes
+    assert _est(**small, cache_at_start_bytes=0).peak_reserved_bytes == default.peak_reserved_bytes
+
+    held = _est(**small, cache_at_start_bytes=int(1.48 * GIB))
+    assert held.peak_phase == "start"
+    assert held.peak_reserved_bytes == held.reserved_at_start_bytes == at_start + int(1.48 * GIB)
+    assert held.peak_allocated_bytes == default.peak_allocated_bytes  # the step itself is the same
+    cache_row = dict(held.breakdown)["allocator cache left by loading (reserved from the start, not filled by the step)"]
+    assert cache_row == held.peak_reserved_bytes - held.peak_allocated_bytes
+    assert "allocator fragmentation (reserved - allocated)" not in dict(held.breakdown)
+    assert sum(b for _, b in held.breakdown) == held.total_bytes
+    # a large step reuses that cache: the same start changes nothing at 8 x 2048 tokens
+    large = dict(small, micro_batch=8, seq_len=2048)
+    assert _est(**large, cache_at_start_bytes=int(1.48 * GIB)).peak_reserved_bytes == _est(**large).peak_reserved_bytes
 
 
 H100_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "memory_accuracy_h100.json"

@@ -34,6 +34,16 @@ moments (`_step_activations`):
 `torch.cuda.max_memory_reserved` adds the caching allocator's fragmentation; the GPU also holds the CUDA
 context, which torch does not count.
 
+The reserved peak is never below what is reserved when training starts (`reserved_at_start`): the weights,
+the LoRA weights and the cuBLAS workspaces, plus the allocator cache that loading left in segments that
+still hold weights (the Trainer's `accelerator.free_memory()` releases every segment that is entirely
+free, not these). The step allocates into that cache first, so it does not add to the step's peak: the
+reserved peak is the larger of the two (`load_cache_bytes` says how much loading leaves). It decides
+only small runs, and only where the process held more cache than loading leaves: the 8B points of
+bench/results/memory_accuracy_8b_rerun_h100.json started with 1.1-1.5 GiB because the bench's worker had
+just written the random checkpoint from the GPU (bench/memory_table.py replays them from the cache they
+recorded, `cache_at_start_bytes`).
+
 Every constant says where it comes from. The allocated side is counted tensor by tensor, nothing fitted:
 on the 28 H100 points of bench/results/memory_accuracy_h100.json (Llama-3.2-1B and Llama-3-8B shapes,
 seq 512-8192, batch 1-8, LoRA r 8-64, checkpointing all/half/none, plain and fast path) it is within 1%
@@ -181,15 +191,57 @@ class Estimate:
     peak_allocated_bytes: int
     """Predicted `torch.cuda.max_memory_allocated`."""
     peak_reserved_bytes: int
-    """Predicted `torch.cuda.max_memory_reserved` (allocated + fragmentation)."""
+    """Predicted `torch.cuda.max_memory_reserved`: allocated + fragmentation, or `reserved_at_start_bytes`
+    where that is larger."""
+    reserved_at_start_bytes: int
+    """Predicted `torch.cuda.memory_reserved` when training starts: weights, LoRA weights and cuBLAS
+    workspaces, plus the allocator cache left by loading."""
     total_bytes: int
     """What the GPU must hold: reserved + the CUDA context (+ paged optimizer states)."""
     peak_phase: str
-    """`loss`, `recompute` or `eval`: the moment of the run the peak is at."""
+    """Where the reserved peak is set: `loss`, `backward`, `recompute`, `optimizer step` or `eval`, or `start`
+    when the step fits in what training starts with (reserved_at_start_bytes)."""
     calibration: str
     """`plain` or `fast`: which measured path the run takes (see calibration_path)."""
     trainable_params: int
     notes: tuple[str, ...]
+
+
+def quantization_constants_bytes(counts: ModelCounts, s: TrainSettings) -> int:
+    """bitsandbytes' absmaxes of the 4-bit weights: fp32 per block, or 8-bit with double quant (BNB_*)."""
+    blocks = -(-counts.linear // BNB_BLOCKSIZE)
+    return blocks + 4 * -(-blocks // BNB_NESTED_BLOCKSIZE) if s.double_quant else 4 * blocks
+
+
+def loaded_model_bytes(counts: ModelCounts, s: TrainSettings) -> int:
+    """The base as `from_pretrained` leaves it, before any training lever: linear weights in 4 bit with
+    their constants (or in the compute dtype), everything else in the compute dtype."""
+    compute = _DTYPE_BYTES[s.compute_dtype]
+    kept = (counts.embedding + counts.lm_head + counts.norms + counts.other) * compute
+    if s.load_in_4bit:
+        return counts.linear // 2 + quantization_constants_bytes(counts, s) + kept
+    return counts.linear * compute + kept
+
+
+def load_cache_bytes(counts: ModelCounts, s: TrainSettings) -> int:
+    """The allocator cache loading leaves reserved when training starts: at most one weight's copy in the
+    compute dtype, the largest.
+
+    `from_pretrained` with a bitsandbytes config quantizes on the GPU one weight at a time: the weight
+    arrives in the compute dtype, its 4-bit copy and constants are allocated, the original is freed. The
+    caching allocator keeps the freed block; where later 4-bit weights are placed in it, its segment cannot
+    be released and what they leave free stays reserved. The Trainer's `accelerator.free_memory()` releases
+    every segment that is entirely free. Measured (bench/results/memory_accuracy_h100.json,
+    `load_peak_reserved_bytes` of the first Llama-3-8B point, loaded from a checkpoint on disk in a fresh
+    process): the load peaked at 5.45 GiB reserved, 0.135 GiB above the loaded model as this planner
+    counts it (5.31 GiB), i.e. the largest weight in bf16 (0.109 GiB) and its 4-bit copy (0.027 GiB) in
+    flight; what stays reserved after the load is below that peak. The 70B point, quantized weight by
+    weight by the bench itself, peaked 0.64 GiB above its model (largest weight 0.44 GiB + 0.11 GiB).
+    With this figure the floor never decides a prediction: every step also dequantizes the largest weight
+    into a buffer of the same size. Without 4-bit loading nothing is converted on the GPU: 0 (not measured)."""
+    if not s.load_in_4bit:
+        return 0
+    return counts.linear_largest * _DTYPE_BYTES[s.compute_dtype]
 
 
 def checkpointed_layers(counts: ModelCounts, s: TrainSettings) -> int:
@@ -210,8 +262,11 @@ def calibration_path(counts: ModelCounts, s: TrainSettings) -> str:
     return "fast" if (no_upcast or s.liger_kernel or s.fused_lora or selective) else "plain"
 
 
-def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
-    """Predict the peak of a training step (after the first, when optimizer states exist)."""
+def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | None = None) -> Estimate:
+    """Predict the peak of a training step (after the first, when optimizer states exist).
+
+    `cache_at_start_bytes`: the allocator cache (reserved - allocated) when training starts, where it is
+    known (a measured point records it); None: what loading leaves (`load_cache_bytes`)."""
     notes: list[str] = []
     compute = _DTYPE_BYTES[s.compute_dtype]
     # peft's prepare (upcast_unquantized) casts every fp16/bf16 parameter that is not 4-bit to float32;
@@ -226,24 +281,27 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     path = calibration_path(counts, s)
 
     rows: list[tuple[str, int]] = []
+    # What is allocated when training starts (the Trainer's first step has not run): weights, workspaces
+    # and LoRA weights; optimizer states, gradients and autocast copies come with the first step.
+    at_start: list[int] = []
     if s.load_in_4bit:
         rows.append(("4-bit weights (NF4, 2 per byte)", counts.linear // 2))
-        blocks = -(-counts.linear // BNB_BLOCKSIZE)
-        if s.double_quant:
-            constants = blocks + 4 * -(-blocks // BNB_NESTED_BLOCKSIZE)
-        else:
-            constants = 4 * blocks
+        constants = quantization_constants_bytes(counts, s)
         rows.append(("quantization constants" + (" (double quant)" if s.double_quant else ""), constants))
+        at_start += [counts.linear // 2, constants]
         rows.append(("dequantization buffer (largest weight)", counts.linear_largest * compute))
     else:
         rows.append((f"linear weights ({s.compute_dtype}, not quantized)", counts.linear * compute))
+        at_start.append(counts.linear * compute)
     kept = counts.embedding + counts.lm_head + counts.norms + counts.other
     name = "float32" if unquantized == 4 else s.compute_dtype
     rows.append((f"embeddings, lm_head, norms ({name})", kept * unquantized))
+    at_start.append(kept * unquantized)
     if s.mixed_precision and unquantized != compute:
         # Autocast casts lm_head's float32 weight for the matmul (Liger's chunks: for each chunk).
         rows.append(("lm_head weight cast for autocast", counts.vocab_size * counts.hidden_size * compute))
     rows.append(("cuBLAS workspaces (forward and backward threads)", 2 * CUBLAS_WORKSPACE_BYTES))
+    at_start.append(2 * CUBLAS_WORKSPACE_BYTES)
 
     targets = lora_targets(counts, s.lora_targets)
     if not targets:
@@ -257,6 +315,7 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     lora_copy = compute if s.mixed_precision and not s.fused_lora else 0
     rows.append(("LoRA weights (float32)" + (" and their autocast copies" if lora_copy else ""),
                  trainable * (4 + lora_copy)))
+    at_start.append(trainable * 4)
     states, known = optimizer_state_bytes(s.optim, trainable, s.lora_r)
     if not known:
         notes.append(f"optimizer {s.optim!r}: state size unknown, counted as AdamW's 8 bytes per parameter")
@@ -292,8 +351,16 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     working_bytes = sum(b for n, b in activation_rows if n.startswith("working"))
     fragmentation = int(FRAGMENTATION_LOGITS * logits_bytes + FRAGMENTATION_WORKING * working_bytes
                         + FRAGMENTATION_BYTES)
-    rows.append(("allocator fragmentation (reserved - allocated)", fragmentation))
-    reserved = allocated + fragmentation
+    cache = load_cache_bytes(counts, s) if cache_at_start_bytes is None else cache_at_start_bytes
+    reserved_at_start = sum(at_start) + cache
+    if reserved_at_start > allocated + fragmentation:
+        # The step fits in what training starts with (module docstring): the reserved peak is that.
+        rows.append(("allocator cache left by loading (reserved from the start, not filled by the step)",
+                     reserved_at_start - allocated))
+        reserved, phase = reserved_at_start, "start"
+    else:
+        rows.append(("allocator fragmentation (reserved - allocated)", fragmentation))
+        reserved = allocated + fragmentation
     outside = CUDA_CONTEXT_BYTES
     if paged:
         rows.append((f"optimizer states ({s.optim}, unified memory)", states))
@@ -301,7 +368,8 @@ def estimate(counts: ModelCounts, s: TrainSettings) -> Estimate:
     rows.append(("CUDA context (not in torch's counters)", CUDA_CONTEXT_BYTES))
     assert static > 0
     return Estimate(breakdown=tuple((n, int(b)) for n, b in rows), peak_allocated_bytes=int(allocated),
-                    peak_reserved_bytes=int(reserved), total_bytes=int(reserved + outside),
+                    peak_reserved_bytes=int(reserved), reserved_at_start_bytes=int(reserved_at_start),
+                    total_bytes=int(reserved + outside),
                     peak_phase=phase, calibration=path, trainable_params=trainable, notes=tuple(notes))
 
 

@@ -57,10 +57,14 @@ class Plan:
     """Predicted torch.cuda.max_memory_allocated."""
     peak_reserved_bytes: int
     """Predicted torch.cuda.max_memory_reserved."""
+    reserved_at_start_bytes: int
+    """Predicted torch.cuda.memory_reserved when training starts (weights, LoRA weights, workspaces and the
+    allocator cache left by loading): the reserved peak is never below it."""
     total_bytes: int
     """Predicted GPU memory in use at the peak: reserved + the CUDA context (+ paged optimizer states)."""
     peak_phase: str
-    """Where the peak is: `loss` (logits), `recompute` (a checkpointed layer's backward) or `eval`."""
+    """Where the reserved peak is: `loss` (logits), `backward`, `recompute` (a checkpointed layer's backward),
+    `optimizer step`, `eval`, or `start` (the step fits in what is reserved when training starts)."""
     calibration: str
     """`plain` or `fast`: which measured path the run takes (estimate.calibration_path)."""
     gpu_name: str | None
@@ -174,7 +178,8 @@ def plan_for(counts: ModelCounts, settings: TrainSettings, gpu_name: str | None,
     suggestions = tuple(suggest(counts, settings, gpu_bytes)) if fits is False else ()
     return Plan(model=model, settings=settings, parameters=counts.total, trainable_parameters=est.trainable_params,
                 breakdown=est.breakdown, peak_allocated_bytes=est.peak_allocated_bytes,
-                peak_reserved_bytes=est.peak_reserved_bytes, total_bytes=est.total_bytes,
+                peak_reserved_bytes=est.peak_reserved_bytes, reserved_at_start_bytes=est.reserved_at_start_bytes,
+                total_bytes=est.total_bytes,
                 peak_phase=est.peak_phase, calibration=est.calibration, gpu_name=gpu_name, gpu_bytes=gpu_bytes, fits=fits,
                 suggestions=suggestions, notes=est.notes + extra_notes)
 

@@ -32,7 +32,8 @@ def print_plan(plan: Plan) -> None:
     table.add_row("[bold]total[/]", f"[bold]{_gib(plan.total_bytes)}[/]")
     console.print(table)
     console.print(f"predicted torch peak: {_gib(plan.peak_allocated_bytes)} allocated, "
-                  f"{_gib(plan.peak_reserved_bytes)} reserved (peak at the {plan.peak_phase})", highlight=False)
+                  f"{_gib(plan.peak_reserved_bytes)} reserved (peak at the {plan.peak_phase}; "
+                  f"{_gib(plan.reserved_at_start_bytes)} reserved when training starts)", highlight=False)
     if plan.gpu_name is None:
         console.print("[yellow]no NVIDIA GPU to compare with[/]")
     elif plan.gpu_bytes is None:
