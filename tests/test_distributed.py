@@ -124,6 +124,93 @@ def test_device_map_follows_local_rank(monkeypatch):
     assert device_map(precision) == {"": 0}
 
 
+class _LossModel:
+    """A model with a `**kwargs` forward, as PeftModel's: the Trainer then passes num_items_in_batch and
+    scales the loss under average_tokens_across_devices (where n_gpu multiplies it)."""
+
+    @staticmethod
+    def build():
+        import torch
+
+        class LossModel(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.tensor(0.5))
+
+            def forward(self, input_ids=None, labels=None, **kwargs):
+                loss = (self.weight * labels.float()).sum() / kwargs.get("num_items_in_batch", labels.numel())
+                return {"loss": loss}
+
+        return LossModel()
+
+
+def test_strategy_none_on_a_two_gpu_machine_trains_the_recipes_batch_on_one_gpu(monkeypatch, tmp_path):
+    """Without a launcher, transformers counts every visible GPU as n_gpu and then doubles the micro-batch
+    and the loss on two GPUs (the first 2 x H100 bench); the run must train the recipe's batch, its loss
+    unscaled. The machine is faked where TrainingArguments reads it: torch.cuda.device_count()."""
+    import dataclasses
+
+    import torch
+    from transformers import Trainer
+
+    from qlora_doctor.trainer.recipe import training_arguments_kwargs
+    from qlora_doctor.trainer.train import training_arguments
+
+    r = recipe("training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2",
+               f"training.output_dir={tmp_path / 'out'}")
+    # GPU 0's precision without bf16 (whose check would look for a real GPU): use_cpu is False, so
+    # TrainingArguments counts the CUDA devices as on the GPU machine.
+    precision = dataclasses.replace(resolve_precision(r, machine(**CPU_MACHINE)), device="cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    kwargs = {**training_arguments_kwargs(r, precision), "eval_strategy": "no"}
+    args, gpus = training_arguments(r, precision, **kwargs, label_names=["labels"])
+    assert args.n_gpu == 1 and args.train_batch_size == 2
+    assert gpus.to_json() == {"visible": 2, "used": 1, "idle": 1, "trainer_n_gpu": 1,
+                              "note": "1 of the 2 visible GPUs stayed unused; `distributed.strategy: ddp` trains "
+                                      "on all of them"}
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [1, 1, 1]} for _ in range(8)]
+    trainer = Trainer(model=_LossModel.build(), args=args, train_dataset=rows)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 2  # the recipe's micro-batch, not 2 per "GPU"
+    # 6 label tokens in the micro-batch, each contributing 0.5: the mean is 0.5, not 2 x 0.5
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(6))
+    assert loss.item() == pytest.approx(0.5)
+
+
+def test_ddp_ranks_record_their_gpus(monkeypatch, tmp_path):
+    import torch
+
+    from qlora_doctor.trainer.train import GpuUse
+
+    assert GpuUse("ddp", visible=4, used=2, trainer_n_gpu=1).to_json()["note"] == (
+        "2 of the 4 visible GPUs stayed unused; `distributed.num_processes: auto` starts one process per GPU")
+    assert "note" not in GpuUse("none", visible=1, used=1, trainer_n_gpu=1).to_json()
+    assert GpuUse("none", visible=0, used=0, trainer_n_gpu=0).to_json()["idle"] == 0
+
+
+def test_throughput_records_each_steps_tokens_and_when_it_ended(monkeypatch):
+    """One row per optimizer step, all ranks' tokens (num_input_tokens_seen is gathered), so a bench can
+    time the steps after warm-up by differences of `ended_at`."""
+    from types import SimpleNamespace
+
+    from qlora_doctor.trainer import callbacks
+
+    clock = iter([100.0, 100.5, 102.0, 102.25, 103.0])  # train begin, step 1 begin/end, step 2 begin/end
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    throughput = callbacks.Throughput()
+    state = SimpleNamespace(num_input_tokens_seen=4096, global_step=10)  # resumed: counts from here
+    throughput.on_train_begin(None, state, None)
+    for tokens in (8192, 8192):
+        throughput.on_step_begin(None, state, None)
+        state.num_input_tokens_seen += tokens
+        state.global_step += 1
+        throughput.on_step_end(None, state, None)
+    assert throughput.steps == [{"step": 11, "tokens": 8192, "seconds": 1.5, "ended_at": 2.0},
+                                {"step": 12, "tokens": 8192, "seconds": 0.75, "ended_at": 3.0}]
+    assert throughput.tokens == 16384 and throughput.seconds == 2.25
+
+
 # --- the launch command ---------------------------------------------------------------------------
 
 def test_ddp_argv_is_a_list_for_accelerate_with_the_worker_module():
@@ -301,9 +388,12 @@ def test_rank_info_from_the_launcher_variables():
 
 # --- the doctor's checks --------------------------------------------------------------------------
 
-def test_single_gpu_recipes_get_no_distributed_checks():
-    checks = recipe_checks(recipe(), machine(gpus=[H100, H100]))
-    assert not [c for c in checks if c.id.startswith("recipe.distributed")]
+def test_single_gpu_recipes_get_no_distributed_checks_but_a_note_about_idle_gpus():
+    assert not [c for c in recipe_checks(recipe(), machine(gpus=[H100])) if c.id.startswith("recipe.distributed")]
+    checks = [c for c in recipe_checks(recipe(), machine(gpus=[H100, H100, H100])) if c.id.startswith("recipe.distributed")]
+    assert [(c.id, c.status, c.found) for c in checks] == [("recipe.distributed.gpus", "pass", "3 GPUs")]
+    assert "the other 2 of the 3 GPUs stay idle" in checks[0].detail
+    assert "`distributed.strategy: ddp` trains on all 3" in checks[0].detail
 
 
 def test_two_processes_on_one_gpu_fail_and_two_gpus_pass(tmp_path, nccl):
@@ -420,6 +510,9 @@ def test_two_process_ddp_on_cpu(tmp_path, builtin_checkpoint):
     assert metrics["world_size"] == 2 and metrics["distributed_strategy"] == "ddp"
     assert metrics["effective_batch_size"] == 2 * 1 * 2
     assert metrics["steps"] == 2 and metrics["epochs"] == 1.0  # 8 rows / (2 per rank x 2 ranks) = 2 steps
+    assert [r["step"] for r in metrics["train_step_history"]] == [1, 2]
+    assert sum(r["tokens"] for r in metrics["train_step_history"]) == metrics["train_tokens"] > 0
+    assert metrics["gpus"] == {"visible": 0, "used": 0, "idle": 0, "trainer_n_gpu": 0}
     assert (out / "adapter_model.safetensors").is_file()
     report = json.loads((out / "doctor-report.json").read_text())
     assert "recipe.distributed.gpus" in [c["id"] for c in report["checks"]]  # the parent's checks, recorded

@@ -49,22 +49,37 @@ class StopOnSignal(TrainerCallback):
 
 class Throughput(TrainerCallback):
     """Non-padding tokens and seconds spent in optimizer steps (evaluation, logging and saving
-    excluded), for this session of training only: a resumed run counts from its checkpoint."""
+    excluded), for this session of training only: a resumed run counts from its checkpoint.
+
+    `steps` keeps one row per optimizer step: its tokens (all ranks), its seconds (step begin to step
+    end, as `seconds` sums them) and `ended_at`, the seconds since training began when the step ended.
+    Differences of `ended_at` time a stretch of steps by the wall clock (whatever the GPU still had
+    queued at one step's end is in the next difference), so a benchmark can leave out warm-up steps
+    (Triton compiling) and still count everything the steps after them cost."""
 
     def __init__(self) -> None:
         self.tokens = 0
         self.seconds = 0.0
+        self.steps: list[dict[str, float | int]] = []
         self._tokens_at_begin = 0
+        self._train_started = 0.0
         self._step_started: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._tokens_at_begin = state.num_input_tokens_seen
+        self._train_started = time.perf_counter()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._step_started = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        seconds = 0.0
         if self._step_started is not None:
-            self.seconds += time.perf_counter() - self._step_started
+            seconds = now - self._step_started
+            self.seconds += seconds
             self._step_started = None
-        self.tokens = int(state.num_input_tokens_seen - self._tokens_at_begin)
+        tokens = int(state.num_input_tokens_seen - self._tokens_at_begin)
+        self.steps.append({"step": state.global_step, "tokens": tokens - self.tokens, "seconds": round(seconds, 4),
+                           "ended_at": round(now - self._train_started, 4)})
+        self.tokens = tokens

@@ -190,7 +190,7 @@ class _Trained:
 
 
 def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _Trained:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from qlora_doctor.trainer.builtin import resolve_model_path
     from qlora_doctor.trainer.callbacks import StopOnSignal, Throughput
@@ -209,7 +209,8 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _T
         kwargs["eval_strategy"] = "no"
     speed_plan = speed.plan_for_model(recipe, precision, model)
     kwargs.update(speed.training_arguments_overrides(speed_plan))  # the model's checkpointing is set already
-    args = TrainingArguments(
+    args, gpus = training_arguments(
+        recipe, precision,
         **kwargs,
         # PeftModel.forward takes **kwargs, so the Trainer cannot see that it accepts labels and
         # would skip the eval loss without this.
@@ -265,12 +266,74 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _T
         "train_tokens": throughput.tokens,
         "train_step_seconds": round(throughput.seconds, 2),
         "train_tokens_per_second": round(throughput.tokens / throughput.seconds, 1) if throughput.seconds else None,
+        "train_step_history": throughput.steps,
+        "gpus": gpus.to_json(),
         "peak_memory": peak_memory(precision),
         "performance": speed_plan.to_json(),
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
     }
     model = trainer.accelerator.unwrap_model(trainer.model) if trainer.is_fsdp_enabled else trainer.model
     return _Trained(model=model, tokenizer=tokenizer, status=status, metrics=metrics, state_dict=state_dict)
+
+
+@dataclass(frozen=True)
+class GpuUse:
+    """The GPUs a run's process could see and those it trained on (metrics.json `gpus`)."""
+
+    strategy: str
+    """The recipe's distributed.strategy."""
+    visible: int
+    """CUDA devices this process sees (torch.cuda.device_count(), after CUDA_VISIBLE_DEVICES); 0 on the CPU."""
+    used: int
+    """GPUs of this host that trained: 1 for strategy none, the launched ranks here for ddp/fsdp; 0 on the CPU."""
+    trainer_n_gpu: int
+    """TrainingArguments.n_gpu as the Trainer used it: 1 on a GPU, 0 on the CPU. More would mean each
+    micro-batch holds n_gpu x per_device_train_batch_size rows and the loss is multiplied by n_gpu."""
+
+    @property
+    def idle(self) -> int:
+        return max(self.visible - self.used, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"visible": self.visible, "used": self.used, "idle": self.idle,
+                                "trainer_n_gpu": self.trainer_n_gpu}
+        if self.idle:
+            how = ("`distributed.strategy: ddp` trains on all of them" if self.strategy == "none"
+                   else "`distributed.num_processes: auto` starts one process per GPU")
+            data["note"] = f"{self.idle} of the {self.visible} visible GPUs stayed unused; {how}"
+        return data
+
+
+def training_arguments(recipe: Recipe, precision: Precision, **kwargs: Any) -> tuple[Any, GpuUse]:
+    """`transformers.TrainingArguments(**kwargs)` for this run, trained on one GPU unless launched.
+
+    `distributed.strategy: none` trains in one process on GPU 0 (trainer/model.py loads the model there).
+    Started without a launcher on a machine with several visible GPUs, TrainingArguments counts them all
+    (`_setup_devices`: `self._n_gpu = torch.cuda.device_count()`, transformers 5.17 and 5.24 alike) and the
+    Trainer takes the run for torch.nn.DataParallel: every micro-batch holds per_device_train_batch_size
+    x n_gpu rows (`train_batch_size`), the loss is multiplied by n_gpu (`compute_loss`, under the default
+    average_tokens_across_devices) and an unquantized model is wrapped in DataParallel. On two H100s that
+    trained twice the recipe's batch on GPU 0 and logged twice the loss (bench/results/distributed_h100x2).
+
+    So n_gpu is pinned to 1, as transformers does itself for model-parallel models (Trainer.__init__:
+    `self.args._n_gpu = 1`). Reading `args.n_gpu` first runs the device setup, which is cached and would
+    otherwise overwrite the pin. This holds however early CUDA was initialised in this process; narrowing
+    CUDA_VISIBLE_DEVICES instead works only before torch first counts the devices (the doctor's checks, or a
+    caller of run_recipe, may have done that already) and would override the user's own choice of GPU."""
+    import os
+
+    import torch
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(**kwargs)
+    visible = torch.cuda.device_count() if precision.device == "cuda" else 0
+    if recipe.distributed.strategy == "none":
+        if args.n_gpu > 1:
+            args._n_gpu = 1
+        used = min(visible, 1)
+    else:
+        used = min(visible, int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size)))
+    return args, GpuUse(strategy=recipe.distributed.strategy, visible=visible, used=used, trainer_n_gpu=args.n_gpu)
 
 
 def _round(value: float | None) -> float | None:
