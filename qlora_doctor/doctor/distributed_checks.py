@@ -2,8 +2,10 @@
 enough and matching GPUs, NCCL in this torch, the strategy against the model's size (the memory planner
 says whether one GPU would hold it), and the NVLink multicast guards the launched ranks inherit.
 
-Each returns None for `strategy: none`, so one-GPU recipes see no new rows. torch is imported only by
-the NCCL check, and only for distributed recipes on a GPU machine.
+Each returns None for `strategy: none`, so one-GPU recipes see no new rows, except the GPU check on a
+machine with several GPUs: a passing note that the run trains on GPU 0 alone (the other GPUs idle) and
+that `distributed.strategy: ddp` uses them. torch is imported only by the NCCL check, and only for
+distributed recipes on a GPU machine.
 """
 
 from __future__ import annotations
@@ -33,12 +35,19 @@ def _processes(recipe: Recipe, machine: Machine) -> int:
 
 
 def distributed_gpus_check(recipe: Recipe, machine: Machine, precision: Precision) -> Check | None:
-    """As many NVIDIA GPUs as processes, all of one model and size (the slowest and smallest pace all)."""
+    """As many NVIDIA GPUs as processes, all of one model and size (the slowest and smallest pace all).
+    For `strategy: none` on several GPUs: a passing note that only the first one trains."""
     d = recipe.distributed
-    if d.strategy == "none":
-        return None
-    title = f"GPUs for distributed.strategy: {d.strategy}"
     gpus = machine.nvidia_gpus
+    title = f"GPUs for distributed.strategy: {d.strategy}"
+    if d.strategy == "none":
+        if len(gpus) < 2 or precision.device != "cuda":
+            return None
+        return Check("recipe.distributed.gpus", "pass", title,
+                     f"one process trains on the first GPU (cuda:0); the other {len(gpus) - 1} of the {len(gpus)} GPUs stay idle "
+                     f"(`distributed.strategy: ddp` trains on all {len(gpus)} when the model fits one GPU, "
+                     "`fsdp` shards it when it does not)",
+                     sources=DDP_SOURCES, found=f"{len(gpus)} GPUs", expected="1 GPU used")
     wanted = _processes(recipe, machine)
     found = ", ".join(f"{g.name} ({g.memory_total_mib} MiB)" for g in gpus) or "no NVIDIA GPU"
     if not gpus and d.strategy == "fsdp":
