@@ -8,10 +8,14 @@ Each point is replayed with the settings it ran with and the levers the trainer 
 point, from speed.py), so the table always says what the planner predicts now, not what it predicted
 when the point was measured (the stored `predicted` is ignored).
 
-A point whose measured reserved peak includes allocator cache left by an earlier point of the same
-process is marked and left out of the fit and of the error summary (`inherited_cache`): the bench resets
-the peak counters per point, and `reset_peak_memory_stats` starts the reserved peak at what is reserved
-then. Results that record `reserved_at_start_bytes` say so exactly; older ones are judged by a bound.
+The reserved peak of a point starts at what the process held when its counters were reset
+(`reset_peak_memory_stats`). Results that record it (`reserved_at_start_bytes`, `allocated_at_start_bytes`)
+are replayed from that state: the planner is given the measured cache at the start (column `cache at
+start`) instead of the cache loading alone leaves, and its reserved peak is never below what the point
+started with (qlora_doctor/memory/estimate.py). Older results do not record it: a point whose reserved peak
+holds more cache than it can have made itself (`inherited_cache`, a bound) is marked and left out of the
+fit and of the error summary. Each worker's load is described under the table (`load_note`): whether the
+worker had written the random checkpoint from the GPU first, and how far the load peaked above the model.
 
 --fit refits the planner's three fragmentation constants (reserved - allocated = FRAGMENTATION_LOGITS *
 logits rows + FRAGMENTATION_WORKING * working rows + FRAGMENTATION_BYTES) by least squares on the usable
@@ -73,12 +77,25 @@ def settings_of(point: dict[str, Any]) -> Any:
         liger_kernel=on("liger_kernel", False), fused_lora=on("fused_lora", False))
 
 
+def start_cache(point: dict[str, Any]) -> int | None:
+    """The allocator cache (reserved - allocated) when the point's counters were reset, where recorded."""
+    m = point.get("measured") or {}
+    if "reserved_at_start_bytes" not in m or "allocated_at_start_bytes" not in m:
+        return None
+    return max(m["reserved_at_start_bytes"] - m["allocated_at_start_bytes"], 0)
+
+
 def replay(point: dict[str, Any]) -> Any:
-    """The current planner's Estimate for a measured point."""
+    """The current planner's Estimate for a measured point, from the cache it started with where recorded."""
     from qlora_doctor.memory.estimate import estimate
+
+    return estimate(counts_of(point), settings_of(point), cache_at_start_bytes=start_cache(point))
+
+
+def counts_of(point: dict[str, Any]) -> Any:
     from qlora_doctor.memory.model import count_parameters
 
-    return estimate(count_parameters(point["config"], where=f"shape {point['shape']}"), settings_of(point))
+    return count_parameters(point["config"], where=f"shape {point['shape']}")
 
 
 def is_measured(point: dict[str, Any]) -> bool:
@@ -86,16 +103,14 @@ def is_measured(point: dict[str, Any]) -> bool:
 
 
 def inherited_cache(point: dict[str, Any], est: Any) -> str | None:
-    """Why the point's measured reserved peak includes cache from an earlier point, or None.
+    """Why the point's measured reserved peak includes cache from before it that the replay cannot know
+    of, or None.
 
-    Recorded (`reserved_at_start_bytes`, `allocated_at_start_bytes`): the cache at the start. Otherwise a
+    A point that recorded the cache at its start is replayed from it (`start_cache`): None. Otherwise a
     bound: cached free blocks (reserved - allocated at the peak) larger than everything the point
     allocated on top of the base model it started with cannot have come from the point itself."""
     m = point["measured"]
-    if "reserved_at_start_bytes" in m:
-        carried = m["reserved_at_start_bytes"] - m.get("allocated_at_start_bytes", 0)
-        if carried > INHERITED_CACHE_TOLERANCE_BYTES:
-            return f"{carried / GIB:.2f} GiB of allocator cache reserved at the start of the point"
+    if start_cache(point) is not None:
         return None
     parts = dict(est.breakdown)
     base = sum(b for n, b in parts.items() if n.startswith(("4-bit weights", "quantization constants",
@@ -106,6 +121,33 @@ def inherited_cache(point: dict[str, Any], est: Any) -> str | None:
         return (f"{cached / GIB:.2f} GiB cached at the peak, more than the {own / GIB:.2f} GiB the point allocated "
                 "beyond its base model: cache left by the previous point")
     return None
+
+
+def load_note(point: dict[str, Any], recorded: bool = True) -> str | None:
+    """How the worker of a fresh point got its base, from `load_peak_reserved_bytes` (the reserved peak of
+    the process from its start to the loaded model): with the whole model in bf16 or more, the worker had
+    written the random checkpoint from the GPU before loading it (bench/memory_accuracy.py's
+    save_random_checkpoint builds it there); else the load's peak above the loaded model, beside the cache
+    the planner assumes loading leaves. `recorded`: whether the shape's points recorded their start cache."""
+    from qlora_doctor.memory.estimate import load_cache_bytes, loaded_model_bytes
+
+    peak = point.get("load_peak_reserved_bytes")
+    if not point.get("fresh_process") or not peak or point.get("config") is None:
+        return None
+    counts, settings = counts_of(point), settings_of(point)
+    model, bf16 = loaded_model_bytes(counts, settings), counts.total * 2
+    if peak >= bf16:
+        return (f"{point['shape']}: the worker's reserved peak before training, {_gib2(peak)}, is at least the "
+                f"whole model in bf16 ({_gib2(bf16)}): it wrote the random checkpoint from the GPU before loading "
+                "it (bench/memory_accuracy.py, save_random_checkpoint), " + (
+                    "and its points started with the cache that left (`cache at start`)." if recorded else
+                    "so its points may have started with cache that left (not recorded in these results)."))
+    how = "built in 4-bit by the bench" if point.get("built_in_memory") else "loaded from disk"
+    in_flight = counts.linear_largest * 2 + counts.linear_largest // 2
+    return (f"{point['shape']}: {how}; its reserved peak up to the loaded model ({_gib2(model)}) was {_gib2(peak)}, "
+            f"{_gib2(peak - model)} above it: about one weight in flight (the largest in bf16 with its 4-bit copy, "
+            f"{_gib2(in_flight)}). The planner counts {_gib2(load_cache_bytes(counts, settings))} (that weight in "
+            "bf16) as the cache loading leaves.")
 
 
 def error_pct(predicted: int, measured: int) -> float:
@@ -120,19 +162,21 @@ def table(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> str:
                      f"`{run.get('command')}`, {run.get('started_at')}.")
     lines += ["", "Predictions recomputed by the current planner (`python3 bench/memory_table.py "
               + " ".join(_shown(r["file"]) for r in runs) + "`).",
-              "", "| path | model | seq | micro-batch | checkpointing | LoRA r | predicted reserved | measured reserved "
-              "| error | predicted allocated | measured allocated | error | peak at |",
-              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    errors, alloc_errors, excluded = [], [], []
+              "", "| path | model | seq | micro-batch | checkpointing | LoRA r | cache at start | predicted reserved "
+              "| measured reserved | error | predicted allocated | measured allocated | error | peak at |",
+              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    errors, alloc_errors, excluded, from_start = [], [], [], 0
     for p in points:
         ckpt = "off" if not p["checkpointing"] else "on" if p.get("checkpoint_layers", "all") == "all" \
             else f"first {p['checkpoint_layers']}"
         head = f"| {_path_label(p)} | {p['shape']} | {p['seq']} | {p['batch']} | {ckpt} | {p['r']} "
         if not is_measured(p):
             why = p.get("reason") or p.get("error") or p.get("status")
-            lines.append(head + f"| | {p.get('status')}: {str(why)[:80]} | | | | | |")
+            lines.append(head + f"| | | {p.get('status')}: {str(why)[:80]} | | | | | |")
             continue
         est, m = replay(p), p["measured"]
+        cache = start_cache(p)
+        from_start += cache is not None
         er = error_pct(est.peak_reserved_bytes, m["max_memory_reserved_bytes"])
         ea = error_pct(est.peak_allocated_bytes, m["max_memory_allocated_bytes"])
         why = inherited_cache(p, est)
@@ -143,13 +187,28 @@ def table(runs: list[dict[str, Any]], points: list[dict[str, Any]]) -> str:
         else:
             errors.append(abs(er))
         alloc_errors.append(abs(ea))
-        lines.append(head + f"| {_gib(est.peak_reserved_bytes)} | {_gib(m['max_memory_reserved_bytes'])} "
+        lines.append(head + f"| {_gib(cache)} | {_gib(est.peak_reserved_bytes)} | {_gib(m['max_memory_reserved_bytes'])} "
                      f"| {er:+.1f}%{mark} | {_gib(est.peak_allocated_bytes)} | {_gib(m['max_memory_allocated_bytes'])} "
                      f"| {ea:+.1f}% | {est.peak_phase} |")
     if errors:
         lines += ["", f"{len(errors)} measured points compared; largest reserved error {max(errors):.1f}%, "
                       f"{sum(e <= 10 for e in errors)} within 10%; largest allocated error "
                       f"{max(alloc_errors):.1f}% (all {len(alloc_errors)} points)."]
+    measured = [p for p in points if is_measured(p)]
+    if from_start:
+        lines += ["", f"`cache at start`: the allocator cache (reserved - allocated) when the point's counters were "
+                      f"reset, recorded by {from_start} of the {len(measured)} points, which are replayed from it: the "
+                      "reserved peak is never below what training starts with, and the step reuses that cache "
+                      "(qlora_doctor/memory/estimate.py); `start` under `peak at` marks a step that fits in it."
+                      + (" `-`: not recorded, replayed with the planner's own figure for what loading leaves."
+                         if from_start < len(measured) else "")]
+    else:
+        lines += ["", "`cache at start`: not recorded in these results (`-`); every point is replayed with the "
+                      "planner's own figure for what loading leaves."]
+    recorded = {p["shape"] for p in measured if start_cache(p) is not None}
+    notes = [note for p in points if (note := load_note(p, p["shape"] in recorded))]
+    if notes:
+        lines += ["", "How each worker got its base model (`load_peak_reserved_bytes`):", ""] + [f"- {n}" for n in notes]
     for i, (name, er, why) in enumerate(excluded, 1):
         lines += ["", f"[^{i}]: {name}: not compared ({why}; {er:+.1f}% against that peak). "
                       "bench/memory_accuracy.py now empties the cache before undoing a point's levers and "
@@ -183,7 +242,7 @@ def fit_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not is_measured(p):
             continue
         est = replay(p)
-        if inherited_cache(p, est):
+        if inherited_cache(p, est) or est.peak_phase == "start":  # a start-bound peak holds no fragmentation
             continue
         parts = est.breakdown
         rows.append({
@@ -247,6 +306,10 @@ def fit_report(points: list[dict[str, Any]]) -> str:
 
 def _gib(value: Any) -> str:
     return f"{value / GIB:.1f} GiB" if isinstance(value, (int, float)) else "-"
+
+
+def _gib2(value: int) -> str:
+    return f"{value / GIB:.2f} GiB"
 
 
 def main() -> None:
