@@ -390,7 +390,8 @@ def test_rank_info_from_the_launcher_variables():
 
 def test_single_gpu_recipes_get_no_distributed_checks_but_a_note_about_idle_gpus():
     assert not [c for c in recipe_checks(recipe(), machine(gpus=[H100])) if c.id.startswith("recipe.distributed")]
-    checks = [c for c in recipe_checks(recipe(), machine(gpus=[H100, H100, H100])) if c.id.startswith("recipe.distributed")]
+    checks = [c for c in recipe_checks(recipe(), machine(gpus=[H100, H100, H100]))
+              if c.id.startswith("recipe.distributed")]
     assert [(c.id, c.status, c.found) for c in checks] == [("recipe.distributed.gpus", "pass", "3 GPUs")]
     assert "the other 2 of the 3 GPUs stay idle" in checks[0].detail
     assert "`distributed.strategy: ddp` trains on all 3" in checks[0].detail

@@ -44,7 +44,8 @@ def distributed_gpus_check(recipe: Recipe, machine: Machine, precision: Precisio
         if len(gpus) < 2 or precision.device != "cuda":
             return None
         return Check("recipe.distributed.gpus", "pass", title,
-                     f"one process trains on the first GPU (cuda:0); the other {len(gpus) - 1} of the {len(gpus)} GPUs stay idle "
+                     f"one process trains on the first GPU (cuda:0); the other {len(gpus) - 1} of the "
+                     f"{len(gpus)} GPUs stay idle "
                      f"(`distributed.strategy: ddp` trains on all {len(gpus)} when the model fits one GPU, "
                      "`fsdp` shards it when it does not)",
                      sources=DDP_SOURCES, found=f"{len(gpus)} GPUs", expected="1 GPU used")
