@@ -291,3 +291,24 @@ def test_load_for_training_applies_the_levers(tmp_path, tiny_llama):
     q_proj = layers[0].self_attn.q_proj
     assert "forward" in vars(q_proj)  # routed through the fused function
     assert model.base_model.model.model.norm.weight.dtype == torch.float32  # CPU compute dtype
+
+
+def test_fused_lora_is_off_under_fsdp(tmp_path):
+    """FSDP hands bitsandbytes' 4-bit weight back as a flat shard without quant_state (seen on 2 H100s):
+    only peft's own layer, which restores it from the module, may run there."""
+    r = make_recipe(tmp_path)
+    fsdp = r.model_copy(update={"distributed": r.distributed.model_copy(update={"strategy": "fsdp"})})
+    assert speed.speed_plan(r, H100, "llama").fused_lora.on
+    lever = speed.speed_plan(fsdp, H100, "llama").fused_lora
+    assert not lever.on and "FSDP" in lever.reason
+
+
+def test_a_weight_without_quant_state_is_not_fused(tiny_llama):
+    from qlora_doctor.trainer.fused_lora import fusable_reason
+
+    model = add_lora(load_4bit(tiny_llama))
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    assert fusable_reason(layer) is None
+    base = layer.get_base_layer()
+    base.weight = torch.nn.Parameter(base.weight.data.clone(), requires_grad=False)  # as FSDP's flat views are
+    assert "quant_state" in fusable_reason(layer)

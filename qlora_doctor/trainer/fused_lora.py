@@ -108,6 +108,8 @@ def fusable_reason(module: Any) -> str | None:
         return "DoRA (a LoRA variant) is not fused"
     if module.get_base_layer().bias is not None or getattr(module, "lora_bias", {}).get(name, False):
         return "a bias is not fused"
+    if getattr(module.get_base_layer().weight, "quant_state", None) is None:
+        return "the 4-bit weight carries no quant_state (sharded by FSDP?)"
     dropout = module.lora_dropout[name]
     if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
         return f"dropout module {type(dropout).__name__} is not fused"

@@ -125,6 +125,11 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
         fused = Lever("fused_lora", False, "the model is not 4-bit (quantization.load_in_4bit: false)")
     elif recipe.lora.use_dora or recipe.lora.bias != "none":
         fused = Lever("fused_lora", False, "DoRA and LoRA biases are not fused")
+    elif recipe.distributed.strategy == "fsdp":
+        # FSDP flattens each layer's parameters into shards and hands the 4-bit weight back as a plain
+        # tensor without its quant_state (the first 2xH100 FSDP run failed on exactly that); peft's
+        # layer restores it from the module on every call, the fused function would not.
+        fused = Lever("fused_lora", False, "FSDP shards the 4-bit weights (peft's LoRA layer runs)")
     else:
         fused = Lever("fused_lora", True, "plain LoRA on 4-bit layers")
     if perf.padding_free is False:
