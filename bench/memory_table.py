@@ -140,7 +140,7 @@ def load_note(point: dict[str, Any], recorded: bool = True) -> str | None:
         return (f"{point['shape']}: the worker's reserved peak before training, {_gib2(peak)}, is at least the "
                 f"whole model in bf16 ({_gib2(bf16)}): it wrote the random checkpoint from the GPU before loading "
                 "it (bench/memory_accuracy.py, save_random_checkpoint), " + (
-                    "and its points started with the cache that left (`cache at start`)." if recorded else
+                    "and its points started with whatever that left cached (`cache at start`)." if recorded else
                     "so its points may have started with cache that left (not recorded in these results)."))
     how = "built in 4-bit by the bench" if point.get("built_in_memory") else "loaded from disk"
     in_flight = counts.linear_largest * 2 + counts.linear_largest // 2
