@@ -69,7 +69,7 @@ SPEEDUP_TARGET = 1.8
 FSDP_CANDIDATES = ((12288, 1), (14336, 1), (16384, 1), (20480, 1), (22528, 1), (24576, 1), (12288, 2),
                    (26624, 1), (28672, 1), (32768, 1), (16384, 2))
 """(max_seq_length, per-device batch) for the fsdp part, by tokens per rank (the step's cost). With Liger's
-fused cross-entropy (the GPU machine) the planner picks 26624 x 1; without it, 14336 x 1."""
+fused cross-entropy (the GPU machine) the planner picks 24576 x 1 (peft's unfused LoRA layers under FSDP); without it, 14336 x 1."""
 ONE_GPU_EXCESS_GIB = 2.0
 """The one-GPU plan must exceed the card by this much: a point over by a fraction of a GiB may fit in
 fact (the planner was -0.9% off on the 70B shape on one H100), and would show nothing FSDP is needed for."""
@@ -382,7 +382,7 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
     result["launch"] = argv
     save()
     started = time.time()
-    proc = run_group(argv, distributed.child_environment(), budget.left() - 30)
+    proc = run_group(argv, distributed.child_environment(strategy="fsdp"), budget.left() - 30)
     run = collect(work / "run", args.out / "fsdp", proc, time.time() - started)
     history = run.get("train_step_history") or []
     if len(history) >= 2:

@@ -110,7 +110,7 @@ def plan_rows(tmp_path: Path, model_dir: Path) -> tuple[list[dict], float]:
     return bench.fsdp_candidate_rows(recipe_for, machine(gpus=[H100, H100]), layers=80)
 
 
-@pytest.mark.parametrize("liger, expected", [(True, (26624, 1)), (False, (14336, 1))])
+@pytest.mark.parametrize("liger, expected", [(True, (24576, 1)), (False, (14336, 1))])
 def test_the_planner_picks_a_70b_point_one_h100_cannot_hold_and_two_fsdp_ranks_can(
         tmp_path, llama70b_dir, monkeypatch, liger, expected):
     """What the bench will train on the 2 x H100 machine (Liger installed there; without it, a shorter
@@ -157,14 +157,14 @@ def test_fsdp_part_launches_the_products_fsdp_command_with_the_bench_as_worker(t
     result: dict = {}
     bench.fsdp_part(args, bench.Budget(400), result, lambda: None)
 
-    assert (result["planner"]["chosen"]["seq"], result["planner"]["chosen"]["batch"]) == (26624, 1)
+    assert (result["planner"]["chosen"]["seq"], result["planner"]["chosen"]["batch"]) == (24576, 1)
     [(argv, env, timeout)] = launched
     assert argv[argv.index("--num_processes") + 1] == "2" and "--use_fsdp" in argv and "--module" not in argv
     worker = argv.index("--fsdp-worker")
     assert argv[worker - 1] == str(REPO / "bench" / "distributed_scaling.py")
     config = json.loads(argv[worker + 1])
-    assert config["num_hidden_layers"] == 80 and config["max_position_embeddings"] >= 26624
-    assert argv[worker + 2].endswith("fsdp-26624-1.yaml") and "--skip-check" in argv
+    assert config["num_hidden_layers"] == 80 and config["max_position_embeddings"] >= 24576
+    assert argv[worker + 2].endswith("fsdp-24576-1.yaml") and "--skip-check" in argv
     assert str(REPO) in env["PYTHONPATH"].split(":") and 300 < timeout <= 400
     assert result["run"]["exit_code"] == 1 and "CUDA out of memory" in result["run"]["error_tail"]
     assert result["adapter_reload"] == {"ok": False, "error": "no adapter_model.safetensors was written"}

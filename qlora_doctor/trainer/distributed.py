@@ -123,11 +123,22 @@ def launch_argv(recipe: Recipe, precision: Precision, num_processes: int, worker
     return argv
 
 
-def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+ALLOCATOR_SETTINGS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+"""torch's caching-allocator settings (the second is the name torch >= 2.9 prefers)."""
+
+
+def child_environment(environ: Mapping[str, str] | None = None, strategy: str = "ddp") -> dict[str, str]:
     """The launched processes' environment: this one, unchanged (multicast guards, CUDA_VISIBLE_DEVICES,
     HF_HOME ... pass through), plus the folder qlora_doctor is imported from at the front of PYTHONPATH
-    so `python -m qlora_doctor.trainer.worker` finds the same code when it is not pip-installed."""
+    so `python -m qlora_doctor.trainer.worker` finds the same code when it is not pip-installed.
+
+    FSDP ranks also get `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` unless an allocator setting is
+    already there: FSDP gathers and frees every layer's weights around each use, and at long sequences
+    that fragmented the cache until a 70B rank ran out of memory in its first forward pass with 22 GiB
+    reserved but unallocated (2 x H100, bench/results/distributed_h100x2/NOTES.md)."""
     env = dict(os.environ if environ is None else environ)
+    if strategy == "fsdp" and not any(env.get(k) for k in ALLOCATOR_SETTINGS):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     package_root = str(Path(__file__).resolve().parent.parent.parent)
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if package_root not in parts:
@@ -199,7 +210,8 @@ def run_distributed(recipe: Recipe, machine: Machine, recipe_path: Path, *, wher
                            replace_existing=plan.replace_existing, resume_from=plan.resume_from,
                            result_file=result_file, machine_file=machine_file, command=command)
         argv = launch_argv(recipe, precision, processes, args)
-        completed = (runner or run_forwarding_signals)(argv, env=child_environment(), check=False)
+        completed = (runner or run_forwarding_signals)(argv, env=child_environment(strategy=recipe.distributed.strategy),
+                                                        check=False)
         if not result_file.is_file():
             raise CheckFailed(f"{where}: the {processes} training processes ({recipe.distributed.strategy}) exited "
                               f"with status {completed.returncode} before rank 0 wrote its result; the error is "
