@@ -351,7 +351,8 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
         return load_recipe(path)
 
     rows, card = fsdp_candidate_rows(recipe_for, machine, layers=config["num_hidden_layers"])
-    chosen = choose_fsdp_point(rows, card, ONE_GPU_EXCESS_GIB, FSDP_RANK_MARGIN_GIB) if card else None
+    wanted = [r for r in rows if f"{r['seq']}x{r['batch']}" == args.fsdp_point] if getattr(args, "fsdp_point", None) else rows
+    chosen = choose_fsdp_point(wanted, card, ONE_GPU_EXCESS_GIB, FSDP_RANK_MARGIN_GIB) if card else None
     result["planner"] = {"card_gib": round(card, 1) if card else None, "one_gpu_excess_gib": ONE_GPU_EXCESS_GIB,
                          "rank_margin_gib": FSDP_RANK_MARGIN_GIB, "chosen": chosen, "tried": rows}
     save()
@@ -382,7 +383,11 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
     result["launch"] = argv
     save()
     started = time.time()
-    proc = run_group(argv, distributed.child_environment(strategy="fsdp"), budget.left() - 30)
+    env = distributed.child_environment(strategy="fsdp")
+    if getattr(args, "no_cudnn_sdpa", False):
+        env["QLORA_BENCH_NO_CUDNN_SDPA"] = "1"
+    result["cudnn_sdpa"] = not getattr(args, "no_cudnn_sdpa", False)
+    proc = run_group(argv, env, budget.left() - 30)
     run = collect(work / "run", args.out / "fsdp", proc, time.time() - started)
     history = run.get("train_step_history") or []
     if len(history) >= 2:
@@ -461,6 +466,10 @@ def fsdp_worker(config_json: str, worker_argv: list[str]) -> int:
         return model
 
     trainer_model.load_base = load_base
+    if os.environ.get("QLORA_BENCH_NO_CUDNN_SDPA") == "1":
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return worker.main(worker_argv)
 
 
@@ -489,6 +498,11 @@ def main() -> None:
                         help="tiny: try the ddp part on a CPU (gloo)")
     parser.add_argument("--fsdp-steps", type=int, default=2)
     parser.add_argument("--fsdp-plan-only", action="store_true", help="choose the fsdp point, do not train it")
+    parser.add_argument("--fsdp-point", default=None, metavar="SEQxBATCH",
+                        help="train this candidate (it must still qualify) instead of the first that does")
+    parser.add_argument("--no-cudnn-sdpa", action="store_true",
+                        help="fsdp ranks: torch.backends.cuda.enable_cudnn_sdp(False), so SDPA uses the flash kernel "
+                             "(cuDNN's raised CUDNN_STATUS_INTERNAL_ERROR at 24576 tokens on the H100s)")
     parser.add_argument("--machine", type=Path, default=None, help="machine file for the fsdp planner (default: probe)")
     parser.add_argument("--batch", type=int, default=4, help="per-device batch (one GPU: x2 grad accumulation)")
     parser.add_argument("--seq", type=int, default=2048)
