@@ -312,3 +312,26 @@ def test_a_weight_without_quant_state_is_not_fused(tiny_llama):
     base = layer.get_base_layer()
     base.weight = torch.nn.Parameter(base.weight.data.clone(), requires_grad=False)  # as FSDP's flat views are
     assert "quant_state" in fusable_reason(layer)
+
+
+def test_fsdp_adapter_save_writes_what_peft_writes(tmp_path, tiny_llama):
+    """The FSDP path saves the adapter from the gathered full state dict itself (peft's selection misses every
+    key under nested FSDP wrappers): same keys and tensors as peft's own save, loadable by PeftModel."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from qlora_doctor.trainer import outputs
+
+    model = add_lora(load_4bit(tiny_llama))
+    peft_dir, ours_dir = tmp_path / "peft", tmp_path / "ours"
+    ours_dir.mkdir()
+    model.save_pretrained(peft_dir)
+    full = {k: v for k, v in model.state_dict().items()}  # what FSDP's FULL_STATE_DICT gathers: clean names
+    assert outputs.save_adapter_from_state_dict(model, full, ours_dir) == LAYERS * 7 * 2
+    theirs, ours = load_file(peft_dir / "adapter_model.safetensors"), load_file(ours_dir / "adapter_model.safetensors")
+    assert sorted(theirs) == sorted(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    reloaded = PeftModel.from_pretrained(load_4bit(tiny_llama), ours_dir)
+    b = next(p for n, p in reloaded.named_parameters() if n.endswith("q_proj.lora_B.default.weight"))
+    assert torch.equal(b, next(p for n, p in model.named_parameters() if n.endswith("q_proj.lora_B.default.weight")))
+    with pytest.raises(RuntimeError, match="no LoRA tensors"):
+        outputs.save_adapter_from_state_dict(model, {"lm_head.weight": torch.zeros(1)}, ours_dir)

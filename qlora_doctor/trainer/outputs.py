@@ -130,6 +130,38 @@ def save_dir_atomic(output_dir: Path, save: Callable[[Path], None]) -> list[Path
     return moved
 
 
+def adapter_tensors(full_state_dict: dict[str, Any], adapter_name: str) -> dict[str, Any]:
+    """The LoRA adapter's tensors from a model's full state dict, keyed as peft's adapter_model.safetensors
+    keys them (the adapter name dropped: `...q_proj.lora_A.default.weight` -> `...q_proj.lora_A.weight`).
+
+    For FSDP runs: peft's own save_pretrained(state_dict=...) picks the adapter's keys by walking the model's
+    modules, whose names under FSDP still contain the nested `_fsdp_wrapped_module.` of every wrapped layer
+    (peft strips only a leading one), so it matches none of the gathered keys and writes an EMPTY adapter
+    without a word: what the first 2 x H100 FSDP-QLoRA run saved (peft 0.21.0)."""
+    marker = f".{adapter_name}."
+    return {key.replace(marker, ".", 1): tensor.detach().contiguous()
+            for key, tensor in full_state_dict.items() if ".lora_" in key and marker in key}
+
+
+def save_adapter_from_state_dict(model: Any, full_state_dict: dict[str, Any], folder: Path) -> int:
+    """Write `model`'s (a PeftModel) adapter as PeftModel.save_pretrained does, from a gathered full state dict;
+    returns the number of tensors. Refuses to write an empty adapter."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    name = model.active_adapter
+    tensors = adapter_tensors(full_state_dict, name)
+    if not tensors:
+        raise RuntimeError(f"no LoRA tensors of adapter {name!r} in the gathered state dict "
+                           f"({len(full_state_dict)} keys, e.g. {next(iter(full_state_dict), None)!r})")
+    save_file(tensors, str(folder / ADAPTER_FILES[0]), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config[name])
+    config.inference_mode = True  # as peft saves it
+    config.save_pretrained(str(folder))
+    return len(tensors)
+
+
 def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
 

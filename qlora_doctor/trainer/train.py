@@ -104,8 +104,12 @@ def run_recipe(recipe: Recipe, machine: Machine, *, where: str, skip_check: bool
     trained = _train(recipe, precision, plan)
 
     def save_adapter(tmp: Path) -> None:
-        # FSDP: the adapter gathered from the shards (same files as a one-GPU run); else the model's own.
-        trained.model.save_pretrained(tmp, **({"state_dict": trained.state_dict} if trained.state_dict else {}))
+        # FSDP: the adapter from the state dict gathered from the shards (same files as a one-GPU run);
+        # else peft's save of the model's own.
+        if trained.state_dict:
+            outputs.save_adapter_from_state_dict(trained.model, trained.state_dict, tmp)
+        else:
+            trained.model.save_pretrained(tmp)
         trained.tokenizer.save_pretrained(tmp)
 
     if not main:  # the other ranks trained and took part in gathering; rank 0 writes
