@@ -135,7 +135,7 @@ def child_environment(environ: Mapping[str, str] | None = None, strategy: str = 
     FSDP ranks also get `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` unless an allocator setting is
     already there: FSDP gathers and frees every layer's weights around each use, and at long sequences
     that fragmented the cache until a 70B rank ran out of memory in its first forward pass with 22 GiB
-    reserved but unallocated (2 x H100, bench/results/distributed_h100x2/NOTES.md)."""
+    reserved but unallocated (2 x H100, bench/results/distributed_h100x2/fsdp/attempt_no_expandable_segments_run.log)."""
     env = dict(os.environ if environ is None else environ)
     if strategy == "fsdp" and not any(env.get(k) for k in ALLOCATOR_SETTINGS):
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
