@@ -363,8 +363,9 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
     if args.fsdp_plan_only:
         result["skipped"] = "--fsdp-plan-only"
         return
-    if budget.left() < FSDP_MIN_S:
-        result["skipped"] = f"budget: {budget.left():.0f} s left, the fsdp part needs about {FSDP_MIN_S}"
+    needs = getattr(args, "fsdp_min_s", None) or FSDP_MIN_S
+    if budget.left() < needs:
+        result["skipped"] = f"budget: {budget.left():.0f} s left, the fsdp part needs about {needs}"
         return
     seq, batch = chosen["seq"], chosen["batch"]
     recipe_path = work / f"fsdp-{seq}-{batch}.yaml"
@@ -500,6 +501,8 @@ def main() -> None:
     parser.add_argument("--fsdp-plan-only", action="store_true", help="choose the fsdp point, do not train it")
     parser.add_argument("--fsdp-point", default=None, metavar="SEQxBATCH",
                         help="train this candidate (it must still qualify) instead of the first that does")
+    parser.add_argument("--fsdp-min-s", type=float, default=None,
+                        help=f"start the fsdp part only with this much budget left (default {FSDP_MIN_S})")
     parser.add_argument("--no-cudnn-sdpa", action="store_true",
                         help="fsdp ranks: torch.backends.cuda.enable_cudnn_sdp(False), so SDPA uses the flash kernel "
                              "(cuDNN's raised CUDNN_STATUS_INTERNAL_ERROR at 24576 tokens on the H100s)")
