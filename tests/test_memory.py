@@ -608,3 +608,50 @@ def test_fast_path_first_principles_check(batch, gc, dropout, reserved_gib):
     e = _est(micro_batch=batch, gradient_checkpointing=gc, lora_dropout=dropout, upcast_unquantized=False,
              liger_kernel=True)
     assert e.peak_reserved_bytes / GIB == pytest.approx(reserved_gib, rel=0.10)
+
+
+# --- checkpoint_layers: auto ----------------------------------------------------------------------------
+
+def _auto(recipe, *more):
+    from qlora_doctor.trainer.recipe import apply_overrides
+
+    return apply_overrides(recipe, ["performance.checkpoint_layers=auto", *more])
+
+
+def test_auto_checkpointing_recomputes_the_fewest_layers_that_fit_85_percent(tmp_path, monkeypatch):
+    from qlora_doctor.memory.plan import AUTO_CHECKPOINT_SHARE
+
+    _liger_available(monkeypatch)
+    recipe = _auto(_recipe(tmp_path, LLAMA3_8B, batch=8, seq=2048))
+    h100 = machine(gpus=[GPU_80GB])
+    plan = plan_recipe(recipe, h100)
+    chosen = plan.settings.checkpoint_layers
+    assert isinstance(chosen, int) and 0 <= chosen < 32, chosen  # an 80 GB card has room to spare at 8B
+    budget = AUTO_CHECKPOINT_SHARE * plan.gpu_bytes
+    assert plan.total_bytes <= budget
+    counts = count_parameters(LLAMA3_8B)
+    if chosen > 0:  # one layer fewer would not fit: the fewest, so the fastest
+        assert plan_for(counts, replace(plan.settings, checkpoint_layers=chosen - 1), None, None).total_bytes > budget
+    assert any(f"{chosen} of 32 layers recompute" in n for n in plan.notes)
+    small = plan_recipe(recipe, machine(gpus=[{**GPU_80GB, "memory_total_mib": 24576}]))
+    assert small.settings.checkpoint_layers == "all" or small.settings.checkpoint_layers > chosen
+
+
+def test_auto_checkpointing_is_all_without_a_gpu_and_under_fsdp(tmp_path):
+    recipe = _auto(_recipe(tmp_path, LLAMA3_8B))
+    assert plan_recipe(recipe, machine(gpus=[], driver_version="")).settings.checkpoint_layers == "all"
+    fsdp = _auto(recipe, "distributed.strategy=fsdp", "distributed.num_processes=2")
+    assert plan_recipe(fsdp, machine(gpus=[GPU_80GB, GPU_80GB])).settings.checkpoint_layers == "all"
+
+
+def test_run_uses_the_planners_choice_for_auto(tmp_path, monkeypatch):
+    from qlora_doctor.trainer.train import resolve_auto_checkpointing
+
+    _liger_available(monkeypatch)
+    recipe = _auto(_recipe(tmp_path, LLAMA3_8B, batch=8, seq=2048))
+    h100 = machine(gpus=[GPU_80GB])
+    resolved = resolve_auto_checkpointing(recipe, h100)
+    assert resolved.performance.checkpoint_layers == plan_recipe(recipe, h100).settings.checkpoint_layers != "auto"
+    assert resolve_auto_checkpointing(recipe, machine(gpus=[], driver_version="")).performance.checkpoint_layers == "all"
+    plain = _recipe(tmp_path, LLAMA3_8B)
+    assert resolve_auto_checkpointing(plain, h100) is plain

@@ -335,3 +335,11 @@ def test_fsdp_adapter_save_writes_what_peft_writes(tmp_path, tiny_llama):
     assert torch.equal(b, next(p for n, p in model.named_parameters() if n.endswith("q_proj.lora_B.default.weight")))
     with pytest.raises(RuntimeError, match="no LoRA tensors"):
         outputs.save_adapter_from_state_dict(model, {"lm_head.weight": torch.zeros(1)}, ours_dir)
+
+
+def test_auto_checkpoint_layers_is_a_recipe_value_and_all_until_planned(tmp_path):
+    r = make_recipe(tmp_path, checkpoint_layers="auto")
+    assert r.performance.checkpoint_layers == "auto"
+    assert speed.checkpointed_indices("auto", LAYERS) == list(range(LAYERS))
+    with pytest.raises(InputError, match="checkpoint_layers"):
+        make_recipe(tmp_path, checkpoint_layers="automatic")

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from qlora_doctor.doctor.machine import Machine
     from qlora_doctor.trainer.recipe import Recipe
 
+AUTO_CHECKPOINT_SHARE = 0.85
+"""`performance.checkpoint_layers: auto` keeps the predicted total within this share of the GPU's memory
+(the planner's measured error is under 10%)."""
 SEQ_STEP = 128
 """Suggested sequence lengths are multiples of this (tensor-core and tokenizer-friendly)."""
 FALLBACK_OPTIMIZER = "paged_adamw_8bit"
@@ -166,8 +169,35 @@ def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True) ->
         notes.append("no NVIDIA GPU on this machine: the prediction is for the same settings on a GPU")
     settings = settings_from_recipe(recipe, machine, model_type=counts.model_type,
                                     attn_implementation=config.get("_attn_implementation"))
-    notes += lever_notes(settings)
+    settings, auto_note = resolve_checkpoint_layers(
+        counts, settings, None if recipe.distributed.strategy == "fsdp" else gpu_bytes)
+    notes += lever_notes(settings) + ([auto_note] if auto_note else [])
     return plan_for(counts, settings, name, gpu_bytes, model=m.name_or_path, extra_notes=tuple(notes))
+
+
+def resolve_checkpoint_layers(counts: ModelCounts, s: TrainSettings,
+                              gpu_bytes: int | None) -> tuple[TrainSettings, str | None]:
+    """`checkpoint_layers: auto` decided: the fewest recomputed layers (the first N) whose predicted total stays
+    within AUTO_CHECKPOINT_SHARE of `gpu_bytes`; `all` when that is unknown (None: no GPU, FSDP) or when not
+    even all of them fit. Returns the settings and a note saying what was chosen (None: nothing was `auto`)."""
+    if s.checkpoint_layers != "auto":
+        return s, None
+    layers = counts.num_layers
+    if not s.gradient_checkpointing:
+        return replace(s, checkpoint_layers="all"), None
+    if gpu_bytes is None:
+        return (replace(s, checkpoint_layers="all"),
+                "checkpoint_layers auto: all layers recompute (no GPU memory to plan against, or FSDP)")
+    budget = AUTO_CHECKPOINT_SHARE * gpu_bytes
+    # Memory falls as more layers recompute; the first count that fits is the fastest that fits.
+    chosen = next((n for n in range(layers + 1)
+                   if estimate(counts, replace(s, checkpoint_layers=n)).total_bytes <= budget), layers)
+    value: str | int = "all" if chosen >= layers else chosen
+    resolved = replace(s, checkpoint_layers=value)
+    total = estimate(counts, resolved).total_bytes
+    return resolved, (f"checkpoint_layers auto: {chosen} of {layers} layers recompute, the fewest that keep the "
+                      f"prediction ({total / GIB:.1f} GiB) within {AUTO_CHECKPOINT_SHARE:.0%} of the GPU's "
+                      f"{gpu_bytes / GIB:.1f} GiB")
 
 
 def plan_for(counts: ModelCounts, settings: TrainSettings, gpu_name: str | None, gpu_bytes: int | None,

@@ -271,10 +271,11 @@ class PerformanceSection(Section):
         default=False, description="Cast every weight that is not 4-bit (embeddings, norms, lm_head) to "
         "float32 as peft's prepare_model_for_kbit_training does; false keeps them in the compute dtype "
         "(less memory, no per-step casts).")
-    checkpoint_layers: Union[Literal["all"], int, float] = Field(
+    checkpoint_layers: Union[Literal["all", "auto"], int, float] = Field(
         default="all", description="With training.gradient_checkpointing: which decoder layers recompute "
-        "their activations in the backward pass: `all`, a count (the first N layers), or a fraction in "
-        "(0, 1] of the layers. Fewer: faster, more memory.")
+        "their activations in the backward pass: `all`, a count (the first N layers), a fraction in "
+        "(0, 1] of the layers, or `auto`: the fewest that keep the memory planner's prediction within "
+        "85% of the GPU (all on a CPU, with FSDP, or when the GPU's memory is unknown). Fewer: faster, more memory.")
     liger_kernel: AutoBool = Field(
         default="auto", description="Liger Kernel's fused linear cross-entropy, RMSNorm, SwiGLU and RoPE. "
         "auto: on when liger-kernel is installed, the model type is supported and training runs on CUDA.")

@@ -167,8 +167,9 @@ def decoder_layers(model: Any) -> list[Any]:
 
 
 def checkpointed_indices(selection: str | int | float, layer_count: int) -> list[int]:
-    """Which decoder layers (0-based) recompute: `all`, the first N, or the first round(f * count)."""
-    if selection == "all":
+    """Which decoder layers (0-based) recompute: `all`, the first N, or the first round(f * count).
+    `auto` not yet resolved for a GPU (memory.plan.resolve_checkpoint_layers) counts as `all`."""
+    if selection in ("all", "auto"):
         return list(range(layer_count))
     count = selection if isinstance(selection, int) else round(selection * layer_count)
     return list(range(min(count, layer_count)))

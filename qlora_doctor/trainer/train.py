@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from qlora_doctor import __version__
-from qlora_doctor.errors import CheckFailed
+from qlora_doctor.errors import CheckFailed, InputError
 from qlora_doctor.trainer import outputs
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ def run_recipe(recipe: Recipe, machine: Machine, *, where: str, skip_check: bool
     from qlora_doctor.trainer.recipe import resolve_precision
 
     precision = resolve_precision(recipe, machine)
+    recipe = resolve_auto_checkpointing(recipe, machine)
     out = plan.output_dir
     manifest = _manifest(recipe, machine, precision, command, started_at, skip_check, report, plan)
     if main:
@@ -179,6 +180,22 @@ def resolved_recipe_yaml(recipe: Recipe, precision: Precision, machine: Machine,
     header = (f"# The recipe as run by `{command}` (qlora-doctor {__version__}).\n"
               f"# Paths are absolute; fp16/bf16/compute dtype were resolved for this machine: {precision.reason}.\n")
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def resolve_auto_checkpointing(recipe: Recipe, machine: Machine) -> Recipe:
+    """The recipe with `performance.checkpoint_layers: auto` replaced by the planner's choice for this
+    machine's GPU (memory.plan.resolve_checkpoint_layers), so the run and its recipe.yaml use the concrete
+    value; unchanged for any other value. A model config the planner cannot read means `all`."""
+    if recipe.performance.checkpoint_layers != "auto":
+        return recipe
+    from qlora_doctor.memory.plan import plan_recipe
+
+    try:
+        value = plan_recipe(recipe, machine).settings.checkpoint_layers
+    except InputError:
+        value = "all"
+    return recipe.model_copy(update={"performance": recipe.performance.model_copy(
+        update={"checkpoint_layers": value})})
 
 
 # --- training -------------------------------------------------------------------------------------
