@@ -4,6 +4,7 @@ the parent/worker split of `qlora-doctor run`, and the doctor's distributed chec
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -531,3 +532,31 @@ def test_fsdp_ranks_get_expandable_segments_unless_the_user_set_the_allocator(mo
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
     env = distributed.child_environment(strategy="fsdp")
     assert "PYTORCH_CUDA_ALLOC_CONF" not in env and env["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:512"
+
+
+def test_fsdp_adapter_is_saved_from_the_gathered_state_dict_of_a_real_fsdp_model(tmp_path):
+    """Two gloo ranks wrap a tiny LoRA Llama in FSDP1 with one unit per decoder layer (module names then hold
+    a nested `_fsdp_wrapped_module.`, where peft 0.21's own save finds no adapter key and writes an empty
+    file, as it did on 2 H100s), gather a full state dict, and save through trainer/outputs.py: every LoRA
+    tensor is written, and PeftModel.from_pretrained loads exactly the weights the ranks started from."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    worker = Path(__file__).with_name("fsdp_cpu_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert rank0["nested_wrapped_modules"] > 0  # the layout that defeats peft's key selection
+    assert rank0["saved"] == 2 * 7 * 2
+    before = load_file(tmp_path / "before.safetensors")
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_config(config), tmp_path)
+    after = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[n], before[n]) for n in before)
