@@ -351,7 +351,7 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
         return load_recipe(path)
 
     rows, card = fsdp_candidate_rows(recipe_for, machine, layers=config["num_hidden_layers"])
-    wanted = [r for r in rows if f"{r['seq']}x{r['batch']}" == args.fsdp_point] if getattr(args, "fsdp_point", None) else rows
+    wanted = [r for r in rows if f"{r['seq']}x{r['batch']}" == args.fsdp_point] if args.fsdp_point else rows
     chosen = choose_fsdp_point(wanted, card, ONE_GPU_EXCESS_GIB, FSDP_RANK_MARGIN_GIB) if card else None
     result["planner"] = {"card_gib": round(card, 1) if card else None, "one_gpu_excess_gib": ONE_GPU_EXCESS_GIB,
                          "rank_margin_gib": FSDP_RANK_MARGIN_GIB, "chosen": chosen, "tried": rows}
@@ -363,9 +363,8 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
     if args.fsdp_plan_only:
         result["skipped"] = "--fsdp-plan-only"
         return
-    needs = getattr(args, "fsdp_min_s", None) or FSDP_MIN_S
-    if budget.left() < needs:
-        result["skipped"] = f"budget: {budget.left():.0f} s left, the fsdp part needs about {needs}"
+    if budget.left() < args.fsdp_min_s:
+        result["skipped"] = f"budget: {budget.left():.0f} s left, the fsdp part needs about {args.fsdp_min_s:.0f}"
         return
     seq, batch = chosen["seq"], chosen["batch"]
     recipe_path = work / f"fsdp-{seq}-{batch}.yaml"
@@ -385,9 +384,9 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
     save()
     started = time.time()
     env = distributed.child_environment(strategy="fsdp")
-    if getattr(args, "no_cudnn_sdpa", False):
+    if args.no_cudnn_sdpa:
         env["QLORA_BENCH_NO_CUDNN_SDPA"] = "1"
-    result["cudnn_sdpa"] = not getattr(args, "no_cudnn_sdpa", False)
+    result["cudnn_sdpa"] = not args.no_cudnn_sdpa
     proc = run_group(argv, env, budget.left() - 30)
     run = collect(work / "run", args.out / "fsdp", proc, time.time() - started)
     history = run.get("train_step_history") or []
@@ -501,8 +500,8 @@ def main() -> None:
     parser.add_argument("--fsdp-plan-only", action="store_true", help="choose the fsdp point, do not train it")
     parser.add_argument("--fsdp-point", default=None, metavar="SEQxBATCH",
                         help="train this candidate (it must still qualify) instead of the first that does")
-    parser.add_argument("--fsdp-min-s", type=float, default=None,
-                        help=f"start the fsdp part only with this much budget left (default {FSDP_MIN_S})")
+    parser.add_argument("--fsdp-min-s", type=float, default=FSDP_MIN_S,
+                        help="start the fsdp part only with this much budget left")
     parser.add_argument("--no-cudnn-sdpa", action="store_true",
                         help="fsdp ranks: torch.backends.cuda.enable_cudnn_sdp(False), so SDPA uses the flash kernel "
                              "(cuDNN's raised CUDNN_STATUS_INTERNAL_ERROR at 24576 tokens on the H100s)")

@@ -153,7 +153,8 @@ def test_fsdp_part_launches_the_products_fsdp_command_with_the_bench_as_worker(t
 
     monkeypatch.setattr(bench, "run_group", fake_run_group)
     args = argparse.Namespace(models_dir=tmp_path / "models", work=tmp_path / "work", out=tmp_path / "out",
-                              fsdp_steps=2, fsdp_plan_only=False, machine=machine_file)
+                              fsdp_steps=2, fsdp_plan_only=False, machine=machine_file, fsdp_point=None,
+                              fsdp_min_s=bench.FSDP_MIN_S, no_cudnn_sdpa=False)
     result: dict = {}
     bench.fsdp_part(args, bench.Budget(400), result, lambda: None)
 
