@@ -146,7 +146,7 @@ def strategy_check(recipe: Recipe, machine: Machine, precision: Precision) -> Ch
                      "would run out of memory",
                      fix="set `distributed.strategy: fsdp` (shards the 4-bit model across the GPUs)",
                      sources=FSDP_QLORA_SOURCES, found=one_gpu, expected="fits one GPU")
-    shared = fsdp_rank_bytes(plan.breakdown, plan.total_bytes, ranks, _layers(recipe))
+    shared = fsdp_rank_bytes(plan.breakdown, plan.total_bytes, ranks, plan.num_layers)
     per_rank = f"about {shared / GIB:.1f} GiB per rank with {ranks} ranks"
     if plan.fits:
         return Check("recipe.distributed.strategy", "warn", title,
@@ -164,18 +164,6 @@ def strategy_check(recipe: Recipe, machine: Machine, precision: Precision) -> Ch
                  f"{one_gpu} does not fit, so fsdp shards it: {per_rank} (approximate: sharded weights, adapters "
                  "and optimizer states, plus two gathered layers; activations per rank unchanged)",
                  sources=FSDP_QLORA_SOURCES, found=per_rank, expected=f"<= {plan.gpu_bytes / GIB:.1f} GiB")
-
-
-def _layers(recipe: Recipe) -> int:
-    from qlora_doctor.errors import DoctorError
-    from qlora_doctor.memory.model import count_parameters, load_model_config
-
-    m = recipe.model
-    try:
-        config = load_model_config(m.name_or_path, m.revision, m.trust_remote_code, allow_network=False)
-        return max(count_parameters(config, where=m.name_or_path).num_layers, 1)
-    except DoctorError:
-        return 1
 
 
 def fsdp_rank_bytes(breakdown: tuple[tuple[str, int], ...], total: int, ranks: int, layers: int) -> int:
