@@ -192,11 +192,11 @@ def resolve_checkpoint_layers(counts: ModelCounts, s: TrainSettings,
                 "checkpoint_layers auto: all layers recompute (no GPU memory to plan against, or FSDP)")
     budget = AUTO_CHECKPOINT_SHARE * gpu_bytes
     # Memory falls as more layers recompute; the first count that fits is the fastest that fits.
-    chosen = next((n for n in range(layers + 1)
-                   if estimate(counts, replace(s, checkpoint_layers=n)).total_bytes <= budget), layers)
-    value: str | int = "all" if chosen >= layers else chosen
-    resolved = replace(s, checkpoint_layers=value)
-    total = estimate(counts, resolved).total_bytes
+    for chosen in range(layers + 1):
+        total = estimate(counts, replace(s, checkpoint_layers=chosen)).total_bytes
+        if total <= budget:
+            break
+    resolved = replace(s, checkpoint_layers="all" if chosen >= layers else chosen)
     return resolved, (f"checkpoint_layers auto: {chosen} of {layers} layers recompute, the fewest that keep the "
                       f"prediction ({total / GIB:.1f} GiB) within {AUTO_CHECKPOINT_SHARE:.0%} of the GPU's "
                       f"{gpu_bytes / GIB:.1f} GiB")
