@@ -1,10 +1,12 @@
-"""One rank of tests/test_distributed.py's FSDP adapter test: a tiny Llama with LoRA, wrapped by FSDP1 the
-way accelerate's TRANSFORMER_BASED_WRAP does (every decoder layer its own unit, use_orig_params), gathered
-with a full state dict to rank 0 (as Accelerator.get_state_dict does; without CPU offload, which crashes
-gloo ranks), and saved by trainer/outputs.py's save_adapter_from_state_dict. Rank 0 also saves the LoRA
-weights it started from, for the test to compare.
+"""One rank of tests/test_distributed.py's FSDP adapter test: a tiny Llama with LoRA, wrapped by FSDP1
+(use_orig_params) in one of two layouts: `layers`, as accelerate's TRANSFORMER_BASED_WRAP does (every decoder
+layer its own unit), or `peft`, as the Trainer does for a PeftModel (peft's fsdp_auto_wrap_policy: also every
+LoRA Linear its own unit). The adapter is gathered by trainer/distributed.py's gather_lora_state_dict (what
+the product saves from) and, for comparison, within a full state dict to rank 0 (as
+Accelerator.get_state_dict does; without CPU offload, which crashes gloo ranks); rank 0 saves the first with
+trainer/outputs.py's save_adapter_from_state_dict and the LoRA weights it started from, for the test.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_cpu_worker.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_cpu_worker.py OUT_DIR LAYOUT
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main(out: Path) -> None:
+def main(out: Path, layout: str) -> None:
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
     from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
@@ -28,7 +30,9 @@ def main(out: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from qlora_doctor.trainer import outputs
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    from qlora_doctor.trainer import distributed, outputs
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)  # the same weights on every rank
@@ -39,20 +43,31 @@ def main(out: Path) -> None:
         if "lora_B" in name:  # peft starts B at zero; random values make the comparison mean something
             torch.nn.init.normal_(param)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+    if layout == "peft":
+        policy = fsdp_auto_wrap_policy(model)
+    else:
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
     wrapped = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=True,
                                        device_id=torch.device("cpu"))
     with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
                                                   FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
         state_dict = wrapped.state_dict()
+    lora = distributed.gather_lora_state_dict(wrapped)
     if dist.get_rank() == 0:
         nested = [n for n, _ in model.named_modules() if "._fsdp_wrapped_module." in n]
-        count = outputs.save_adapter_from_state_dict(model, state_dict, out)
+        units = [n for n, m in wrapped.named_modules() if isinstance(m, FullyShardedDataParallel)]
+        from_full = {k: v for k, v in state_dict.items() if ".lora_" in k}
+        count = outputs.save_adapter_from_state_dict(model, lora, out)
         save_file(before, str(out / "before.safetensors"))
-        (out / "rank0.json").write_text(json.dumps({"saved": count, "nested_wrapped_modules": len(nested)}))
+        (out / "rank0.json").write_text(json.dumps({
+            "saved": count, "nested_wrapped_modules": len(nested), "fsdp_units": len(units),
+            "gathered_keys": sorted(lora), "full_state_dict_lora_keys": sorted(from_full),
+            "equal_to_full_state_dict": all(torch.equal(lora[k], from_full[k]) for k in from_full if k in lora)}))
+    else:
+        assert lora == {}, "only rank 0 receives the adapter"
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

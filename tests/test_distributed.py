@@ -534,11 +534,14 @@ def test_fsdp_ranks_get_expandable_segments_unless_the_user_set_the_allocator(mo
     assert "PYTORCH_CUDA_ALLOC_CONF" not in env and env["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:512"
 
 
-def test_fsdp_adapter_is_saved_from_the_gathered_state_dict_of_a_real_fsdp_model(tmp_path):
-    """Two gloo ranks wrap a tiny LoRA Llama in FSDP1 with one unit per decoder layer (module names then hold
-    a nested `_fsdp_wrapped_module.`, where peft 0.21's own save finds no adapter key and writes an empty
-    file, as it did on 2 H100s), gather a full state dict, and save through trainer/outputs.py: every LoRA
-    tensor is written, and PeftModel.from_pretrained loads exactly the weights the ranks started from."""
+@pytest.mark.parametrize("layout", ["layers", "peft"])
+def test_fsdp_adapter_is_gathered_and_saved_from_a_real_fsdp_model(tmp_path, layout):
+    """Two gloo ranks wrap a tiny LoRA Llama in FSDP1 - one unit per decoder layer (accelerate's wrap), or
+    also one per LoRA Linear (peft's, what the Trainer uses) - so module names hold a nested
+    `_fsdp_wrapped_module.`, where peft 0.21's own save finds no adapter key and writes an empty file, as it
+    did on 2 H100s. gather_lora_state_dict, one unit at a time, gives rank 0 exactly the LoRA entries of the
+    full state dict; saved through trainer/outputs.py, PeftModel.from_pretrained loads exactly the weights the
+    ranks started from."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     from peft import PeftModel
@@ -548,10 +551,13 @@ def test_fsdp_adapter_is_saved_from_the_gathered_state_dict_of_a_real_fsdp_model
     worker = Path(__file__).with_name("fsdp_cpu_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+                           str(worker), str(tmp_path), layout], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     assert rank0["nested_wrapped_modules"] > 0  # the layout that defeats peft's key selection
+    # 1 root + 2 layers; peft's policy adds a unit per LoRA Linear (2 layers x 7 modules x A, B)
+    assert rank0["fsdp_units"] == (3 if layout == "layers" else 3 + 2 * 7 * 2)
+    assert rank0["gathered_keys"] == rank0["full_state_dict_lora_keys"] and rank0["equal_to_full_state_dict"]
     assert rank0["saved"] == 2 * 7 * 2
     before = load_file(tmp_path / "before.safetensors")
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -102,10 +102,13 @@ def run_recipe(recipe: Recipe, machine: Machine, *, where: str, skip_check: bool
         outputs.write_atomic(out / outputs.LOCKFILE, outputs.lockfile_text(__version__, command))
         outputs.write_atomic(out / outputs.RECIPE, resolved_recipe_yaml(recipe, precision, machine, command))
 
-    trained = _train(recipe, precision, plan)
+    from qlora_doctor.trainer.speed import cudnn_attention_hazards
+
+    hazards = cudnn_attention_hazards(machine) if precision.device == "cuda" else ()
+    trained = _train(recipe, precision, plan, hazards)
 
     def save_adapter(tmp: Path) -> None:
-        # FSDP: the adapter from the state dict gathered from the shards (same files as a one-GPU run);
+        # FSDP: the adapter from the LoRA tensors gathered from the shards (same files as a one-GPU run);
         # else peft's save of the model's own.
         if trained.state_dict:
             outputs.save_adapter_from_state_dict(trained.model, trained.state_dict, tmp)
@@ -207,10 +210,10 @@ class _Trained:
     status: Literal["completed", "stopped"]
     metrics: dict[str, Any]
     state_dict: dict[str, Any] | None = None
-    """FSDP: the full model state dict gathered on rank 0 (peft's save_pretrained keeps the adapter)."""
+    """FSDP: the LoRA tensors gathered from the shards on rank 0 (distributed.gather_lora_state_dict)."""
 
 
-def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _Trained:
+def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan, cudnn_hazards: tuple[str, ...] = ()) -> _Trained:
     from transformers import Trainer
 
     from qlora_doctor.trainer.builtin import resolve_model_path
@@ -228,7 +231,8 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _T
     kwargs = training_arguments_kwargs(recipe, precision)
     if eval_ds is None:
         kwargs["eval_strategy"] = "no"
-    speed_plan = speed.plan_for_model(recipe, precision, model)
+    speed_plan = speed.plan_for_model(recipe, precision, model, cudnn_hazards)
+    speed.apply_process_settings(speed_plan, precision.device)
     kwargs.update(speed.training_arguments_overrides(speed_plan))  # the model's checkpointing is set already
     args, gpus = training_arguments(
         recipe, precision,
@@ -264,9 +268,13 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _T
             eval_after = trainer.evaluate()["eval_loss"]
             history = trainer.state.log_history
 
-    state_dict = None
-    if trainer.is_fsdp_enabled:  # a collective: every rank gathers, rank 0 receives (on the CPU)
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) or None
+    state_dict, gather_seconds = None, None
+    if trainer.is_fsdp_enabled:  # a collective: every rank gathers, rank 0 receives the LoRA tensors (on the CPU)
+        from qlora_doctor.trainer.distributed import gather_lora_state_dict
+
+        gather_started = time.perf_counter()
+        state_dict = gather_lora_state_dict(trainer.model_wrapped) or None
+        gather_seconds = round(time.perf_counter() - gather_started, 2)
     world = args.world_size
     metrics = {
         "status": status,
@@ -291,6 +299,7 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan) -> _T
         "gpus": gpus.to_json(),
         "peak_memory": peak_memory(precision),
         "performance": speed_plan.to_json(),
+        "adapter_gather_seconds": gather_seconds,
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
     }
     model = trainer.accelerator.unwrap_model(trainer.model) if trainer.is_fsdp_enabled else trainer.model
