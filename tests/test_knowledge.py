@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from qlora_doctor.doctor.explain import explain_text
@@ -58,3 +60,35 @@ def test_tables_load_with_sources():
         assert rows, "every table has rows"
         for row in rows:
             assert row.sources, row
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('workaround = "cudnn_attention_off"', None),
+    ('workaround = "reboot"', "workaround: expected one of ['cudnn_attention_off']"),
+])
+def test_a_rules_workaround_names_one_the_trainer_knows(tmp_path, extra, message):
+    from qlora_doctor.doctor.knowledge import KnowledgeError
+
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "x.toml").write_text(f"""
+[[rule]]
+id = "x-rule"
+title = "t"
+severity = "warn"
+cause = "c"
+fix = "f"
+sources = ["https://github.com/pytorch/pytorch/issues/196678"]
+{extra}
+[rule.when]
+packages = {{ torch = ">=2.11" }}
+[rule.examples.fires]
+packages = {{ torch = "2.11.0" }}
+[rule.examples.clear]
+packages = {{ torch = "2.10.0" }}
+""")
+    if message is None:
+        [rule] = load_rules(tmp_path)
+        assert rule.workaround == "cudnn_attention_off"
+    else:
+        with pytest.raises(KnowledgeError, match=re.escape(message)):
+            load_rules(tmp_path)

@@ -16,7 +16,7 @@ from qlora_doctor.trainer import speed  # noqa: E402
 from qlora_doctor.trainer.fused_lora import LoraLinear4bitFunction, fuse_lora_layers, unfuse_lora_layers  # noqa: E402
 from qlora_doctor.trainer.recipe import Precision, recipe_from_dict  # noqa: E402
 
-from helpers import CPU_MACHINE, machine  # noqa: E402
+from helpers import CPU_MACHINE, env, machine  # noqa: E402
 
 CPU = Precision(device="cpu", fp16=False, bf16=False, compute_dtype="float32", compute_capability=None, reason="test")
 H100 = Precision(device="cuda", fp16=False, bf16=True, compute_dtype="bfloat16", compute_capability="9.0", reason="test")
@@ -126,7 +126,9 @@ def test_plain_path_is_all_levers_off(tmp_path):
     r = make_recipe(tmp_path, upcast_unquantized=True, liger_kernel=False, fused_lora=False, padding_free=False,
                     group_by_length=False)
     plan = speed.speed_plan(r, H100, "llama", "sdpa")
-    assert [lever.name for lever in plan.levers() if lever.on] == ["upcast_unquantized", "checkpoint_layers"]
+    # cuDNN attention on is torch's own choice, so on in the plain path
+    assert [lever.name for lever in plan.levers() if lever.on] == ["upcast_unquantized", "checkpoint_layers",
+                                                                  "cudnn_attention"]
 
 
 def test_padding_free_auto_only_with_varlen_attention(tmp_path):
@@ -343,3 +345,60 @@ def test_auto_checkpoint_layers_is_a_recipe_value_and_all_until_planned(tmp_path
     assert speed.checkpointed_indices("auto", LAYERS) == list(range(LAYERS))
     with pytest.raises(InputError, match="checkpoint_layers"):
         make_recipe(tmp_path, checkpoint_layers="automatic")
+
+
+# --- cudnn_attention ------------------------------------------------------------------------------
+
+H100_GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}
+
+
+@pytest.mark.parametrize("gpu, torch_version, fires", [
+    (H100_GPU, "2.11.0+cu130", True),    # the GPU machine's stack: NaN grad_q rule (pytorch#196678)
+    (H100_GPU, "2.14.0+cu130", True),
+    (H100_GPU, "2.15.0+cu130", False),   # past the rule's range
+    (None, "2.11.0+cu130", False),       # the default test machine: an A100, compute capability 8.0
+])
+def test_cudnn_attention_hazards_come_from_the_knowledge_base(gpu, torch_version, fires):
+    m = machine(gpus=[gpu]) if gpu else machine()
+    hazards = speed.cudnn_attention_hazards(m, env(torch=torch_version))
+    assert [h.split(":")[0] for h in hazards] == (["cudnn-sdpa-nan-grad-q-hopper"] if fires else [])
+
+
+def test_cudnn_attention_auto_is_off_only_where_a_rule_fires(tmp_path):
+    r = make_recipe(tmp_path)
+    hazard = ("cudnn-sdpa-nan-grad-q-hopper: cuDNN attention backward returns NaN grad_q",)
+    off = speed.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=hazard).cudnn_attention
+    assert not off.on and "cudnn-sdpa-nan-grad-q-hopper" in off.reason
+    assert speed.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=()).cudnn_attention.on
+    forced = speed.speed_plan(make_recipe(tmp_path, cudnn_attention=True), H100, "llama", "sdpa",
+                              cudnn_hazards=hazard).cudnn_attention
+    assert forced.on and "despite" in forced.reason
+    assert not speed.speed_plan(make_recipe(tmp_path, cudnn_attention=False), H100, "llama", "sdpa",
+                                cudnn_hazards=()).cudnn_attention.on
+    assert not speed.speed_plan(r, CPU, "llama", "sdpa", cudnn_hazards=()).cudnn_attention.on
+
+
+def test_cudnn_attention_off_is_set_in_torch_for_cuda_runs_only(tmp_path):
+    hazard = ("cudnn-sdpa-nan-grad-q-hopper: x",)
+    off = speed.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=hazard)
+    on = speed.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=())
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        speed.apply_process_settings(off, "cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        speed.apply_process_settings(on, "cuda")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        speed.apply_process_settings(off, "cuda")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+def test_check_recipe_says_cudnn_attention_goes_off_on_an_h100_with_torch_2_11(tmp_path, monkeypatch):
+    from qlora_doctor.doctor import packages
+    from qlora_doctor.doctor.recipe_checks import recipe_checks
+
+    monkeypatch.setattr(packages, "installed_environment", lambda with_conflicts=True: env(torch="2.11.0+cu130"))
+    checks = {c.id: c for c in recipe_checks(make_recipe(tmp_path), machine(gpus=[H100_GPU]))}
+    assert "cudnn_attention (known broken for this torch and GPU: cudnn-sdpa-nan-grad-q-hopper" in \
+        checks["recipe.performance"].detail

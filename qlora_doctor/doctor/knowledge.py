@@ -23,6 +23,9 @@ else:  # pragma: no cover
 
 DATA_DIR = Path(__file__).parent / "data"
 SEVERITIES = ("fail", "warn", "note")
+WORKAROUNDS = {"cudnn_attention_off": "performance.cudnn_attention"}
+"""What `qlora-doctor run` does by itself where a rule with this `workaround` fires (-> the recipe key that
+decides it; trainer/speed.py)."""
 OSES = ("linux", "windows", "darwin")
 VENDORS = ("nvidia", "amd", "apple", "none")
 BACKENDS = ("cuda", "rocm", "cpu")
@@ -75,6 +78,8 @@ class Rule:
     """None for explain-only rules: they match pasted errors but never fire in `check`."""
     examples: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     file: str = ""
+    workaround: str | None = None
+    """One of WORKAROUNDS: what the trainer turns off by itself where the rule fires."""
 
     def matches_text(self, text: str, normalized: str) -> str | None:
         """The error text or pattern match found in `text` (a pasted log), else None."""
@@ -230,7 +235,8 @@ class _Collector:
         return tuple(value)
 
 
-_RULE_KEYS = {"id", "title", "severity", "cause", "fix", "sources", "errors", "patterns", "when", "examples"}
+_RULE_KEYS = {"id", "title", "severity", "cause", "fix", "sources", "errors", "patterns", "when", "examples",
+              "workaround"}
 _WHEN_KEYS = {"packages", "missing", "os", "arch", "python", "gpu_vendor", "driver", "compute_capability",
               "torch_cuda", "torch_backend"}
 
@@ -271,9 +277,14 @@ def _parse_rule(raw: dict[str, Any], file: str, c: _Collector) -> Rule | None:
         c.add("examples.log: rules with errors/patterns need a log excerpt that explain must match")
     if when is None and not (errors or patterns):
         c.add("a rule needs [rule.when] or errors/patterns, else it can never fire")
+    workaround = raw.get("workaround")
+    if workaround is not None and (workaround not in WORKAROUNDS or when is None):
+        c.add(f"workaround: expected one of {sorted(WORKAROUNDS)}, on a rule with [rule.when]")
+        workaround = None
     return Rule(id=str(rid), title=str(raw.get("title", "")), severity=str(raw.get("severity", "")),
                 cause=str(raw.get("cause", "")).strip(), fix=str(raw.get("fix", "")).strip(), sources=sources,
-                errors=tuple(errors), patterns=tuple(patterns), when=when, examples=examples, file=file)
+                errors=tuple(errors), patterns=tuple(patterns), when=when, examples=examples, file=file,
+                workaround=workaround)
 
 
 def _parse_conditions(raw: Any, c: _Collector) -> Conditions | None:

@@ -175,7 +175,7 @@ def performance_check(recipe: Recipe, machine: Machine, precision: Precision) ->
     """The recipe's speed levers: which are on, and why one asked for is unavailable (trainer/speed.py)."""
     from qlora_doctor.trainer.speed import performance_check as levers_check
 
-    return levers_check(recipe, precision)
+    return levers_check(recipe, precision, machine)
 
 
 RECIPE_CHECKS: tuple[RecipeCheck, ...] = (

@@ -291,6 +291,11 @@ class PerformanceSection(Section):
         default=True, description="Batch examples of similar length together (less padding); the "
         "order of batches stays random.")
     torch_compile: bool = Field(default=False, description="torch.compile the model (TrainingArguments.torch_compile).")
+    cudnn_attention: AutoBool = Field(
+        default="auto", description="Let scaled_dot_product_attention use cuDNN's kernel (torch's choice). "
+        "auto: off where a knowledge-base rule says cuDNN attention is broken for this torch and GPU "
+        "(torch 2.11 to 2.14.0 on H100/H200: NaN gradients, internal errors at long sequences); the flash "
+        "and memory-efficient kernels take over.")
 
     @field_validator("checkpoint_layers")
     @classmethod

@@ -19,6 +19,10 @@ What each lever does and why it is the default (measured by bench/train_throughp
   padding_free: auto         DataCollatorWithFlattening where attention has variable-length kernels.
   group_by_length: true      similar lengths in one batch: less padding for every attention kernel.
   torch_compile: false       compiles poorly around bitsandbytes' 4-bit parameters; opt in.
+  cudnn_attention: auto      off where a knowledge-base rule with `workaround = "cudnn_attention_off"`
+                             fires for this torch and GPU (torch 2.11-2.14.0 on Hopper: NaN grad_q; the
+                             70B FSDP run's CUDNN_STATUS_INTERNAL_ERROR at 24k tokens); SDPA then uses the
+                             flash / memory-efficient kernels. A process-wide torch setting, set on every rank.
 The optimizer stays the recipe's `training.optim`: for LoRA's few million parameters its step is a
 fraction of a percent of the step time, so a fused AdamW gains nothing measurable.
 """
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from qlora_doctor.doctor.machine import Machine
+    from qlora_doctor.doctor.packages import Environment
     from qlora_doctor.trainer.recipe import PerformanceSection, Precision, Recipe
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
@@ -59,10 +65,11 @@ class SpeedPlan:
     padding_free: Lever
     group_by_length: Lever
     torch_compile: Lever
+    cudnn_attention: Lever
 
     def levers(self) -> list[Lever]:
         return [self.upcast_unquantized, self.checkpointing, self.liger_kernel, self.fused_lora,
-                self.padding_free, self.group_by_length, self.torch_compile]
+                self.padding_free, self.group_by_length, self.torch_compile, self.cudnn_attention]
 
     def to_json(self) -> dict[str, Any]:
         return {lever.name: {"on": lever.on, "reason": lever.reason} for lever in self.levers()}
@@ -105,10 +112,40 @@ def decide_liger(setting: Any, device: str, model_type: str | None) -> Lever:
     return Lever("liger_kernel", False, problem)
 
 
+def cudnn_attention_hazards(machine: Machine, env: Environment | None = None) -> tuple[str, ...]:
+    """`rule-id: title` of every knowledge-base rule with `workaround = "cudnn_attention_off"` that fires
+    for `machine` and `env` (default: the installed packages), by the doctor's own rule evaluation."""
+    from qlora_doctor.doctor import packages
+    from qlora_doctor.doctor.knowledge import load_rules
+    from qlora_doctor.doctor.rules import evaluate_rule
+
+    rules = [r for r in load_rules() if r.workaround == "cudnn_attention_off"]
+    if not rules or machine.gpu_vendor != "nvidia":
+        return ()
+    env = env if env is not None else packages.installed_environment(with_conflicts=False)
+    return tuple(f"{r.id}: {r.title}" for r in rules if evaluate_rule(r, machine, env).outcome == "fires")
+
+
+def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[str, ...] | None) -> Lever:
+    """cudnn_attention: auto|true|false, given the rules that fire (None: not looked up)."""
+    if setting is False:
+        return Lever("cudnn_attention", False, "off in the recipe")
+    if device != "cuda":
+        return Lever("cudnn_attention", False, "no cuDNN attention: training runs on the CPU")
+    if setting is True:
+        return Lever("cudnn_attention", True, "on in the recipe" + (
+            f", despite the knowledge base ({'; '.join(hazards)})" if hazards else ""))
+    if hazards:
+        return Lever("cudnn_attention", False, "known broken for this torch and GPU: " + "; ".join(hazards))
+    return Lever("cudnn_attention", True, "torch chooses the backend" if hazards is not None
+                 else "torch chooses the backend (the knowledge base was not consulted)")
+
+
 def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = None,
-               attn_implementation: str | None = None) -> SpeedPlan:
+               attn_implementation: str | None = None, cudnn_hazards: tuple[str, ...] | None = None) -> SpeedPlan:
     """Decide the `performance:` levers of `recipe` for the machine `precision` was resolved for.
-    `model_type`/`attn_implementation` come from the loaded model's config (None before loading)."""
+    `model_type`/`attn_implementation` come from the loaded model's config (None before loading);
+    `cudnn_hazards` from cudnn_attention_hazards(machine) (None: not looked up)."""
     perf: PerformanceSection = recipe.performance
     quantized = recipe.quantization.load_in_4bit
     upcast = Lever("upcast_unquantized", perf.upcast_unquantized and quantized,
@@ -147,14 +184,24 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
     compile_ = Lever("torch_compile", perf.torch_compile, "on in the recipe" if perf.torch_compile else "off (default)")
     return SpeedPlan(upcast_unquantized=upcast, checkpointing=checkpointing, checkpoint_layers=perf.checkpoint_layers,
                      liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type),
-                     fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_)
+                     fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
+                     cudnn_attention=decide_cudnn_attention(perf.cudnn_attention, precision.device, cudnn_hazards))
 
 
-def plan_for_model(recipe: Recipe, precision: Precision, model: Any) -> SpeedPlan:
+def plan_for_model(recipe: Recipe, precision: Precision, model: Any,
+                   cudnn_hazards: tuple[str, ...] | None = None) -> SpeedPlan:
     """`speed_plan` with the model type and attention implementation of a loaded model."""
     config = getattr(model, "config", None)
     return speed_plan(recipe, precision, getattr(config, "model_type", None),
-                      getattr(config, "_attn_implementation", None))
+                      getattr(config, "_attn_implementation", None), cudnn_hazards)
+
+
+def apply_process_settings(plan: SpeedPlan, device: str) -> None:
+    """Levers that are torch settings of this process (each rank calls it): cuDNN attention off."""
+    if device == "cuda" and not plan.cudnn_attention.on:
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 # --- applying to the model ------------------------------------------------------------------------
@@ -310,12 +357,13 @@ def recipe_model_type(recipe: Recipe) -> str | None:
     return None
 
 
-def performance_check(recipe: Recipe, precision: Precision) -> Any:
+def performance_check(recipe: Recipe, precision: Precision, machine: Machine | None = None) -> Any:
     """`check --recipe`: which speed levers will be on, and for those asked for but unavailable, why.
     warn: a lever set to `true` cannot be used; pass otherwise (an `auto` lever that stays off is said)."""
     from qlora_doctor.doctor.report import Check
 
-    plan = speed_plan(recipe, precision, recipe_model_type(recipe))
+    hazards = cudnn_attention_hazards(machine) if machine is not None and precision.device == "cuda" else None
+    plan = speed_plan(recipe, precision, recipe_model_type(recipe), cudnn_hazards=hazards)
     perf = recipe.performance
     on = [lever.name for lever in plan.levers() if lever.on]
     forced_off = [lever for lever in plan.levers()
