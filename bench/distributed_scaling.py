@@ -294,8 +294,8 @@ def ddp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], s
 
 # --- fsdp ---------------------------------------------------------------------------------------------
 
-def fsdp_candidate_rows(recipe_for: Callable[[int, int], Any], machine: Any, layers: int,
-                        ranks: int = 2) -> tuple[list[dict[str, Any]], float | None]:
+def fsdp_candidate_rows(recipe_for: Callable[[int, int], Any], machine: Any, layers: int, ranks: int = 2,
+                        candidates: tuple[tuple[int, int], ...] = FSDP_CANDIDATES) -> tuple[list[dict[str, Any]], float | None]:
     """The planner's one-GPU total, the doctor's fsdp check and a rank's share for every candidate, and
     the card's memory (GiB; None when unknown)."""
     from qlora_doctor.doctor.distributed_checks import fsdp_rank_bytes, strategy_check
@@ -304,7 +304,7 @@ def fsdp_candidate_rows(recipe_for: Callable[[int, int], Any], machine: Any, lay
     from qlora_doctor.trainer.recipe import resolve_precision
 
     rows, card = [], None
-    for seq, batch in FSDP_CANDIDATES:
+    for seq, batch in candidates:
         recipe = recipe_for(seq, batch)
         plan = plan_recipe(recipe, machine, allow_network=False)
         check = strategy_check(recipe, machine, resolve_precision(recipe, machine))
@@ -350,15 +350,25 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
                      seq=seq, strategy="fsdp", port=29541, optim="adamw_torch")
         return load_recipe(path)
 
-    rows, card = fsdp_candidate_rows(recipe_for, machine, layers=config["num_hidden_layers"])
-    wanted = [r for r in rows if f"{r['seq']}x{r['batch']}" == args.fsdp_point] if args.fsdp_point else rows
-    chosen = choose_fsdp_point(wanted, card, ONE_GPU_EXCESS_GIB, FSDP_RANK_MARGIN_GIB) if card else None
+    ranks = args.fsdp_ranks
+    if ranks == 1:  # the save path on one card: the point is the user's and must fit it
+        seq, batch = (int(v) for v in args.fsdp_point.split("x"))
+        rows, card = fsdp_candidate_rows(recipe_for, machine, layers=config["num_hidden_layers"], ranks=1,
+                                         candidates=((seq, batch),))
+        chosen = rows[0] if card and rows[0]["one_gpu_fits"] else None
+    else:
+        rows, card = fsdp_candidate_rows(recipe_for, machine, layers=config["num_hidden_layers"], ranks=ranks)
+        wanted = [r for r in rows if f"{r['seq']}x{r['batch']}" == args.fsdp_point] if args.fsdp_point else rows
+        chosen = choose_fsdp_point(wanted, card, ONE_GPU_EXCESS_GIB, FSDP_RANK_MARGIN_GIB) if card else None
+    result["ranks"] = ranks
     result["planner"] = {"card_gib": round(card, 1) if card else None, "one_gpu_excess_gib": ONE_GPU_EXCESS_GIB,
                          "rank_margin_gib": FSDP_RANK_MARGIN_GIB, "chosen": chosen, "tried": rows}
     save()
     if chosen is None:
-        result["skipped"] = ("no candidate where one GPU does not fit (by the excess) and a rank's FSDP share "
-                             "fits with the margin" if card else "the GPU's memory is unknown (no GPU, no --machine)")
+        result["skipped"] = ("the GPU's memory is unknown (no GPU, no --machine)" if not card else
+                             f"{args.fsdp_point} does not fit one card" if ranks == 1 else
+                             "no candidate where one GPU does not fit (by the excess) and a rank's FSDP share "
+                             "fits with the margin")
         return
     if args.fsdp_plan_only:
         result["skipped"] = "--fsdp-plan-only"
@@ -377,7 +387,7 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
     args_for_worker = distributed.worker_args(recipe_path, [], parent_report=str(report_file), skip_check=True,
                                               result_file=work / "result.json",
                                               command=f"bench/distributed_scaling.py fsdp {seq}x{batch}")
-    argv = distributed.launch_argv(recipe, resolve_precision(recipe, machine), 2, args_for_worker)
+    argv = distributed.launch_argv(recipe, resolve_precision(recipe, machine), ranks, args_for_worker)
     cut = argv.index("--module")  # the bench itself is the worker: it swaps in the in-memory 70B build
     argv = argv[:cut] + [str(Path(__file__).resolve()), "--fsdp-worker", json.dumps(config), *args_for_worker]
     result["launch"] = argv
@@ -500,6 +510,9 @@ def main() -> None:
     parser.add_argument("--fsdp-plan-only", action="store_true", help="choose the fsdp point, do not train it")
     parser.add_argument("--fsdp-point", default=None, metavar="SEQxBATCH",
                         help="train this candidate (it must still qualify) instead of the first that does")
+    parser.add_argument("--fsdp-ranks", type=int, default=2,
+                        help="FSDP processes, one per GPU; 1 checks the FSDP path and adapter save on one card, "
+                             "at the --fsdp-point given (it must fit the card)")
     parser.add_argument("--fsdp-min-s", type=float, default=FSDP_MIN_S,
                         help="start the fsdp part only with this much budget left")
     parser.add_argument("--no-cudnn-sdpa", action="store_true",
@@ -514,6 +527,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480, help="wall-clock budget; runs are cut to fit it")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.fsdp_ranks == 1 and not args.fsdp_point:
+        parser.error("--fsdp-ranks 1 needs --fsdp-point SEQxBATCH (a point that fits one card)")
     if not 1 <= args.warmup_steps < args.steps:
         parser.error(f"--warmup-steps must be between 1 and --steps - 1 ({args.steps - 1}), got {args.warmup_steps}")
     args.out.mkdir(parents=True, exist_ok=True)

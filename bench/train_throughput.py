@@ -68,6 +68,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast_ckpt_0.25": {"checkpoint_layers": 0.25},
     "fast_no_ckpt": {"checkpoint_layers": 0},
     "fast_compile": {"torch_compile": True},
+    "fast_cudnn": {"cudnn_attention": True},  # cuDNN attention left on where the knowledge base turns it off
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]
@@ -309,7 +310,13 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
     precision = precision_for(device)
     recipe = make_recipe(model_path, performance, work, batch, seq, steps, optim, lr, logging_steps)
     model = load_for_training(recipe, precision, model_path)
-    plan = speed.plan_for_model(recipe, precision, model)
+    hazards = ()
+    if device == "cuda":
+        from qlora_doctor.doctor.machine import probe_machine
+
+        hazards = speed.cudnn_attention_hazards(probe_machine())
+    plan = speed.plan_for_model(recipe, precision, model, hazards)
+    speed.apply_process_settings(plan, device)  # process-wide: train_points restores torch's default first
     kwargs = training_arguments_kwargs(recipe, precision)
     kwargs.update(speed.training_arguments_overrides(plan), report_to="none")
     args = TrainingArguments(**kwargs, label_names=["labels"])
@@ -356,6 +363,8 @@ def train_points(variant: str, model_path: str, shape: str, seq: int, batches: l
     work = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
     performance = VARIANTS[variant]
     model = None
+    if device == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default; a variant before may have turned it off
     if time.perf_counter() > deadline:  # don't even load
         return [dict(shape=shape, seq=seq, batch=b, variant=variant, error="skipped: --budget-s reached")
                 for b in batches]

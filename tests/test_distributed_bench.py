@@ -154,7 +154,7 @@ def test_fsdp_part_launches_the_products_fsdp_command_with_the_bench_as_worker(t
     monkeypatch.setattr(bench, "run_group", fake_run_group)
     args = argparse.Namespace(models_dir=tmp_path / "models", work=tmp_path / "work", out=tmp_path / "out",
                               fsdp_steps=2, fsdp_plan_only=False, machine=machine_file, fsdp_point=None,
-                              fsdp_min_s=bench.FSDP_MIN_S, no_cudnn_sdpa=False)
+                              fsdp_min_s=bench.FSDP_MIN_S, no_cudnn_sdpa=False, fsdp_ranks=2)
     result: dict = {}
     bench.fsdp_part(args, bench.Budget(400), result, lambda: None)
 
@@ -170,6 +170,33 @@ def test_fsdp_part_launches_the_products_fsdp_command_with_the_bench_as_worker(t
     assert result["run"]["exit_code"] == 1 and "CUDA out of memory" in result["run"]["error_tail"]
     assert result["adapter_reload"] == {"ok": False, "error": "no adapter_model.safetensors was written"}
     assert (tmp_path / "out" / "fsdp" / "run.log").is_file()
+
+
+@pytest.mark.parametrize("point, launched_ranks", [("2048x1", 1), ("24576x1", 0)])
+def test_fsdp_on_one_card_launches_one_rank_only_where_the_point_fits(tmp_path, monkeypatch, point, launched_ranks):
+    """--fsdp-ranks 1 (the save path on one card): the given point, one process; a point one card cannot
+    hold is skipped, not launched."""
+    import argparse
+    import subprocess
+
+    machine_file = tmp_path / "h100.json"
+    machine_file.write_text(json.dumps({"os": "linux", "arch": "x86_64", "python": "3.12.3",
+                                        "driver_version": "580.159.04", "gpus": [H100]}))
+    launched = []
+    monkeypatch.setattr(bench, "run_group", lambda argv, env, timeout: launched.append(argv) or
+                        subprocess.CompletedProcess(argv, 1, "", "stopped by the test"))
+    args = argparse.Namespace(models_dir=tmp_path / "models", work=tmp_path / "work", out=tmp_path / "out",
+                              fsdp_steps=2, fsdp_plan_only=False, machine=machine_file, fsdp_point=point,
+                              fsdp_min_s=bench.FSDP_MIN_S, no_cudnn_sdpa=False, fsdp_ranks=1)
+    result: dict = {}
+    bench.fsdp_part(args, bench.Budget(400), result, lambda: None)
+
+    assert result["ranks"] == 1 and len(launched) == launched_ranks
+    if launched:
+        assert launched[0][launched[0].index("--num_processes") + 1] == "1"
+        assert result["planner"]["chosen"]["seq"] == 2048
+    else:
+        assert result["skipped"] == f"{point} does not fit one card"
 
 
 # --- robustness -----------------------------------------------------------------------------------
