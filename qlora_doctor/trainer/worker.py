@@ -92,6 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     result = run_recipe(recipe, machine, where=str(recipe_path), skip_check=args.skip_check,
                         command=args.command or f"python -m qlora_doctor.trainer.worker {args.recipe}",
                         diagnose=lambda *_a, **_k: report, output_plan=plan)
+    _leave_process_group()
     if rank.is_main and args.result_file is not None:
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
         outputs.write_json(args.result_file, {**data, "files": list(result.files)})
@@ -100,6 +101,15 @@ def _run(args: argparse.Namespace) -> int:
 
         return 128 + signal.Signals[result.stopped_by].value
     return 0
+
+
+def _leave_process_group() -> None:
+    """After the last collective (the adapter gather): tear down this rank's process group, which torch
+    otherwise warns leaks resources at exit (seen in every FSDP rank's log on the GPUs)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _select_device(local_rank: int) -> None:
