@@ -122,7 +122,8 @@ def write_long_texts(path: Path, words: list[str], rows: int, seq: int) -> None:
 
 
 def write_recipe(path: Path, model_dir: Path, data: Path, output_dir: Path, *, steps: int, batch: int,
-                 grad_accum: int, seq: int, strategy: str, port: int, optim: str = "paged_adamw_8bit") -> None:
+                 grad_accum: int, seq: int, strategy: str, port: int, optim: str = "paged_adamw_8bit",
+                 processes: int = 2) -> None:
     import yaml
 
     recipe = {
@@ -134,7 +135,7 @@ def write_recipe(path: Path, model_dir: Path, data: Path, output_dir: Path, *, s
                      "gradient_accumulation_steps": grad_accum, "max_seq_length": seq, "learning_rate": 1e-3,
                      "lr_scheduler_type": "constant", "warmup_steps": 0, "logging_steps": 1,
                      "save_strategy": "no", "seed": 42, "gradient_checkpointing": True, "optim": optim},
-        "distributed": {"strategy": strategy, "num_processes": 2 if strategy != "none" else "auto",
+        "distributed": {"strategy": strategy, "num_processes": processes if strategy != "none" else "auto",
                         "main_process_port": port},
     }
     path.write_text(f"# bench/distributed_scaling.py: {strategy} on random-weights {model_dir.name}\n"
@@ -347,7 +348,7 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
         path = work / f"fsdp-{seq}-{batch}.yaml"
         # adamw_torch: bitsandbytes' paged 8-bit optimizers over FSDP's flat-parameter views are untested
         write_recipe(path, config_dir, data, work / "run", steps=args.fsdp_steps, batch=batch, grad_accum=1,
-                     seq=seq, strategy="fsdp", port=29541, optim="adamw_torch")
+                     seq=seq, strategy="fsdp", port=29541, optim="adamw_torch", processes=args.fsdp_ranks)
         return load_recipe(path)
 
     ranks = args.fsdp_ranks
