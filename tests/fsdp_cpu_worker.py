@@ -7,6 +7,14 @@ Accelerator.get_state_dict does; without CPU offload, which crashes gloo ranks);
 trainer/outputs.py's save_adapter_from_state_dict and the LoRA weights it started from, for the test.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_cpu_worker.py OUT_DIR LAYOUT
+
+LAYOUT `trainer-checkpoint` trains an untied LoRA Llama 2 steps under peft's wrap policy, then takes the
+adapter state dict the way the Trainer's FSDP checkpoint does (accelerate's save_fsdp_model(adapter_only=True):
+peft's get_peft_model_state_dict inside a SHARDED_STATE_DICT context); rank 0 writes how many tensors it got.
+
+LAYOUT `train-tied` instead trains a tied-embedding LoRA Llama for 3 steps under peft's wrap policy (what
+the Trainer builds): with one rank FSDP1 runs NO_SHARD and the second step asserts; rank 0 writes the
+steps it finished.
 """
 
 from __future__ import annotations
@@ -20,6 +28,64 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def trainer_checkpoint(out: Path) -> None:
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
+                                       device_id=torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 64, (2, 16))
+    for _ in range(2):
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT):
+        adapter = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rank0.json").write_text(json.dumps({"adapter_tensors": len(adapter)}))
+    dist.destroy_process_group()
+
+
+def train_tied(out: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
+                                       device_id=torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 64, (2, 16))
+    for step in range(1, 4):
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if dist.get_rank() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "rank0.json").write_text(json.dumps({"steps": step}))
+    dist.destroy_process_group()
 
 
 def main(out: Path, layout: str) -> None:
@@ -70,4 +136,9 @@ def main(out: Path, layout: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[2] == "train-tied":
+        train_tied(Path(sys.argv[1]))
+    elif sys.argv[2] == "trainer-checkpoint":
+        trainer_checkpoint(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), sys.argv[2])

@@ -464,6 +464,67 @@ def test_fsdp_where_one_gpu_would_do_warns(llama8b_config, nccl):
     assert check.status == "warn" and check.fix == "set `distributed.strategy: ddp`"
 
 
+@pytest.mark.parametrize("tied, status", [(True, "fail"), (False, "warn")])
+def test_fsdp_with_one_process_fails_on_a_tied_embedding_model(tmp_path, nccl, tied, status):
+    """One process makes torch's FSDP1 NO_SHARD, whose second step asserts on tied embeddings (Llama-3.2-1B
+    shape on one H200; tests/test_distributed.py reproduces it on the CPU below). Untied: only the warning
+    that FSDP is pointless where one GPU holds the model."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**LLAMA3_8B, "tie_word_embeddings": tied}))
+    r = recipe(f"model.name_or_path={folder}", "distributed.strategy=fsdp", "distributed.num_processes=1")
+    check = by_id(recipe_checks(r, machine(gpus=[H100])), "recipe.distributed.strategy")
+    assert check.status == status
+    if tied:
+        assert "fsdp-no-shard-tied-embeddings" in check.detail
+        assert check.fix.startswith("set `distributed.strategy: none`")
+
+
+def test_one_rank_fsdp_on_tied_embeddings_fails_as_the_rule_says_and_two_ranks_train(tmp_path):
+    """The torch behaviour behind the check above, on real FSDP1 ranks (gloo, CPU): with one rank a tied LoRA
+    Llama's second step raises the assertion the knowledge base's rule matches; two ranks train 3 steps."""
+    pytest.importorskip("peft")
+    from qlora_doctor.doctor.explain import explain_text
+
+    worker = Path(__file__).with_name("fsdp_cpu_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {n: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(n), str(worker), str(tmp_path / str(n)), "train-tied"],
+                              env=env, capture_output=True, text=True, timeout=300) for n in (1, 2)}
+    assert runs[1].returncode != 0
+    assert [m.id for m in explain_text(runs[1].stderr)][:1] == ["fsdp-no-shard-tied-embeddings"]
+    assert runs[2].returncode == 0, runs[2].stderr[-3000:]
+    assert json.loads((tmp_path / "2" / "rank0.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("save_strategy, status", [("steps", "fail"), ("epoch", "fail"), ("no", "pass")])
+def test_fsdp_with_trainer_checkpoints_fails_with_save_strategy_no_as_the_fix(save_strategy, status):
+    r = recipe("distributed.strategy=fsdp", f"training.save_strategy={save_strategy}")
+    check = by_id(recipe_checks(r, machine(gpus=[H100, H100])), "recipe.distributed.checkpoints")
+    assert check.status == status
+    if status == "fail":
+        assert "fsdp-peft-trainer-checkpoint" in check.detail and check.fix.startswith("set `training.save_strategy: no`")
+    assert not [c for c in recipe_checks(recipe(), machine(gpus=[H100, H100])) if c.id == "recipe.distributed.checkpoints"]
+
+
+def test_the_trainers_fsdp_adapter_checkpoint_crashes_on_one_rank_and_is_empty_on_two(tmp_path):
+    """Why the check above fails: what accelerate's save_fsdp_model(adapter_only=True) does for the Trainer,
+    on real FSDP1 ranks (gloo, CPU): one rank raises the assertion the knowledge base's rule matches (as on
+    the H200), two ranks get an adapter with 0 tensors. If an upgrade fixes either, this test says so."""
+    pytest.importorskip("peft")
+    from qlora_doctor.doctor.explain import explain_text
+
+    worker = Path(__file__).with_name("fsdp_cpu_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {n: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(n), str(worker), str(tmp_path / str(n)), "trainer-checkpoint"],
+                              env=env, capture_output=True, text=True, timeout=300) for n in (1, 2)}
+    assert runs[1].returncode != 0
+    assert "fsdp-peft-trainer-checkpoint" in [m.id for m in explain_text(runs[1].stderr)]
+    assert runs[2].returncode == 0, runs[2].stderr[-3000:]
+    assert json.loads((tmp_path / "2" / "rank0.json").read_text()) == {"adapter_tensors": 0}
+
+
 def test_ddp_that_fits_one_gpu_passes(llama8b_config, nccl):
     r = recipe(f"model.name_or_path={llama8b_config}", "distributed.strategy=ddp")
     assert by_id(recipe_checks(r, machine(gpus=[H100, H100])), "recipe.distributed.strategy").status == "pass"

@@ -114,6 +114,10 @@ def nccl_check(recipe: Recipe, machine: Machine, precision: Precision) -> Check 
     return Check("recipe.distributed.nccl", "pass", title, "torch.distributed has NCCL", found="NCCL", expected="NCCL")
 
 
+FSDP_ONE_PROCESS_TIED_RULE = "fsdp-no-shard-tied-embeddings"
+"""The knowledge base's rule for FSDP1 with one process (NO_SHARD) on a model with tied embeddings."""
+
+
 def strategy_check(recipe: Recipe, machine: Machine, precision: Precision) -> Check | None:
     """ddp keeps the whole model on every GPU, so it must fit one; fsdp is for models that do not."""
     from qlora_doctor.errors import DoctorError
@@ -146,6 +150,17 @@ def strategy_check(recipe: Recipe, machine: Machine, precision: Precision) -> Ch
                      "would run out of memory",
                      fix="set `distributed.strategy: fsdp` (shards the 4-bit model across the GPUs)",
                      sources=FSDP_QLORA_SOURCES, found=one_gpu, expected="fits one GPU")
+    if ranks == 1 and plan.tied_embeddings:
+        from qlora_doctor.doctor.knowledge import load_rules
+
+        rule = next(r for r in load_rules() if r.id == FSDP_ONE_PROCESS_TIED_RULE)
+        return Check("recipe.distributed.strategy", "fail", title,
+                     "fsdp with one process: torch runs FSDP as NO_SHARD, and with this model's tied input and "
+                     f"output embeddings the second training step fails (`qlora-doctor explain` rule {rule.id}: "
+                     f"{rule.title}); sharding over one process saves nothing",
+                     fix="set `distributed.strategy: none` (one GPU), or run on several GPUs "
+                         "(`distributed.num_processes: auto` on a multi-GPU machine)",
+                     sources=rule.sources, found="1 process, tied embeddings", expected="strategy none, or >= 2 processes")
     shared = fsdp_rank_bytes(plan.breakdown, plan.total_bytes, ranks, plan.num_layers)
     per_rank = f"about {shared / GIB:.1f} GiB per rank with {ranks} ranks"
     if plan.fits:
@@ -194,4 +209,33 @@ def multicast_guard_check(recipe: Recipe, machine: Machine, precision: Precision
                  sources=MULTICAST_SOURCES, found=found, expected="passed through when set")
 
 
-DISTRIBUTED_CHECKS = (distributed_gpus_check, nccl_check, strategy_check, multicast_guard_check)
+FSDP_CHECKPOINT_RULE = "fsdp-peft-trainer-checkpoint"
+"""The knowledge base's rule for the Trainer's FSDP checkpoints of a PeftModel (crash or empty adapter)."""
+
+
+def fsdp_checkpoint_check(recipe: Recipe, machine: Machine, precision: Precision) -> Check | None:
+    """fsdp with training checkpoints: the Trainer's FSDP checkpoint of a PeftModel crashes (one process) or
+    holds an empty adapter that `--resume` would silently load (several); the final adapter is the
+    product's own gather and is unaffected."""
+    if recipe.distributed.strategy != "fsdp":
+        return None
+    from qlora_doctor.doctor.knowledge import load_rules
+
+    t = recipe.training
+    title = "Training checkpoints under fsdp (training.save_strategy)"
+    if t.save_strategy == "no":
+        return Check("recipe.distributed.checkpoints", "pass", title,
+                     "no intermediate checkpoints; rank 0 writes the adapter at the end (no --resume for this run)",
+                     found="save_strategy: no", expected="save_strategy: no")
+    rule = next(r for r in load_rules() if r.id == FSDP_CHECKPOINT_RULE)
+    return Check("recipe.distributed.checkpoints", "fail", title,
+                 f"training.save_strategy: {t.save_strategy}: the Trainer's FSDP checkpoint of the LoRA model "
+                 f"fails ({rule.title}; `qlora-doctor explain` rule {rule.id}), after the run has already trained "
+                 "up to its first checkpoint",
+                 fix="set `training.save_strategy: no` (the final adapter is still written; an interrupted "
+                     "fsdp run cannot be resumed)",
+                 sources=rule.sources, found=f"save_strategy: {t.save_strategy}", expected="save_strategy: no")
+
+
+DISTRIBUTED_CHECKS = (distributed_gpus_check, nccl_check, strategy_check, fsdp_checkpoint_check,
+                      multicast_guard_check)

@@ -56,6 +56,8 @@ class Plan:
     """LoRA parameters."""
     num_layers: int
     """The model's decoder layers."""
+    tied_embeddings: bool
+    """lm_head shares the input embeddings' weight."""
     breakdown: tuple[tuple[str, int], ...]
     """(what, bytes) alive at the peak; sums to total_bytes."""
     peak_allocated_bytes: int
@@ -209,7 +211,7 @@ def plan_for(counts: ModelCounts, settings: TrainSettings, gpu_name: str | None,
     fits = None if gpu_bytes is None else est.total_bytes <= gpu_bytes
     suggestions = tuple(suggest(counts, settings, gpu_bytes)) if fits is False else ()
     return Plan(model=model, settings=settings, parameters=counts.total, trainable_parameters=est.trainable_params,
-                num_layers=counts.num_layers,
+                num_layers=counts.num_layers, tied_embeddings=counts.tied_embeddings,
                 breakdown=est.breakdown, peak_allocated_bytes=est.peak_allocated_bytes,
                 peak_reserved_bytes=est.peak_reserved_bytes, reserved_at_start_bytes=est.reserved_at_start_bytes,
                 total_bytes=est.total_bytes,
