@@ -7,6 +7,12 @@ ChatML template. Then the real CLI runs a recipe on it: doctor gate, NF4 load, L
 
     python3 bench/gpu_train_recipes.py --out $OUT/train_runs            # both shapes
     python3 bench/gpu_train_recipes.py --shapes tiny --steps 3 --out /tmp/t   # a CPU try-out
+    python3 bench/gpu_train_recipes.py --shapes llama-3.2-1b --set distributed.strategy=fsdp \
+        --set distributed.num_processes=1 --generate --out $OUT/fsdp     # the FSDP path from a checkpoint
+
+--set passes recipe overrides to `qlora-doctor run`; --generate then answers a prompt with the finished
+run's adapter and with the base model (`qlora-doctor generate --compare --json`), and counts the tensors of
+the saved adapter_model.safetensors: the adapter a user keeps, loaded the way a user loads it.
 
 Random weights cannot learn the demo's facts; these runs show the CUDA path works end to end and
 measure its tokens/s and peak memory (each run's metrics.json), not model quality.
@@ -70,6 +76,35 @@ def write_recipe(path: Path, model_dir: Path, output_dir: Path, steps: int, batc
                     + yaml.safe_dump(recipe, sort_keys=False))
 
 
+def clip(text: str, head: int = 30000, tail: int = 20000) -> str:
+    """The start and the end of a long log: a Python error's first line can be followed by pages of keys."""
+    if len(text) <= head + tail:
+        return text
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters left out ...]\n{text[-tail:]}"
+
+
+def generate_with_adapter(run_dir: Path, dest: Path, timeout_s: int) -> dict:
+    """The finished run's adapter loaded by `qlora-doctor generate` (base in 4-bit + PeftModel), answering
+    one demo prompt with and without it; plus the saved file's tensor count (0: an empty adapter)."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        lora_b_nonzero = sum(int(f.get_tensor(k).abs().sum() > 0) for k in keys if "lora_B" in k)
+    argv = [sys.executable, "-m", "qlora_doctor.cli", "generate", str(run_dir), "--prompt",
+            "What does qlora-doctor check?", "--max-new-tokens", "16", "--compare", "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    (dest / "generate.log").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
+    answer = None
+    if proc.returncode == 0:
+        try:
+            answer = json.loads(proc.stdout)
+        except ValueError:
+            answer = None
+    return {"tensors": len(keys), "lora_B_nonzero": lora_b_nonzero, "generate_exit_code": proc.returncode,
+            "generate": answer}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"], choices=sorted(SHAPES))
@@ -80,6 +115,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-train-runs"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--timeout-s", type=int, default=420)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override passed to `qlora-doctor run --set` (repeatable)")
+    parser.add_argument("--generate", action="store_true",
+                        help="after the run: `qlora-doctor generate --compare --json` with its adapter")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     summary = []
@@ -96,16 +135,19 @@ def main() -> None:
         recipe = work / "recipe.yaml"
         write_recipe(recipe, model_dir, work / "run", args.steps, args.batch, args.seq)
         argv = [sys.executable, "-m", "qlora_doctor.cli", "run", str(recipe)]
+        argv += [f"--set={o}" for o in args.overrides]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout_s)
         dest = args.out / shape
         dest.mkdir(exist_ok=True)
-        (dest / "run.log").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
+        (dest / "run.log").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + clip(proc.stderr))
         for name in ("metrics.json", "doctor-report.json", "manifest.json", "loss.png", "recipe.yaml",
                      "requirements.lock.txt"):
             if (work / "run" / name).is_file():
                 shutil.copy(work / "run" / name, dest / name)
         summary.append({"shape": shape, "exit_code": proc.returncode, "seconds": round(time.time() - started, 1),
                         "command": " ".join(argv)})
+        if args.generate and proc.returncode == 0:
+            summary[-1]["adapter"] = generate_with_adapter(work / "run", dest, args.timeout_s)
         print(json.dumps(summary[-1]), flush=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
