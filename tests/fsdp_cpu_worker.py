@@ -1,7 +1,7 @@
 """One rank of tests/test_distributed.py's FSDP adapter test: a tiny Llama with LoRA, wrapped by FSDP1
 (use_orig_params) in one of two layouts: `layers`, as accelerate's TRANSFORMER_BASED_WRAP does (every decoder
 layer its own unit), or `peft`, as the Trainer does for a PeftModel (peft's fsdp_auto_wrap_policy: also every
-LoRA Linear its own unit). The adapter is gathered by trainer/distributed.py's gather_lora_state_dict (what
+LoRA Linear its own unit). The adapter is gathered by trainer/fsdp_state.py's gather_lora_state_dict (what
 the product saves from) and, for comparison, within a full state dict to rank 0 (as
 Accelerator.get_state_dict does; without CPU offload, which crashes gloo ranks); rank 0 saves the first with
 trainer/outputs.py's save_adapter_from_state_dict and the LoRA weights it started from, for the test.
@@ -11,6 +11,10 @@ trainer/outputs.py's save_adapter_from_state_dict and the LoRA weights it starte
 LAYOUT `trainer-checkpoint` trains an untied LoRA Llama 2 steps under peft's wrap policy, then takes the
 adapter state dict the way the Trainer's FSDP checkpoint does (accelerate's save_fsdp_model(adapter_only=True):
 peft's get_peft_model_state_dict inside a SHARDED_STATE_DICT context); rank 0 writes how many tensors it got.
+
+LAYOUT `resume` checks trainer/fsdp_state.py's checkpoint: train 2 steps, write the gathered adapter and
+each rank's optimizer shard, train 2 more; then a fresh model (other LoRA init) loads both and trains the
+same 2 steps; rank 0 writes both runs' losses.
 
 LAYOUT `train-tied` instead trains a tied-embedding LoRA Llama for 3 steps under peft's wrap policy (what
 the Trainer builds): with one rank FSDP1 runs NO_SHARD and the second step asserts; rank 0 writes the
@@ -28,6 +32,62 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def resume(out: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from qlora_doctor.trainer import fsdp_state, outputs
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def build(lora_seed: int):
+        torch.manual_seed(0)  # the same base on every rank and in both runs
+        base = AutoModelForCausalLM.from_config(config)
+        for param in base.parameters():
+            param.requires_grad_(False)
+        torch.manual_seed(lora_seed)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model),
+                                           use_orig_params=True, device_id=torch.device("cpu"))
+        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+        return model, wrapped, optimizer
+
+    def step(wrapped, optimizer, ids) -> float:
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return round(loss.item(), 6)
+
+    model, wrapped, optimizer = build(lora_seed=1)
+    for ids in batches[:2]:
+        step(wrapped, optimizer, ids)
+    ckpt = out / "checkpoint-2"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tensors = fsdp_state.gather_lora_state_dict(wrapped)
+    if rank == 0:
+        outputs.save_adapter_from_state_dict(model, tensors, ckpt)
+    fsdp_state.save_optimizer_shard(optimizer, ckpt, rank, world)
+    dist.barrier()
+    continued = [step(wrapped, optimizer, ids) for ids in batches[2:]]
+
+    model, wrapped, optimizer = build(lora_seed=2)
+    loaded = fsdp_state.load_lora_state_dict(wrapped, load_file(str(ckpt / "adapter_model.safetensors")),
+                                             model.active_adapter)
+    fsdp_state.load_optimizer_shard(optimizer, ckpt, rank, world, "cpu")
+    resumed = [step(wrapped, optimizer, ids) for ids in batches[2:]]
+    if rank == 0:
+        (out / "rank0.json").write_text(json.dumps({"continued": continued, "resumed": resumed, "loaded": loaded}))
+    dist.destroy_process_group()
 
 
 def trainer_checkpoint(out: Path) -> None:
@@ -98,7 +158,7 @@ def main(out: Path, layout: str) -> None:
 
     from peft.utils.other import fsdp_auto_wrap_policy
 
-    from qlora_doctor.trainer import distributed, outputs
+    from qlora_doctor.trainer import fsdp_state, outputs
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)  # the same weights on every rank
@@ -118,7 +178,7 @@ def main(out: Path, layout: str) -> None:
     with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT,
                                                   FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
         state_dict = wrapped.state_dict()
-    lora = distributed.gather_lora_state_dict(wrapped)
+    lora = fsdp_state.gather_lora_state_dict(wrapped)
     if dist.get_rank() == 0:
         nested = [n for n, _ in model.named_modules() if "._fsdp_wrapped_module." in n]
         units = [n for n, m in wrapped.named_modules() if isinstance(m, FullyShardedDataParallel)]
@@ -138,6 +198,8 @@ def main(out: Path, layout: str) -> None:
 if __name__ == "__main__":
     if sys.argv[2] == "train-tied":
         train_tied(Path(sys.argv[1]))
+    elif sys.argv[2] == "resume":
+        resume(Path(sys.argv[1]))
     elif sys.argv[2] == "trainer-checkpoint":
         trainer_checkpoint(Path(sys.argv[1]))
     else:

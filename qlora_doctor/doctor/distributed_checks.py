@@ -1,6 +1,7 @@
 """The doctor's checks for a recipe with `distributed.strategy: ddp | fsdp` (appended to RECIPE_CHECKS):
 enough and matching GPUs, NCCL in this torch, the strategy against the model's size (the memory planner
-says whether one GPU would hold it), and the NVLink multicast guards the launched ranks inherit.
+says whether one GPU would hold it; one FSDP process on tied embeddings is refused), what an fsdp run's
+checkpoints hold, and the NVLink multicast guards the launched ranks inherit.
 
 Each returns None for `strategy: none`, so one-GPU recipes see no new rows, except the GPU check on a
 machine with several GPUs: a passing note that the run trains on GPU 0 alone (the other GPUs idle) and
@@ -209,32 +210,23 @@ def multicast_guard_check(recipe: Recipe, machine: Machine, precision: Precision
                  sources=MULTICAST_SOURCES, found=found, expected="passed through when set")
 
 
-FSDP_CHECKPOINT_RULE = "fsdp-peft-trainer-checkpoint"
-"""The knowledge base's rule for the Trainer's FSDP checkpoints of a PeftModel (crash or empty adapter)."""
-
-
 def fsdp_checkpoint_check(recipe: Recipe, machine: Machine, precision: Precision) -> Check | None:
-    """fsdp with training checkpoints: the Trainer's FSDP checkpoint of a PeftModel crashes (one process) or
-    holds an empty adapter that `--resume` would silently load (several); the final adapter is the
-    product's own gather and is unaffected."""
+    """fsdp checkpoints: the product's own (trainer/fsdp_state.py; the Trainer's FSDP checkpoint of a LoRA model
+    crashes or holds an empty adapter, rule fsdp-peft-trainer-checkpoint); `--resume` needs the process count
+    that wrote them, since each rank's optimizer state covers its own shards."""
     if recipe.distributed.strategy != "fsdp":
         return None
-    from qlora_doctor.doctor.knowledge import load_rules
-
     t = recipe.training
     title = "Training checkpoints under fsdp (training.save_strategy)"
     if t.save_strategy == "no":
         return Check("recipe.distributed.checkpoints", "pass", title,
-                     "no intermediate checkpoints; rank 0 writes the adapter at the end (no --resume for this run)",
-                     found="save_strategy: no", expected="save_strategy: no")
-    rule = next(r for r in load_rules() if r.id == FSDP_CHECKPOINT_RULE)
-    return Check("recipe.distributed.checkpoints", "fail", title,
-                 f"training.save_strategy: {t.save_strategy}: the Trainer's FSDP checkpoint of the LoRA model "
-                 f"fails ({rule.title}; `qlora-doctor explain` rule {rule.id}), after the run has already trained "
-                 "up to its first checkpoint",
-                 fix="set `training.save_strategy: no` (the final adapter is still written; an interrupted "
-                     "fsdp run cannot be resumed)",
-                 sources=rule.sources, found=f"save_strategy: {t.save_strategy}", expected="save_strategy: no")
+                     "no intermediate checkpoints; rank 0 writes the adapter at the end",
+                     found="save_strategy: no", expected="any")
+    return Check("recipe.distributed.checkpoints", "pass", title,
+                 f"save_strategy: {t.save_strategy}: each checkpoint holds the LoRA tensors gathered to rank 0 "
+                 "(adapter_model.safetensors) and every rank's optimizer state (optimizer.rankR-of-W.pt); "
+                 "`--resume` needs the same distributed.num_processes that wrote them",
+                 found=f"save_strategy: {t.save_strategy}", expected="any")
 
 
 DISTRIBUTED_CHECKS = (distributed_gpus_check, nccl_check, strategy_check, fsdp_checkpoint_check,

@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from qlora_doctor.errors import InputError
 
@@ -241,52 +241,3 @@ def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str], check: b
             signal.signal(sig, handler)
     return subprocess.CompletedProcess(list(argv), returncode)
 
-
-# --- FSDP: the adapter's tensors on rank 0 -------------------------------------------------------------
-
-WRAPPER_MODULE_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
-"""The child names FSDP1 and torch's checkpoint wrapper insert into module paths; state-dict keys drop them."""
-
-
-def state_dict_key(module_path: str) -> str:
-    """A parameter's path in the wrapped model -> its key in the model's full state dict."""
-    return ".".join(part for part in module_path.split(".") if part not in WRAPPER_MODULE_NAMES)
-
-
-def gather_lora_state_dict(wrapped: Any) -> dict[str, Any]:
-    """FSDP1: every LoRA parameter of `wrapped`, unsharded and copied to rank 0's CPU ({} on the other
-    ranks), keyed as the model's full state dict keys it. A collective: every rank must call it, after
-    training.
-
-    One FSDP unit at a time (`summon_full_params(unit, recurse=False)`, in the same module order on every
-    rank): a rank holds one unit's unsharded weights at once and copies only the adapter's tensors, where
-    Accelerator.get_state_dict gathers the whole model to rank 0's CPU. With the 70B shape on 2 H100s that
-    full gather had not finished 40 s after training (bench/results/distributed_h100x2/NOTES.md)."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    main = not dist.is_initialized() or dist.get_rank() == 0
-    gathered: dict[str, Any] = {}
-    for unit_path, unit in wrapped.named_modules():
-        if not isinstance(unit, FullyShardedDataParallel):
-            continue
-        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
-            if not main:
-                continue
-            for path, param in _unit_parameters(unit, unit_path, FullyShardedDataParallel):
-                if ".lora_" in path:
-                    gathered[state_dict_key(path)] = param.detach().to("cpu", copy=True)
-    return gathered
-
-
-def _unit_parameters(unit: Any, prefix: str, fsdp_class: type) -> Iterator[tuple[str, Any]]:
-    """(path, parameter) for the parameters an FSDP unit manages itself: its module tree without the units
-    nested in it (theirs stay sharded while only this one is summoned)."""
-    stack = [(prefix, unit)]
-    while stack:
-        path, module = stack.pop()
-        for name, param in module.named_parameters(recurse=False):
-            yield (f"{path}.{name}" if path else name), param
-        for name, child in module.named_children():
-            if not isinstance(child, fsdp_class):
-                stack.append((f"{path}.{name}" if path else name, child))

@@ -210,7 +210,7 @@ class _Trained:
     status: Literal["completed", "stopped"]
     metrics: dict[str, Any]
     state_dict: dict[str, Any] | None = None
-    """FSDP: the LoRA tensors gathered from the shards on rank 0 (distributed.gather_lora_state_dict)."""
+    """FSDP: the LoRA tensors gathered from the shards on rank 0 (fsdp_state.gather_lora_state_dict)."""
 
 
 def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan, cudnn_hazards: tuple[str, ...] = ()) -> _Trained:
@@ -244,6 +244,10 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan, cudnn
     )
     stop = StopOnSignal()
     throughput = Throughput()
+    if recipe.distributed.strategy == "fsdp":  # checkpoints the Trainer's FSDP paths cannot write (fsdp_state.py)
+        from qlora_doctor.trainer.fsdp_state import fsdp_qlora_trainer_class
+
+        Trainer = fsdp_qlora_trainer_class()  # noqa: N806 - the class to build, as imported above
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=speed.make_collator(speed_plan, tokenizer), processing_class=tokenizer,
                       callbacks=[stop, throughput])
@@ -270,7 +274,7 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan, cudnn
 
     state_dict, gather_seconds = None, None
     if trainer.is_fsdp_enabled:  # a collective: every rank gathers, rank 0 receives the LoRA tensors (on the CPU)
-        from qlora_doctor.trainer.distributed import gather_lora_state_dict
+        from qlora_doctor.trainer.fsdp_state import gather_lora_state_dict
 
         gather_started = time.perf_counter()
         state_dict = gather_lora_state_dict(trainer.model_wrapped) or None
