@@ -34,43 +34,48 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def resume(out: Path) -> None:
+def lora_fsdp(*, tied: bool = False, lora_seed: int = 0, lr: float = 1e-3):
+    """(PeftModel, its FSDP1 wrapper, AdamW) for a tiny LoRA Llama wrapped by peft's policy (what the Trainer
+    builds: one unit per decoder layer and per LoRA Linear, use_orig_params); the same base on every rank
+    and in every call, the LoRA init from `lora_seed`."""
     from peft import LoraConfig, get_peft_model
     from peft.utils.other import fsdp_auto_wrap_policy
-    from safetensors.torch import load_file
     from torch.distributed.fsdp import FullyShardedDataParallel
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=tied)
+    base = AutoModelForCausalLM.from_config(config)
+    for param in base.parameters():
+        param.requires_grad_(False)
+    torch.manual_seed(lora_seed)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
+                                       device_id=torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr)
+    return model, wrapped, optimizer
+
+
+def train_step(wrapped, optimizer, ids) -> float:
+    loss = wrapped(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return round(loss.item(), 6)
+
+
+def resume(out: Path) -> None:
+    from safetensors.torch import load_file
 
     from qlora_doctor.trainer import fsdp_state, outputs
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64)
     batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-
-    def build(lora_seed: int):
-        torch.manual_seed(0)  # the same base on every rank and in both runs
-        base = AutoModelForCausalLM.from_config(config)
-        for param in base.parameters():
-            param.requires_grad_(False)
-        torch.manual_seed(lora_seed)
-        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
-        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model),
-                                           use_orig_params=True, device_id=torch.device("cpu"))
-        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
-        return model, wrapped, optimizer
-
-    def step(wrapped, optimizer, ids) -> float:
-        loss = wrapped(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return round(loss.item(), 6)
-
-    model, wrapped, optimizer = build(lora_seed=1)
+    model, wrapped, optimizer = lora_fsdp(lora_seed=1, lr=1e-2)
     for ids in batches[:2]:
-        step(wrapped, optimizer, ids)
+        train_step(wrapped, optimizer, ids)
     ckpt = out / "checkpoint-2"
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors = fsdp_state.gather_lora_state_dict(wrapped)
@@ -78,40 +83,27 @@ def resume(out: Path) -> None:
         outputs.save_adapter_from_state_dict(model, tensors, ckpt)
     fsdp_state.save_optimizer_shard(optimizer, ckpt, rank, world)
     dist.barrier()
-    continued = [step(wrapped, optimizer, ids) for ids in batches[2:]]
+    continued = [train_step(wrapped, optimizer, ids) for ids in batches[2:]]
 
-    model, wrapped, optimizer = build(lora_seed=2)
+    model, wrapped, optimizer = lora_fsdp(lora_seed=2, lr=1e-2)
     loaded = fsdp_state.load_lora_state_dict(wrapped, load_file(str(ckpt / "adapter_model.safetensors")),
                                              model.active_adapter)
     fsdp_state.load_optimizer_shard(optimizer, ckpt, rank, world, "cpu")
-    resumed = [step(wrapped, optimizer, ids) for ids in batches[2:]]
+    resumed = [train_step(wrapped, optimizer, ids) for ids in batches[2:]]
     if rank == 0:
         (out / "rank0.json").write_text(json.dumps({"continued": continued, "resumed": resumed, "loaded": loaded}))
     dist.destroy_process_group()
 
 
 def trainer_checkpoint(out: Path) -> None:
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from peft.utils.other import fsdp_auto_wrap_policy
+    from peft import get_peft_model_state_dict
     from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64)
-    model = AutoModelForCausalLM.from_config(config)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
-                                       device_id=torch.device("cpu"))
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
+    model, wrapped, optimizer = lora_fsdp()
     ids = torch.randint(0, 64, (2, 16))
     for _ in range(2):
-        wrapped(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(wrapped, optimizer, ids)
     with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT):
         adapter = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
     if dist.get_rank() == 0:
@@ -121,27 +113,11 @@ def trainer_checkpoint(out: Path) -> None:
 
 
 def train_tied(out: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-    from peft.utils.other import fsdp_auto_wrap_policy
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(config)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
-                                       device_id=torch.device("cpu"))
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-3)
+    _, wrapped, optimizer = lora_fsdp(tied=True)
     ids = torch.randint(0, 64, (2, 16))
     for step in range(1, 4):
-        wrapped(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(wrapped, optimizer, ids)
         if dist.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "rank0.json").write_text(json.dumps({"steps": step}))

@@ -59,6 +59,14 @@ def llama8b_config(tmp_path) -> Path:
     return folder
 
 
+def run_fsdp_worker(out: Path, mode: str, processes: int) -> subprocess.CompletedProcess:
+    """tests/fsdp_cpu_worker.py MODE on `processes` gloo ranks (torch.distributed.run), writing to `out`."""
+    worker = Path(__file__).with_name("fsdp_cpu_worker.py")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), str(worker), str(out), mode],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
 # --- the recipe section ---------------------------------------------------------------------------
 
 def test_default_is_one_process_and_older_recipes_stay_valid():
@@ -486,11 +494,7 @@ def test_one_rank_fsdp_on_tied_embeddings_fails_as_the_rule_says_and_two_ranks_t
     pytest.importorskip("peft")
     from qlora_doctor.doctor.explain import explain_text
 
-    worker = Path(__file__).with_name("fsdp_cpu_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {n: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               str(n), str(worker), str(tmp_path / str(n)), "train-tied"],
-                              env=env, capture_output=True, text=True, timeout=300) for n in (1, 2)}
+    runs = {n: run_fsdp_worker(tmp_path / str(n), "train-tied", n) for n in (1, 2)}
     assert runs[1].returncode != 0
     assert [m.id for m in explain_text(runs[1].stderr)][:1] == ["fsdp-no-shard-tied-embeddings"]
     assert runs[2].returncode == 0, runs[2].stderr[-3000:]
@@ -511,10 +515,7 @@ def test_fsdp_checkpoint_resumes_exactly_on_two_real_fsdp_ranks(tmp_path):
     the gathered adapter and each rank's optimizer shard, loaded into a model with another LoRA init, give
     the same next two losses as training on without a checkpoint."""
     pytest.importorskip("peft")
-    worker = Path(__file__).with_name("fsdp_cpu_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker), str(tmp_path), "resume"], env=env, capture_output=True, text=True, timeout=300)
+    done = run_fsdp_worker(tmp_path, "resume", 2)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     assert rank0["loaded"] == 2 * 7 * 2
@@ -542,11 +543,7 @@ def test_the_trainers_fsdp_adapter_checkpoint_crashes_on_one_rank_and_is_empty_o
     pytest.importorskip("peft")
     from qlora_doctor.doctor.explain import explain_text
 
-    worker = Path(__file__).with_name("fsdp_cpu_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {n: subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                               str(n), str(worker), str(tmp_path / str(n)), "trainer-checkpoint"],
-                              env=env, capture_output=True, text=True, timeout=300) for n in (1, 2)}
+    runs = {n: run_fsdp_worker(tmp_path / str(n), "trainer-checkpoint", n) for n in (1, 2)}
     assert runs[1].returncode != 0
     assert "fsdp-peft-trainer-checkpoint" in [m.id for m in explain_text(runs[1].stderr)]
     assert runs[2].returncode == 0, runs[2].stderr[-3000:]
@@ -637,10 +634,7 @@ def test_fsdp_adapter_is_gathered_and_saved_from_a_real_fsdp_model(tmp_path, lay
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    worker = Path(__file__).with_name("fsdp_cpu_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker), str(tmp_path), layout], env=env, capture_output=True, text=True, timeout=300)
+    done = run_fsdp_worker(tmp_path, layout, 2)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     assert rank0["nested_wrapped_modules"] > 0  # the layout that defeats peft's key selection

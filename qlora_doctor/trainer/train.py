@@ -244,13 +244,14 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan, cudnn
     )
     stop = StopOnSignal()
     throughput = Throughput()
+    trainer_class = Trainer
     if recipe.distributed.strategy == "fsdp":  # checkpoints the Trainer's FSDP paths cannot write (fsdp_state.py)
         from qlora_doctor.trainer.fsdp_state import fsdp_qlora_trainer_class
 
-        Trainer = fsdp_qlora_trainer_class()  # noqa: N806 - the class to build, as imported above
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=speed.make_collator(speed_plan, tokenizer), processing_class=tokenizer,
-                      callbacks=[stop, throughput])
+        trainer_class = fsdp_qlora_trainer_class()
+    trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            data_collator=speed.make_collator(speed_plan, tokenizer), processing_class=tokenizer,
+                            callbacks=[stop, throughput])
     from qlora_doctor.trainer.faults import install_fault
 
     install_fault(trainer)  # test-only seam (tests/test_interrupt.py); inert unless QLORA_DOCTOR_FAULT is set
