@@ -507,7 +507,8 @@ def test_fsdp_checkpoints_are_said_to_be_the_products_and_to_need_the_same_proce
     check = by_id(recipe_checks(r, machine(gpus=[H100, H100])), "recipe.distributed.checkpoints")
     assert check.status == "pass"
     assert ("same distributed.num_processes" in check.detail) == (save_strategy != "no")
-    assert not [c for c in recipe_checks(recipe(), machine(gpus=[H100, H100])) if c.id == "recipe.distributed.checkpoints"]
+    plain = recipe_checks(recipe(), machine(gpus=[H100, H100]))
+    assert not [c for c in plain if c.id == "recipe.distributed.checkpoints"]
 
 
 def test_fsdp_checkpoint_resumes_exactly_on_two_real_fsdp_ranks(tmp_path):
@@ -537,8 +538,8 @@ def test_an_fsdp_checkpoint_from_another_process_count_is_refused_with_the_count
 
 
 def test_the_trainers_fsdp_adapter_checkpoint_crashes_on_one_rank_and_is_empty_on_two(tmp_path):
-    """Why the product writes FSDP checkpoints itself (trainer/fsdp_state.py): what accelerate's save_fsdp_model(adapter_only=True) does for the Trainer,
-    on real FSDP1 ranks (gloo, CPU): one rank raises the assertion the knowledge base's rule matches (as on
+    """Why the product writes FSDP checkpoints itself (trainer/fsdp_state.py): what accelerate's
+    save_fsdp_model(adapter_only=True) does for the Trainer, on real FSDP1 ranks (gloo, CPU): one rank raises the assertion the knowledge base's rule matches (as on
     the H200), two ranks get an adapter with 0 tensors. If an upgrade fixes either, this test says so."""
     pytest.importorskip("peft")
     from qlora_doctor.doctor.explain import explain_text

@@ -161,7 +161,8 @@ def strategy_check(recipe: Recipe, machine: Machine, precision: Precision) -> Ch
                      f"{rule.title}); sharding over one process saves nothing",
                      fix="set `distributed.strategy: none` (one GPU), or run on several GPUs "
                          "(`distributed.num_processes: auto` on a multi-GPU machine)",
-                     sources=rule.sources, found="1 process, tied embeddings", expected="strategy none, or >= 2 processes")
+                     sources=rule.sources, found="1 process, tied embeddings",
+                     expected="strategy none, or >= 2 processes")
     shared = fsdp_rank_bytes(plan.breakdown, plan.total_bytes, ranks, plan.num_layers)
     per_rank = f"about {shared / GIB:.1f} GiB per rank with {ranks} ranks"
     if plan.fits:

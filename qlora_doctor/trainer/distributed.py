@@ -240,4 +240,3 @@ def run_forwarding_signals(argv: Sequence[str], env: Mapping[str, str], check: b
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return subprocess.CompletedProcess(list(argv), returncode)
-

@@ -213,7 +213,8 @@ class _Trained:
     """FSDP: the LoRA tensors gathered from the shards on rank 0 (fsdp_state.gather_lora_state_dict)."""
 
 
-def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan, cudnn_hazards: tuple[str, ...] = ()) -> _Trained:
+def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan,
+           cudnn_hazards: tuple[str, ...] = ()) -> _Trained:
     from transformers import Trainer
 
     from qlora_doctor.trainer.builtin import resolve_model_path
