@@ -88,7 +88,7 @@ def resume(out: Path) -> None:
     model, wrapped, optimizer = lora_fsdp(lora_seed=2, lr=1e-2)
     loaded = fsdp_state.load_lora_state_dict(wrapped, load_file(str(ckpt / "adapter_model.safetensors")),
                                              model.active_adapter)
-    fsdp_state.load_optimizer_shard(optimizer, ckpt, rank, world, "cpu")
+    fsdp_state.load_optimizer_shard(optimizer, ckpt, rank, world)
     resumed = [train_step(wrapped, optimizer, ids) for ids in batches[2:]]
     if rank == 0:
         (out / "rank0.json").write_text(json.dumps({"continued": continued, "resumed": resumed, "loaded": loaded}))

@@ -532,9 +532,9 @@ def test_an_fsdp_checkpoint_from_another_process_count_is_refused_with_the_count
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     fsdp_state.save_optimizer_shard(optimizer, tmp_path, rank=1, world=2)
-    fsdp_state.load_optimizer_shard(optimizer, tmp_path, 1, 2, "cpu")  # the same count loads
+    fsdp_state.load_optimizer_shard(optimizer, tmp_path, 1, 2)  # the same count loads
     with pytest.raises(InputError, match="written by 2 processes: resume with `distributed.num_processes: 2`"):
-        fsdp_state.load_optimizer_shard(optimizer, tmp_path, 0, 4, "cpu")
+        fsdp_state.load_optimizer_shard(optimizer, tmp_path, 0, 4)
 
 
 def test_the_trainers_fsdp_adapter_checkpoint_crashes_on_one_rank_and_is_empty_on_two(tmp_path):

@@ -217,17 +217,13 @@ def fsdp_checkpoint_check(recipe: Recipe, machine: Machine, precision: Precision
     that wrote them, since each rank's optimizer state covers its own shards."""
     if recipe.distributed.strategy != "fsdp":
         return None
-    t = recipe.training
-    title = "Training checkpoints under fsdp (training.save_strategy)"
-    if t.save_strategy == "no":
-        return Check("recipe.distributed.checkpoints", "pass", title,
-                     "no intermediate checkpoints; rank 0 writes the adapter at the end",
-                     found="save_strategy: no", expected="any")
-    return Check("recipe.distributed.checkpoints", "pass", title,
-                 f"save_strategy: {t.save_strategy}: each checkpoint holds the LoRA tensors gathered to rank 0 "
-                 "(adapter_model.safetensors) and every rank's optimizer state (optimizer.rankR-of-W.pt); "
-                 "`--resume` needs the same distributed.num_processes that wrote them",
-                 found=f"save_strategy: {t.save_strategy}", expected="any")
+    strategy = recipe.training.save_strategy
+    detail = ("no intermediate checkpoints; rank 0 writes the adapter at the end" if strategy == "no" else
+              f"save_strategy: {strategy}: each checkpoint holds the LoRA tensors gathered to rank 0 "
+              "(adapter_model.safetensors) and every rank's optimizer state (optimizer.rankR-of-W.pt); "
+              "`--resume` needs the same distributed.num_processes that wrote them")
+    return Check("recipe.distributed.checkpoints", "pass", "Training checkpoints under fsdp (training.save_strategy)",
+                 detail, found=f"save_strategy: {strategy}", expected="any")
 
 
 DISTRIBUTED_CHECKS = (distributed_gpus_check, nccl_check, strategy_check, fsdp_checkpoint_check,

@@ -115,9 +115,11 @@ def save_optimizer_shard(optimizer: Any, folder: Path, rank: int, world: int) ->
     return path
 
 
-def load_optimizer_shard(optimizer: Any, folder: Path, rank: int, world: int, device: Any) -> None:
+def load_optimizer_shard(optimizer: Any, folder: Path, rank: int, world: int) -> None:
     """Load what save_optimizer_shard wrote for this rank; a checkpoint from another process count is
-    refused with the count it needs."""
+    refused with the count it needs. The state is read onto the CPU: torch's optimizers move it to the
+    parameters' device as they load, bitsandbytes' at their first step; its paged 8-bit AdamW failed on state
+    read onto the GPU ("Error invalid argument ... pythonInterface.cpp", one H200)."""
     import torch
 
     path = folder / OPTIMIZER_SHARD.format(rank=rank, world=world)
@@ -128,7 +130,7 @@ def load_optimizer_shard(optimizer: Any, folder: Path, rank: int, world: int, de
                          + (f"; this checkpoint was written by {written} processes: resume with "
                             f"`distributed.num_processes: {written}`" if written else
                             " (not a checkpoint of an fsdp run)"))
-    optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def fsdp_qlora_trainer_class() -> type:
@@ -181,10 +183,7 @@ def fsdp_qlora_trainer_class() -> type:
             if not self.is_fsdp_enabled or checkpoint is None:
                 return super()._load_optimizer_and_scheduler(checkpoint)
             folder = Path(checkpoint)
-            # Read onto the CPU: torch's optimizers move their state to the parameters' device as they load,
-            # bitsandbytes' at the first step; its paged 8-bit AdamW failed on state read onto the GPU
-            # ("Error invalid argument ... pythonInterface.cpp", one H200).
-            load_optimizer_shard(self.optimizer, folder, self.args.process_index, self.args.world_size, "cpu")
+            load_optimizer_shard(self.optimizer, folder, self.args.process_index, self.args.world_size)
             self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
             return None
 

@@ -110,8 +110,8 @@ def run_recipe(recipe: Recipe, machine: Machine, *, where: str, skip_check: bool
     def save_adapter(tmp: Path) -> None:
         # FSDP: the adapter from the LoRA tensors gathered from the shards (same files as a one-GPU run);
         # else peft's save of the model's own.
-        if trained.state_dict:
-            outputs.save_adapter_from_state_dict(trained.model, trained.state_dict, tmp)
+        if trained.lora_tensors:
+            outputs.save_adapter_from_state_dict(trained.model, trained.lora_tensors, tmp)
         else:
             trained.model.save_pretrained(tmp)
         trained.tokenizer.save_pretrained(tmp)
@@ -209,7 +209,7 @@ class _Trained:
     tokenizer: Any
     status: Literal["completed", "stopped"]
     metrics: dict[str, Any]
-    state_dict: dict[str, Any] | None = None
+    lora_tensors: dict[str, Any] | None = None
     """FSDP: the LoRA tensors gathered from the shards on rank 0 (fsdp_state.gather_lora_state_dict)."""
 
 
@@ -274,12 +274,12 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan,
             eval_after = trainer.evaluate()["eval_loss"]
             history = trainer.state.log_history
 
-    state_dict, gather_seconds = None, None
+    lora_tensors, gather_seconds = None, None
     if trainer.is_fsdp_enabled:  # a collective: every rank gathers, rank 0 receives the LoRA tensors (on the CPU)
         from qlora_doctor.trainer.fsdp_state import gather_lora_state_dict
 
         gather_started = time.perf_counter()
-        state_dict = gather_lora_state_dict(trainer.model_wrapped) or None
+        lora_tensors = gather_lora_state_dict(trainer.model_wrapped) or None
         gather_seconds = round(time.perf_counter() - gather_started, 2)
     world = args.world_size
     metrics = {
@@ -309,7 +309,7 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan,
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
     }
     model = trainer.accelerator.unwrap_model(trainer.model) if trainer.is_fsdp_enabled else trainer.model
-    return _Trained(model=model, tokenizer=tokenizer, status=status, metrics=metrics, state_dict=state_dict)
+    return _Trained(model=model, tokenizer=tokenizer, status=status, metrics=metrics, lora_tensors=lora_tensors)
 
 
 @dataclass(frozen=True)
