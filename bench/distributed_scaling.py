@@ -67,9 +67,11 @@ that counts as agreeing (about 1% of the starting loss ln(128256) = 11.8)."""
 SPEEDUP_TARGET = 1.8
 """Issue #8: DDP on 2 GPUs trains at least this many times the one-GPU tokens/s at the same effective batch."""
 FSDP_CANDIDATES = ((12288, 1), (14336, 1), (16384, 1), (20480, 1), (22528, 1), (24576, 1), (12288, 2),
-                   (26624, 1), (28672, 1), (32768, 1), (16384, 2))
+                   (26624, 1), (28672, 1), (32768, 1), (16384, 2), (40960, 1), (49152, 1), (53248, 1),
+                   (57344, 1), (61440, 1), (65536, 1))
 """(max_seq_length, per-device batch) for the fsdp part, by tokens per rank (the step's cost). With Liger's
-fused cross-entropy (the GPU machine) the planner picks 24576 x 1 (peft's unfused LoRA layers under FSDP); without it, 14336 x 1."""
+fused cross-entropy the planner picks 24576 x 1 on 2 x H100 (80 GiB) and 61440 x 1 on 2 x H200 (141 GiB),
+where a 70B at 24576 tokens fits one card; without Liger, 14336 x 1 on the H100s."""
 ONE_GPU_EXCESS_GIB = 2.0
 """The one-GPU plan must exceed the card by this much: a point over by a fraction of a GiB may fit in
 fact (the planner was -0.9% off on the 70B shape on one H100), and would show nothing FSDP is needed for."""

@@ -10,9 +10,14 @@ ChatML template. Then the real CLI runs a recipe on it: doctor gate, NF4 load, L
     python3 bench/gpu_train_recipes.py --shapes llama-3.2-1b --set distributed.strategy=fsdp \
         --set distributed.num_processes=1 --generate --out $OUT/fsdp     # the FSDP path from a checkpoint
 
+    python3 bench/gpu_train_recipes.py --shapes llama-3-8b --steps 4 --set training.save_steps=2 \
+        --set distributed.strategy=fsdp --set distributed.num_processes=2 --resume-check --out $OUT/resume
+
 --set passes recipe overrides to `qlora-doctor run`; --generate then answers a prompt with the finished
 run's adapter and with the base model (`qlora-doctor generate --compare --json`), and counts the tensors of
 the saved adapter_model.safetensors: the adapter a user keeps, loaded the way a user loads it.
+--resume-check then deletes the run's last checkpoint, runs `qlora-doctor run RECIPE --resume` (same
+overrides) and compares the resumed steps' losses and the final eval loss with the uninterrupted run's.
 
 Random weights cannot learn the demo's facts; these runs show the CUDA path works end to end and
 measure its tokens/s and peak memory (each run's metrics.json), not model quality.
@@ -105,6 +110,36 @@ def generate_with_adapter(run_dir: Path, dest: Path, timeout_s: int) -> dict:
             "generate": answer}
 
 
+def resume_check(argv: list[str], run_dir: Path, dest: Path, timeout_s: int) -> dict:
+    """Interrupt a finished run after the fact: delete its last checkpoint, resume from the one before with
+    the same command + --resume, and compare what the resumed steps logged with the uninterrupted run."""
+    checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if len(checkpoints) < 2:
+        return {"skipped": f"needs two checkpoints, the run wrote {[p.name for p in checkpoints]}"}
+    uninterrupted = json.loads((run_dir / "metrics.json").read_text())
+    shutil.copy(run_dir / "metrics.json", dest / "uninterrupted_metrics.json")
+    kept = sorted(p for p in checkpoints[-2].rglob("*") if p.is_file())
+    (dest / "checkpoint_layout.txt").write_text("".join(f"{p.relative_to(run_dir)} {p.stat().st_size}\n" for p in kept))
+    shutil.rmtree(checkpoints[-1])
+    proc = subprocess.run(argv + ["--resume"], capture_output=True, text=True, timeout=timeout_s)
+    (dest / "resume.log").write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + clip(proc.stderr))
+    result = {"resume_exit_code": proc.returncode, "deleted": checkpoints[-1].name}
+    if proc.returncode != 0:
+        return result
+    shutil.copy(run_dir / "metrics.json", dest / "resumed_metrics.json")
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    start = int(checkpoints[-2].name.split("-")[1])
+    before = {h["step"]: h["loss"] for h in uninterrupted["train_loss_history"] if h["step"] > start}
+    after = {h["step"]: h["loss"] for h in resumed["train_loss_history"] if h["step"] > start}
+    diffs = [abs(before[s] - after[s]) for s in before if s in after]
+    result.update({"resumed_from": resumed.get("resumed_from"), "compared_steps": sorted(set(before) & set(after)),
+                   "uninterrupted_losses": [before[s] for s in sorted(before)],
+                   "resumed_losses": [after[s] for s in sorted(after)],
+                   "max_abs_loss_diff": max(diffs) if diffs else None,
+                   "eval_loss_after": [uninterrupted.get("eval_loss_after"), resumed.get("eval_loss_after")]})
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["llama-3.2-1b", "llama-3-8b"], choices=sorted(SHAPES))
@@ -119,6 +154,8 @@ def main() -> None:
                         help="recipe override passed to `qlora-doctor run --set` (repeatable)")
     parser.add_argument("--generate", action="store_true",
                         help="after the run: `qlora-doctor generate --compare --json` with its adapter")
+    parser.add_argument("--resume-check", action="store_true",
+                        help="after the run: delete its last checkpoint, resume, compare losses (needs save_steps)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     summary = []
@@ -148,6 +185,8 @@ def main() -> None:
                         "command": " ".join(argv)})
         if args.generate and proc.returncode == 0:
             summary[-1]["adapter"] = generate_with_adapter(work / "run", dest, args.timeout_s)
+        if args.resume_check and proc.returncode == 0:
+            summary[-1]["resume"] = resume_check(argv, work / "run", dest, args.timeout_s)
         print(json.dumps(summary[-1]), flush=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -21,6 +21,7 @@ from scaling_measures import (choose_fsdp_point, compare_losses, step_losses, st
 from helpers import machine  # noqa: E402
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}
+H200 = {"name": "NVIDIA H200", "compute_capability": "9.0", "memory_total_mib": 143771}
 
 
 def history(ends: list[float], tokens: int = 16384) -> list[dict]:
@@ -95,7 +96,7 @@ def llama70b_dir(tmp_path) -> Path:
     return folder
 
 
-def plan_rows(tmp_path: Path, model_dir: Path) -> tuple[list[dict], float]:
+def plan_rows(tmp_path: Path, model_dir: Path, gpu: dict = H100) -> tuple[list[dict], float]:
     from qlora_doctor.trainer.recipe import load_recipe
 
     data = tmp_path / "rows.jsonl"
@@ -107,20 +108,22 @@ def plan_rows(tmp_path: Path, model_dir: Path) -> tuple[list[dict], float]:
                            strategy="fsdp", port=29541, optim="adamw_torch")
         return load_recipe(path)
 
-    return bench.fsdp_candidate_rows(recipe_for, machine(gpus=[H100, H100]), layers=80)
+    return bench.fsdp_candidate_rows(recipe_for, machine(gpus=[gpu, gpu]), layers=80)
 
 
-@pytest.mark.parametrize("liger, expected", [(True, (24576, 1)), (False, (14336, 1))])
-def test_the_planner_picks_a_70b_point_one_h100_cannot_hold_and_two_fsdp_ranks_can(
-        tmp_path, llama70b_dir, monkeypatch, liger, expected):
-    """What the bench will train on the 2 x H100 machine (Liger installed there; without it, a shorter
-    sequence), with the planner and the doctor's fsdp check as they run there."""
+@pytest.mark.parametrize("gpu, card_gib, liger, expected", [(H100, 79.65, True, (24576, 1)),
+                                                            (H100, 79.65, False, (14336, 1)),
+                                                            (H200, 140.40, True, (61440, 1))])
+def test_the_planner_picks_a_70b_point_one_card_cannot_hold_and_two_fsdp_ranks_can(
+        tmp_path, llama70b_dir, monkeypatch, gpu, card_gib, liger, expected):
+    """What the bench will train on the 2 x H100 and 2 x H200 machines (Liger installed there; without it,
+    a shorter sequence), with the planner and the doctor's fsdp check as they run there."""
     from qlora_doctor.trainer import speed
 
     monkeypatch.setattr(speed, "liger_installed", lambda: liger)
     monkeypatch.setattr(speed, "liger_supported_model_types", lambda: frozenset({"llama"}) if liger else None)
-    rows, card = plan_rows(tmp_path, llama70b_dir)
-    assert card == pytest.approx(79.65, abs=0.01)
+    rows, card = plan_rows(tmp_path, llama70b_dir, gpu)
+    assert card == pytest.approx(card_gib, abs=0.01)
     assert [(r["seq"], r["batch"]) for r in rows] == list(bench.FSDP_CANDIDATES)
     assert all(r["liger_kernel"] is liger for r in rows)
     chosen = choose_fsdp_point(rows, card, bench.ONE_GPU_EXCESS_GIB, bench.FSDP_RANK_MARGIN_GIB)
