@@ -10,8 +10,9 @@ ChatML template. Then the real CLI runs a recipe on it: doctor gate, NF4 load, L
     python3 bench/gpu_train_recipes.py --shapes llama-3.2-1b --set distributed.strategy=fsdp \
         --set distributed.num_processes=1 --generate --out $OUT/fsdp     # the FSDP path from a checkpoint
 
-    python3 bench/gpu_train_recipes.py --shapes llama-3-8b --steps 4 --set training.save_steps=2 \
-        --set distributed.strategy=fsdp --set distributed.num_processes=2 --resume-check --out $OUT/resume
+    python3 bench/gpu_train_recipes.py --shapes llama-3.2-1b --steps 4 --set training.save_steps=2 \
+        --set distributed.strategy=fsdp --set distributed.num_processes=2 --generate --resume-check \
+        --timeout-s 240 --out $OUT/r     # FSDP checkpoint + resume on 2 GPUs (bench/results/distributed_h200x2/)
 
 --set passes recipe overrides to `qlora-doctor run`; --generate then answers a prompt with the finished
 run's adapter and with the base model (`qlora-doctor generate --compare --json`), and counts the tensors of
