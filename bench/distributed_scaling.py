@@ -213,8 +213,10 @@ def n_gpu_probe(recipe_path: str) -> int:
     import transformers
     from transformers import TrainingArguments
 
-    from qlora_doctor.doctor.machine import probe_machine
-    from qlora_doctor.trainer.recipe import load_recipe, resolve_precision, training_arguments_kwargs
+    from qlora_doctor.sources.machine import probe_machine
+    from qlora_doctor.recipe.schema import load_recipe
+    from qlora_doctor.recipe.precision import resolve_precision
+    from qlora_doctor.trainer.arguments import training_arguments_kwargs
     from qlora_doctor.trainer.train import training_arguments
 
     recipe = load_recipe(recipe_path)
@@ -301,16 +303,17 @@ def fsdp_candidate_rows(recipe_for: Callable[[int, int], Any], machine: Any, lay
                         candidates: tuple[tuple[int, int], ...] = FSDP_CANDIDATES) -> tuple[list[dict[str, Any]], float | None]:
     """The planner's one-GPU total, the doctor's fsdp check and a rank's share for every candidate, and
     the card's memory (GiB; None when unknown)."""
-    from qlora_doctor.doctor.distributed_checks import fsdp_rank_bytes, strategy_check
+    from qlora_doctor.doctor.distributed import fsdp_rank_bytes, strategy_check
     from qlora_doctor.memory.estimate import GIB
-    from qlora_doctor.memory.plan import plan_recipe
-    from qlora_doctor.trainer.recipe import resolve_precision
+    from qlora_doctor.runplan import build_run_plan
 
     rows, card = [], None
     for seq, batch in candidates:
-        recipe = recipe_for(seq, batch)
-        plan = plan_recipe(recipe, machine, allow_network=False)
-        check = strategy_check(recipe, machine, resolve_precision(recipe, machine))
+        run = build_run_plan(recipe_for(seq, batch), machine, where=f"fsdp candidate {seq}x{batch}")
+        plan = run.memory
+        if plan is None:
+            raise SystemExit(f"cannot plan the fsdp candidates: {run.memory_error}")
+        check = strategy_check(run, machine)
         rows.append({"seq": seq, "batch": batch, "one_gpu_gib": round(plan.total_bytes / GIB, 1),
                      "one_gpu_fits": plan.fits, "strategy_check": check.status if check else None,
                      "per_rank_gib": round(fsdp_rank_bytes(plan.breakdown, plan.total_bytes, ranks, layers) / GIB, 1),
@@ -323,10 +326,12 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
     from transformers import LlamaConfig
 
     from gpu_train_recipes import save_tokenizer
-    from qlora_doctor.doctor.checks import diagnose
-    from qlora_doctor.doctor.machine import load_machine_file, probe_machine
+    from qlora_doctor.doctor.diagnose import diagnose
+    from qlora_doctor.core.machine import load_machine_file
+    from qlora_doctor.sources.machine import probe_machine
+    from qlora_doctor.recipe.schema import load_recipe
+    from qlora_doctor.runplan import build_run_plan
     from qlora_doctor.trainer import distributed
-    from qlora_doctor.trainer.recipe import load_recipe, resolve_precision
 
     shape = "llama-3-70b"
     longest = max(seq for seq, _ in FSDP_CANDIDATES)
@@ -382,15 +387,17 @@ def fsdp_part(args: argparse.Namespace, budget: Budget, result: dict[str, Any], 
     seq, batch = chosen["seq"], chosen["batch"]
     recipe_path = work / f"fsdp-{seq}-{batch}.yaml"
     recipe = load_recipe(recipe_path)
-    report = diagnose(machine, recipe=recipe)
-    report_file = work / "parent-report.json"
+    run = build_run_plan(recipe, machine, where=str(recipe_path), decide_output=True)
+    report = diagnose(machine, run_plan=run)
+    report_file, plan_file = work / "parent-report.json", work / "run-plan.json"
     report_file.write_text(json.dumps(report.to_json()))
+    plan_file.write_text(json.dumps(run.to_json()))
     result["check_status"] = report.status
     result["failed_checks"] = [c.id for c in report.failed]
-    args_for_worker = distributed.worker_args(recipe_path, [], parent_report=str(report_file), skip_check=True,
+    args_for_worker = distributed.worker_args(run_plan=str(plan_file), parent_report=str(report_file), skip_check=True,
                                               result_file=work / "result.json",
                                               command=f"bench/distributed_scaling.py fsdp {seq}x{batch}")
-    argv = distributed.launch_argv(recipe, resolve_precision(recipe, machine), ranks, args_for_worker)
+    argv = distributed.launch_argv(recipe, run.precision, ranks, args_for_worker)
     cut = argv.index("--module")  # the bench itself is the worker: it swaps in the in-memory 70B build
     argv = argv[:cut] + [str(Path(__file__).resolve()), "--fsdp-worker", json.dumps(config), *args_for_worker]
     result["launch"] = argv
@@ -455,13 +462,13 @@ def reload_adapter(config: dict[str, Any], adapter_dir: Path) -> dict[str, Any]:
 
 
 def fsdp_worker(config_json: str, worker_argv: list[str]) -> int:
-    """One FSDP rank: trainer/model.py's load_base replaced by the in-memory 4-bit build, then the worker."""
+    """One FSDP rank: the worker with the trainer's model-loader seam building the 4-bit model in memory."""
     import bitsandbytes as bnb
 
-    import qlora_doctor.trainer.model as trainer_model
     from memory_accuracy import build_4bit_in_memory
-    from qlora_doctor.doctor.machine import probe_machine
-    from qlora_doctor.trainer import worker
+    from qlora_doctor.cli import worker
+    from qlora_doctor.sources.machine import probe_machine
+    from qlora_doctor.trainer.model import prepare_lora_model
 
     config = json.loads(config_json)
 
@@ -478,12 +485,14 @@ def fsdp_worker(config_json: str, worker_argv: list[str]) -> int:
                 module.quant_state = module.weight.quant_state
         return model
 
-    trainer_model.load_base = load_base
+    def model_loader(recipe: Any, precision: Any, path: str, levers: Any) -> Any:
+        return prepare_lora_model(load_base(recipe, precision, path), recipe, precision, levers)
+
     if os.environ.get("QLORA_BENCH_NO_CUDNN_SDPA") == "1":
         import torch
 
         torch.backends.cuda.enable_cudnn_sdp(False)
-    return worker.main(worker_argv)
+    return worker.main(worker_argv, model_loader=model_loader)
 
 
 def versions() -> dict[str, str | None]:
@@ -542,7 +551,7 @@ def main() -> None:
         "multicast_guards": {k: os.environ.get(k) for k in MULTICAST_GUARDS},
         "loss_tolerance": LOSS_TOLERANCE, "speedup_target": SPEEDUP_TARGET})
     try:
-        from qlora_doctor.doctor.machine import probe_machine
+        from qlora_doctor.sources.machine import probe_machine
 
         results.data["gpus"] = [g.name for g in probe_machine().nvidia_gpus]  # NVML: no CUDA context here
     except Exception as err:  # recorded, the runs will say more

@@ -339,14 +339,14 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def this_machine() -> Any:
-    from qlora_doctor.doctor.machine import probe_machine
+    from qlora_doctor.sources.machine import probe_machine
 
     return probe_machine()
 
 
 def bench_recipe(point: Point, model_dir: Path, data_file: Path, workdir: Path, steps: int) -> Any:
     """The recipe the trainer would run for this point (defaults everywhere else)."""
-    from qlora_doctor.trainer.recipe import recipe_from_dict
+    from qlora_doctor.recipe.schema import recipe_from_dict
 
     model_dir.mkdir(parents=True, exist_ok=True)  # validation wants the folder to exist
     return recipe_from_dict({
@@ -423,7 +423,7 @@ def build_base(shape: str, config: dict[str, Any], model_dir: Path, recipe: Any,
     """The 4-bit base, loaded by the trainer's `load_base` from a saved random checkpoint (or, for 70B,
     built directly in 4-bit)."""
     from qlora_doctor.trainer.model import load_base
-    from qlora_doctor.trainer.recipe import resolve_precision
+    from qlora_doctor.recipe.precision import resolve_precision
 
     if in_memory:
         return build_4bit_in_memory(config, recipe, machine)
@@ -484,7 +484,7 @@ def build_4bit_in_memory(config: dict[str, Any], recipe: Any, machine: Any) -> A
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from qlora_doctor.trainer.model import quantization_config, torch_dtype
-    from qlora_doctor.trainer.recipe import resolve_precision
+    from qlora_doctor.recipe.precision import resolve_precision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to try the script
     precision = resolve_precision(recipe, machine)
@@ -536,10 +536,13 @@ def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    import qlora_doctor.trainer.model as trainer_model
+    from qlora_doctor.recipe.levers import plan_for_model
+    from qlora_doctor.trainer import model as trainer_model
     from qlora_doctor.trainer import speed
-    from qlora_doctor.trainer.fused_lora import _fused_forward
-    from qlora_doctor.trainer.recipe import resolve_precision, training_arguments_kwargs
+    from qlora_doctor.trainer.collate import FlatteningCollator
+    from qlora_doctor.trainer.fused_lora import is_fused
+    from qlora_doctor.recipe.precision import resolve_precision
+    from qlora_doctor.trainer.arguments import training_arguments_kwargs
 
     class RandomTokens(Dataset):
         def __init__(self, rows: int, seq: int, vocab: int):
@@ -556,16 +559,10 @@ def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str
     disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
     disable()  # a previous point may have enabled it (transformers >= 5.2x renamed the method)
     # The decision load_for_training makes on this base (same call), then what fusing actually did.
-    decided = speed.plan_for_model(recipe, precision, base)
+    decided = plan_for_model(recipe, precision, base)
     embedding_dtype = str(base.get_input_embeddings().weight.dtype)  # before this point's levers touch it
-    original = trainer_model.load_base
-    trainer_model.load_base = lambda *a, **k: base
-    try:
-        model = trainer_model.load_for_training(recipe, precision, recipe.model.name_or_path)
-    finally:
-        trainer_model.load_base = original
-    fused = sum(getattr(m.forward, "__func__", None) is _fused_forward for m in model.modules()
-                if "forward" in vars(m))
+    model = trainer_model.prepare_lora_model(base, recipe, precision, decided)
+    fused = sum(is_fused(m) for m in model.modules())
     levers = decided.to_json()
     levers["fused_lora"] = {"on": fused > 0, "reason": f"{fused} LoRA layers fused" if fused
                             else levers["fused_lora"]["reason"]}
@@ -578,7 +575,7 @@ def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str
         kwargs.update(speed.training_arguments_overrides(decided))  # as trainer/train.py: checkpointing is set
         args = TrainingArguments(**kwargs, label_names=["labels"], disable_tqdm=True)
         data = RandomTokens(point.batch * recipe.training.max_steps, point.seq, config["vocab_size"])
-        collator = speed.FlatteningCollator() if decided.padding_free.on else default_data_collator
+        collator = FlatteningCollator() if decided.padding_free.on else default_data_collator
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
         if cuda:
             gc.collect()

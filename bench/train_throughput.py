@@ -240,7 +240,7 @@ def step_timer(device: str, collator: CountingCollator, losses: list[float]) -> 
 # --- the two paths ----------------------------------------------------------------------------------
 
 def precision_for(device: str) -> Any:
-    from qlora_doctor.trainer.recipe import Precision
+    from qlora_doctor.recipe.precision import Precision
 
     if device == "cuda":
         return Precision(device="cuda", fp16=False, bf16=True, compute_dtype="bfloat16", compute_capability="9.0",
@@ -251,7 +251,7 @@ def precision_for(device: str) -> Any:
 
 def make_recipe(model_path: str, performance: dict[str, Any], work: Path, batch: int, seq: int, steps: int,
                 optim: str, lr: float, logging_steps: int) -> Any:
-    from qlora_doctor.trainer.recipe import recipe_from_dict
+    from qlora_doctor.recipe.schema import recipe_from_dict
 
     data = work / "unused.jsonl"
     data.write_text('{"text": "the bench feeds its own token rows"}\n')
@@ -267,7 +267,7 @@ def make_recipe(model_path: str, performance: dict[str, Any], work: Path, batch:
 
 
 def _checkpointing_arg() -> str:
-    from qlora_doctor.trainer.recipe import _training_arguments_accept
+    from qlora_doctor.trainer.arguments import training_arguments_accept as _training_arguments_accept
 
     return "activation_checkpointing" if _training_arguments_accept("activation_checkpointing") else "gradient_checkpointing"
 
@@ -303,19 +303,23 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
     """(model, TrainingArguments, collator, levers) exactly as `qlora-doctor run` builds them."""
     from transformers import TrainingArguments
 
+    from qlora_doctor.recipe.levers import plan_for_model, speed_plan
     from qlora_doctor.trainer import speed
+    from qlora_doctor.trainer.arguments import training_arguments_kwargs
+    from qlora_doctor.trainer.collate import make_collator
     from qlora_doctor.trainer.model import load_for_training
-    from qlora_doctor.trainer.recipe import training_arguments_kwargs
 
     precision = precision_for(device)
     recipe = make_recipe(model_path, performance, work, batch, seq, steps, optim, lr, logging_steps)
-    model = load_for_training(recipe, precision, model_path)
-    hazards = ()
+    hazards: tuple[str, ...] = ()
     if device == "cuda":
-        from qlora_doctor.doctor.machine import probe_machine
+        from qlora_doctor.knowledge.workarounds import cudnn_attention_hazards
+        from qlora_doctor.sources.installed import installed_environment
+        from qlora_doctor.sources.machine import probe_machine
 
-        hazards = speed.cudnn_attention_hazards(probe_machine())
-    plan = speed.plan_for_model(recipe, precision, model, hazards)
+        hazards = cudnn_attention_hazards(probe_machine(), installed_environment(with_conflicts=False))
+    model = load_for_training(recipe, precision, model_path, speed_plan(recipe, precision, cudnn_hazards=hazards))
+    plan = plan_for_model(recipe, precision, model, hazards)
     speed.apply_process_settings(plan, device)  # process-wide: train_points restores torch's default first
     kwargs = training_arguments_kwargs(recipe, precision)
     kwargs.update(speed.training_arguments_overrides(plan), report_to="none")
@@ -324,7 +328,7 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
     class _Tok:  # make_collator reads only the pad token
         pad_token_id, eos_token_id = 0, 2
 
-    return model, args, speed.make_collator(plan, _Tok()), plan.to_json()
+    return model, args, make_collator(plan, _Tok()), plan.to_json()
 
 
 @contextlib.contextmanager

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qlora_doctor.doctor.machine import Machine, machine_from_dict
-from qlora_doctor.doctor.packages import Environment, environment_from_pins
+from qlora_doctor.core.machine import Machine, machine_from_dict
+from qlora_doctor.core.environment import Environment
+from qlora_doctor.sources.requirements import environment_from_pins
 
 DEFAULT_MACHINE: dict[str, Any] = {
     "os": "linux", "arch": "x86_64", "python": "3.11.7", "driver_version": "550.54.15",

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from qlora_doctor.doctor import machine as machine_mod
-from qlora_doctor.doctor.checks import diagnose
-from qlora_doctor.doctor.machine import probe_machine
-from qlora_doctor.doctor.packages import installed_environment
+from qlora_doctor.sources import machine as machine_mod
+from qlora_doctor.doctor.diagnose import diagnose
+from qlora_doctor.sources.machine import probe_machine
+from qlora_doctor.sources.installed import installed_environment
 
 from helpers import machine
 

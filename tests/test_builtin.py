@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from qlora_doctor.errors import CheckFailed, InputError
+from qlora_doctor.core.errors import CheckFailed, InputError
+from qlora_doctor.recipe.builtin import builtin_config
 from qlora_doctor.trainer import builtin
 from tests.trainer_support import DEMO_MODEL, builtin_checkpoint  # noqa: F401 (fixture)
 
 
 def test_config_ships_without_download(monkeypatch, tmp_path):
     monkeypatch.setenv(builtin.CACHE_ENV, str(tmp_path / "empty-cache"))
-    config = builtin.builtin_config(DEMO_MODEL)
+    config = builtin_config(DEMO_MODEL)
     assert config["model_type"] == "llama"
     assert config["tie_word_embeddings"] is True
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (576, 30, 49152)
@@ -76,7 +77,7 @@ def test_converted_checkpoint_is_reused_and_matches_shipped_config(builtin_check
 
     assert builtin.ensure_checkpoint(DEMO_MODEL, run=no_pip) == builtin_checkpoint
     saved = json.loads((builtin_checkpoint / "config.json").read_text())
-    shipped = builtin.builtin_config(DEMO_MODEL)
+    shipped = builtin_config(DEMO_MODEL)
     for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rope_parameters"):
         assert saved[key] == shipped[key], key

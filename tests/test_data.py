@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from qlora_doctor.errors import InputError
+from qlora_doctor.core.errors import InputError
 from qlora_doctor.trainer.data import (ALPACA_PROMPT, IGNORE_INDEX, build_datasets, make_collator,
                                        prepare_data, split_examples)
-from qlora_doctor.trainer.recipe import REPO_RECIPES, load_recipe, recipe_from_dict
+from qlora_doctor.recipe.schema import REPO_RECIPES, load_recipe, recipe_from_dict
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -13,14 +13,16 @@ import pytest
 from click.testing import CliRunner
 
 from qlora_doctor.cli import cli
-from qlora_doctor.doctor import distributed_checks
-from qlora_doctor.doctor.recipe_checks import recipe_checks
-from qlora_doctor.doctor.report import Check, Report
-from qlora_doctor.errors import CheckFailed, InputError
+from qlora_doctor.doctor import distributed as distributed_checks
+from qlora_doctor.doctor.recipe import recipe_checks
+from qlora_doctor.core.report import Check, Report
+from qlora_doctor.core.errors import CheckFailed, InputError
 from qlora_doctor.trainer import distributed
-from qlora_doctor.trainer.recipe import apply_overrides, load_recipe, resolve_precision
-from qlora_doctor.trainer.train import RunRefused
-from qlora_doctor.trainer.worker import report_from_json
+from qlora_doctor.trainer.ranks import rank_info
+from qlora_doctor.recipe.schema import apply_overrides, load_recipe
+from qlora_doctor.recipe.precision import resolve_precision
+from qlora_doctor.runplan import RunPlan, build_run_plan
+from qlora_doctor.core.report import report_from_json
 
 from helpers import CPU_MACHINE, machine, write_machine
 from tests.trainer_support import builtin_checkpoint, write_tiny_recipe  # noqa: F401 (fixture)
@@ -115,7 +117,7 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype():
 
 
 def test_ddp_turns_off_the_unused_parameter_search():
-    from qlora_doctor.trainer.recipe import training_arguments_kwargs
+    from qlora_doctor.trainer.arguments import training_arguments_kwargs
 
     r = recipe("distributed.strategy=ddp")
     precision = resolve_precision(r, machine(gpus=[H100, H100]))
@@ -163,7 +165,7 @@ def test_strategy_none_on_a_two_gpu_machine_trains_the_recipes_batch_on_one_gpu(
     import torch
     from transformers import Trainer
 
-    from qlora_doctor.trainer.recipe import training_arguments_kwargs
+    from qlora_doctor.trainer.arguments import training_arguments_kwargs
     from qlora_doctor.trainer.train import training_arguments
 
     r = recipe("training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2",
@@ -226,15 +228,15 @@ def test_throughput_records_each_steps_tokens_and_when_it_ended(monkeypatch):
 def test_ddp_argv_is_a_list_for_accelerate_with_the_worker_module():
     r = recipe("distributed.strategy=ddp", "distributed.main_process_port=29611")
     precision = resolve_precision(r, machine(gpus=[H100, H100]))
-    args = distributed.worker_args(Path("/r/x.yaml"), ["training.max_steps=3"], parent_report="/tmp/rep.json")
+    args = distributed.worker_args(run_plan="/tmp/plan.json", parent_report="/tmp/rep.json")
     argv = distributed.launch_argv(r, precision, 2, args, python="/py")
     assert argv[:5] == ["/py", "-m", "accelerate.commands.launch", "--num_processes", "2"]
     assert all(isinstance(a, str) for a in argv)
     joined = " ".join(argv)
     assert "--multi_gpu" in argv and "--use_fsdp" not in argv
     assert "--num_machines 1" in joined and "--main_process_port 29611" in joined and "--mixed_precision bf16" in joined
-    assert argv[argv.index("--module") + 1:] == ["qlora_doctor.trainer.worker", "/r/x.yaml",
-                                                  "--set=training.max_steps=3", "--parent-report", "/tmp/rep.json"]
+    assert argv[argv.index("--module") + 1:] == ["qlora_doctor.cli.worker", "--run-plan", "/tmp/plan.json",
+                                                  "--parent-report", "/tmp/rep.json"]
 
 
 def test_fsdp_argv_has_the_fsdp_qlora_settings():
@@ -275,7 +277,7 @@ def test_accelerate_parses_the_argv():
     argv = distributed.launch_argv(r, resolve_precision(r, machine(gpus=[H100, H100])), 2, ["x.yaml", "--set=a.b=1"])
     parsed = launch_command_parser().parse_args(argv[3:])
     assert parsed.use_fsdp and parsed.num_processes == 2 and parsed.module
-    assert parsed.training_script == "qlora_doctor.trainer.worker"
+    assert parsed.training_script == "qlora_doctor.cli.worker"
     assert parsed.training_script_args == ["x.yaml", "--set=a.b=1"]
 
 
@@ -291,7 +293,7 @@ def test_print_launch_for_a_multi_host_job(tmp_path):
     # the scheduler fills these in; left unquoted so the host's shell expands them
     for flag, value in distributed.MULTI_HOST_PLACEHOLDERS.items():
         assert f"{flag} {value}" in line
-    assert "--use_fsdp" in line and "--module qlora_doctor.trainer.worker" in line
+    assert "--use_fsdp" in line and "--module qlora_doctor.cli.worker" in line
     assert "--set=distributed.strategy=fsdp --parent-report -" in line
     assert "MACHINE_RANK = this host's index" in result.output and "MAIN_PROCESS_IP" in result.output
 
@@ -342,9 +344,10 @@ def test_run_distributed_launches_with_the_guards_and_reports_a_worker_crash(mon
         calls.append((argv, env))
         return subprocess.CompletedProcess(argv, 3)
 
+    m = machine(gpus=[H100, H100])
+    plan = build_run_plan(r, m, where="demo", decide_output=True)
     with pytest.raises(CheckFailed, match="exited with status 3 before rank 0 wrote its result"):
-        distributed.run_distributed(r, machine(gpus=[H100, H100]), Path("recipes/demo.yaml"), where="demo",
-                                    diagnose=lambda m, recipe: _report("pass"), runner=runner)
+        distributed.launch_training(plan, m, _report("pass"), runner=runner)
     (argv, env), = calls
     assert {k: env[k] for k in GUARDS} == GUARDS
     assert "--parent-report" in argv and argv[argv.index("--num_processes") + 1] == "2"
@@ -376,12 +379,29 @@ def test_sigterm_to_the_parent_reaches_the_launched_process(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == before  # this process's own handling is back
 
 
-def test_run_distributed_refuses_before_launching(tmp_path):
-    r = recipe("distributed.strategy=ddp", f"training.output_dir={tmp_path / 'out'}")
-    with pytest.raises(RunRefused):
-        distributed.run_distributed(r, machine(gpus=[H100, H100]), Path("recipes/demo.yaml"), where="demo",
-                                    diagnose=lambda m, recipe: _report("fail"),
-                                    runner=lambda *a, **k: pytest.fail("launched although a check failed"))
+def test_the_run_plan_reaches_the_ranks_as_data():
+    """What a launched rank reads back is the parent's plan: same recipe, precision, levers, processes and
+    output decision, nothing decided again."""
+    r = recipe("distributed.strategy=ddp", "performance.checkpoint_layers=2")
+    m = machine(gpus=[H100, H100])
+    plan = build_run_plan(r, m, where="demo", decide_output=True)
+    again = RunPlan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again.recipe == plan.recipe and again.precision == plan.precision
+    assert again.levers == plan.levers and again.num_processes == plan.num_processes == 2
+    assert again.output == plan.output and again.cudnn_hazards == plan.cudnn_hazards
+
+
+def test_distributed_run_refuses_in_the_parent_before_launching(tmp_path, monkeypatch):
+    """A failing check stops `run` in the parent: no rank is launched, nothing is written (the installed
+    torch here is a CPU build, which fails `torch.build` on a described 2 x H100 machine)."""
+    monkeypatch.chdir(tmp_path)
+    recipe_file = write_tiny_recipe(tmp_path)
+    gpus = write_machine(tmp_path / "h100x2.json", gpus=[H100, H100])
+    result = CliRunner().invoke(cli, ["run", str(recipe_file), "--machine", str(gpus),
+                                      "--set", "distributed.strategy=ddp"])
+    assert result.exit_code == 1, result.output
+    assert "training refused" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_worker_records_the_parents_report():
@@ -391,9 +411,9 @@ def test_worker_records_the_parents_report():
 
 
 def test_rank_info_from_the_launcher_variables():
-    info = distributed.rank_info({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    info = rank_info({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
     assert (info.rank, info.local_rank, info.world_size, info.is_main) == (3, 1, 4, False)
-    assert distributed.rank_info({}).is_main
+    assert rank_info({}).is_main
 
 
 # --- the doctor's checks --------------------------------------------------------------------------
@@ -492,11 +512,11 @@ def test_one_rank_fsdp_on_tied_embeddings_fails_as_the_rule_says_and_two_ranks_t
     """The torch behaviour behind the check above, on real FSDP1 ranks (gloo, CPU): with one rank a tied LoRA
     Llama's second step raises the assertion the knowledge base's rule matches; two ranks train 3 steps."""
     pytest.importorskip("peft")
-    from qlora_doctor.doctor.explain import explain_text
+    from qlora_doctor.knowledge.explain import explain_text
 
     runs = {n: run_fsdp_worker(tmp_path / str(n), "train-tied", n) for n in (1, 2)}
     assert runs[1].returncode != 0
-    assert [m.id for m in explain_text(runs[1].stderr)][:1] == ["fsdp-no-shard-tied-embeddings"]
+    assert [m.id for m in explain_text(runs[1].stderr).matches][:1] == ["fsdp-no-shard-tied-embeddings"]
     assert runs[2].returncode == 0, runs[2].stderr[-3000:]
     assert json.loads((tmp_path / "2" / "rank0.json").read_text())["steps"] == 3
 
@@ -527,7 +547,7 @@ def test_fsdp_checkpoint_resumes_exactly_on_two_real_fsdp_ranks(tmp_path):
 
 def test_an_fsdp_checkpoint_from_another_process_count_is_refused_with_the_count(tmp_path):
     torch = pytest.importorskip("torch")
-    from qlora_doctor.errors import InputError
+    from qlora_doctor.core.errors import InputError
     from qlora_doctor.trainer import fsdp_state
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
@@ -542,11 +562,11 @@ def test_the_trainers_fsdp_adapter_checkpoint_crashes_on_one_rank_and_is_empty_o
     save_fsdp_model(adapter_only=True) does for the Trainer, on real FSDP1 ranks (gloo, CPU): one rank raises the assertion the knowledge base's rule matches (as on
     the H200), two ranks get an adapter with 0 tensors. If an upgrade fixes either, this test says so."""
     pytest.importorskip("peft")
-    from qlora_doctor.doctor.explain import explain_text
+    from qlora_doctor.knowledge.explain import explain_text
 
     runs = {n: run_fsdp_worker(tmp_path / str(n), "trainer-checkpoint", n) for n in (1, 2)}
     assert runs[1].returncode != 0
-    assert "fsdp-peft-trainer-checkpoint" in [m.id for m in explain_text(runs[1].stderr)]
+    assert "fsdp-peft-trainer-checkpoint" in [m.id for m in explain_text(runs[1].stderr).matches]
     assert runs[2].returncode == 0, runs[2].stderr[-3000:]
     assert json.loads((tmp_path / "2" / "rank0.json").read_text()) == {"adapter_tensors": 0}
 
@@ -565,10 +585,10 @@ def test_fsdp_rank_share_divides_only_the_sharded_rows():
 def test_multicast_guards_are_reported_as_passed_through():
     r = recipe("distributed.strategy=ddp")
     m = machine(gpus=[H100, H100])
-    precision = resolve_precision(r, m)
-    set_ = distributed_checks.multicast_guard_check(r, m, precision, environ=GUARDS)
+    run = build_run_plan(r, m, where="test")
+    set_ = distributed_checks.multicast_guard_check(run, m, environ=GUARDS)
     assert set_.status == "pass" and "NCCL_NVLS_ENABLE=0" in set_.found and "passed through" in set_.detail
-    unset = distributed_checks.multicast_guard_check(r, m, precision, environ={})
+    unset = distributed_checks.multicast_guard_check(run, m, environ={})
     assert unset.found == "none set"
 
 

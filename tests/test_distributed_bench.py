@@ -97,7 +97,7 @@ def llama70b_dir(tmp_path) -> Path:
 
 
 def plan_rows(tmp_path: Path, model_dir: Path, gpu: dict = H100) -> tuple[list[dict], float]:
-    from qlora_doctor.trainer.recipe import load_recipe
+    from qlora_doctor.recipe.schema import load_recipe
 
     data = tmp_path / "rows.jsonl"
     data.write_text('{"text": "a b c"}\n' * 4)
@@ -118,7 +118,7 @@ def test_the_planner_picks_a_70b_point_one_card_cannot_hold_and_two_fsdp_ranks_c
         tmp_path, llama70b_dir, monkeypatch, gpu, card_gib, liger, expected):
     """What the bench will train on the 2 x H100 and 2 x H200 machines (Liger installed there; without it,
     a shorter sequence), with the planner and the doctor's fsdp check as they run there."""
-    from qlora_doctor.trainer import speed
+    from qlora_doctor.recipe import levers as speed
 
     monkeypatch.setattr(speed, "liger_installed", lambda: liger)
     monkeypatch.setattr(speed, "liger_supported_model_types", lambda: frozenset({"llama"}) if liger else None)
@@ -141,7 +141,7 @@ def test_fsdp_part_launches_the_products_fsdp_command_with_the_bench_as_worker(t
     import argparse
     import subprocess
 
-    from qlora_doctor.trainer import speed
+    from qlora_doctor.recipe import levers as speed
 
     monkeypatch.setattr(speed, "liger_installed", lambda: True)
     monkeypatch.setattr(speed, "liger_supported_model_types", lambda: frozenset({"llama"}))
@@ -168,7 +168,9 @@ def test_fsdp_part_launches_the_products_fsdp_command_with_the_bench_as_worker(t
     assert argv[worker - 1] == str(REPO / "bench" / "distributed_scaling.py")
     config = json.loads(argv[worker + 1])
     assert config["num_hidden_layers"] == 80 and config["max_position_embeddings"] >= 24576
-    assert argv[worker + 2].endswith("fsdp-24576-1.yaml") and "--skip-check" in argv
+    assert argv[worker + 2] == "--run-plan" and "--skip-check" in argv
+    plan = json.loads(Path(argv[worker + 3]).read_text())  # the parent's decisions, as the ranks read them
+    assert plan["recipe"]["training"]["max_seq_length"] == 24576 and plan["num_processes"] == 2
     assert str(REPO) in env["PYTHONPATH"].split(":") and 300 < timeout <= 400
     assert result["run"]["exit_code"] == 1 and "CUDA out of memory" in result["run"]["error_tail"]
     assert result["adapter_reload"] == {"ok": False, "error": "no adapter_model.safetensors was written"}

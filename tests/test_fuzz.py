@@ -27,15 +27,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qlora_doctor.cli import cli
-from qlora_doctor.doctor.checks import environment_checks
-from qlora_doctor.doctor.explain import explain_text
-from qlora_doctor.doctor.knowledge import load_rules
-from qlora_doctor.doctor.machine import (NVIDIA_SMI_FIELDS, NVIDIA_SMI_FIELDS_OLD, Machine, load_machine_file,
-                                         machine_from_dict, parse_nvidia_smi_csv, parse_nvidia_smi_header,
-                                         parse_proc_driver_version)
-from qlora_doctor.doctor.packages import (Environment, environment_from_pins, installed_environment,
-                                          parse_requirements, parse_torch_version_py)
-from qlora_doctor.errors import InputError
+from qlora_doctor.doctor.diagnose import environment_checks
+from qlora_doctor.knowledge.explain import explain_text
+from qlora_doctor.knowledge.loading import load_rules
+from qlora_doctor.sources.machine import (NVIDIA_SMI_FIELDS, NVIDIA_SMI_FIELDS_OLD, parse_nvidia_smi_csv,
+    parse_nvidia_smi_header, parse_proc_driver_version)
+from qlora_doctor.core.machine import Machine, load_machine_file, machine_from_dict
+from qlora_doctor.core.environment import Environment, parse_torch_version_py
+from qlora_doctor.sources.requirements import environment_from_pins, parse_requirements
+from qlora_doctor.sources.installed import installed_environment
+from qlora_doctor.core.errors import InputError
 
 from helpers import CPU_MACHINE, DEFAULT_MACHINE, env, machine
 
@@ -369,7 +370,7 @@ log_texts = st.one_of(
 @FUZZ
 @given(text=log_texts)
 def test_explain_matches_known_rules_only_and_never_quotes_a_token(text):
-    matches = explain_text(text)
+    matches = explain_text(text).matches
     ids = {rule.id for rule in load_rules()}
     assert len({m.id for m in matches}) == len(matches)
     for m in matches:
@@ -397,7 +398,7 @@ def test_a_huge_log_is_explained_within_seconds():
 
     text = ("step 1 loss 2.3 lr 1e-4 " * 20 + "\n") * 4200 + RULE_TEXTS[0]
     start = time.perf_counter()
-    matches = explain_text(text)
+    matches = explain_text(text).matches
     assert time.perf_counter() - start < 10
     assert matches
 
@@ -456,7 +457,7 @@ def _key_named(message: str, where: str) -> bool:
 @FUZZ
 @given(data=st.one_of(mutated_recipes(), json_values))
 def test_recipe_data_validates_or_names_every_key(data):
-    from qlora_doctor.trainer.recipe import Recipe, recipe_from_dict
+    from qlora_doctor.recipe.schema import Recipe, recipe_from_dict
 
     where = "fuzz/recipe.yaml"
     try:
@@ -497,7 +498,7 @@ recipe_bytes = st.one_of(
 @FUZZ_FILES
 @given(content=recipe_bytes)
 def test_recipe_files_load_or_name_the_file_and_key(content):
-    from qlora_doctor.trainer.recipe import load_recipe
+    from qlora_doctor.recipe.schema import load_recipe
 
     path = SCRATCH / "recipe.yaml"
     path.write_bytes(content)

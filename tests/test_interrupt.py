@@ -218,7 +218,7 @@ def test_sigkill_mid_run_and_mid_save_then_resume_uses_the_last_complete_checkpo
 
 
 def test_a_bad_fault_setting_is_an_input_error():
-    from qlora_doctor.errors import InputError
+    from qlora_doctor.core.errors import InputError
     from qlora_doctor.trainer.faults import Fault, fault_from_env
 
     assert fault_from_env({}) is None

@@ -6,9 +6,10 @@ import re
 
 import pytest
 
-from qlora_doctor.doctor.explain import explain_text
-from qlora_doctor.doctor.knowledge import canonical_name, load_rules, load_tables
-from qlora_doctor.doctor.rules import evaluate_rule
+from qlora_doctor.knowledge.explain import explain_text
+from qlora_doctor.core.environment import canonical_name
+from qlora_doctor.knowledge.loading import load_rules, load_tables
+from qlora_doctor.knowledge.evaluate import evaluate_rule
 
 from helpers import machine, env
 
@@ -45,12 +46,12 @@ def test_rule_is_clear_on_its_counter_example(rule):
 
 @pytest.mark.parametrize("rule", TEXT_RULES, ids=[r.id for r in TEXT_RULES])
 def test_explain_recognises_the_rule_log(rule):
-    matches = explain_text(rule.examples["log"])
+    matches = explain_text(rule.examples["log"]).matches
     assert rule.id in [m.id for m in matches], (rule.id, [m.id for m in matches])
 
 
 def test_explain_ignores_unrelated_text():
-    assert explain_text("Epoch 1/3: loss 1.234\nsaving checkpoint-500\nall good") == []
+    assert explain_text("Epoch 1/3: loss 1.234\nsaving checkpoint-500\nall good").matches == ()
 
 
 def test_tables_load_with_sources():
@@ -67,7 +68,7 @@ def test_tables_load_with_sources():
     ('workaround = "reboot"', "workaround: expected one of ['cudnn_attention_off']"),
 ])
 def test_a_rules_workaround_names_one_the_trainer_knows(tmp_path, extra, message):
-    from qlora_doctor.doctor.knowledge import KnowledgeError
+    from qlora_doctor.knowledge.loading import KnowledgeError
 
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "x.toml").write_text(f"""

@@ -11,12 +11,12 @@ from packaging.specifiers import SpecifierSet
 
 from helpers import CPU_MACHINE, machine, write_machine
 from matrix_support import record_json, stack, write_records
-from qlora_doctor import lock as lk
+from qlora_doctor.pins import lock as lk
 from qlora_doctor.cli import cli
-from qlora_doctor.constraints import constraints_for, negate, render_constraints
-from qlora_doctor.doctor.knowledge import Conditions, Rule, load_tables
-from qlora_doctor.doctor.machine import machine_from_dict
-from qlora_doctor.errors import CheckFailed, InputError
+from qlora_doctor.pins.constraints import constraints_for, negate, render_constraints
+from qlora_doctor.knowledge.loading import Conditions, Rule, load_tables
+from qlora_doctor.core.machine import machine_from_dict
+from qlora_doctor.core.errors import CheckFailed, InputError
 from qlora_doctor.matrix.records import REPO_ROOT, load_record, load_records
 
 A100 = {"gpus": [{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "memory_total_mib": 81920}]}
@@ -196,14 +196,14 @@ def test_lockfiles_exist_for_the_tested_platforms():
 @pytest.mark.parametrize("path", LOCKFILES, ids=[p.name for p in LOCKFILES])
 def test_each_lockfile_parses_and_matches_its_record(path: Path):
     lock = lk.parse_lockfile(path.read_text(), str(path))
-    source = lk.header_value(lock, "source")
+    source = header_value(lock, "source")
     assert source and source.startswith("matrix record matrix-results/"), source
     record = load_record(REPO_ROOT / source.split()[2])
     assert record.works and record.verdict == "pass"
     assert lock.pins == lk.lockable_pins(record.freeze)
     assert lock.index_urls == lk.torch_index_urls(record.freeze)
-    assert lk.header_value(lock, "platform").split()[0] == record.platform
-    assert lk.header_value(lock, "status") == "tested"
+    assert header_value(lock, "platform").split()[0] == record.platform
+    assert header_value(lock, "status") == "tested"
 
 
 @pytest.mark.slow
@@ -224,3 +224,7 @@ def test_lock_untested_resolves_with_pip_and_vets(tmp_path):
     assert torch_pin.split("+")[1].startswith("cu12"), torch_pin  # driver 550 runs CUDA 12.x, not 13
     assert "--extra-index-url https://download.pytorch.org/whl/cu12" in text
     assert not any(line.startswith("nvidia-") for line in text.splitlines())
+
+
+def header_value(lock: lk.Lockfile, key: str) -> str | None:
+    return next((h.split(":", 1)[1].strip() for h in lock.header if h.startswith(f"{key}:")), None)

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from qlora_doctor.doctor import machine as machine_mod
-from qlora_doctor.doctor.machine import (load_machine_file, parse_nvidia_smi_csv, parse_nvidia_smi_header,
-                                         parse_proc_driver_version, NVIDIA_SMI_FIELDS_OLD, probe_machine,
-                                         save_machine_file)
-from qlora_doctor.errors import InputError
+from qlora_doctor.sources import machine as machine_mod
+from qlora_doctor.core.machine import load_machine_file, save_machine_file
+from qlora_doctor.sources.machine import (parse_nvidia_smi_csv, parse_nvidia_smi_header, parse_proc_driver_version,
+    NVIDIA_SMI_FIELDS_OLD, probe_machine)
+from qlora_doctor.core.errors import InputError
 
 
 def test_parse_nvidia_smi_two_gpus(data_dir):

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from helpers import CPU_MACHINE, env, machine
 from matrix_support import record_json, stack, write_records
 from qlora_doctor.cli import cli
-from qlora_doctor.doctor.machine import machine_from_dict
-from qlora_doctor.errors import InputError
-import qlora_doctor.matrix as matrix_pkg
+from qlora_doctor.core.machine import machine_from_dict
+from qlora_doctor.core.errors import InputError
+from qlora_doctor.doctor.tested import tested_status as judge_tested
 from qlora_doctor.matrix.ci import github_workflow
 from qlora_doctor.matrix.combos import load_combinations, parse_combinations
 from qlora_doctor.matrix.records import (REPO_ROOT, StepResult, load_record, load_records, parse_platform,
@@ -45,7 +45,7 @@ def test_shipped_matrix_yaml_is_valid_and_has_a_pass_and_a_known_bad_cpu_combina
 
 
 def test_known_bad_rules_exist_in_the_knowledge_base():
-    from qlora_doctor.doctor.knowledge import load_rules
+    from qlora_doctor.knowledge.loading import load_rules
 
     ids = {r.id for r in load_rules()}
     for combo in load_combinations(REPO_ROOT / "matrix.yaml"):
@@ -189,7 +189,7 @@ def test_tested_when_the_env_equals_a_passing_record_on_this_platform(tmp_path):
     folder = write_records(tmp_path, record_json("cpu-a", "linux-x86_64-py3.11-cpu", stack("2.13.0+cpu")))
     cpu = machine_from_dict(CPU_MACHINE, "cpu")
     start = time.perf_counter()
-    info, check = matrix_pkg.tested_status(cpu, env(torch="2.13.0+cpu", transformers="5.24.0", peft="0.21.2",
+    info, check = judge_tested(cpu, env(torch="2.13.0+cpu", transformers="5.24.0", peft="0.21.2",
                                          bitsandbytes="0.50.2", accelerate="1.15.0", datasets="5.2.0"), folder)
     assert time.perf_counter() - start < 0.5
     assert info["status"] == "tested" and check.status == "pass" and "cpu-a" in check.detail
@@ -199,7 +199,7 @@ def test_untested_names_the_closest_record_and_the_pins_to_reach_it(tmp_path):
     folder = write_records(tmp_path, record_json("cpu-a", "linux-x86_64-py3.11-cpu", stack("2.13.0+cpu")),
                            record_json("cpu-old", "linux-x86_64-py3.11-cpu", stack("2.13.0+cpu", "5.10.0", "0.18.0")))
     cpu = machine_from_dict(CPU_MACHINE, "cpu")
-    info, check = matrix_pkg.tested_status(cpu, env(torch="2.13.0+cpu", transformers="5.9.0", peft="0.21.2",
+    info, check = judge_tested(cpu, env(torch="2.13.0+cpu", transformers="5.9.0", peft="0.21.2",
                                          bitsandbytes="0.50.2", accelerate="1.15.0", datasets="5.2.0"), folder)
     assert info["status"] == "untested" and info["closest"] == "cpu-a"
     assert info["differences"] == ["transformers 5.9.0 (tested: 5.24.0)"]
@@ -209,7 +209,7 @@ def test_untested_names_the_closest_record_and_the_pins_to_reach_it(tmp_path):
 def test_a_record_from_another_platform_does_not_make_an_env_tested(tmp_path):
     folder = write_records(tmp_path, record_json("gpu", "linux-x86_64-py3.12-cu130-sm90", stack("2.11.0+cu130")))
     cpu = machine_from_dict({**CPU_MACHINE, "python": "3.12.3"}, "cpu")
-    info, check = matrix_pkg.tested_status(cpu, env(torch="2.11.0+cu130", transformers="5.24.0", peft="0.21.2",
+    info, check = judge_tested(cpu, env(torch="2.11.0+cu130", transformers="5.24.0", peft="0.21.2",
                                          bitsandbytes="0.50.2", accelerate="1.15.0", datasets="5.2.0"), folder)
     assert info["status"] == "untested" and "none on linux-x86_64-py3.12-cpu" in check.detail
 

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from helpers import machine, write_machine
 from qlora_doctor.cli import cli
-from qlora_doctor.errors import InputError
-from qlora_doctor.memory.check import memory_fit_check
+from qlora_doctor.core.errors import InputError
+from qlora_doctor.doctor.memory import memory_fit_check
+from qlora_doctor.runplan import build_run_plan
 from qlora_doctor.memory.estimate import GIB, TrainSettings, estimate
 from qlora_doctor.memory.model import count_parameters, load_model_config, lora_targets
 from qlora_doctor.memory.plan import plan_config, plan_for, plan_recipe
@@ -339,7 +340,7 @@ def _recipe_dir(tmp_path: Path, config: dict, batch: int = 8, seq: int = 2048, o
 
 
 def _recipe(tmp_path: Path, config: dict, **kw):
-    from qlora_doctor.trainer.recipe import load_recipe
+    from qlora_doctor.recipe.schema import load_recipe
 
     return load_recipe(_recipe_dir(tmp_path, config, **kw))
 
@@ -357,18 +358,18 @@ def test_plan_recipe_resolves_precision_for_the_machine(tmp_path):
 
 def test_memory_check_fails_with_suggestions_and_passes(tmp_path):
     recipe = _recipe(tmp_path, LLAMA3_8B)
-    failed = memory_fit_check(recipe, machine(gpus=[GPU_24GB]))
+    failed = _fit(recipe, machine(gpus=[GPU_24GB]))
     assert failed is not None and failed.status == "fail"
     assert "per_device_train_batch_size" in failed.fix and "max_seq_length" in failed.fix
-    passed = memory_fit_check(recipe, machine(gpus=[GPU_80GB]))
+    passed = _fit(recipe, machine(gpus=[GPU_80GB]))
     assert passed is not None and passed.status == "pass"
 
 
 def test_memory_check_unknown_without_gpu_memory_and_absent_without_gpu(tmp_path):
     recipe = _recipe(tmp_path, LLAMA3_8B)
-    unknown = memory_fit_check(recipe, machine(gpus=[{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}]))
+    unknown = _fit(recipe, machine(gpus=[{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}]))
     assert unknown is not None and unknown.status == "unknown"
-    assert memory_fit_check(recipe, machine(gpus=[], driver_version="")) is None
+    assert _fit(recipe, machine(gpus=[], driver_version="")) is None
 
 
 def test_hub_model_without_hub_is_a_clear_input_error(monkeypatch):
@@ -413,7 +414,7 @@ def test_cli_plan_bad_input_exits_2(tmp_path):
 
 
 def test_doctor_recipe_checks_include_the_memory_fit(tmp_path):
-    from qlora_doctor.doctor.recipe_checks import recipe_checks
+    from qlora_doctor.doctor.recipe import recipe_checks
 
     recipe = _recipe(tmp_path, LLAMA3_8B, batch=8, seq=4096)
     on_4090 = {c.id: c for c in recipe_checks(recipe, machine(gpus=[GPU_24GB]))}
@@ -422,12 +423,17 @@ def test_doctor_recipe_checks_include_the_memory_fit(tmp_path):
     assert "recipe.memory" not in on_cpu
 
 
+def _fit(recipe, m):
+    """The memory check on the run plan `check --recipe` builds (offline)."""
+    return memory_fit_check(build_run_plan(recipe, m, where="test"), m)
+
+
 def test_doctor_check_does_not_wait_for_the_hub(tmp_path):
-    from qlora_doctor.trainer.recipe import load_recipe
+    from qlora_doctor.recipe.schema import load_recipe
 
     path = _recipe_dir(tmp_path, LLAMA3_8B)
     path.write_text(path.read_text().replace("name_or_path: model", "name_or_path: qlora-doctor-test/none"))
-    check = memory_fit_check(load_recipe(path), machine(gpus=[GPU_80GB]))
+    check = _fit(load_recipe(path), machine(gpus=[GPU_80GB]))
     assert check is not None and check.status == "unknown"
     assert "not in the local Hugging Face cache" in check.detail
 
@@ -452,7 +458,7 @@ FAST = dict(upcast_unquantized=False, liger_kernel=True, fused_lora=True)
 
 def _liger_available(monkeypatch):
     """liger-kernel as on the GPU machine (installed, patches llama); it is not installed here."""
-    from qlora_doctor.trainer import speed
+    from qlora_doctor.recipe import levers as speed
 
     monkeypatch.setattr(speed, "liger_installed", lambda: True)
     monkeypatch.setattr(speed, "liger_supported_model_types", lambda: frozenset({"llama", "qwen2"}))
@@ -552,7 +558,7 @@ def _recipe_with(tmp_path, performance: str = "", training: str = "", lora: str 
     if performance:
         text += f"performance:\n{performance}"
     path.write_text(text)
-    from qlora_doctor.trainer.recipe import load_recipe
+    from qlora_doctor.recipe.schema import load_recipe
 
     return load_recipe(path)
 
@@ -569,8 +575,8 @@ def _recipe_with(tmp_path, performance: str = "", training: str = "", lora: str 
 ])
 def test_planner_decides_levers_exactly_as_the_trainer(tmp_path, monkeypatch, liger, performance, training, lora):
     from qlora_doctor.memory.plan import settings_from_recipe
-    from qlora_doctor.trainer import speed
-    from qlora_doctor.trainer.recipe import resolve_precision
+    from qlora_doctor.recipe import levers as speed
+    from qlora_doctor.recipe.precision import resolve_precision
 
     if liger:
         _liger_available(monkeypatch)
@@ -613,7 +619,7 @@ def test_fast_path_first_principles_check(batch, gc, dropout, reserved_gib):
 # --- checkpoint_layers: auto ----------------------------------------------------------------------------
 
 def _auto(recipe, *more):
-    from qlora_doctor.trainer.recipe import apply_overrides
+    from qlora_doctor.recipe.schema import apply_overrides
 
     return apply_overrides(recipe, ["performance.checkpoint_layers=auto", *more])
 
@@ -645,16 +651,17 @@ def test_auto_checkpointing_is_all_without_a_gpu_and_under_fsdp(tmp_path):
 
 
 def test_run_uses_the_planners_choice_for_auto(tmp_path, monkeypatch):
-    from qlora_doctor.trainer.train import resolve_auto_checkpointing
+    from qlora_doctor.runplan import build_run_plan
 
     _liger_available(monkeypatch)
     recipe = _auto(_recipe(tmp_path, LLAMA3_8B, batch=8, seq=2048))
     h100 = machine(gpus=[GPU_80GB])
-    resolved = resolve_auto_checkpointing(recipe, h100)
+    resolved = build_run_plan(recipe, h100, where="test").recipe
     assert resolved.performance.checkpoint_layers == plan_recipe(recipe, h100).settings.checkpoint_layers != "auto"
-    assert resolve_auto_checkpointing(recipe, machine(gpus=[], driver_version="")).performance.checkpoint_layers == "all"
+    on_cpu = build_run_plan(recipe, machine(gpus=[], driver_version=""), where="test").recipe
+    assert on_cpu.performance.checkpoint_layers == "all"
     plain = _recipe(tmp_path, LLAMA3_8B)
-    assert resolve_auto_checkpointing(plain, h100) is plain
+    assert build_run_plan(plain, h100, where="test").recipe is plain
 
 
 @pytest.mark.parametrize("name", ["8b_s512_b1_built_in_process.json", "8b_s512_b1_loaded_from_disk.json"])

@@ -1,9 +1,10 @@
 import pytest
 from packaging.version import Version
 
-from qlora_doctor.doctor.packages import (build_from_local_tag, environment_from_pins, installed_environment,
-                                          parse_requirements, parse_torch_version_py)
-from qlora_doctor.errors import InputError
+from qlora_doctor.core.environment import build_from_local_tag, parse_torch_version_py
+from qlora_doctor.sources.requirements import environment_from_pins, parse_requirements
+from qlora_doctor.sources.installed import installed_environment
+from qlora_doctor.core.errors import InputError
 
 
 def test_local_tags():

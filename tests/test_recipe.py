@@ -10,11 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from qlora_doctor.cli import cli
-from qlora_doctor.errors import InputError
-from qlora_doctor.trainer import recipe as recipe_mod
-from qlora_doctor.trainer.recipe import (REPO_RECIPES, Recipe, apply_overrides, find_recipe, load_recipe,
-                                         recipe_from_dict, recipe_json_schema, resolve_precision,
-                                         training_arguments_kwargs)
+from qlora_doctor.core.errors import InputError
+from qlora_doctor.recipe import schema as recipe_mod
+from qlora_doctor.recipe.schema import (REPO_RECIPES, Recipe, apply_overrides, find_recipe, load_recipe,
+    recipe_from_dict, recipe_json_schema)
+from qlora_doctor.recipe.precision import resolve_precision
+from qlora_doctor.trainer.arguments import training_arguments_kwargs
 
 from helpers import CPU_MACHINE, machine
 

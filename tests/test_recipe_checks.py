@@ -8,9 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from qlora_doctor.cli import cli
-from qlora_doctor.doctor.recipe_checks import (RECIPE_CHECKS, compute_dtype_check, mixed_precision_check,
-                                              optimizer_device_check, recipe_checks, trust_remote_code_check)
-from qlora_doctor.trainer.recipe import apply_overrides, load_recipe, resolve_precision
+from qlora_doctor.runplan import build_run_plan
+from qlora_doctor.doctor.recipe import (RECIPE_CHECKS, compute_dtype_check, mixed_precision_check,
+    optimizer_device_check, recipe_checks, trust_remote_code_check)
+from qlora_doctor.recipe.schema import apply_overrides, load_recipe
+from qlora_doctor.recipe.precision import resolve_precision
 
 from helpers import CPU_MACHINE, machine, write_machine
 
@@ -96,8 +98,8 @@ def test_no_compute_dtype_check_without_4bit():
 
 
 def judge(check, r, m):
-    """One check on its own (the hub-model recipes would also run the memory planner in recipe_checks)."""
-    return check(r, m, resolve_precision(r, m))
+    """One check on its own, on the run plan `check --recipe` would build (offline)."""
+    return check(build_run_plan(r, m, where="test"), m)
 
 
 def test_trust_remote_code_warns_and_names_the_model_repo():
@@ -128,7 +130,7 @@ def test_checks_are_an_extensible_list():
 
 
 def test_every_shipped_recipe_is_judged_without_error_on_t4_a100_and_cpu():
-    from qlora_doctor.trainer.recipe import REPO_RECIPES
+    from qlora_doctor.recipe.schema import REPO_RECIPES
 
     for path in sorted(REPO_RECIPES.glob("*.yaml")):
         r = load_recipe(path)
@@ -158,6 +160,6 @@ def test_check_cli_with_recipe_fails_for_bf16_on_t4(tmp_path):
 
 
 def load_demo_text() -> str:
-    from qlora_doctor.trainer.recipe import REPO_RECIPES
+    from qlora_doctor.recipe.schema import REPO_RECIPES
 
     return (REPO_RECIPES / "demo.yaml").read_text()

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from qlora_doctor.cli import cli
-from qlora_doctor.errors import InputError
+from qlora_doctor.core.errors import InputError
 from qlora_doctor.trainer import outputs
 from tests.helpers import write_machine
 from tests.trainer_support import write_tiny_recipe
@@ -159,3 +159,24 @@ def test_merge_refuses_a_non_empty_target(tmp_path):
     result = CliRunner().invoke(cli, ["merge", str(tmp_path), "--to", str(tmp_path / "to")])
     assert result.exit_code == 2, result.output
     assert "not an empty folder" in result.output
+
+
+def test_a_run_plans_memory_once(tmp_path, monkeypatch):
+    """The run plan is decided once: the memory planner runs one time per `run` (the doctor's memory and
+    strategy checks read the plan's prediction; the trainer never imports the planner,
+    tests/test_architecture.py). Here on a described 2 x H100 with `checkpoint_layers: auto` and ddp, where
+    the auto choice, the memory check and the strategy check all need it; the CPU build of torch then fails
+    the checks, so nothing loads."""
+    import qlora_doctor.memory.plan as planner
+
+    _no_loading(monkeypatch)
+    calls = []
+    real = planner.plan_recipe
+    monkeypatch.setattr(planner, "plan_recipe", lambda *a, **k: calls.append(1) or real(*a, **k))
+    recipe = write_tiny_recipe(tmp_path)
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}
+    gpus = write_machine(tmp_path / "h100x2.json", gpus=[h100, h100])
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--machine", str(gpus), "--set",
+                                      "performance.checkpoint_layers=auto", "--set", "distributed.strategy=ddp"])
+    assert result.exit_code == 1, result.output
+    assert len(calls) == 1

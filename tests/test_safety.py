@@ -133,7 +133,7 @@ def test_no_code_path_turns_trust_remote_code_on_by_itself():
 
 
 def test_recipes_default_to_no_remote_code(tmp_path):
-    from qlora_doctor.trainer.recipe import load_recipe
+    from qlora_doctor.recipe.schema import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(demo_recipe_text().replace("  trust_remote_code: false\n", ""))

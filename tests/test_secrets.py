@@ -1,4 +1,4 @@
-"""No secret leaves the machine through what qlora-doctor prints or writes (qlora_doctor/redact.py).
+"""No secret leaves the machine through what qlora-doctor prints or writes (qlora_doctor/core/redact.py).
 
 Secrets are planted where a user has them (HF_TOKEN & co. in the environment, a token in
 `$HF_HOME/token` and `~/.cache/huggingface/token`) and where they would flow into output (a machine
@@ -18,8 +18,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qlora_doctor.cli import cli
-from qlora_doctor.fileio import write_atomic
-from qlora_doctor.redact import known_secrets, redact, redact_data
+from qlora_doctor.core.fileio import write_atomic
+from qlora_doctor.core.redact import known_secrets, redact, redact_data
 
 HF_TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
 HUB_TOKEN = "hf_" + "HubTokenHubTokenHubTokenHubToken99"
@@ -118,7 +118,7 @@ def test_any_hf_token_inside_any_text_is_redacted(before, body, after):
 
 
 def test_redact_data_walks_reports_and_json(secrets):
-    from qlora_doctor.doctor.report import Check, Report
+    from qlora_doctor.core.report import Check, Report
 
     report = Report(checks=(Check("x", "warn", "t", detail=f"token {HF_TOKEN}", sources=(PASTED,)),),
                     machine={"libc": WANDB_KEY, HF_TOKEN: [OPENAI_KEY]}, packages={})

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from qlora_doctor.doctor.smoke import judge_smoke, parse_smoke_output, run_smoke_process
-from qlora_doctor.subprocs import Completed
-from qlora_doctor.smoke import NF4_MEAN_ABS_ERROR_MAX, TRAIN_STEPS, run_smoke
+from qlora_doctor.smoke.judge import judge_smoke, parse_smoke_output, run_smoke_process
+from qlora_doctor.core.subprocs import Completed
+from qlora_doctor.smoke.functional import NF4_MEAN_ABS_ERROR_MAX, TRAIN_STEPS, run_smoke
 
 STEPS = ["torch.device", "bnb.library", "bnb.nf4_roundtrip", "bnb.linear4bit_lora", "model.load_4bit",
          "peft.prepare_kbit", "peft.attach_lora", "train.loss_decreases", "adapter.save", "adapter.reload",

@@ -1,4 +1,4 @@
-"""The `performance:` levers (qlora_doctor/trainer/speed.py, fused_lora.py) on a tiny 4-bit Llama on CPU.
+"""The `performance:` levers (decided by qlora_doctor/recipe/levers.py, applied by trainer/speed.py and fused_lora.py) on a tiny 4-bit Llama on CPU.
 
 bitsandbytes >= 0.48 quantizes NF4 on the CPU, so the same layers as on a GPU are built here; liger-kernel
 is not installed in this environment, which is exactly the case the degrade tests need."""
@@ -11,10 +11,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
-from qlora_doctor.errors import InputError  # noqa: E402
+from qlora_doctor.core.errors import InputError  # noqa
 from qlora_doctor.trainer import speed  # noqa: E402
-from qlora_doctor.trainer.fused_lora import LoraLinear4bitFunction, fuse_lora_layers, unfuse_lora_layers  # noqa: E402
-from qlora_doctor.trainer.recipe import Precision, recipe_from_dict  # noqa: E402
+from qlora_doctor.recipe import levers  # noqa: E402
+from qlora_doctor.knowledge import workarounds  # noqa: E402
+from qlora_doctor.trainer import collate  # noqa: E402
+from qlora_doctor.doctor.performance import performance_check  # noqa: E402
+from qlora_doctor.trainer.fused_lora import LoraLinear4bitFunction, fuse_lora_layers, is_fused  # noqa: E402
+from qlora_doctor.recipe.precision import Precision  # noqa
+from qlora_doctor.recipe.schema import recipe_from_dict  # noqa
 
 from helpers import CPU_MACHINE, env, machine  # noqa: E402
 
@@ -93,29 +98,37 @@ def test_good_options_and_defaults(tmp_path):
     (1.0, 3, [0, 1, 2]), (0.1, 4, []),
 ])
 def test_checkpointed_indices(selection, count, expected):
-    assert speed.checkpointed_indices(selection, count) == expected
+    assert levers.checkpointed_indices(selection, count) == expected
 
 
 # --- liger missing ----------------------------------------------------------------------------------
 
 def test_liger_degrades_cleanly_when_missing(tmp_path, monkeypatch):
-    monkeypatch.setattr(speed, "liger_installed", lambda: False)
-    auto = speed.speed_plan(make_recipe(tmp_path), H100, "llama")
+    monkeypatch.setattr(levers, "liger_installed", lambda: False)
+    auto = levers.speed_plan(make_recipe(tmp_path), H100, "llama")
     assert not auto.liger_kernel.on and "not installed" in auto.liger_kernel.reason
-    check = speed.performance_check(make_recipe(tmp_path), H100)
+    check = performance_check(_run_plan(make_recipe(tmp_path), H100))
     assert check.status == "pass" and "liger_kernel (liger-kernel is not installed" in check.detail
-    forced = speed.performance_check(make_recipe(tmp_path, liger_kernel=True), H100)
+    forced = performance_check(_run_plan(make_recipe(tmp_path, liger_kernel=True), H100))
     assert forced.status == "warn" and "pip install liger-kernel" in forced.fix, forced
 
 
+def _run_plan(recipe, precision):
+    """A run plan with the levers decided as `check --recipe` decides them (no knowledge-base hazards)."""
+    from qlora_doctor.runplan import RunPlan
+
+    return RunPlan(recipe=recipe, where="test", precision=precision, cudnn_hazards=None, num_processes=1,
+                   levers=levers.speed_plan(recipe, precision, levers.recipe_model_type(recipe)))
+
+
 def test_liger_auto_is_off_on_cpu_even_if_installed(tmp_path, monkeypatch):
-    monkeypatch.setattr(speed, "liger_installed", lambda: True)
-    plan = speed.speed_plan(make_recipe(tmp_path), CPU, "llama")
+    monkeypatch.setattr(levers, "liger_installed", lambda: True)
+    plan = levers.speed_plan(make_recipe(tmp_path), CPU, "llama")
     assert not plan.liger_kernel.on and "NVIDIA GPU" in plan.liger_kernel.reason
 
 
 def test_check_recipe_reports_the_levers(tmp_path):
-    from qlora_doctor.doctor.recipe_checks import recipe_checks
+    from qlora_doctor.doctor.recipe import recipe_checks
 
     checks = {c.id: c for c in recipe_checks(make_recipe(tmp_path, liger_kernel=True), machine(**CPU_MACHINE))}
     assert checks["recipe.performance"].status == "warn"
@@ -125,7 +138,7 @@ def test_check_recipe_reports_the_levers(tmp_path):
 def test_plain_path_is_all_levers_off(tmp_path):
     r = make_recipe(tmp_path, upcast_unquantized=True, liger_kernel=False, fused_lora=False, padding_free=False,
                     group_by_length=False)
-    plan = speed.speed_plan(r, H100, "llama", "sdpa")
+    plan = levers.speed_plan(r, H100, "llama", "sdpa")
     # cuDNN attention on is torch's own choice, so on in the plain path
     assert [lever.name for lever in plan.levers() if lever.on] == ["upcast_unquantized", "checkpoint_layers",
                                                                   "cudnn_attention"]
@@ -133,14 +146,14 @@ def test_plain_path_is_all_levers_off(tmp_path):
 
 def test_padding_free_auto_only_with_varlen_attention(tmp_path):
     r = make_recipe(tmp_path)
-    assert not speed.speed_plan(r, H100, "llama", "sdpa").padding_free.on
-    assert speed.speed_plan(r, H100, "llama", "sdpa").group_by_length.on
-    flash = speed.speed_plan(r, H100, "llama", "flash_attention_2")
+    assert not levers.speed_plan(r, H100, "llama", "sdpa").padding_free.on
+    assert levers.speed_plan(r, H100, "llama", "sdpa").group_by_length.on
+    flash = levers.speed_plan(r, H100, "llama", "flash_attention_2")
     assert flash.padding_free.on and not flash.group_by_length.on
 
 
 def test_trainer_does_not_re_enable_checkpointing(tmp_path):
-    overrides = speed.training_arguments_overrides(speed.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa"))
+    overrides = speed.training_arguments_overrides(levers.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa"))
     assert False in overrides.values()
     assert overrides.get("train_sampling_strategy") == "group_by_length" or overrides.get("group_by_length") is True
 
@@ -151,7 +164,7 @@ def test_no_upcast_keeps_the_compute_dtype_and_peft_upcasts(tmp_path, tiny_llama
     from peft import prepare_model_for_kbit_training
 
     ours = speed.prepare_for_training(load_4bit(tiny_llama, torch.bfloat16), make_recipe(tmp_path),
-                                      speed.speed_plan(make_recipe(tmp_path), CPU))
+                                      levers.speed_plan(make_recipe(tmp_path), CPU))
     theirs = prepare_model_for_kbit_training(load_4bit(tiny_llama, torch.bfloat16))
     for model, dtype in ((ours, torch.bfloat16), (theirs, torch.float32)):
         assert model.model.embed_tokens.weight.dtype == dtype
@@ -164,7 +177,7 @@ def test_no_upcast_keeps_the_compute_dtype_and_peft_upcasts(tmp_path, tiny_llama
 
 def test_selective_checkpointing_recomputes_exactly_the_chosen_layers(tmp_path, tiny_llama):
     r = make_recipe(tmp_path, checkpoint_layers=2)
-    model = add_lora(speed.prepare_for_training(load_4bit(tiny_llama), r, speed.speed_plan(r, CPU)))
+    model = add_lora(speed.prepare_for_training(load_4bit(tiny_llama), r, levers.speed_plan(r, CPU)))
     model.train()
     layers = speed.decoder_layers(model)
     assert [layer.gradient_checkpointing for layer in layers] == [True, True, False, False]
@@ -198,7 +211,9 @@ def test_fused_lora_gradients_equal_peft(tiny_llama):
         torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     with model.disable_adapter():  # falls back to peft's forward: the base model alone
         base = model(input_ids=ids).logits
-    unfuse_lora_layers(model)
+    for module in model.modules():  # peft's forward again
+        if is_fused(module):
+            del module.forward
     with model.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, base)
 
@@ -243,12 +258,12 @@ def test_fast_path_loss_follows_the_baseline(tmp_path, tiny_llama):
     for fast in (False, True):
         base = load_4bit(tiny_llama)
         if fast:
-            base = speed.prepare_for_training(base, r, speed.speed_plan(r, CPU))
+            base = speed.prepare_for_training(base, r, levers.speed_plan(r, CPU))
         else:
             base = prepare_model_for_kbit_training(base, gradient_checkpointing_kwargs={"use_reentrant": False})
         model = add_lora(base)
         if fast:
-            assert speed.apply_after_peft(model, speed.speed_plan(r, CPU)).fused_lora.on
+            assert speed.apply_after_peft(model, levers.speed_plan(r, CPU)).fused_lora.on
         model.train()
         optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses = []
@@ -270,7 +285,7 @@ def test_flattening_collator_and_its_loss_equal_padded(tiny_llama):
 
     features = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4, "labels": [-100, 6, 7, 8]},
                 {"input_ids": [9, 10, 11], "attention_mask": [1] * 3, "labels": [9, 10, 11]}]
-    flat = speed.FlatteningCollator()(features)
+    flat = collate.FlatteningCollator()(features)
     assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
     assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
     assert flat["labels"].tolist() == [[-100, 6, 7, 8, -100, 10, 11]]
@@ -287,7 +302,7 @@ def test_load_for_training_applies_the_levers(tmp_path, tiny_llama):
     from qlora_doctor.trainer.model import load_for_training
 
     r = make_recipe(tmp_path, model=tiny_llama, checkpoint_layers=1)
-    model = load_for_training(r, CPU, str(tiny_llama))
+    model = load_for_training(r, CPU, str(tiny_llama), levers.speed_plan(r, CPU))
     layers = speed.decoder_layers(model)
     assert [layer.gradient_checkpointing for layer in layers] == [True] + [False] * (LAYERS - 1)
     q_proj = layers[0].self_attn.q_proj
@@ -300,8 +315,8 @@ def test_fused_lora_is_off_under_fsdp(tmp_path):
     only peft's own layer, which restores it from the module, may run there."""
     r = make_recipe(tmp_path)
     fsdp = r.model_copy(update={"distributed": r.distributed.model_copy(update={"strategy": "fsdp"})})
-    assert speed.speed_plan(r, H100, "llama").fused_lora.on
-    lever = speed.speed_plan(fsdp, H100, "llama").fused_lora
+    assert levers.speed_plan(r, H100, "llama").fused_lora.on
+    lever = levers.speed_plan(fsdp, H100, "llama").fused_lora
     assert not lever.on and "FSDP" in lever.reason
 
 
@@ -342,7 +357,7 @@ def test_fsdp_adapter_save_writes_what_peft_writes(tmp_path, tiny_llama):
 def test_auto_checkpoint_layers_is_a_recipe_value_and_all_until_planned(tmp_path):
     r = make_recipe(tmp_path, checkpoint_layers="auto")
     assert r.performance.checkpoint_layers == "auto"
-    assert speed.checkpointed_indices("auto", LAYERS) == list(range(LAYERS))
+    assert levers.checkpointed_indices("auto", LAYERS) == list(range(LAYERS))
     with pytest.raises(InputError, match="checkpoint_layers"):
         make_recipe(tmp_path, checkpoint_layers="automatic")
 
@@ -360,28 +375,28 @@ H100_GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memor
 ])
 def test_cudnn_attention_hazards_come_from_the_knowledge_base(gpu, torch_version, fires):
     m = machine(gpus=[gpu]) if gpu else machine()
-    hazards = speed.cudnn_attention_hazards(m, env(torch=torch_version))
+    hazards = workarounds.cudnn_attention_hazards(m, env(torch=torch_version))
     assert [h.split(":")[0] for h in hazards] == (["cudnn-sdpa-nan-grad-q-hopper"] if fires else [])
 
 
 def test_cudnn_attention_auto_is_off_only_where_a_rule_fires(tmp_path):
     r = make_recipe(tmp_path)
     hazard = ("cudnn-sdpa-nan-grad-q-hopper: cuDNN attention backward returns NaN grad_q",)
-    off = speed.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=hazard).cudnn_attention
+    off = levers.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=hazard).cudnn_attention
     assert not off.on and "cudnn-sdpa-nan-grad-q-hopper" in off.reason
-    assert speed.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=()).cudnn_attention.on
-    forced = speed.speed_plan(make_recipe(tmp_path, cudnn_attention=True), H100, "llama", "sdpa",
+    assert levers.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=()).cudnn_attention.on
+    forced = levers.speed_plan(make_recipe(tmp_path, cudnn_attention=True), H100, "llama", "sdpa",
                               cudnn_hazards=hazard).cudnn_attention
     assert forced.on and "despite" in forced.reason
-    assert not speed.speed_plan(make_recipe(tmp_path, cudnn_attention=False), H100, "llama", "sdpa",
+    assert not levers.speed_plan(make_recipe(tmp_path, cudnn_attention=False), H100, "llama", "sdpa",
                                 cudnn_hazards=()).cudnn_attention.on
-    assert not speed.speed_plan(r, CPU, "llama", "sdpa", cudnn_hazards=()).cudnn_attention.on
+    assert not levers.speed_plan(r, CPU, "llama", "sdpa", cudnn_hazards=()).cudnn_attention.on
 
 
 def test_cudnn_attention_off_is_set_in_torch_for_cuda_runs_only(tmp_path):
     hazard = ("cudnn-sdpa-nan-grad-q-hopper: x",)
-    off = speed.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=hazard)
-    on = speed.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=())
+    off = levers.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=hazard)
+    on = levers.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=())
     assert torch.backends.cuda.cudnn_sdp_enabled()
     try:
         speed.apply_process_settings(off, "cpu")
@@ -395,8 +410,8 @@ def test_cudnn_attention_off_is_set_in_torch_for_cuda_runs_only(tmp_path):
 
 
 def test_check_recipe_says_cudnn_attention_goes_off_on_an_h100_with_torch_2_11(tmp_path, monkeypatch):
-    from qlora_doctor.doctor import packages
-    from qlora_doctor.doctor.recipe_checks import recipe_checks
+    from qlora_doctor.sources import installed as packages
+    from qlora_doctor.doctor.recipe import recipe_checks
 
     monkeypatch.setattr(packages, "installed_environment", lambda with_conflicts=True: env(torch="2.11.0+cu130"))
     checks = {c.id: c for c in recipe_checks(make_recipe(tmp_path), machine(gpus=[H100_GPU]))}

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from qlora_doctor.cli import cli
 from qlora_doctor.trainer import outputs
-from qlora_doctor.trainer.recipe import load_recipe
+from qlora_doctor.recipe.schema import load_recipe
 from tests.trainer_support import builtin_checkpoint, write_tiny_recipe  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow

@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 from packaging.version import InvalidVersion, Version
 
-from qlora_doctor.doctor.knowledge import canonical_name
-from qlora_doctor.errors import InputError
+from qlora_doctor.core.environment import canonical_name
+from qlora_doctor.core.errors import InputError
 
 STAGES = ("install", "check", "smoke")
 REQUIRED_PINS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")

@@ -20,13 +20,12 @@ from typing import Any, Literal
 
 from packaging.version import InvalidVersion, Version
 
-from qlora_doctor.errors import InputError
-from qlora_doctor.fileio import write_atomic
+from qlora_doctor.core.errors import InputError
+from qlora_doctor.core.fileio import write_atomic
 
 SCHEMA = 1
 RESULTS_ENV = "QLORA_DOCTOR_RESULTS"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-StepName = Literal["install", "check", "smoke"]
 
 
 def default_results_dir() -> Path:

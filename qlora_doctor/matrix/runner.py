@@ -33,11 +33,11 @@ from typing import Any, Callable
 from packaging.version import InvalidVersion, Version
 
 from qlora_doctor import __version__
-from qlora_doctor.doctor.knowledge import canonical_name
-from qlora_doctor.doctor.machine import Machine
-from qlora_doctor.doctor.packages import build_from_local_tag
+from qlora_doctor.core.environment import canonical_name
+from qlora_doctor.core.machine import Machine
+from qlora_doctor.core.environment import build_from_local_tag
 from qlora_doctor.matrix.combos import Combination
-from qlora_doctor.subprocs import Completed, run_bounded
+from qlora_doctor.core.subprocs import Completed, run_bounded
 from qlora_doctor.matrix.records import (REPO_ROOT, Record, StepResult, accelerator_id, platform_id,
                                          write_record)
 
@@ -105,7 +105,7 @@ def planned_platform(machine: Machine, combo: Combination) -> str:
         if build is not None:
             backend, cuda = build.backend, str(build.cuda) if build.cuda else None
     elif version is not None and machine.gpu_vendor == "nvidia":
-        from qlora_doctor.doctor.knowledge import load_tables
+        from qlora_doctor.knowledge.loading import load_tables
 
         row = load_tables().default_cuda_for_torch(version)
         if row is not None and row.cuda != "cpu":
@@ -274,7 +274,7 @@ def _check_step(python: str, env: dict[str, str], cwd: Path, timeout_s: float) -
 
 
 def _smoke_step(python: str, env: dict[str, str], cwd: Path, timeout_s: float) -> tuple[StepResult, dict]:
-    from qlora_doctor.doctor.smoke import judge_smoke, parse_smoke_output
+    from qlora_doctor.smoke.judge import judge_smoke, parse_smoke_output
 
     done = run_command([python, "-m", "qlora_doctor.cli", "smoke", "--json"], timeout_s, env=env, cwd=cwd)
     data = parse_smoke_output(done.stdout) or {}
@@ -350,7 +350,7 @@ def pin_mismatches(pins: dict[str, str], installed: dict[str, str]) -> list[str]
 
 
 def run_in_place(combo: Combination, machine: Machine, opts: RunOptions, progress: Progress) -> Record:
-    from qlora_doctor.doctor.packages import installed_environment
+    from qlora_doctor.sources.installed import installed_environment
 
     started = time.perf_counter()
     env = installed_environment(with_conflicts=False)

@@ -2,7 +2,7 @@
 
 The model of a step is what `qlora_doctor.trainer.model.load_for_training` builds and the transformers
 Trainer runs: the base loaded in the compute dtype and quantized by bitsandbytes, prepared for training
-as the recipe's `performance:` levers say (`qlora_doctor/trainer/speed.py`, decided by its `speed_plan`;
+as the recipe's `performance:` levers say (`qlora_doctor/trainer/speed.py`, decided by recipe/levers.py `speed_plan`;
 `settings_from_recipe` in plan.py carries the decisions here), peft LoRA adapters (float32), and the
 forward under autocast (`bf16`/`fp16` in TrainingArguments).
 
@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from qlora_doctor.trainer.speed import Lever
+    from qlora_doctor.recipe.levers import Lever
 
 from qlora_doctor.memory import activations as per_token
 from qlora_doctor.memory.activations import (  # noqa: F401 - re-exported: the calibrated constants
@@ -246,7 +246,7 @@ def load_cache_bytes(counts: ModelCounts, s: TrainSettings) -> int:
 
 def checkpointed_layers(counts: ModelCounts, s: TrainSettings) -> int:
     """How many decoder layers recompute in the backward (the trainer's own selection rule)."""
-    from qlora_doctor.trainer.speed import checkpointed_indices
+    from qlora_doctor.recipe.levers import checkpointed_indices
 
     if not s.gradient_checkpointing:
         return 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_doctor.errors import CheckFailed, InputError
+from qlora_doctor.core.errors import CheckFailed, InputError
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
     """The model's config as a dict, in the documented order (module docstring). `where` names the key
     that gave `name_or_path`, for messages. A hub config comes from the local Hugging Face cache, else
     (when `allow_network`) from the hub."""
-    from qlora_doctor.trainer.builtin import builtin_config, is_builtin
+    from qlora_doctor.recipe.builtin import builtin_config, is_builtin
 
     if is_builtin(name_or_path):
         return builtin_config(name_or_path)
@@ -108,7 +108,7 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:  # the local Hugging Face cache first: no network, no waiting for timeouts
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError):
         if not allow_network:
             raise InputError(f"{where}: the config of hub model {name_or_path!r} is not in the local Hugging "
                              "Face cache; run `qlora-doctor plan RECIPE` where the hub is reachable (it caches "

@@ -14,8 +14,8 @@ from qlora_doctor.memory.estimate import GIB, TrainSettings, checkpointed_layers
 from qlora_doctor.memory.model import ModelCounts, count_parameters, load_model_config
 
 if TYPE_CHECKING:
-    from qlora_doctor.doctor.machine import Machine
-    from qlora_doctor.trainer.recipe import Recipe
+    from qlora_doctor.core.machine import Machine
+    from qlora_doctor.recipe.schema import Recipe
 
 AUTO_CHECKPOINT_SHARE = 0.85
 """`performance.checkpoint_layers: auto` keeps the predicted total within this share of the GPU's memory
@@ -110,12 +110,12 @@ def smallest_gpu(machine: Machine) -> tuple[str | None, int | None]:
 def settings_from_recipe(recipe: Recipe, machine: Machine, model_type: str | None = None,
                          attn_implementation: str | None = None) -> TrainSettings:
     """The recipe's memory-relevant settings for `machine`: `auto` precision resolved as the trainer
-    resolves it, and the `performance:` levers decided by the trainer's own `speed.speed_plan` (with the
+    resolves it, and the `performance:` levers decided by `recipe/levers.py`'s speed_plan, as the run plan decides them (with the
     model's type: `model_type`, else read from a builtin or local model's config as `check --recipe` does).
     Liger's decision depends on this Python environment (is liger-kernel installed), as the trainer's does
     where it runs."""
-    from qlora_doctor.trainer import speed
-    from qlora_doctor.trainer.recipe import resolve_precision
+    from qlora_doctor.recipe import levers as speed
+    from qlora_doctor.recipe.precision import resolve_precision
 
     precision = resolve_precision(recipe, machine)
     levers = speed.speed_plan(recipe, precision, model_type or speed.recipe_model_type(recipe), attn_implementation)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from qlora_doctor.errors import InputError
-from qlora_doctor.trainer.recipe import DATA_SUFFIXES, DatasetSection, Recipe, display_path
+from qlora_doctor.core.errors import InputError
+from qlora_doctor.recipe.schema import DATA_SUFFIXES, DatasetSection, Recipe, display_path
 
 if TYPE_CHECKING:
     import datasets

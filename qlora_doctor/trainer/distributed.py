@@ -1,12 +1,12 @@
 """`qlora-doctor run` on several GPUs: the `accelerate launch` command for a recipe's `distributed:`
 section, the environment the launched processes get, and the rank facts a worker reads.
 
-The parent (`qlora-doctor run`) checks the output folder and runs the doctor's checks once; only then
-does it start `accelerate launch ... --module qlora_doctor.trainer.worker RECIPE ...` as an argument
-list (never a shell string), with this process's environment passed through unchanged plus PYTHONPATH
+The parent (`qlora-doctor run`) decides the run plan (output folder included) and runs the doctor's
+checks once; only then does it start `accelerate launch ... --module qlora_doctor.cli.worker --run-plan
+FILE ...` as an argument list (never a shell string), with this process's environment passed through unchanged plus PYTHONPATH
 naming the folder qlora_doctor is imported from (so an uninstalled checkout works) - which also keeps
 NCCL's NVLink multicast guards (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
-NVSHMEM_DISABLE_NVLS=1) in every rank when they are set. Each rank runs `run_recipe`, the same
+NVSHMEM_DISABLE_NVLS=1) in every rank when they are set. Each rank runs `run_training` on the parent's plan, the same
 training path as a one-GPU run; only rank 0 writes files.
 
 FSDP-QLoRA follows the transformers/peft recipe (https://huggingface.co/docs/peft/accelerate/fsdp,
@@ -22,66 +22,28 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from qlora_doctor.errors import InputError
+
+from qlora_doctor.runplan import resolve_num_processes
 
 if TYPE_CHECKING:
-    from qlora_doctor.doctor.machine import Machine
-    from qlora_doctor.trainer.recipe import Precision, Recipe
+    from qlora_doctor.core.machine import Machine
+    from qlora_doctor.core.report import Report
+    from qlora_doctor.runplan import RunPlan
+    from qlora_doctor.recipe.precision import Precision
+    from qlora_doctor.recipe.schema import Recipe
 
-WORKER_MODULE = "qlora_doctor.trainer.worker"
-MULTICAST_GUARDS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
-"""Environment variables that keep NCCL/torch/NVSHMEM off NVLink multicast; passed through when set."""
-ACCELERATE_SOURCES = (
-    "https://huggingface.co/docs/accelerate/package_reference/cli#accelerate-launch",
-    "https://huggingface.co/docs/peft/accelerate/fsdp",
-    "https://huggingface.co/docs/transformers/main/en/quantization/bitsandbytes",
-)
+WORKER_MODULE = "qlora_doctor.cli.worker"
+
+
 MULTI_HOST_PLACEHOLDERS = {
     "--num_machines": "$NUM_MACHINES",
     "--machine_rank": "$MACHINE_RANK",
     "--main_process_ip": "$MAIN_PROCESS_IP",
 }
 """What `--print-launch` leaves to the scheduler: every host runs the same command with its own values."""
-
-
-@dataclass(frozen=True)
-class RankInfo:
-    """Where this process sits in an `accelerate launch` job (all zeros / one when not launched)."""
-
-    rank: int
-    """Global rank (RANK); 0 writes the outputs."""
-    local_rank: int
-    """The GPU index on this host (LOCAL_RANK)."""
-    world_size: int
-    """Processes in the job (WORLD_SIZE)."""
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def rank_info(environ: Mapping[str, str] | None = None) -> RankInfo:
-    """This process's rank, from the variables torchrun/accelerate set (defaults: a single process)."""
-    env = os.environ if environ is None else environ
-    return RankInfo(rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")),
-                    world_size=int(env.get("WORLD_SIZE", "1")))
-
-
-def resolve_num_processes(recipe: Recipe, machine: Machine, where: str) -> int:
-    """`distributed.num_processes` with `auto` decided: every NVIDIA GPU of the machine."""
-    wanted = recipe.distributed.num_processes
-    if wanted != "auto":
-        return int(wanted)
-    count = len(machine.nvidia_gpus)
-    if count == 0:
-        raise InputError(f"{where}: distributed.num_processes: auto found no NVIDIA GPU on this machine; set "
-                         "`distributed.num_processes: N` (with --print-launch for another machine) or "
-                         "`distributed.strategy: none`")
-    return count
 
 
 def mixed_precision_flag(precision: Precision) -> str:
@@ -91,7 +53,7 @@ def mixed_precision_flag(precision: Precision) -> str:
 def launch_argv(recipe: Recipe, precision: Precision, num_processes: int, worker_args: Sequence[str], *,
                 python: str = sys.executable, multi_host: bool = False) -> list[str]:
     """The `accelerate launch` command, as an argument list, that starts `num_processes` workers on this
-    host running `python -m qlora_doctor.trainer.worker WORKER_ARGS`. `multi_host`: leave the machine
+    host running `python -m qlora_doctor.cli.worker WORKER_ARGS`. `multi_host`: leave the machine
     count, rank and rank 0's address to the scheduler (see MULTI_HOST_PLACEHOLDERS)."""
     d = recipe.distributed
     argv = [python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
@@ -130,7 +92,7 @@ ALLOCATOR_SETTINGS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 def child_environment(environ: Mapping[str, str] | None = None, strategy: str = "ddp") -> dict[str, str]:
     """The launched processes' environment: this one, unchanged (multicast guards, CUDA_VISIBLE_DEVICES,
     HF_HOME ... pass through), plus the folder qlora_doctor is imported from at the front of PYTHONPATH
-    so `python -m qlora_doctor.trainer.worker` finds the same code when it is not pip-installed.
+    so `python -m qlora_doctor.cli.worker` finds the same code when it is not pip-installed.
 
     FSDP ranks also get `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` unless an allocator setting is
     already there: FSDP gathers and frees every layer's weights around each use, and at long sequences
@@ -165,57 +127,47 @@ def print_launch_text(argv: Sequence[str]) -> str:
         f"{command}\n")
 
 
-def worker_args(recipe_path: Path, overrides: Sequence[str], *, parent_report: str, skip_check: bool = False,
-                replace_existing: bool = False, resume_from: Path | None = None, result_file: Path | None = None,
+def worker_args(*, run_plan: str, parent_report: str, skip_check: bool = False, result_file: Path | None = None,
                 machine_file: Path | None = None, command: str | None = None) -> list[str]:
-    """The worker's arguments (see qlora_doctor/trainer/worker.py)."""
-    args = [str(recipe_path), *(f"--set={o}" for o in overrides), "--parent-report", parent_report]
+    """The worker's arguments (qlora_doctor/cli/worker.py): the run plan and the doctor's report as JSON
+    files the parent wrote, so no rank decides or checks anything again. `--print-launch` passes
+    `--run-plan RECIPE_FILE --recipe-mode` instead (see qlora_doctor/cli/run.py)."""
+    args = ["--run-plan", run_plan, "--parent-report", parent_report]
     args += ["--skip-check"] if skip_check else []
-    args += ["--replace-existing"] if replace_existing else []
-    args += ["--resume-from", str(resume_from)] if resume_from is not None else []
     args += ["--result-file", str(result_file)] if result_file is not None else []
     args += ["--machine", str(machine_file)] if machine_file is not None else []
     args += ["--command", command] if command else []
     return args
 
 
-def run_distributed(recipe: Recipe, machine: Machine, recipe_path: Path, *, where: str,
-                    overrides: Sequence[str] = (), skip_check: bool = False, resume: bool = False,
-                    overwrite: bool = False, machine_file: Path | None = None, command: str = "qlora-doctor run",
-                    diagnose=None, runner=None):
-    """`qlora-doctor run` for distributed.strategy ddp/fsdp: the output-folder decision and the doctor's
-    checks here, once; then `accelerate launch` of the workers, which train and (rank 0) write the same
-    outputs as a one-GPU run. `runner` (default subprocess.run) is the test seam. Returns the RunResult
-    rank 0 wrote."""
+def launch_training(run: RunPlan, machine: Machine, report: Report, *, skip_check: bool = False,
+                    machine_file: Path | None = None, command: str = "qlora-doctor run", runner=None):
+    """`qlora-doctor run` for distributed.strategy ddp/fsdp, after the CLI decided the run plan and ran the
+    doctor's checks once: `accelerate launch` of the workers, which receive the plan and the report as
+    data, train, and (rank 0) write the same outputs as a one-GPU run. `runner` (default
+    run_forwarding_signals) is the test seam. Returns the RunResult rank 0 wrote."""
     import json
     import tempfile
 
-    from qlora_doctor.errors import CheckFailed
+    from qlora_doctor.core.errors import CheckFailed
     from qlora_doctor.trainer import outputs
-    from qlora_doctor.trainer.recipe import resolve_precision
-    from qlora_doctor.trainer.train import RunRefused, RunResult
+    from qlora_doctor.trainer.train import RunResult
 
-    plan = outputs.plan_output_dir(Path(recipe.training.output_dir), resume, overwrite, where)
-    if diagnose is None:
-        from qlora_doctor.doctor.checks import diagnose
-    report = diagnose(machine, recipe=recipe)
-    if report.status == "fail" and not skip_check:
-        raise RunRefused(report)
-    precision = resolve_precision(recipe, machine)
-    processes = resolve_num_processes(recipe, machine, where)
+    processes = resolve_num_processes(run.recipe, machine, run.where)
     with tempfile.TemporaryDirectory(prefix="qlora-doctor-launch-") as tmp:
+        plan_file = Path(tmp) / "run-plan.json"
         report_file, result_file = Path(tmp) / "parent-report.json", Path(tmp) / "result.json"
+        outputs.write_json(plan_file, run.to_json())
         outputs.write_json(report_file, report.to_json())
-        args = worker_args(recipe_path.resolve(), overrides, parent_report=str(report_file), skip_check=skip_check,
-                           replace_existing=plan.replace_existing, resume_from=plan.resume_from,
+        args = worker_args(run_plan=str(plan_file), parent_report=str(report_file), skip_check=skip_check,
                            result_file=result_file, machine_file=machine_file, command=command)
-        argv = launch_argv(recipe, precision, processes, args)
-        completed = (runner or run_forwarding_signals)(argv, env=child_environment(strategy=recipe.distributed.strategy),
+        argv = launch_argv(run.recipe, run.precision, processes, args)
+        completed = (runner or run_forwarding_signals)(argv, env=child_environment(strategy=run.recipe.distributed.strategy),
                                                         check=False)
         if not result_file.is_file():
-            raise CheckFailed(f"{where}: the {processes} training processes ({recipe.distributed.strategy}) exited "
-                              f"with status {completed.returncode} before rank 0 wrote its result; the error is "
-                              "above (search it with `qlora-doctor explain`)")
+            raise CheckFailed(f"{run.where}: the {processes} training processes ({run.recipe.distributed.strategy}) "
+                              f"exited with status {completed.returncode} before rank 0 wrote its result; the error "
+                              "is above (search it with `qlora-doctor explain`)")
         data = json.loads(result_file.read_text(encoding="utf-8"))
     data["output_dir"] = Path(data["output_dir"])
     data["resumed_from"] = Path(data["resumed_from"]) if data["resumed_from"] else None

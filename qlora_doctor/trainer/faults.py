@@ -18,7 +18,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from qlora_doctor.errors import InputError
+from qlora_doctor.core.errors import InputError
 
 FAULT_ENV = "QLORA_DOCTOR_FAULT"
 _FORMAT = re.compile(r"(kill-at-step|kill-during-save):(\d+)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from qlora_doctor.errors import InputError
+from qlora_doctor.core.errors import InputError
 
 WRAPPER_MODULE_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 """The child names FSDP1 and torch's checkpoint wrapper insert into module paths; state-dict keys drop them."""

@@ -147,8 +147,6 @@ def fuse_lora_layers(model: Any) -> tuple[int, list[str]]:
     return fused, [f"{name}: {reason}" for reason, name in skipped.items()]
 
 
-def unfuse_lora_layers(model: Any) -> None:
-    """Undo `fuse_lora_layers` (peft's forward again)."""
-    for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) is _fused_forward:
-            del module.forward
+def is_fused(module: Any) -> bool:
+    """Whether `module` runs the fused LoRA forward (fuse_lora_layers replaced its forward)."""
+    return "forward" in vars(module) and getattr(module.forward, "__func__", None) is _fused_forward

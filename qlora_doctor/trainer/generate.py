@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qlora_doctor.errors import InputError
+from qlora_doctor.core.errors import InputError
 from qlora_doctor.trainer import outputs
 
 if TYPE_CHECKING:
-    from qlora_doctor.doctor.machine import Machine
-    from qlora_doctor.trainer.recipe import Precision, Recipe
+    from qlora_doctor.core.machine import Machine
+    from qlora_doctor.recipe.precision import Precision
+    from qlora_doctor.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class MergeResult:
 
 def load_run(output_dir: Path) -> Recipe:
     """The recipe a finished run wrote, after checking that the folder holds an adapter."""
-    from qlora_doctor.trainer.recipe import load_recipe
+    from qlora_doctor.recipe.schema import load_recipe
 
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -59,7 +60,7 @@ def load_run(output_dir: Path) -> Recipe:
 
 def _precision_here(recipe: Recipe, machine: Machine) -> Precision:
     """Precision for this machine, ignoring the fp16/bf16 the run resolved for the machine it ran on."""
-    from qlora_doctor.trainer.recipe import resolve_precision
+    from qlora_doctor.recipe.precision import resolve_precision
 
     data = recipe.model_copy(update={
         "training": recipe.training.model_copy(update={"fp16": "auto", "bf16": "auto"}),

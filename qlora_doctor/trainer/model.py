@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qlora_doctor.errors import CheckFailed
+from qlora_doctor.core.errors import CheckFailed
 
 if TYPE_CHECKING:
-    from qlora_doctor.trainer.recipe import Precision, Recipe
+    from qlora_doctor.recipe.levers import SpeedPlan
+    from qlora_doctor.recipe.precision import Precision
+    from qlora_doctor.recipe.schema import Recipe
 
 
 def device_map(precision: Precision, strategy: str = "none") -> dict[str, Any] | None:
@@ -90,18 +92,24 @@ def load_base(recipe: Recipe, precision: Precision, path: str, quantized: bool =
     )
 
 
-def load_for_training(recipe: Recipe, precision: Precision, path: str) -> Any:
-    """The quantized base prepared for k-bit training (gradient checkpointing per the recipe) with
-    fresh LoRA adapters: a `peft.PeftModel` whose only trainable weights are the adapters.
-    The recipe's `performance:` levers (dtypes, which layers checkpoint, Liger, fused LoRA) are
-    applied by `qlora_doctor/trainer/speed.py`; all of them off is peft's prepare_model_for_kbit_training."""
+def load_for_training(recipe: Recipe, precision: Precision, path: str, levers: SpeedPlan) -> Any:
+    """The quantized base from `path`, prepared and wrapped with fresh LoRA adapters (prepare_lora_model)."""
+    return prepare_lora_model(load_base(recipe, precision, path, quantized=True), recipe, precision, levers)
+
+
+def prepare_lora_model(base: Any, recipe: Recipe, precision: Precision, levers: SpeedPlan) -> Any:
+    """A loaded base prepared for k-bit training with fresh LoRA adapters: a `peft.PeftModel` whose only
+    trainable weights are the adapters. The recipe's `performance:` levers (dtypes, which layers
+    checkpoint, Liger, fused LoRA), decided in the run plan and refined here with the loaded model's
+    facts, are applied by `qlora_doctor/trainer/speed.py`; all of them off is peft's
+    prepare_model_for_kbit_training. Benchmarks pass a base they built themselves."""
     from peft import LoraConfig, get_peft_model
 
+    from qlora_doctor.recipe.levers import plan_for_model
     from qlora_doctor.trainer import speed
 
-    model = load_base(recipe, precision, path, quantized=True)
-    plan = speed.plan_for_model(recipe, precision, model)
-    model = speed.prepare_for_training(model, recipe, plan)
+    plan = plan_for_model(recipe, precision, base, levers.cudnn_hazards)
+    model = speed.prepare_for_training(base, recipe, plan)
     model = get_peft_model(model, LoraConfig(**recipe.lora.lora_kwargs()))
     speed.apply_after_peft(model, plan)
     return model

@@ -1,200 +1,21 @@
-"""The speed levers of `qlora-doctor run` (a recipe's `performance:` section), decided and applied.
+"""The speed levers of `qlora-doctor run` applied to a model and the Trainer (decided, with reasons, by
+qlora_doctor/recipe/levers.py):
 
-    plan = speed_plan(recipe, precision, model_type)        # every `auto` decided, with reasons
     model = prepare_for_training(model, recipe, plan)       # instead of peft's prepare_model_for_kbit_training
     model = get_peft_model(model, LoraConfig(...))
     apply_after_peft(model, plan)                           # fused LoRA layers
-    TrainingArguments(**kwargs, **training_arguments_overrides(plan, kwargs))
-
-What each lever does and why it is the default (measured by bench/train_throughput.py):
-  upcast_unquantized: false  peft's prepare casts embeddings, norms and lm_head to float32; with bf16
-                             autocast every step then casts them back (the 1 GB lm_head included) and
-                             the logits come out in float32. Keeping them in the compute dtype saves
-                             that memory and time; the LoRA weights stay float32 either way.
-  checkpoint_layers          recompute only some decoder layers (the first N): memory for speed.
-  liger_kernel: auto         fused linear cross-entropy (no [tokens, 128k] float32 logits), RMSNorm,
-                             SwiGLU, RoPE. Triton kernels: CUDA only.
-  fused_lora: auto           qlora_doctor/trainer/fused_lora.py: one autograd node per adapted layer,
-                             dropout mask regenerated instead of stored.
-  padding_free: auto         DataCollatorWithFlattening where attention has variable-length kernels.
-  group_by_length: true      similar lengths in one batch: less padding for every attention kernel.
-  torch_compile: false       compiles poorly around bitsandbytes' 4-bit parameters; opt in.
-  cudnn_attention: auto      off where a knowledge-base rule with `workaround = "cudnn_attention_off"`
-                             fires for this torch and GPU (torch 2.11-2.14.0 on Hopper: NaN grad_q; the
-                             70B FSDP run's CUDNN_STATUS_INTERNAL_ERROR at 24k tokens); SDPA then uses the
-                             flash / memory-efficient kernels. A process-wide torch setting, set on every rank.
-The optimizer stays the recipe's `training.optim`: for LoRA's few million parameters its step is a
-fraction of a percent of the step time, so a fused AdamW gains nothing measurable.
+    TrainingArguments(**kwargs, **training_arguments_overrides(plan))
 """
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qlora_doctor.recipe.levers import Lever, checkpointed_indices
+
 if TYPE_CHECKING:
-    from qlora_doctor.doctor.machine import Machine
-    from qlora_doctor.doctor.packages import Environment
-    from qlora_doctor.trainer.recipe import PerformanceSection, Precision, Recipe
-
-FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
-"""Attention implementations with variable-length kernels (padding-free batches cost no more attention)."""
-
-
-@dataclass(frozen=True)
-class Lever:
-    """One lever as decided for a run."""
-
-    name: str
-    """The recipe key under `performance:`."""
-    on: bool
-    reason: str
-    """Why it is on or off, e.g. `liger-kernel is not installed (pip install liger-kernel)`."""
-
-
-@dataclass(frozen=True)
-class SpeedPlan:
-    """Every `performance:` lever decided for one run."""
-
-    upcast_unquantized: Lever
-    checkpointing: Lever
-    checkpoint_layers: str | int | float
-    liger_kernel: Lever
-    fused_lora: Lever
-    padding_free: Lever
-    group_by_length: Lever
-    torch_compile: Lever
-    cudnn_attention: Lever
-
-    def levers(self) -> list[Lever]:
-        return [self.upcast_unquantized, self.checkpointing, self.liger_kernel, self.fused_lora,
-                self.padding_free, self.group_by_length, self.torch_compile, self.cudnn_attention]
-
-    def to_json(self) -> dict[str, Any]:
-        return {lever.name: {"on": lever.on, "reason": lever.reason} for lever in self.levers()}
-
-
-# --- deciding -------------------------------------------------------------------------------------
-
-def liger_installed() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def liger_supported_model_types() -> frozenset[str] | None:
-    """Model types liger-kernel patches (None when it is not installed or its table moved)."""
-    if not liger_installed():
-        return None
-    try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except Exception:  # noqa: BLE001 - an import error inside liger (e.g. no triton) means unavailable
-        return None
-    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
-
-
-def decide_liger(setting: Any, device: str, model_type: str | None) -> Lever:
-    """liger_kernel: auto|true|false for a device and model type (None: not known yet)."""
-    if setting is False:
-        return Lever("liger_kernel", False, "off in the recipe")
-    problem = None
-    if not liger_installed():
-        problem = "liger-kernel is not installed (`pip install liger-kernel`)"
-    elif device != "cuda":
-        problem = "its Triton kernels need an NVIDIA GPU; training runs on the CPU"
-    else:
-        supported = liger_supported_model_types()
-        if supported is None:
-            problem = "liger-kernel is installed but cannot be imported (is triton installed?)"
-        elif model_type is not None and model_type not in supported:
-            problem = f"model type {model_type!r} is not one liger-kernel patches"
-    if problem is None:
-        return Lever("liger_kernel", True, "installed, CUDA" + (f", supports {model_type}" if model_type else ""))
-    return Lever("liger_kernel", False, problem)
-
-
-def cudnn_attention_hazards(machine: Machine, env: Environment | None = None) -> tuple[str, ...]:
-    """`rule-id: title` of every knowledge-base rule with `workaround = "cudnn_attention_off"` that fires
-    for `machine` and `env` (default: the installed packages), by the doctor's own rule evaluation."""
-    from qlora_doctor.doctor import packages
-    from qlora_doctor.doctor.knowledge import load_rules
-    from qlora_doctor.doctor.rules import evaluate_rule
-
-    rules = [r for r in load_rules() if r.workaround == "cudnn_attention_off"]
-    if not rules or machine.gpu_vendor != "nvidia":
-        return ()
-    env = env if env is not None else packages.installed_environment(with_conflicts=False)
-    return tuple(f"{r.id}: {r.title}" for r in rules if evaluate_rule(r, machine, env).outcome == "fires")
-
-
-def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[str, ...] | None) -> Lever:
-    """cudnn_attention: auto|true|false, given the rules that fire (None: not looked up)."""
-    if setting is False:
-        return Lever("cudnn_attention", False, "off in the recipe")
-    if device != "cuda":
-        return Lever("cudnn_attention", False, "no cuDNN attention: training runs on the CPU")
-    if setting is True:
-        return Lever("cudnn_attention", True, "on in the recipe" + (
-            f", despite the knowledge base ({'; '.join(hazards)})" if hazards else ""))
-    if hazards:
-        return Lever("cudnn_attention", False, "known broken for this torch and GPU: " + "; ".join(hazards))
-    return Lever("cudnn_attention", True, "torch chooses the backend" if hazards is not None
-                 else "torch chooses the backend (the knowledge base was not consulted)")
-
-
-def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = None,
-               attn_implementation: str | None = None, cudnn_hazards: tuple[str, ...] | None = None) -> SpeedPlan:
-    """Decide the `performance:` levers of `recipe` for the machine `precision` was resolved for.
-    `model_type`/`attn_implementation` come from the loaded model's config (None before loading);
-    `cudnn_hazards` from cudnn_attention_hazards(machine) (None: not looked up)."""
-    perf: PerformanceSection = recipe.performance
-    quantized = recipe.quantization.load_in_4bit
-    upcast = Lever("upcast_unquantized", perf.upcast_unquantized and quantized,
-                   "recipe: float32 like peft's prepare_model_for_kbit_training" if perf.upcast_unquantized
-                   else "unquantized weights stay in the compute dtype")
-    ckpt_on = recipe.training.gradient_checkpointing and perf.checkpoint_layers != 0
-    checkpointing = Lever("checkpoint_layers", ckpt_on,
-                          f"non-reentrant, layers: {perf.checkpoint_layers}" if ckpt_on
-                          else "training.gradient_checkpointing is false" if not recipe.training.gradient_checkpointing
-                          else "checkpoint_layers: 0")
-    if perf.fused_lora is False:
-        fused = Lever("fused_lora", False, "off in the recipe")
-    elif not quantized:
-        fused = Lever("fused_lora", False, "the model is not 4-bit (quantization.load_in_4bit: false)")
-    elif recipe.lora.use_dora or recipe.lora.bias != "none":
-        fused = Lever("fused_lora", False, "DoRA and LoRA biases are not fused")
-    elif recipe.distributed.strategy == "fsdp":
-        # FSDP flattens each layer's parameters into shards and hands the 4-bit weight back as a plain
-        # tensor without its quant_state (the first 2xH100 FSDP run failed on exactly that); peft's
-        # layer restores it from the module on every call, the fused function would not.
-        fused = Lever("fused_lora", False, "FSDP shards the 4-bit weights (peft's LoRA layer runs)")
-    else:
-        fused = Lever("fused_lora", True, "plain LoRA on 4-bit layers")
-    if perf.padding_free is False:
-        padding_free = Lever("padding_free", False, "off in the recipe")
-    elif perf.padding_free is True:
-        padding_free = Lever("padding_free", True, "on in the recipe")
-    elif attn_implementation in FLASH_ATTENTION:
-        padding_free = Lever("padding_free", True, f"{attn_implementation} has variable-length kernels")
-    else:
-        padding_free = Lever("padding_free", False, f"attention {attn_implementation or 'not known yet'} would "
-                             "compute over the whole packed row; batches are grouped by length instead")
-    grouped = perf.group_by_length and not padding_free.on
-    group = Lever("group_by_length", grouped, "similar lengths batched together" if grouped
-                  else "padding-free batches have no padding" if perf.group_by_length else "off in the recipe")
-    compile_ = Lever("torch_compile", perf.torch_compile, "on in the recipe" if perf.torch_compile else "off (default)")
-    return SpeedPlan(upcast_unquantized=upcast, checkpointing=checkpointing, checkpoint_layers=perf.checkpoint_layers,
-                     liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type),
-                     fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
-                     cudnn_attention=decide_cudnn_attention(perf.cudnn_attention, precision.device, cudnn_hazards))
-
-
-def plan_for_model(recipe: Recipe, precision: Precision, model: Any,
-                   cudnn_hazards: tuple[str, ...] | None = None) -> SpeedPlan:
-    """`speed_plan` with the model type and attention implementation of a loaded model."""
-    config = getattr(model, "config", None)
-    return speed_plan(recipe, precision, getattr(config, "model_type", None),
-                      getattr(config, "_attn_implementation", None), cudnn_hazards)
-
+    from qlora_doctor.recipe.levers import SpeedPlan
+    from qlora_doctor.recipe.schema import Recipe
 
 def apply_process_settings(plan: SpeedPlan, device: str) -> None:
     """Levers that are torch settings of this process (each rank calls it): cuDNN attention off."""
@@ -211,15 +32,6 @@ def decoder_layers(model: Any) -> list[Any]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def checkpointed_indices(selection: str | int | float, layer_count: int) -> list[int]:
-    """Which decoder layers (0-based) recompute: `all`, the first N, or the first round(f * count).
-    `auto` not yet resolved for a GPU (memory.plan.resolve_checkpoint_layers) counts as `all`."""
-    if selection in ("all", "auto"):
-        return list(range(layer_count))
-    count = selection if isinstance(selection, int) else round(selection * layer_count)
-    return list(range(min(count, layer_count)))
 
 
 def enable_checkpointing(model: Any, selection: str | int | float) -> list[int]:
@@ -283,104 +95,22 @@ def apply_after_peft(model: Any, plan: SpeedPlan) -> SpeedPlan:
 def training_arguments_overrides(plan: SpeedPlan) -> dict[str, Any]:
     """TrainingArguments changes: the model's checkpointing is already set (the Trainer would
     re-enable it on every layer), grouping by length, torch.compile."""
-    from qlora_doctor.trainer.recipe import _training_arguments_accept
+    from qlora_doctor.trainer.arguments import training_arguments_accept
 
     overrides: dict[str, Any] = {}
     for name in ("activation_checkpointing", "gradient_checkpointing"):
-        if _training_arguments_accept(name):
+        if training_arguments_accept(name):
             overrides[name] = False
             break
     if plan.group_by_length.on:
-        if _training_arguments_accept("train_sampling_strategy"):  # transformers >= 5.2x
+        if training_arguments_accept("train_sampling_strategy"):  # transformers >= 5.2x
             overrides["train_sampling_strategy"] = "group_by_length"
-        elif _training_arguments_accept("group_by_length"):
+        elif training_arguments_accept("group_by_length"):
             overrides["group_by_length"] = True
     if plan.torch_compile.on:
         overrides["torch_compile"] = True
     return overrides
 
 
-@dataclass(frozen=True)
-class FlatteningCollator:
-    """Padding-free batches: one row of every example end to end, position ids restarting at 0 per
-    example (transformers builds a per-example causal mask from them), the first label of each
-    example ignored (it would be predicted from the previous example)."""
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        from qlora_doctor.trainer.data import IGNORE_INDEX
-
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for f in features:
-            n = len(f["input_ids"])
-            ids += list(f["input_ids"])
-            labels += [IGNORE_INDEX] + list(f.get("labels", f["input_ids"]))[1:]
-            positions += list(range(n))
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions])}
-
-
-def make_collator(plan: SpeedPlan, tokenizer: Any) -> Any:
-    """The batch collator for the plan: padding-free, or the data pipeline's padding collator."""
-    if plan.padding_free.on:
-        return FlatteningCollator()
-    from qlora_doctor.trainer.data import make_collator as padding_collator
-
-    return padding_collator(tokenizer)
-
-
 # --- the doctor's view ----------------------------------------------------------------------------
 
-LIGER_SOURCES = ("https://github.com/linkedin/Liger-Kernel#high-level-apis",)
-
-
-def recipe_model_type(recipe: Recipe) -> str | None:
-    """The model type from a builtin or local model's config.json (None for a hub id: not downloaded)."""
-    import json
-    import os
-
-    from qlora_doctor.trainer.builtin import builtin_config, is_builtin
-
-    name = recipe.model.name_or_path
-    try:
-        if is_builtin(name):
-            return builtin_config(name).get("model_type")
-        config = os.path.join(name, "config.json")
-        if os.path.isabs(name) and os.path.isfile(config):
-            with open(config, encoding="utf-8") as f:
-                return json.load(f).get("model_type")
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def performance_check(recipe: Recipe, precision: Precision, machine: Machine | None = None) -> Any:
-    """`check --recipe`: which speed levers will be on, and for those asked for but unavailable, why.
-    warn: a lever set to `true` cannot be used; pass otherwise (an `auto` lever that stays off is said)."""
-    from qlora_doctor.doctor.report import Check
-
-    hazards = cudnn_attention_hazards(machine) if machine is not None and precision.device == "cuda" else None
-    plan = speed_plan(recipe, precision, recipe_model_type(recipe), cudnn_hazards=hazards)
-    perf = recipe.performance
-    on = [lever.name for lever in plan.levers() if lever.on]
-    forced_off = [lever for lever in plan.levers()
-                  if getattr(perf, lever.name, None) is True and not lever.on and lever.name != "upcast_unquantized"]
-    auto_off = [lever for lever in plan.levers() if getattr(perf, lever.name, None) == "auto" and not lever.on]
-    detail = "on: " + (", ".join(on) or "none")
-    if auto_off:
-        detail += "; auto and off: " + "; ".join(f"{lever.name} ({lever.reason})" for lever in auto_off)
-    found = ", ".join(f"{lever.name}={'on' if lever.on else 'off'}" for lever in plan.levers())
-    title = "Speed levers (performance:)"
-    if forced_off:
-        lever = forced_off[0]
-        fix = ("install it (`pip install liger-kernel`) or set `performance.liger_kernel: auto`"
-               if lever.name == "liger_kernel" and "not installed" in lever.reason
-               else f"set `performance.{lever.name}: auto` in the recipe")
-        return Check("recipe.performance", "warn", title,
-                     "; ".join(f"performance.{lv.name}: true but {lv.reason}" for lv in forced_off) + f" ({detail})",
-                     fix=fix, sources=LIGER_SOURCES if lever.name == "liger_kernel" else (),
-                     found=found, expected="every lever set to true available")
-    return Check("recipe.performance", "pass", title, detail, found=found, expected="auto")

@@ -1,14 +1,17 @@
-"""`qlora-doctor run`: gate on the doctor's checks, then train a QLoRA adapter with the transformers
-Trainer and write everything `outputs.py` lists.
+"""Train a QLoRA adapter with the transformers Trainer, following a RunPlan, and write everything
+qlora_doctor/core/rundir.py lists.
 
-Order, so that nothing is loaded or deleted for a run that will be refused:
-  1. the output folder against --resume/--overwrite (InputError, exit 2);
-  2. the doctor's checks with the recipe (RunRefused, exit 1) unless --skip-check;
-  3. only then: replace the folder (--overwrite), write a `running` manifest, load, train, save.
+The caller (the CLI) has already, before anything is loaded or deleted:
+  1. decided the run plan, including the output folder against --resume/--overwrite (InputError, exit 2);
+  2. run the doctor's checks on that plan and refused a failing one (RunRefused, exit 1) unless --skip-check.
+`run_training` then replaces the folder (--overwrite), writes a `running` manifest, loads, trains, saves.
+The trainer never runs the doctor: it records the report it is handed.
 
 Under `accelerate launch` (distributed.strategy ddp/fsdp, see trainer/distributed.py) every rank runs
-`run_recipe` with the parent's output plan and check report (`output_plan`, `diagnose`), and only rank 0
-writes files.
+`run_training` with the parent's plan and report, received as data, and only rank 0 writes files.
+
+`build_training(run, ...)` is the seam the benchmarks use: the tokenizer, datasets, model and Trainer a
+run would train, with the model loader replaceable.
 
 SIGTERM during training makes the Trainer save a checkpoint at the end of the current step and stop;
 the run then ends with status `stopped` and `--resume` continues it.
@@ -23,23 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from qlora_doctor import __version__
-from qlora_doctor.errors import CheckFailed, InputError
 from qlora_doctor.trainer import outputs
 
 if TYPE_CHECKING:
-    from qlora_doctor.doctor.machine import Machine
-    from qlora_doctor.doctor.report import Report
-    from qlora_doctor.trainer.recipe import Precision, Recipe
-
-
-class RunRefused(CheckFailed):
-    """The doctor's checks failed, so training did not start. Carries the report for the CLI to show."""
-
-    def __init__(self, report: Report):
-        self.report = report
-        failed = [f"{c.title}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "") for c in report.failed]
-        super().__init__(["training refused: the environment failed the checks below; fix them, or pass "
-                          "--skip-check to train anyway (recorded in manifest.json)", *failed])
+    from qlora_doctor.core.machine import Machine
+    from qlora_doctor.core.report import Report
+    from qlora_doctor.recipe.levers import SpeedPlan
+    from qlora_doctor.recipe.precision import Precision
+    from qlora_doctor.recipe.schema import Recipe
+    from qlora_doctor.runplan import RunPlan
 
 
 @dataclass(frozen=True)
@@ -69,28 +64,23 @@ class RunResult:
     """The files written into output_dir (names relative to it)."""
 
 
-def run_recipe(recipe: Recipe, machine: Machine, *, where: str, skip_check: bool = False,
-               resume: bool = False, overwrite: bool = False, command: str = "qlora-doctor run",
-               diagnose: Callable[..., Report] | None = None,
-               output_plan: outputs.OutputPlan | None = None) -> RunResult:
-    """Train `recipe` on `machine` and write its output folder. `where` names the recipe in messages.
-    `output_plan`: the folder decision a launching parent already made (distributed workers)."""
-    from qlora_doctor.trainer.distributed import rank_info
+ModelLoader = Callable[["Recipe", "Precision", str, "SpeedPlan"], Any]
+"""(recipe, precision, checkpoint path, levers) -> the base model prepared and wrapped with LoRA."""
+
+
+def run_training(run: RunPlan, machine: Machine, report: Report, *, skip_check: bool = False,
+                 command: str = "qlora-doctor run", model_loader: ModelLoader | None = None) -> RunResult:
+    """Train as `run` says on `machine` and write its output folder; `report` is the doctor's report the
+    run was gated on (recorded in doctor-report.json and the manifest). `model_loader`: see build_training."""
+    from qlora_doctor.trainer.ranks import rank_info
 
     started = time.perf_counter()
     started_at = _now()
     main = rank_info().is_main
-    plan = output_plan or outputs.plan_output_dir(Path(recipe.training.output_dir), resume, overwrite, where)
-    if diagnose is None:
-        from qlora_doctor.doctor.checks import diagnose
-    report = diagnose(machine, recipe=recipe)
-    if report.status == "fail" and not skip_check:
-        raise RunRefused(report)
-
-    from qlora_doctor.trainer.recipe import resolve_precision
-
-    precision = resolve_precision(recipe, machine)
-    recipe = resolve_auto_checkpointing(recipe, machine)
+    if run.output is None:
+        raise ValueError("run_training needs a run plan with its output folder decided (decide_output=True)")
+    plan = run.output
+    recipe, precision = run.recipe, run.precision
     out = plan.output_dir
     manifest = _manifest(recipe, machine, precision, command, started_at, skip_check, report, plan)
     if main:
@@ -102,10 +92,7 @@ def run_recipe(recipe: Recipe, machine: Machine, *, where: str, skip_check: bool
         outputs.write_atomic(out / outputs.LOCKFILE, outputs.lockfile_text(__version__, command))
         outputs.write_atomic(out / outputs.RECIPE, resolved_recipe_yaml(recipe, precision, machine, command))
 
-    from qlora_doctor.trainer.speed import cudnn_attention_hazards
-
-    hazards = cudnn_attention_hazards(machine) if precision.device == "cuda" else ()
-    trained = _train(recipe, precision, plan, hazards)
+    trained = _train(run, model_loader)
 
     def save_adapter(tmp: Path) -> None:
         # FSDP: the adapter from the LoRA tensors gathered from the shards (same files as a one-GPU run);
@@ -149,7 +136,7 @@ def _manifest(recipe: Recipe, machine: Machine, precision: Precision, command: s
               skip_check: bool, report: Report, plan: outputs.OutputPlan) -> dict[str, Any]:
     import platform
 
-    from qlora_doctor.trainer.builtin import is_builtin
+    from qlora_doctor.recipe.builtin import is_builtin
 
     return {
         "tool": "qlora-doctor",
@@ -185,22 +172,6 @@ def resolved_recipe_yaml(recipe: Recipe, precision: Precision, machine: Machine,
     return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def resolve_auto_checkpointing(recipe: Recipe, machine: Machine) -> Recipe:
-    """The recipe with `performance.checkpoint_layers: auto` replaced by the planner's choice for this
-    machine's GPU (memory.plan.resolve_checkpoint_layers), so the run and its recipe.yaml use the concrete
-    value; unchanged for any other value. A model config the planner cannot read means `all`."""
-    if recipe.performance.checkpoint_layers != "auto":
-        return recipe
-    from qlora_doctor.memory.plan import plan_recipe
-
-    try:
-        value = plan_recipe(recipe, machine).settings.checkpoint_layers
-    except InputError:
-        value = "all"
-    return recipe.model_copy(update={"performance": recipe.performance.model_copy(
-        update={"checkpoint_layers": value})})
-
-
 # --- training -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -213,26 +184,45 @@ class _Trained:
     """FSDP: the LoRA tensors gathered from the shards on rank 0 (fsdp_state.gather_lora_state_dict)."""
 
 
-def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan,
-           cudnn_hazards: tuple[str, ...] = ()) -> _Trained:
+@dataclass(frozen=True)
+class Training:
+    """What `build_training` made for a run: everything `trainer.train()` needs, and what it was made from."""
+
+    trainer: Any
+    model: Any
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any
+    levers: SpeedPlan
+    """The run plan's levers refined with the loaded model's facts (model type, attention kernel)."""
+    gpus: GpuUse
+    callbacks: tuple[Any, ...]
+
+
+def build_training(run: RunPlan, *, model_loader: ModelLoader | None = None, callbacks: tuple[Any, ...] = (),
+                   trainer_kwargs: dict[str, Any] | None = None) -> Training:
+    """The tokenizer, datasets, LoRA model and Trainer for `run`, exactly as `run_training` trains them.
+    `model_loader` replaces trainer/model.py's load_for_training (a benchmark loading a random-weight
+    model, say); `callbacks` are added to the Trainer's; `trainer_kwargs` override TrainingArguments."""
     from transformers import Trainer
 
-    from qlora_doctor.trainer.builtin import resolve_model_path
-    from qlora_doctor.trainer.callbacks import StopOnSignal, Throughput
     from qlora_doctor.trainer import speed
+    from qlora_doctor.trainer.arguments import training_arguments_kwargs
+    from qlora_doctor.trainer.builtin import resolve_model_path
+    from qlora_doctor.trainer.collate import make_collator
     from qlora_doctor.trainer.data import build_datasets
     from qlora_doctor.trainer.model import load_for_training, load_tokenizer
-    from qlora_doctor.trainer.recipe import training_arguments_kwargs
 
+    recipe, precision = run.recipe, run.precision
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(path, recipe.model.revision, recipe.model.trust_remote_code)
     train_ds, eval_ds = build_datasets(recipe, tokenizer)
-    model = load_for_training(recipe, precision, path)
+    model = (model_loader or load_for_training)(recipe, precision, path, run.levers)
+    speed_plan = run.levers_for_model(model)
 
     kwargs = training_arguments_kwargs(recipe, precision)
     if eval_ds is None:
         kwargs["eval_strategy"] = "no"
-    speed_plan = speed.plan_for_model(recipe, precision, model, cudnn_hazards)
     speed.apply_process_settings(speed_plan, precision.device)
     kwargs.update(speed.training_arguments_overrides(speed_plan))  # the model's checkpointing is set already
     args, gpus = training_arguments(
@@ -242,17 +232,31 @@ def _train(recipe: Recipe, precision: Precision, plan: outputs.OutputPlan,
         # would skip the eval loss without this.
         label_names=["labels"],
         include_num_input_tokens_seen="non_padding",
+        **(trainer_kwargs or {}),
     )
-    stop = StopOnSignal()
-    throughput = Throughput()
     trainer_class = Trainer
     if recipe.distributed.strategy == "fsdp":  # checkpoints the Trainer's FSDP paths cannot write (fsdp_state.py)
         from qlora_doctor.trainer.fsdp_state import fsdp_qlora_trainer_class
 
         trainer_class = fsdp_qlora_trainer_class()
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            data_collator=speed.make_collator(speed_plan, tokenizer), processing_class=tokenizer,
-                            callbacks=[stop, throughput])
+                            data_collator=make_collator(speed_plan, tokenizer), processing_class=tokenizer,
+                            callbacks=list(callbacks))
+    return Training(trainer=trainer, model=model, tokenizer=tokenizer, train_dataset=train_ds, eval_dataset=eval_ds,
+                    levers=speed_plan, gpus=gpus, callbacks=tuple(callbacks))
+
+
+def _train(run: RunPlan, model_loader: ModelLoader | None = None) -> _Trained:
+    from qlora_doctor.trainer.callbacks import StopOnSignal, Throughput
+
+    recipe, precision, plan = run.recipe, run.precision, run.output
+    assert plan is not None
+    stop = StopOnSignal()
+    throughput = Throughput()
+    training = build_training(run, model_loader=model_loader, callbacks=(stop, throughput))
+    trainer, tokenizer, train_ds, eval_ds = (training.trainer, training.tokenizer, training.train_dataset,
+                                             training.eval_dataset)
+    speed_plan, gpus, args = training.levers, training.gpus, training.trainer.args
     from qlora_doctor.trainer.faults import install_fault
 
     install_fault(trainer)  # test-only seam (tests/test_interrupt.py); inert unless QLORA_DOCTOR_FAULT is set

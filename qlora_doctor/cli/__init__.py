@@ -1,0 +1,68 @@
+"""Command line: a package of small command modules that parse, call the library and render; the only
+place that prints or exits. Commands are imported when used (LazyGroup), so `qlora-doctor --help` and
+the fast path of `check` do not pay for the others' imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+from qlora_doctor import __version__
+from qlora_doctor.core.errors import DoctorError
+
+COMMANDS = {
+    "check": "qlora_doctor.cli.check:check",
+    "explain": "qlora_doctor.cli.check:explain",
+    "validate": "qlora_doctor.cli.recipes:validate",
+    "schema": "qlora_doctor.cli.recipes:schema",
+    "run": "qlora_doctor.cli.run:run",
+    "generate": "qlora_doctor.cli.run:generate",
+    "merge": "qlora_doctor.cli.run:merge",
+    "plan": "qlora_doctor.cli.plan:plan",
+    "smoke": "qlora_doctor.cli.smoke:smoke",
+    "matrix": "qlora_doctor.cli.matrix:matrix",
+    "lock": "qlora_doctor.cli.lock:lock",
+    "constraints": "qlora_doctor.cli.lock:constraints",
+}
+"""Command name -> "module:attribute", imported on first use (hatch's cli/lazy.py)."""
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on use, and that routes every user-facing error through one
+    place: message on stderr, exit code from the error."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DoctorError as err:
+            from qlora_doctor.core.redact import redact
+
+            for message in err.messages:
+                click.echo(f"error: {redact(message)}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qlora-doctor")
+def cli() -> None:
+    """Diagnose, pin and run QLoRA fine-tunes on one GPU."""
+
+
+def main() -> None:
+    cli(prog_name="qlora-doctor")

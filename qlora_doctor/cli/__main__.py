@@ -1,0 +1,3 @@
+from qlora_doctor.cli import main
+
+main()

@@ -1,0 +1,79 @@
+"""`qlora-doctor check` and `explain`: the doctor."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from qlora_doctor.cli.options import (echo_json, echo_rendered, json_option, load_environment, load_machine,
+                                      machine_option, verbose_option)
+from qlora_doctor.core.errors import EXIT_FAIL, EXIT_OK
+
+
+@click.command()
+@json_option
+@machine_option
+@verbose_option
+@click.option("--save-machine", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the probed machine to this JSON file (the --machine format).")
+@click.option("--requirements", "-r", "requirements_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Judge this pip requirements file (name==version) instead of the installed packages.")
+@click.option("--recipe", "recipe_file", type=str,
+              help="Add recipe-aware checks (bf16 vs the GPU, memory fit) for this recipe (name or path).")
+@click.option("--smoke", is_flag=True, help="Also run a functional test (bitsandbytes + LoRA) in a subprocess.")
+@click.option("--smoke-timeout", type=click.IntRange(min=1), default=180, show_default=True,
+              help="Seconds before the functional test counts as hung.")
+def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine: Path | None,
+          requirements_file: Path | None, recipe_file: str | None, smoke: bool, smoke_timeout: int) -> None:
+    """Judge this environment (or a proposed one) for QLoRA training.
+
+    Exit 0 for pass or warnings, 1 when a check fails, 2 for a bad input file.
+    """
+    from qlora_doctor.doctor.diagnose import diagnose
+
+    machine = load_machine(machine_file)
+    if save_machine is not None:
+        from qlora_doctor.core.machine import save_machine_file
+
+        save_machine_file(machine, save_machine)
+    env = load_environment(requirements_file)
+    run_plan = None
+    if recipe_file is not None:
+        from qlora_doctor.recipe.schema import display_path, find_recipe, load_recipe
+        from qlora_doctor.runplan import build_run_plan
+
+        path = find_recipe(recipe_file)
+        run_plan = build_run_plan(load_recipe(path), machine, env, where=display_path(path))
+    report = diagnose(machine, env, run_plan=run_plan, smoke=smoke, smoke_timeout=smoke_timeout)
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        from qlora_doctor.cli.render import render_report
+        from qlora_doctor.core.redact import redact_data
+
+        echo_rendered(render_report, redact_data(report), verbose=verbose)
+    sys.exit(EXIT_FAIL if report.status == "fail" else EXIT_OK)
+
+
+@click.command()
+@click.argument("log", type=click.File("r", encoding="utf-8", errors="replace"), default="-")
+@json_option
+def explain(log, as_json: bool) -> None:
+    """Explain a pasted error, traceback or training log (a FILE, or - for stdin).
+
+    Exit 0 when a known failure matched, 1 when nothing did.
+    """
+    from qlora_doctor.doctor.paste import judge_pasted_versions
+    from qlora_doctor.knowledge.explain import explain_text
+
+    explanation = explain_text(log.read())
+    version_checks = judge_pasted_versions(explanation.facts.packages)
+    if as_json:
+        echo_json({**explanation.to_json(), "versions_judged": [c.to_json() for c in version_checks]})
+    else:
+        from qlora_doctor.cli.render import render_explanation
+
+        echo_rendered(render_explanation, explanation, version_checks)
+    sys.exit(EXIT_OK if explanation.matches or any(c.status == "fail" for c in version_checks) else EXIT_FAIL)

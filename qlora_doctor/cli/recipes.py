@@ -1,0 +1,49 @@
+"""`qlora-doctor validate` and `schema`: recipes without loading anything heavy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from qlora_doctor.cli.options import echo_json, json_option
+
+
+@click.command()
+@click.argument("recipe_name", metavar="RECIPE")
+@json_option
+def validate(recipe_name: str, as_json: bool) -> None:
+    """Check a recipe (a name like `demo`, or a path) without loading anything heavy.
+
+    Exit 0 with a one-line summary, 2 with every problem, each naming the file and the key.
+    """
+    from qlora_doctor.recipe.schema import display_path, find_recipe, load_recipe, recipe_summary
+
+    path = find_recipe(recipe_name)
+    recipe = load_recipe(path)
+    if as_json:
+        echo_json({"recipe": display_path(path), "valid": True, "resolved": recipe.model_dump(mode="json")})
+    else:
+        click.echo(f"OK {display_path(path)}: {recipe_summary(recipe)}")
+
+
+@click.command()
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the schema to this file instead of printing it.")
+def schema(output: Path | None) -> None:
+    """Print the recipe's JSON Schema, for editor completion and checking.
+
+    e.g. `qlora-doctor schema -o recipe.schema.json`, then start a recipe with
+    `# yaml-language-server: $schema=recipe.schema.json`.
+    """
+    from qlora_doctor.recipe.schema import recipe_json_schema
+
+    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        from qlora_doctor.core.fileio import write_atomic
+
+        write_atomic(output, text)
+        click.echo(f"wrote {output}")

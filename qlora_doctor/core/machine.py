@@ -1,0 +1,183 @@
+"""The machine judged: OS, arch, Python, libc, NVIDIA driver, GPUs, as plain values, and the `--machine`
+file format that describes one (validated, every problem at once). Probing a real machine is
+qlora_doctor/sources/machine.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_doctor.core.errors import InputError
+
+
+_OSES = ("linux", "windows", "darwin")
+
+
+_VENDORS = ("nvidia", "amd", "apple", "none")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    """Product name as the driver reports it, e.g. `NVIDIA A100-SXM4-80GB`."""
+    compute_capability: str | None = None
+    """`major.minor`, e.g. `8.0`; None when the probe could not read it."""
+    memory_total_mib: int | None = None
+    memory_free_mib: int | None = None
+    vendor: str = "nvidia"
+
+
+@dataclass(frozen=True)
+class Machine:
+    os: str
+    """linux, windows or darwin."""
+    arch: str
+    """x86_64, aarch64 or arm64 (as `platform.machine()` says, lower-cased)."""
+    python: str
+    """The Python version training would run on, e.g. `3.11.7`."""
+    libc: str | None = None
+    """e.g. `glibc 2.36`; None off Linux or when unknown."""
+    driver_version: str | None = None
+    """NVIDIA driver version, e.g. `550.54.15`; None without an NVIDIA driver or when unknown."""
+    cuda_driver_version: str | None = None
+    """Highest CUDA runtime the driver supports, e.g. `12.4` (NVML/nvidia-smi); None when unknown."""
+    gpus: tuple[Gpu, ...] = ()
+    gpu_vendor: str = "none"
+    """nvidia, amd, apple or none."""
+    source: str = "probe"
+    """Where the facts came from: `probe`, or the machine file's path."""
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    """What the probes could not read, and why."""
+
+    @property
+    def nvidia_gpus(self) -> tuple[Gpu, ...]:
+        return tuple(g for g in self.gpus if g.vendor == "nvidia")
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--machine` file format (plus the optional fields the probe filled)."""
+        data = asdict(self)
+        data["gpus"] = [{k: v for k, v in asdict(g).items() if v is not None} for g in self.gpus]
+        data["notes"] = list(self.notes)
+        return data
+
+
+def _is_cc(text: str) -> bool:
+    return bool(re.fullmatch(r"\d+\.\d+", text))
+
+
+def machine_from_dict(data: Any, where: str) -> Machine:
+    """Validate a machine description (the `--machine` JSON format); every problem at once."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a JSON object like "
+                         '{"os": "linux", "arch": "x86_64", "python": "3.11.7", "driver_version": null, "gpus": []}')
+    known = {"os", "arch", "python", "libc", "driver_version", "cuda_driver_version", "gpus",
+             "gpu_vendor", "source", "notes"}
+    for key in data:
+        if key not in known:
+            errors.append(f"{where}: unknown key {key!r} (expected one of {', '.join(sorted(known))})")
+
+    def text(key: str, required: bool, pattern: str | None = None, choices: tuple[str, ...] = ()) -> str | None:
+        value = data.get(key)
+        if value is None or value == "":
+            if required:
+                errors.append(f"{where}: {key}: missing (e.g. {_EXAMPLES[key]})")
+            return None
+        if not isinstance(value, str):
+            errors.append(f"{where}: {key}: expected a string like {_EXAMPLES[key]}, got {json.dumps(value)[:60]}")
+            return None
+        if choices and value.lower() not in choices:
+            errors.append(f"{where}: {key}: {value!r} is not one of {', '.join(choices)}")
+            return None
+        if pattern and not re.fullmatch(pattern, value):
+            errors.append(f"{where}: {key}: {value[:60]!r} is not a version like {_EXAMPLES[key]}")
+            return None
+        return value.lower() if choices else value
+
+    os_name = text("os", True, choices=_OSES)
+    arch = text("arch", True)
+    python = text("python", True, pattern=r"\d+\.\d+(\.\d+)?")
+    libc = text("libc", False)
+    driver = text("driver_version", False, pattern=r"\d+\.\d+(\.\d+)?")
+    cuda_driver = text("cuda_driver_version", False, pattern=r"\d+\.\d+")
+    gpus: list[Gpu] = []
+    raw_gpus = data.get("gpus", [])
+    if not isinstance(raw_gpus, list):
+        errors.append(f"{where}: gpus: expected a list of GPUs (or [] for none)")
+        raw_gpus = []
+    for i, raw in enumerate(raw_gpus):
+        key = f"gpus[{i}]"
+        if not isinstance(raw, dict):
+            errors.append(f"{where}: {key}: expected an object like "
+                          '{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "memory_total_mib": 81920}')
+            continue
+        gpu_keys = ("name", "compute_capability", "memory_total_mib", "memory_free_mib", "vendor")
+        for k in sorted(set(raw) - set(gpu_keys)):
+            errors.append(f"{where}: {key}: unknown key {k!r} (expected one of {', '.join(gpu_keys)})")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip():
+            errors.append(f"{where}: {key}.name: missing (e.g. \"NVIDIA A100-SXM4-80GB\")")
+            name = "unknown GPU"
+        cc = raw.get("compute_capability")
+        if cc is not None and (not isinstance(cc, str) or not _is_cc(cc)):
+            errors.append(f"{where}: {key}.compute_capability: expected a string like \"8.0\", got {json.dumps(cc)[:40]}")
+            cc = None
+        mems: dict[str, int | None] = {}
+        for mem_key in ("memory_total_mib", "memory_free_mib"):
+            value = raw.get(mem_key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31):
+                errors.append(f"{where}: {key}.{mem_key}: expected a positive whole number of MiB, "
+                              f"got {json.dumps(value)[:40]}")
+                value = None
+            mems[mem_key] = value
+        vendor = raw.get("vendor", "nvidia")
+        if vendor not in _VENDORS[:3]:
+            errors.append(f"{where}: {key}.vendor: {vendor!r} is not one of nvidia, amd, apple")
+            vendor = "nvidia"
+        gpus.append(Gpu(name=name, compute_capability=cc, vendor=vendor, **mems))
+    vendor = data.get("gpu_vendor")
+    if vendor is None:
+        vendor = gpus[0].vendor if gpus else ("apple" if os_name == "darwin" and arch == "arm64" else "none")
+    elif vendor not in _VENDORS:
+        errors.append(f"{where}: gpu_vendor: {vendor!r} is not one of {', '.join(_VENDORS)}")
+        vendor = "none"
+    if errors:
+        raise InputError(errors)
+    return Machine(os=os_name or "linux", arch=(arch or "x86_64").lower(), python=python or "3.11",
+                   libc=libc, driver_version=driver, cuda_driver_version=cuda_driver, gpus=tuple(gpus),
+                   gpu_vendor=vendor, source=where)
+
+
+_EXAMPLES = {"os": '"linux"', "arch": '"x86_64"', "python": '"3.11.7"', "libc": '"glibc 2.36"',
+             "driver_version": '"550.54.15"', "cuda_driver_version": '"12.4"'}
+
+
+def load_machine_file(path: Path | str) -> Machine:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such machine file (write one with `qlora-doctor check --save-machine {path}`)")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read the machine file: {err}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); "
+                         "see `qlora-doctor check --save-machine FILE` for the format")
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to be a machine file; "
+                         "see `qlora-doctor check --save-machine FILE` for the format") from None
+    return machine_from_dict(data, str(path))
+
+
+def save_machine_file(machine: Machine, path: Path | str) -> None:
+    from qlora_doctor.core.fileio import write_atomic
+
+    data = machine.to_json()
+    data.pop("source", None)
+    data.pop("notes", None)
+    write_atomic(Path(path), json.dumps(data, indent=2) + "\n")

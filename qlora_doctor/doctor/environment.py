@@ -1,0 +1,234 @@
+"""`qlora-doctor check`: judge a machine + an environment (+ a recipe) and return a Report.
+
+The order of the report: what the machine has, what is installed, whether torch's build can run on
+this driver and these GPUs, whether bitsandbytes ships a library for that build, then every rule of
+the knowledge base that fires (or cannot be judged), then recipe-aware checks and the smoke test.
+"""
+
+from __future__ import annotations
+
+
+from packaging.version import Version
+
+from qlora_doctor.knowledge.loading import Tables, arch_supported, load_rules, load_tables
+from qlora_doctor.core.machine import Machine
+from qlora_doctor.core.environment import TRAINING_NEEDS, Environment
+from qlora_doctor.core.report import Check
+from qlora_doctor.knowledge.evaluate import evaluate_rules
+
+TORCH_INSTALL = "https://pytorch.org/get-started/locally/"
+
+
+def environment_checks(machine: Machine, env: Environment) -> list[Check]:
+    tables = load_tables()
+    checks = [gpu_check(machine), *package_checks(env)]
+    checks += torch_build_checks(machine, env, tables)
+    checks += rule_checks(machine, env)
+    return checks
+
+
+# --- machine ------------------------------------------------------------------------------------
+
+def gpu_check(machine: Machine) -> Check:
+    title = "GPU"
+    if machine.gpu_vendor == "nvidia":
+        if not machine.gpus:
+            return Check("machine.gpu", "unknown", title,
+                         f"an NVIDIA driver ({machine.driver_version}) is present but no GPU could be listed: "
+                         + "; ".join(machine.notes), fix="run `nvidia-smi` to see whether the driver sees the GPU",
+                         found=f"driver {machine.driver_version}")
+        names = ", ".join(f"{g.name} (cc {g.compute_capability or '?'}, "
+                          f"{_gib(g.memory_total_mib)})" for g in machine.gpus)
+        return Check("machine.gpu", "pass", title, f"{len(machine.gpus)} NVIDIA GPU(s): {names}",
+                     found=names, expected="an NVIDIA GPU")
+    if machine.gpu_vendor == "amd":
+        return Check("machine.gpu", "warn", title,
+                     "AMD GPU: bitsandbytes' ROCm support is newer and less tested than CUDA; "
+                     "the knowledge base covers NVIDIA only",
+                     fix="use a ROCm build of torch and bitsandbytes >= 0.48 (see its install docs)",
+                     sources=("https://huggingface.co/docs/bitsandbytes/main/en/installation",),
+                     found="AMD (ROCm)", expected="an NVIDIA GPU")
+    if machine.gpu_vendor == "apple":
+        return Check("machine.gpu", "warn", title,
+                     "Apple silicon: no CUDA; 4-bit QLoRA runs on the CPU/MPS backends of bitsandbytes, "
+                     "much slower than on an NVIDIA GPU", found="Apple (MPS)", expected="an NVIDIA GPU",
+                     sources=("https://huggingface.co/docs/bitsandbytes/main/en/installation",))
+    detail = "no GPU found: QLoRA will train on the CPU (fine for the demo, far too slow for real models)"
+    if machine.notes:
+        detail += "; probes said: " + "; ".join(machine.notes)
+    return Check("machine.gpu", "warn", title, detail, found="none", expected="an NVIDIA GPU",
+                 fix="run on a machine with an NVIDIA GPU for real models")
+
+
+def _gib(mib: int | None) -> str:
+    return f"{mib / 1024:.0f} GiB" if mib else "? GiB"
+
+
+# --- packages -----------------------------------------------------------------------------------
+
+def package_checks(env: Environment) -> list[Check]:
+    checks: list[Check] = []
+    missing = [n for n in TRAINING_NEEDS if not env.installed(n)]
+    where = "in the proposed pins" if env.source != "installed" else "installed"
+    if missing:
+        checks.append(Check("packages.training", "fail", "Training packages",
+                            f"not {where}: {', '.join(missing)}",
+                            fix="pip install " + " ".join(missing) if env.source != "installed"
+                            else "pip install 'qlora-doctor[train]'   (torch first: see " + TORCH_INSTALL + ")",
+                            found=f"missing {', '.join(missing)}", expected=", ".join(TRAINING_NEEDS)))
+    else:
+        found = ", ".join(f"{n} {env.packages[n].raw_version}" for n in TRAINING_NEEDS)
+        checks.append(Check("packages.training", "pass", "Training packages", f"{where}: {found}", found=found))
+    broken = [p for p in env.packages.values() if p.problem]
+    if broken:
+        checks.append(Check("packages.broken", "fail", "Broken installs",
+                            "; ".join(f"{p.name}: {p.problem}" for p in broken),
+                            fix="pip install --force-reinstall --no-deps " + " ".join(p.name for p in broken),
+                            found=", ".join(p.name for p in broken), expected="readable metadata"))
+    if env.source == "installed":
+        if env.conflicts:
+            checks.append(Check("packages.requirements", "fail", "Declared requirements",
+                                "; ".join(env.conflicts),
+                                fix="pip install the versions named (or `qlora-doctor lock --repair`)",
+                                found=f"{len(env.conflicts)} conflict(s)", expected="none"))
+        else:
+            checks.append(Check("packages.requirements", "pass", "Declared requirements",
+                                "every watched package's declared requirements are met"))
+    return checks
+
+
+# --- torch build vs driver and GPUs, bitsandbytes binaries --------------------------------------
+
+def torch_build_checks(machine: Machine, env: Environment, tables: Tables) -> list[Check]:
+    torch = env.torch
+    nvidia = machine.gpu_vendor == "nvidia"
+    if not env.installed("torch"):
+        return []
+    if torch.backend is None:
+        return [Check("torch.build", "unknown", "torch build", f"cannot tell which build torch is: {torch.how}",
+                      fix="reinstall torch from " + TORCH_INSTALL)]
+    checks = []
+    build = f"torch {env.packages['torch'].raw_version} ({torch.backend}" + (
+        f" {torch.cuda})" if torch.cuda else ")")
+    if nvidia and torch.backend != "cuda":
+        checks.append(Check("torch.build", "fail", "torch build", f"{build} cannot use the NVIDIA GPU",
+                            fix="pip install torch --index-url https://download.pytorch.org/whl/cu124  "
+                                "(pick the CUDA variant with `qlora-doctor lock`)",
+                            sources=(TORCH_INSTALL,), found=build, expected="a CUDA build"))
+        return checks
+    if not nvidia or torch.cuda is None:
+        checks.append(Check("torch.build", "pass", "torch build", f"{build} (how: {torch.how})", found=build))
+        return checks
+    checks.append(driver_check(machine, torch.cuda, build, tables))
+    checks.extend(arch_checks(machine, env, tables, build))
+    checks.append(bnb_binary_check(env, tables))
+    return checks
+
+
+def driver_check(machine: Machine, cuda: Version, build: str, tables: Tables) -> Check:
+    title = "NVIDIA driver vs torch's CUDA"
+    row = tables.driver_for_cuda(cuda)
+    expected = ""
+    if row is not None:
+        minimum = row.minor_compat_driver or row.toolkit_driver
+        expected = f">= {minimum}"
+    if machine.driver_version is None:
+        return Check("cuda.driver", "unknown", title, "the NVIDIA driver version could not be read: "
+                     + "; ".join(machine.notes), fix="check `nvidia-smi`", found="unknown", expected=expected)
+    if row is None:
+        return Check("cuda.driver", "unknown", title, f"no driver table row for CUDA {cuda}",
+                     found=machine.driver_version, expected="a known CUDA version")
+    driver = Version(machine.driver_version)
+    shown = machine.driver_version  # as the driver prints it: Version() would drop the zero in 470.82.01
+    minimum = row.minor_compat_driver or row.toolkit_driver
+    if driver < minimum:
+        return Check("cuda.driver", "fail", title,
+                     f"driver {shown} is too old for {build} (CUDA {cuda} needs >= {minimum} on Linux, "
+                     f"under minor-version compatibility)",
+                     fix=f"upgrade the NVIDIA driver to >= {row.toolkit_driver}, or pin a torch built for an older "
+                         "CUDA: `qlora-doctor lock` picks one for this driver",
+                     sources=row.sources, found=shown, expected=f">= {minimum}")
+    return Check("cuda.driver", "pass", title, f"driver {shown} runs {build}", sources=row.sources,
+                 found=shown, expected=f">= {minimum}")
+
+
+def arch_checks(machine: Machine, env: Environment, tables: Tables, build: str) -> list[Check]:
+    title = "GPU architecture vs torch's kernels"
+    torch_version = env.packages["torch"].version
+    assert torch_version is not None and env.torch.cuda is not None
+    row = tables.archs_for_torch(torch_version, env.torch.cuda)
+    if row is None:
+        return [Check("cuda.arch", "unknown", title,
+                      f"no record of which GPU architectures {build} ships kernels for",
+                      found=build)]
+    checks = []
+    archs = ", ".join(f"sm_{a.replace('.', '')}" for a in row.archs)
+    for gpu in machine.nvidia_gpus:
+        if gpu.compute_capability is None:
+            checks.append(Check("cuda.arch", "unknown", title, f"{gpu.name}: compute capability unknown",
+                                found=gpu.name, expected=archs))
+        elif not arch_supported(gpu.compute_capability, row.archs):
+            sm = "sm_" + gpu.compute_capability.replace(".", "")
+            checks.append(Check("cuda.arch", "fail", title,
+                                f"{gpu.name} is {sm}, but {build} ships kernels only for {archs}: "
+                                f"'no kernel image is available for execution on the device'",
+                                fix="install a torch build that ships " + sm + " (`qlora-doctor lock` picks one)",
+                                sources=row.sources, found=f"{gpu.name} ({sm})", expected=archs))
+        else:
+            checks.append(Check("cuda.arch", "pass", title, f"{gpu.name} (cc {gpu.compute_capability}) "
+                                f"is covered by {build}", sources=row.sources,
+                                found=f"cc {gpu.compute_capability}", expected=archs))
+    return checks
+
+
+def bnb_binary_check(env: Environment, tables: Tables) -> Check:
+    title = "bitsandbytes library for torch's CUDA"
+    bnb = env.version("bitsandbytes")
+    cuda = env.torch.cuda
+    if bnb is None or cuda is None:
+        return Check("bnb.cuda", "unknown", title, "bitsandbytes or torch's CUDA version unknown")
+    row = tables.bnb_cuda_for(bnb)
+    if row is None:
+        return Check("bnb.cuda", "unknown", title,
+                     f"no record of which CUDA versions bitsandbytes {bnb} ships libraries for",
+                     found=f"bitsandbytes {bnb}, CUDA {cuda}")
+    shipped = ", ".join(str(v) for v in row.cuda)
+    library = row.library_for(cuda)
+    if library is None:
+        return Check("bnb.cuda", "fail", title,
+                     f"bitsandbytes {bnb} ships no native library for CUDA {cuda} (it has {shipped}); "
+                     "it will fail to load its CUDA library",
+                     fix="pip install -U bitsandbytes   (or set BNB_CUDA_VERSION to a shipped version "
+                         "your driver supports)", sources=row.sources,
+                     found=f"CUDA {cuda}", expected=shipped)
+    how = "" if library == cuda else f" (no {cuda} build: it loads its closest same-major one, CUDA {library})"
+    return Check("bnb.cuda", "pass", title, f"bitsandbytes {bnb} ships a library for CUDA {cuda}{how}",
+                 sources=row.sources, found=f"CUDA {cuda}", expected=shipped)
+
+
+# --- knowledge base -----------------------------------------------------------------------------
+
+def rule_checks(machine: Machine, env: Environment) -> list[Check]:
+    rules = load_rules()
+    results = evaluate_rules(rules, machine, env)
+    checks: list[Check] = []
+    for result in results:
+        rule = result.rule
+        if result.outcome == "fires" and rule.severity == "note":
+            # The environment is fine; a script written for older versions would break. Shown with -v.
+            checks.append(Check(f"rule:{rule.id}", "pass", f"note: {rule.title}", rule.cause, fix=rule.fix,
+                                sources=rule.sources, found=result.found))
+        elif result.outcome == "fires":
+            checks.append(Check(f"rule:{rule.id}", rule.severity, rule.title, rule.cause, fix=rule.fix,
+                                sources=rule.sources, found=result.found, expected=f"not ({rule.when.describe()})"))
+        elif result.outcome == "unknown":
+            checks.append(Check(f"rule:{rule.id}", "unknown", rule.title,
+                                f"{result.found}, so this known failure cannot be ruled out: {rule.cause}",
+                                fix=rule.fix, sources=rule.sources, found=result.found))
+    judged = len(results)
+    fired = sum(r.outcome == "fires" and r.rule.severity != "note" for r in results)
+    if not fired:
+        checks.append(Check("rules", "pass", "Known failures",
+                            f"none of the {judged} rules of the knowledge base fire",
+                            found=f"{judged} rules", expected="none firing"))
+    return checks

@@ -1,0 +1,185 @@
+"""What a pasted error or log says, read before matching: the text cleaned of what copying damages, and
+the facts in it that decide between rules (driver, GPU, torch build, package versions, loading or training).
+
+Cleaning (`clean_paste`): ANSI colour codes; curly quotes and dashes; `[rank0]:` / `[default0]:` prefixes
+of distributed launchers; the borders of rich's box-drawn tracebacks; markdown that ate underscores
+(`**init**` for `__init__`, `\\_`). Pure functions, tested on real pastes (tests/data/explain_corpus/).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\[\d{1,3}(?:;\d{1,3})*m")
+QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
+                        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2033": '"', "\u2013": "-", "\u2014": "-",
+                        "\u2212": "-", "\u00a0": " ", "\u200b": ""})
+RANK_PREFIX = re.compile(r"^[ \t]*\[(?:rank|default)\d+\]:[ \t]?", re.MULTILINE)
+BOX_BORDER = re.compile(r"^[ \t]*[\u2502\u2503\u2551|][ \t]?|[ \t]*[\u2502\u2503\u2551][ \t]*$", re.MULTILINE)
+BOX_LINE = re.compile(r"^[ \t]*[\u256d\u256e\u2570\u256f\u250c\u2510\u2514\u2518\u2500\u2501\u2550].*$", re.MULTILINE)
+MARKDOWN_DUNDER = re.compile(r"\*\*([A-Za-z_][A-Za-z0-9_]*)\*\*(?=\s*\()")
+"""`**init**(` is `__init__(` after markdown made it bold."""
+
+
+def clean_paste(text: str) -> str:
+    """The paste with copying damage undone; line structure kept (patterns may anchor on lines)."""
+    text = ANSI.sub("", text).translate(QUOTES).replace("\r\n", "\n").replace("\r", "\n")
+    text = RANK_PREFIX.sub("", text)
+    text = BOX_LINE.sub("", text)
+    text = BOX_BORDER.sub("", text)
+    text = MARKDOWN_DUNDER.sub(r"__\1__", text).replace("\\_", "_")
+    return text
+
+
+def squeeze(text: str) -> str:
+    """Lower-case, no whitespace, no backticks or quotes: survives lines wrapped mid-word and quoting."""
+    return re.sub(r"[\s`'\"*]+", "", text).lower()
+
+
+def spaced(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --- facts ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PasteFacts:
+    """Facts read from a paste; None / empty when the paste does not say."""
+
+    driver_cuda: Version | None = None
+    """The CUDA version the driver supports: `found version 11060` -> 11.6, nvidia-smi's `CUDA Version: 12.2`."""
+    driver: str | None = None
+    """The NVIDIA driver version (`Driver Version: 535.104.05`)."""
+    compute_capabilities: tuple[str, ...] = ()
+    """From `sm_120`, `CUDA capability sm_86`, `compute capability 7.5`, or a GPU name."""
+    gpu_names: tuple[str, ...] = ()
+    torch: Version | None = None
+    """torch's version with its local tag when the paste shows it (`2.1.0+cu121`)."""
+    torch_cuda: Version | None = None
+    """The CUDA torch was built with (`+cu121`, `CUDA used to build PyTorch: 12.1`)."""
+    os: str | None = None
+    """windows (a `C:\\` path), darwin (`/Users/...`, `/opt/homebrew`), linux (`/usr/`, `/home/`)."""
+    phase: str | None = None
+    """`loading` when the error is raised while weights are loaded or placed, `training` in a step."""
+    packages: dict[str, str] = field(default_factory=dict)
+    """name -> version from a `pip list` / `pip freeze` / `transformers env` / `collect_env` block."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"driver_cuda": str(self.driver_cuda) if self.driver_cuda else None, "driver": self.driver,
+                "compute_capabilities": list(self.compute_capabilities), "gpu_names": list(self.gpu_names),
+                "torch": str(self.torch) if self.torch else None,
+                "torch_cuda": str(self.torch_cuda) if self.torch_cuda else None, "os": self.os, "phase": self.phase,
+                "packages": dict(self.packages)}
+
+
+GPU_NAME = re.compile(r"\b(?:NVIDIA |Tesla |Quadro |GeForce )*(?:RTX ?(?:PRO ?)?\d{4}(?: ?Ti| ?SUPER)?|GTX ?\d{3,4}(?: ?Ti)?|"
+                      r"[ABHLV]\d{2,3}[A-Z]?(?:-(?:SXM|PCIE)\w*)?|A\d{4}|GH200|GB200|Tesla T4|T4 GPU|\bL4\b|Jetson \w+)\b")
+LOADING_FRAMES = re.compile(r"from_pretrained|_load_state_dict|load_state_dict_into_meta_model|"
+                            r"_load_pretrained_model|dispatch_model|load_checkpoint_and_dispatch|"
+                            r"set_module_tensor_to_device|\bmodel\.to\(|\.cuda\(\)|quantize_4bit|_process_model_before")
+TRAINING_FRAMES = re.compile(r"training_step|\.backward\(|optimizer\.step|_inner_training_loop|compute_loss|"
+                             r"torch/autograd/|trainer\.train\(")
+PACKAGE_LINE = re.compile(
+    r"^(?:\[(?:pip3?|conda)\]\s*|-\s*`?|\s*)"
+    r"(?P<name>[A-Za-z][A-Za-z0-9_.\-]*[A-Za-z0-9])`?\s*(?:==|\s+version:\s*|:\s+|\s{2,}|\s+)"
+    r"v?(?P<version>\d+(?:\.\d+){1,3}(?:(?:a|b|rc|\.post|\.dev)\d+)?(?:\+[\w.]+)?)\s*$", re.MULTILINE)
+WATCHED_IN_PASTES = frozenset({
+    "torch", "bitsandbytes", "transformers", "peft", "accelerate", "datasets", "trl", "huggingface-hub",
+    "huggingface_hub", "gradio", "gradio-client", "gradio_client", "numpy", "triton", "safetensors", "tokenizers",
+    "pydantic", "fsspec", "pyarrow", "deepspeed", "flash-attn", "flash_attn", "xformers", "torchvision",
+    "sentence-transformers", "diffusers", "liger-kernel", "unsloth", "vllm", "auto-gptq", "optimum"})
+
+
+def _version(text: str) -> Version | None:
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+def _cuda_from_int(value: str) -> Version | None:
+    """NVIDIA's integer CUDA versions: 11060 -> 11.6, 12020 -> 12.2."""
+    number = int(value)
+    if not 9000 <= number < 20000:
+        return None
+    return Version(f"{number // 1000}.{(number % 1000) // 10}")
+
+
+def read_facts(text: str, gpu_cc: Any = None) -> PasteFacts:
+    """Facts from a cleaned paste. `gpu_cc(name) -> "8.6" | None` looks a GPU name up (the GPU table)."""
+    driver_cuda = None
+    found = re.search(r"found version (\d{4,5})", text)
+    if found:
+        driver_cuda = _cuda_from_int(found.group(1))
+    smi = re.search(r"CUDA Version:\s*(\d+\.\d+)", text)
+    if driver_cuda is None and smi:
+        driver_cuda = _version(smi.group(1))
+    driver = None
+    drv = re.search(r"Driver Version:\s*(\d{3}\.\d+(?:\.\d+)?)", text)
+    if drv:
+        driver = drv.group(1)
+    ccs: list[str] = []
+    for sm in re.findall(r"\bsm_?(\d{2,3})[a-z]?\b", text):
+        cc = f"{sm[:-1]}.{sm[-1]}"
+        if cc not in ccs and 3 <= int(sm[:-1]) <= 13:
+            ccs.append(cc)
+    for cc in re.findall(r"(?:compute capability|CUDA capability)[ :]*(?:of )?(\d{1,2})\.(\d)", text, re.IGNORECASE):
+        value = f"{cc[0]}.{cc[1]}"
+        if value not in ccs:
+            ccs.append(value)
+    names: list[str] = []
+    for match in GPU_NAME.finditer(text):
+        name = match.group(0).strip()
+        if name not in names:
+            names.append(name)
+    if gpu_cc is not None:
+        for name in names:
+            cc = gpu_cc(name)
+            if cc and cc not in ccs:
+                ccs.append(cc)
+    torch_version = torch_cuda = None
+    for pattern in (r"(?:PyTorch version|torch version|Torch version)\s*[:=]\s*(\d+\.\d+\.\d+(?:\+\w+)?)",
+                    r"\btorch[=-]=?(\d+\.\d+\.\d+(?:\+\w+)?)", r"\btorch (\d+\.\d+\.\d+\+\w+)"):
+        m = re.search(pattern, text)
+        if m:
+            torch_version = _version(m.group(1))
+            break
+    if torch_version is not None and torch_version.local:
+        local = re.fullmatch(r"cu(\d+)", str(torch_version.local))
+        if local:
+            digits = local.group(1)
+            torch_cuda = _version(f"{digits[:-1]}.{digits[-1]}")
+    built = re.search(r"CUDA used to build PyTorch:\s*(\d+\.\d+)", text)
+    if torch_cuda is None and built:
+        torch_cuda = _version(built.group(1))
+    os_name = ("windows" if re.search(r"\b[A-Za-z]:\\\\?[A-Za-z]", text) else
+               "darwin" if re.search(r"(/Users/|/opt/homebrew/|/Volumes/|darwin|macOS)", text) else
+               "linux" if re.search(r"(/usr/(local/)?lib/python|/home/|/opt/conda/|/root/|linux)", text) else None)
+    phase = _phase(text)
+    packages: dict[str, str] = {}
+    for m in PACKAGE_LINE.finditer(text):
+        name = m.group("name").lower().replace("_", "-")
+        if name in {n.replace("_", "-") for n in WATCHED_IN_PASTES}:
+            packages.setdefault(name, m.group("version"))
+    if torch_version is not None:
+        packages.setdefault("torch", str(torch_version))
+    return PasteFacts(driver_cuda=driver_cuda, driver=driver, compute_capabilities=tuple(ccs), gpu_names=tuple(names),
+                      torch=torch_version, torch_cuda=torch_cuda, os=os_name, phase=phase, packages=packages)
+
+
+def _phase(text: str) -> str | None:
+    """Whether the last error happened while loading the model or in a training step: the frames of the
+    traceback nearest the error decide (the last 60 lines before the first `Error:` line of the tail)."""
+    lines = text.splitlines()
+    tail = "\n".join(lines[-60:])
+    loading = [m.start() for m in LOADING_FRAMES.finditer(tail)]
+    training = [m.start() for m in TRAINING_FRAMES.finditer(tail)]
+    if not loading and not training:
+        return None
+    if loading and (not training or max(loading) > max(training)):
+        return "loading"
+    return "training"

@@ -1,0 +1,207 @@
+"""The speed levers of a recipe's `performance:` section, decided for one machine: every `auto` turned
+into on or off with a reason (applied to a model by qlora_doctor/trainer/speed.py).
+
+What each lever does and why it is the default (measured by bench/train_throughput.py):
+  upcast_unquantized: false  peft's prepare casts embeddings, norms and lm_head to float32; with bf16
+                             autocast every step then casts them back (the 1 GB lm_head included) and
+                             the logits come out in float32. Keeping them in the compute dtype saves
+                             that memory and time; the LoRA weights stay float32 either way.
+  checkpoint_layers          recompute only some decoder layers (the first N): memory for speed.
+  liger_kernel: auto         fused linear cross-entropy (no [tokens, 128k] float32 logits), RMSNorm,
+                             SwiGLU, RoPE. Triton kernels: CUDA only.
+  fused_lora: auto           qlora_doctor/trainer/fused_lora.py: one autograd node per adapted layer,
+                             dropout mask regenerated instead of stored.
+  padding_free: auto         DataCollatorWithFlattening where attention has variable-length kernels.
+  group_by_length: true      similar lengths in one batch: less padding for every attention kernel.
+  torch_compile: false       compiles poorly around bitsandbytes' 4-bit parameters; opt in.
+  cudnn_attention: auto      off where a knowledge-base rule with `workaround = "cudnn_attention_off"`
+                             fires for this torch and GPU (torch 2.11-2.14.0 on Hopper: NaN grad_q; the
+                             70B FSDP run's CUDNN_STATUS_INTERNAL_ERROR at 24k tokens); SDPA then uses the
+                             flash / memory-efficient kernels. A process-wide torch setting, set on every rank.
+The optimizer stays the recipe's `training.optim`: for LoRA's few million parameters its step is a
+fraction of a percent of the step time, so a fused AdamW gains nothing measurable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qlora_doctor.recipe.precision import Precision
+    from qlora_doctor.recipe.schema import PerformanceSection, Recipe
+
+
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+"""Attention implementations with variable-length kernels (padding-free batches cost no more attention)."""
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One lever as decided for a run."""
+
+    name: str
+    """The recipe key under `performance:`."""
+    on: bool
+    reason: str
+    """Why it is on or off, e.g. `liger-kernel is not installed (pip install liger-kernel)`."""
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """Every `performance:` lever decided for one run."""
+
+    upcast_unquantized: Lever
+    checkpointing: Lever
+    checkpoint_layers: str | int | float
+    liger_kernel: Lever
+    fused_lora: Lever
+    padding_free: Lever
+    group_by_length: Lever
+    torch_compile: Lever
+    cudnn_attention: Lever
+    cudnn_hazards: tuple[str, ...] | None = None
+    """The knowledge-base rules the cuDNN decision was made on (None: not looked up)."""
+
+    def levers(self) -> list[Lever]:
+        return [self.upcast_unquantized, self.checkpointing, self.liger_kernel, self.fused_lora,
+                self.padding_free, self.group_by_length, self.torch_compile, self.cudnn_attention]
+
+    def to_json(self) -> dict[str, Any]:
+        return {lever.name: {"on": lever.on, "reason": lever.reason} for lever in self.levers()}
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_supported_model_types() -> frozenset[str] | None:
+    """Model types liger-kernel patches (None when it is not installed or its table moved)."""
+    if not liger_installed():
+        return None
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # noqa: BLE001 - an import error inside liger (e.g. no triton) means unavailable
+        return None
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def decide_liger(setting: Any, device: str, model_type: str | None) -> Lever:
+    """liger_kernel: auto|true|false for a device and model type (None: not known yet)."""
+    if setting is False:
+        return Lever("liger_kernel", False, "off in the recipe")
+    problem = None
+    if not liger_installed():
+        problem = "liger-kernel is not installed (`pip install liger-kernel`)"
+    elif device != "cuda":
+        problem = "its Triton kernels need an NVIDIA GPU; training runs on the CPU"
+    else:
+        supported = liger_supported_model_types()
+        if supported is None:
+            problem = "liger-kernel is installed but cannot be imported (is triton installed?)"
+        elif model_type is not None and model_type not in supported:
+            problem = f"model type {model_type!r} is not one liger-kernel patches"
+    if problem is None:
+        return Lever("liger_kernel", True, "installed, CUDA" + (f", supports {model_type}" if model_type else ""))
+    return Lever("liger_kernel", False, problem)
+
+
+def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[str, ...] | None) -> Lever:
+    """cudnn_attention: auto|true|false, given the rules that fire (None: not looked up)."""
+    if setting is False:
+        return Lever("cudnn_attention", False, "off in the recipe")
+    if device != "cuda":
+        return Lever("cudnn_attention", False, "no cuDNN attention: training runs on the CPU")
+    if setting is True:
+        return Lever("cudnn_attention", True, "on in the recipe" + (
+            f", despite the knowledge base ({'; '.join(hazards)})" if hazards else ""))
+    if hazards:
+        return Lever("cudnn_attention", False, "known broken for this torch and GPU: " + "; ".join(hazards))
+    return Lever("cudnn_attention", True, "torch chooses the backend" if hazards is not None
+                 else "torch chooses the backend (the knowledge base was not consulted)")
+
+
+def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = None,
+               attn_implementation: str | None = None, cudnn_hazards: tuple[str, ...] | None = None) -> SpeedPlan:
+    """Decide the `performance:` levers of `recipe` for the machine `precision` was resolved for.
+    `model_type`/`attn_implementation` come from the loaded model's config (None before loading);
+    `cudnn_hazards` from cudnn_attention_hazards(machine) (None: not looked up)."""
+    perf: PerformanceSection = recipe.performance
+    quantized = recipe.quantization.load_in_4bit
+    upcast = Lever("upcast_unquantized", perf.upcast_unquantized and quantized,
+                   "recipe: float32 like peft's prepare_model_for_kbit_training" if perf.upcast_unquantized
+                   else "unquantized weights stay in the compute dtype")
+    ckpt_on = recipe.training.gradient_checkpointing and perf.checkpoint_layers != 0
+    checkpointing = Lever("checkpoint_layers", ckpt_on,
+                          f"non-reentrant, layers: {perf.checkpoint_layers}" if ckpt_on
+                          else "training.gradient_checkpointing is false" if not recipe.training.gradient_checkpointing
+                          else "checkpoint_layers: 0")
+    if perf.fused_lora is False:
+        fused = Lever("fused_lora", False, "off in the recipe")
+    elif not quantized:
+        fused = Lever("fused_lora", False, "the model is not 4-bit (quantization.load_in_4bit: false)")
+    elif recipe.lora.use_dora or recipe.lora.bias != "none":
+        fused = Lever("fused_lora", False, "DoRA and LoRA biases are not fused")
+    elif recipe.distributed.strategy == "fsdp":
+        # FSDP flattens each layer's parameters into shards and hands the 4-bit weight back as a plain
+        # tensor without its quant_state (the first 2xH100 FSDP run failed on exactly that); peft's
+        # layer restores it from the module on every call, the fused function would not.
+        fused = Lever("fused_lora", False, "FSDP shards the 4-bit weights (peft's LoRA layer runs)")
+    else:
+        fused = Lever("fused_lora", True, "plain LoRA on 4-bit layers")
+    if perf.padding_free is False:
+        padding_free = Lever("padding_free", False, "off in the recipe")
+    elif perf.padding_free is True:
+        padding_free = Lever("padding_free", True, "on in the recipe")
+    elif attn_implementation in FLASH_ATTENTION:
+        padding_free = Lever("padding_free", True, f"{attn_implementation} has variable-length kernels")
+    else:
+        padding_free = Lever("padding_free", False, f"attention {attn_implementation or 'not known yet'} would "
+                             "compute over the whole packed row; batches are grouped by length instead")
+    grouped = perf.group_by_length and not padding_free.on
+    group = Lever("group_by_length", grouped, "similar lengths batched together" if grouped
+                  else "padding-free batches have no padding" if perf.group_by_length else "off in the recipe")
+    compile_ = Lever("torch_compile", perf.torch_compile, "on in the recipe" if perf.torch_compile else "off (default)")
+    return SpeedPlan(upcast_unquantized=upcast, checkpointing=checkpointing, checkpoint_layers=perf.checkpoint_layers,
+                     liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type),
+                     fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
+                     cudnn_attention=decide_cudnn_attention(perf.cudnn_attention, precision.device, cudnn_hazards),
+                     cudnn_hazards=cudnn_hazards)
+
+
+def plan_for_model(recipe: Recipe, precision: Precision, model: Any,
+                   cudnn_hazards: tuple[str, ...] | None = None) -> SpeedPlan:
+    """`speed_plan` with the model type and attention implementation of a loaded model."""
+    config = getattr(model, "config", None)
+    return speed_plan(recipe, precision, getattr(config, "model_type", None),
+                      getattr(config, "_attn_implementation", None), cudnn_hazards)
+
+
+def checkpointed_indices(selection: str | int | float, layer_count: int) -> list[int]:
+    """Which decoder layers (0-based) recompute: `all`, the first N, or the first round(f * count).
+    `auto` not yet resolved for a GPU (memory.plan.resolve_checkpoint_layers) counts as `all`."""
+    if selection in ("all", "auto"):
+        return list(range(layer_count))
+    count = selection if isinstance(selection, int) else round(selection * layer_count)
+    return list(range(min(count, layer_count)))
+
+
+def recipe_model_type(recipe: Recipe) -> str | None:
+    """The model type from a builtin or local model's config.json (None for a hub id: not downloaded)."""
+    import json
+    import os
+
+    from qlora_doctor.recipe.builtin import builtin_config, is_builtin
+
+    name = recipe.model.name_or_path
+    try:
+        if is_builtin(name):
+            return builtin_config(name).get("model_type")
+        config = os.path.join(name, "config.json")
+        if os.path.isabs(name) and os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return None

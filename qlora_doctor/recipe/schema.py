@@ -1,0 +1,548 @@
+"""A training recipe: one YAML file, validated into typed sections named after the libraries' own
+parameters (transformers' `BitsAndBytesConfig` and `TrainingArguments`, peft's `LoraConfig`,
+datasets' `load_dataset`), so a reader who knows those libraries can read a recipe.
+
+    recipe = load_recipe("demo")               # recipes/demo.yaml, or any path
+    precision = resolve_precision(recipe, machine)   # the `auto`s, decided for one machine
+    BitsAndBytesConfig(**recipe.quantization.bnb_kwargs(precision))
+    LoraConfig(**recipe.lora.lora_kwargs())
+    TrainingArguments(**training_arguments_kwargs(recipe, precision))
+
+Every problem in a recipe is collected and raised at once as one `InputError`, each message naming
+the file and the key: `recipes/x.yaml: lora.r: must be > 0, got 0`.
+
+Paths: `dataset.path` and `dataset.eval_path` are relative to the recipe file's folder and come out
+of validation absolute; a value that is not a local path but looks like `org/name` is a Hugging Face
+hub dataset id and is not checked (validation never needs the network). `training.output_dir` is
+relative to the current directory, like every command-line tool's output.
+
+A later section (`performance:`, `distributed:`) is one more `Section` subclass and one more field
+on `Recipe` with a default, so that recipes written before it stay valid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from qlora_doctor.core.errors import InputError
+from qlora_doctor.recipe.errors import (CROSS_FIELD_MARK, describe_value, did_you_mean, format_validation_errors,
+    one_of)
+from qlora_doctor.recipe.yamlfile import parse_yaml_value, read_recipe_yaml, yaml_problem
+
+if TYPE_CHECKING:
+    from qlora_doctor.recipe.precision import Precision
+
+# Upper bounds that no real run reaches: they turn a typo like `r: 160000000` into an error here
+# instead of an out-of-memory or an overflow deep inside torch.
+_MAX_COUNT = 10**9
+_MAX_BATCH = 65536
+_MAX_SEQ = 1_048_576
+
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""Local data files `datasets` can read, by suffix -> the `load_dataset` builder name."""
+
+BUILTIN_PREFIX = "builtin:"
+AutoBool = Union[Literal["auto"], bool]
+
+# transformers 5.x `OptimizerNames` and `SchedulerType` values (checked against 5.24), kept here so
+# that validating a recipe does not import transformers. A name missing here fails with the list.
+KNOWN_OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+    "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+    "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit",
+    "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+    "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw",
+    "apollo_adamw_layerwise", "stable_adamw",
+)
+KNOWN_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, `"16"` is not silently the number 16, no NaN/inf."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        min_length=1,
+        description="`builtin:NAME` (a model that ships with qlora-doctor), a local folder "
+                    "(relative to the recipe's folder), or a Hugging Face hub id like `org/name`.")
+    revision: str | None = Field(default=None, description="Hub branch, tag or commit to load.")
+    trust_remote_code: bool = Field(
+        default=False, description="Run Python code that comes with the model repo (a security risk).")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _local_model_exists(cls, value: str, info: ValidationInfo) -> str:
+        if value.startswith(BUILTIN_PREFIX):
+            from qlora_doctor.recipe.builtin import BUILTIN_MODELS
+
+            if value[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+                known = [BUILTIN_PREFIX + name for name in sorted(BUILTIN_MODELS)]
+                raise ValueError(f"unknown builtin model {value!r}{did_you_mean(value, known)}; "
+                                 f"builtin models: {', '.join(known)}")
+            return value
+        location = _classify_location(value, _base_dir(info), suffixes=())
+        if location.kind == "missing":
+            raise ValueError(f"no model folder at {location.path} (relative paths are resolved against "
+                             f"the recipe's folder {_base_dir(info)}); fix the path, or use a hub id "
+                             "like `HuggingFaceTB/SmolLM2-135M-Instruct`")
+        return location.path if location.kind == "local" else value
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = Field(default=True, description="Quantize the base model to 4 bit (QLoRA); "
+                               "false trains LoRA on an unquantized model.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="auto: bfloat16 on GPUs with compute capability >= 8.0, float16 on "
+                                    "older GPUs, float32 on CPU.")
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = None
+
+    def bnb_kwargs(self, precision: Precision) -> dict[str, Any]:
+        """Keyword arguments for `transformers.BitsAndBytesConfig` (dtype names as strings, which it accepts)."""
+        kwargs: dict[str, Any] = {
+            "load_in_4bit": self.load_in_4bit,
+            "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
+            "bnb_4bit_use_double_quant": self.bnb_4bit_use_double_quant,
+            "bnb_4bit_compute_dtype": precision.compute_dtype,
+        }
+        if self.bnb_4bit_quant_storage is not None:
+            kwargs["bnb_4bit_quant_storage"] = self.bnb_4bit_quant_storage
+        return kwargs
+
+
+class LoraSection(Section):
+    r: int = Field(default=16, gt=0, le=4096, description="LoRA rank.")
+    lora_alpha: float = Field(default=32, gt=0, le=1e6, description="Scaling: updates are multiplied by lora_alpha / r.")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        default="all-linear",
+        description="`all-linear` (every linear layer but the output head), a list of module names "
+                    "like [q_proj, v_proj], or a regex matched against full module names.")
+    bias: Literal["none", "all", "lora_only"] = "none"
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_modules(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and not value.strip() or isinstance(value, list) and not value:
+            raise ValueError("is empty; use `all-linear` or a list like [q_proj, k_proj, v_proj, o_proj]")
+        if isinstance(value, list) and any(not m.strip() for m in value):
+            raise ValueError("has an empty module name")
+        return value
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `peft.LoraConfig`."""
+        return self.model_dump()
+
+
+class DatasetSection(Section):
+    path: str = Field(
+        min_length=1,
+        description="A .jsonl/.json/.csv/.parquet file (relative to the recipe's folder), or a "
+                    "Hugging Face hub dataset id like `tatsu-lab/alpaca`.")
+    name: str | None = Field(default=None, description="Hub dataset configuration name (load_dataset's `name`).")
+    split: str = Field(default="train", min_length=1, description="Hub dataset split to train on.")
+    format: Literal["text", "alpaca", "chat"] = Field(
+        description="text: one text field; alpaca: instruction/input/output; chat: a list of "
+                    "{role, content} messages.")
+    text_field: str = "text"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: str = "messages"
+    eval_path: str | None = Field(
+        default=None, description="A local file of held-out examples; when null, `eval_split` of the "
+                                  "training data is held out instead.")
+    eval_split: float = Field(default=0.1, ge=0, lt=1,
+                              description="Fraction held out for evaluation when there is no eval_path "
+                                          "(0: no evaluation). Chosen deterministically from training.seed.")
+    train_on_inputs: bool = Field(default=False, description="Compute the loss on the prompt too "
+                                  "(alpaca/chat); by default only the response is learned.")
+    max_samples: int | None = Field(default=None, gt=0, le=_MAX_COUNT,
+                                    description="Use at most this many training rows (the first ones).")
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
+        return _resolve_data_location(value, info, allow_hub=True)
+
+    @field_validator("eval_path")
+    @classmethod
+    def _resolve_eval_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _resolve_data_location(value, info, allow_hub=False)
+
+    @property
+    def is_hub(self) -> bool:
+        """True when `path` is a hub dataset id rather than a local file (local paths are absolute)."""
+        return not os.path.isabs(self.path)
+
+
+class TrainingSection(Section):
+    output_dir: str = Field(min_length=1, description="Where adapters, checkpoints and logs go "
+                                                      "(relative to the current directory).")
+    num_train_epochs: float | None = Field(default=None, gt=0, le=1e6,
+                                           description="Passes over the training data (default 1).")
+    max_steps: int | None = Field(default=None, gt=0, le=_MAX_COUNT,
+                                  description="Optimizer steps; set this or num_train_epochs, not both.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1)
+    fp16: AutoBool = Field(default="auto", description="auto: on for GPUs below compute capability 8.0.")
+    bf16: AutoBool = Field(default="auto", description="auto: on for GPUs with compute capability >= 8.0.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=_MAX_BATCH)
+    per_device_train_batch_size: int = Field(default=1, ge=1, le=_MAX_BATCH)
+    per_device_eval_batch_size: int | None = Field(default=None, ge=1, le=_MAX_BATCH,
+                                                   description="Default: per_device_train_batch_size.")
+    max_seq_length: int = Field(default=512, ge=8, le=_MAX_SEQ,
+                                description="Tokens per example; longer examples are truncated.")
+    gradient_checkpointing: bool = True
+    optim: str = Field(default="paged_adamw_8bit", description="A transformers optimizer name; paged "
+                       "and bnb 8-bit optimizers need CUDA, use adamw_torch on CPU.")
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1,
+                                       description="Fraction of the steps spent warming up (default 0.03).")
+    warmup_steps: int | None = Field(default=None, ge=0, le=_MAX_COUNT, description="Or an exact number of steps.")
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
+    max_grad_norm: float = Field(default=0.3, gt=0, le=1e6)
+    logging_steps: int = Field(default=1, ge=1, le=_MAX_COUNT)
+    eval_strategy: Literal["no", "steps", "epoch"] = "steps"
+    eval_steps: int | None = Field(default=None, ge=1, le=_MAX_COUNT, description="Default: save_steps.")
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"
+    save_steps: int = Field(default=50, ge=1, le=_MAX_COUNT)
+    save_total_limit: int | None = Field(default=2, ge=1, le=_MAX_COUNT)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` (the TrainingArguments value) as false.
+        return "no" if value is False else value
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"
+    dataloader_num_workers: int = Field(default=0, ge=0, le=1024)
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return one_of(value, KNOWN_OPTIMIZERS, "optimizer")
+
+    @field_validator("lr_scheduler_type")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return one_of(value, KNOWN_SCHEDULERS, "scheduler")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSection:
+        problems = training_conflicts(self.model_dump(exclude_defaults=True))
+        if problems:
+            raise ValueError(CROSS_FIELD_MARK + CROSS_FIELD_MARK.join(problems))
+        return self
+
+    @property
+    def epochs(self) -> float:
+        """num_train_epochs with its default (1) filled in; ignored by the Trainer when max_steps is set."""
+        return 1.0 if self.num_train_epochs is None else self.num_train_epochs
+
+
+class PerformanceSection(Section):
+    """Speed levers of `qlora-doctor run` (applied by `qlora_doctor/trainer/speed.py`). The defaults are
+    the fast path; `upcast_unquantized: true, checkpoint_layers: all, liger_kernel: false, fused_lora:
+    false, padding_free: false, group_by_length: false` is the plain transformers+peft path."""
+
+    upcast_unquantized: bool = Field(
+        default=False, description="Cast every weight that is not 4-bit (embeddings, norms, lm_head) to "
+        "float32 as peft's prepare_model_for_kbit_training does; false keeps them in the compute dtype "
+        "(less memory, no per-step casts).")
+    checkpoint_layers: Union[Literal["all", "auto"], int, float] = Field(
+        default="all", description="With training.gradient_checkpointing: which decoder layers recompute "
+        "their activations in the backward pass: `all`, a count (the first N layers), a fraction in "
+        "(0, 1] of the layers, or `auto`: the fewest that keep the memory planner's prediction within "
+        "85% of the GPU (all on a CPU, with FSDP, or when the GPU's memory is unknown). Fewer: faster, more memory.")
+    liger_kernel: AutoBool = Field(
+        default="auto", description="Liger Kernel's fused linear cross-entropy, RMSNorm, SwiGLU and RoPE. "
+        "auto: on when liger-kernel is installed, the model type is supported and training runs on CUDA.")
+    fused_lora: AutoBool = Field(
+        default="auto", description="One autograd function per LoRA-on-4-bit layer (dequantize, base matmul, "
+        "LoRA and dropout together; the dropout mask is regenerated instead of stored). auto: on for "
+        "4-bit plain LoRA (no DoRA, no bias).")
+    padding_free: AutoBool = Field(
+        default="auto", description="Concatenate each batch into one row without padding "
+        "(DataCollatorWithFlattening). auto: on when the attention implementation has variable-length "
+        "kernels (flash_attention_2/3); sdpa would compute attention across the whole packed row.")
+    group_by_length: bool = Field(
+        default=True, description="Batch examples of similar length together (less padding); the "
+        "order of batches stays random.")
+    torch_compile: bool = Field(default=False, description="torch.compile the model (TrainingArguments.torch_compile).")
+    cudnn_attention: AutoBool = Field(
+        default="auto", description="Let scaled_dot_product_attention use cuDNN's kernel (torch's choice). "
+        "auto: off where a knowledge-base rule says cuDNN attention is broken for this torch and GPU "
+        "(torch 2.11 to 2.14.0 on H100/H200: NaN gradients, internal errors at long sequences); the flash "
+        "and memory-efficient kernels take over.")
+
+    @field_validator("checkpoint_layers")
+    @classmethod
+    def _layer_selection(cls, value: str | int | float) -> str | int | float:
+        if isinstance(value, int) and not 0 <= value <= _MAX_COUNT:
+            raise ValueError(f"a layer count must be >= 0, got {value}; or use `all` or a fraction like 0.5")
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(f"a fraction of the layers must be in (0, 1], got {value}; or use `all` or a count")
+        return value
+
+
+class DistributedSection(Section):
+    """Training on several GPUs of one machine through `accelerate launch` (launcher:
+    `qlora_doctor/trainer/distributed.py`). `none` trains on one GPU in the `qlora-doctor run` process;
+    `ddp` keeps one whole 4-bit model per GPU; `fsdp` shards the 4-bit model across the GPUs
+    (FSDP-QLoRA, for a model that does not fit one GPU)."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = Field(
+        default="none", description="none: one process, one GPU; ddp: one model copy per GPU; fsdp: the "
+        "model sharded across the GPUs (needs quantization.bnb_4bit_quant_storage equal to the compute dtype).")
+    num_processes: Union[Literal["auto"], int] = Field(
+        default="auto", description="Processes (one per GPU) on this machine; auto: every visible GPU.")
+    main_process_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Port of rank 0's rendezvous (accelerate's default 29500 when null).")
+    fsdp_auto_wrap_layer: str | None = Field(
+        default=None, min_length=1, description="fsdp: the decoder layer class to wrap (default: the "
+        "model's own `_no_split_modules`, e.g. LlamaDecoderLayer).")
+    fsdp_offload_params: bool = Field(default=False, description="fsdp: keep parameter shards in CPU RAM (slow).")
+
+    @field_validator("num_processes")
+    @classmethod
+    def _process_count(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and not 1 <= value <= 1024:
+            raise ValueError(f"must be between 1 and 1024 (one per GPU) or `auto`, got {value}")
+        return value
+
+
+def training_conflicts(training: Any) -> list[str]:
+    """Keys of the training section that contradict each other. Takes the raw mapping too, so that
+    these are reported even when another training key has the wrong type."""
+    if not isinstance(training, dict):
+        return []
+    problems: list[str] = []
+    if training.get("fp16") is True and training.get("bf16") is True:
+        problems.append("training.fp16 and training.bf16: both true; choose one (bf16 on GPUs with "
+                        "compute capability >= 8.0, fp16 on older ones) or leave both `auto`")
+    if training.get("num_train_epochs") is not None and training.get("max_steps") is not None:
+        problems.append("training.num_train_epochs and training.max_steps: both set, and max_steps "
+                        "would silently win; keep one of them")
+    if training.get("warmup_ratio") is not None and training.get("warmup_steps") is not None:
+        problems.append("training.warmup_ratio and training.warmup_steps: both set; keep one of them")
+    return problems
+
+
+class Recipe(Section):
+    """A whole recipe. Build one with `load_recipe` (a file) or `recipe_from_dict` (a mapping)."""
+
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    dataset: DatasetSection
+    training: TrainingSection
+    performance: PerformanceSection = PerformanceSection()
+    distributed: DistributedSection = DistributedSection()
+
+    @model_validator(mode="after")
+    def _fsdp_quant_storage(self) -> Recipe:
+        q = self.quantization
+        if (self.distributed.strategy == "fsdp" and q.load_in_4bit and q.bnb_4bit_quant_storage is not None
+                and q.bnb_4bit_quant_storage == "uint8"):
+            raise ValueError(CROSS_FIELD_MARK + "distributed.strategy: fsdp with quantization.bnb_4bit_quant_storage: "
+                             "uint8: FSDP cannot shard uint8 weights together with bf16 ones; set "
+                             "`quantization.bnb_4bit_quant_storage: bfloat16` (the compute dtype) or leave it unset "
+                             "(fsdp then stores 4-bit weights in the compute dtype)")
+        return self
+
+
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
+"""The repository's recipes folder, next to the package (searched after ./recipes)."""
+
+
+def recipe_search_path() -> list[Path]:
+    return [Path.cwd() / "recipes", REPO_RECIPES]
+
+
+def find_recipe(path_or_name: str | os.PathLike[str]) -> Path:
+    """A recipe file by path, or by name (`demo` -> the first `recipes/demo.yaml` on the search path)."""
+    text = os.fspath(path_or_name)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise InputError(f"{text}: is a folder; name a recipe file like {text.rstrip('/')}/demo.yaml")
+    is_name = Path(text).name == text and path.suffix not in (".yaml", ".yml")
+    if is_name:
+        for folder in recipe_search_path():
+            for suffix in (".yaml", ".yml"):
+                candidate = folder / f"{text}{suffix}"
+                if candidate.is_file():
+                    return candidate
+    known = sorted({p.stem for folder in recipe_search_path() if folder.is_dir()
+                    for p in [*folder.glob("*.yaml"), *folder.glob("*.yml")]})
+    hint = did_you_mean(text if is_name else path.stem, known)
+    where = " or ".join(str(f) for f in recipe_search_path())
+    raise InputError(f"{text}: no such recipe file{' or recipe name in ' + where if is_name else ''}"
+                     f"{hint}; known recipes: {', '.join(known) or 'none'}")
+
+
+def load_recipe(path_or_name: str | os.PathLike[str]) -> Recipe:
+    """Read, parse and validate a recipe; raises one `InputError` listing every problem."""
+    path = find_recipe(path_or_name)
+    where = display_path(path)
+    data = read_recipe_yaml(path, where)
+    return recipe_from_dict(data, where=where, base_dir=path.resolve().parent)
+
+
+def recipe_from_dict(data: Any, where: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    """Validate a parsed recipe. Relative data/model paths resolve against `base_dir` (default: cwd)."""
+    from pydantic import ValidationError
+
+    if data is None:
+        raise InputError(f"{where}: the recipe is empty; start from `recipes/demo.yaml` "
+                         "(sections model, quantization, lora, dataset, training)")
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping with the sections model, quantization, lora, "
+                         f"dataset, training at the top level, got {describe_value(data)}")
+    # An empty section (`lora:` with nothing under it) means "all defaults", as it reads.
+    data = {k: ({} if v is None and k in Recipe.model_fields else v) for k, v in data.items()}
+    try:
+        return Recipe.model_validate(data, context={"base_dir": base_dir or Path.cwd()})
+    except ValidationError as err:
+        messages = format_validation_errors(err, Recipe)
+        messages += [m for m in training_conflicts(data.get("training")) if m not in messages]
+        raise InputError([f"{where}: {m}" for m in messages]) from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply to be a recipe") from None
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str], where: str = "--set") -> Recipe:
+    """A copy of `recipe` with `section.key=value` overrides (values parsed as YAML), revalidated."""
+    import yaml
+
+    data = recipe.model_dump()
+    errors: list[str] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            errors.append(f"{where} {item!r}: expected SECTION.KEY=VALUE, e.g. training.max_steps=10")
+            continue
+        section, name = parts
+        if section not in data:
+            errors.append(f"{where} {item!r}: unknown section {section!r}{did_you_mean(section, list(data))}")
+            continue
+        try:
+            value = parse_yaml_value(raw)
+        except yaml.YAMLError as err:
+            errors.append(f"{where} {item!r}: value is not valid YAML ({yaml_problem(err)})")
+            continue
+        data[section] = {**(data[section] or {}), name: value}
+    if errors:
+        raise InputError(errors)
+    return recipe_from_dict(data, where=where)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of a recipe, for editors (e.g. `# yaml-language-server: $schema=recipe.schema.json`)."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "qlora-doctor recipe"
+    return schema
+
+
+def recipe_summary(recipe: Recipe) -> str:
+    """One line describing a recipe, for `validate` and logs."""
+    t, d, q, lora = recipe.training, recipe.dataset, recipe.quantization, recipe.lora
+    length = f"max_steps {t.max_steps}" if t.max_steps is not None else f"{t.epochs:g} epoch(s)"
+    data = d.path if d.is_hub else display_path(Path(d.path))
+    modules = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
+    quant = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "unquantized"
+    return (f"{recipe.model.name_or_path} ({quant}), LoRA r={lora.r} {modules}, {d.format} data {data}, "
+            f"{length}, seq {t.max_seq_length} -> {t.output_dir}")
+
+
+# --- paths ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Location:
+    kind: Literal["local", "hub", "missing"]
+    path: str
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _classify_location(value: str, base_dir: Path, suffixes: tuple[str, ...]) -> _Location:
+    """A local path (made absolute), a hub id (`name` or `org/name`), or a local path that is missing."""
+    expanded = Path(value).expanduser()
+    candidate = expanded if expanded.is_absolute() else base_dir / expanded
+    try:
+        exists = candidate.exists()
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte: not a path
+        raise ValueError(f"not a usable path ({err.strerror if isinstance(err, OSError) else err}); "
+                         "fix the path") from None
+    if exists:
+        return _Location("local", str(candidate.resolve()))
+    looks_local = (value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1
+                   or Path(value).suffix.lower() in suffixes or not _HUB_ID.fullmatch(value))
+    return _Location("missing", str(candidate)) if looks_local else _Location("hub", value)
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    context = info.context or {}
+    return Path(context.get("base_dir") or Path.cwd())
+
+
+def _resolve_data_location(value: str, info: ValidationInfo, allow_hub: bool) -> str:
+    base = _base_dir(info)
+    location = _classify_location(value, base, suffixes=tuple(DATA_SUFFIXES))
+    if location.kind == "missing" or location.kind == "hub" and not allow_hub:
+        raise ValueError(f"no such file: {location.path} (relative paths are resolved against the "
+                         f"recipe's folder {base}); fix the path"
+                         + (" or use a hub dataset id like `tatsu-lab/alpaca`" if allow_hub else ""))
+    if location.kind == "local":
+        path = Path(location.path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; name one data file ({', '.join(DATA_SUFFIXES)})")
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            raise ValueError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                             f"use one of {', '.join(DATA_SUFFIXES)}")
+    return location.path
+
+
+def display_path(path: Path) -> str:
+    """A path as the user would write it: relative to the current directory when inside it."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+__all__ = [
+    "DATA_SUFFIXES", "DatasetSection", "DistributedSection", "LoraSection", "ModelSection", "PerformanceSection",
+    "QuantizationSection", "Recipe", "TrainingSection", "apply_overrides", "display_path", "find_recipe",
+    "format_validation_errors", "load_recipe", "recipe_from_dict", "recipe_json_schema", "recipe_summary",
+]

@@ -1,0 +1,274 @@
+"""What machine are we on: OS, arch, Python, libc, NVIDIA driver, GPUs.
+
+Probe order (first that answers wins, each later one fills what the earlier could not read):
+  1. `--machine FILE`, or the file named by QLORA_DOCTOR_MACHINE: a described machine, no probing.
+     This is also the test seam.
+  2. NVML through `pynvml` (package nvidia-ml-py): driver, CUDA driver API version, each GPU's name,
+     memory and compute capability.
+  3. `/proc/driver/nvidia/version`: the kernel module's driver version (Linux).
+  4. `nvidia-smi --query-gpu=...`: names, memory, compute capability (newer drivers) and driver.
+  5. AMD (`/sys/class/kfd`, `rocm-smi`) and Apple silicon are reported as such; otherwise no GPU.
+
+Parsing is kept apart from running: `parse_*` functions are pure and tested on captured output.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from qlora_doctor.core.machine import Gpu, Machine, _is_cc, load_machine_file, machine_from_dict, save_machine_file  # noqa: F401 (re-exported)
+
+MACHINE_ENV = "QLORA_DOCTOR_MACHINE"
+# Time bounds: a wedged driver must not wedge `check`. NVML runs in a helper thread that is abandoned
+# after NVML_TIMEOUT_S; all nvidia-smi calls together get NVIDIA_SMI_TIMEOUT_S (a healthy one answers
+# in well under a second). So the whole probe ends within about 8 s, whatever the driver does.
+NVML_TIMEOUT_S = 3.0
+NVIDIA_SMI_TIMEOUT_S = 5.0
+PROC_DRIVER_VERSION = Path("/proc/driver/nvidia/version")
+
+
+# --- pure parsers -------------------------------------------------------------------------------
+
+def parse_proc_driver_version(text: str) -> str | None:
+    """Driver version from `/proc/driver/nvidia/version`, e.g.
+    `NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024`."""
+    match = re.search(r"Kernel Module(?: for [\w-]+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return match.group(1) if match else None
+
+
+NVIDIA_SMI_FIELDS = ("name", "memory.total", "memory.free", "compute_cap", "driver_version")
+# Drivers before ~510 don't know `compute_cap` and refuse the whole query; ask again without it.
+NVIDIA_SMI_FIELDS_OLD = ("name", "memory.total", "memory.free", "driver_version")
+
+
+def parse_nvidia_smi_csv(text: str, fields: tuple[str, ...] = NVIDIA_SMI_FIELDS) -> tuple[list[Gpu], str | None]:
+    """GPUs and driver version from `nvidia-smi --query-gpu=<fields> --format=csv,noheader,nounits`.
+
+    A field the driver cannot fill reads `[N/A]` or `[Field Not Supported]` and becomes None.
+    Raises ValueError on output that is not this CSV (garbage must not become a GPU)."""
+    gpus: list[Gpu] = []
+    driver: str | None = None
+    for line in text.strip().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != len(fields):
+            raise ValueError(f"unexpected nvidia-smi line: {line[:120]!r}")
+        row = dict(zip(fields, parts))
+        drv = row.get("driver_version", "")
+        if not row["name"] or not re.fullmatch(r"\d+(\.\d+){1,2}", drv):
+            raise ValueError(f"unexpected nvidia-smi line: {line[:120]!r}")
+        cc = row.get("compute_cap", "")
+        gpus.append(Gpu(name=row["name"], compute_capability=cc if _is_cc(cc) else None,
+                        memory_total_mib=_int_or_none(row["memory.total"]),
+                        memory_free_mib=_int_or_none(row["memory.free"])))
+        driver = drv
+    return gpus, driver
+
+
+def parse_nvidia_smi_header(text: str) -> tuple[str | None, str | None]:
+    """Driver and CUDA version from plain `nvidia-smi` output:
+    `| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4 |`."""
+    driver = re.search(r"Driver Version:\s*(\d+\.\d+(?:\.\d+)?)", text)
+    cuda = re.search(r"CUDA Version:\s*(\d+\.\d+)", text)
+    return (driver.group(1) if driver else None, cuda.group(1) if cuda else None)
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(float(text))
+    except (ValueError, OverflowError):  # `inf`, `1e400`: garbage, not memory
+        return None
+
+
+# --- machine files ------------------------------------------------------------------------------
+
+# --- probes -------------------------------------------------------------------------------------
+
+def probe_machine() -> Machine:
+    """This machine, in the documented order (module docstring). Never raises for a missing GPU."""
+    override = os.environ.get(MACHINE_ENV)
+    if override:
+        return load_machine_file(override)
+    notes: list[str] = []
+    base = dict(os=_os_name(), arch=platform.machine().lower() or "unknown",
+                python=platform.python_version(), libc=_libc())
+    gpus, driver, cuda_driver = _probe_nvml_bounded(notes)
+    if driver is None:
+        driver = _probe_proc_driver(notes)
+    if not gpus or any(g.compute_capability is None for g in gpus):
+        smi_gpus, smi_driver, smi_cuda = _probe_nvidia_smi(notes, want_gpus=not gpus or any(
+            g.compute_capability is None for g in gpus))
+        if not gpus:
+            gpus = smi_gpus
+        elif smi_gpus and len(smi_gpus) == len(gpus):
+            gpus = [g if g.compute_capability else replace(g, compute_capability=s.compute_capability)
+                    for g, s in zip(gpus, smi_gpus)]
+        driver = driver or smi_driver
+        cuda_driver = cuda_driver or smi_cuda
+    if gpus and any(g.compute_capability is None for g in gpus):
+        gpus = [g if g.compute_capability else replace(g, compute_capability=_cc_from_name(g.name))
+                for g in gpus]
+    vendor = "nvidia" if gpus or driver else "none"
+    if vendor == "none":
+        if base["os"] == "darwin" and base["arch"] == "arm64":
+            vendor = "apple"
+            gpus = [Gpu(name="Apple silicon GPU (MPS)", vendor="apple")]
+        elif Path("/sys/class/kfd").exists() or shutil.which("rocm-smi"):
+            vendor = "amd"
+            gpus = [Gpu(name="AMD GPU (ROCm)", vendor="amd")]
+    return Machine(**base, driver_version=driver, cuda_driver_version=cuda_driver, gpus=tuple(gpus),
+                   gpu_vendor=vendor, notes=tuple(notes))
+
+
+def _os_name() -> str:
+    return {"win32": "windows", "cygwin": "windows", "darwin": "darwin"}.get(sys.platform, "linux")
+
+
+def _libc() -> str | None:
+    name, version = platform.libc_ver()
+    return f"{name} {version}" if name else None
+
+
+def _probe_nvml_bounded(notes: list[str]) -> tuple[list[Gpu], str | None, str | None]:
+    """`_probe_nvml` in a daemon thread: NVML is a C library, and a hung driver call cannot be
+    interrupted, only left behind."""
+    import threading
+
+    result: list[tuple[list[Gpu], str | None, str | None]] = []
+    thread_notes: list[str] = []
+    thread = threading.Thread(target=lambda: result.append(_probe_nvml(thread_notes)), name="qlora-doctor-nvml",
+                              daemon=True)
+    thread.start()
+    thread.join(NVML_TIMEOUT_S)
+    if thread.is_alive() or not result:
+        notes.append(f"NVML: no answer within {NVML_TIMEOUT_S:g} s (a hung driver?); asked nvidia-smi instead")
+        return [], None, None
+    notes.extend(thread_notes)
+    return result[0]
+
+
+def _probe_nvml(notes: list[str]) -> tuple[list[Gpu], str | None, str | None]:
+    try:
+        import pynvml  # nvidia-ml-py
+    except Exception as err:  # a broken install is reported, not crashed on
+        notes.append(f"NVML: pynvml not importable ({type(err).__name__}: {err})")
+        return [], None, None
+    try:
+        pynvml.nvmlInit()
+    except Exception as err:
+        notes.append(f"NVML: no NVIDIA driver library ({_short(err)})")
+        return [], None, None
+    gpus: list[Gpu] = []
+    driver = cuda = None
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        try:
+            v = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+            cuda = f"{v // 1000}.{(v % 1000) // 10}"
+        except Exception as err:
+            notes.append(f"NVML: CUDA driver version unreadable ({_short(err)})")
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                name = _text(pynvml.nvmlDeviceGetName(handle))
+                mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                try:
+                    major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                    cc: str | None = f"{major}.{minor}"
+                except Exception:
+                    cc = None
+                gpus.append(Gpu(name=name, compute_capability=cc, memory_total_mib=mem.total // 2**20,
+                                memory_free_mib=mem.free // 2**20))
+            except Exception as err:  # a GPU that vanished between probes: keep the others
+                notes.append(f"NVML: GPU {i} unreadable ({_short(err)})")
+    except Exception as err:
+        notes.append(f"NVML: query failed ({_short(err)})")
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return gpus, driver, cuda
+
+
+def _probe_proc_driver(notes: list[str]) -> str | None:
+    try:
+        text = PROC_DRIVER_VERSION.read_text(errors="replace")
+    except OSError:
+        return None
+    driver = parse_proc_driver_version(text)
+    if driver is None:
+        notes.append(f"{PROC_DRIVER_VERSION}: no driver version in it")
+    return driver
+
+
+def _probe_nvidia_smi(notes: list[str], want_gpus: bool) -> tuple[list[Gpu], str | None, str | None]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return [], None, None
+    gpus: list[Gpu] = []
+    driver = cuda = None
+    deadline = time.monotonic() + NVIDIA_SMI_TIMEOUT_S
+    if want_gpus:
+        for fields in (NVIDIA_SMI_FIELDS, NVIDIA_SMI_FIELDS_OLD):
+            out = _run([exe, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], notes, deadline)
+            if out is None:
+                continue
+            try:
+                gpus, driver = parse_nvidia_smi_csv(out, fields)
+                break
+            except ValueError as err:
+                notes.append(f"nvidia-smi: {err}")
+                break
+    header = _run([exe], notes, deadline)
+    if header is not None:
+        header_driver, cuda = parse_nvidia_smi_header(header)
+        driver = driver or header_driver
+    return gpus, driver, cuda
+
+
+def _run(argv: list[str], notes: list[str], deadline: float) -> str | None:
+    """stdout of `argv`, or None (with a note) when it fails or the time until `deadline` runs out."""
+    name = Path(argv[0]).name
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        notes.append(f"{name}: not asked for {' '.join(argv[1:2]) or 'its header'}, "
+                     f"its {NVIDIA_SMI_TIMEOUT_S:g} s were used up")
+        return None
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=remaining, errors="replace")
+    except subprocess.TimeoutExpired:
+        notes.append(f"{name}: no answer within {NVIDIA_SMI_TIMEOUT_S:g} s")
+        return None
+    except OSError as err:
+        notes.append(f"{Path(argv[0]).name}: {err}")
+        return None
+    if proc.returncode != 0:
+        notes.append(f"{Path(argv[0]).name} exited {proc.returncode}: {proc.stderr.strip()[:200]}")
+        return None
+    return proc.stdout
+
+
+def _cc_from_name(name: str) -> str | None:
+    from qlora_doctor.knowledge.loading import load_tables
+
+    return load_tables().compute_capability_for(name)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _short(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:200]
