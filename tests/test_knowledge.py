@@ -46,8 +46,10 @@ def test_rule_is_clear_on_its_counter_example(rule):
 
 @pytest.mark.parametrize("rule", TEXT_RULES, ids=[r.id for r in TEXT_RULES])
 def test_explain_recognises_the_rule_log(rule):
+    """Each rule's example log makes explain answer with that rule first. Where rules share a text, the
+    example carries what decides between them (a version, a GPU, the driver's CUDA, the failing phase)."""
     matches = explain_text(rule.examples["log"]).matches
-    assert rule.id in [m.id for m in matches], (rule.id, [m.id for m in matches])
+    assert [m.id for m in matches][:1] == [rule.id], (rule.id, [(m.id, round(m.score, 2)) for m in matches])
 
 
 def test_explain_ignores_unrelated_text():
@@ -90,6 +92,41 @@ packages = {{ torch = "2.10.0" }}
     if message is None:
         [rule] = load_rules(tmp_path)
         assert rule.workaround == "cudnn_attention_off"
+    else:
+        with pytest.raises(KnowledgeError, match=re.escape(message)):
+            load_rules(tmp_path)
+
+
+@pytest.mark.parametrize("table, message", [
+    ('phase = "loading"\nrequires = ["from_pretrained"]', None),
+    ('phase = "warmup"', "explain.phase: expected loading or training"),
+    ('facts = { driver_cuda = "<12" }', "explain: unknown key 'facts'"),
+    ('driver_cuda = "eleven"', "explain.driver_cuda: invalid specifier"),
+    ('excludes = ["(unclosed"]', "explain.excludes: '(unclosed'"),
+])
+def test_a_rules_explain_table_is_validated(tmp_path, table, message):
+    from qlora_doctor.knowledge.loading import KnowledgeError
+
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "x.toml").write_text(f"""
+[[rule]]
+id = "x-rule"
+title = "t"
+severity = "fail"
+cause = "c"
+fix = "f"
+sources = ["https://github.com/hiyouga/LlamaFactory/issues/257"]
+patterns = ['CUDA out of memory']
+
+[rule.explain]
+{table}
+
+[rule.examples]
+log = "CUDA out of memory"
+""")
+    if message is None:
+        [rule] = load_rules(tmp_path)
+        assert rule.explain.phase == "loading" and rule.explain.requires[0].search("X.FROM_PRETRAINED(")
     else:
         with pytest.raises(KnowledgeError, match=re.escape(message)):
             load_rules(tmp_path)

@@ -58,22 +58,71 @@ def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine:
 
 
 @click.command()
-@click.argument("log", type=click.File("r", encoding="utf-8", errors="replace"), default="-")
+@click.argument("log", type=click.Path(allow_dash=True, path_type=str), default="-", metavar="[FILE|RUN_DIR|-]")
 @json_option
-def explain(log, as_json: bool) -> None:
-    """Explain a pasted error, traceback or training log (a FILE, or - for stdin).
+def explain(log: str, as_json: bool) -> None:
+    """Explain a pasted error, traceback or training log (a FILE, or - for stdin), or a run folder.
 
-    Exit 0 when a known failure matched, 1 when nothing did.
+    A RUN_DIR (a run's training.output_dir) is judged from its metrics.json or newest checkpoint and its
+    recipe.yaml, as the run's watchdog judges it live: NaN or diverging loss, no learning, overfitting,
+    each with the recipe value to change. A pasted Trainer log with no error line is judged the same way.
+
+    Exit 0 when a known failure or a training problem was found, 1 when nothing was, 2 when LOG cannot be read.
     """
+    from qlora_doctor.core.errors import InputError
+
+    if log != "-" and Path(log).is_dir():
+        from qlora_doctor.trainer.watch import diagnose_run_dir
+
+        diagnosis = diagnose_run_dir(Path(log))
+        if as_json:
+            echo_json({"run_dir": log, **diagnosis.to_json()})
+        else:
+            click.echo(_render_findings(diagnosis.findings, f"{log} ({diagnosis.records} log records from "
+                                        f"{Path(diagnosis.source).name}, status {diagnosis.status or 'unknown'})"),
+                       nl=False)
+        sys.exit(EXIT_OK if diagnosis.findings else EXIT_FAIL)
+    try:
+        if log == "-":
+            text = click.get_text_stream("stdin", encoding="utf-8", errors="replace").read()
+        else:
+            text = Path(log).read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise InputError(f"{log}: cannot read it ({err.strerror or err}); pass a file, a run folder or - for stdin")
+
     from qlora_doctor.doctor.paste import judge_pasted_versions
     from qlora_doctor.knowledge.explain import explain_text
 
-    explanation = explain_text(log.read())
+    explanation = explain_text(text)
     version_checks = judge_pasted_versions(explanation.facts.packages)
+    findings: list = []
+    if not explanation.matches and not any(c.status == "fail" for c in version_checks):
+        # no error line: judge the Trainer's printed loss lines as the watchdog would
+        from qlora_doctor.trainer.watch import diagnose_history, parse_trainer_log
+
+        records = parse_trainer_log(text)
+        findings = diagnose_history(records) if records else []
     if as_json:
-        echo_json({**explanation.to_json(), "versions_judged": [c.to_json() for c in version_checks]})
+        echo_json({**explanation.to_json(), "versions_judged": [c.to_json() for c in version_checks],
+                   "training_log": [f.to_json() for f in findings]})
+    elif findings:
+        click.echo(_render_findings(findings, f"the pasted Trainer log ({len(parse_trainer_log(text))} log records)"),
+                   nl=False)
     else:
         from qlora_doctor.cli.render import render_explanation
 
         echo_rendered(render_explanation, explanation, version_checks)
-    sys.exit(EXIT_OK if explanation.matches or any(c.status == "fail" for c in version_checks) else EXIT_FAIL)
+    sys.exit(EXIT_OK if explanation.matches or findings or any(c.status == "fail" for c in version_checks)
+             else EXIT_FAIL)
+
+
+def _render_findings(findings, source: str) -> str:
+    """The watchdog's findings as text (trainer/watch.py Finding)."""
+    if not findings:
+        return f"{source}: no NaN, divergence, plateau or overfitting found\n"
+    lines = [f"{source}:"]
+    for f in findings:
+        lines.append(f"  {'STOP' if f.fatal else 'WARN'}  {f.kind.replace('_', ' ')} at step {f.step}: {f.summary}")
+        lines.append(f"        likely: {f.parameter or 'no single parameter'}")
+        lines.append(f"        fix:    {f.fix}")
+    return "\n".join(lines) + "\n"

@@ -47,10 +47,16 @@ def load_environment(requirements_file: Path | None):
     return installed_environment()
 
 
+SCHEMA_VERSION = 1
+"""Every `--json` document carries it; it changes when a field changes meaning or goes away."""
+
+
 def echo_json(data: Any) -> None:
-    """Print `data` as JSON, with secrets redacted (qlora_doctor/core/redact.py)."""
+    """Print `data` as the one JSON document on stdout, with secrets redacted (qlora_doctor/core/redact.py)."""
     from qlora_doctor.core.redact import redact_data
 
+    if isinstance(data, dict):
+        data = {"schema_version": SCHEMA_VERSION, **data}
     click.echo(json.dumps(redact_data(data), indent=2, sort_keys=False))
 
 
@@ -81,9 +87,12 @@ def results_option(f: Callable) -> Callable:
 
 def _combos(combos_file: Path | None):
     from qlora_doctor.matrix.combos import load_combinations
-    from qlora_doctor.matrix.records import REPO_ROOT
+    from qlora_doctor.core.shipped import shipped_path
 
-    return load_combinations(combos_file or REPO_ROOT / "matrix.yaml")
+    if combos_file is None:  # a project's own matrix.yaml in the current folder, else the shipped one
+        local = Path("matrix.yaml")
+        combos_file = local if local.is_file() else shipped_path("matrix.yaml")
+    return load_combinations(combos_file)
 
 
 def _results(results_dir: Path | None) -> Path:

@@ -34,13 +34,14 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
     gpus = ", ".join(g["name"] for g in machine["gpus"]) or "no GPU"
     console.print(f"[bold]machine[/]: {machine['os']} {machine['arch']}, Python {machine['python']}, "
                   f"driver {machine['driver_version'] or '-'}, {gpus}  [dim]({machine['source']})[/]")
+    # The table wraps at spaces; a command or URL is never in it (the fix column would cut one in two):
+    # each failing check's fix and sources follow below the table on lines of their own.
     table = Table(show_lines=False, expand=False)
-    for column in ("status", "check", "found", "expected", "fix"):
+    for column in ("status", "check", "found", "expected"):
         table.add_column(column, overflow="fold")
     shown = [c for c in report.checks if verbose or c.status != "pass"]
     for c in shown:
-        table.add_row(f"[{_STYLE[c.status]}]{_MARK[c.status]}[/]", c.title, c.found or c.detail,
-                      c.expected, c.fix)
+        table.add_row(f"[{_STYLE[c.status]}]{_MARK[c.status]}[/]", c.title, c.found or c.detail, c.expected)
     if shown:
         console.print(table)
     hidden = len(report.checks) - len(shown)
@@ -49,51 +50,83 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
     for c in report.checks:
         if c.status in ("fail", "warn", "unknown"):
             console.print(f"[{_STYLE[c.status]}]{c.status}[/] {c.id}: {c.detail}", highlight=False)
-            if c.fix:
-                console.print(f"    fix: [green]{c.fix}[/]", highlight=False)
+            if c.fix:  # soft_wrap: never broken inside a command; the terminal wraps it, copying keeps it whole
+                console.print(f"    fix: [green]{c.fix}[/]", highlight=False, soft_wrap=True)
             for src in c.sources:
-                console.print(f"    [dim]{src}[/]", highlight=False)
+                console.print(f"    [dim]{src}[/]", highlight=False, soft_wrap=True)
     if verbose and machine.get("notes"):
         for note in machine["notes"]:
             console.print(f"[dim]probe: {note}[/]")
-    console.print(f"[bold]result[/]: [{_STYLE[report.status]}]{report.status}[/]")
+    tested = next((c for c in report.checks if c.id == "matrix.tested"), None)
+    if tested is not None and tested.status == "pass" and not verbose:
+        console.print(f"[dim]{tested.detail}[/]", highlight=False)
+        if tested.fix and report.tested.get("status") != "tested":
+            console.print(f"[dim]    to a tested set: {tested.fix}[/]", highlight=False, soft_wrap=True)
+    evidence = {"tested": "tested", "compatible": "compatible: no known failure, not tested",
+                "unknown": "some facts could not be read"}[report.evidence]
+    console.print(f"[bold]result[/]: [{_STYLE[report.status]}]{report.status}[/] ({evidence})")
     return _text(console)
 
 
 def render_explanation(explanation: Explanation, version_checks: list[Any] | None = None, width: int | None = None,
                        color: bool = False) -> str:
-    """The best answer in full (at most 15 lines at 100 columns), the other candidates one line each."""
+    """The best answer in full and the other candidates one line each: at most 15 lines at 100 columns
+    (title 2, cause 4, fix 3, why 1, source 1, other candidates 4), before the judged versions."""
     import textwrap
 
     console = _console(width, color)
     cols = width or 100
     best = explanation.best
+
+    def fit(lines: list[str], most: int, room: int) -> list[str]:
+        """At most `most` lines of at most `room` characters; " ..." ends what was cut."""
+        cut = len(lines) > most or any(len(line) > room for line in lines)
+        lines = [line[:room] for line in lines[:most]]
+        if cut:
+            lines[-1] = lines[-1][: max(room - 4, 16)].rstrip() + " ..."
+        return lines
+
     if best is None:
         console.print("no known failure matches this text; `qlora-doctor check` may still find the cause")
     else:
         def block(label: str, text: str, lines: int, style: str = "") -> None:
-            wrapped = textwrap.wrap(text, width=max(cols - 9, 30), break_long_words=False,
-                                    break_on_hyphens=False) or [""]
-            if len(wrapped) > lines:
-                wrapped = wrapped[:lines]
-                wrapped[-1] = wrapped[-1][: max(cols - 12, 20)] + " ..."
+            room = max(cols - 9, 30)
+            wrapped = fit(textwrap.wrap(text, width=room, break_long_words=False, break_on_hyphens=False) or [""],
+                          lines, room)
             for i, line in enumerate(wrapped):
                 head = f"  {label:<6} " if i == 0 else " " * 9
                 console.print(head + (f"[{style}]{line}[/]" if style else line), highlight=False, soft_wrap=True)
 
-        console.print(f"[bold]{best.id}[/]: {best.title}  [dim]({explanation.confidence} confidence)[/]",
-                      highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        title = textwrap.wrap(f"{best.id}: {best.title}  ({explanation.confidence} confidence)", width=cols,
+                              break_long_words=True) or [best.id]
+        for i, line in enumerate(fit(title, 2, cols)):
+            line = escape(line)
+            if i == 0 and line.startswith(best.id):
+                line = f"[bold]{best.id}[/]" + line[len(best.id):]
+            console.print(line, highlight=False, soft_wrap=True)
         block("cause", best.cause, 4)
         block("fix", best.fix, 3, "green")
-        why = f"matched {best.matched.strip()[:90]!r}" + (f"; {'; '.join(best.evidence)}" if best.evidence else "")
-        block("why", why, 2)
-        sources = best.sources[0] + (f" (+{len(best.sources) - 1} more with --json)" if len(best.sources) > 1 else "")
-        console.print(f"  source {sources}", highlight=False, soft_wrap=True)
+        matched = " ".join(best.matched.split())
+        why = f"matched '{matched[:70]}{'...' if len(matched) > 70 else ''}'" + (
+            f"; {'; '.join(best.evidence)}" if best.evidence else "")
+        block("why", why, 1)
+        source = f"  source {best.sources[0]}"
+        more = f" (+{len(best.sources) - 1} more with --json)" if len(best.sources) > 1 else ""
+        console.print(source + more if len(source + more) <= cols else source[:cols], highlight=False, soft_wrap=True)
         if explanation.others:
-            console.print(f"[dim]{len(explanation.others)} other candidate(s), less likely:[/]")
-            for other in explanation.others:
-                line = f"  - {other.id}: {other.title}"
-                console.print(line if len(line) <= cols else line[: cols - 3] + "...", highlight=False, soft_wrap=True)
+            others = sorted(explanation.others, key=lambda m: m.contradicted)   # stable: ranked order otherwise
+            console.print(f"[dim]{len(others)} other candidate(s), less likely:[/]")
+            shown = others if len(others) <= 3 else others[:2]
+            for other in shown:
+                line = f"  - {other.id}: {other.title}" + ("  (the paste's facts contradict it)" if other.contradicted
+                                                           else "")
+                console.print(escape(line if len(line) <= cols else line[: cols - 3] + "..."), highlight=False,
+                              soft_wrap=True)
+            if len(shown) < len(others):
+                console.print(f"  - and {len(others) - len(shown)} more (qlora-doctor explain --json lists them)",
+                              highlight=False, soft_wrap=True)
     if version_checks:
         console.print("[bold]versions in the paste[/], judged as `check -r` would:")
         for check in version_checks:

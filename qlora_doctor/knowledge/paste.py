@@ -3,7 +3,8 @@ the facts in it that decide between rules (driver, GPU, torch build, package ver
 
 Cleaning (`clean_paste`): ANSI colour codes; curly quotes and dashes; `[rank0]:` / `[default0]:` prefixes
 of distributed launchers; the borders of rich's box-drawn tracebacks; markdown that ate underscores
-(`**init**` for `__init__`, `\\_`). Pure functions, tested on real pastes (tests/data/explain_corpus/).
+(`**init**` or `Trainer.init()` for `__init__`, `\\_`). Pure functions, tested on real pastes
+(tests/data/explain_corpus/).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ BOX_BORDER = re.compile(r"^[ \t]*[\u2502\u2503\u2551|][ \t]?|[ \t]*[\u2502\u2503
 BOX_LINE = re.compile(r"^[ \t]*[\u256d\u256e\u2570\u256f\u250c\u2510\u2514\u2518\u2500\u2501\u2550].*$", re.MULTILINE)
 MARKDOWN_DUNDER = re.compile(r"\*\*([A-Za-z_][A-Za-z0-9_]*)\*\*(?=\s*\()")
 """`**init**(` is `__init__(` after markdown made it bold."""
+MARKDOWN_INIT = re.compile(r"(?<=\w)\.init(?:\(\))?(?=:?\s+(?:got an unexpected keyword|missing \d+ required))")
+"""`Trainer.init() got an unexpected keyword ...`: markdown rendered `__init__` as bold `init` and the copy lost it."""
 
 
 def clean_paste(text: str) -> str:
@@ -32,6 +35,7 @@ def clean_paste(text: str) -> str:
     text = BOX_LINE.sub("", text)
     text = BOX_BORDER.sub("", text)
     text = MARKDOWN_DUNDER.sub(r"__\1__", text).replace("\\_", "_")
+    text = MARKDOWN_INIT.sub(".__init__()", text)
     return text
 
 
@@ -63,6 +67,11 @@ class PasteFacts:
     """The CUDA torch was built with (`+cu121`, `CUDA used to build PyTorch: 12.1`)."""
     os: str | None = None
     """windows (a `C:\\` path), darwin (`/Users/...`, `/opt/homebrew`), linux (`/usr/`, `/home/`)."""
+    arch: str | None = None
+    """aarch64 (`aarch64` / Tegra paths, or a compute capability only Jetson boards have), x86_64 (`x86_64`)."""
+    gpu_vendor: str | None = None
+    """amd (Radeon, ROCm, gfx targets, HIP, DirectML, ZLUDA), nvidia (a known NVIDIA GPU, nvidia-smi output);
+    None where the paste says neither or both."""
     phase: str | None = None
     """`loading` when the error is raised while weights are loaded or placed, `training` in a step."""
     packages: dict[str, str] = field(default_factory=dict)
@@ -72,15 +81,24 @@ class PasteFacts:
         return {"driver_cuda": str(self.driver_cuda) if self.driver_cuda else None, "driver": self.driver,
                 "compute_capabilities": list(self.compute_capabilities), "gpu_names": list(self.gpu_names),
                 "torch": str(self.torch) if self.torch else None,
-                "torch_cuda": str(self.torch_cuda) if self.torch_cuda else None, "os": self.os, "phase": self.phase,
+                "torch_cuda": str(self.torch_cuda) if self.torch_cuda else None, "os": self.os, "arch": self.arch,
+                "gpu_vendor": self.gpu_vendor, "phase": self.phase,
                 "packages": dict(self.packages)}
 
 
-GPU_NAME = re.compile(r"\b(?:NVIDIA |Tesla |Quadro |GeForce )*(?:RTX ?(?:PRO ?)?\d{4}(?: ?Ti| ?SUPER)?|GTX ?\d{3,4}(?: ?Ti)?|"
-                      r"[ABHLV]\d{2,3}[A-Z]?(?:-(?:SXM|PCIE)\w*)?|A\d{4}|GH200|GB200|Tesla T4|T4 GPU|\bL4\b|Jetson \w+)\b")
+GPU_NAME = re.compile(r"(?<![#/\w])(?:NVIDIA |Tesla |Quadro |GeForce )*(?:RTX ?(?:PRO ?)?\d{4}(?: ?Ti| ?SUPER)?|"
+                      r"GTX ?\d{3,4}(?: ?Ti)?|(?:A\d{2,3}|H\d{2,3}|L\d{1,2}S?|V100S?|B[12]00|P100|P40|K80|M40)[A-Z]?"
+                      r"(?:-(?:SXM|PCIE)\w*)?|A\d{4}|GH200|GB200|Tesla T4|T4 GPU|Jetson \w+)\b")
+JETSON_CCS = frozenset({"5.3", "6.2", "7.2", "8.7"})
+"""Compute capabilities that only Jetson (Tegra, aarch64) boards have: TX1/Nano, TX2, Xavier, Orin."""
+AMD_HINTS = re.compile(r"\b(?:radeon|rocm\d?|gfx\d{3,4}|hip error|hiperror\w*|directml|zluda)\b")
+"""Searched in the lower-cased paste."""
+NVIDIA_HINTS = re.compile(r"NVIDIA-SMI \d|Driver Version:\s*\d")
 LOADING_FRAMES = re.compile(r"from_pretrained|_load_state_dict|load_state_dict_into_meta_model|"
                             r"_load_pretrained_model|dispatch_model|load_checkpoint_and_dispatch|"
-                            r"set_module_tensor_to_device|\bmodel\.to\(|\.cuda\(\)|quantize_4bit|_process_model_before")
+                            r"set_module_tensor_to_device|\bmodel\.to\(|\.cuda\(\)|quantize_4bit|_process_model_before|"
+                            r"create_quantized_param|Loading checkpoint shards|in convert\s*\n\s*return t\.to\(")
+"""Frames of loading or placing the weights (`Module.to`'s `convert` moves the whole model to the GPU)."""
 TRAINING_FRAMES = re.compile(r"training_step|\.backward\(|optimizer\.step|_inner_training_loop|compute_loss|"
                              r"torch/autograd/|trainer\.train\(")
 PACKAGE_LINE = re.compile(
@@ -119,7 +137,7 @@ def read_facts(text: str, gpu_cc: Any = None) -> PasteFacts:
     if driver_cuda is None and smi:
         driver_cuda = _version(smi.group(1))
     driver = None
-    drv = re.search(r"Driver Version:\s*(\d{3}\.\d+(?:\.\d+)?)", text)
+    drv = re.search(r"Driver Version(?::|\s+is)\s*(\d{3}\.\d+(?:\.\d+)?)", text, re.IGNORECASE)
     if drv:
         driver = drv.group(1)
     ccs: list[str] = []
@@ -127,7 +145,8 @@ def read_facts(text: str, gpu_cc: Any = None) -> PasteFacts:
         cc = f"{sm[:-1]}.{sm[-1]}"
         if cc not in ccs and 3 <= int(sm[:-1]) <= 13:
             ccs.append(cc)
-    for cc in re.findall(r"(?:compute capability|CUDA capability)[ :]*(?:of )?(\d{1,2})\.(\d)", text, re.IGNORECASE):
+    for cc in re.findall(r"(?:compute capability|CUDA capability)(?: among GPUs detected)?[ :]*(?:of )?(\d{1,2})\.(\d)",
+                         text, re.IGNORECASE):
         value = f"{cc[0]}.{cc[1]}"
         if value not in ccs:
             ccs.append(value)
@@ -156,9 +175,18 @@ def read_facts(text: str, gpu_cc: Any = None) -> PasteFacts:
     built = re.search(r"CUDA used to build PyTorch:\s*(\d+\.\d+)", text)
     if torch_cuda is None and built:
         torch_cuda = _version(built.group(1))
+    bnb_setup = re.search(r"PyTorch settings found: CUDA_VERSION=(\d{3})\b", text)
+    if torch_cuda is None and bnb_setup:   # bitsandbytes' CUDA SETUP reads torch.version.cuda: 124 -> 12.4
+        torch_cuda = _version(f"{bnb_setup.group(1)[:-1]}.{bnb_setup.group(1)[-1]}")
     os_name = ("windows" if re.search(r"\b[A-Za-z]:\\\\?[A-Za-z]", text) else
                "darwin" if re.search(r"(/Users/|/opt/homebrew/|/Volumes/|darwin|macOS)", text) else
                "linux" if re.search(r"(/usr/(local/)?lib/python|/home/|/opt/conda/|/root/|linux)", text) else None)
+    lowered = text.lower()
+    arch = ("aarch64" if "aarch64" in lowered or re.search(r"\b(?:tegra|jetson|l4t)\b", lowered)
+            or JETSON_CCS.intersection(ccs) else "x86_64" if re.search(r"x86_64|x86-64|\bamd64\b", text) else None)
+    amd = bool(AMD_HINTS.search(lowered))
+    nvidia = bool(NVIDIA_HINTS.search(text)) or (gpu_cc is not None and any(gpu_cc(n) for n in names))
+    gpu_vendor = "amd" if amd and not nvidia else "nvidia" if nvidia and not amd else None
     phase = _phase(text)
     packages: dict[str, str] = {}
     for m in PACKAGE_LINE.finditer(text):
@@ -168,16 +196,32 @@ def read_facts(text: str, gpu_cc: Any = None) -> PasteFacts:
     if torch_version is not None:
         packages.setdefault("torch", str(torch_version))
     return PasteFacts(driver_cuda=driver_cuda, driver=driver, compute_capabilities=tuple(ccs), gpu_names=tuple(names),
-                      torch=torch_version, torch_cuda=torch_cuda, os=os_name, phase=phase, packages=packages)
+                      torch=torch_version, torch_cuda=torch_cuda, os=os_name, arch=arch, gpu_vendor=gpu_vendor,
+                      phase=phase, packages=packages)
+
+
+ERROR_LINE = re.compile(r"^[ \t]*(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception)\b:", re.MULTILINE)
 
 
 def _phase(text: str) -> str | None:
-    """Whether the last error happened while loading the model or in a training step: the frames of the
-    traceback nearest the error decide (the last 60 lines before the first `Error:` line of the tail)."""
+    """Whether the last error happened while loading the model or in a training step. The frames of the
+    traceback nearest the last error line decide (the innermost loading or training frame above it); without
+    such frames, the last loading or training frame in the paste's tail."""
+    errors = list(ERROR_LINE.finditer(text))
+    if errors:
+        end = errors[-1].start()
+        before = [e.end() for e in errors[:-1] if e.end() <= end]
+        window = text[max(before[-1] if before else 0, end - 8000):end]
+        nearest = _last_frame(window)
+        if nearest is not None:
+            return nearest
     lines = text.splitlines()
-    tail = "\n".join(lines[-60:])
-    loading = [m.start() for m in LOADING_FRAMES.finditer(tail)]
-    training = [m.start() for m in TRAINING_FRAMES.finditer(tail)]
+    return _last_frame("\n".join(lines[-60:]))
+
+
+def _last_frame(text: str) -> str | None:
+    loading = [m.start() for m in LOADING_FRAMES.finditer(text)]
+    training = [m.start() for m in TRAINING_FRAMES.finditer(text)]
     if not loading and not training:
         return None
     if loading and (not training or max(loading) > max(training)):
