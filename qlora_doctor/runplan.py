@@ -122,7 +122,8 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
     from qlora_doctor.recipe.levers import recipe_model_type, speed_plan
     from qlora_doctor.recipe.precision import resolve_precision
 
-    output = plan_output_dir(Path(recipe.training.output_dir), resume, overwrite, where) if decide_output else None
+    output = (plan_output_dir(Path(recipe.training.output_dir), resume, overwrite, where, recipe.training.max_steps)
+              if decide_output else None)
     precision = resolve_precision(recipe, machine)
     memory, memory_error = None, None
     auto_layers = recipe.performance.checkpoint_layers == "auto"

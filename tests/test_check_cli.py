@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from qlora_doctor.cli import cli
 
 from helpers import write_machine
+from qlora_doctor.core.machine import machine_from_dict
 
 GOOD_PINS = "torch==2.5.1+cu124\ntransformers==4.46.3\npeft==0.13.2\nbitsandbytes==0.45.0\naccelerate==1.1.1\ndatasets==3.1.0\n"
 
@@ -171,3 +172,46 @@ def test_bitsandbytes_library_for_torch_cuda(tmp_path):
     # 0.50 falls back to its closest same-major build: CUDA 12.9 loads the 12.8 library.
     _, _, checks = check_json(tmp_path, base + "torch==2.8.0+cu129\nbitsandbytes==0.50.2\n", driver_version="575.51.03")
     assert checks["bnb.cuda"]["status"] == "pass" and "12.8" in checks["bnb.cuda"]["detail"]
+
+
+def test_at_80_columns_no_url_or_fix_is_split(tmp_path):
+    """The report wraps its table at spaces and prints every fix and source on lines of their own, so a
+    command or URL copied from an 80-column terminal is whole."""
+    from qlora_doctor.cli.render import render_report
+    from qlora_doctor.doctor.diagnose import diagnose
+    from qlora_doctor.sources.requirements import environment_from_pins
+
+    t4 = machine_from_dict({"os": "linux", "arch": "x86_64", "python": "3.10.12", "driver_version": "470.82.01",
+                            "gpus": [{"name": "Tesla T4", "compute_capability": "7.5", "memory_total_mib": 15360}]},
+                           "t4.json")
+    env = environment_from_pins({"torch": "2.5.1+cu124", "bitsandbytes": "0.45.0", "transformers": "4.46.3",
+                                 "peft": "0.13.2", "accelerate": "1.1.1", "datasets": "3.1.0", "triton": "3.2.0"},
+                                "reqs.txt")
+    report = diagnose(t4, env)
+    text = render_report(report, width=80)
+    lines = [line.strip() for line in text.splitlines()]
+    for check in report.checks:
+        if check.status in ("fail", "warn", "unknown"):
+            for url in check.sources:
+                assert url in lines, url
+            if check.fix:
+                assert f"fix: {check.fix}" in lines, check.fix
+
+
+def test_one_cause_one_row_driver_too_old():
+    """A driver too old for torch's CUDA is one failing row (cuda.driver), not also rule:cuda-driver-too-old-*:
+    one cause, one fix; the rule's sources join the row (issue #14)."""
+    from qlora_doctor.doctor.diagnose import diagnose
+    from qlora_doctor.sources.requirements import environment_from_pins
+
+    t4 = machine_from_dict({"os": "linux", "arch": "x86_64", "python": "3.10.12", "driver_version": "470.82.01",
+                            "gpus": [{"name": "Tesla T4", "compute_capability": "7.5", "memory_total_mib": 15360}]},
+                           "t4.json")
+    env = environment_from_pins({"torch": "2.5.1+cu124", "bitsandbytes": "0.45.0", "transformers": "4.46.3",
+                                 "peft": "0.13.2", "accelerate": "1.1.1", "datasets": "3.1.0"}, "reqs.txt")
+    report = diagnose(t4, env)
+    failing = [c.id for c in report.failed]
+    assert "cuda.driver" in failing
+    assert not [c for c in failing if c.startswith("rule:cuda-driver-too-old")], failing
+    driver = next(c for c in report.checks if c.id == "cuda.driver")
+    assert any("cuda" in s for s in driver.sources)

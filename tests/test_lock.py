@@ -17,9 +17,11 @@ from qlora_doctor.pins.constraints import constraints_for, negate, render_constr
 from qlora_doctor.knowledge.loading import Conditions, Rule, load_tables
 from qlora_doctor.core.machine import machine_from_dict
 from qlora_doctor.core.errors import CheckFailed, InputError
-from qlora_doctor.matrix.records import REPO_ROOT, load_record, load_records
+from qlora_doctor.matrix.records import load_record, load_records
 
 A100 = {"gpus": [{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "memory_total_mib": 81920}]}
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from qlora_doctor.core.errors import InputError
 from qlora_doctor.doctor.tested import tested_status as judge_tested
 from qlora_doctor.matrix.ci import github_workflow
 from qlora_doctor.matrix.combos import load_combinations, parse_combinations
-from qlora_doctor.matrix.records import (REPO_ROOT, StepResult, load_record, load_records, parse_platform,
+from qlora_doctor.matrix.records import (StepResult, load_record, load_records, parse_platform,
                                          record_from_json, write_record)
 from qlora_doctor.matrix.report import build_table, render_markdown
 from qlora_doctor.matrix.runner import (RunOptions, pin_mismatches, planned_platform, run_matrix, verdict_for)
@@ -34,6 +34,8 @@ GOOD = {"combinations": [
      "pins": {"torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
               "accelerate": "1.0.1"}},
 ]}
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_matrix_yaml_is_valid_and_has_a_pass_and_a_known_bad_cpu_combination():
@@ -203,7 +205,7 @@ def test_untested_names_the_closest_record_and_the_pins_to_reach_it(tmp_path):
                                          bitsandbytes="0.50.2", accelerate="1.15.0", datasets="5.2.0"), folder)
     assert info["status"] == "untested" and info["closest"] == "cpu-a"
     assert info["differences"] == ["transformers 5.9.0 (tested: 5.24.0)"]
-    assert check.status == "warn" and check.fix == "pip install transformers==5.24.0"
+    assert check.status == "pass" and check.fix == "pip install transformers==5.24.0"  # information, not a risk
 
 
 def test_a_record_from_another_platform_does_not_make_an_env_tested(tmp_path):
@@ -245,3 +247,18 @@ def test_matrix_run_builds_a_venv_and_records_an_install_failure(tmp_path):
     assert [s.status for s in record.steps[1:]] == ["skip", "skip"]
     assert record.verdict == "pass", record.verdict_detail  # failed the documented way
     assert summary.paths[0].exists() and load_record(summary.paths[0]).works is False
+
+
+def test_the_verdict_names_its_evidence(tmp_path):
+    """`pass` rests on a record (tested) or on clearing every rule (compatible); not being tested is not a
+    warning (issue #14)."""
+    from qlora_doctor.core.report import Check, Report
+
+    untested = Report(checks=(Check("rules", "pass", "Known failures"),
+                              Check("matrix.tested", "pass", "Tested combination", "not tested")),
+                      machine={}, packages={}, tested={"status": "untested"})
+    assert untested.status == "pass" and untested.evidence == "compatible"
+    tested = Report(checks=untested.checks, machine={}, packages={}, tested={"status": "tested"})
+    assert tested.evidence == "tested" and tested.to_json()["evidence"] == "tested"
+    unknown = Report(checks=(*untested.checks, Check("cuda.driver", "unknown", "driver")), machine={}, packages={})
+    assert unknown.evidence == "unknown"

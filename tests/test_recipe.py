@@ -416,3 +416,13 @@ def test_bare_no_strategy_is_read_as_the_string_no(tmp_path):
     recipe = load_recipe(str(path))
     assert recipe.training.eval_strategy == "no"
     assert yaml.safe_load("a: no")["a"] is False  # the reason for the validator
+
+
+def test_a_length_on_the_command_line_replaces_the_recipes_other_one():
+    """`run demo --set training.max_steps=2` on a recipe with num_train_epochs: the command line wins."""
+    demo = load_recipe("demo")
+    assert demo.training.num_train_epochs is not None
+    short = apply_overrides(demo, ["training.max_steps=2"])
+    assert short.training.max_steps == 2 and short.training.num_train_epochs is None
+    with pytest.raises(InputError, match="both set"):
+        apply_overrides(demo, ["training.max_steps=2", "training.num_train_epochs=3"])

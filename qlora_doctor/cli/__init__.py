@@ -21,6 +21,8 @@ COMMANDS = {
     "run": "qlora_doctor.cli.run:run",
     "generate": "qlora_doctor.cli.run:generate",
     "merge": "qlora_doctor.cli.run:merge",
+    "export": "qlora_doctor.cli.export:export",
+    "push": "qlora_doctor.cli.export:push",
     "plan": "qlora_doctor.cli.plan:plan",
     "smoke": "qlora_doctor.cli.smoke:smoke",
     "matrix": "qlora_doctor.cli.matrix:matrix",
@@ -45,13 +47,23 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attribute)
 
     def invoke(self, ctx: click.Context) -> Any:
+        wants_json = "--json" in [*getattr(ctx, "_protected_args", []), *ctx.args]  # click clears them below
         try:
             return super().invoke(ctx)
         except DoctorError as err:
             from qlora_doctor.core.redact import redact
 
+            if wants_json:
+                # stdout holds exactly one JSON document in every outcome (a refused run carries its report)
+                from qlora_doctor.cli.options import echo_json
+
+                report = getattr(err, "report", None)
+                echo_json({"status": "refused" if report is not None else "ok" if err.exit_code == 0 else "error",
+                           "exit_code": err.exit_code, "errors": err.messages,
+                           **({"report": report.to_json()} if report is not None else {})})
+            prefix = "note" if err.exit_code == 0 else "error"
             for message in err.messages:
-                click.echo(f"error: {redact(message)}", err=True)
+                click.echo(f"{prefix}: {redact(message)}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

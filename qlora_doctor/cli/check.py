@@ -83,10 +83,8 @@ def explain(log: str, as_json: bool) -> None:
                        nl=False)
         sys.exit(EXIT_OK if diagnosis.findings else EXIT_FAIL)
     try:
-        if log == "-":
-            text = click.get_text_stream("stdin", encoding="utf-8", errors="replace").read()
-        else:
-            text = Path(log).read_text(encoding="utf-8", errors="replace")
+        with click.open_file(log, "r", encoding="utf-8", errors="replace") as stream:
+            text = stream.read()
     except OSError as err:
         raise InputError(f"{log}: cannot read it ({err.strerror or err}); pass a file, a run folder or - for stdin")
 

@@ -87,10 +87,14 @@ def lock(machine_file, results_dir, python_version, output, untested, keep, cons
     else:
         fit = lk.choose_record(records, machine, python, tables, keep_pins, constraints)
         lockfile = lk.lockfile_from_record(fit, machine, python, command, target)
-    if output is None:
+    written = lk.write_lockfile(lockfile, output, force) if output is not None else None
+    if as_json:
+        echo_json({"pins": dict(sorted(lockfile.pins.items())), "index_urls": list(lockfile.index_urls),
+                   "header": list(lockfile.header), "output": str(output) if output else None,
+                   "written": written, "text": lockfile.render()})
+    elif output is None:
         click.echo(lockfile.render(), nl=False)
     else:
-        written = lk.write_lockfile(lockfile, output, force)
         click.echo(f"{'wrote' if written else 'unchanged (same pins)'}: {output}", err=True)
 
 
@@ -98,7 +102,8 @@ def lock(machine_file, results_dir, python_version, output, untested, keep, cons
 @machine_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the constraints file here (default: print it).")
-def constraints(machine_file, output) -> None:
+@json_option
+def constraints(machine_file, output, as_json) -> None:
     """The knowledge base as a pip constraints file for this machine, one rule per line."""
     from qlora_doctor.pins.constraints import constraints_for, render_constraints
     from qlora_doctor.knowledge.loading import load_rules
@@ -107,9 +112,16 @@ def constraints(machine_file, output) -> None:
 
     machine = load_machine(machine_file)
     lines, skipped = constraints_for(machine, load_rules())
-    text = render_constraints(machine, lines, skipped, command_line(["constraints", *(["--machine", str(machine_file)] if machine_file else []),
-                                                            *(["-o", str(output)] if output else [])]))
-    if output is None:
+    command = command_line(["constraints", *(["--machine", str(machine_file)] if machine_file else []),
+                            *(["-o", str(output)] if output else [])])
+    text = render_constraints(machine, lines, skipped, command)
+    if as_json:
+        if output is not None:
+            write_atomic(output, text)
+        echo_json({"constraints": [{"requirement": line.requirement, "rule": line.rule_id, "title": line.title}
+                                   for line in lines],
+                   "skipped": [vars(s) for s in skipped], "output": str(output) if output else None})
+    elif output is None:
         click.echo(text, nl=False)
     else:
         write_atomic(output, text)

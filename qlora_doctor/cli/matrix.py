@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from qlora_doctor.cli.options import _combos, _results, combos_option, load_machine, machine_option, results_option
+from qlora_doctor.cli.options import (_combos, _results, combos_option, echo_json, json_option, load_machine,
+                                      machine_option, results_option)
 from qlora_doctor.core.errors import EXIT_FAIL, EXIT_OK
 
 
@@ -62,14 +63,18 @@ def matrix_run(combos_file, results_dir, machine_file, only, jobs, in_place, ins
 @combos_option
 @results_option
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
-def matrix_report(combos_file, results_dir, markdown) -> None:
+@json_option
+def matrix_report(combos_file, results_dir, markdown, as_json) -> None:
     """Table of combinations x platforms from the records. Exit 1 when a record disagrees with matrix.yaml."""
     from qlora_doctor.matrix.records import load_records
     from qlora_doctor.matrix.report import build_table, render_markdown, render_text
 
     combos = _combos(combos_file)
     table = build_table(combos, load_records(_results(results_dir)))
-    click.echo((render_markdown if markdown else render_text)(table, combos), nl=False)
+    if as_json:
+        echo_json(table.to_json())
+    else:
+        click.echo((render_markdown if markdown else render_text)(table, combos), nl=False)
     sys.exit(EXIT_OK if table.all_ok else EXIT_FAIL)
 
 

@@ -29,8 +29,10 @@ def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: 
 
     Writes the adapter, tokenizer, resolved recipe, check report, package lock, manifest, metrics and a
     loss plot to training.output_dir. Exit 0 when training finished, 1 when a check failed (nothing
-    is loaded), 2 for a bad recipe or an output folder in use, 128+N when signal N stopped training
-    after saving a checkpoint.
+    is loaded), 2 for a bad recipe or an output folder in use, 3 when the run watched itself diverge
+    (NaN or a rising loss; `training.watch`): it saved a checkpoint, stopped, and says which recipe value
+    to change (also in metrics.json and manifest.json `watch`); fix it and --resume. 128+N when signal N
+    stopped training after saving a checkpoint.
 
     With `distributed.strategy: ddp` or `fsdp` the checks run here and training runs in
     `distributed.num_processes` processes started by `accelerate launch` (trainer/distributed.py).
@@ -47,6 +49,13 @@ def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: 
     if overrides:
         recipe = apply_overrides(recipe, list(overrides))
     machine = load_machine(machine_file)
+    if not print_launch:
+        from qlora_doctor.core.errors import InputError
+        from qlora_doctor.recipe.preflight import preflight_problems
+
+        problems = preflight_problems(recipe, str(recipe_path), hub=True)  # before the checks load anything
+        if problems:
+            raise InputError(problems)
     argv = ["qlora-doctor", "run", recipe_name]
     argv += [f"--set={o}" for o in overrides]
     argv += [flag for flag, on in (("--skip-check", skip_check), ("--resume", resume),
@@ -60,29 +69,40 @@ def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: 
                           decide_output=True)
     report = diagnose(machine, run_plan=plan)
     if report.status == "fail" and not skip_check:
-        from qlora_doctor.cli.render import render_report
-        from qlora_doctor.core.redact import redact_data
+        if not as_json:
+            from qlora_doctor.cli.render import render_report
+            from qlora_doctor.core.redact import redact_data
 
-        echo_rendered(render_report, redact_data(report))
+            echo_rendered(render_report, redact_data(report))
         raise RunRefused(report)
+    import contextlib
+
+    # With --json, stdout holds only the result: the Trainer's log lines and progress go to stderr.
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     if recipe.distributed.strategy != "none":
         from qlora_doctor.trainer.distributed import launch_training
 
-        result = launch_training(plan, machine, report, skip_check=skip_check, machine_file=machine_file,
-                                 command=shlex.join(argv))
+        with quiet:
+            result = launch_training(plan, machine, report, skip_check=skip_check, machine_file=machine_file,
+                                     command=shlex.join(argv))
     else:
         from qlora_doctor.trainer.train import run_training
 
-        result = run_training(plan, machine, report, skip_check=skip_check, command=shlex.join(argv))
+        with quiet:
+            result = run_training(plan, machine, report, skip_check=skip_check, command=shlex.join(argv))
     if as_json:
         data = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
         echo_json({**data, "files": list(result.files)})
     else:
-        _print_run(result, recipe_name)
+        _print_run(result, [a for a in argv if a != "--overwrite"])
     if result.stopped_by is not None:
         import signal
 
         sys.exit(128 + signal.Signals[result.stopped_by].value)
+    if result.status == "diverged":
+        from qlora_doctor.trainer.watch import EXIT_DIVERGED
+
+        sys.exit(EXIT_DIVERGED)
 
 
 def _launch_text(recipe, machine, recipe_path: Path, overrides: tuple[str, ...], machine_file: Path | None) -> str:
@@ -101,13 +121,32 @@ def _launch_text(recipe, machine, recipe_path: Path, overrides: tuple[str, ...],
     return print_launch_text(argv)
 
 
-def _print_run(result, recipe_name: str) -> None:
+def _print_run(result, argv: list[str]) -> None:
+    """What the run did; a stopped run's hint repeats the exact command (its --set options included)."""
+    import shlex
+
     minutes, seconds = divmod(round(result.wall_seconds), 60)
     if result.skip_check and result.check_status == "fail":
         click.echo("warning: trained although checks failed (--skip-check); see doctor-report.json", err=True)
+    watch = getattr(result, "watch", None) or {}
     if result.status == "stopped":
         click.echo(f"stopped at step {result.steps} after a signal; a checkpoint is saved. Continue with:\n"
-                   f"  qlora-doctor run {recipe_name} --resume")
+                   f"  {shlex.join(argv + ([] if '--resume' in argv else ['--resume']))}")
+    elif result.status == "diverged" and watch.get("stopped"):
+        finding = watch["stopped"]
+        saved = ("a checkpoint is saved" if watch.get("checkpoint_saved") else
+                 "no checkpoint was saved (the adapter's weights are no longer finite)")
+        from qlora_doctor.core.rundir import last_complete_checkpoint
+
+        again = [a for a in argv if a not in ("--resume", "--overwrite")
+                 and not a.startswith(f"--set={finding['parameter']}=")]
+        how = "--resume" if last_complete_checkpoint(result.output_dir) else "--overwrite"
+        click.echo(f"stopped at step {result.steps}: {finding['kind'].replace('_', ' ')} ({saved})\n"
+                   f"  seen:   {finding['summary']}\n"
+                   f"  likely: {finding['parameter']}\n"
+                   f"  fix:    {finding['fix']}\n"
+                   f"then continue (the recipe's learning rate replaces the checkpoint's) with:\n"
+                   f"  {shlex.join(again + [how])}", err=True)
     else:
         click.echo(f"trained {result.steps} steps in {minutes}m{seconds:02d}s"
                    + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""))
@@ -116,6 +155,9 @@ def _print_run(result, recipe_name: str) -> None:
         click.echo(f"eval loss: {result.eval_loss_before:.4f} before -> {after} after")
     if result.train_tokens_per_second:
         click.echo(f"throughput: {result.train_tokens_per_second:,.0f} tokens/s (non-padding)")
+    for warning in watch.get("warnings", ()):
+        click.echo(f"watch: {warning['kind'].replace('_', ' ')} at step {warning['step']}: {warning['summary']}; "
+                   f"likely {warning['parameter']}: {warning['fix']}", err=True)
     click.echo(f"output: {result.output_dir}/ ({', '.join(result.files)})")
     if result.status == "completed":
         click.echo(f"try it: qlora-doctor generate {result.output_dir} --prompt \"...\" --compare")

@@ -27,6 +27,12 @@ class InputError(DoctorError):
     exit_code = EXIT_USAGE
 
 
+class NothingToDo(DoctorError):
+    """The request is already satisfied (e.g. `--resume` on a finished run): said, nothing changed, exit 0."""
+
+    exit_code = EXIT_OK
+
+
 class CheckFailed(DoctorError):
     """The environment failed a check, so the requested action was refused."""
 

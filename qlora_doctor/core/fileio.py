@@ -7,6 +7,13 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, data: str | bytes, redact_secrets: bool = True) -> None:
     """Write `data` to `path` so that a reader sees the old file or the new one, never half of one.
 
@@ -21,6 +28,7 @@ def write_atomic(path: Path, data: str | bytes, redact_secrets: bool = True) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would make every output private
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
@@ -32,3 +40,14 @@ def write_atomic(path: Path, data: str | bytes, redact_secrets: bool = True) -> 
         except FileNotFoundError:
             pass
         raise
+
+
+def apply_umask_modes(path: Path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes a plain `open`/`mkdir` would: temporary
+    files and folders are created private (0600/0700) and keep that through a rename otherwise."""
+    mask = current_umask()
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in items:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)

@@ -66,12 +66,21 @@ class Report:
         return overall_status(self.checks)
 
     @property
+    def evidence(self) -> str:
+        """What a verdict rests on: `tested` (a passing matrix record for this platform and these versions),
+        `compatible` (every rule and table check cleared, but no record), or `unknown` (facts missing)."""
+        if any(c.status == "unknown" for c in self.checks):
+            return "unknown"
+        return "tested" if self.tested.get("status") == "tested" else "compatible"
+
+    @property
     def failed(self) -> list[Check]:
         return [c for c in self.checks if c.status == "fail"]
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "status": self.status,
+            "evidence": self.evidence,
             "checks": [c.to_json() for c in self.checks],
             "machine": self.machine,
             "packages": self.packages,

@@ -63,9 +63,12 @@ class OutputPlan:
     """The last complete checkpoint to continue from (--resume)."""
 
 
-def plan_output_dir(output_dir: Path, resume: bool, overwrite: bool, where: str) -> OutputPlan:
+def plan_output_dir(output_dir: Path, resume: bool, overwrite: bool, where: str,
+                    max_steps: int | None = None) -> OutputPlan:
     """Check the output folder against --resume/--overwrite. Raises InputError (exit 2) when it is
-    not empty and neither was given, when there is nothing to resume, or when it cannot be replaced."""
+    not empty and neither was given, when there is nothing to resume, or when it cannot be replaced;
+    NothingToDo (exit 0) for --resume on a finished run that `max_steps` does not extend. A folder whose
+    run failed before its first checkpoint is reused without --overwrite."""
     if resume and overwrite:
         raise InputError("--resume and --overwrite: choose one (resume continues the run in the output "
                          "folder, overwrite deletes it)")
@@ -74,6 +77,16 @@ def plan_output_dir(output_dir: Path, resume: bool, overwrite: bool, where: str)
         raise InputError(f"{where}: training.output_dir: {output_dir} is a file, not a folder; "
                          "choose another training.output_dir")
     empty = not output_dir.exists() or not any(output_dir.iterdir())
+    status = None if empty else run_status(output_dir)
+    if resume and status == "completed" and not _extends(output_dir, max_steps):
+        from qlora_doctor.core.errors import NothingToDo
+
+        raise NothingToDo(f"{where}: training.output_dir: {output_dir} holds a finished run (manifest.json: status "
+                          "completed); nothing to resume. To train further, raise training.max_steps or "
+                          "num_train_epochs and pass --resume, or start afresh with --overwrite")
+    if not empty and not resume and status == "failed" and last_complete_checkpoint(output_dir) is None:
+        # our own folder of a run that failed before its first checkpoint: nothing in it is worth keeping
+        return OutputPlan(output_dir, replace_existing=True, resume_from=None)
     if resume:
         checkpoint = None if empty else last_complete_checkpoint(output_dir)
         if checkpoint is None:
@@ -100,6 +113,29 @@ def _refuse_unsafe_delete(output_dir: Path, where: str) -> None:
         raise InputError(f"{where}: training.output_dir: {output_dir} has files but no {MANIFEST}, so no "
                          "qlora-doctor run made it; --overwrite only replaces a previous run's folder: "
                          "delete it yourself or choose another training.output_dir")
+
+
+def _extends(output_dir: Path, max_steps: int | None) -> bool:
+    """Whether `max_steps` goes past the step the finished run's last checkpoint reached."""
+    checkpoint = last_complete_checkpoint(output_dir)
+    if max_steps is None or checkpoint is None:
+        return False
+    try:
+        done = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8")).get("global_step", 0)
+    except (OSError, ValueError):
+        return False
+    return isinstance(done, int) and max_steps > done
+
+
+def run_status(output_dir: Path) -> str | None:
+    """The `status` a previous run recorded in manifest.json (running, completed, stopped, failed), None
+    when there is no readable manifest."""
+    try:
+        data = json.loads((Path(output_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    status = data.get("status") if isinstance(data, dict) else None
+    return status if isinstance(status, str) else None
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:

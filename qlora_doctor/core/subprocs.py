@@ -27,12 +27,32 @@ class Completed:
         return self.stdout + self.stderr
 
 
+def die_with_parent():
+    """A preexec_fn asking Linux to SIGKILL the child when the process that started it dies (the child has
+    its own session, so a killed doctor would otherwise leave a pip or a hung CUDA init running); None
+    elsewhere."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def set_death_signal() -> None:
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    return set_death_signal
+
+
 def run_bounded(argv: list[str], timeout_s: float, env: dict[str, str] | None = None,
                 cwd: Path | None = None) -> Completed:
     start = time.perf_counter()
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-                                env=env, cwd=cwd, start_new_session=True)
+                                env=env, cwd=cwd, start_new_session=True, preexec_fn=die_with_parent())
     except OSError as err:
         return Completed(127, "", f"{argv[0]}: {err}")
     try:

@@ -23,7 +23,7 @@ def environment_checks(machine: Machine, env: Environment) -> list[Check]:
     tables = load_tables()
     checks = [gpu_check(machine), *package_checks(env)]
     checks += torch_build_checks(machine, env, tables)
-    checks += rule_checks(machine, env)
+    checks = fold_judged_rules(checks, rule_checks(machine, env))
     return checks
 
 
@@ -207,6 +207,25 @@ def bnb_binary_check(env: Environment, tables: Tables) -> Check:
 
 
 # --- knowledge base -----------------------------------------------------------------------------
+
+def fold_judged_rules(table: list[Check], rules: list[Check]) -> list[Check]:
+    """One cause, one row: a rule row whose fact a table check already failed (the rule's `judged_by`) is
+    dropped, its sources added to that check, so a driver too old for torch's CUDA is said once, with one fix."""
+    import dataclasses
+
+    by_id = {r.id: r for r in load_rules()}
+    failed = {c.id: i for i, c in enumerate(table) if c.status in ("fail", "unknown")}
+    kept: list[Check] = []
+    for check in rules:
+        rule = by_id.get(check.id.removeprefix("rule:"))
+        target = failed.get(rule.judged_by) if rule is not None and rule.judged_by else None
+        if target is None or check.status == "pass":
+            kept.append(check)
+            continue
+        merged = table[target]
+        table[target] = dataclasses.replace(merged, sources=tuple(dict.fromkeys((*merged.sources, *check.sources))))
+    return table + kept
+
 
 def rule_checks(machine: Machine, env: Environment) -> list[Check]:
     rules = load_rules()

@@ -19,6 +19,7 @@ from qlora_doctor.recipe.schema import Recipe
 from qlora_doctor.runplan import RunPlan, build_run_plan
 from qlora_doctor.doctor.memory import memory_fit_check
 from qlora_doctor.doctor.performance import performance_check
+from qlora_doctor.doctor.sanity import SANITY_CHECKS
 
 if TYPE_CHECKING:
     from qlora_doctor.core.environment import Environment
@@ -175,7 +176,23 @@ def optimizer_device_check(run: RunPlan, machine: Machine) -> Check | None:
                  sources=PAGED_SOURCES, found=optim, expected="adamw_torch on CPU")
 
 
+def preflight_check(run: RunPlan, machine: Machine) -> Check:
+    """The data's fields and the logging integrations, as `run` checks them before loading (offline here:
+    a hub model's reachability is left to `run`)."""
+    from qlora_doctor.recipe.preflight import preflight_problems
+
+    problems = preflight_problems(run.recipe, run.where)
+    title = "Data fields and integrations"
+    if not problems:
+        return Check("recipe.preflight", "pass", title, "the data's first rows have the fields the recipe names; "
+                     "the report_to integrations are installed")
+    return Check("recipe.preflight", "fail", title, "; ".join(problems),
+                 fix=problems[0].split("; ", 1)[-1] if "; " in problems[0] else "",
+                 found=f"{len(problems)} problem(s)", expected="none")
+
+
 RECIPE_CHECKS: tuple[RecipeCheck, ...] = (
+    preflight_check,
     mixed_precision_check,
     compute_dtype_check,
     trust_remote_code_check,
@@ -183,6 +200,7 @@ RECIPE_CHECKS: tuple[RecipeCheck, ...] = (
     memory_fit_check,
     performance_check,
     *DISTRIBUTED_CHECKS,  # distributed.strategy ddp/fsdp only (qlora_doctor/doctor/distributed.py)
+    *SANITY_CHECKS,  # one per recipe rule that fires (knowledge/data/recipe_rules.toml, doctor/sanity.py)
 )
 """Run in this order. Append new checks (e.g. memory fit) here."""
 

@@ -57,9 +57,9 @@ def tested_status(machine: Machine, env: Environment, results_dir: Path | None =
     working = [r for r in records if r.works]
     if not working:
         return ({"status": "untested", "platform": platform, "records": str(folder)},
-                Check("matrix.tested", "warn", TITLE,
-                      f"no passing matrix records in {folder}: this environment is untested (it may still break "
-                      "no known rule)", fix="`qlora-doctor lock` writes a tested pin set", found="untested",
+                Check("matrix.tested", "pass", TITLE,
+                      f"not tested (information, not a risk): no passing matrix records in {folder}",
+                      fix="`qlora-doctor lock` writes a tested pin set", found="untested",
                       expected="a tested combination"))
     same_platform = [r for r in working if r.platform == platform]
     for record in same_platform:
@@ -78,8 +78,9 @@ def tested_status(machine: Machine, env: Environment, results_dir: Path | None =
                     if n in closest.freeze and any(d.startswith(n + " ") for d in diffs))
     info = {"status": "untested", "platform": platform, "closest": closest.name,
             "record": Path(closest.path).name, "differences": diffs}
-    return info, Check("matrix.tested", "warn", TITLE,
-                       f"untested: no passing record matches this environment on {platform}; closest tested "
+    # Not tested is information, not a risk: the verdict's evidence says `compatible` instead of `tested`.
+    return info, Check("matrix.tested", "pass", TITLE,
+                       f"not tested: no passing record matches this environment on {platform}; closest tested "
                        f"combination {where} is {closest.name}, which differs in: {'; '.join(diffs)}",
                        fix=(f"pip install {pins}" if pins and same_platform else
                             "`qlora-doctor lock` picks the newest tested combination for this machine"),

@@ -26,6 +26,8 @@ else:  # pragma: no cover
 DATA_DIR = Path(__file__).parent / "data"
 SEVERITIES = ("fail", "warn", "note")
 WORKAROUNDS = {"cudnn_attention_off": "performance.cudnn_attention"}
+JUDGED_BY = ("cuda.driver", "cuda.arch", "bnb.cuda", "torch.build")
+"""Table checks of qlora_doctor/doctor/environment.py that a rule may duplicate (`judged_by`)."""
 """What `qlora-doctor run` does by itself where a rule with this `workaround` fires (-> the recipe key that
 decides it; recipe/levers.py)."""
 OSES = ("linux", "windows", "darwin")
@@ -99,6 +101,8 @@ class Rule:
     """One of WORKAROUNDS: what the trainer turns off by itself where the rule fires."""
     explain: ExplainContext | None = None
     """`[rule.explain]`: context and paste facts that decide between rules matching the same text."""
+    judged_by: str | None = None
+    """The id of the table check (JUDGED_BY) that judges the same fact; `check` then shows that row only."""
 
     def matches_text(self, text: str, normalized: str) -> str | None:
         """The error text or pattern match found in `text` (a pasted log), else None."""
@@ -254,7 +258,7 @@ class _Collector:
         return tuple(value)
 
 
-_RULE_KEYS = {"id", "title", "severity", "cause", "fix", "sources", "errors", "patterns", "when", "examples", "explain",
+_RULE_KEYS = {"id", "title", "severity", "cause", "fix", "sources", "errors", "patterns", "when", "examples", "explain", "judged_by",
               "workaround"}
 _WHEN_KEYS = {"packages", "missing", "os", "arch", "python", "gpu_vendor", "driver", "compute_capability",
               "torch_cuda", "torch_backend"}
@@ -301,10 +305,14 @@ def _parse_rule(raw: dict[str, Any], file: str, c: _Collector) -> Rule | None:
         c.add(f"workaround: expected one of {sorted(WORKAROUNDS)}, on a rule with [rule.when]")
         workaround = None
     explain = _parse_explain(raw["explain"], c) if "explain" in raw else None
+    judged_by = raw.get("judged_by")
+    if judged_by is not None and (judged_by not in JUDGED_BY or when is None):
+        c.add(f"judged_by: expected one of {', '.join(JUDGED_BY)}, on a rule with [rule.when]")
+        judged_by = None
     return Rule(id=str(rid), title=str(raw.get("title", "")), severity=str(raw.get("severity", "")),
                 cause=str(raw.get("cause", "")).strip(), fix=str(raw.get("fix", "")).strip(), sources=sources,
                 errors=tuple(errors), patterns=tuple(patterns), when=when, examples=examples, file=file,
-                workaround=workaround, explain=explain)
+                workaround=workaround, explain=explain, judged_by=judged_by)
 
 
 def _parse_explain(raw: Any, c: _Collector) -> ExplainContext | None:

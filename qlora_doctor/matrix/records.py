@@ -22,16 +22,16 @@ from packaging.version import InvalidVersion, Version
 
 from qlora_doctor.core.errors import InputError
 from qlora_doctor.core.fileio import write_atomic
+from qlora_doctor.core.shipped import shipped_path
 
 SCHEMA = 1
 RESULTS_ENV = "QLORA_DOCTOR_RESULTS"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_results_dir() -> Path:
     """QLORA_DOCTOR_RESULTS, else `matrix-results/` of the source checkout the package runs from."""
     override = os.environ.get(RESULTS_ENV)
-    return Path(override) if override else REPO_ROOT / "matrix-results"
+    return Path(override) if override else shipped_path("matrix-results")
 
 
 def accelerator_id(gpu_vendor: str, torch_backend: str | None, torch_cuda: str | None,

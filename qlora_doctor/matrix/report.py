@@ -30,6 +30,13 @@ class MatrixTable:
     def all_ok(self) -> bool:
         return all(c.ok for c in self.cells.values())
 
+    def to_json(self) -> dict:
+        return {"ok": self.all_ok, "platforms": list(self.platforms),
+                "combinations": [{"name": name, "expect": self.expect.get(name, "?"), "results": {
+                    platform: {"text": cell.text, "ok": cell.ok, "record": cell.record}
+                    for platform in self.platforms if (cell := self.cells.get((name, platform))) is not None}}
+                    for name in self.names]}
+
 
 def cell_for(record: Record) -> Cell:
     if record.expect == "fail":

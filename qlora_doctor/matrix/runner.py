@@ -37,8 +37,10 @@ from qlora_doctor.core.environment import canonical_name
 from qlora_doctor.core.machine import Machine
 from qlora_doctor.core.environment import build_from_local_tag
 from qlora_doctor.matrix.combos import Combination
+from qlora_doctor.core.errors import InputError
 from qlora_doctor.core.subprocs import Completed, run_bounded
-from qlora_doctor.matrix.records import (REPO_ROOT, Record, StepResult, accelerator_id, platform_id,
+from qlora_doctor.core.shipped import checkout_root
+from qlora_doctor.matrix.records import (Record, StepResult, accelerator_id, platform_id,
                                          write_record)
 
 CACHE_ENV = "QLORA_DOCTOR_CACHE"
@@ -67,7 +69,8 @@ class RunOptions:
     cache_dir: Path = field(default_factory=default_cache_dir)
     installer: str = "pip"
     """pip (venv + pip) or uv (uv venv + uv pip)."""
-    repo: Path = REPO_ROOT
+    repo: Path | None = field(default_factory=checkout_root)
+    """The checkout whose wheel each environment gets (None when running from an installed wheel)."""
     install_timeout_s: float = 1800
     check_timeout_s: float = 300
     smoke_timeout_s: float = 600
@@ -406,6 +409,10 @@ def run_matrix(combos: tuple[Combination, ...], machine: Machine, opts: RunOptio
     with tempfile.TemporaryDirectory(prefix="qlora-doctor-wheel-") as tmp:
         wheel = None
         if runnable and not in_place:
+            if opts.repo is None:
+                raise InputError("matrix run installs this qlora-doctor into each environment and builds it from a "
+                                 "checkout: run it from a clone of the repository (or record the current "
+                                 "environment with --in-place --only NAME)")
             progress("building the qlora-doctor wheel")
             wheel = build_tool_wheel(opts.repo, Path(tmp))
 

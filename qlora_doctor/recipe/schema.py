@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from qlora_doctor.core.errors import InputError
+from qlora_doctor.core.shipped import shipped_path
 from qlora_doctor.recipe.errors import (CROSS_FIELD_MARK, describe_value, did_you_mean, format_validation_errors,
     one_of)
 from qlora_doctor.recipe.yamlfile import parse_yaml_value, read_recipe_yaml, yaml_problem
@@ -229,6 +230,12 @@ class TrainingSection(Section):
     save_steps: int = Field(default=50, ge=1, le=_MAX_COUNT)
     save_total_limit: int | None = Field(default=2, ge=1, le=_MAX_COUNT)
     seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    watch: bool = Field(default=True, description="Watch the run (qlora_doctor/trainer/watch.py): stop with a "
+                        "checkpoint and a diagnosis when the loss turns NaN or diverges (exit 3), warn when it "
+                        "stops learning or overfits.")
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, le=_MAX_COUNT, description="Stop after this many evaluations without a new best "
+        "eval loss (needs evaluation data; null: train to the end).")
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
@@ -376,7 +383,7 @@ class Recipe(Section):
 
 # --- loading --------------------------------------------------------------------------------------
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
+REPO_RECIPES = shipped_path("recipes")
 """The repository's recipes folder, next to the package (searched after ./recipes)."""
 
 
@@ -437,12 +444,17 @@ def recipe_from_dict(data: Any, where: str = "<recipe>", base_dir: Path | None =
         raise InputError(f"{where}: nested too deeply to be a recipe") from None
 
 
+LENGTH_KEYS = ("max_steps", "num_train_epochs")
+"""The two ways to say how long training runs; a recipe sets one."""
+
+
 def apply_overrides(recipe: Recipe, overrides: list[str], where: str = "--set") -> Recipe:
     """A copy of `recipe` with `section.key=value` overrides (values parsed as YAML), revalidated."""
     import yaml
 
     data = recipe.model_dump()
     errors: list[str] = []
+    given: set[str] = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
@@ -459,6 +471,13 @@ def apply_overrides(recipe: Recipe, overrides: list[str], where: str = "--set") 
             errors.append(f"{where} {item!r}: value is not valid YAML ({yaml_problem(err)})")
             continue
         data[section] = {**(data[section] or {}), name: value}
+        if section == "training" and name in LENGTH_KEYS and value is not None:
+            # The run's length given on the command line replaces the recipe's other way of saying it
+            # (`run demo --set training.max_steps=2` on a recipe that sets num_train_epochs).
+            other = next(k for k in LENGTH_KEYS if k != name)
+            if other not in given:
+                data["training"][other] = None
+        given.add(name)
     if errors:
         raise InputError(errors)
     return recipe_from_dict(data, where=where)

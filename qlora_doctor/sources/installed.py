@@ -21,7 +21,7 @@ from packaging.version import InvalidVersion, Version
 
 from qlora_doctor.core.environment import canonical_name
 from qlora_doctor.core.environment import (WATCHED, Environment, Package, TorchBuild, build_from_local_tag,
-                                           canonical_name, parse_torch_version_py)
+                                           parse_torch_version_py)
 
 # --- installed ----------------------------------------------------------------------------------
 

@@ -158,6 +158,9 @@ def _save_new_dir(target: Path, save: Any) -> None:
         save(tmp)
         if target.exists():
             target.rmdir()  # checked empty above
+        from qlora_doctor.core.fileio import apply_umask_modes
+
+        apply_umask_modes(tmp)  # mkdtemp made it 0700
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from qlora_doctor.core.fileio import write_atomic
+from qlora_doctor.core.fileio import apply_umask_modes, write_atomic
 from qlora_doctor.core.rundir import (ADAPTER_FILES, LOCKFILE, LOSS_PLOT, MANIFEST, METRICS, RECIPE, REPORT,  # noqa: F401
                                       TRAINER_STATE, OutputPlan, last_complete_checkpoint, plan_output_dir)
 
@@ -32,6 +32,7 @@ def save_dir_atomic(output_dir: Path, save: Callable[[Path], None]) -> list[Path
             if item.is_dir():
                 if target.exists():
                     shutil.rmtree(target)
+            apply_umask_modes(item)
             os.replace(item, target)
             moved.append(target)
     return moved
@@ -131,3 +132,64 @@ def plot_losses(path: Path, train: list[dict[str, Any]], evals: list[dict[str, A
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     write_atomic(path, buffer.getvalue())
+
+
+MODEL_CARD = "README.md"
+
+
+def make_adapter_portable(folder: Path, recipe: Any) -> None:
+    """adapter_config.json names a base model any machine can load: a builtin model's Hugging Face id
+    (peft wrote this machine's cache path), and the recipe's revision."""
+    from qlora_doctor.recipe.builtin import builtin_model, is_builtin
+
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    name = recipe.model.name_or_path
+    config["base_model_name_or_path"] = builtin_model(name).upstream if is_builtin(name) else name
+    if recipe.model.revision:
+        config["revision"] = recipe.model.revision
+    write_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def model_card(recipe: Any, metrics: dict[str, Any], manifest: dict[str, Any], tool_version: str) -> str:
+    """README.md of the output folder: what was trained on what, how, and how well (Hugging Face model-card
+    front matter, so `push` can upload it as is)."""
+    from qlora_doctor.recipe.builtin import builtin_model, is_builtin
+
+    name = recipe.model.name_or_path
+    base = builtin_model(name).upstream if is_builtin(name) else name
+    data = recipe.dataset.path
+    before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
+    losses = (f"- eval loss: {before:.4f} before training, {after:.4f} after\n"
+              if before is not None and after is not None else "")
+    tokens = metrics.get("train_tokens_per_second")
+    return (
+        "---\n"
+        f"base_model: {base}\n"
+        "library_name: peft\n"
+        "tags: [qlora, lora, qlora-doctor]\n"
+        "---\n\n"
+        f"# LoRA adapter for {base}\n\n"
+        f"Trained with QLoRA (4-bit {recipe.quantization.bnb_4bit_quant_type} base, LoRA r={recipe.lora.r}, "
+        f"alpha={recipe.lora.lora_alpha}, dropout={recipe.lora.lora_dropout}) by qlora-doctor {tool_version}.\n\n"
+        "## Training\n\n"
+        f"- data: `{Path(data).name if data else 'hub dataset'}` ({recipe.dataset.format} format), "
+        f"{metrics.get('train_rows', '?')} training rows, {metrics.get('eval_rows', 0)} eval rows\n"
+        f"- {metrics.get('steps', '?')} optimizer steps, effective batch {metrics.get('effective_batch_size', '?')}, "
+        f"learning rate {recipe.training.learning_rate}, max sequence length {recipe.training.max_seq_length}\n"
+        f"{losses}"
+        + (f"- throughput: {tokens:,.0f} tokens/s\n" if tokens else "")
+        + f"- precision: {manifest.get('precision', {}).get('reason', '')}\n"
+        f"- status: {manifest.get('status')}, command: `{manifest.get('command')}`\n\n"
+        "## Use\n\n"
+        "```python\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n\n"
+        f"base = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
+        "model = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n"
+        "```\n\n"
+        "`recipe.yaml` is the recipe as run; `requirements.lock.txt` the exact packages; `metrics.json` the loss "
+        "history; `doctor-report.json` the environment checks it ran after.\n"
+    )

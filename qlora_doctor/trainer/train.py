@@ -14,7 +14,9 @@ Under `accelerate launch` (distributed.strategy ddp/fsdp, see trainer/distribute
 run would train, with the model loader replaceable.
 
 SIGTERM during training makes the Trainer save a checkpoint at the end of the current step and stop;
-the run then ends with status `stopped` and `--resume` continues it.
+the run then ends with status `stopped` and `--resume` continues it. With `training.watch` (the default)
+trainer/watch.py judges the log as it comes: a NaN or diverging loss saves a checkpoint and stops the run
+with status `diverged` and a diagnosis (metrics.json and manifest.json `watch`).
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class RunResult:
     """What a finished (or stopped) run produced."""
 
     output_dir: Path
-    status: Literal["completed", "stopped"]
-    """`stopped`: a SIGTERM saved a checkpoint and ended training early; continue with --resume."""
+    status: Literal["completed", "stopped", "diverged"]
+    """`stopped`: a SIGTERM saved a checkpoint and ended training early; continue with --resume.
+    `diverged`: the watchdog (trainer/watch.py) stopped a NaN or diverging loss; `watch` says why."""
     stopped_by: str | None
     """The signal that stopped training (`SIGTERM`, `SIGINT`), None when it ran to the end."""
     steps: int
@@ -62,6 +65,8 @@ class RunResult:
     """The doctor report's status (pass, warn or fail), also when --skip-check ignored a failure."""
     files: tuple[str, ...]
     """The files written into output_dir (names relative to it)."""
+    watch: dict[str, Any] | None = None
+    """The watchdog's diagnosis (metrics.json `watch`); None when training.watch is off."""
 
 
 ModelLoader = Callable[["Recipe", "Precision", str, "SpeedPlan"], Any]
@@ -92,7 +97,20 @@ def run_training(run: RunPlan, machine: Machine, report: Report, *, skip_check: 
         outputs.write_atomic(out / outputs.LOCKFILE, outputs.lockfile_text(__version__, command))
         outputs.write_atomic(out / outputs.RECIPE, resolved_recipe_yaml(recipe, precision, machine, command))
 
-    trained = _train(run, model_loader)
+    try:
+        trained = _train(run, model_loader)
+    except BaseException as err:
+        # The folder says what happened: a run that failed (bad data, unreachable hub, a crash) is
+        # `failed` with its error, and a folder without checkpoints is reused by the next run.
+        if main:
+            from qlora_doctor.core.errors import DoctorError
+
+            message = "; ".join(err.messages) if isinstance(err, DoctorError) else f"{type(err).__name__}: {err}"
+            status = "stopped" if isinstance(err, KeyboardInterrupt) else "failed"
+            manifest.update(status=status, finished_at=_now(), error=message[-2000:],
+                            wall_seconds=round(time.perf_counter() - started, 2))
+            outputs.write_json(out / outputs.MANIFEST, manifest)
+        raise
 
     def save_adapter(tmp: Path) -> None:
         # FSDP: the adapter from the LoRA tensors gathered from the shards (same files as a one-GPU run);
@@ -102,6 +120,7 @@ def run_training(run: RunPlan, machine: Machine, report: Report, *, skip_check: 
         else:
             trained.model.save_pretrained(tmp)
         trained.tokenizer.save_pretrained(tmp)
+        outputs.make_adapter_portable(tmp, recipe)
 
     if not main:  # the other ranks trained and took part in gathering; rank 0 writes
         return RunResult(output_dir=out, status=trained.status, stopped_by=trained.metrics["stopped_by"],
@@ -109,7 +128,8 @@ def run_training(run: RunPlan, machine: Machine, report: Report, *, skip_check: 
                          eval_loss_after=trained.metrics["eval_loss_after"],
                          train_tokens_per_second=trained.metrics["train_tokens_per_second"],
                          wall_seconds=time.perf_counter() - started, resumed_from=plan.resume_from,
-                         skip_check=skip_check, check_status=report.status, files=())
+                         skip_check=skip_check, check_status=report.status, files=(),
+                         watch=trained.metrics.get("watch"))
     written = outputs.save_dir_atomic(out, save_adapter)
     wall = time.perf_counter() - started
     metrics = {**trained.metrics, "wall_seconds": round(wall, 2)}
@@ -117,15 +137,17 @@ def run_training(run: RunPlan, machine: Machine, report: Report, *, skip_check: 
     outputs.plot_losses(out / outputs.LOSS_PLOT, metrics["train_loss_history"], metrics["eval_history"],
                         metrics["eval_loss_before"], metrics["eval_loss_after"],
                         f"{recipe.model.name_or_path}, LoRA r={recipe.lora.r}, {metrics['steps']} steps")
-    manifest.update(status=trained.status, finished_at=_now(), wall_seconds=round(wall, 2))
+    manifest.update(status=trained.status, finished_at=_now(), wall_seconds=round(wall, 2),
+                    watch=metrics.get("watch"))
     outputs.write_json(out / outputs.MANIFEST, manifest)
-    files = sorted({p.name for p in written} | {outputs.MANIFEST, outputs.REPORT, outputs.LOCKFILE,
+    outputs.write_atomic(out / outputs.MODEL_CARD, outputs.model_card(recipe, metrics, manifest, __version__))
+    files = sorted({p.name for p in written} | {outputs.MANIFEST, outputs.REPORT, outputs.LOCKFILE, outputs.MODEL_CARD,
                                                  outputs.RECIPE, outputs.METRICS, outputs.LOSS_PLOT})
     return RunResult(output_dir=out, status=trained.status, stopped_by=metrics["stopped_by"], steps=metrics["steps"],
                      eval_loss_before=metrics["eval_loss_before"], eval_loss_after=metrics["eval_loss_after"],
                      train_tokens_per_second=metrics["train_tokens_per_second"], wall_seconds=wall,
                      resumed_from=plan.resume_from, skip_check=skip_check, check_status=report.status,
-                     files=tuple(files))
+                     files=tuple(files), watch=metrics.get("watch"))
 
 
 def _now() -> str:
@@ -151,12 +173,25 @@ def _manifest(recipe: Recipe, machine: Machine, precision: Precision, command: s
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
         "model": recipe.model.name_or_path,
         "builtin_model": is_builtin(recipe.model.name_or_path),
+        "base_model_path": _local_base_path(recipe.model.name_or_path),
+        "revision": recipe.model.revision,
         "precision": {"device": precision.device, "fp16": precision.fp16, "bf16": precision.bf16,
                       "compute_dtype": precision.compute_dtype, "reason": precision.reason},
         "machine": machine.to_json(),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def _local_base_path(name_or_path: str) -> str | None:
+    """Where the base model's weights were read from on this machine (the builtin's converted checkpoint)."""
+    from qlora_doctor.recipe.builtin import is_builtin
+
+    if is_builtin(name_or_path):
+        from qlora_doctor.trainer.builtin import checkpoint_dir
+
+        return str(checkpoint_dir(name_or_path))
+    return None
 
 
 def resolved_recipe_yaml(recipe: Recipe, precision: Precision, machine: Machine, command: str) -> str:
@@ -178,7 +213,7 @@ def resolved_recipe_yaml(recipe: Recipe, precision: Precision, machine: Machine,
 class _Trained:
     model: Any
     tokenizer: Any
-    status: Literal["completed", "stopped"]
+    status: Literal["completed", "stopped", "diverged"]
     metrics: dict[str, Any]
     lora_tensors: dict[str, Any] | None = None
     """FSDP: the LoRA tensors gathered from the shards on rank 0 (fsdp_state.gather_lora_state_dict)."""
@@ -253,7 +288,19 @@ def _train(run: RunPlan, model_loader: ModelLoader | None = None) -> _Trained:
     assert plan is not None
     stop = StopOnSignal()
     throughput = Throughput()
-    training = build_training(run, model_loader=model_loader, callbacks=(stop, throughput))
+    callbacks: list[Any] = [stop, throughput]
+    watchdog = None
+    trainer_kwargs: dict[str, Any] = {}
+    if recipe.training.watch:
+        from qlora_doctor.trainer.watch import WatchSettings, watchdog_callback
+
+        watchdog = watchdog_callback(WatchSettings.from_recipe(
+            recipe, fp16=precision.fp16 or precision.compute_dtype == "float16"))
+        callbacks.append(watchdog)
+        # The Trainer would log the mean of the earlier losses in place of a NaN one; the watchdog must see it.
+        trainer_kwargs["logging_nan_inf_filter"] = False
+    training = build_training(run, model_loader=model_loader, callbacks=tuple(callbacks),
+                              trainer_kwargs=trainer_kwargs)
     trainer, tokenizer, train_ds, eval_ds = (training.trainer, training.tokenizer, training.train_dataset,
                                              training.eval_dataset)
     speed_plan, gpus, args = training.levers, training.gpus, training.trainer.args
@@ -266,7 +313,8 @@ def _train(run: RunPlan, model_loader: ModelLoader | None = None) -> _Trained:
     _reset_peak_memory(precision)
     with stop.installed():
         trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
-    status: Literal["completed", "stopped"] = "stopped" if stop.signal_name else "completed"
+    status: Literal["completed", "stopped", "diverged"] = (
+        "stopped" if stop.signal_name else "diverged" if watchdog is not None and watchdog.stopped else "completed")
     history = trainer.state.log_history
     eval_after = None
     if eval_ds is not None and status == "completed":
@@ -299,9 +347,11 @@ def _train(run: RunPlan, model_loader: ModelLoader | None = None) -> _Trained:
         "eval_rows": len(eval_ds) if eval_ds is not None else 0,
         "eval_loss_before": _round(eval_before),
         "eval_loss_after": _round(eval_after),
-        "train_loss_history": [{"step": r["step"], "loss": r["loss"], "learning_rate": r.get("learning_rate"),
-                                "epoch": r.get("epoch")} for r in history if "loss" in r],
-        "eval_history": [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in history if "eval_loss" in r],
+        "train_loss_history": [{"step": r["step"], "loss": _finite_or_none(r["loss"]),
+                                "learning_rate": r.get("learning_rate"), "epoch": r.get("epoch"),
+                                "grad_norm": _finite_or_none(r.get("grad_norm"))} for r in history if "loss" in r],
+        "eval_history": [{"step": r["step"], "eval_loss": _finite_or_none(r["eval_loss"])} for r in history
+                         if "eval_loss" in r],
         "train_tokens": throughput.tokens,
         "train_step_seconds": round(throughput.seconds, 2),
         "train_tokens_per_second": round(throughput.tokens / throughput.seconds, 1) if throughput.seconds else None,
@@ -311,6 +361,7 @@ def _train(run: RunPlan, model_loader: ModelLoader | None = None) -> _Trained:
         "performance": speed_plan.to_json(),
         "adapter_gather_seconds": gather_seconds,
         "resumed_from": str(plan.resume_from) if plan.resume_from else None,
+        "watch": watchdog.to_json() if watchdog is not None else {"enabled": False},
     }
     model = trainer.accelerator.unwrap_model(trainer.model) if trainer.is_fsdp_enabled else trainer.model
     return _Trained(model=model, tokenizer=tokenizer, status=status, metrics=metrics, lora_tensors=lora_tensors)
@@ -374,6 +425,13 @@ def training_arguments(recipe: Recipe, precision: Precision, **kwargs: Any) -> t
     else:
         used = min(visible, int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size)))
     return args, GpuUse(strategy=recipe.distributed.strategy, visible=visible, used=used, trainer_n_gpu=args.n_gpu)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """A logged number for JSON: NaN and infinity (not JSON) become null."""
+    import math
+
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _round(value: float | None) -> float | None:
