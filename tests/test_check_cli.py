@@ -23,7 +23,7 @@ def check_json(tmp_path, pins: str, **machine):
     req = tmp_path / "req.txt"
     req.write_text(pins)
     m = write_machine(tmp_path / "m.json", **machine)
-    result = run("check", "--json", "--machine", str(m), "--requirements", str(req))
+    result = run("check", "--json", "--machine", str(m), "--no-resolve", "--requirements", str(req))
     assert result.exit_code in (0, 1), result.output
     data = json.loads(result.output)
     return result, data, {c["id"]: c for c in data["checks"]}
@@ -107,14 +107,14 @@ def test_bad_machine_file_is_exit_2_without_traceback(tmp_path, content, message
 def test_bad_requirements_file_is_exit_2(tmp_path):
     req = tmp_path / "req.txt"
     req.write_text("torch>=2\n")
-    result = run("check", "--requirements", str(req), "--machine", str(write_machine(tmp_path / "m.json")))
+    result = run("check", "--no-resolve", "--requirements", str(req), "--machine", str(write_machine(tmp_path / "m.json")))
     assert result.exit_code == 2
     assert f"{req}:1:" in result.output and "exact pin" in result.output
 
 
 def test_missing_files_are_exit_2(tmp_path):
     assert run("check", "--machine", str(tmp_path / "nope.json")).exit_code == 2
-    assert run("check", "--requirements", str(tmp_path / "nope.txt")).exit_code == 2
+    assert run("check", "--no-resolve", "--requirements", str(tmp_path / "nope.txt")).exit_code == 2
 
 
 def test_unknown_flag_is_exit_2():
@@ -125,7 +125,7 @@ def test_table_output_mentions_failure_and_fix(tmp_path):
     req = tmp_path / "req.txt"
     req.write_text(GOOD_PINS)
     m = write_machine(tmp_path / "m.json", driver_version="470.82.01")
-    result = run("check", "--machine", str(m), "--requirements", str(req))
+    result = run("check", "--machine", str(m), "--no-resolve", "--requirements", str(req))
     assert result.exit_code == 1
     assert "FAIL" in result.output and "qlora-doctor lock" in result.output
 

@@ -43,7 +43,7 @@ def demo_recipe_text(**model: str) -> str:
     "model:\n  name_or_path: !!python/object/new:subprocess.Popen [['touch', '{marker}']]",
     "model: !!python/name:os.system\n",
 ])
-@pytest.mark.parametrize("command", [("validate",), ("check", "--machine", "{machine}", "-r", "{req}", "--recipe"),
+@pytest.mark.parametrize("command", [("validate",), ("check", "--machine", "{machine}", "--no-resolve", "-r", "{req}", "--recipe"),
                                      ("plan",)])
 def test_python_tags_in_a_recipe_are_rejected_not_run(tmp_path, payload, command):
     marker = tmp_path / "pwned"
@@ -152,7 +152,7 @@ def test_check_recipe_warns_and_names_whose_code_runs(tmp_path, revision, pinned
     machine.write_text(json.dumps({"os": "linux", "arch": "x86_64", "python": "3.11.7", "gpus": []}))
     req = tmp_path / "req.txt"
     req.write_text(GOOD_PINS)
-    result = invoke("check", "--json", "--machine", str(machine), "-r", str(req), "--recipe", str(recipe))
+    result = invoke("check", "--json", "--machine", str(machine), "--no-resolve", "-r", str(req), "--recipe", str(recipe))
     assert result.exit_code in (0, 1), result.output
     check = {c["id"]: c for c in json.loads(result.stdout)["checks"]}["recipe.trust_remote_code"]
     assert check["status"] == "warn"

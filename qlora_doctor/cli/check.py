@@ -19,14 +19,19 @@ from qlora_doctor.core.errors import EXIT_FAIL, EXIT_OK
 @click.option("--save-machine", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the probed machine to this JSON file (the --machine format).")
 @click.option("--requirements", "-r", "requirements_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Judge this pip requirements file (name==version) instead of the installed packages.")
+              help="Judge what installing this requirements file gives (resolved with uv for the machine) "
+                   "instead of the installed packages.")
+@click.option("--no-resolve", is_flag=True, help="With -r: judge the file's lines only (exact pins), not what pip pulls.")
+@click.option("--as-of", "as_of", type=str, default=None, metavar="YYYY-MM-DD",
+              help="With -r: resolve as of this date (the releases that existed then).")
 @click.option("--recipe", "recipe_file", type=str,
               help="Add recipe-aware checks (bf16 vs the GPU, memory fit) for this recipe (name or path).")
 @click.option("--smoke", is_flag=True, help="Also run a functional test (bitsandbytes + LoRA) in a subprocess.")
 @click.option("--smoke-timeout", type=click.IntRange(min=1), default=180, show_default=True,
               help="Seconds before the functional test counts as hung.")
 def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine: Path | None,
-          requirements_file: Path | None, recipe_file: str | None, smoke: bool, smoke_timeout: int) -> None:
+          requirements_file: Path | None, no_resolve: bool, as_of: str | None, recipe_file: str | None, smoke: bool,
+          smoke_timeout: int) -> None:
     """Judge this environment (or a proposed one) for QLoRA training.
 
     Exit 0 for pass or warnings, 1 when a check fails, 2 for a bad input file.
@@ -38,7 +43,13 @@ def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine:
         from qlora_doctor.core.machine import save_machine_file
 
         save_machine_file(machine, save_machine)
-    env = load_environment(requirements_file)
+    extra: list = []
+    if requirements_file is not None:
+        from qlora_doctor.doctor.resolved import resolved_environment
+
+        env, extra = resolved_environment(requirements_file, machine, resolve=not no_resolve, as_of=as_of)
+    else:
+        env = load_environment(None)
     run_plan = None
     if recipe_file is not None:
         from qlora_doctor.recipe.schema import display_path, find_recipe, load_recipe
@@ -46,7 +57,7 @@ def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine:
 
         path = find_recipe(recipe_file)
         run_plan = build_run_plan(load_recipe(path), machine, env, where=display_path(path))
-    report = diagnose(machine, env, run_plan=run_plan, smoke=smoke, smoke_timeout=smoke_timeout)
+    report = diagnose(machine, env, run_plan=run_plan, smoke=smoke, smoke_timeout=smoke_timeout, extra_checks=extra)
     if as_json:
         echo_json(report.to_json())
     else:

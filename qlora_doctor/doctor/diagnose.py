@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qlora_doctor.core.report import Report
+from qlora_doctor.core.report import Check, Report
 from qlora_doctor.doctor.environment import environment_checks
 from qlora_doctor.doctor.tested import tested_status
 from qlora_doctor.sources.installed import installed_environment
@@ -22,12 +22,13 @@ if TYPE_CHECKING:
 
 
 def diagnose(machine: Machine, env: Environment | None = None, *, run_plan: RunPlan | None = None,
-             recipe: Recipe | None = None, smoke: bool = False, smoke_timeout: int = 180) -> Report:
+             recipe: Recipe | None = None, smoke: bool = False, smoke_timeout: int = 180,
+             extra_checks: list[Check] | None = None) -> Report:
     """Everything `check` reports about `machine` and `env` (default: the installed packages), plus the
     recipe checks of `run_plan` (or of a run plan built here for `recipe`) and the smoke test."""
     if env is None:
         env = installed_environment()
-    checks = environment_checks(machine, env)
+    checks = [*(extra_checks or []), *environment_checks(machine, env)]
     if run_plan is None and recipe is not None:
         from qlora_doctor.runplan import build_run_plan
 

@@ -1,0 +1,51 @@
+"""`check -r FILE`: the environment a requirements file really installs (sources/resolve.py), as the
+environment the other checks judge, and one check saying how it was obtained and what pip pulls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlora_doctor.core.environment import WATCHED, Environment
+from qlora_doctor.core.report import Check
+
+TITLE = "What installing the file gives"
+
+
+def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str | None = None,
+                         ) -> tuple[Environment, list[Check]]:
+    """(the environment to judge, the checks about how it was obtained). With `resolve`, the resolver's
+    closure for the machine; without (or with no resolver installed), the file's lines as written."""
+    from qlora_doctor.core.errors import InputError
+    from qlora_doctor.sources.requirements import environment_from_pins, load_requirements_file
+
+    if not resolve:
+        return load_requirements_file(path), [Check("packages.resolved", "pass", TITLE,
+                                                     "judged the lines as written (--no-resolve): packages pip "
+                                                     "would pull are not judged", found="lines only")]
+    from qlora_doctor.sources.resolve import find_uv, resolve_requirements
+
+    if find_uv() is None:
+        env = load_requirements_file(path)
+        return env, [Check("packages.resolved", "unknown", TITLE,
+                           "no resolver installed, so only the file's own lines are judged: the packages pip "
+                           "would pull (triton, huggingface_hub, numpy...) are not", fix="pip install uv",
+                           found="not resolved")]
+    resolution = resolve_requirements(path, machine, as_of=as_of)
+    if resolution.error:
+        check = Check("packages.resolved", "fail", TITLE,
+                      f"{path} cannot be installed on this machine (Python {machine.python}, {machine.os} "
+                      f"{machine.arch}): {resolution.error}", fix="change the conflicting pins the resolver names",
+                      found="no solution", expected="an installable set")
+        try:
+            return load_requirements_file(path), [check]
+        except InputError:
+            return Environment(packages={}, torch=environment_from_pins({}, str(path)).torch, source=str(path)), [check]
+    env = environment_from_pins(resolution.pins, str(path))
+    pulled = [f"{name} {resolution.pins[name]} (required by {', '.join(who) or '?'})"
+              for name, who in sorted(resolution.pulled_by.items()) if name in WATCHED]
+    how = (f"{resolution.resolver}, {'cached' if resolution.cached else f'{resolution.seconds:.1f} s'}"
+           + (f", as of {as_of}" if as_of else ""))
+    detail = (f"resolved {len(resolution.pins)} packages for Python {machine.python} ({how}); pulled, not "
+              f"named in the file: {'; '.join(pulled) if pulled else 'none of the watched packages'}")
+    return env, [Check("packages.resolved", "pass", TITLE, detail, found=f"{len(resolution.pins)} packages",
+                       expected="an installable set")]
