@@ -67,10 +67,11 @@ def test_blackwell_card_needs_newer_torch_build(tmp_path):
     assert "sm_120" in checks["cuda.arch"]["detail"]
 
 
-def test_missing_training_package_fails(tmp_path):
+def test_a_file_without_training_packages_warns_and_names_them(tmp_path):
+    """A proposed file may leave torch or peft to a container or another index: named, not failed (the
+    installed environment missing them does fail: training cannot start)."""
     result, _, checks = check_json(tmp_path, "torch==2.5.1+cu124\ntransformers==4.46.3\n")
-    assert result.exit_code == 1
-    assert checks["packages.training"]["status"] == "fail"
+    assert checks["packages.training"]["status"] == "warn"
     assert "peft" in checks["packages.training"]["detail"]
 
 

@@ -230,3 +230,45 @@ def test_lock_untested_resolves_with_pip_and_vets(tmp_path):
 
 def header_value(lock: lk.Lockfile, key: str) -> str | None:
     return next((h.split(":", 1)[1].strip() for h in lock.header if h.startswith(f"{key}:")), None)
+
+
+GPU_MACHINES = ["t4-550", "v100-535", "a10g-535", "l4-550", "a100-550", "rtx3090-535", "rtx4090-570", "h100-580",
+                "rtx5090-575"]
+
+
+@pytest.mark.parametrize("name", GPU_MACHINES)
+def test_lock_for_the_machines_people_have(name, tmp_path):
+    """Issue #16: `lock --machine` for common GPUs without a GPU record: the Python level from a tested CPU
+    record, torch built for the driver and the GPU's architecture, its CUDA libraries from its own index
+    (never CUDA packages of another variant), and the doctor passes the lock for that machine."""
+    machine = REPO_ROOT / "lockfiles" / "machines" / f"{name}.json"
+    out = tmp_path / "lock.txt"
+    made = CliRunner().invoke(cli, ["lock", "--machine", str(machine), "--python", "3.11", "-o", str(out)])
+    assert made.exit_code == 0, made.output
+    lock = lk.parse_lockfile(out.read_text(), str(out))
+    torch = lock.pins["torch"]
+    variant = torch.split("+")[1]
+    assert variant.startswith("cu")
+    assert lock.index_urls == (f"https://download.pytorch.org/whl/{variant}",)
+    assert not [p for p in lock.pins if p.startswith(("nvidia-", "cuda-")) or p == "triton"]
+    assert "PARTLY TESTED" in header_value(lock, "status") and "Python level tested on CPU" in header_value(lock, "source")
+    judged = CliRunner().invoke(cli, ["check", "-r", str(out), "--no-resolve", "--machine", str(machine), "--json"])
+    report = json.loads(judged.stdout)
+    assert report["status"] != "fail", [c for c in report["checks"] if c["status"] == "fail"]
+
+
+def test_the_torch_build_follows_the_driver_and_the_gpu():
+    from qlora_doctor.core.machine import machine_from_dict
+    from qlora_doctor.knowledge.loading import load_tables
+
+    def machine(name, cc, driver):
+        return machine_from_dict({"os": "linux", "arch": "x86_64", "python": "3.11.9", "driver_version": driver,
+                                  "gpus": [{"name": name, "compute_capability": cc}]}, "m")
+
+    tables = load_tables()
+    assert lk.choose_torch_build(machine("H100", "9.0", "580.65.06"), ["2.13.0"], tables).variant == "cu130"
+    assert lk.choose_torch_build(machine("T4", "7.5", "550.54.15"), ["2.13.0"], tables).variant == "cu126"
+    # an RTX 5090 (sm_120) with driver 575: no 2.13 build runs there (cu126 lacks sm_120, cu13x needs 580)
+    assert lk.choose_torch_build(machine("RTX 5090", "12.0", "575.57.08"), ["2.13.0"], tables) is None
+    assert lk.choose_torch_build(machine("RTX 5090", "12.0", "575.57.08"), ["2.13.0", "2.11.0"], tables).variant == "cu128"
+    assert lk.choose_torch_build(machine("old", "7.5", "470.82.01"), ["2.13.0"], tables) is None

@@ -85,8 +85,16 @@ def lock(machine_file, results_dir, python_version, output, untested, keep, cons
     elif untested:
         lockfile = lk.lockfile_untested(machine, python, keep_pins, constraints, tables, command, target)
     else:
-        fit = lk.choose_record(records, machine, python, tables, keep_pins, constraints)
-        lockfile = lk.lockfile_from_record(fit, machine, python, command, target)
+        from qlora_doctor.core.errors import CheckFailed
+
+        try:
+            fit = lk.choose_record(records, machine, python, tables, keep_pins, constraints)
+            lockfile = lk.lockfile_from_record(fit, machine, python, command, target)
+        except CheckFailed:
+            if not machine.nvidia_gpus or keep_pins or constraints:
+                raise
+            # No GPU record fits this machine: the Python level from a CPU record, the torch build for the GPU.
+            lockfile = lk.lockfile_for_gpu_from_cpu_record(records, machine, python, tables, command, target)
     written = lk.write_lockfile(lockfile, output, force) if output is not None else None
     if as_json:
         echo_json({"pins": dict(sorted(lockfile.pins.items())), "index_urls": list(lockfile.index_urls),

@@ -170,7 +170,8 @@ def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def env_key(combo: Combination, installer: str) -> str:
     payload = json.dumps({"python": combo.python, "pins": sorted(combo.pins.items()),
-                          "index_urls": list(combo.index_urls), "installer": installer}, sort_keys=True)
+                          "index_urls": list(combo.index_urls), "installer": installer,
+                          "extras": "train"}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -213,10 +214,10 @@ def _install(combo: Combination, opts: RunOptions, wheel: Path, progress: Progre
         pins_file = env_dir.parent / f"{env_dir.name}.pins.txt"
         if opts.installer == "uv":
             steps = [["uv", "venv", "--python", interpreter, str(env_dir)],
-                     ["uv", "pip", "install", "--python", str(python), "-r", str(pins_file), str(wheel), *index_args]]
+                     ["uv", "pip", "install", "--python", str(python), "-r", str(pins_file), f"{wheel}[train]", *index_args]]
         else:
             steps = [[interpreter, "-m", "venv", str(env_dir)],
-                     [str(python), "-m", "pip", "install", "--progress-bar", "off", "-r", str(pins_file), str(wheel),
+                     [str(python), "-m", "pip", "install", "--progress-bar", "off", "-r", str(pins_file), f"{wheel}[train]",
                       *index_args]]
         progress(f"{combo.name}: building env {env_dir.name} ({opts.installer})")
         for argv in steps:

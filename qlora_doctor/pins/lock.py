@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -490,3 +491,94 @@ def lockfile_untested(machine: Machine, python: str, keep: dict[str, str], const
                                  "pip's resolver (pip install --dry-run --report) under "
                                  "`qlora-doctor constraints`; vetted by the doctor: no rule fails",
                                  "UNTESTED (no matrix record; breaks no known rule)", command, target))
+
+
+# --- a GPU machine without a GPU record: Python level from a CPU record, torch build from the tables ----
+
+TORCH_ONLY_LOCAL = re.compile(r"^(nvidia-|cuda-|triton$|pytorch-triton)")
+"""Packages a CUDA build of torch brings itself (from its own index): not taken from a CPU record."""
+
+
+@dataclass(frozen=True)
+class TorchChoice:
+    version: str
+    """e.g. `2.13.0`."""
+    variant: str
+    """e.g. `cu126`."""
+    why: str
+
+
+def choose_torch_build(machine: Machine, preferred: list[str], tables: Tables) -> TorchChoice | None:
+    """The torch build for `machine`: the first version of `preferred` (newest first) with a CUDA variant the
+    driver runs that ships kernels for every GPU; of those variants the newest the driver fully supports,
+    else the newest it runs under minor-version compatibility."""
+    from qlora_doctor.knowledge.loading import arch_supported
+
+    gpus = machine.nvidia_gpus
+    if not gpus or machine.driver_version is None or any(g.compute_capability is None for g in gpus):
+        return None
+    driver = Version(machine.driver_version)
+    for version in preferred:
+        torch = Version(version)
+        rows = [r for r in tables.torch_archs if r.torch.contains(Version(torch.base_version), prereleases=True)]
+        def full_support(row) -> bool:  # the driver is the toolkit's own, not only minor-version compatible
+            needs = tables.driver_for_cuda(row.cuda)
+            return needs is not None and driver >= needs.toolkit_driver
+
+        for row in sorted(rows, key=lambda r: (full_support(r), r.cuda), reverse=True):
+            needs = tables.driver_for_cuda(row.cuda)
+            if needs is None or driver < (needs.minor_compat_driver or needs.toolkit_driver):
+                continue
+            if all(arch_supported(g.compute_capability, row.archs) for g in gpus):
+                sms = ", ".join(sorted({f"sm_{g.compute_capability.replace('.', '')}" for g in gpus}))
+                return TorchChoice(torch.base_version, f"cu{str(row.cuda).replace('.', '')}",
+                                   f"CUDA {row.cuda}: driver {machine.driver_version} runs it (>= "
+                                   f"{needs.minor_compat_driver or needs.toolkit_driver}) and it ships {sms}")
+    return None
+
+
+def lockfile_for_gpu_from_cpu_record(records: tuple[Record, ...], machine: Machine, python: str, tables: Tables,
+                                     command: str, output: str | None) -> Lockfile:
+    """No GPU record fits: the Python-level packages of the newest passing CPU record for this Python, and the
+    torch build chosen for the driver and GPU (choose_torch_build), on its PyTorch index. The header says
+    which part is tested where."""
+    cpu = [r for r in records if r.works and r.expect == "pass" and _is_cpu_record(r, machine, python)]
+    if not cpu:
+        raise CheckFailed(f"no passing CPU record for Python {python} to take the Python-level packages from; "
+                          "run `qlora-doctor matrix run` for one, or use `qlora-doctor lock --untested`")
+    known = sorted({str(Version(v).base_version) for r in records for v in [r.freeze.get("torch")] if v},
+                   key=Version, reverse=True)
+    for record in sorted(cpu, key=_newest_key, reverse=True):
+        own = Version(record.freeze["torch"]).base_version
+        choice = choose_torch_build(machine, [own] + [v for v in known if v != own], tables)
+        if choice is None:
+            continue
+        pins = {n: v for n, v in lockable_pins(record.freeze).items() if not TORCH_ONLY_LOCAL.match(n)}
+        pins["torch"] = f"{choice.version}+{choice.variant}"
+        problems = vet_pins(pins, machine, "this lock")
+        if problems:
+            continue
+        gpus = machine.nvidia_gpus
+        sm = gpus[0].compute_capability.replace(".", "")
+        platform = f"{machine.os}-{machine.arch}-py{python}-{choice.variant}-sm{sm}"
+        same_torch = choice.version == own
+        source = (f"Python level tested on CPU by matrix record {record_source(record)} ({record.name}, "
+                  f"{record.date[:10]}); torch {choice.version}+{choice.variant} chosen for this machine: "
+                  f"{choice.why}" + ("" if same_torch else f" (the record tested torch {own} on CPU; "
+                                                            f"{own} has no build for this driver and GPU)"))
+        status = ("PARTLY TESTED: the Python-level packages by a CPU record, the torch build by the knowledge "
+                  "base's tables (no GPU record for this platform); its CUDA libraries come from the "
+                  f"{choice.variant} index at install")
+        header = header_lines(machine, python, platform, source, status, command, output)
+        return Lockfile(pins, (TORCH_INDEX.format(variant=choice.variant),), header)
+    raise CheckFailed(f"no torch build the tables know runs on {_machine_words(machine)} with the tested "
+                      "Python-level packages; upgrade the NVIDIA driver, or use `qlora-doctor lock --untested`")
+
+
+def _is_cpu_record(record: Record, machine: Machine, python: str) -> bool:
+    try:
+        p = parse_platform(record.platform)
+    except ValueError:
+        return False
+    return p.cuda is None and p.os == machine.os and p.arch == machine.arch and p.python == python \
+        and "torch" in record.freeze

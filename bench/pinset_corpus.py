@@ -1,0 +1,96 @@
+"""`check -r` on real pin sets (tests/data/pinsets/: 54 files from public projects and issue threads, each
+with its source URL, date, Python, machine class and outcome): is each broken stack failed for the right
+reason, and is each known-good stack not failed? Resolves each file as of its date (uv, network).
+
+    python bench/pinset_corpus.py --out bench/results/pinset_corpus.json [--no-resolve]
+
+A broken case counts as right when the report fails and its expected rule (or, for `new:` rules and
+hardware cases, any failing check) is among the failures; a good case counts as right when the report
+does not fail. Files the resolver cannot read (a git URL, a private index) are reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "tests" / "data" / "pinsets"
+MACHINES = REPO / "lockfiles" / "machines"
+
+
+def machine_file(case: dict, work: Path) -> Path:
+    name = case.get("machine", "unknown")
+    base = MACHINES / f"{name}.json" if (MACHINES / f"{name}.json").is_file() else MACHINES / "cpu.json"
+    data = json.loads(base.read_text())
+    data["python"] = f"{case.get('python') or '3.11'}.0"
+    path = work / f"{name}-{data['python']}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def judge(case: dict, report: dict | None, exit_code: int) -> tuple[bool, str]:
+    if report is None:
+        return False, f"no report (exit {exit_code})"
+    failed = [c["id"] for c in report["checks"] if c["status"] == "fail"]
+    if case["outcome"] == "good":
+        return report["status"] != "fail", "failed: " + ", ".join(failed) if failed else report["status"]
+    rule = case.get("rule", "")
+    if rule.startswith("new:") or not rule:
+        return bool(failed), ", ".join(failed) or "passed"
+    return f"rule:{rule}" in failed or (report["status"] == "fail" and rule in json.dumps(report)), \
+        ", ".join(failed) or "passed"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-resolve", action="store_true")
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args()
+    cases = tomllib.loads((CORPUS / "index.toml").read_text())["case"]
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="pinset-machines-"))
+    rows = []
+    for case in cases:
+        argv = [sys.executable, "-m", "qlora_doctor.cli", "check", "--json", "-r", str(CORPUS / case["file"]),
+                "--machine", str(machine_file(case, work))]
+        argv += ["--no-resolve"] if args.no_resolve else ["--as-of", case["date"]]
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
+            code, out, err = done.returncode, done.stdout, done.stderr
+        except subprocess.TimeoutExpired:
+            code, out, err = None, "", "timed out"
+        try:
+            report = json.loads(out) if out.strip().startswith("{") and "checks" in out else None
+        except ValueError:
+            report = None
+        right, what = judge(case, report, code if code is not None else -1)
+        resolved = next((c["detail"] for c in (report or {}).get("checks", []) if c["id"] == "packages.resolved"), "")
+        rows.append({"file": case["file"], "url": case["url"], "outcome": case["outcome"], "rule": case.get("rule"),
+                     "right": right, "found": what, "exit_code": code, "seconds": round(time.perf_counter() - started, 1),
+                     "resolved": resolved[:300], "error": err.strip().splitlines()[-1][:300] if err.strip() else ""})
+        print(f"{'ok  ' if right else 'MISS'} {case['file']}: {what}", flush=True)
+    broken = [r for r in rows if r["outcome"] == "broken"]
+    good = [r for r in rows if r["outcome"] == "good"]
+    summary = {"command": " ".join(sys.argv), "resolve": not args.no_resolve,
+               "broken_failed_for_the_right_reason": f"{sum(r['right'] for r in broken)}/{len(broken)}",
+               "good_not_failed": f"{sum(r['right'] for r in good)}/{len(good)}",
+               "seconds": round(sum(r["seconds"] for r in rows), 1), "cases": rows}
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "cases"}))
+
+
+if __name__ == "__main__":
+    main()
