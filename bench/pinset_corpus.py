@@ -32,7 +32,9 @@ def machine_file(case: dict, work: Path) -> Path:
     name = case.get("machine", "unknown")
     base = MACHINES / f"{name}.json" if (MACHINES / f"{name}.json").is_file() else MACHINES / "cpu.json"
     data = json.loads(base.read_text())
-    data["python"] = f"{case.get('python') or '3.11'}.0"
+    python = str(case.get("python") or "")
+    # a thread that does not say: the Python most such projects ran in 2023-2025
+    data["python"] = f"{python}.0" if python.replace(".", "").isdigit() else "3.10.0"
     path = work / f"{name}-{data['python']}.json"
     path.write_text(json.dumps(data))
     return path

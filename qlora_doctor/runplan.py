@@ -125,13 +125,15 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
     output = (plan_output_dir(Path(recipe.training.output_dir), resume, overwrite, where, recipe.training.max_steps)
               if decide_output else None)
     precision = resolve_precision(recipe, machine)
+    # Judging a described environment (check -r): its packages decide the levers, never this machine's.
+    described = env.installed("liger-kernel") if env is not None and env.source != "installed" else None
     memory, memory_error = None, None
     auto_layers = recipe.performance.checkpoint_layers == "auto"
     if machine.nvidia_gpus or auto_layers:
         from qlora_doctor.memory.plan import plan_recipe
 
         try:
-            memory = plan_recipe(recipe, machine, allow_network=False)
+            memory = plan_recipe(recipe, machine, allow_network=False, liger_described=described)
         except DoctorError as err:  # config unreadable offline, or torch/transformers missing
             memory_error = "; ".join(err.messages)
     if auto_layers:
@@ -147,7 +149,8 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
 
             env = installed_environment(with_conflicts=False)
         hazards = cudnn_attention_hazards(machine, env)
-    levers = speed_plan(recipe, precision, recipe_model_type(recipe), cudnn_hazards=hazards)
+    levers = speed_plan(recipe, precision, recipe_model_type(recipe), cudnn_hazards=hazards,
+                        liger_described=described)
     processes = 1 if recipe.distributed.strategy == "none" else (
         int(recipe.distributed.num_processes) if recipe.distributed.num_processes != "auto"
         else (len(machine.nvidia_gpus) or None))

@@ -417,3 +417,20 @@ def test_check_recipe_says_cudnn_attention_goes_off_on_an_h100_with_torch_2_11(t
     checks = {c.id: c for c in recipe_checks(make_recipe(tmp_path), machine(gpus=[H100_GPU]))}
     assert "cudnn_attention (known broken for this torch and GPU: cudnn-sdpa-nan-grad-q-hopper" in \
         checks["recipe.performance"].detail
+
+
+def test_a_described_environment_decides_liger_not_this_machine(tmp_path, monkeypatch):
+    """check -r FILE --recipe: liger-kernel in FILE turns the lever on for a described GPU, whatever this
+    machine has installed (issue #14)."""
+    from qlora_doctor.runplan import build_run_plan
+    from qlora_doctor.sources.requirements import environment_from_pins
+
+    monkeypatch.setattr(levers, "liger_installed", lambda: False)
+    pins = {"torch": "2.11.0", "transformers": "5.17.0", "peft": "0.21.0", "bitsandbytes": "0.50.2",
+            "accelerate": "1.15.0", "datasets": "5.2.0"}
+    h100 = machine(gpus=[H100_GPU])
+    with_liger = build_run_plan(make_recipe(tmp_path), h100, environment_from_pins({**pins, "liger-kernel": "0.8.5"},
+                                                                                 "r.txt"), where="r")
+    without = build_run_plan(make_recipe(tmp_path), h100, environment_from_pins(pins, "r.txt"), where="r")
+    assert with_liger.levers.liger_kernel.on and "requirements judged" in with_liger.levers.liger_kernel.reason
+    assert not without.levers.liger_kernel.on and "not in the requirements" in without.levers.liger_kernel.reason

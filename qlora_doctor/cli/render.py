@@ -62,9 +62,9 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
         console.print(f"[dim]{tested.detail}[/]", highlight=False)
         if tested.fix and report.tested.get("status") != "tested":
             console.print(f"[dim]    to a tested set: {tested.fix}[/]", highlight=False, soft_wrap=True)
-    evidence = {"tested": "tested", "compatible": "compatible: no known failure, not tested",
-                "unknown": "some facts could not be read"}[report.evidence]
-    console.print(f"[bold]result[/]: [{_STYLE[report.status]}]{report.status}[/] ({evidence})")
+    evidence = {"tested": " (tested)", "compatible": " (compatible: no known failure, not tested)",
+                "unknown": " (some facts could not be read)", "none": ""}[report.evidence]
+    console.print(f"[bold]result[/]: [{_STYLE[report.status]}]{report.status}[/]{evidence}")
     return _text(console)
 
 

@@ -68,7 +68,10 @@ class Report:
     @property
     def evidence(self) -> str:
         """What a verdict rests on: `tested` (a passing matrix record for this platform and these versions),
-        `compatible` (every rule and table check cleared, but no record), or `unknown` (facts missing)."""
+        `compatible` (every rule and table check cleared, but no record), `unknown` (facts missing), or
+        `none` when a check failed."""
+        if self.status == "fail":
+            return "none"
         if any(c.status == "unknown" for c in self.checks):
             return "unknown"
         return "tested" if self.tested.get("status") == "tested" else "compatible"

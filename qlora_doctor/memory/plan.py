@@ -108,7 +108,7 @@ def smallest_gpu(machine: Machine) -> tuple[str | None, int | None]:
 
 
 def settings_from_recipe(recipe: Recipe, machine: Machine, model_type: str | None = None,
-                         attn_implementation: str | None = None) -> TrainSettings:
+                         attn_implementation: str | None = None, liger_described: bool | None = None) -> TrainSettings:
     """The recipe's memory-relevant settings for `machine`: `auto` precision resolved as the trainer
     resolves it, and the `performance:` levers decided by `recipe/levers.py`'s speed_plan, as the run plan decides them (with the
     model's type: `model_type`, else read from a builtin or local model's config as `check --recipe` does).
@@ -118,7 +118,8 @@ def settings_from_recipe(recipe: Recipe, machine: Machine, model_type: str | Non
     from qlora_doctor.recipe.precision import resolve_precision
 
     precision = resolve_precision(recipe, machine)
-    levers = speed.speed_plan(recipe, precision, model_type or speed.recipe_model_type(recipe), attn_implementation)
+    levers = speed.speed_plan(recipe, precision, model_type or speed.recipe_model_type(recipe), attn_implementation,
+                              liger_described=liger_described)
     q, lora, t = recipe.quantization, recipe.lora, recipe.training
     targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     return TrainSettings(
@@ -155,9 +156,11 @@ def _eval_batch(recipe: Recipe) -> int | None:
     return t.per_device_eval_batch_size or t.per_device_train_batch_size
 
 
-def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True) -> Plan:
+def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True,
+                liger_described: bool | None = None) -> Plan:
     """Plan `recipe` on `machine`'s smallest GPU. Reads only the model's config (a hub model's from the
-    local cache, else from the hub when `allow_network`)."""
+    local cache, else from the hub when `allow_network`). `liger_described`: whether a described environment
+    has liger-kernel (None: this machine's packages decide)."""
     m = recipe.model
     config = load_model_config(m.name_or_path, m.revision, m.trust_remote_code, allow_network=allow_network)
     counts = count_parameters(config, where=f"model {m.name_or_path}")
@@ -172,7 +175,8 @@ def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True) ->
     if not machine.nvidia_gpus:
         notes.append("no NVIDIA GPU on this machine: the prediction is for the same settings on a GPU")
     settings = settings_from_recipe(recipe, machine, model_type=counts.model_type,
-                                    attn_implementation=config.get("_attn_implementation"))
+                                    attn_implementation=config.get("_attn_implementation"),
+                                    liger_described=liger_described)
     settings, auto_note = resolve_checkpoint_layers(
         counts, settings, None if recipe.distributed.strategy == "fsdp" else gpu_bytes)
     notes += lever_notes(settings) + ([auto_note] if auto_note else [])

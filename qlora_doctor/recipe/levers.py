@@ -87,15 +87,19 @@ def liger_supported_model_types() -> frozenset[str] | None:
     return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
 
 
-def decide_liger(setting: Any, device: str, model_type: str | None) -> Lever:
-    """liger_kernel: auto|true|false for a device and model type (None: not known yet)."""
+def decide_liger(setting: Any, device: str, model_type: str | None, described: bool | None = None) -> Lever:
+    """liger_kernel: auto|true|false for a device and model type (None: not known yet). `described`: whether
+    liger-kernel is in a described environment (`check -r`); None: look at this machine's packages."""
     if setting is False:
         return Lever("liger_kernel", False, "off in the recipe")
     problem = None
-    if not liger_installed():
-        problem = "liger-kernel is not installed (`pip install liger-kernel`)"
+    if not (liger_installed() if described is None else described):
+        problem = ("liger-kernel is not installed (`pip install liger-kernel`)" if described is None else
+                   "liger-kernel is not in the requirements judged (add liger-kernel to them)")
     elif device != "cuda":
         problem = "its Triton kernels need an NVIDIA GPU; training runs on the CPU"
+    elif described is not None:  # in the file: it would be installed there; its model table is not readable here
+        return Lever("liger_kernel", True, "in the requirements judged, CUDA")
     else:
         supported = liger_supported_model_types()
         if supported is None:
@@ -123,7 +127,8 @@ def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[str, ...] |
 
 
 def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = None,
-               attn_implementation: str | None = None, cudnn_hazards: tuple[str, ...] | None = None) -> SpeedPlan:
+               attn_implementation: str | None = None, cudnn_hazards: tuple[str, ...] | None = None,
+               liger_described: bool | None = None) -> SpeedPlan:
     """Decide the `performance:` levers of `recipe` for the machine `precision` was resolved for.
     `model_type`/`attn_implementation` come from the loaded model's config (None before loading);
     `cudnn_hazards` from cudnn_attention_hazards(machine) (None: not looked up)."""
@@ -164,7 +169,7 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
                   else "padding-free batches have no padding" if perf.group_by_length else "off in the recipe")
     compile_ = Lever("torch_compile", perf.torch_compile, "on in the recipe" if perf.torch_compile else "off (default)")
     return SpeedPlan(upcast_unquantized=upcast, checkpointing=checkpointing, checkpoint_layers=perf.checkpoint_layers,
-                     liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type),
+                     liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type, liger_described),
                      fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
                      cudnn_attention=decide_cudnn_attention(perf.cudnn_attention, precision.device, cudnn_hazards),
                      cudnn_hazards=cudnn_hazards)

@@ -105,7 +105,7 @@ def resolve_requirements(path: Path, machine: Machine, as_of: str | None = None,
     if uv is None:
         raise InputError(f"{path}: resolving it needs uv (`pip install uv`); or judge the lines as written with "
                          "--no-resolve")
-    argv = [uv, "pip", "compile", str(path), "--python-version", python, "--python-platform", platform,
+    argv = [uv, "pip", "compile", str(Path(path).resolve()), "--python-version", python, "--python-platform", platform,
             "--no-header", "--quiet"]
     if as_of:
         argv += ["--exclude-newer", f"{as_of}T23:59:59Z"]
