@@ -11,11 +11,15 @@ from qlora_doctor.core.report import Check
 TITLE = "What installing the file gives"
 
 
+def unsatisfiable(error: str) -> bool:
+    """The resolver proved no set of versions satisfies the file (versus: it could not read a source)."""
+    return "No solution found" in error or "unsatisfiable" in error or "ResolutionImpossible" in error
+
+
 def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str | None = None,
                          ) -> tuple[Environment, list[Check]]:
     """(the environment to judge, the checks about how it was obtained). With `resolve`, the resolver's
     closure for the machine; without (or with no resolver installed), the file's lines as written."""
-    from qlora_doctor.core.errors import InputError
     from qlora_doctor.sources.requirements import environment_from_pins, load_requirements_file
 
     if not resolve:
@@ -32,14 +36,21 @@ def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str |
                            found="not resolved")]
     resolution = resolve_requirements(path, machine, as_of=as_of)
     if resolution.error:
-        check = Check("packages.resolved", "fail", TITLE,
-                      f"{path} cannot be installed on this machine (Python {machine.python}, {machine.os} "
-                      f"{machine.arch}): {resolution.error}", fix="change the conflicting pins the resolver names",
-                      found="no solution", expected="an installable set")
-        try:
-            return load_requirements_file(path), [check]
-        except InputError:
-            return Environment(packages={}, torch=environment_from_pins({}, str(path)).torch, source=str(path)), [check]
+        from qlora_doctor.sources.requirements import parse_requirements
+
+        lines = environment_from_pins(parse_requirements(path.read_text(encoding="utf-8"), str(path), lenient=True),
+                                      str(path))
+        if unsatisfiable(resolution.error):
+            return lines, [Check("packages.resolved", "fail", TITLE,
+                                 f"{path} cannot be installed on this machine (Python {machine.python}, "
+                                 f"{machine.os} {machine.arch}): {resolution.error}",
+                                 fix="change the conflicting pins the resolver names", found="no solution",
+                                 expected="an installable set")]
+        # the resolver could not read a source (a git URL, an index out of reach, an sdist that would not build)
+        return lines, [Check("packages.resolved", "unknown", TITLE,
+                             f"could not resolve {path} ({resolution.error}); judged its exact pins only, so "
+                             "what pip would pull is not judged", fix="make the sources reachable, or pin what "
+                             "matters exactly", found="not resolved", expected="an installable set")]
     env = environment_from_pins(resolution.pins, str(path))
     pulled = [f"{name} {resolution.pins[name]} (required by {', '.join(who) or '?'})"
               for name, who in sorted(resolution.pulled_by.items()) if name in WATCHED]

@@ -14,9 +14,10 @@ from qlora_doctor.core.environment import Environment, Package, TorchBuild, buil
 from qlora_doctor.core.errors import InputError
 
 
-def parse_requirements(text: str, where: str) -> dict[str, str]:
+def parse_requirements(text: str, where: str, lenient: bool = False) -> dict[str, str]:
     """`name==version` lines -> {canonical name: version}. Comments, blank lines, hashes and index
-    options are ignored; anything else that is not an exact pin is an error naming the line."""
+    options are ignored; anything else that is not an exact pin is an error naming the line (with
+    `lenient`, skipped: the exact pins of a file the resolver could not read)."""
     pins: dict[str, str] = {}
     errors: list[str] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -46,7 +47,7 @@ def parse_requirements(text: str, where: str) -> dict[str, str]:
         if name in pins and pins[name] != version:
             errors.append(f"{where}:{lineno}: {req.name} is pinned twice ({pins[name]} and {version})")
         pins[name] = version
-    if errors:
+    if errors and not lenient:
         raise InputError(errors)
     return pins
 
