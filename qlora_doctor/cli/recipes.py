@@ -49,15 +49,24 @@ def validate(recipe_name: str, as_json: bool) -> None:
 @click.command()
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the schema to this file instead of printing it.")
-def schema(output: Path | None) -> None:
-    """Print the recipe's JSON Schema, for editor completion and checking.
+@click.option("--report", type=click.Choice(["check", "explain", "error"]), default=None,
+              help="The schema of a --json report instead of the recipe's.")
+def schema(output: Path | None, report: str | None) -> None:
+    """Print the recipe's JSON Schema, for editor completion and checking (or, with --report, that of a
+    command's --json document).
 
     e.g. `qlora-doctor schema -o recipe.schema.json`, then start a recipe with
     `# yaml-language-server: $schema=recipe.schema.json`.
     """
-    from qlora_doctor.recipe.schema import recipe_json_schema
+    if report is not None:
+        from qlora_doctor.core.schemas import json_schema
 
-    text = json.dumps(recipe_json_schema(), indent=2) + "\n"
+        data = json_schema(report)
+    else:
+        from qlora_doctor.recipe.schema import recipe_json_schema
+
+        data = recipe_json_schema()
+    text = json.dumps(data, indent=2) + "\n"
     if output is None:
         click.echo(text, nl=False)
     else:
