@@ -176,8 +176,16 @@ def env_key(combo: Combination, installer: str) -> str:
 
 
 def build_tool_wheel(repo: Path, out_dir: Path) -> Path:
-    done = run_command([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out_dir), str(repo)],
-                       timeout_s=600, env=_clean_env())
+    """The checkout's wheel. setuptools builds in the checkout's own build/ folder, so two `matrix run`s
+    started together collided there (a traceback, no record): they take turns under a file lock."""
+    import fcntl
+
+    lock_path = repo / "build" / ".qlora-doctor-wheel.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = run_command([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out_dir),
+                            str(repo)], timeout_s=600, env=_clean_env())
     wheels = sorted(out_dir.glob("qlora_doctor-*.whl"))
     if done.returncode != 0 or not wheels:
         raise RuntimeError(f"building the qlora-doctor wheel from {repo} failed:\n{excerpt(done.output)}")
