@@ -67,7 +67,8 @@ def push(output_dir: Path, repo_id: str, private: bool, what: str, export_dir: P
     metrics.json; never checkpoints, the manifest, the doctor's report, the lockfile or a file holding a
     secret. Needs `hf auth login` or HF_TOKEN (not for --dry-run). Exit 0, 1 the Hub refused, 2 bad input.
     """
-    from qlora_doctor.trainer.push import plan_push, push as push_run
+    from qlora_doctor.trainer.push import plan_push
+    from qlora_doctor.trainer.push import push as push_run
 
     plan = plan_push(output_dir, repo_id, what.lower(), private=private, export_dir=export_dir)
     result = None if dry_run else push_run(plan)

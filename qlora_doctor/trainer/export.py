@@ -33,9 +33,10 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from qlora_doctor.core.errors import CheckFailed, InputError
 from qlora_doctor.core.subprocs import Completed, run_bounded
@@ -225,7 +226,7 @@ def _export_gguf(output_dir: Path, recipe: Any, to: Path, quant: str, tools: Pat
         outtype = "q8_0" if quant == "q8_0" else "f16"
         converted = work / f"{name}-{outtype}.gguf"
         start = time.perf_counter()
-        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter's own gguf-py
+        env = converter_env(work / "merged", work / "shims")
         argv = [sys.executable, str(tools / "convert_hf_to_gguf.py"), str(work / "merged"), "--outtype", outtype,
                 "--outfile", str(converted), "--model-name", name]
         done = run(argv, CONVERT_TIMEOUT_S, env=env, cwd=tools)
@@ -266,6 +267,34 @@ def _export_gguf(output_dir: Path, recipe: Any, to: Path, quant: str, tools: Pat
                         seconds=seconds)
 
 
+_SENTENCEPIECE_STUB = (
+    '"""Stands in for sentencepiece, which is not installed, for a model that has no tokenizer.model: llama.cpp\'s\n'
+    'converter imports it before looking for that file, then falls back to the model\'s tokenizer.json."""\n\n\n'
+    "class SentencePieceProcessor:\n"
+    "    def __init__(self, *args, **kwargs):\n"
+    "        raise ImportError('sentencepiece is not installed: pip install sentencepiece')\n")
+
+
+def converter_env(merged: Path, shims: Path) -> dict[str, str]:
+    """The converter's environment: NO_LOCAL_GGUF unset (it must use its own gguf-py, not PyPI's). Its llama
+    family imports sentencepiece before it checks for a tokenizer.model; without sentencepiece installed, a model
+    without that file (a tokenizer.json one, like SmolLM2 or Llama-3) gets a stub on PYTHONPATH, and one with it
+    is refused with the install command."""
+    from importlib.util import find_spec
+
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    if find_spec("sentencepiece") is not None:
+        return env
+    if (merged / "tokenizer.model").is_file():
+        raise CheckFailed(f"this model's tokenizer is a sentencepiece model (tokenizer.model), which llama.cpp's "
+                          f"converter reads with the sentencepiece package; install it: "
+                          f"{sys.executable} -m pip install sentencepiece")
+    (shims / "sentencepiece").mkdir(parents=True, exist_ok=True)
+    (shims / "sentencepiece" / "__init__.py").write_text(_SENTENCEPIECE_STUB, encoding="utf-8")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shims), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 def _model_name(output_dir: Path) -> str:
     """The GGUF's general.name and file stem: the run folder's name, made safe for a file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(output_dir).resolve().name).strip("-.") or "model"
@@ -283,12 +312,14 @@ def _require_ok(done: Completed, produced: Path, what: str, timeout_s: float) ->
 def fallback_notes(quantizer_output: str) -> list[str]:
     """llama.cpp's K-quants need rows of a multiple of 256 values; narrower tensors fall back to another type
     (SmolLM2-135M: hidden size 576, so most tensors become Q5_0). One note summing its warnings up."""
-    fallbacks = re.findall(r"falling back to (\w+)", quantizer_output)
+    fallbacks = re.findall(r"falling back to\s+(\w+)", quantizer_output)
     if not fallbacks:
         return []
     counts = {t: fallbacks.count(t) for t in sorted(set(fallbacks))}
-    return [f"{len(fallbacks)} tensors have rows not divisible by 256, which K-quants need, so llama.cpp stored them "
-            f"as {', '.join(f'{t} ({n})' for t, n in counts.items())} instead of Q4_K (normal for small models)"]
+    types = ", ".join(f"{t} ({n})" for t, n in counts.items())
+    note = (f"{len(fallbacks)} tensors have rows not divisible by 256, which K-quants need, so llama.cpp stored them "
+            f"as {types} instead of a K-quant (normal for small models)")
+    return [note]
 
 
 def check_gguf(path: Path, file_type: int) -> bool:
@@ -439,10 +470,10 @@ def find_quantizer(pin: LlamaCppPin = LLAMA_CPP_PYTHON, which: Callable[[str], s
     if binary:
         return [binary]
     other = f" (llama-cpp-python {have} is installed, not {pin.version})" if have else ""
-    raise CheckFailed([f"--quant q4_k_m needs llama.cpp's quantizer, and none was found{other}: neither the "
-                       f"llama_cpp module of {pin.pip_spec} nor `llama-quantize` on PATH.",
-                       f"install it (it compiles llama.cpp, about 5-13 minutes on 2 cores): "
-                       f"{sys.executable} -m pip install {pin.pip_spec}",
+    raise CheckFailed([(f"--quant q4_k_m needs llama.cpp's quantizer, and none was found{other}: neither the "
+                        f"llama_cpp module of {pin.pip_spec} nor `llama-quantize` on PATH."),
+                       (f"install it (it compiles llama.cpp, about 5-13 minutes on 2 cores): "
+                        f"{sys.executable} -m pip install {pin.pip_spec}"),
                        "or use --quant q8_0 or f16, which need no compiler"])
 
 
@@ -480,7 +511,8 @@ class ChatFamily:
 # they loop over .Messages only, because Ollama leaves system messages in .Messages.
 CHAT_FAMILIES = (
     ChatFamily("chatml",
-               "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+               "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+               "<|im_start|>assistant\n",
                "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n",
                r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n", ("<|im_start|>", "<|im_end|>")),
     ChatFamily("llama3",
@@ -530,12 +562,15 @@ def chat_family(tokenizer: Any, add_bos: bool) -> tuple[ChatFamily | None, str |
             text = text[len(tokenizer.bos_token):]
         return text
 
+    from jinja2 import TemplateError
+
     try:
         rendered = [hf(p) for p in PROBES]
-    except Exception:  # a template that rejects a probe (e.g. no system role) belongs to no family here
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError):
+        # a template that rejects a probe (raise_exception: no system role, strict alternation) is no family here
         return None, None
     for family in CHAT_FAMILIES:
-        match = re.match(family.system_turn, rendered[0], re.S)
+        match = re.match(family.system_turn, rendered[0], re.DOTALL)
         system = match.group(1) if match else None
         if all(r == ollama_render(family, system, p) for r, p in zip(rendered, PROBES)):
             return family, system
