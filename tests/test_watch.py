@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from qlora_doctor.cli import cli
-from qlora_doctor.trainer.watch import (EXIT_DIVERGED, WatchSettings, diagnose_history, parse_trainer_log,
+from qlora_doctor.trainer.watch import (EXIT_DIVERGED, Watchdog, WatchSettings, diagnose_history, parse_trainer_log,
                                         settings_from_recipe_data)
 from tests.trainer_support import builtin_checkpoint, write_tiny_recipe  # noqa: F401 (fixture)
 
@@ -145,6 +145,58 @@ def test_watch_keys_are_not_training_arguments():
     assert recipe.training.watch is True and recipe.training.early_stopping_patience is None
 
 
+def _fake_trainer(**args):
+    from types import SimpleNamespace
+
+    return (SimpleNamespace(save_strategy="steps", learning_rate=2e-4, **args),
+            SimpleNamespace(global_step=0, log_history=[]),
+            SimpleNamespace(should_training_stop=False, should_save=False, should_evaluate=True))
+
+
+def _log(dog, args, state, control, record):
+    state.global_step = record["step"]
+    state.log_history.append(record)
+    dog.on_log(args, state, control, logs=record)
+
+
+def test_the_watchdog_stops_and_saves_on_nan():
+    dog = Watchdog(WatchSettings(learning_rate=0.05))
+    args, state, control = _fake_trainer()
+    _log(dog, args, state, control, {"step": 1, "loss": 2.7, "learning_rate": 0.05})
+    assert not control.should_training_stop
+    _log(dog, args, state, control, {"step": 2, "loss": float("nan"), "learning_rate": 0.05})
+    assert control.should_training_stop and control.should_save and not control.should_evaluate
+    assert dog.stopped.kind == "nan" and dog.to_json()["status"] == "diverged"
+
+
+def test_early_stopping_patience_stops_after_n_evaluations_without_a_new_best():
+    dog = Watchdog(WatchSettings(early_stopping_patience=2))
+    args, state, control = _fake_trainer()
+    for step, loss in [(2, 2.0), (4, 1.5), (6, 1.6)]:
+        _log(dog, args, state, control, {"step": step, "eval_loss": loss})
+    assert not control.should_training_stop
+    _log(dog, args, state, control, {"step": 8, "eval_loss": 1.7})
+    assert control.should_training_stop and dog.early_stopped_at == 8 and dog.stopped is None
+
+
+def test_on_resume_the_recipes_learning_rate_replaces_the_checkpoints():
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([param], lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    dog = Watchdog(WatchSettings())
+    args, state, control = _fake_trainer()
+    state.global_step = 6                                   # resumed at checkpoint-6
+    dog.on_step_begin(args, state, control, optimizer=optimizer, lr_scheduler=scheduler)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-4) and scheduler.get_last_lr() == [pytest.approx(2e-4)]
+    param.grad = torch.zeros(2)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
+    assert dog.to_json()["learning_rate_reset"] == {"checkpoint": 0.05, "recipe": 2e-4}
+
+
 # --- real runs on the CPU -----------------------------------------------------------------------------
 
 def _run(recipe, *args):
@@ -153,7 +205,9 @@ def _run(recipe, *args):
 
 @pytest.mark.slow
 def test_a_diverging_run_stops_with_a_diagnosis_and_resumes_after_the_fix(tmp_path, builtin_checkpoint):
-    recipe = write_tiny_recipe(tmp_path, rows=8, max_steps=24, learning_rate=0.05, save_steps=4)
+    # one batch is the whole data set (4 rows), so the losses are the same on every run
+    recipe = write_tiny_recipe(tmp_path, rows=4, max_steps=12, learning_rate=0.05, per_device_train_batch_size=4,
+                               save_steps=4)
     result = _run(recipe)
     assert result.exit_code == EXIT_DIVERGED, result.output
     assert "likely: training.learning_rate" in result.output and "--resume" in result.output
@@ -163,7 +217,7 @@ def test_a_diverging_run_stops_with_a_diagnosis_and_resumes_after_the_fix(tmp_pa
     stopped = metrics["watch"]["stopped"]
     assert manifest["status"] == "diverged" and manifest["watch"]["stopped"] == stopped
     assert stopped["kind"] in ("nan", "diverged") and stopped["parameter"] == "training.learning_rate"
-    assert metrics["steps"] < 24                                   # stopped early
+    assert metrics["steps"] < 12                                   # stopped early
     explained = CliRunner().invoke(cli, ["explain", str(out)])   # the same diagnosis after the fact
     assert explained.exit_code == 0 and stopped["kind"] in explained.output
     assert "training.learning_rate" in explained.output
@@ -171,7 +225,7 @@ def test_a_diverging_run_stops_with_a_diagnosis_and_resumes_after_the_fix(tmp_pa
     resumed = _run(recipe, "--resume", "--set", "training.learning_rate=2.0e-4")
     assert resumed.exit_code == 0, resumed.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["steps"] == 24
+    assert metrics["status"] == "completed" and metrics["steps"] == 12
     assert metrics["watch"]["stopped"] is None
     assert metrics["train_loss_history"][-1]["learning_rate"] <= 2.0e-4
 

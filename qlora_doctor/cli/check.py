@@ -78,7 +78,8 @@ def explain(log: str, as_json: bool) -> None:
     recipe.yaml, as the run's watchdog judges it live: NaN or diverging loss, no learning, overfitting,
     each with the recipe value to change. A pasted Trainer log with no error line is judged the same way.
 
-    Exit 0 when a known failure or a training problem was found, 1 when nothing was, 2 when LOG cannot be read.
+    Exit 0 when a known failure or a training problem was found, 1 when nothing was, 2 when the input
+    cannot be read.
     """
     from qlora_doctor.core.errors import InputError
 

@@ -43,7 +43,7 @@ def validate(recipe_name: str, as_json: bool) -> None:
         click.echo(f"OK {display_path(path)}: {recipe_summary(recipe)}")
         for c in warnings:
             click.echo(f"warning: {c.found}: {c.title} [{c.id.removeprefix('recipe.sanity.')}]\n"
-                       f"  why: {c.detail}\n  fix: {c.fix}\n  sources: {', '.join(c.sources)}")
+                       f"  why: {c.detail.removeprefix(c.found).lstrip(': ')}\n  fix: {c.fix}\n  sources: {', '.join(c.sources)}")
 
 
 @click.command()

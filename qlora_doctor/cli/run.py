@@ -31,8 +31,8 @@ def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: 
     loss plot to training.output_dir. Exit 0 when training finished, 1 when a check failed (nothing
     is loaded), 2 for a bad recipe or an output folder in use, 3 when the run watched itself diverge
     (NaN or a rising loss; `training.watch`): it saved a checkpoint, stopped, and says which recipe value
-    to change (also in metrics.json and manifest.json `watch`); fix it and --resume. 128+N when signal N
-    stopped training after saving a checkpoint.
+    to change (also in metrics.json and manifest.json `watch`); fix it, then --resume or --overwrite.
+    128+N when signal N stopped training after saving a checkpoint.
 
     With `distributed.strategy: ddp` or `fsdp` the checks run here and training runs in
     `distributed.num_processes` processes started by `accelerate launch` (trainer/distributed.py).
@@ -140,13 +140,15 @@ def _print_run(result, argv: list[str]) -> None:
 
         again = [a for a in argv if a not in ("--resume", "--overwrite")
                  and not a.startswith(f"--set={finding['parameter']}=")]
-        how = "--resume" if last_complete_checkpoint(result.output_dir) else "--overwrite"
+        afresh = f"  {shlex.join(again + ['--overwrite'])}"
+        then = (f"then continue from the last checkpoint (the recipe's learning rate replaces the checkpoint's; "
+                f"its weights are those of the diverging run) with:\n  {shlex.join(again + ['--resume'])}\n"
+                f"or start afresh with:\n{afresh}" if last_complete_checkpoint(result.output_dir)
+                else f"then start afresh with:\n{afresh}")
         click.echo(f"stopped at step {result.steps}: {finding['kind'].replace('_', ' ')} ({saved})\n"
                    f"  seen:   {finding['summary']}\n"
                    f"  likely: {finding['parameter']}\n"
-                   f"  fix:    {finding['fix']}\n"
-                   f"then continue (the recipe's learning rate replaces the checkpoint's) with:\n"
-                   f"  {shlex.join(again + [how])}", err=True)
+                   f"  fix:    {finding['fix']}\n{then}", err=True)
     else:
         click.echo(f"trained {result.steps} steps in {minutes}m{seconds:02d}s"
                    + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""))

@@ -32,6 +32,8 @@ TOKENS_PER_MESSAGE = 4
 """Chat-template tokens around each message (role header, end of turn)."""
 MAX_OVERLAP_BYTES = 50_000_000
 """Files compared row by row for shared eval/train rows only up to this size."""
+MAX_LINE_SCAN_BYTES = 200_000_000
+"""JSON Lines files up to this size are read line by line (blank lines skipped); larger ones in blocks."""
 DEFAULT_WARMUP_RATIO = 0.03
 """training_arguments_kwargs' default when neither warmup_ratio nor warmup_steps is set."""
 
@@ -203,7 +205,14 @@ def count_rows(path: str) -> int | None:
     try:
         if file.suffix == ".jsonl":
             with file.open("rb") as f:
-                return sum(1 for line in f if line.strip())
+                if file.stat().st_size <= MAX_LINE_SCAN_BYTES:
+                    return sum(1 for line in f if line.strip())
+                # a large file: count newlines in blocks (blank lines, rare in JSON Lines, count too)
+                newlines, last = 0, b"\n"
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    newlines += block.count(b"\n")
+                    last = block[-1:]
+                return newlines + (last != b"\n")
         if file.suffix == ".json":
             if file.stat().st_size > MAX_OVERLAP_BYTES:
                 return None

@@ -171,7 +171,7 @@ def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def env_key(combo: Combination, installer: str) -> str:
     payload = json.dumps({"python": combo.python, "pins": sorted(combo.pins.items()),
                           "index_urls": list(combo.index_urls), "installer": installer,
-                          "extras": "train"}, sort_keys=True)
+                          "tools": "train-extra-besides-the-stack"}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -190,6 +190,32 @@ def build_tool_wheel(repo: Path, out_dir: Path) -> Path:
     if done.returncode != 0 or not wheels:
         raise RuntimeError(f"building the qlora-doctor wheel from {repo} failed:\n{excerpt(done.output)}")
     return wheels[-1]
+
+
+def train_tools(wheel: Path, combo: Combination) -> list[str]:
+    """The tool's [train] extra minus the packages the combination pins (the stack under test, whose
+    versions may lie outside the extra's range on purpose, as known-bad rows do): gguf, matplotlib,
+    safetensors, sentencepiece... so a record's freeze is what `pip install qlora-doctor[train]` gives."""
+    import zipfile
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = zf.read(meta).decode("utf-8").splitlines()
+    pinned = {canonical_name(n) for n in combo.pins}
+    tools = []
+    for line in lines:
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req = Requirement(line.split(":", 1)[1].strip())
+        if req.marker is None or "train" not in str(req.marker) or canonical_name(req.name) in pinned:
+            continue
+        if canonical_name(req.name) in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+            continue  # the stack comes from the pins (a combination that leaves one out gets pip's choice)
+        req.marker = None
+        tools.append(str(req))
+    return tools
 
 
 def _find_python(version: str) -> str | None:
@@ -222,11 +248,12 @@ def _install(combo: Combination, opts: RunOptions, wheel: Path, progress: Progre
         pins_file = env_dir.parent / f"{env_dir.name}.pins.txt"
         if opts.installer == "uv":
             steps = [["uv", "venv", "--python", interpreter, str(env_dir)],
-                     ["uv", "pip", "install", "--python", str(python), "-r", str(pins_file), f"{wheel}[train]", *index_args]]
+                     ["uv", "pip", "install", "--python", str(python), "-r", str(pins_file), str(wheel),
+                      *train_tools(wheel, combo), *index_args]]
         else:
             steps = [[interpreter, "-m", "venv", str(env_dir)],
-                     [str(python), "-m", "pip", "install", "--progress-bar", "off", "-r", str(pins_file), f"{wheel}[train]",
-                      *index_args]]
+                     [str(python), "-m", "pip", "install", "--progress-bar", "off", "-r", str(pins_file), str(wheel),
+                      *train_tools(wheel, combo), *index_args]]
         progress(f"{combo.name}: building env {env_dir.name} ({opts.installer})")
         for argv in steps:
             done = run_command(argv, opts.install_timeout_s, env=_clean_env())

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 def training_arguments_kwargs(recipe: Recipe, precision: Precision) -> dict[str, Any]:
     """Keyword arguments for `transformers.TrainingArguments` (all but `max_seq_length`, which the
-    data pipeline uses, and `watch`/`early_stopping_patience`, which trainer/watch.py applies). Handles the transformers 5 rename of `warmup_ratio` into a float `warmup_steps`."""
+    data pipeline uses, and `watch`/`early_stopping_patience`, which trainer/watch.py applies). Handles the
+    transformers 5 rename of `warmup_ratio` into a float `warmup_steps`."""
     t = recipe.training
     kwargs = t.model_dump(exclude={"max_seq_length", "fp16", "bf16", "num_train_epochs", "max_steps",
                                    "warmup_ratio", "warmup_steps", "per_device_eval_batch_size", "eval_steps",

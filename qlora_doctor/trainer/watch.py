@@ -74,7 +74,8 @@ class WatchSettings:
     early_stopping_patience: int | None = None
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe | None, fp16: bool | None = None, total_steps: int | None = None) -> WatchSettings:
+    def from_recipe(cls, recipe: Recipe | None, fp16: bool | None = None,
+                    total_steps: int | None = None) -> WatchSettings:
         """From a recipe (`fp16`: the resolved precision, when known; `total_steps`: to turn a warm-up ratio
         into steps)."""
         if recipe is None:
@@ -111,7 +112,8 @@ class Finding:
         return asdict(self)
 
     def text(self) -> str:
-        return f"{self.kind} at step {self.step}: {self.summary}; likely {self.parameter or 'no single parameter'}: {self.fix}"
+        return (f"{self.kind} at step {self.step}: {self.summary}; likely {self.parameter or 'no single parameter'}: "
+                f"{self.fix}")
 
 
 # --- the diagnosis --------------------------------------------------------------------------------
@@ -178,10 +180,11 @@ def _nan_finding(bad: dict[str, Any], train: list[dict[str, Any]], settings: Wat
                        "65504) or the update blew up", "training.fp16",
                        "on a GPU with compute capability >= 8.0 set training.bf16: true, training.fp16: false and "
                        "quantization.bnb_4bit_compute_dtype: bfloat16; else compute in float32, or "
-                       + _lower_rate(settings), {"loss": bad["loss"], "last_finite_loss": finite[-1] if finite else None})
+                       + _lower_rate(settings),
+                       {"loss": str(bad["loss"]), "last_finite_loss": finite[-1] if finite else None})
     return Finding("nan", int(bad["step"]), True, f"{seen}{before}: the updates blew the adapter's weights up",
                    "training.learning_rate", _lower_rate(settings) + "; keep training.max_grad_norm at 0.3",
-                   {"loss": bad["loss"], "last_finite_loss": finite[-1] if finite else None})
+                   {"loss": str(bad["loss"]), "last_finite_loss": finite[-1] if finite else None})
 
 
 def _divergence(train: list[dict[str, Any]], warmup_end: int, settings: WatchSettings) -> Finding | None:
