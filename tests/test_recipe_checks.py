@@ -163,3 +163,20 @@ def load_demo_text() -> str:
     from qlora_doctor.recipe.schema import REPO_RECIPES
 
     return (REPO_RECIPES / "demo.yaml").read_text()
+
+
+def test_bf16_on_a_cpu_names_the_key_that_decides_the_compute_dtype():
+    """Issue #17: with the compute dtype already `auto`, the fix is training.bf16, not the dtype again."""
+    check = by_id(recipe_checks(recipe("training.bf16=true"), machine(**CPU_MACHINE)), "recipe.compute_dtype")
+    assert check.status == "warn" and "training.bf16: auto" in check.fix and "compute_dtype: auto" not in check.fix
+
+
+def test_a_machine_file_with_only_a_gpu_name_gets_its_compute_capability(tmp_path):
+    """Issue #17: a described GPU without compute_capability is looked up in the GPU table, as a probe is."""
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "l4.json"
+    path.write_text('{"os": "linux", "arch": "x86_64", "python": "3.11.9", "driver_version": "550.54.15", '
+                    '"gpus": [{"name": "NVIDIA L4"}]}')
+    described = load_described_machine(path)
+    assert described.gpus[0].compute_capability == "8.9" and "GPU table" in described.notes[0]

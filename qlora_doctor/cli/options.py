@@ -32,7 +32,7 @@ def load_machine(machine_file: Path | None):
     from qlora_doctor.sources import machine as machine_mod
 
     if machine_file is not None:
-        return machine_mod.load_machine_file(machine_file)
+        return machine_mod.load_described_machine(machine_file)
     return machine_mod.probe_machine()
 
 

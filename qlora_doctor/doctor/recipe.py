@@ -111,6 +111,10 @@ def compute_dtype_check(run: RunPlan, machine: Machine) -> Check | None:
     found = q.bnb_4bit_compute_dtype if q.bnb_4bit_compute_dtype == dtype else f"auto -> {dtype}"
     train_dtype = "bfloat16" if precision.bf16 else "float16" if precision.fp16 else "float32"
     auto_fix = "set `quantization.bnb_4bit_compute_dtype: auto` in the recipe"
+    if q.bnb_4bit_compute_dtype == "auto":
+        # already auto: it follows training.fp16/bf16, so those are what to change
+        which = "bf16" if precision.bf16 else "fp16"
+        auto_fix = f"set `training.{which}: auto` in the recipe (the compute dtype follows it)"
     if gpu is None:
         if dtype != "float32":
             return Check("recipe.compute_dtype", "warn", title,

@@ -99,7 +99,7 @@ def probe_machine() -> Machine:
     """This machine, in the documented order (module docstring). Never raises for a missing GPU."""
     override = os.environ.get(MACHINE_ENV)
     if override:
-        return load_machine_file(override)
+        return load_described_machine(override)
     notes: list[str] = []
     base = dict(os=_os_name(), arch=platform.machine().lower() or "unknown",
                 python=platform.python_version(), libc=_libc())
@@ -258,6 +258,21 @@ def _run(argv: list[str], notes: list[str], deadline: float) -> str | None:
         notes.append(f"{Path(argv[0]).name} exited {proc.returncode}: {proc.stderr.strip()[:200]}")
         return None
     return proc.stdout
+
+
+def load_described_machine(path: Path | str) -> Machine:
+    """A `--machine` file, with what it leaves out that the GPU table knows filled in: a file giving only a
+    GPU's name (\"NVIDIA L4\") gets its compute capability, as a probe that cannot read it does."""
+    machine = load_machine_file(path)
+    if not any(g.compute_capability is None for g in machine.gpus if g.vendor == "nvidia"):
+        return machine
+    gpus, notes = [], list(machine.notes)
+    for gpu in machine.gpus:
+        cc = gpu.compute_capability or (_cc_from_name(gpu.name) if gpu.vendor == "nvidia" else None)
+        if cc and not gpu.compute_capability:
+            notes.append(f"{gpu.name}: compute capability {cc} from the GPU table (the file gives none)")
+        gpus.append(replace(gpu, compute_capability=cc))
+    return replace(machine, gpus=tuple(gpus), notes=tuple(notes))
 
 
 def _cc_from_name(name: str) -> str | None:

@@ -78,6 +78,9 @@ def quantization_config(recipe: Recipe, precision: Precision) -> Any:
 
 def load_base(recipe: Recipe, precision: Precision, path: str, quantized: bool = True) -> Any:
     """The base model: 4-bit as the recipe says (quantized=True), else unquantized in the compute dtype."""
+    from qlora_doctor.trainer.known_warnings import annotate_known_warnings
+
+    annotate_known_warnings()  # before bitsandbytes loads
     from transformers import AutoModelForCausalLM
 
     check_device(precision, recipe.model.name_or_path)
