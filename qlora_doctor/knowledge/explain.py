@@ -134,6 +134,8 @@ def explain_text(text: str) -> Explanation:
         where[rule.id] = at
         agree, contradict, evidence = _judge_facts(rule, facts, tables)
         score = 10.0 + AGREE * agree + CONTRADICT * contradict + _placement(matched, at, cleaned)
+        if rule.explain is not None and rule.explain.benign:
+            score -= 10.0  # a harmless message every run prints: the answer only when nothing else matches
         scored.append((score, -order, Match(rule.id, rule.title, rule.cause, rule.fix, rule.sources, matched,
                                             score=score, evidence=tuple(evidence), contradicted=contradict > 0)))
     stale = _stale_warnings(cleaned, where)

@@ -81,6 +81,8 @@ class ExplainContext:
     """The CUDA version the driver reports (`found version 11060` -> 11.6)."""
     phase: str | None = None
     """`loading` or `training`: where the traceback's nearest frames say the error was raised."""
+    benign: bool = False
+    """A harmless message printed on every run: it answers a paste only when nothing else matches."""
 
 
 @dataclass(frozen=True)
@@ -319,8 +321,8 @@ def _parse_explain(raw: Any, c: _Collector) -> ExplainContext | None:
     if not isinstance(raw, dict) or not raw:
         c.add("explain: expected a non-empty table")
         return None
-    for key in sorted(set(raw) - {"requires", "excludes", "driver_cuda", "phase"}):
-        c.add(f"explain: unknown key {key!r} (known: requires, excludes, driver_cuda, phase)")
+    for key in sorted(set(raw) - {"requires", "excludes", "driver_cuda", "phase", "benign"}):
+        c.add(f"explain: unknown key {key!r} (known: requires, excludes, driver_cuda, phase, benign)")
     compiled: dict[str, tuple[re.Pattern, ...]] = {}
     for key in ("requires", "excludes"):
         found = []
@@ -336,7 +338,7 @@ def _parse_explain(raw: Any, c: _Collector) -> ExplainContext | None:
         phase = None
     return ExplainContext(requires=compiled["requires"], excludes=compiled["excludes"],
                           driver_cuda=c.spec(raw["driver_cuda"], "explain.driver_cuda") if "driver_cuda" in raw else None,
-                          phase=phase)
+                          phase=phase, benign=raw.get("benign") is True)
 
 
 def _parse_conditions(raw: Any, c: _Collector) -> Conditions | None:
