@@ -77,3 +77,26 @@ def test_a_file_that_cannot_install_fails_with_the_resolvers_reason(tmp_path, mo
     req.write_text("torch==2.6.0\ntorch==2.5.1\n")
     result = resolve_requirements(req, machine_from_dict(CPU, "cpu"), uv=str(fake_uv))
     assert result.error and "unsatisfiable" in result.error and "\n" not in result.error
+
+
+def test_an_unresolvable_file_judges_unpinned_names_as_unknown_not_missing(tmp_path, monkeypatch):
+    """A file with a git URL (the resolver cannot read it here) that names accelerate without a version:
+    accelerate will be installed, so 'accelerate missing' must not fire; its version is simply unknown."""
+    from qlora_doctor.doctor.resolved import resolved_environment
+    from qlora_doctor.knowledge.evaluate import evaluate_rules
+    from qlora_doctor.knowledge.loading import load_rules
+
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    fake_uv = tmp_path / "uv"
+    fake_uv.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'uv 0.0.0'; exit 0; fi\n"
+                       "echo 'error: Git operation failed' >&2\nexit 2\n")
+    fake_uv.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    req = tmp_path / "r.txt"
+    req.write_text("transformers==4.34.1\naccelerate\ngit+https://github.com/NVlabs/nvdiffrast/\n")
+    machine = machine_from_dict(CPU, "cpu")
+    env, checks = resolved_environment(req, machine)
+    assert checks[0].status == "unknown" and "Git operation failed" in checks[0].detail
+    assert "accelerate" in env.unpinned
+    fired = {r.rule.id for r in evaluate_rules(load_rules(), machine, env) if r.outcome == "fires"}
+    assert "accel-missing" not in fired

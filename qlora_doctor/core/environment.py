@@ -50,6 +50,9 @@ class Environment:
     """`installed` or the requirements file's path."""
     conflicts: tuple[str, ...] = field(default=())
     """Declared-requirement violations among installed packages, explained."""
+    unpinned: tuple[str, ...] = field(default=())
+    """Packages a file names without an exact version that no resolver could fix: they will be installed,
+    at a version nobody knows here (rules on them are `unknown`, never clear or firing)."""
 
     def version(self, name: str) -> Version | None:
         pkg = self.packages.get(canonical_name(name))

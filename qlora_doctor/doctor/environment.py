@@ -68,7 +68,7 @@ def _gib(mib: int | None) -> str:
 
 def package_checks(env: Environment) -> list[Check]:
     checks: list[Check] = []
-    missing = [n for n in TRAINING_NEEDS if not env.installed(n)]
+    missing = [n for n in TRAINING_NEEDS if not env.installed(n) and n not in env.unpinned]
     where = "in the proposed pins" if env.source != "installed" else "installed"
     if missing:
         # Installed: training cannot start. A proposed file: projects install torch from a container or

@@ -38,8 +38,13 @@ def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str |
     if resolution.error:
         from qlora_doctor.sources.requirements import parse_requirements
 
-        lines = environment_from_pins(parse_requirements(path.read_text(encoding="utf-8"), str(path), lenient=True),
-                                      str(path))
+        import dataclasses
+
+        from qlora_doctor.sources.requirements import named_without_pin
+
+        text = path.read_text(encoding="utf-8")
+        lines = dataclasses.replace(environment_from_pins(parse_requirements(text, str(path), lenient=True), str(path)),
+                                    unpinned=named_without_pin(text))
         if unsatisfiable(resolution.error):
             return lines, [Check("packages.resolved", "fail", TITLE,
                                  f"{path} cannot be installed on this machine (Python {machine.python}, "

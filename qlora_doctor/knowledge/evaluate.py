@@ -52,13 +52,16 @@ def evaluate(conditions: Conditions, machine: Machine, env: Environment) -> tupl
 
     for name, spec in conditions.packages:
         pkg = env.packages.get(name)
+        if pkg is None and name in env.unpinned:
+            record(None, name, f"{name}'s version (the file names it without one)")
+            continue
         if pkg is None or (pkg.version is None and not pkg.problem):
             return "clear", [], []
         if not record(_spec_holds(spec, pkg.version), f"{name} {pkg.raw_version}",
                       f"{name}'s version ({pkg.problem or 'unreadable'})"):
             return "clear", [], []
     for name in conditions.missing:
-        if env.installed(name):
+        if env.installed(name) or name in env.unpinned:
             return "clear", [], []
         holds.append(f"{name} not installed")
     if conditions.os and not record(machine.os in conditions.os, f"os {machine.os}", "os"):

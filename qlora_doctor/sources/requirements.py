@@ -52,6 +52,23 @@ def parse_requirements(text: str, where: str, lenient: bool = False) -> dict[str
     return pins
 
 
+def named_without_pin(text: str) -> tuple[str, ...]:
+    """The packages a requirements text names without an exact pin (ranges, bare names, URLs with #egg=)."""
+    names = []
+    for raw in text.splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith(("#", "-")):
+            continue
+        try:
+            req = Requirement(re.sub(r"\s+--hash=\S+", "", line).rstrip("\\").strip())
+        except InvalidRequirement:
+            continue
+        specs = list(req.specifier)
+        if not (len(specs) == 1 and specs[0].operator in ("==", "===")):
+            names.append(canonical_name(req.name))
+    return tuple(names)
+
+
 def environment_from_pins(pins: dict[str, str], source: str) -> Environment:
     from qlora_doctor.knowledge.loading import load_tables
 
