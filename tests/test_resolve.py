@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from packaging.version import Version
 
 from qlora_doctor.cli import cli
 from qlora_doctor.core.machine import machine_from_dict
@@ -100,3 +101,17 @@ def test_an_unresolvable_file_judges_unpinned_names_as_unknown_not_missing(tmp_p
     assert "accelerate" in env.unpinned
     fired = {r.rule.id for r in evaluate_rules(load_rules(), machine, env) if r.outcome == "fires"}
     assert "accel-missing" not in fired
+
+
+def test_without_a_resolver_ranges_are_judged_not_refused(tmp_path, monkeypatch):
+    """No uv on the machine: the file's exact pins are judged, its ranges are known names of unknown version,
+    and the report says the pulled packages were not judged (no exit 2 for a range)."""
+    import qlora_doctor.sources.resolve as resolve_mod
+    from qlora_doctor.doctor.resolved import resolved_environment
+
+    monkeypatch.setattr(resolve_mod, "find_uv", lambda: None)  # the machine fact: no resolver installed
+    req = tmp_path / "r.txt"
+    req.write_text("transformers>=4.46,<5\npeft==0.13.2\n")
+    env, checks = resolved_environment(req, machine_from_dict(CPU, "cpu"))
+    assert checks[0].status == "unknown" and "pip install uv" in checks[0].fix
+    assert env.version("peft") == Version("0.13.2") and "transformers" in env.unpinned

@@ -29,7 +29,13 @@ def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str |
     from qlora_doctor.sources.resolve import find_uv, resolve_requirements
 
     if find_uv() is None:
-        env = load_requirements_file(path)
+        import dataclasses
+
+        from qlora_doctor.sources.requirements import named_without_pin, parse_requirements
+
+        text = path.read_text(encoding="utf-8")
+        env = dataclasses.replace(environment_from_pins(parse_requirements(text, str(path), lenient=True), str(path)),
+                                  unpinned=named_without_pin(text))
         return env, [Check("packages.resolved", "unknown", TITLE,
                            "no resolver installed, so only the file's own lines are judged: the packages pip "
                            "would pull (triton, huggingface_hub, numpy...) are not", fix="pip install uv",
