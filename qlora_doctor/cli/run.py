@@ -65,9 +65,12 @@ def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: 
         click.echo(_launch_text(recipe, machine, recipe_path, overrides, machine_file), nl=False)
         return
     # Decide once (output folder first: a folder in use is exit 2 before anything runs), check, then train.
-    plan = build_run_plan(recipe, machine, where=str(recipe_path), resume=resume, overwrite=overwrite,
+    from qlora_doctor.sources.installed import installed_environment
+
+    env = installed_environment()  # read once: the plan's workarounds and the doctor judge the same packages
+    plan = build_run_plan(recipe, machine, env, where=str(recipe_path), resume=resume, overwrite=overwrite,
                           decide_output=True)
-    report = diagnose(machine, run_plan=plan)
+    report = diagnose(machine, env, run_plan=plan)
     if report.status == "fail" and not skip_check:
         if not as_json:
             from qlora_doctor.cli.render import render_report

@@ -51,3 +51,24 @@ def apply_umask_modes(path: Path) -> None:
     for item in items:
         if not item.is_symlink():
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+CACHE_ENV = "QLORA_DOCTOR_CACHE"
+
+
+def cache_root() -> Path:
+    """The tool's cache: `$QLORA_DOCTOR_CACHE`, else `~/.cache/qlora-doctor` (builtin models, tools fetched
+    for export, resolutions)."""
+    override = os.environ.get(CACHE_ENV)
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "qlora-doctor"
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

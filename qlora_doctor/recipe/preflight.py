@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlora_doctor.recipe.schema import display_path
+
 if TYPE_CHECKING:
     from qlora_doctor.recipe.schema import DatasetSection, Recipe
 
@@ -97,7 +99,7 @@ def data_problems(section: DatasetSection, where: str, key: str, path: str) -> l
                 isinstance(rows[0].get(guess), list) and rows[0][guess] and isinstance(rows[0][guess][0], dict) and \
                 "from" in rows[0][guess][0]:
             fix += " (these are ShareGPT turns, {from, value}: convert them to {role, content} messages)"
-        problems.append(f"{where}: dataset.{recipe_key}: {name!r} is not a field of {_short(path)} (its first "
+        problems.append(f"{where}: dataset.{recipe_key}: {name!r} is not a field of {display_path(Path(path))} (its first "
                         f"rows have: {', '.join(present) or 'no fields'}); {fix}")
     return problems
 
@@ -160,11 +162,3 @@ def _hub_unreachable(name: str, revision: str | None) -> str | None:
     finally:
         pool.shutdown(wait=False)
     return None
-
-
-def _short(path: str) -> str:
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:
-        return path
-    return path if relative.startswith("..") else relative

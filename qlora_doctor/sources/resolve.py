@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -73,9 +72,9 @@ def find_uv() -> str | None:
 
 
 def cache_dir() -> Path:
-    override = os.environ.get("QLORA_DOCTOR_CACHE")
-    root = Path(override).expanduser() if override else Path.home() / ".cache" / "qlora-doctor"
-    return root / "resolutions"
+    from qlora_doctor.core.fileio import cache_root
+
+    return cache_root() / "resolutions"
 
 
 def cache_key(text: str, python: str, platform: str, as_of: str | None) -> str:

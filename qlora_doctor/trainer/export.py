@@ -24,7 +24,6 @@ family gets no TEMPLATE (Ollama then picks one itself), and the result says so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -361,7 +360,7 @@ def _size(folder: Path, files: tuple[str, ...]) -> int:
 # --- the converter, fetched once ---------------------------------------------------------------------
 
 def tools_dir(pin: LlamaCppPin = LLAMA_CPP_PYTHON) -> Path:
-    from qlora_doctor.trainer.builtin import cache_root
+    from qlora_doctor.core.fileio import cache_root
 
     return cache_root() / "tools" / f"llama.cpp-{pin.llama_cpp_commit}"
 
@@ -410,12 +409,11 @@ def _download_sdist(pin: LlamaCppPin, dest: Path, run: Runner, seeded: Path) -> 
 
 
 def _verify_sha256(path: Path, pin: LlamaCppPin) -> None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != pin.sha256:
-        raise CheckFailed(f"{path}: sha256 {digest.hexdigest()} is not the pinned {pin.sha256} of {pin.pip_spec}; "
+    from qlora_doctor.core.fileio import sha256_of
+
+    digest = sha256_of(path)
+    if digest != pin.sha256:
+        raise CheckFailed(f"{path}: sha256 {digest} is not the pinned {pin.sha256} of {pin.pip_spec}; "
                           "delete the file and retry so it is downloaded again")
 
 
