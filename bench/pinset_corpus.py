@@ -30,8 +30,14 @@ MACHINES = REPO / "lockfiles" / "machines"
 
 def machine_file(case: dict, work: Path) -> Path:
     name = case.get("machine", "unknown")
-    base = MACHINES / f"{name}.json" if (MACHINES / f"{name}.json").is_file() else MACHINES / "cpu.json"
-    data = json.loads(base.read_text())
+    if (MACHINES / f"{name}.json").is_file():
+        data = json.loads((MACHINES / f"{name}.json").read_text())
+    else:
+        # A thread that does not say which machine ran a QLoRA stack: an NVIDIA GPU every CUDA build
+        # supports (A100, sm_80) with a driver that runs every CUDA up to 13.0 (580), so the judgement is
+        # about the packages, not about a CPU the stack was never meant for.
+        data = json.loads((MACHINES / "a100-550.json").read_text())
+        data.update(driver_version="580.95.05", cuda_driver_version="13.0")
     python = str(case.get("python") or "")
     # a thread that does not say: the Python most such projects ran in 2023-2025
     data["python"] = f"{python}.0" if python.replace(".", "").isdigit() else "3.10.0"
