@@ -4,9 +4,15 @@ reason, and is each known-good stack not failed? Resolves each file as of its da
 
     python bench/pinset_corpus.py --out bench/results/pinset_corpus.json [--no-resolve]
 
-A broken case counts as right when the report fails and its expected rule (or, for `new:` rules and
-hardware cases, any failing check) is among the failures; a good case counts as right when the report
-does not fail. Files the resolver cannot read (a git URL, a private index) are reported as such.
+A broken case counts as right when the report fails and its expected rule is among the failures, or
+the table check that judges the same fact (the rule's `judged_by`: `cuda.arch` for a Blackwell GPU under
+an old torch build) failed; for a `new:` rule not yet in the knowledge base, any failing check. A case
+marked `kind = "code"` broke on the user's own script (an argument a release removed): from pins alone
+`check` can only report it, so it counts as right when its rule is reported (a warning, or a fired note),
+and is counted on its own line. A good case counts as right when the report does not fail; `pass` counts
+how many of them pass outright. Cases marked `added = "held-out"` were added after the product was tuned
+on the others and are also counted on their own. `machine_file` (under tests/data/pinsets/) replaces the
+machine class where the thread states the hardware (driver, GPU, OS).
 """
 
 from __future__ import annotations
@@ -38,25 +44,46 @@ def machine_file(case: dict, work: Path) -> Path:
         # about the packages, not about a CPU the stack was never meant for.
         data = json.loads((MACHINES / "a100-550.json").read_text())
         data.update(driver_version="580.95.05", cuda_driver_version="13.0")
+    if case.get("machine_file"):  # the thread states the hardware: its driver, GPU or OS
+        data = json.loads((CORPUS / case["machine_file"]).read_text())
+        name = Path(case["machine_file"]).stem
     python = str(case.get("python") or "")
     # a thread that does not say: the Python most such projects ran in 2023-2025
-    data["python"] = f"{python}.0" if python.replace(".", "").isdigit() else "3.10.0"
+    if not case.get("machine_file") or python.replace(".", "").isdigit():
+        data["python"] = f"{python}.0" if python.replace(".", "").isdigit() else "3.10.0"
     path = work / f"{name}-{data['python']}.json"
     path.write_text(json.dumps(data))
     return path
 
 
-def judge(case: dict, report: dict | None, exit_code: int) -> tuple[bool, str]:
+def judged_by() -> dict[str, str]:
+    """rule id -> the table check that judges the same fact (the rule's row is folded into it when it fails)."""
+    from qlora_doctor.knowledge.loading import load_rules
+
+    return {r.id: r.judged_by for r in load_rules() if r.judged_by}
+
+
+def judge(case: dict, report: dict | None, exit_code: int, table: dict[str, str]) -> tuple[bool, str]:
     if report is None:
         return False, f"no report (exit {exit_code})"
     failed = [c["id"] for c in report["checks"] if c["status"] == "fail"]
     if case["outcome"] == "good":
         return report["status"] != "fail", "failed: " + ", ".join(failed) if failed else report["status"]
     rule = case.get("rule", "")
+    if case.get("kind") == "code":
+        row = next((c for c in report["checks"] if c["id"] == f"rule:{rule}"), None)
+        if row is None:
+            return False, f"rule:{rule} not reported; failed: {', '.join(failed) or 'nothing'}"
+        fired = row["status"] in ("warn", "fail") or row["title"].startswith("note:")
+        how = "note" if row["title"].startswith("note:") else row["status"]
+        return fired, f"rule:{rule} reported as {how}" + (f"; failed: {', '.join(failed)}" if failed else "")
     if rule.startswith("new:") or not rule:
         return bool(failed), ", ".join(failed) or "passed"
-    return f"rule:{rule}" in failed or (report["status"] == "fail" and rule in json.dumps(report)), \
-        ", ".join(failed) or "passed"
+    return f"rule:{rule}" in failed or table.get(rule) in failed, ", ".join(failed) or "passed"
+
+
+def tally(rows: list[dict]) -> str:
+    return f"{sum(r['right'] for r in rows)}/{len(rows)}"
 
 
 def main() -> None:
@@ -70,6 +97,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="pinset-machines-"))
     rows = []
+    table = judged_by()
     for case in cases:
         argv = [sys.executable, "-m", "qlora_doctor.cli", "check", "--json", "-r", str(CORPUS / case["file"]),
                 "--machine", str(machine_file(case, work))]
@@ -84,17 +112,24 @@ def main() -> None:
             report = json.loads(out) if out.strip().startswith("{") and "checks" in out else None
         except ValueError:
             report = None
-        right, what = judge(case, report, code if code is not None else -1)
+        right, what = judge(case, report, code if code is not None else -1, table)
         resolved = next((c["detail"] for c in (report or {}).get("checks", []) if c["id"] == "packages.resolved"), "")
         rows.append({"file": case["file"], "url": case["url"], "outcome": case["outcome"], "rule": case.get("rule"),
-                     "right": right, "found": what, "exit_code": code, "seconds": round(time.perf_counter() - started, 1),
+                     "kind": case.get("kind", "pins"), "added": case.get("added", "tuned"),
+                     "status": (report or {}).get("status"), "right": right, "found": what, "exit_code": code, "seconds": round(time.perf_counter() - started, 1),
                      "resolved": resolved[:300], "error": err.strip().splitlines()[-1][:300] if err.strip() else ""})
         print(f"{'ok  ' if right else 'MISS'} {case['file']}: {what}", flush=True)
     broken = [r for r in rows if r["outcome"] == "broken"]
     good = [r for r in rows if r["outcome"] == "good"]
+    held = [r for r in rows if r["added"] == "held-out"]
     summary = {"command": " ".join(sys.argv), "resolve": not args.no_resolve,
-               "broken_failed_for_the_right_reason": f"{sum(r['right'] for r in broken)}/{len(broken)}",
-               "good_not_failed": f"{sum(r['right'] for r in good)}/{len(good)}",
+               "broken_failed_for_the_right_reason": tally([r for r in broken if r["kind"] != "code"]),
+               "broken_code_dependent_rule_reported": tally([r for r in broken if r["kind"] == "code"]),
+               "broken_right_all": tally(broken),
+               "good_not_failed": tally(good),
+               "good_pass": f"{sum(r['status'] == 'pass' for r in good)}/{len(good)}",
+               "held_out_broken_right": tally([r for r in held if r["outcome"] == "broken"]),
+               "held_out_good_not_failed": tally([r for r in held if r["outcome"] == "good"]),
                "seconds": round(sum(r["seconds"] for r in rows), 1), "cases": rows}
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "cases"}))

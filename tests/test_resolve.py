@@ -8,6 +8,7 @@ removed HfFolder that gradio 4 imports. The file's lines alone break no rule; th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -109,9 +110,199 @@ def test_without_a_resolver_ranges_are_judged_not_refused(tmp_path, monkeypatch)
     import qlora_doctor.sources.resolve as resolve_mod
     from qlora_doctor.doctor.resolved import resolved_environment
 
-    monkeypatch.setattr(resolve_mod, "find_uv", lambda: None)  # the machine fact: no resolver installed
+    import qlora_doctor.sources.pipreport as pip_mod
+
+    monkeypatch.setattr(resolve_mod, "find_uv", lambda: None)  # the machine facts: no uv, and no pip either
+    monkeypatch.setattr(pip_mod, "pip_available", lambda: False)
     req = tmp_path / "r.txt"
     req.write_text("transformers>=4.46,<5\npeft==0.13.2\n")
     env, checks = resolved_environment(req, machine_from_dict(CPU, "cpu"))
     assert checks[0].status == "unknown" and "pip install uv" in checks[0].fix
     assert env.version("peft") == Version("0.13.2") and "transformers" in env.unpinned
+
+
+# --- reading the file for the resolver: what cannot be reached here is substituted, and said -----
+
+def fake_uv(tmp_path: Path, compiled: str) -> str:
+    """A uv that answers `uv pip compile` with `compiled` (and its version), recording what it was handed."""
+    out = tmp_path / "compiled.txt"
+    out.write_text(compiled)
+    script = tmp_path / "uv"
+    script.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'uv 0.0.0'; exit 0; fi\n"
+                      f"cp \"$3\" {tmp_path / 'handed.txt'}\ncat {out}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def only_pypi(host: str, port: int) -> bool:
+    return host in ("pypi.org", "files.pythonhosted.org")
+
+
+def test_an_unreachable_pytorch_index_and_git_url_are_substituted_and_said(tmp_path, monkeypatch):
+    """Case 14 of the corpus (Fooocus, driver 470): torch from download.pytorch.org/whl/cu121, which does not
+    answer here; PyPI's torch 2.1.0 is resolved and cu121 kept as its build, so the driver check still sees
+    a CUDA 12.1 torch. A git requirement whose host does not answer is kept by name, version unknown."""
+    from qlora_doctor.doctor.resolved import resolved_environment
+    from qlora_doctor.doctor.environment import environment_checks
+    from qlora_doctor.sources.reqfile import prepare_requirements
+
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    req = tmp_path / "requirements.txt"
+    req.write_text("--extra-index-url https://download.pytorch.org/whl/cu121\ntorch==2.1.0\n"
+                   "torchvision==0.16.0+cu121\ntransformers==4.30.2\n"
+                   "peft @ git+https://github.com/huggingface/peft.git@e536616888d51b453ed354a6f1e243fecb02ea08\n"
+                   "-e git+https://github.com/huggingface/accelerate.git#egg=accelerate\n")
+    machine = machine_from_dict({**CPU, "python": "3.10.12", "driver_version": "470.86",
+                                 "gpus": [{"name": "NVIDIA GeForce RTX 3050 Laptop GPU", "compute_capability": "8.6"}]},
+                                "rtx3050")
+    prepared = prepare_requirements(req, machine, reachable=only_pypi)
+    assert "download.pytorch.org" not in prepared.text and "git+" not in prepared.text
+    assert "torchvision==0.16.0\n" in prepared.text and prepared.torch_builds["torch"] == "cu121"
+    assert prepared.unresolved == {"peft": None, "accelerate": None}
+    assert len(prepared.substitutions) == 4 and all("\n" not in line for line in prepared.substitutions)
+
+    import qlora_doctor.sources.resolve as resolve_mod
+    import qlora_doctor.sources.reqfile as reqfile_mod
+
+    monkeypatch.setattr(reqfile_mod, "_REACHABLE", {("pypi.org", 443): True, ("download.pytorch.org", 443): False,
+                                                    ("github.com", 443): False})
+    monkeypatch.setattr(resolve_mod, "find_uv", lambda: fake_uv(tmp_path, (
+        "torch==2.1.0\n    # via\n    #   -r requirements.in\n    #   torchvision\ntorchvision==0.16.0\n"
+        "    # via -r requirements.in\ntransformers==4.30.2\n    # via -r requirements.in\n")))
+    env, checks = resolved_environment(req, machine)
+    assert "git+" not in (tmp_path / "handed.txt").read_text()
+    assert env.packages["torch"].raw_version == "2.1.0+cu121" and str(env.torch.cuda) == "12.1"
+    assert {"peft", "accelerate"} <= set(env.unpinned)
+    detail = checks[0].detail
+    assert checks[0].status == "pass" and detail.count("\n  substituted: ") == 4, detail
+    driver = next(c for c in environment_checks(machine, env) if c.id == "cuda.driver")
+    assert driver.status == "fail" and "470.86" in driver.detail
+
+
+def test_a_malformed_line_is_exit_2_naming_file_and_line(tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("transformers==4.46.0\npeft=>0.13\n--frobnicate\n-r missing.txt\n")
+    machine = tmp_path / "cpu.json"
+    machine.write_text(json.dumps(CPU))
+    result = CliRunner().invoke(cli, ["check", "-r", str(req), "--machine", str(machine), "--json"])
+    assert result.exit_code == 2, result.output
+    errors = json.loads(result.stdout)["errors"]
+    assert [e.split(":")[1] for e in errors] == ["2", "3", "4"], errors
+    assert all(e.startswith("requirements.txt:") for e in errors)
+
+
+def test_markers_are_evaluated_for_the_machine_and_includes_inlined(tmp_path):
+    from qlora_doctor.sources.reqfile import prepare_requirements
+
+    (tmp_path / "base.txt").write_text("numpy<2 ; python_version < '3.12'\n")
+    req = tmp_path / "requirements.txt"
+    req.write_text("-r base.txt\nhttps://example.invalid/x/llama_cpp_binaries-0.56.0+cu124-py3-none-win_amd64.whl ; "
+                   "platform_system == 'Windows'\nllama_cpp_python == 0.2.78 -C cmake.args=\"-DLLAMA_BLAS=ON\"\n")
+    linux = prepare_requirements(req, machine_from_dict(CPU, "cpu"), reachable=only_pypi)
+    assert "numpy<2" in linux.text and "llama_cpp_binaries" not in linux.text and not linux.unresolved
+    windows = prepare_requirements(req, machine_from_dict({**CPU, "os": "windows", "python": "3.12.1"}, "w"),
+                                   reachable=only_pypi)
+    assert "numpy" not in windows.text and windows.unresolved == {"llama-cpp-binaries": "0.56.0+cu124"}
+
+
+def test_a_pep_751_lock_is_read_as_resolved(tmp_path, monkeypatch):
+    """tests/data/resolved/pylock.datasets2140.toml: written by `uv pip compile --format pylock.toml` for
+    datasets==2.14.0 as of 2024-02-12 (fsspec 2024.2.0 pulled), the stack of corpus case 35."""
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    machine = tmp_path / "cpu.json"
+    machine.write_text(json.dumps(CPU))
+    lock = DATA / "resolved" / "pylock.datasets2140.toml"
+    result = CliRunner().invoke(cli, ["check", "-r", str(lock), "--machine", str(machine), "--json"])
+    report = json.loads(result.stdout)
+    ids = {c["id"]: c for c in report["checks"]}
+    assert report["packages"]["datasets"] == "2.14.0" and "PEP 751" in ids["packages.resolved"]["detail"]
+    assert ids["rule:datasets-fsspec-glob"]["status"] == "fail"
+    broken = tmp_path / "pylock.toml"
+    broken.write_text('lock-version = "1.0"\n[[packages]]\nname = "peft"\nversion = "not a version"\n')
+    bad = CliRunner().invoke(cli, ["check", "-r", str(broken), "--machine", str(machine), "--json"])
+    assert bad.exit_code == 2 and "[[packages]] #1 (peft)" in bad.output
+
+
+def test_with_no_index_reachable_it_answers_fast_on_the_exact_pins(tmp_path, monkeypatch):
+    """UV_OFFLINE (or no network) and an index URL that never answers: one line says so, the exact pins are
+    judged, and it takes seconds, not the resolver's retries."""
+    import time
+
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("UV_CACHE_DIR", str(tmp_path / "uv-cache"))  # nothing cached either
+    monkeypatch.setenv("UV_OFFLINE", "1")
+    req = tmp_path / "requirements.txt"
+    req.write_text("--index-url http://10.255.255.1/simple\ntransformers==4.46.0\npeft>=0.13\n")
+    machine = tmp_path / "cpu.json"
+    machine.write_text(json.dumps(CPU))
+    started = time.perf_counter()
+    result = CliRunner().invoke(cli, ["check", "-r", str(req), "--machine", str(machine), "--json"])
+    assert time.perf_counter() - started < 30
+    report = json.loads(result.stdout)
+    resolved = next(c for c in report["checks"] if c["id"] == "packages.resolved")
+    assert resolved["status"] == "unknown" and "no package index answers from here" in resolved["detail"]
+    assert report["packages"]["transformers"] == "4.46.0" and report["status"] != "fail", report
+
+
+@pytest.mark.skipif(find_uv() is None, reason="uv is not installed")
+def test_an_sdist_that_cannot_build_here_is_resolved_without_its_requirements(tmp_path, monkeypatch):
+    """Corpus case 53 (echomimic): av==11.0.0 has no wheel for Python 3.10 and its sdist needs FFmpeg's
+    libraries to build; the rest of the file is still resolved, and the report says what was assumed."""
+    from qlora_doctor.sources.reqfile import host_reachable
+
+    if not host_reachable("pypi.org"):
+        pytest.skip("no network")
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    req = tmp_path / "requirements.txt"
+    req.write_text("av==11.0.0\n")
+    result = resolve_requirements(req, machine_from_dict({**CPU, "python": "3.10.12"}, "cpu"), as_of="2024-12-18")
+    assert result.error is None and result.pins["av"] == "11.0.0"
+    assert any("av==11.0.0" in line and "not judged" in line for line in result.substitutions)
+
+
+@pytest.mark.skipif(find_uv() is None, reason="uv is not installed")
+def test_a_rule_forbidden_combination_is_avoided_by_the_resolver(tmp_path, monkeypatch):
+    """Item 6 of issue #14: the knowledge base inside resolution. gradio 4.44.0 kept: without the rules, uv
+    takes huggingface_hub 1.x (hub-hffolder-gradio fails); with the constraint the rule gives once gradio is
+    fixed (huggingface-hub<1.0.0), the resolver backtracks to a hub 0.x and the rule clears."""
+    from qlora_doctor.knowledge.loading import load_rules
+    from qlora_doctor.pins.constraints import combination_constraints
+    from qlora_doctor.sources.reqfile import host_reachable
+
+    if not host_reachable("pypi.org"):
+        pytest.skip("no network")
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    machine = machine_from_dict(CPU, "cpu")
+    lines = combination_constraints(machine, load_rules(), {"gradio": "4.44.0"})
+    assert [(line.requirement, line.rule_id) for line in lines] == [("huggingface-hub<1.0.0", "hub-hffolder-gradio")]
+    req = tmp_path / "requirements.txt"
+    req.write_text("gradio==4.44.0\n")
+    free = resolve_requirements(req, machine, as_of="2025-11-16")
+    ruled = resolve_requirements(req, machine, as_of="2025-11-16", constraints="huggingface-hub<1.0.0\n")
+    assert Version(free.pins["huggingface-hub"]).major == 1
+    assert Version(ruled.pins["huggingface-hub"]).major == 0 and ruled.pins["gradio"] == "4.44.0"
+
+
+@pytest.mark.skipif(not shutil.which("pip") and not Path(__import__("sys").executable).with_name("pip").exists(),
+                    reason="pip is not installed")
+def test_without_uv_pip_resolves_with_its_dry_run_report(tmp_path, monkeypatch):
+    """uv hidden (not on PATH, not beside Python): pip's `install --dry-run --ignore-installed --report` is the
+    resolver, and the same break is found in the closure it reports."""
+    import qlora_doctor.sources.resolve as resolve_mod
+    from qlora_doctor.doctor.resolved import resolved_environment
+    from qlora_doctor.sources.reqfile import host_reachable
+
+    if not host_reachable("pypi.org"):
+        pytest.skip("no network")
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    # pip as a user without a site config would run it: this machine's config adds local wheel folders that
+    # carry no upload dates, which --uploaded-prior-to cannot filter
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.setattr(resolve_mod, "find_uv", lambda: None)  # the venv's own uv, beside Python, hidden too
+    req = tmp_path / "requirements.txt"
+    req.write_text("gradio==4.44.0\n")
+    env, checks = resolved_environment(req, machine_from_dict(CPU, "cpu"), as_of="2025-11-16")
+    assert checks[0].status == "pass" and checks[0].detail.count("pip ") >= 1, checks[0].detail
+    assert env.version("huggingface-hub").major == 1 and "required by gradio 4.44.0" in checks[0].detail

@@ -115,3 +115,42 @@ def render_constraints(machine: Machine, lines: list[ConstraintLine], skipped: l
         out.append("# not expressible as a constraint here:")
         out += [f"#   rule {s.rule_id}: {s.why}" for s in skipped]
     return "\n".join(out) + "\n"
+
+
+def combination_constraints(machine: Machine, rules: tuple[Rule, ...], fixed: dict[str, str],
+                            fired: tuple[str, ...] = ()) -> list[ConstraintLine]:
+    """Constraints from rules on a combination of packages (`hub-hffolder-gradio`: huggingface_hub>=1.0 with
+    gradio<5), which one package's range cannot express: once every other package of the rule is fixed
+    (`fixed`, e.g. the user's `--keep gradio==4.44.0`) inside its range, the remaining package's range is
+    excluded (`huggingface-hub<1.0`); and for a rule that `fired` on a resolution, the first package not fixed
+    whose range can be excluded. Handed to the resolver, so it backtracks around the combination instead of
+    the doctor rejecting its answer afterwards."""
+    from packaging.version import InvalidVersion
+
+    from qlora_doctor.core.environment import canonical_name
+
+    fixed = {canonical_name(n): v for n, v in fixed.items()}
+    empty = Environment(packages={}, torch=TorchBuild(None, how="not judged"), source="constraints")
+    lines: list[ConstraintLine] = []
+    for rule in rules:
+        when = rule.when
+        if (when is None or rule.severity != "fail" or len(when.packages) < 2 or when.missing
+                or when.torch_backend or when.torch_cuda is not None):
+            continue
+        if evaluate(_machine_only(when), machine, empty)[0] == "clear":
+            continue
+        free = [(canonical_name(n), spec) for n, spec in when.packages if canonical_name(n) not in fixed]
+        try:
+            held = all(Version(fixed[canonical_name(n)]).public in spec or Version(fixed[canonical_name(n)]) in spec
+                       for n, spec in when.packages if canonical_name(n) in fixed)
+        except InvalidVersion:
+            continue
+        if not held:
+            continue  # a fixed package is outside the rule's range: the combination cannot happen
+        candidates = free if len(free) == 1 else (free if rule.id in fired else [])
+        for name, spec in candidates:
+            negated = negate(spec) if str(spec) else None
+            if negated is not None:
+                lines.append(ConstraintLine(f"{name}{negated}", rule.id, rule.title))
+                break
+    return lines

@@ -475,11 +475,20 @@ def lockfile_untested(machine: Machine, python: str, keep: dict[str, str], const
     """`lock --untested`: pip's resolution under the knowledge base's constraints, vetted by the doctor."""
     from qlora_doctor.knowledge.loading import load_rules
     from qlora_doctor.matrix.records import platform_id
-    from qlora_doctor.pins.constraints import constraints_for
+    from qlora_doctor.pins.constraints import combination_constraints, constraints_for
 
-    lines, _ = constraints_for(machine, load_rules())
-    pins = resolve_untested(machine, python, keep, [line.requirement for line in lines]
-                            + [str(c) for c in constraints], tables)
+    rules = load_rules()
+    lines, _ = constraints_for(machine, rules)
+    lines += combination_constraints(machine, rules, keep)  # keep gradio==4.44.0 -> huggingface-hub<1.0.0
+    for _ in range(3):
+        pins = resolve_untested(machine, python, keep, [line.requirement for line in lines]
+                                + [str(c) for c in constraints], tables)
+        # a combination rule the answer still breaks becomes one more constraint: pip backtracks around it
+        fired = tuple(p.split(":", 1)[0].removeprefix("rule:") for p in vet_pins(pins, machine, "pip's resolution"))
+        more = [line for line in combination_constraints(machine, rules, keep, fired=fired) if line not in lines]
+        if not more:
+            break
+        lines += more
     problems = vet_pins(pins, machine, "pip's resolution")
     if problems:
         raise CheckFailed(["pip's resolution breaks known rules; not writing it:", *problems])

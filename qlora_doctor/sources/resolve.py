@@ -18,13 +18,14 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from qlora_doctor.core.environment import canonical_name
 from qlora_doctor.core.errors import InputError
 from qlora_doctor.core.subprocs import run_bounded
+from qlora_doctor.sources.reqfile import Prepared, host_reachable, index_hosts, prepare_requirements, with_build
+from qlora_doctor.sources.resolution import Resolution, reason as _reason
 
 if TYPE_CHECKING:
     from qlora_doctor.core.machine import Machine
@@ -36,30 +37,8 @@ PLATFORMS = {("linux", "x86_64"): "x86_64-manylinux_2_28", ("linux", "aarch64"):
 """(machine os, arch) -> uv's --python-platform."""
 
 
-@dataclass(frozen=True)
-class Resolution:
-    pins: dict[str, str]
-    """Every package of the closure -> its version (canonical names)."""
-    pulled_by: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """A package the file does not name -> who required it (`torch 2.6.0`)."""
-    named: tuple[str, ...] = ()
-    """The packages the file itself asks for."""
-    resolver: str = ""
-    seconds: float = 0.0
-    cached: bool = False
-    error: str | None = None
-    """The resolver's reason in one line when the file cannot install on the machine."""
-
-    def to_json(self) -> dict:
-        return {"resolver": self.resolver, "seconds": self.seconds, "cached": self.cached, "error": self.error,
-                "pins": self.pins, "pulled_by": {k: list(v) for k, v in self.pulled_by.items()},
-                "named": list(self.named)}
-
-    @classmethod
-    def from_json(cls, data: dict, cached: bool = True) -> Resolution:
-        return cls(pins=dict(data["pins"]), pulled_by={k: tuple(v) for k, v in data.get("pulled_by", {}).items()},
-                   named=tuple(data.get("named", ())), resolver=data.get("resolver", ""),
-                   seconds=data.get("seconds", 0.0), cached=cached, error=data.get("error"))
+class NoResolver(InputError):
+    """Neither uv nor pip can be run here."""
 
 
 def find_uv() -> str | None:
@@ -82,53 +61,158 @@ def cache_key(text: str, python: str, platform: str, as_of: str | None) -> str:
 
 
 def resolve_requirements(path: Path, machine: Machine, as_of: str | None = None,
-                         timeout_s: float = TIMEOUT_S, uv: str | None = None) -> Resolution:
-    """The closure installing `path` gives on `machine` (as of `as_of`, YYYY-MM-DD). InputError when the file
-    cannot be read or no resolver is installed; a Resolution with `error` when the resolver refuses."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: cannot read the requirements file ({err})")
+                         timeout_s: float = TIMEOUT_S, uv: str | None = None,
+                         reachable: Callable[[str, int], bool] = host_reachable,
+                         constraints: str = "") -> Resolution:
+    """The closure installing `path` gives on `machine` (as of `as_of`, YYYY-MM-DD). A `pylock.toml` (PEP 751)
+    is already resolved and is read as it is. InputError when the file is malformed (every bad line named)
+    or no resolver is installed; a Resolution with `error` when the resolver refuses or cannot be reached.
+    `constraints` (pip constraints text) limits the resolver (the knowledge base's, for `lock`)."""
     if as_of is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", as_of):
         raise InputError(f"--as-of {as_of!r}: expected a date like 2025-04-15")
+    if is_pylock(Path(path)):
+        from qlora_doctor.sources.pylock import read_pylock
+
+        return read_pylock(Path(path), machine)
+    prepared = prepare_requirements(Path(path), machine, reachable)
     python = ".".join(machine.python.split(".")[:2])
     platform = PLATFORMS.get((machine.os, machine.arch), "x86_64-manylinux_2_28")
-    key = cache_key(_with_includes(Path(path), text), python, platform, as_of)
+    index_up = all(reachable(host, 443) for host in index_hosts(prepared))
+    key = cache_key(_with_includes(Path(path), prepared.text) + constraints, python, platform, as_of)
     cached = cache_dir() / f"{key}.json"
     if cached.is_file():
         try:
-            return Resolution.from_json(json.loads(cached.read_text(encoding="utf-8")))
+            return finish(Resolution.from_json(json.loads(cached.read_text(encoding="utf-8"))), prepared, index_up)
         except (ValueError, KeyError):
             pass
     uv = uv or find_uv()
     if uv is None:
-        raise InputError(f"{path}: resolving it needs uv (`pip install uv`); or judge the lines as written with "
-                         "--no-resolve")
-    argv = [uv, "pip", "compile", str(Path(path).resolve()), "--python-version", python, "--python-platform", platform,
-            "--no-header", "--quiet"]
-    if as_of:
-        argv += ["--exclude-newer", f"{as_of}T23:59:59Z"]
-    started = time.perf_counter()
-    done = run_bounded(argv, timeout_s, cwd=Path(path).resolve().parent)
-    seconds = round(time.perf_counter() - started, 2)
-    version = run_bounded([uv, "--version"], 10).stdout.strip()
-    if done.returncode is None:
-        resolution = Resolution({}, resolver=version, seconds=seconds,
-                                error=f"the resolver did not answer within {timeout_s:g} s")
-        return resolution  # not cached: the next try may be luckier
-    if done.returncode != 0:
-        resolution = Resolution({}, resolver=version, seconds=seconds, error=_reason(done.stderr))
+        from qlora_doctor.sources.pipreport import pip_available, resolve_with_pip
+
+        if not pip_available():
+            raise NoResolver(f"{path}: no resolver installed (neither uv nor pip can run here)")
+        resolution = resolve_with_pip(prepared, machine, as_of, timeout_s if index_up else min(timeout_s, 20.0),
+                                      cwd=Path(path).resolve().parent, constraints=constraints)
     else:
-        pins, pulled = parse_compiled(done.stdout)
-        named = tuple(sorted(n for n, who in pulled.items() if any(w.startswith("-r ") for w in who)))
-        pulled_by = {n: tuple(w for w in who if not w.startswith("-r ")) for n, who in pulled.items()
-                     if n not in named}
-        resolution = Resolution(pins, pulled_by=pulled_by, named=named, resolver=version, seconds=seconds)
+        resolution = _resolve_with_uv(uv, prepared, python, platform, as_of, timeout_s, index_up,
+                                      Path(path).resolve().parent, constraints)
+    if resolution.error and (not index_up or "did not answer within" in resolution.error):
+        return finish(resolution, prepared, index_up)  # not cached: with the index back the answer may differ
     cached.parent.mkdir(parents=True, exist_ok=True)
     from qlora_doctor.core.fileio import write_atomic
 
-    write_atomic(cached, json.dumps(resolution.to_json(), indent=1))
-    return resolution
+    write_atomic(cached, json.dumps(resolution.to_json(), indent=1))  # the resolver's answer, before `finish`
+    return finish(resolution, prepared, index_up)
+
+
+def is_pylock(path: Path) -> bool:
+    """PEP 751 names: `pylock.toml` or `pylock.<name>.toml`."""
+    return bool(re.fullmatch(r"pylock(\.[^.]+)?\.toml", path.name))
+
+
+def _resolve_with_uv(uv: str, prepared: Prepared, python: str, platform: str, as_of: str | None, timeout_s: float,
+                     index_up: bool, cwd: Path, constraints: str) -> Resolution:
+    import os
+    import tempfile
+
+    version = run_bounded([uv, "--version"], 10).stdout.strip() or "uv"
+    env = {**os.environ, "UV_HTTP_TIMEOUT": str(int(min(max(timeout_s / 3, 5), 30)))}
+    with tempfile.TemporaryDirectory(prefix="qlora-doctor-resolve-") as tmp:
+        source = Path(tmp) / "requirements.in"
+        source.write_text(prepared.text, encoding="utf-8")
+        argv = [uv, "pip", "compile", str(source), "--python-version", python, "--python-platform", platform,
+                "--no-header", "--quiet"]
+        if as_of:
+            argv += ["--exclude-newer", f"{as_of}T23:59:59Z"]
+        if not index_up:
+            argv += ["--offline"]  # the index does not answer: uv's own cache, or a fast refusal
+        if constraints:
+            (Path(tmp) / "constraints.txt").write_text(constraints, encoding="utf-8")
+            argv += ["--constraint", str(Path(tmp) / "constraints.txt")]
+        started = time.perf_counter()
+        overrides: dict[str, tuple[str, str]] = {}
+        unbuilt: dict[str, str] = {}
+        for _ in range(4):  # each retry lifts one obstacle the resolver named; never more than a few
+            left = timeout_s - (time.perf_counter() - started)
+            done = run_bounded(argv + _retry_options(Path(tmp), overrides, unbuilt), max(left, 1.0), env=env, cwd=cwd)
+            if done.returncode in (0, None):
+                break
+            more_overrides = {n: o for n, o in _local_build_overrides(done.stderr).items() if n not in overrides}
+            more_unbuilt = {n: v for n, v in _unbuilt_sdists(done.stderr).items() if n not in unbuilt}
+            if not more_overrides and not more_unbuilt:
+                break
+            overrides.update(more_overrides)
+            unbuilt.update(more_unbuilt)
+        seconds = round(time.perf_counter() - started, 2)
+    subs = tuple(f"the closure asks for {n}=={v}+{tag} (PyTorch's index only): resolved {n} {v} from PyPI, {tag} kept as "
+                 "the build" for n, (v, tag) in overrides.items())
+    subs += tuple(f"{n}=={v} has no wheel for this platform and building its source failed here (to read "
+                  "its requirements): resolved as requiring nothing, its own requirements not judged"
+                  for n, v in unbuilt.items())
+    builds = {n: tag for n, (_, tag) in overrides.items()}
+    if done.returncode is None:
+        return Resolution({}, resolver=version, seconds=seconds, substitutions=subs,
+                          error=f"the resolver did not answer within {timeout_s:g} s")
+    if done.returncode != 0:
+        return Resolution({}, resolver=version, seconds=seconds, error=_reason(done.stderr), substitutions=subs)
+    pins, pulled = parse_compiled(done.stdout)
+    named = tuple(sorted(n for n, who in pulled.items() if any(w.startswith("-r ") for w in who)))
+    pulled_by = {n: tuple(w for w in who if not w.startswith("-r ")) for n, who in pulled.items() if n not in named}
+    pins = {n: with_build(v, builds.get(n)) for n, v in pins.items()}
+    return Resolution(pins, pulled_by=pulled_by, named=named, resolver=version, seconds=seconds, substitutions=subs)
+
+
+def _retry_options(tmp: Path, overrides: dict[str, tuple[str, str]], unbuilt: dict[str, str]) -> list[str]:
+    """uv options lifting what a previous try stumbled on: an override of a PyTorch-only local build, and
+    static metadata (no requirements) for an sdist that cannot build here."""
+    options: list[str] = []
+    if overrides:
+        (tmp / "overrides.txt").write_text("".join(f"{n}=={v}\n" for n, (v, _) in overrides.items()))
+        options += ["--overrides", str(tmp / "overrides.txt")]
+    if unbuilt:
+        (tmp / "uv.toml").write_text("".join(f'[[dependency-metadata]]\nname = "{n}"\nversion = "{v}"\n'
+                                             "requires-dist = []\n\n" for n, v in unbuilt.items()))
+        options += ["--config-file", str(tmp / "uv.toml")]
+    return options
+
+
+def _unbuilt_sdists(stderr: str) -> dict[str, str]:
+    """uv's "Failed to build `av==11.0.0`" -> {"av": "11.0.0"}: an exact pin whose sdist needs a build to be read."""
+    return {canonical_name(n): v for n, v in re.findall(r"Failed to (?:download and )?build `([A-Za-z0-9._-]+)==([^`\s]+)`",
+                                                         stderr)}
+
+
+def _local_build_overrides(stderr: str) -> dict[str, tuple[str, str]]:
+    """uv's "there is no version of torch==2.1.0+cpu" -> {"torch": ("2.1.0", "cpu")} for the torch family."""
+    found = re.findall(r"no version of (torch|torchvision|torchaudio)==([0-9][0-9a-z.]*)\+([a-z0-9.]+)", stderr)
+    return {name: (public, tag) for name, public, tag in found}
+
+
+def finish(resolution: Resolution, prepared: Prepared, index_up: bool) -> Resolution:
+    """The resolver's answer with what preparing the file decided: torch's build tag back on the torch family,
+    the packages kept unresolved (a wheel URL's version pinned; the rest of unknown version), every
+    substitution in the report."""
+    import dataclasses
+
+    subs = prepared.substitutions + resolution.substitutions
+    if not index_up:
+        subs += ("no package index answers from here (" + ", ".join(index_hosts(prepared)) + "): only what uv "
+                 "had cached could be resolved",)
+    if resolution.error:
+        return dataclasses.replace(resolution, substitutions=subs, offline=not index_up,
+                                   unknown=tuple(sorted(set(resolution.unknown) | set(prepared.unresolved))))
+    pins = {n: with_build(v, prepared.torch_builds.get(n)) for n, v in resolution.pins.items()}
+    unknown = []
+    for name, version in prepared.unresolved.items():
+        pins.pop(name, None)  # PyPI's release that another package pulled is not what the URL installs
+        if version:
+            pins[name] = version
+        else:
+            unknown.append(name)
+    pulled_by = {n: who for n, who in resolution.pulled_by.items() if n in pins and n not in prepared.unresolved}
+    return dataclasses.replace(resolution, pins=pins, pulled_by=pulled_by, substitutions=subs,
+                               unknown=tuple(sorted(unknown)), offline=not index_up,
+                               named=tuple(sorted(set(resolution.named) | set(prepared.unresolved))))
 
 
 def _with_includes(path: Path, text: str, depth: int = 0) -> str:
@@ -175,11 +259,3 @@ def parse_compiled(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
         who[name] = [s if s.startswith("-r ") else f"{canonical_name(s)} {pins.get(canonical_name(s), '?')}"
                      for s in sources]
     return pins, who
-
-
-def _reason(stderr: str) -> str:
-    """The resolver's refusal in one line (uv explains conflicts over several)."""
-    lines = [re.sub(r"^[\s×╰─▶│]+", "", line).strip() for line in stderr.splitlines()]
-    lines = [line for line in lines if line and not line.startswith("hint:")]
-    text = " ".join(lines)
-    return (text[:400] + "...") if len(text) > 400 else text or "the resolver failed without a message"
