@@ -539,7 +539,7 @@ def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str
     from qlora_doctor.recipe.levers import plan_for_model
     from qlora_doctor.trainer import model as trainer_model
     from qlora_doctor.trainer import speed
-    from qlora_doctor.trainer.collate import FlatteningCollator
+    from qlora_doctor.trainer.collate import flattening_collator
     from qlora_doctor.trainer.fused_lora import is_fused
     from qlora_doctor.recipe.precision import resolve_precision
     from qlora_doctor.trainer.arguments import training_arguments_kwargs
@@ -575,7 +575,7 @@ def measure(base: Any, recipe: Any, machine: Any, point: Point, config: dict[str
         kwargs.update(speed.training_arguments_overrides(decided))  # as trainer/train.py: checkpointing is set
         args = TrainingArguments(**kwargs, label_names=["labels"], disable_tqdm=True)
         data = RandomTokens(point.batch * recipe.training.max_steps, point.seq, config["vocab_size"])
-        collator = FlatteningCollator() if decided.padding_free.on else default_data_collator
+        collator = flattening_collator() if decided.padding_free.on else default_data_collator
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
         if cuda:
             gc.collect()

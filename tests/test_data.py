@@ -18,6 +18,20 @@ from qlora_doctor.trainer.data import (ALPACA_PROMPT, IGNORE_INDEX, build_datase
                                        prepare_data, split_examples)
 from qlora_doctor.recipe.schema import REPO_RECIPES, load_recipe, recipe_from_dict
 
+@pytest.fixture(autouse=True)
+def _tokenized_cache_in_tmp(tmp_path, monkeypatch):
+    """prepare_data caches what it tokenizes (trainer/data_cache.py): here in the test's folder, not the
+    user's cache; datasets' progress bars off, as `qlora-doctor run` has them off outside a terminal."""
+    import datasets
+
+    from qlora_doctor.trainer import data_cache
+
+    monkeypatch.setattr(data_cache, "default_cache_dir", lambda: tmp_path / "tokenized")
+    datasets.disable_progress_bars()
+    yield
+    datasets.enable_progress_bars()
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]

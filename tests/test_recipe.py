@@ -131,7 +131,7 @@ def test_all_errors_reported_at_once_with_file_and_key(folder):
 
 def test_number_as_a_key_is_an_unknown_key(folder):
     messages = errors_of(write(folder, MINIMAL + "1: 2\n"))
-    assert any(m.endswith(": 1: unknown key '1' (expected one of model, quantization, lora, dataset, training, performance, distributed)")
+    assert any(m.endswith(": 1: unknown key '1' (expected one of model, quantization, lora, dataset, datasets, training, performance, distributed)")
                for m in messages), messages
 
 
@@ -330,8 +330,8 @@ def test_cli_schema_is_json_schema_of_all_sections(tmp_path):
     result = CliRunner().invoke(cli, ["schema"])
     assert result.exit_code == 0, result.output
     schema = json.loads(result.output)
-    assert set(schema["properties"]) == {"model", "quantization", "lora", "dataset", "training", "performance",
-                                          "distributed"}
+    assert set(schema["properties"]) == {"model", "quantization", "lora", "dataset", "datasets", "training",
+                                          "performance", "distributed"}
     assert schema["additionalProperties"] is False
     result = CliRunner().invoke(cli, ["schema", "-o", str(tmp_path / "s.json")])
     assert json.loads((tmp_path / "s.json").read_text()) == recipe_json_schema()

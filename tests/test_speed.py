@@ -285,7 +285,7 @@ def test_flattening_collator_and_its_loss_equal_padded(tiny_llama):
 
     features = [{"input_ids": [5, 6, 7, 8], "attention_mask": [1] * 4, "labels": [-100, 6, 7, 8]},
                 {"input_ids": [9, 10, 11], "attention_mask": [1] * 3, "labels": [9, 10, 11]}]
-    flat = collate.FlatteningCollator()(features)
+    flat = collate.flattening_collator()(features)
     assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
     assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
     assert flat["labels"].tolist() == [[-100, 6, 7, 8, -100, 10, 11]]

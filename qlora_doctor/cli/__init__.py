@@ -20,6 +20,8 @@ COMMANDS = {
     "schema": "qlora_doctor.cli.recipes:schema",
     "run": "qlora_doctor.cli.run:run",
     "generate": "qlora_doctor.cli.run:generate",
+    "chat": "qlora_doctor.cli.chat:chat",
+    "init": "qlora_doctor.cli.init:init",
     "merge": "qlora_doctor.cli.run:merge",
     "export": "qlora_doctor.cli.export:export",
     "push": "qlora_doctor.cli.export:push",

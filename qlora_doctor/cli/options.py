@@ -99,3 +99,28 @@ def _results(results_dir: Path | None) -> Path:
     from qlora_doctor.matrix.records import default_results_dir
 
     return results_dir or default_results_dir()
+
+
+def sampling_options(f: Callable) -> Callable:
+    """The decoding options of `generate` and `chat` (trainer/generate.py Sampling); greedy by default."""
+    options = [
+        click.option("--system", default=None, metavar="TEXT", help="A system message before the conversation."),
+        click.option("--temperature", type=float, default=0.0, show_default=True,
+                     help="0: greedy (deterministic); > 0: sample, e.g. 0.7."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling (with --temperature)."),
+        click.option("--top-k", type=int, default=0, show_default=True,
+                     help="Sample from the k most likely tokens; 0: no limit (with --temperature)."),
+        click.option("--max-new-tokens", type=int, default=128, show_default=True),
+        click.option("--seed", type=int, default=None,
+                     help="Seed of the sampling: the same seed and input give the same answer (default: random, "
+                          "and reported)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def sampling_from_options(temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None):
+    from qlora_doctor.trainer.generate import Sampling
+
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)

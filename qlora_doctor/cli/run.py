@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from qlora_doctor.cli.options import echo_json, echo_rendered, json_option, load_machine, machine_option
+from qlora_doctor.cli.options import (echo_json, echo_rendered, json_option, load_machine, machine_option,
+    sampling_from_options, sampling_options)
 
 
 @click.command()
@@ -82,6 +83,10 @@ def run(recipe_name: str, machine_file: Path | None, as_json: bool, skip_check: 
 
     # With --json, stdout holds only the result: the Trainer's log lines and progress go to stderr.
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    if as_json or not sys.stderr.isatty():  # the data pipeline's tokenizing bar (trainer/data.py): terminals only
+        import datasets
+
+        datasets.disable_progress_bars()
     if recipe.distributed.strategy != "none":
         from qlora_doctor.trainer.distributed import launch_training
 
@@ -171,20 +176,22 @@ def _print_run(result, argv: list[str]) -> None:
 @click.command()
 @click.argument("output_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", required=True, help="A user message; the model's chat template is applied.")
-@click.option("--compare", is_flag=True, help="Also answer with the base model (adapter disabled).")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--compare", is_flag=True, help="Also answer with the base model (adapter disabled), from the same seed.")
+@sampling_options
 @machine_option
 @json_option
-def generate(output_dir: Path, prompt: str, compare: bool, max_new_tokens: int, machine_file: Path | None,
-             as_json: bool) -> None:
-    """Answer a prompt with the adapter of a finished run (greedy, so deterministic).
+def generate(output_dir: Path, prompt: str, compare: bool, system: str | None, temperature: float, top_p: float,
+             top_k: int, max_new_tokens: int, seed: int | None, machine_file: Path | None, as_json: bool) -> None:
+    """Answer a prompt with the adapter of a finished run: greedy (deterministic) by default, sampled with
+    --temperature (reproducible with --seed). For a conversation, `qlora-doctor chat OUTPUT_DIR`.
 
-    OUTPUT_DIR is the run's training.output_dir. Exit 2 when it holds no finished run.
+    OUTPUT_DIR is the run's training.output_dir. Exit 2 when it holds no finished run or an option is out of range.
     """
     from qlora_doctor.trainer.generate import generate as generate_answer
 
-    result = generate_answer(output_dir, prompt, load_machine(machine_file), compare=compare,
-                             max_new_tokens=max_new_tokens)
+    sampling = sampling_from_options(temperature, top_p, top_k, max_new_tokens, seed)
+    result = generate_answer(output_dir, prompt, load_machine(machine_file), compare=compare, sampling=sampling,
+                             system=system)
     if as_json:
         echo_json(result.__dict__)
         return
@@ -192,6 +199,9 @@ def generate(output_dir: Path, prompt: str, compare: bool, max_new_tokens: int, 
     click.echo(f"tuned:  {result.answer}")
     if result.base_answer is not None:
         click.echo(f"base:   {result.base_answer}")
+    if result.seed is not None:
+        click.echo(f"(sampled at temperature {result.temperature:g}, top_p {result.top_p:g}, top_k {result.top_k}, "
+                   f"seed {result.seed}: --seed {result.seed} repeats it)", err=True)
 
 
 @click.command()

@@ -188,8 +188,10 @@ def preflight_check(run: RunPlan, machine: Machine) -> Check:
     problems = preflight_problems(run.recipe, run.where)
     title = "Data fields and integrations"
     if not problems:
+        targets = run.recipe.training.report_targets
+        logging = (f"report_to {', '.join(targets)}: installed" if targets else "report_to: none (no logging integration)")
         return Check("recipe.preflight", "pass", title, "the data's first rows have the fields the recipe names; "
-                     "the report_to integrations are installed")
+                     + logging)
     return Check("recipe.preflight", "fail", title, "; ".join(problems),
                  fix=problems[0].split("; ", 1)[-1] if "; " in problems[0] else "",
                  found=f"{len(problems)} problem(s)", expected="none")

@@ -53,7 +53,7 @@ def recipe_values(recipe: Recipe) -> dict[str, Any]:
 def recipe_facts(recipe: Recipe, run: RunPlan | None = None) -> dict[str, Any]:
     """The facts of recipe_rules.toml's [facts] for `recipe` (and its run plan, when there is one); an
     unreadable one is UNKNOWN."""
-    t, d, lora = recipe.training, recipe.dataset, recipe.lora
+    t, lora = recipe.training, recipe.lora
     facts: dict[str, Any] = {"lora_scaling": lora_scaling(lora.r, lora.lora_alpha, lora.use_rslora)}
     config = _model_config(recipe)
     facts["model_max_position_embeddings"] = _int(config.get("max_position_embeddings")) if config else UNKNOWN
@@ -77,25 +77,10 @@ def recipe_facts(recipe: Recipe, run: RunPlan | None = None) -> dict[str, Any]:
             else int(recipe.distributed.num_processes)
     facts["effective_batch"] = t.per_device_train_batch_size * t.gradient_accumulation_steps * processes
 
-    rows = count_rows(d.path) if not d.is_hub else None
-    if rows is not None and d.max_samples is not None:
-        rows = min(rows, d.max_samples)
-    eval_rows: Any = UNKNOWN
-    train_rows: Any = UNKNOWN
-    if rows is not None:
-        held_out = 0
-        if d.eval_path is None and d.eval_split > 0 and rows >= 2:
-            held_out = min(rows - 1, max(1, round(rows * d.eval_split)))
-        train_rows = rows - held_out
-        eval_rows = held_out if d.eval_path is None else UNKNOWN
-    if d.eval_path is not None:
-        counted = count_rows(d.eval_path)
-        eval_rows = counted if counted is not None else UNKNOWN
+    train_rows, eval_rows, shared, lengths = _data_facts(recipe)
     facts["dataset_rows"] = train_rows
     facts["eval_rows"] = eval_rows
-    facts["eval_train_shared_rows"] = (shared_rows(d.eval_path, d.path) if d.eval_path and not d.is_hub
-                                       else UNKNOWN)
-    lengths = row_token_estimates(d.path, d.format) if not d.is_hub else []
+    facts["eval_train_shared_rows"] = shared
     facts["longest_row_tokens"] = max(lengths) if lengths else UNKNOWN
     facts["truncated_row_fraction"] = (sum(n > t.max_seq_length for n in lengths) / len(lengths)
                                        if lengths else UNKNOWN)
@@ -117,6 +102,35 @@ def recipe_facts(recipe: Recipe, run: RunPlan | None = None) -> dict[str, Any]:
         ratio = DEFAULT_WARMUP_RATIO if t.warmup_ratio is None else t.warmup_ratio
         facts["warmup_steps_effective"] = math.ceil(ratio * total)
     return facts
+
+
+def _data_facts(recipe: Recipe) -> tuple[Any, Any, Any, list[int]]:
+    """(training rows, eval rows, eval rows also in the training file, estimated row lengths) summed over the
+    recipe's data sections (`datasets:` weights applied as trainer/data.py does); a sum with an unreadable
+    part (a hub dataset, a parquet file) is UNKNOWN."""
+    totals: list[Any] = [0, 0, 0]
+    lengths: list[int] = []
+    for d in recipe.data_sections:
+        rows = count_rows(d.path) if not d.is_hub else None
+        if rows is not None and d.max_samples is not None:
+            rows = min(rows, d.max_samples)
+        eval_rows: Any = UNKNOWN
+        train_rows: Any = UNKNOWN
+        if rows is not None:
+            held_out = 0
+            if d.eval_path is None and d.eval_split > 0 and rows >= 2:
+                held_out = min(rows - 1, max(1, round(rows * d.eval_split)))
+            whole = math.floor(d.weight)
+            train_rows = whole * (rows - held_out) + round((d.weight - whole) * (rows - held_out))
+            eval_rows = held_out if d.eval_path is None else UNKNOWN
+        if d.eval_path is not None:
+            counted = count_rows(d.eval_path)
+            eval_rows = counted if counted is not None else UNKNOWN
+        shared = shared_rows(d.eval_path, d.path) if d.eval_path and not d.is_hub else UNKNOWN
+        totals = [UNKNOWN if total is UNKNOWN or part is UNKNOWN else total + part
+                  for total, part in zip(totals, (train_rows, eval_rows, shared))]
+        lengths += row_token_estimates(d.path, d.format) if not d.is_hub else []
+    return totals[0], totals[1], totals[2], lengths
 
 
 def _int(value: Any) -> Any:
@@ -157,6 +171,8 @@ def _has_chat_template(recipe: Recipe) -> Any:
     from qlora_doctor.recipe.builtin import is_builtin
 
     name = recipe.model.name_or_path
+    if recipe.model.chat_template is not None:
+        return True  # the recipe sets one (trainer/data.py puts it on the tokenizer)
     if is_builtin(name):
         return True  # the builtin models are instruct models whose GGUF carries the chat template
     folder = Path(name)

@@ -150,8 +150,8 @@ def lever_notes(settings: TrainSettings) -> list[str]:
 
 def _eval_batch(recipe: Recipe) -> int | None:
     """The evaluation micro-batch when the run evaluates (as training_arguments_kwargs decides)."""
-    t, d = recipe.training, recipe.dataset
-    if t.eval_strategy == "no" or not (d.eval_path or d.eval_split > 0):
+    t = recipe.training
+    if t.eval_strategy == "no" or not recipe.evaluates:
         return None
     return t.per_device_eval_batch_size or t.per_device_train_batch_size
 

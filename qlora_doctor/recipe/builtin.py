@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from qlora_doctor.core.errors import InputError
@@ -68,6 +69,13 @@ def builtin_model(name_or_path: str) -> BuiltinModel:
         choices = ", ".join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_MODELS))
         raise InputError(f"model.name_or_path: unknown builtin model {name_or_path!r}; "
                          f"use one of {choices}, or a Hugging Face model id or local checkpoint folder")
+
+
+def converted_dir(name_or_path: str) -> Path:
+    """Where the converted checkpoint of a builtin model lives (whether or not it exists yet): the tool's cache."""
+    from qlora_doctor.core.fileio import cache_root
+
+    return cache_root() / "models" / builtin_model(name_or_path).name
 
 
 def builtin_config(name_or_path: str) -> dict[str, Any]:

@@ -41,11 +41,16 @@ def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, Any]
     path = ""
     current: Any = model
     field_type: Any = None
+    list_of_sections = False
     for part in loc:
-        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+        if isinstance(part, int) and list_of_sections:  # an item of a list of sections (`datasets[1]`)
+            path = f"{path}[{part}]"
+            list_of_sections = False
+        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
             field_type = current.model_fields[part].annotation
             path = f"{path}.{part}" if path else str(part)
             current = _unwrap_model(field_type)
+            list_of_sections = _is_list_of_sections(field_type)
         elif isinstance(current, type) and issubclass(current, BaseModel):
             # An unknown key (maybe a number: `1: 2`); quoted when it is not a plain word, so that
             # `"\n"` or `" "` stay visible and every message stays one line.
@@ -59,12 +64,23 @@ def _field_path(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, Any]
     return path, field_type
 
 
+def _is_list_of_sections(annotation: Any) -> bool:
+    import typing
+
+    return any(typing.get_origin(arg) is list and _unwrap_model(arg) is not arg
+               for arg in (typing.get_args(annotation) or (annotation,)))
+
+
 def _unwrap_model(annotation: Any) -> Any:
     import typing
 
     for arg in (typing.get_args(annotation) or (annotation,)):
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg
+        if typing.get_origin(arg) is list:  # `list[Section] | None`: the section of each item
+            inner = _unwrap_model(arg)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
     return annotation
 
 

@@ -7,7 +7,6 @@ bounded time. Each problem names the file, the key and the value to set; none is
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -21,23 +20,25 @@ if TYPE_CHECKING:
 ROWS = 20
 """Rows read from the data file: enough to catch a wrong field name, never the whole file."""
 HUB_TIMEOUT_S = 10.0
-INTEGRATIONS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
-                "trackio": ("trackio",)}
-"""transformers' report_to names -> the importable packages that provide each (any one suffices)."""
 FIELD_SYNONYMS = {
     "text_field": ("text", "content", "document", "sentence", "body"),
     "instruction_field": ("instruction", "prompt", "question", "query", "input_text"),
     "input_field": ("input", "context", "history"),
     "output_field": ("output", "response", "completion", "answer", "target", "chosen"),
     "messages_field": ("messages", "conversations", "conversation", "chat", "dialog"),
+    "conversations_field": ("conversations", "conversation", "messages", "dialog", "chat"),
+    "prompt_field": ("prompt", "instruction", "question", "query", "input"),
+    "completion_field": ("completion", "response", "output", "answer", "chosen"),
 }
 
 
 def preflight_problems(recipe: Recipe, where: str, hub: bool = False) -> list[str]:
     """Every problem found, each a full message (file, key, fix); empty when the recipe can start."""
-    problems = data_problems(recipe.dataset, where, "dataset.path", recipe.dataset.path)
-    if recipe.dataset.eval_path:
-        problems += data_problems(recipe.dataset, where, "dataset.eval_path", recipe.dataset.eval_path)
+    problems = []
+    for key, section in zip(recipe.data_keys, recipe.data_sections):
+        problems += data_problems(section, where, section.path, key=key)
+        if section.eval_path:
+            problems += data_problems(section, where, section.eval_path, key=key)
     problems += integration_problems(recipe, where)
     if hub:
         problems += hub_model_problems(recipe, where)
@@ -80,10 +81,16 @@ def _needed_fields(section: DatasetSection) -> list[tuple[str, str, bool]]:
     if section.format == "alpaca":
         return [("instruction_field", section.instruction_field, True), ("input_field", section.input_field, False),
                 ("output_field", section.output_field, True)]
+    if section.format == "sharegpt":
+        return [("conversations_field", section.conversations_field, True)]
+    if section.format == "prompt_completion":
+        return [("prompt_field", section.prompt_field, True), ("completion_field", section.completion_field, True)]
     return [("messages_field", section.messages_field, True)]
 
 
-def data_problems(section: DatasetSection, where: str, key: str, path: str) -> list[str]:
+def data_problems(section: DatasetSection, where: str, path: str, key: str = "dataset") -> list[str]:
+    """The fields `section` reads that the first rows of `path` lack, and (sharegpt) speakers no role maps;
+    `key` is the section's recipe key (`dataset`, `datasets[1]`)."""
     rows = first_rows(path)
     if not rows:
         return []
@@ -93,28 +100,58 @@ def data_problems(section: DatasetSection, where: str, key: str, path: str) -> l
         if not required or any(name in row for row in rows):
             continue
         guess = next((g for g in FIELD_SYNONYMS[recipe_key] if g in present and g != name), None)
-        fix = (f"set `dataset.{recipe_key}: {guess}`" if guess else
-               f"set `dataset.{recipe_key}` to the column that holds it")
-        if recipe_key == "messages_field" and guess in ("conversations", "conversation") and rows and \
-                isinstance(rows[0].get(guess), list) and rows[0][guess] and isinstance(rows[0][guess][0], dict) and \
-                "from" in rows[0][guess][0]:
-            fix += " (these are ShareGPT turns, {from, value}: convert them to {role, content} messages)"
-        problems.append(f"{where}: dataset.{recipe_key}: {name!r} is not a field of {display_path(Path(path))} (its first "
-                        f"rows have: {', '.join(present) or 'no fields'}); {fix}")
+        fix = (f"set `{key}.{recipe_key}: {guess}`" if guess else
+               f"set `{key}.{recipe_key}` to the column that holds it")
+        if recipe_key == "messages_field" and guess and _first_turn_has(rows, guess, "from"):
+            fix = f"these are ShareGPT turns ({{from, value}}): set `{key}.format: sharegpt`"
+            if guess != "conversations":
+                fix += f" and `{key}.conversations_field: {guess}`"
+        problems.append(f"{where}: {key}.{recipe_key}: {name!r} is not a field of {display_path(Path(path))} (its "
+                        f"first rows have: {', '.join(present) or 'no fields'}); {fix}")
+    if section.format == "sharegpt" and not problems:
+        problems += _sharegpt_problems(section, rows, where, path, key)
     return problems
+
+
+def _first_turn_has(rows: list[dict[str, Any]], field: str, name: str) -> bool:
+    value = rows[0].get(field)
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and name in value[0]
+
+
+def _sharegpt_problems(section: DatasetSection, rows: list[dict[str, Any]], where: str, path: str,
+                       key: str) -> list[str]:
+    from qlora_doctor.recipe.schema import sharegpt_role_names
+
+    field, shown = section.conversations_field, display_path(Path(path))
+    if _first_turn_has(rows, field, "role") and not _first_turn_has(rows, field, section.role_key):
+        return [f"{where}: {key}.format: sharegpt, but the turns of {shown} are {{role, content}} messages; set "
+                f"`{key}.format: chat` and `{key}.messages_field: {field}`"]
+    known = {name for names in sharegpt_role_names(section.roles).values() for name in names}
+    unknown = sorted({turn.get(section.role_key) for row in rows for turn in (row.get(field) or [])
+                      if isinstance(turn, dict) and isinstance(turn.get(section.role_key), str)} - known)
+    if not unknown:
+        return []
+    return [f"{where}: {key}.roles: the turns of {shown} have speaker(s) {', '.join(map(repr, unknown))} that no "
+            f"role lists (known: {', '.join(sorted(known))}); map each, e.g. `roles: {{assistant: [gpt, "
+            f"{unknown[0]}]}}` (roles: user, assistant, system, tool, tool_call)"]
 
 
 def integration_problems(recipe: Recipe, where: str) -> list[str]:
-    wanted = recipe.training.report_to
-    targets = [wanted] if isinstance(wanted, str) else list(wanted)
-    problems = []
-    for target in targets:
-        modules = INTEGRATIONS.get(target)
-        if modules and not any(importlib.util.find_spec(m) is not None for m in modules):
-            problems.append(f"{where}: training.report_to: {target} is not installed (the Trainer would stop "
-                            f"when it starts logging); `pip install {modules[0]}`, or set "
-                            "`training.report_to: none`")
-    return problems
+    """One problem per report_to integration that is not installed (recipe/integrations.toml says which
+    packages provide each); the fix installs all the missing ones at once, or drops them from the list."""
+    from qlora_doctor.recipe.integrations import integrations
+
+    table = integrations()
+    targets = recipe.training.report_targets
+    missing = [table[t] for t in targets if t in table and not table[t].installed()]
+    if not missing:
+        return []
+    install = f"`pip install {' '.join(i.pip for i in missing)}`"
+    kept = [t for t in targets if t not in {i.name for i in missing}]
+    instead = (f"`training.report_to: [{', '.join(kept)}]`" if len(kept) > 1 else
+               f"`training.report_to: {kept[0] if kept else 'none'}`")
+    return [f"{where}: training.report_to: {i.name} is not installed (the Trainer would stop when it starts "
+            f"logging); {install}, or set {instead}" for i in missing]
 
 
 def hub_model_problems(recipe: Recipe, where: str) -> list[str]:

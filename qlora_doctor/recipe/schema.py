@@ -34,6 +34,7 @@ from qlora_doctor.core.errors import InputError
 from qlora_doctor.core.shipped import shipped_path
 from qlora_doctor.recipe.errors import (CROSS_FIELD_MARK, describe_value, did_you_mean, format_validation_errors,
     one_of)
+from qlora_doctor.recipe.integrations import NO_REPORTING, report_to_names
 from qlora_doctor.recipe.yamlfile import parse_yaml_value, read_recipe_yaml, yaml_problem
 
 if TYPE_CHECKING:
@@ -49,6 +50,17 @@ DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 """Local data files `datasets` can read, by suffix -> the `load_dataset` builder name."""
 
 BUILTIN_PREFIX = "builtin:"
+SHAREGPT_ROLES: dict[str, tuple[str, ...]] = {
+    "user": ("human", "user"),
+    "assistant": ("gpt", "assistant", "model"),
+    "system": ("system",),
+    "tool": ("observation", "tool", "function_response"),
+    "tool_call": ("function_call",),
+}
+"""ShareGPT speaker names by role (`dataset.roles` replaces a role's list): the names of the original
+ShareGPT dumps (human/gpt) and of LLaMA-Factory's `tags` defaults (observation, function_call;
+github.com/hiyouga/LLaMA-Factory data/README.md), as axolotl's `roles` maps them
+(docs.axolotl.ai/docs/dataset-formats/conversation.html)."""
 AutoBool = Union[Literal["auto"], bool]
 
 # transformers 5.x `OptimizerNames` and `SchedulerType` values (checked against 5.24), kept here so
@@ -85,6 +97,28 @@ class ModelSection(Section):
     revision: str | None = Field(default=None, description="Hub branch, tag or commit to load.")
     trust_remote_code: bool = Field(
         default=False, description="Run Python code that comes with the model repo (a security risk).")
+    chat_template: str | None = Field(
+        default=None, min_length=1, description="Replace the tokenizer's chat template: a name from "
+        "qlora_doctor/recipe/chat_templates.toml (chatml, llama-3, alpaca, qwen2.5) or a .jinja file (relative to "
+        "the recipe's folder). For base models without one; it is saved with the adapter, so generation uses it too.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from qlora_doctor.recipe.chat_templates import is_template_file, named_templates
+
+        if value is None or value in named_templates():
+            return value
+        if not is_template_file(value):
+            names = list(named_templates())
+            raise ValueError(f"unknown chat template {value!r}{did_you_mean(value, names)}; use one of "
+                             f"{', '.join(names)}, or a path to a .jinja file")
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else _base_dir(info) / path
+        if not path.is_file():
+            raise ValueError(f"no such file: {path} (relative paths are resolved against the recipe's folder "
+                             f"{_base_dir(info)}); fix the path")
+        return str(path.resolve())
 
     @field_validator("name_or_path")
     @classmethod
@@ -156,6 +190,11 @@ class LoraSection(Section):
         return self.model_dump()
 
 
+def sharegpt_role_names(roles: dict[str, list[str]] | None) -> dict[str, tuple[str, ...]]:
+    """SHAREGPT_ROLES with a section's `roles` over it."""
+    return {**SHAREGPT_ROLES, **{role: tuple(names) for role, names in (roles or {}).items()}}
+
+
 class DatasetSection(Section):
     path: str = Field(
         min_length=1,
@@ -163,14 +202,33 @@ class DatasetSection(Section):
                     "Hugging Face hub dataset id like `tatsu-lab/alpaca`.")
     name: str | None = Field(default=None, description="Hub dataset configuration name (load_dataset's `name`).")
     split: str = Field(default="train", min_length=1, description="Hub dataset split to train on.")
-    format: Literal["text", "alpaca", "chat"] = Field(
+    format: Literal["text", "alpaca", "chat", "sharegpt", "prompt_completion"] = Field(
         description="text: one text field; alpaca: instruction/input/output; chat: a list of "
-                    "{role, content} messages.")
+                    "{role, content} messages (OpenAI/TRL; tool_calls kept); sharegpt: a list of {from, value} "
+                    "turns (roles mapped by `roles`); prompt_completion: a prompt and a completion (TRL), "
+                    "each text or a list of messages.")
     text_field: str = "text"
     instruction_field: str = "instruction"
     input_field: str = "input"
     output_field: str = "output"
     messages_field: str = "messages"
+    conversations_field: str = Field(default="conversations", description="sharegpt: the column of turns.")
+    role_key: str = Field(default="from", description="sharegpt: the key of a turn that names its speaker "
+                          "(LLaMA-Factory's role_tag, axolotl's message_property_mappings.role).")
+    content_key: str = Field(default="value", description="sharegpt: the key of a turn that holds its text.")
+    roles: dict[str, list[str]] | None = Field(
+        default=None, description="sharegpt: speaker names of the file for each role, merged over the defaults "
+        "user: [human, user], assistant: [gpt, assistant, model], system: [system], tool: [observation, tool, "
+        "function_response], tool_call: [function_call] (a turn whose value is the JSON "
+        "{name, arguments} of a call, made an assistant tool call). A role given here replaces its default list.")
+    prompt_field: str = Field(default="prompt", description="prompt_completion: the prompt column.")
+    completion_field: str = Field(default="completion", description="prompt_completion: the completion column.")
+    tools_field: str = Field(default="tools", description="chat/sharegpt: the column of tool (function) "
+                             "schemas passed to the chat template, when a row has it (a list, or its JSON text).")
+    weight: float = Field(default=1.0, gt=0, le=1000, description="In a `datasets:` list: how many times each "
+                          "training row is used per epoch. 2: every row twice; 0.5: a random half of the rows "
+                          "(chosen by training.seed); 1.5: every row once plus a random half again. Evaluation "
+                          "rows are not weighted.")
     eval_path: str | None = Field(
         default=None, description="A local file of held-out examples; when null, `eval_split` of the "
                                   "training data is held out instead.")
@@ -191,6 +249,29 @@ class DatasetSection(Section):
     @classmethod
     def _resolve_eval_path(cls, value: str | None, info: ValidationInfo) -> str | None:
         return None if value is None else _resolve_data_location(value, info, allow_hub=False)
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        if value is None:
+            return None
+        problems = []
+        for role, names in value.items():
+            if role not in SHAREGPT_ROLES:
+                problems.append(f"unknown role {role!r}{did_you_mean(role, list(SHAREGPT_ROLES))} (roles: "
+                                f"{', '.join(SHAREGPT_ROLES)})")
+            elif not names or any(not name.strip() for name in names):
+                problems.append(f"{role}: expected a list of the file's speaker names, like [human]")
+        merged = sharegpt_role_names(value) if not problems else {}
+        seen: dict[str, str] = {}
+        for role, names in merged.items():
+            for name in names:
+                if name in seen and seen[name] != role:
+                    problems.append(f"speaker {name!r} is both {seen[name]} and {role}; list it under one role")
+                seen.setdefault(name, role)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     @property
     def is_hub(self) -> bool:
@@ -242,8 +323,43 @@ class TrainingSection(Section):
     def _yaml_no_is_false(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare `no` (the TrainingArguments value) as false.
         return "no" if value is False else value
-    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"
+    report_to: Union[str, list[str]] = Field(
+        default="none", description="Where the Trainer logs metrics: `none`, one integration or a list of "
+        "them (transformers' names; table with sources: qlora_doctor/recipe/integrations.toml). Each must be "
+        "installed: the doctor refuses to start otherwise.",
+        json_schema_extra={"anyOf": [{"enum": list(report_to_names())},
+                                     {"type": "array", "items": {"enum": list(report_to_names()[1:])}}]})
+    run_name: str | None = Field(default=None, min_length=1, description="The run's name in the report_to "
+                                 "integrations (TrainingArguments.run_name); default: the output folder's name.")
+    project: str | None = Field(default=None, min_length=1, description="The project (W&B, Trackio, Comet, "
+                                "SwanLab, ClearML) or experiment (MLflow) the run is logged under; default: the "
+                                "integration's own (e.g. W&B's `huggingface`).")
     dataloader_num_workers: int = Field(default=0, ge=0, le=1024)
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to_list(cls, value: str | list[str]) -> str | list[str]:
+        targets = [value] if isinstance(value, str) else value
+        for target in targets:
+            if target == "all":  # transformers' "every integration installed": what logs would depend on the machine
+                raise ValueError("`all` is not accepted (it would log to whatever happens to be installed); name "
+                                 "the integrations, e.g. [tensorboard, wandb]")
+            one_of(target, report_to_names(), "report_to integration")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("is an empty list; use `none` to log nowhere, or name integrations like [tensorboard]")
+            if NO_REPORTING in value and len(value) > 1:
+                raise ValueError("lists `none` with integrations; keep either `none` or the integrations")
+            repeated = sorted({v for v in value if value.count(v) > 1})
+            if repeated:
+                raise ValueError(f"names {', '.join(repeated)} more than once; list each integration once")
+        return value
+
+    @property
+    def report_targets(self) -> tuple[str, ...]:
+        """The integrations report_to names, as a tuple; empty for `none`."""
+        targets = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        return tuple(t for t in targets if t != NO_REPORTING)
 
     @field_validator("optim")
     @classmethod
@@ -356,16 +472,59 @@ def training_conflicts(training: Any) -> list[str]:
     return problems
 
 
+def dataset_conflicts(data: Any) -> list[str]:
+    """`dataset:` and `datasets:` both given, or neither. Takes the raw mapping too, so that this is reported
+    even when another section has errors."""
+    if not isinstance(data, dict):
+        return []
+    if data.get("datasets") == []:
+        return ["datasets: is empty; list at least one dataset section under it, or use `dataset:`"]
+    if data.get("dataset") is None and data.get("datasets") is None:
+        return ["dataset: missing (required); give one `dataset:` section, or a `datasets:` list of them"]
+    if data.get("dataset") is not None and data.get("datasets") is not None:
+        return ["dataset and datasets: both set; keep one (a single `dataset:`, or every data set under `datasets:`)"]
+    return []
+
+
 class Recipe(Section):
     """A whole recipe. Build one with `load_recipe` (a file) or `recipe_from_dict` (a mapping)."""
 
     model: ModelSection
     quantization: QuantizationSection = QuantizationSection()
     lora: LoraSection = LoraSection()
-    dataset: DatasetSection
+    dataset: DatasetSection | None = Field(default=None, description="The training data; or `datasets:`.")
+    datasets: list[DatasetSection] | None = Field(
+        default=None, description="Several data sets in one run, each a `dataset:` section with "
+        "its own format, fields, max_samples, eval_path/eval_split and `weight`; their training rows are mixed "
+        "(by weight) and their evaluation rows joined.")
     training: TrainingSection
     performance: PerformanceSection = PerformanceSection()
     distributed: DistributedSection = DistributedSection()
+
+    @model_validator(mode="after")
+    def _one_data_key(self) -> Recipe:
+        problems = dataset_conflicts({"dataset": self.dataset, "datasets": self.datasets})
+        if problems:
+            raise ValueError(CROSS_FIELD_MARK + CROSS_FIELD_MARK.join(problems))
+        return self
+
+    @property
+    def data_sections(self) -> tuple[DatasetSection, ...]:
+        """The recipe's data sections: `(dataset,)`, or the `datasets:` list."""
+        if self.datasets:
+            return tuple(self.datasets)
+        assert self.dataset is not None  # _one_data_key
+        return (self.dataset,)
+
+    @property
+    def data_keys(self) -> tuple[str, ...]:
+        """The recipe key of each of data_sections: `dataset`, or `datasets[0]`, `datasets[1]`, ..."""
+        return ("dataset",) if not self.datasets else tuple(f"datasets[{i}]" for i in range(len(self.datasets)))
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether any data section has evaluation rows (an eval_path or an eval_split above 0)."""
+        return any(d.eval_path is not None or d.eval_split > 0 for d in self.data_sections)
 
     @model_validator(mode="after")
     def _fsdp_quant_storage(self) -> Recipe:
@@ -432,13 +591,16 @@ def recipe_from_dict(data: Any, where: str = "<recipe>", base_dir: Path | None =
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a mapping with the sections model, quantization, lora, "
                          f"dataset, training at the top level, got {describe_value(data)}")
-    # An empty section (`lora:` with nothing under it) means "all defaults", as it reads.
-    data = {k: ({} if v is None and k in Recipe.model_fields else v) for k, v in data.items()}
+    # An empty section (`lora:` with nothing under it) means "all defaults", as it reads; an empty
+    # `datasets:` is no list, and `dataset: null` beside a `datasets:` list is the other way of giving data.
+    data = {k: ({} if v is None and k in Recipe.model_fields and k != "datasets"
+                and not (k == "dataset" and data.get("datasets") is not None) else v) for k, v in data.items()}
     try:
         return Recipe.model_validate(data, context={"base_dir": base_dir or Path.cwd()})
     except ValidationError as err:
         messages = format_validation_errors(err, Recipe)
         messages += [m for m in training_conflicts(data.get("training")) if m not in messages]
+        messages += [m for m in dataset_conflicts(data) if m not in messages]
         raise InputError([f"{where}: {m}" for m in messages]) from None
     except RecursionError:
         raise InputError(f"{where}: nested too deeply to be a recipe") from None
@@ -493,12 +655,13 @@ def recipe_json_schema() -> dict[str, Any]:
 
 def recipe_summary(recipe: Recipe) -> str:
     """One line describing a recipe, for `validate` and logs."""
-    t, d, q, lora = recipe.training, recipe.dataset, recipe.quantization, recipe.lora
+    t, q, lora = recipe.training, recipe.quantization, recipe.lora
     length = f"max_steps {t.max_steps}" if t.max_steps is not None else f"{t.epochs:g} epoch(s)"
-    data = d.path if d.is_hub else display_path(Path(d.path))
+    data = " + ".join(f"{d.format} data {d.path if d.is_hub else display_path(Path(d.path))}"
+                      + (f" x{d.weight:g}" if d.weight != 1 else "") for d in recipe.data_sections)
     modules = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
     quant = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "unquantized"
-    return (f"{recipe.model.name_or_path} ({quant}), LoRA r={lora.r} {modules}, {d.format} data {data}, "
+    return (f"{recipe.model.name_or_path} ({quant}), LoRA r={lora.r} {modules}, {data}, "
             f"{length}, seq {t.max_seq_length} -> {t.output_dir}")
 
 

@@ -18,15 +18,18 @@ def training_arguments_kwargs(recipe: Recipe, precision: Precision) -> dict[str,
     t = recipe.training
     kwargs = t.model_dump(exclude={"max_seq_length", "fp16", "bf16", "num_train_epochs", "max_steps",
                                    "warmup_ratio", "warmup_steps", "per_device_eval_batch_size", "eval_steps",
-                                   "eval_strategy", "watch", "early_stopping_patience"})
+                                   "eval_strategy", "watch", "early_stopping_patience", "run_name", "project"})
     kwargs.update(
         fp16=precision.fp16, bf16=precision.bf16, num_train_epochs=t.epochs,
         max_steps=t.max_steps if t.max_steps is not None else -1,
         per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
-        eval_strategy=t.eval_strategy if recipe.dataset.eval_path or recipe.dataset.eval_split > 0 else "no",
+        eval_strategy=t.eval_strategy if recipe.evaluates else "no",
         eval_steps=t.eval_steps or t.save_steps,
         use_cpu=precision.device == "cpu",
+        run_name=run_name(recipe),
     )
+    if t.project is not None and training_arguments_accept("project"):  # Trackio's project (transformers >= 5)
+        kwargs["project"] = t.project
     if t.warmup_steps is not None:
         kwargs["warmup_steps"] = t.warmup_steps
     else:
@@ -42,6 +45,24 @@ def training_arguments_kwargs(recipe: Recipe, precision: Precision) -> dict[str,
             "activation_checkpointing"):  # transformers 5.x renamed it and warns on the old name
         kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     return kwargs
+
+
+def run_name(recipe: Recipe) -> str:
+    """`training.run_name`, else the output folder's name (`runs/demo` -> `demo`): the run's name in W&B, MLflow,
+    Trackio, Comet and SwanLab. (transformers' own default is the whole output_dir path, which W&B warns about.)"""
+    import os
+
+    t = recipe.training
+    return t.run_name or os.path.basename(os.path.normpath(t.output_dir))
+
+
+def integration_environment(recipe: Recipe) -> dict[str, str]:
+    """Environment variables that carry `training.project` to the report_to integrations that read one
+    (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME, ...: recipe/integrations.toml, with the transformers lines that read
+    each). Set them before the Trainer is made; empty when the recipe names no project."""
+    from qlora_doctor.recipe.integrations import project_environment
+
+    return project_environment(recipe.training.report_targets, recipe.training.project)
 
 
 @functools.lru_cache(maxsize=None)

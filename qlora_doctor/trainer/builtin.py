@@ -41,7 +41,9 @@ SOURCE_FILE = "builtin-source.json"
 
 def checkpoint_dir(name_or_path: str) -> Path:
     """Where the converted checkpoint of a builtin model lives (whether or not it exists yet)."""
-    return cache_root() / "models" / builtin_model(name_or_path).name
+    from qlora_doctor.recipe.builtin import converted_dir
+
+    return converted_dir(name_or_path)
 
 
 def downloads_dir() -> Path:

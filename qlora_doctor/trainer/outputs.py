@@ -160,7 +160,8 @@ def model_card(recipe: Any, metrics: dict[str, Any], manifest: dict[str, Any], t
 
     name = recipe.model.name_or_path
     base = builtin_model(name).upstream if is_builtin(name) else name
-    data = recipe.dataset.path
+    data = ", ".join(f"`{Path(d.path).name if not d.is_hub else d.path}` ({d.format} format"
+                     + (f", weight {d.weight:g}" if d.weight != 1 else "") + ")" for d in recipe.data_sections)
     before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
     losses = (f"- eval loss: {before:.4f} before training, {after:.4f} after\n"
               if before is not None and after is not None else "")
@@ -175,7 +176,7 @@ def model_card(recipe: Any, metrics: dict[str, Any], manifest: dict[str, Any], t
         f"Trained with QLoRA (4-bit {recipe.quantization.bnb_4bit_quant_type} base, LoRA r={recipe.lora.r}, "
         f"alpha={recipe.lora.lora_alpha}, dropout={recipe.lora.lora_dropout}) by qlora-doctor {tool_version}.\n\n"
         "## Training\n\n"
-        f"- data: `{Path(data).name if data else 'hub dataset'}` ({recipe.dataset.format} format), "
+        f"- data: {data}, "
         f"{metrics.get('train_rows', '?')} training rows, {metrics.get('eval_rows', 0)} eval rows\n"
         f"- {metrics.get('steps', '?')} optimizer steps, effective batch {metrics.get('effective_batch_size', '?')}, "
         f"learning rate {recipe.training.learning_rate}, max sequence length {recipe.training.max_seq_length}\n"

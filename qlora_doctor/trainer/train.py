@@ -239,10 +239,12 @@ def build_training(run: RunPlan, *, model_loader: ModelLoader | None = None, cal
     """The tokenizer, datasets, LoRA model and Trainer for `run`, exactly as `run_training` trains them.
     `model_loader` replaces trainer/model.py's load_for_training (a benchmark loading a random-weight
     model, say); `callbacks` are added to the Trainer's; `trainer_kwargs` override TrainingArguments."""
+    import os
+
     from transformers import Trainer
 
     from qlora_doctor.trainer import speed
-    from qlora_doctor.trainer.arguments import training_arguments_kwargs
+    from qlora_doctor.trainer.arguments import integration_environment, training_arguments_kwargs
     from qlora_doctor.trainer.builtin import resolve_model_path
     from qlora_doctor.trainer.collate import make_collator
     from qlora_doctor.trainer.data import build_datasets
@@ -256,6 +258,7 @@ def build_training(run: RunPlan, *, model_loader: ModelLoader | None = None, cal
     speed_plan = run.levers_for_model(model)
 
     kwargs = training_arguments_kwargs(recipe, precision)
+    os.environ.update(integration_environment(recipe))  # the project, for integrations that read it from there
     if eval_ds is None:
         kwargs["eval_strategy"] = "no"
     speed.apply_process_settings(speed_plan, precision.device)
