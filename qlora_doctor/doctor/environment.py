@@ -15,6 +15,7 @@ from qlora_doctor.core.machine import Machine
 from qlora_doctor.core.environment import TRAINING_NEEDS, Environment
 from qlora_doctor.core.report import Check
 from qlora_doctor.knowledge.evaluate import evaluate_rules
+from qlora_doctor.knowledge.computed import computed_checks
 
 TORCH_INSTALL = "https://pytorch.org/get-started/locally/"
 
@@ -23,7 +24,9 @@ def environment_checks(machine: Machine, env: Environment) -> list[Check]:
     tables = load_tables()
     checks = [gpu_check(machine), *package_checks(env)]
     checks += torch_build_checks(machine, env, tables)
-    checks = fold_judged_rules(checks, rule_checks(machine, env))
+    rules = rule_checks(machine, env)
+    checks = fold_judged_rules(checks, rules)
+    checks += computed_checks(env, rules)  # harvested import facts; a firing rule on the same pair wins
     return checks
 
 
@@ -80,7 +83,8 @@ def package_checks(env: Environment) -> list[Check]:
                             else "pip install 'qlora-doctor[train]'   (torch first: see " + TORCH_INSTALL + ")",
                             found=f"missing {', '.join(missing)}", expected=", ".join(TRAINING_NEEDS)))
     else:
-        found = ", ".join(f"{n} {env.packages[n].raw_version}" for n in TRAINING_NEEDS)
+        found = ", ".join(f"{n} {env.packages[n].raw_version}" if n in env.packages else f"{n} (version unknown)"
+                          for n in TRAINING_NEEDS)
         checks.append(Check("packages.training", "pass", "Training packages", f"{where}: {found}", found=found))
     broken = [p for p in env.packages.values() if p.problem]
     if broken:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
+from qlora_doctor.knowledge.computed import explain_import, installed_versions
 from qlora_doctor.knowledge.loading import load_rules, load_tables
 from qlora_doctor.knowledge.paste import (
     ERROR_LINE,
@@ -140,6 +141,10 @@ def explain_text(text: str) -> Explanation:
                                             score=score, evidence=tuple(evidence), contradicted=contradict > 0)))
     stale = _stale_warnings(cleaned, where)
     scored = [item for item in scored if item[2].id not in stale]
+    if not scored:  # no hand-written rule: a "cannot import name" answered from the harvested facts
+        scored = [(a.score, 0, Match(a.id, a.title, a.cause, a.fix, a.sources, a.matched, score=a.score,
+                                     evidence=a.evidence, contradicted=a.contradicted))
+                  for a in explain_import(cleaned, facts.packages, installed_versions())]
     scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
     return Explanation(matches=tuple(m for _, _, m in scored), facts=facts)
 
