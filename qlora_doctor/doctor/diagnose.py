@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qlora_doctor.core.report import Check, Report
-from qlora_doctor.doctor.environment import environment_checks
+from qlora_doctor.doctor.environment import environment_checks, uses_of
 from qlora_doctor.doctor.tested import tested_status
 from qlora_doctor.sources.installed import installed_environment
 
@@ -28,11 +28,12 @@ def diagnose(machine: Machine, env: Environment | None = None, *, run_plan: RunP
     recipe checks of `run_plan` (or of a run plan built here for `recipe`) and the smoke test."""
     if env is None:
         env = installed_environment()
-    checks = [*(extra_checks or []), *environment_checks(machine, env)]
     if run_plan is None and recipe is not None:
         from qlora_doctor.runplan import build_run_plan
 
         run_plan = build_run_plan(recipe, machine, env, where="recipe")
+    uses = None if run_plan is None else uses_of(run_plan)
+    checks = [*(extra_checks or []), *environment_checks(machine, env, uses)]
     if run_plan is not None:
         from qlora_doctor.doctor.recipe import recipe_checks
 

@@ -7,24 +7,30 @@ the knowledge base that fires (or cannot be judged), then recipe-aware checks an
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Mapping
 
 from packaging.version import Version
 
-from qlora_doctor.knowledge.loading import Tables, arch_supported, load_rules, load_tables
+from qlora_doctor.knowledge.loading import Rule, Tables, arch_supported, load_rules, load_tables
 from qlora_doctor.core.machine import Machine
 from qlora_doctor.core.environment import TRAINING_NEEDS, Environment
 from qlora_doctor.core.report import Check
 from qlora_doctor.knowledge.evaluate import evaluate_rules
 from qlora_doctor.knowledge.computed import computed_checks
 
+if TYPE_CHECKING:
+    from qlora_doctor.runplan import RunPlan
+
 TORCH_INSTALL = "https://pytorch.org/get-started/locally/"
 
 
-def environment_checks(machine: Machine, env: Environment) -> list[Check]:
+def environment_checks(machine: Machine, env: Environment, uses: Mapping[str, bool] | None = None) -> list[Check]:
+    """`uses`: what the run does (`uses_of` a run plan); None when no recipe says (rules that only bite for
+    some uses are then notes)."""
     tables = load_tables()
     checks = [gpu_check(machine), *package_checks(env)]
     checks += torch_build_checks(machine, env, tables)
-    rules = rule_checks(machine, env)
+    rules = rule_checks(machine, env, uses)
     checks = fold_judged_rules(checks, rules)
     checks += computed_checks(env, rules)  # harvested import facts; a firing rule on the same pair wins
     return checks
@@ -234,25 +240,52 @@ def fold_judged_rules(table: list[Check], rules: list[Check]) -> list[Check]:
     return table + kept
 
 
-def rule_checks(machine: Machine, env: Environment) -> list[Check]:
+def uses_of(run_plan: RunPlan) -> dict[str, bool]:
+    """What a planned run does, for the rules' `[rule.when] uses` (knowledge/loading.py USES). `merge` is
+    left out: `run` never merges, and a later `merge`/`export` is the user's choice. `bf16` is False here
+    because the recipe's own precision check judges bf16 against the GPU (one cause, one row)."""
+    levers = run_plan.levers
+    return {"fsdp": run_plan.recipe.distributed.strategy == "fsdp", "bf16": False, "tf32": False,
+            "int8": False, "triton": levers.liger_kernel.on or levers.torch_compile.on}
+
+
+def _applies(rule: Rule, uses: Mapping[str, bool] | None) -> bool | None:
+    """Whether the run does what the rule needs: True/False, None when unknown (no recipe, or not decided)."""
+    if rule.when is None or not rule.when.uses:
+        return True
+    states = [None if uses is None else uses.get(use) for use in rule.when.uses]
+    if any(state is True for state in states):
+        return True
+    return False if all(state is False for state in states) else None
+
+
+def rule_checks(machine: Machine, env: Environment, uses: Mapping[str, bool] | None = None) -> list[Check]:
     rules = load_rules()
     results = evaluate_rules(rules, machine, env)
     checks: list[Check] = []
+    fired = 0
     for result in results:
         rule = result.rule
-        if result.outcome == "fires" and rule.severity == "note":
+        applies = _applies(rule, uses)
+        if applies is False:
+            continue
+        if result.outcome == "fires" and applies is None:
+            # Bites only if the run does this (FSDP, a merge, bf16...): a note, shown with -v.
+            checks.append(Check(f"rule:{rule.id}", "pass", f"note (if the run uses {' or '.join(rule.when.uses)}): "
+                                f"{rule.title}", rule.cause, fix=rule.fix, sources=rule.sources, found=result.found))
+        elif result.outcome == "fires" and rule.severity == "note":
             # The environment is fine; a script written for older versions would break. Shown with -v.
             checks.append(Check(f"rule:{rule.id}", "pass", f"note: {rule.title}", rule.cause, fix=rule.fix,
                                 sources=rule.sources, found=result.found))
         elif result.outcome == "fires":
+            fired += 1
             checks.append(Check(f"rule:{rule.id}", rule.severity, rule.title, rule.cause, fix=rule.fix,
                                 sources=rule.sources, found=result.found, expected=f"not ({rule.when.describe()})"))
-        elif result.outcome == "unknown":
+        elif result.outcome == "unknown" and applies:
             checks.append(Check(f"rule:{rule.id}", "unknown", rule.title,
                                 f"{result.found}, so this known failure cannot be ruled out: {rule.cause}",
                                 fix=rule.fix, sources=rule.sources, found=result.found))
     judged = len(results)
-    fired = sum(r.outcome == "fires" and r.rule.severity != "note" for r in results)
     if not fired:
         checks.append(Check("rules", "pass", "Known failures",
                             f"none of the {judged} rules of the knowledge base fire",

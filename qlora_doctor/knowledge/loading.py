@@ -33,6 +33,11 @@ decides it; recipe/levers.py)."""
 OSES = ("linux", "windows", "darwin")
 VENDORS = ("nvidia", "amd", "apple", "none")
 BACKENDS = ("cuda", "rocm", "cpu")
+USES = ("fsdp", "merge", "bf16", "tf32", "int8", "triton")
+"""What a run may or may not do (`[rule.when] uses`): a rule that only bites when the run shards with FSDP,
+merges the adapter, trains in bf16 or tf32, loads in 8 bit or runs Triton kernels. Without a recipe the
+doctor cannot tell, so such a rule is a note; with one, it fires only when the run does that
+(qlora_doctor/doctor/environment.py `uses_of`)."""
 
 
 class KnowledgeError(Exception):
@@ -53,6 +58,8 @@ class Conditions:
     compute_capability: SpecifierSet | None = None
     torch_cuda: SpecifierSet | None = None
     torch_backend: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
+    """The rule only bites when the run does one of these (USES); judged by the doctor, not by `evaluate`."""
 
     def describe(self) -> str:
         parts = [f"{name}{spec or ' installed'}" for name, spec in self.packages]
@@ -65,6 +72,8 @@ class Conditions:
             spec = getattr(self, key)
             if spec is not None:
                 parts.append(f"{key} {spec}")
+        if self.uses:
+            parts.append(f"the run uses {' or '.join(self.uses)}")
         return "; ".join(parts)
 
 
@@ -263,7 +272,7 @@ class _Collector:
 _RULE_KEYS = {"id", "title", "severity", "cause", "fix", "sources", "errors", "patterns", "when", "examples", "explain", "judged_by",
               "workaround"}
 _WHEN_KEYS = {"packages", "missing", "os", "arch", "python", "gpu_vendor", "driver", "compute_capability",
-              "torch_cuda", "torch_backend"}
+              "torch_cuda", "torch_backend", "uses"}
 
 
 def _parse_rule(raw: dict[str, Any], file: str, c: _Collector) -> Rule | None:
@@ -369,6 +378,7 @@ def _parse_conditions(raw: Any, c: _Collector) -> Conditions | None:
         torch_cuda=c.spec(raw["torch_cuda"], "when.torch_cuda") if "torch_cuda" in raw else None,
         torch_backend=(c.choices(raw["torch_backend"], "when.torch_backend", BACKENDS)
                        if "torch_backend" in raw else ()),
+        uses=c.choices(raw["uses"], "when.uses", USES) if "uses" in raw else (),
     )
 
 
