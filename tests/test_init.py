@@ -197,3 +197,23 @@ def test_sample_counts_rows_of_every_file_type(tmp_path):
         sample = sample_rows(_write(tmp_path / f"d{suffix}", rows), limit=5)
         assert (len(sample.rows), sample.total_rows) == (5, 7), suffix
         assert sample.rows[0]["text"] == "row 0"
+
+
+def test_sharegpt_speakers_beyond_the_defaults_are_mapped_or_refused(tmp_path):
+    def turns(*speakers: str) -> list[dict]:
+        return [{"conversations": [{"from": s, "value": "x"} for s in speakers]}]
+
+    detected = detect_format(turns("prompter", "bot", "human", "gpt"), "x")
+    assert detected.format == "sharegpt"
+    roles = dict(detected.roles)
+    assert roles["user"][-1] == "prompter" and "human" in roles["user"]
+    assert roles["assistant"][-1] == "bot" and "gpt" in roles["assistant"]
+    # The recipe init writes reads back with those roles and trains rows that use them.
+    (tmp_path / "x.jsonl").write_text(json.dumps(turns("prompter", "bot")[0]) + "\n")
+    section = {"path": "x.jsonl", "format": "sharegpt", "roles": {r: list(n) for r, n in detected.roles}}
+    recipe = recipe_from_dict({"model": {"name_or_path": "builtin:smollm2-135m-instruct"}, "dataset": section,
+                               "training": {"output_dir": str(tmp_path / "out")}}, "r.yaml", tmp_path)
+    assert "bot" in recipe.dataset.roles["assistant"]
+    assert not detect_format(turns("human", "gpt"), "x").roles
+    with pytest.raises(InputError, match="speaker.*'zorp'.*roles: \\{assistant: \\[gpt, zorp\\]\\}"):
+        detect_format(turns("human", "zorp"), "x")

@@ -76,6 +76,11 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="qlora-doctor")
 def cli() -> None:
     """Diagnose, pin and run QLoRA fine-tunes on one GPU."""
+    # Before any command imports bitsandbytes (run, chat, generate, merge, export, smoke each do, by
+    # different paths): its misleading CPU-kernel warning is annotated where it is logged.
+    from qlora_doctor.trainer.known_warnings import annotate_known_warnings
+
+    annotate_known_warnings()
 
 
 def main() -> None:

@@ -189,6 +189,9 @@ def _blocks(model: str, data: str, detected: DetectedFormat, sample: Sample, eva
     reasons = reasons or {}
     rows = (f"{sample.total_rows} rows" if sample.total_rows is not None else "rows not counted (a large file)")
     field_entries = tuple(Entry(key, column, "column of the data file") for key, column in detected.fields)
+    if detected.roles:
+        field_entries += (Entry("roles", {role: list(names) for role, names in detected.roles},
+                                "the file's speakers mapped to roles (qlora_doctor/recipe/dataformats.toml)"),)
     eval_reason = ("hold out 10% of the rows to measure the eval loss" if eval_split else
                    "under 50 rows: all of them train (set eval_path to a held-out file to measure)")
     steps_text = (f"{train_rows} training rows / {EFFECTIVE_BATCH} per step x {epochs} epoch(s) = {steps} steps"

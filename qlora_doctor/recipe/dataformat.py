@@ -18,12 +18,13 @@ import csv
 import functools
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from qlora_doctor.core.errors import InputError
+from qlora_doctor.recipe.schema import SHAREGPT_ROLES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,6 +60,8 @@ class DetectedFormat:
     """Every column of the sampled rows, in order of appearance."""
     reason: str
     """What decided it, in words (for the starter recipe's comment)."""
+    roles: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """ShareGPT: `dataset.roles` entries for speakers the defaults do not name (role, names)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +69,34 @@ def field_names() -> dict[str, tuple[str, ...]]:
     """dataformats.toml: recipe key -> column names it recognises, most usual first."""
     text = resources.files("qlora_doctor.recipe").joinpath("dataformats.toml").read_text(encoding="utf-8")
     return {row["key"]: tuple(row["names"]) for row in tomllib.loads(text)["field"]}
+
+
+@functools.lru_cache(maxsize=None)
+def speaker_names() -> dict[str, tuple[str, ...]]:
+    """dataformats.toml [[speaker]]: role -> speaker names beyond the recipe's defaults."""
+    text = resources.files("qlora_doctor.recipe").joinpath("dataformats.toml").read_text(encoding="utf-8")
+    return {row["role"]: tuple(row["names"]) for row in tomllib.loads(text).get("speaker", [])}
+
+
+def sharegpt_roles(speakers: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The `roles:` a ShareGPT file needs beyond SHAREGPT_ROLES (each role keeps its default names too);
+    InputError naming any speaker no table knows, with the `roles:` fix."""
+    known = {name for names in SHAREGPT_ROLES.values() for name in names}
+    extra: dict[str, list[str]] = {}
+    unknown = []
+    for speaker in speakers:
+        if speaker in known:
+            continue
+        role = next((r for r, names in speaker_names().items() if speaker.lower() in names), None)
+        if role is None:
+            unknown.append(speaker)
+        else:
+            extra.setdefault(role, []).append(speaker)
+    if unknown:
+        raise InputError(f"--data: the turns name speaker(s) {', '.join(map(repr, unknown))} that init cannot "
+                         "map to a role; write the recipe's `roles:`, e.g. `roles: {assistant: [gpt, "
+                         f"{unknown[0]}]}}` (roles: {', '.join(SHAREGPT_ROLES)})")
+    return tuple((role, (*SHAREGPT_ROLES[role], *names)) for role, names in extra.items())
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -205,8 +236,9 @@ def detect_format(rows: tuple[dict[str, Any], ...] | list[dict[str, Any]], where
     sharegpt = pick("conversations_field", "sharegpt") or next((c for c in columns if kinds[c] == "sharegpt"), None)
     if sharegpt is not None:
         speakers = sorted({str(t["from"]) for row in rows for t in (row.get(sharegpt) or [])})
-        return result("sharegpt", {"conversations_field": sharegpt},
-                      f"column {sharegpt}: lists of {{from, value}} turns (speakers {', '.join(speakers)})")
+        detected = result("sharegpt", {"conversations_field": sharegpt},
+                          f"column {sharegpt}: lists of {{from, value}} turns (speakers {', '.join(speakers)})")
+        return replace(detected, roles=sharegpt_roles(speakers))
     instruction = pick("instruction_field", "string")
     output = pick("output_field", "string", exclude=(instruction,) if instruction else ())
     if instruction and output:
