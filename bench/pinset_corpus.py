@@ -2,7 +2,7 @@
 with its source URL, date, Python, machine class and outcome): is each broken stack failed for the right
 reason, and is each known-good stack not failed? Resolves each file as of its date (uv, network).
 
-    python bench/pinset_corpus.py --out bench/results/pinset_corpus.json [--no-resolve]
+    python bench/pinset_corpus.py --out bench/results/pinset_corpus.json [--no-resolve] [--only-held-out | --cases 55,61-65]
 
 A broken case counts as right when the report fails and its expected rule is among the failures, or
 the table check that judges the same fact (the rule's `judged_by`: `cuda.arch` for a Blackwell GPU under
@@ -10,8 +10,8 @@ an old torch build) failed; for a `new:` rule not yet in the knowledge base, any
 marked `kind = "code"` broke on the user's own script (an argument a release removed): from pins alone
 `check` can only report it, so it counts as right when its rule is reported (a warning, or a fired note),
 and is counted on its own line. A good case counts as right when the report does not fail; `pass` counts
-how many of them pass outright. Cases marked `added = "held-out"` were added after the product was tuned
-on the others and are also counted on their own. `machine_file` (under tests/data/pinsets/) replaces the
+how many of them pass outright. Cases marked `held_out = true` (or `added = "held-out"`) were added after the
+product was tuned on the others and are also counted on their own; `--only-held-out` runs only them. `machine_file` (under tests/data/pinsets/) replaces the
 machine class where the thread states the hardware (driver, GPU, OS).
 """
 
@@ -74,12 +74,33 @@ def judge(case: dict, report: dict | None, exit_code: int, table: dict[str, str]
         row = next((c for c in report["checks"] if c["id"] == f"rule:{rule}"), None)
         if row is None:
             return False, f"rule:{rule} not reported; failed: {', '.join(failed) or 'nothing'}"
-        fired = row["status"] in ("warn", "fail") or row["title"].startswith("note:")
-        how = "note" if row["title"].startswith("note:") else row["status"]
+        fired = row["status"] in ("warn", "fail") or row["title"].startswith("note")
+        how = "note" if row["title"].startswith("note") else row["status"]
         return fired, f"rule:{rule} reported as {how}" + (f"; failed: {', '.join(failed)}" if failed else "")
     if rule.startswith("new:") or not rule:
         return bool(failed), ", ".join(failed) or "passed"
     return f"rule:{rule}" in failed or table.get(rule) in failed, ", ".join(failed) or "passed"
+
+
+def is_held_out(case: dict) -> bool:
+    return bool(case.get("held_out")) or case.get("added") == "held-out"
+
+
+def case_numbers(spec: str) -> set[int]:
+    """`--cases 1,5,55-65` -> {1, 5, 55, ..., 65} (the NN- prefix of each file)."""
+    numbers: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise SystemExit(f"--cases {spec!r}: expected numbers and ranges like 1,5,55-65")
+        numbers.update(range(int(low), int(high or low) + 1))
+    return numbers
+
+
+def selected(cases: list[dict], only_held_out: bool, spec: str | None) -> list[dict]:
+    wanted = case_numbers(spec) if spec else None
+    return [c for c in cases if (not only_held_out or is_held_out(c))
+            and (wanted is None or int(c["file"].split("-", 1)[0]) in wanted)]
 
 
 def tally(rows: list[dict]) -> str:
@@ -91,8 +112,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-resolve", action="store_true")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--only-held-out", action="store_true", help="only the cases marked held_out = true")
+    parser.add_argument("--cases", help="only these cases, by number: 1,5,55-65")
     args = parser.parse_args()
-    cases = tomllib.loads((CORPUS / "index.toml").read_text())["case"]
+    cases = selected(tomllib.loads((CORPUS / "index.toml").read_text())["case"], args.only_held_out, args.cases)
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="pinset-machines-"))
@@ -115,7 +138,7 @@ def main() -> None:
         right, what = judge(case, report, code if code is not None else -1, table)
         resolved = next((c["detail"] for c in (report or {}).get("checks", []) if c["id"] == "packages.resolved"), "")
         rows.append({"file": case["file"], "url": case["url"], "outcome": case["outcome"], "rule": case.get("rule"),
-                     "kind": case.get("kind", "pins"), "added": case.get("added", "tuned"),
+                     "kind": case.get("kind", "pins"), "added": "held-out" if is_held_out(case) else "tuned",
                      "status": (report or {}).get("status"), "right": right, "found": what, "exit_code": code, "seconds": round(time.perf_counter() - started, 1),
                      "resolved": resolved[:300], "error": err.strip().splitlines()[-1][:300] if err.strip() else ""})
         print(f"{'ok  ' if right else 'MISS'} {case['file']}: {what}", flush=True)
@@ -130,6 +153,8 @@ def main() -> None:
                "good_pass": f"{sum(r['status'] == 'pass' for r in good)}/{len(good)}",
                "held_out_broken_right": tally([r for r in held if r["outcome"] == "broken"]),
                "held_out_good_not_failed": tally([r for r in held if r["outcome"] == "good"]),
+               "held_out_good_pass": f"{sum(r['status'] == 'pass' for r in held if r['outcome'] == 'good')}/"
+                                     f"{sum(r['outcome'] == 'good' for r in held)}",
                "seconds": round(sum(r["seconds"] for r in rows), 1), "cases": rows}
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "cases"}))
