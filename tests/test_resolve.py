@@ -223,9 +223,9 @@ def test_a_pep_751_lock_is_read_as_resolved(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "[[packages]] #1 (peft)" in bad.output
 
 
-def test_with_no_index_reachable_it_answers_fast_on_the_exact_pins(tmp_path, monkeypatch):
-    """UV_OFFLINE (or no network) and an index URL that never answers: one line says so, the exact pins are
-    judged, and it takes seconds, not the resolver's retries."""
+def test_with_no_index_reachable_it_answers_fast_from_the_bundled_snapshot(tmp_path, monkeypatch):
+    """UV_OFFLINE (or no network) and an index URL that never answers: one line says so, the bundled snapshot of
+    PyPI metadata resolves the file (sources/snapshot.py), and it takes seconds, not the resolver's retries."""
     import time
 
     monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
@@ -240,8 +240,9 @@ def test_with_no_index_reachable_it_answers_fast_on_the_exact_pins(tmp_path, mon
     assert time.perf_counter() - started < 30
     report = json.loads(result.stdout)
     resolved = next(c for c in report["checks"] if c["id"] == "packages.resolved")
-    assert resolved["status"] == "unknown" and "no package index answers from here" in resolved["detail"]
-    assert report["packages"]["transformers"] == "4.46.0" and report["status"] != "fail", report
+    assert resolved["status"] == "pass" and "no package index answers from here" in resolved["detail"]
+    assert "from qlora-doctor's bundled snapshot of PyPI metadata" in resolved["detail"]
+    assert report["packages"]["transformers"] == "4.46.0" and report["packages"]["peft"], report  # 4.46.0: yanked, pinned
 
 
 @pytest.mark.skipif(find_uv() is None, reason="uv is not installed")
@@ -306,3 +307,53 @@ def test_without_uv_pip_resolves_with_its_dry_run_report(tmp_path, monkeypatch):
     env, checks = resolved_environment(req, machine_from_dict(CPU, "cpu"), as_of="2025-11-16")
     assert checks[0].status == "pass" and checks[0].detail.count("pip ") >= 1, checks[0].detail
     assert env.version("huggingface-hub").major == 1 and "required by gradio 4.44.0" in checks[0].detail
+
+
+# --- the platform uv resolves for is the machine's: its glibc decides which manylinux wheels install ----
+
+def linux(libc: str | None, arch: str = "x86_64"):
+    return machine_from_dict({**CPU, "arch": arch, "libc": libc}, "machine")
+
+
+def test_the_resolver_targets_the_machines_glibc():
+    from qlora_doctor.sources.resolve import uv_platform
+
+    assert uv_platform(linux("glibc 2.35")) == "x86_64-manylinux_2_35"
+    assert uv_platform(linux("glibc 2.39", arch="arm64")) == "aarch64-manylinux_2_39"
+    assert uv_platform(linux("glibc 2.29")) == "x86_64-manylinux_2_28"   # uv has no 2_29..2_30 target
+    assert uv_platform(linux("glibc 2.42")) == "x86_64-manylinux_2_40"   # uv's newest
+    assert uv_platform(linux("musl 1.2.4")) == "x86_64-unknown-linux-musl"
+    assert uv_platform(linux(None)) == "x86_64-manylinux_2_28"           # libc unknown: the common floor
+    assert uv_platform(machine_from_dict({**CPU, "os": "windows"}, "m")) == "x86_64-pc-windows-msvc"
+
+
+def test_uv_is_handed_the_machines_platform(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    argv = tmp_path / "argv.txt"
+    script = tmp_path / "uv"
+    script.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'uv 0.0.0'; exit 0; fi\n"
+                      f"echo \"$@\" > {argv}\necho 'vllm==0.15.1'\n")
+    script.chmod(0o755)
+    req = tmp_path / "r.txt"
+    req.write_text("vllm==0.15.1\n")
+    resolve_requirements(req, linux("glibc 2.35"), uv=str(script), reachable=only_pypi)
+    assert "--python-platform x86_64-manylinux_2_35" in argv.read_text()
+    resolve_requirements(req, linux("glibc 2.31"), uv=str(script), reachable=only_pypi)  # another cache key
+    assert "--python-platform x86_64-manylinux_2_31" in argv.read_text()
+
+
+@pytest.mark.skipif(find_uv() is None, reason="uv is not installed")
+def test_a_wheel_for_a_newer_glibc_resolves_on_a_machine_that_has_it(tmp_path, monkeypatch):
+    """Network. Case 21 of the corpus: vllm 0.15.1 ships only manylinux_2_31 wheels; on the L4 machine
+    (glibc 2.35) it installs, on a glibc 2.28 machine it cannot."""
+    from qlora_doctor.sources.reqfile import host_reachable
+
+    if not host_reachable("pypi.org", 443):
+        pytest.skip("PyPI is not reachable")
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    req = tmp_path / "r.txt"
+    req.write_text("vllm==0.15.1\n")
+    on_2_35 = resolve_requirements(req, linux("glibc 2.35"), as_of="2026-03-01")
+    assert not on_2_35.error and on_2_35.pins["vllm"] == "0.15.1", on_2_35.error
+    on_2_28 = resolve_requirements(req, linux("glibc 2.28"), as_of="2026-03-01")
+    assert on_2_28.error and not on_2_28.pins

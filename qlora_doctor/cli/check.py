@@ -24,14 +24,17 @@ from qlora_doctor.core.errors import EXIT_FAIL, EXIT_OK
 @click.option("--no-resolve", is_flag=True, help="With -r: judge the file's lines only (exact pins), not what pip pulls.")
 @click.option("--as-of", "as_of", type=str, default=None, metavar="YYYY-MM-DD",
               help="With -r: resolve as of this date (the releases that existed then).")
+@click.option("--resolver", type=click.Choice(["auto", "snapshot"]), default="auto", show_default=True,
+              help="With -r: auto resolves with uv (pip without uv), falling back to qlora-doctor's bundled snapshot "
+                   "of PyPI metadata when no index answers; snapshot uses only the snapshot (offline, reproducible).")
 @click.option("--recipe", "recipe_file", type=str,
               help="Add recipe-aware checks (bf16 vs the GPU, memory fit) for this recipe (name or path).")
 @click.option("--smoke", is_flag=True, help="Also run a functional test (bitsandbytes + LoRA) in a subprocess.")
 @click.option("--smoke-timeout", type=click.IntRange(min=1), default=180, show_default=True,
               help="Seconds before the functional test counts as hung.")
 def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine: Path | None,
-          requirements_file: Path | None, no_resolve: bool, as_of: str | None, recipe_file: str | None, smoke: bool,
-          smoke_timeout: int) -> None:
+          requirements_file: Path | None, no_resolve: bool, as_of: str | None, resolver: str, recipe_file: str | None,
+          smoke: bool, smoke_timeout: int) -> None:
     """Judge this environment (or a proposed one) for QLoRA training.
 
     Exit 0 for pass or warnings, 1 when a check fails, 2 for a bad input file.
@@ -47,7 +50,12 @@ def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine:
     if requirements_file is not None:
         from qlora_doctor.doctor.resolved import resolved_environment
 
-        env, extra = resolved_environment(requirements_file, machine, resolve=not no_resolve, as_of=as_of)
+        if no_resolve and resolver == "snapshot":
+            from qlora_doctor.core.errors import InputError
+
+            raise InputError("--no-resolve and --resolver snapshot cannot be combined; pick one")
+        env, extra = resolved_environment(requirements_file, machine, resolve=not no_resolve, as_of=as_of,
+                                          resolver=resolver)
     else:
         env = load_environment(None)
     run_plan = None

@@ -33,9 +33,10 @@ def lines_environment(path: Path, unknown: tuple[str, ...] = ()) -> Environment:
 
 
 def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str | None = None,
-                         ) -> tuple[Environment, list[Check]]:
+                         resolver: str = "auto") -> tuple[Environment, list[Check]]:
     """(the environment to judge, the checks about how it was obtained). With `resolve`, the resolver's
-    closure for the machine; without (or with no resolver installed), the file's lines as written."""
+    closure for the machine (`resolver="snapshot"`: from the bundled snapshot, offline); without (or with no
+    resolver installed), the file's lines as written."""
     from qlora_doctor.sources.requirements import environment_from_pins, load_requirements_file
     from qlora_doctor.sources.resolve import NoResolver, is_pylock, resolve_requirements
 
@@ -44,7 +45,7 @@ def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str |
                                                      "judged the lines as written (--no-resolve): packages pip "
                                                      "would pull are not judged", found="lines only")]
     try:
-        resolution = resolve_requirements(path, machine, as_of=as_of)
+        resolution = resolve_requirements(path, machine, as_of=as_of, resolver=resolver)
     except NoResolver as err:
         return lines_environment(Path(path)), [Check(
             "packages.resolved", "unknown", TITLE, f"{err.messages[0]}: only the file's own lines are judged, so the "

@@ -34,7 +34,28 @@ TIMEOUT_S = 180.0
 PLATFORMS = {("linux", "x86_64"): "x86_64-manylinux_2_28", ("linux", "aarch64"): "aarch64-manylinux_2_28",
              ("windows", "x86_64"): "x86_64-pc-windows-msvc", ("darwin", "arm64"): "aarch64-apple-darwin",
              ("darwin", "x86_64"): "x86_64-apple-darwin"}
-"""(machine os, arch) -> uv's --python-platform."""
+"""(machine os, arch) -> uv's --python-platform; on Linux the glibc part is the machine's own (`uv_platform`)."""
+MANYLINUX_MINORS = (17, 28, *range(31, 41))
+"""glibc 2.N for which uv (0.13, `uv pip compile --help`, --python-platform) has a `<arch>-manylinux_2_N` target."""
+LINUX_ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def uv_platform(machine: Machine) -> str:
+    """uv's --python-platform for `machine`. On Linux, the newest manylinux target its glibc can load
+    (`glibc 2.35` -> `x86_64-manylinux_2_35`), so wheels built for a newer glibc than 2.28 (vllm 0.15.1 ships only
+    manylinux_2_31) resolve where they install (below glibc 2.17 uv's oldest, manylinux_2_17); musl ->
+    `<arch>-unknown-linux-musl`; no libc known -> manylinux_2_28."""
+    arch = LINUX_ARCHES.get(machine.arch.lower()) if machine.os == "linux" else None
+    if arch is None:
+        return PLATFORMS.get((machine.os, machine.arch), "x86_64-manylinux_2_28")
+    libc = (machine.libc or "").lower()
+    if "musl" in libc:
+        return f"{arch}-unknown-linux-musl"
+    found = re.search(r"glibc\D*2\.(\d+)", libc)
+    if not found:
+        return f"{arch}-manylinux_2_28"
+    usable = [minor for minor in MANYLINUX_MINORS if minor <= int(found.group(1))]
+    return f"{arch}-manylinux_2_{usable[-1] if usable else MANYLINUX_MINORS[0]}"
 
 
 class NoResolver(InputError):
@@ -63,11 +84,12 @@ def cache_key(text: str, python: str, platform: str, as_of: str | None) -> str:
 def resolve_requirements(path: Path, machine: Machine, as_of: str | None = None,
                          timeout_s: float = TIMEOUT_S, uv: str | None = None,
                          reachable: Callable[[str, int], bool] = host_reachable,
-                         constraints: str = "") -> Resolution:
+                         constraints: str = "", resolver: str = "auto") -> Resolution:
     """The closure installing `path` gives on `machine` (as of `as_of`, YYYY-MM-DD). A `pylock.toml` (PEP 751)
     is already resolved and is read as it is. InputError when the file is malformed (every bad line named)
     or no resolver is installed; a Resolution with `error` when the resolver refuses or cannot be reached.
-    `constraints` (pip constraints text) limits the resolver (the knowledge base's, for `lock`)."""
+    `constraints` (pip constraints text) limits the resolver (the knowledge base's, for `lock`). With no index
+    reachable (and nothing in uv's cache), or `resolver="snapshot"`, the bundled snapshot answers (snapshot.py)."""
     if as_of is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", as_of):
         raise InputError(f"--as-of {as_of!r}: expected a date like 2025-04-15")
     if is_pylock(Path(path)):
@@ -76,8 +98,12 @@ def resolve_requirements(path: Path, machine: Machine, as_of: str | None = None,
         return read_pylock(Path(path), machine)
     prepared = prepare_requirements(Path(path), machine, reachable)
     python = ".".join(machine.python.split(".")[:2])
-    platform = PLATFORMS.get((machine.os, machine.arch), "x86_64-manylinux_2_28")
+    platform = uv_platform(machine)
     index_up = all(reachable(host, 443) for host in index_hosts(prepared))
+    if resolver == "snapshot":  # asked for: offline and reproducible, whatever answers from here
+        from qlora_doctor.sources.snapshot import resolve_prepared
+
+        return resolve_prepared(prepared, machine, as_of, constraints, why="--resolver snapshot: resolved offline")
     key = cache_key(_with_includes(Path(path), prepared.text) + constraints, python, platform, as_of)
     cached = cache_dir() / f"{key}.json"
     if cached.is_file():
@@ -96,6 +122,11 @@ def resolve_requirements(path: Path, machine: Machine, as_of: str | None = None,
     else:
         resolution = _resolve_with_uv(uv, prepared, python, platform, as_of, timeout_s, index_up,
                                       Path(path).resolve().parent, constraints)
+    if resolution.error and not index_up:  # issue #14: the bundled snapshot of PyPI metadata instead
+        from qlora_doctor.sources.snapshot import resolve_prepared
+
+        return resolve_prepared(prepared, machine, as_of, constraints,
+                                why=f"no package index answers from here ({', '.join(index_hosts(prepared))})")
     if resolution.error and (not index_up or "did not answer within" in resolution.error):
         return finish(resolution, prepared, index_up)  # not cached: with the index back the answer may differ
     cached.parent.mkdir(parents=True, exist_ok=True)
