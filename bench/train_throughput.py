@@ -17,6 +17,7 @@ Results are rewritten to --out after every point, so a time-out keeps what was m
     python3 bench/train_throughput.py --out /tmp/t.json --quick                  # first look (8B, batch 8)
     python3 bench/train_throughput.py --out /tmp/t.json --shapes 8b --batches 4,8 --variants ablation
     python3 bench/train_throughput.py --out /tmp/t.json --device cpu --tiny --loss-steps 5 --varlen   # CPU smoke
+    python3 bench/train_throughput.py --out /tmp/t.json --shapes 8b --batches 8 --variants selective  # issue #20
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                     intermediate_size=128, vocab_size=512, tie_word_embeddings=True, head_dim=16),
     "tiny-8b": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=256, vocab_size=512, tie_word_embeddings=False, head_dim=32),
+    # The builtin model's shape (builtin:smollm2-135m-instruct), random weights: a CPU-sized real model.
+    "135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                 intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, head_dim=64),
 }
 
 # Ablation: `performance:` settings of recipe variants (b). "baseline" is the plain path (a).
@@ -67,11 +71,20 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast_ckpt_0.5": {"checkpoint_layers": 0.5},
     "fast_ckpt_0.25": {"checkpoint_layers": 0.25},
     "fast_no_ckpt": {"checkpoint_layers": 0},
+    # performance.recompute: selective (qlora_doctor/trainer/selective.py): checkpointed layers keep their
+    # q/k/v/o/down GEMM outputs and the attention output, the replay recomputes only gate/up.
+    "fast_selective": {"recompute": "selective"},
+    "fast_selective_ckpt_0.75": {"recompute": "selective", "checkpoint_layers": 0.75},
+    "fast_selective_ckpt_0.5": {"recompute": "selective", "checkpoint_layers": 0.5},
     "fast_compile": {"torch_compile": True},
     "fast_cudnn": {"cudnn_attention": True},  # cuDNN attention left on where the knowledge base turns it off
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]
+SELECTIVE = ["fast", "fast_selective", "fast_selective_ckpt_0.75", "fast_selective_ckpt_0.5", "fast_ckpt_0.5",
+             "fast_no_ckpt"]
+"""`--variants selective`: full vs selective recompute (issue #20), with the partial-checkpointing points
+between them and no checkpointing as the bound."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,11 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (tiny-1b, tiny-8b) for a CPU smoke run")
     p.add_argument("--quick", action="store_true", help="8B, batch 8, baseline and fast, 4 timed steps")
-    p.add_argument("--shapes", default="8b", help="comma list of 1b, 8b (with --tiny: tiny-1b, tiny-8b)")
+    p.add_argument("--shapes", default="8b", help="comma list of 1b, 8b, 135m (with --tiny: tiny-1b, tiny-8b)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--variants", default="baseline,fast",
-                   help=f"comma list, or `ablation` ({','.join(ABLATION)}); known: {','.join(VARIANTS)}")
+                   help=f"comma list, or `ablation` ({','.join(ABLATION)}), or `selective` ({','.join(SELECTIVE)}); "
+                        f"known: {','.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per point")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--long-seq", type=int, default=0, help="also run baseline and fast at this sequence length, batch 1")
@@ -112,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.loss_seq = min(args.loss_seq, 64)
     if args.variants == "ablation":
         args.variants = ",".join(ABLATION)
+    elif args.variants == "selective":
+        args.variants = ",".join(SELECTIVE)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")

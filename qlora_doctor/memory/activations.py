@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora_doctor.memory.model import LinearShape, ModelCounts
+from qlora_doctor.recipe.levers import SELECTIVE_KEPT_PROJECTIONS
 
 ACTIVATION_MASK_BYTES = 1
 """Dropout keeps a bool mask (1 byte per element) for backward (`torch.native_dropout`)."""
@@ -169,3 +170,12 @@ def liger_loss_bytes(counts: ModelCounts, tokens: int, act: int, residual: int) 
     chunk = liger_chunk_tokens(tokens, counts.vocab_size, counts.hidden_size) * counts.vocab_size * act
     hidden = tokens * (2 * counts.hidden_size * residual + LIGER_CE_TOKEN_BYTES)
     return chunk, hidden
+
+
+def selective_kept_per_token(counts: ModelCounts, act: int) -> int:
+    """Bytes a selectively checkpointed layer keeps per token on top of its input (trainer/selective.py):
+    the base GEMM output of each of SELECTIVE_KEPT_PROJECTIONS the layer has, and the attention kernel's
+    output (q_dim wide), all in the activation dtype. The kernel's log-sum-exp (float32, one per head and
+    token: under 1% of this for head_dim >= 64) and its RNG seed/offset are not counted."""
+    kept = sum(t.out_features for t in counts.layer_linears if t.name.rsplit(".", 1)[-1] in SELECTIVE_KEPT_PROJECTIONS)
+    return (kept + counts.q_dim) * act

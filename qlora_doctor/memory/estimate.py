@@ -14,6 +14,8 @@ Two paths, lever by lever (per-token counts in activations.py):
   * upcast_unquantized: false keeps embeddings, norms and lm_head in the compute dtype, so the residual
     stream is in the compute dtype and lm_head needs no autocast copy;
   * checkpoint_layers: the first N layers keep only their input, the others all their activations;
+  * recompute: selective: a checkpointed layer also keeps its q/k/v/o/down GEMM outputs and the attention
+    output (activations.selective_kept_per_token), until the backward replays it;
   * liger_kernel: the fused linear cross-entropy never builds the b*s*vocab logits (a chunk of them plus
     the saved gradient of lm_head's input instead); its RMSNorm and SwiGLU save fewer tensors;
   * fused_lora: one saved input per distinct input tensor and no dropout masks.
@@ -129,6 +131,9 @@ class TrainSettings:
     """Non-4-bit weights in float32 (peft's prepare); false: in the compute dtype. Only with load_in_4bit."""
     checkpoint_layers: str | int | float = "all"
     """With gradient_checkpointing: `all`, the first N layers, or a fraction of them (speed.checkpointed_indices)."""
+    recompute: str = "full"
+    """`full`: a checkpointed layer keeps only its input; `selective`: also the outputs of the ops
+    trainer/selective.py keeps (activations.selective_kept_per_token)."""
     liger_kernel: bool = False
     fused_lora: bool = False
     levers: tuple[Lever, ...] = ()
@@ -259,7 +264,7 @@ def calibration_path(counts: ModelCounts, s: TrainSettings) -> str:
     bench/results/memory_accuracy_h100.json the run is on (both share the fitted constants)."""
     selective = 0 < checkpointed_layers(counts, s) < counts.num_layers
     no_upcast = s.load_in_4bit and not s.upcast_unquantized
-    return "fast" if (no_upcast or s.liger_kernel or s.fused_lora or selective) else "plain"
+    return "fast" if (no_upcast or s.liger_kernel or s.fused_lora or selective or s.recompute == "selective") else "plain"
 
 
 def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | None = None) -> Estimate:
@@ -391,6 +396,8 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
     dropout = s.lora_dropout > 0
     layer_saved = per_token.layer_saved_per_token(counts, targets, s.lora_r, act, residual, dropout, levers)
     layer_input = counts.hidden_size * residual
+    # A selectively checkpointed layer keeps some op outputs besides its input until its replay consumes them.
+    kept_outputs = per_token.selective_kept_per_token(counts, act) if s.recompute == "selective" else 0
     working = per_token.layer_working_per_token(counts, act, residual, dropout, levers)
     head = per_token.head_per_token(counts, act, residual, levers)
     checkpointed = checkpointed_layers(counts, s)
@@ -402,21 +409,24 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
                      ("activations: lm_head input and its gradient (fused cross-entropy)", hidden)]
     else:
         loss_rows = [("logits and loss buffers", per_token.full_logits_per_token(counts, act) * tokens)]
-    inputs = checkpointed * layer_input * tokens
+    inputs = checkpointed * (layer_input + kept_outputs) * tokens
+    label = "checkpointed layer inputs" + (" and kept outputs (selective)" if kept_outputs else "")
     if checkpointed == layers:
-        stored = [("activations: checkpointed layer inputs", inputs + head * tokens)]
+        stored = [(f"activations: {label}", inputs + head * tokens)]
     elif checkpointed == 0:
         stored = [("activations: all layers", (layers * layer_saved + head) * tokens)]
     else:
-        stored = [(f"activations: checkpointed layer inputs ({checkpointed} of {layers} layers)", inputs),
+        stored = [(f"activations: {label} ({checkpointed} of {layers} layers)", inputs),
                   (f"activations: the {kept} layers not checkpointed", (kept * layer_saved + head) * tokens)]
     moments = [(stored + loss_rows, "loss")]
     if kept:
-        moments.append(([(f"activations: checkpointed layer inputs ({checkpointed} of {layers} layers)", inputs),
+        moments.append(([(f"activations: {label} ({checkpointed} of {layers} layers)", inputs),
                          (f"activations: the {kept} layers not checkpointed", kept * layer_saved * tokens),
                          ("working: one layer's backward (gradients)", working * tokens)], "backward"))
     if checkpointed:
-        moments.append(([("activations: checkpointed layer inputs", inputs),
+        # The layer being replayed has handed its kept outputs to its recomputed tensors (layer_saved).
+        inputs = (checkpointed * layer_input + (checkpointed - 1) * kept_outputs) * tokens
+        moments.append(([(f"activations: {label}", inputs),
                          ("working: one layer recomputed + its backward", (layer_saved - layer_input + working) * tokens),
                          ("LoRA gradients of the layers after it (float32)", kept * per_layer_trainable * 4)],
                         "recompute"))

@@ -31,7 +31,7 @@ class Suggestion:
     """One change to the recipe that the planner predicts makes the run fit (or brings it closer)."""
 
     kind: str
-    """`micro_batch`, `seq_len`, `eval_batch`, `gradient_checkpointing`, `optimizer` or `gpu`."""
+    """`micro_batch`, `seq_len`, `eval_batch`, `gradient_checkpointing`, `recompute`, `optimizer` or `gpu`."""
     text: str
     """The advice, in one sentence."""
     changes: tuple[tuple[str, Any], ...]
@@ -129,7 +129,8 @@ def settings_from_recipe(recipe: Recipe, machine: Machine, model_type: str | Non
         load_in_4bit=q.load_in_4bit, double_quant=q.bnb_4bit_use_double_quant,
         compute_dtype=precision.compute_dtype, mixed_precision=precision.bf16 or precision.fp16,
         eval_micro_batch=_eval_batch(recipe), upcast_unquantized=levers.upcast_unquantized.on,
-        checkpoint_layers=levers.checkpoint_layers, liger_kernel=levers.liger_kernel.on,
+        checkpoint_layers=levers.checkpoint_layers, recompute="selective" if levers.recompute.on else "full",
+        liger_kernel=levers.liger_kernel.on,
         fused_lora=levers.fused_lora.on, levers=tuple(levers.levers()))
 
 
@@ -143,6 +144,9 @@ def lever_notes(settings: TrainSettings) -> list[str]:
     if any(on[n].on for n in ("padding_free", "group_by_length") if n in on):
         notes.append("padding_free/group_by_length only shorten batches: every micro-batch is counted as "
                      "full (max_seq_length tokens per example)")
+    if settings.recompute == "selective":
+        notes.append("recompute: selective: what its layers keep is counted from its policy (checked on CPU, "
+                     "tests/test_selective_recompute.py), not yet measured on a GPU")
     if "torch_compile" in on and on["torch_compile"].on:
         notes.append("torch_compile: its effect on memory (fused kernels, compile-time buffers) is not modelled")
     return notes
@@ -203,7 +207,8 @@ def resolve_checkpoint_layers(counts: ModelCounts, s: TrainSettings,
         if total <= budget:
             break
     resolved = replace(s, checkpoint_layers="all" if chosen >= layers else chosen)
-    return resolved, (f"checkpoint_layers auto: {chosen} of {layers} layers recompute, the fewest that keep the "
+    how = " (selective)" if s.recompute == "selective" else ""
+    return resolved, (f"checkpoint_layers auto: {chosen} of {layers} layers recompute{how}, the fewest that keep the "
                       f"prediction ({total / GIB:.1f} GiB) within {AUTO_CHECKPOINT_SHARE:.0%} of the GPU's "
                       f"{gpu_bytes / GIB:.1f} GiB")
 
@@ -294,6 +299,13 @@ def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Sugge
         t = total(candidate)
         out.append(Suggestion("gradient_checkpointing", f"{text} saves {(total(s) - t) / GIB:.1f} GiB"
                               + ("" if t <= gpu_bytes else " (not enough alone)"), changes, t, t <= gpu_bytes))
+    if s.recompute == "selective" and checkpointed_layers(counts, s):
+        candidate = replace(s, recompute="full")
+        t = total(candidate)
+        out.append(Suggestion("recompute", f"performance.recompute: full saves {(total(s) - t) / GIB:.1f} GiB "
+                              "(checkpointed layers keep only their input)" + ("" if t <= gpu_bytes else
+                                                                                " (not enough alone)"),
+                              (("performance.recompute", "full"),), t, t <= gpu_bytes))
     if s.optim != FALLBACK_OPTIMIZER:
         candidate = replace(s, optim=FALLBACK_OPTIMIZER)
         t = total(candidate)
@@ -303,7 +315,7 @@ def suggest(counts: ModelCounts, s: TrainSettings, gpu_bytes: int) -> list[Sugge
                                   (("training.optim", FALLBACK_OPTIMIZER),), t, t <= gpu_bytes))
     if not any(x.fits for x in out):
         floor = replace(s, micro_batch=1, seq_len=min(s.seq_len, SEQ_STEP), gradient_checkpointing=True,
-                        checkpoint_layers="all", optim=FALLBACK_OPTIMIZER)
+                        checkpoint_layers="all", recompute="full", optim=FALLBACK_OPTIMIZER)
         out.append(Suggestion("gpu", f"even micro-batch 1, {floor.seq_len} tokens, checkpointing and "
                               f"{FALLBACK_OPTIMIZER} need {total(floor) / GIB:.1f} GiB: use a GPU with more "
                               "memory or a smaller model", (), total(floor), False))

@@ -7,6 +7,10 @@ What each lever does and why it is the default (measured by bench/train_throughp
                              the logits come out in float32. Keeping them in the compute dtype saves
                              that memory and time; the LoRA weights stay float32 either way.
   checkpoint_layers          recompute only some decoder layers (the first N): memory for speed.
+  recompute: full            selective: a checkpointed layer keeps its q/k/v/o/down GEMM outputs and the
+                             attention output, so its backward replay runs only gate/up of the base GEMMs
+                             (qlora_doctor/trainer/selective.py); more memory per layer, fewer FLOPs. Opt in
+                             (GPU speed not yet measured: bench/results/profile_h100/NOTES.md).
   liger_kernel: auto         fused linear cross-entropy (no [tokens, 128k] float32 logits), RMSNorm,
                              SwiGLU, RoPE. Triton kernels: CUDA only.
   fused_lora: auto           qlora_doctor/trainer/fused_lora.py: one autograd node per adapted layer,
@@ -32,6 +36,12 @@ if TYPE_CHECKING:
     from qlora_doctor.recipe.precision import Precision
     from qlora_doctor.recipe.schema import PerformanceSection, Recipe
 
+
+SELECTIVE_KEPT_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"})
+"""`recompute: selective` (trainer/selective.py): the projections whose frozen base GEMM output a selectively
+checkpointed layer keeps, so that the backward's replay of the layer skips those GEMMs; gate_proj and up_proj
+(the widest outputs) are recomputed. Why these: trainer/selective.py's docstring. The memory planner counts
+the same (memory/activations.py, selective_kept_per_token)."""
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 """Attention implementations with variable-length kernels (padding-free batches cost no more attention)."""
@@ -61,11 +71,13 @@ class SpeedPlan:
     group_by_length: Lever
     torch_compile: Lever
     cudnn_attention: Lever
+    recompute: Lever = Lever("recompute", False, "full: checkpointed layers recompute everything")
+    """`selective` in effect (on): checkpointed layers keep trainer/selective.py's op outputs."""
     cudnn_hazards: tuple[str, ...] | None = None
     """The knowledge-base rules the cuDNN decision was made on (None: not looked up)."""
 
     def levers(self) -> list[Lever]:
-        return [self.upcast_unquantized, self.checkpointing, self.liger_kernel, self.fused_lora,
+        return [self.upcast_unquantized, self.checkpointing, self.recompute, self.liger_kernel, self.fused_lora,
                 self.padding_free, self.group_by_length, self.torch_compile, self.cudnn_attention]
 
     def to_json(self) -> dict[str, Any]:
@@ -169,10 +181,22 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
                   else "padding-free batches have no padding" if perf.group_by_length else "off in the recipe")
     compile_ = Lever("torch_compile", perf.torch_compile, "on in the recipe" if perf.torch_compile else "off (default)")
     return SpeedPlan(upcast_unquantized=upcast, checkpointing=checkpointing, checkpoint_layers=perf.checkpoint_layers,
+                     recompute=decide_recompute(perf.recompute, ckpt_on),
                      liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type, liger_described),
                      fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
                      cudnn_attention=decide_cudnn_attention(perf.cudnn_attention, precision.device, cudnn_hazards),
                      cudnn_hazards=cudnn_hazards)
+
+
+def decide_recompute(setting: str, checkpointing: bool) -> Lever:
+    """recompute: full|selective, given whether any layer is checkpointed. The combinations it cannot run
+    (FSDP, torch_compile) are refused when the recipe is validated (recipe/schema.py)."""
+    if setting != "selective":
+        return Lever("recompute", False, "full: checkpointed layers recompute everything")
+    if not checkpointing:
+        return Lever("recompute", False, "selective, but no layer is checkpointed")
+    return Lever("recompute", True, "selective: checkpointed layers keep their q/k/v/o/down GEMM and attention "
+                 "outputs (trainer/selective.py)")
 
 
 def plan_for_model(recipe: Recipe, precision: Precision, model: Any,

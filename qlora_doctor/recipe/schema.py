@@ -418,6 +418,19 @@ class PerformanceSection(Section):
         "auto: off where a knowledge-base rule says cuDNN attention is broken for this torch and GPU "
         "(torch 2.11 to 2.14.0 on H100/H200: NaN gradients, internal errors at long sequences); the flash "
         "and memory-efficient kernels take over.")
+    recompute: Literal["full", "selective"] = Field(
+        default="full", description="How a checkpointed layer recomputes in the backward pass. full: all of it "
+        "from its input. selective: it also keeps its q/k/v/o/down projections' 4-bit GEMM outputs and the "
+        "attention output (about 0.44 GiB more per layer at 8 x 2048 tokens of Llama-3-8B), so only gate and up "
+        "are recomputed (qlora_doctor/trainer/selective.py); not with torch_compile or FSDP.")
+
+    @model_validator(mode="after")
+    def _selective_recompute(self) -> PerformanceSection:
+        if self.recompute == "selective" and self.torch_compile:
+            raise ValueError(CROSS_FIELD_MARK + "performance.recompute: selective with performance.torch_compile: "
+                             "true: the selective policy runs Python per op, which torch.compile does not trace; "
+                             "set `performance.recompute: full` or `performance.torch_compile: false`")
+        return self
 
     @field_validator("checkpoint_layers")
     @classmethod
@@ -535,6 +548,15 @@ class Recipe(Section):
                              "uint8: FSDP cannot shard uint8 weights together with bf16 ones; set "
                              "`quantization.bnb_4bit_quant_storage: bfloat16` (the compute dtype) or leave it unset "
                              "(fsdp then stores 4-bit weights in the compute dtype)")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_selective_recompute(self) -> Recipe:
+        if self.distributed.strategy == "fsdp" and self.performance.recompute == "selective":
+            raise ValueError(CROSS_FIELD_MARK + "performance.recompute: selective with distributed.strategy: fsdp: "
+                             "not supported (untested: FSDP gathers each layer's sharded weights anew, and the "
+                             "selective policy finds the projections by their weights); set "
+                             "`performance.recompute: full`")
         return self
 
 

@@ -34,8 +34,9 @@ def decoder_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_checkpointing(model: Any, selection: str | int | float) -> list[int]:
-    """Non-reentrant gradient checkpointing on the selected decoder layers only; returns their indices."""
+def enable_checkpointing(model: Any, selection: str | int | float, selective: bool = False) -> list[int]:
+    """Non-reentrant gradient checkpointing on the selected decoder layers only; returns their indices.
+    `selective`: those layers keep some op outputs and recompute the rest (trainer/selective.py)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -45,6 +46,11 @@ def enable_checkpointing(model: Any, selection: str | int | float) -> list[int]:
     chosen = checkpointed_indices(selection, len(layers))
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
+    if selective:
+        from qlora_doctor.trainer.selective import make_selective
+
+        for index in chosen:
+            make_selective(layers[index])
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return chosen
 
@@ -60,7 +66,7 @@ def prepare_for_training(model: Any, recipe: Recipe, plan: SpeedPlan) -> Any:
         for param in model.parameters():
             param.requires_grad_(False)
     if plan.checkpointing.on:
-        enable_checkpointing(model, plan.checkpoint_layers)
+        enable_checkpointing(model, plan.checkpoint_layers, selective=plan.recompute.on)
         model.enable_input_require_grads()  # only reentrant checkpointing needs it; harmless otherwise
     # Training needs no KV cache, and with one transformers does not detect padding-free (packed) rows
     # from their position ids, so attention would cross from one example into the next.

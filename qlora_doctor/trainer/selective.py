@@ -1,0 +1,180 @@
+"""Selective recompute (`performance.recompute: selective`): a checkpointed decoder layer keeps the outputs
+of the ops that are expensive to recompute and cheap to keep, and recomputes the rest in the backward pass.
+
+Mechanism: torch's selective activation checkpointing (SAC), `torch.utils.checkpoint.checkpoint(...,
+use_reentrant=False, context_fn=...)` with `create_selective_checkpoint_contexts(policy)`. In the forward the
+policy sees every op of the layer (aten ops and bitsandbytes' custom ops, also those inside an
+autograd.Function such as fused LoRA's) with its arguments and output; an op it marks MUST_SAVE keeps its
+output, and when the backward replays the layer that op returns the kept output instead of running. The
+replay still runs everything else, so an op is skipped only if its own output is kept: keeping q is not
+enough to skip q's GEMM, the GEMM's output must be kept (issue #20, item 1).
+
+The policy, per op (the layer position comes from the weight an op reads, not from the op's place in the
+sequence, so it holds for fused and unfused LoRA alike):
+
+  * attention (`ATTENTION_OPS`, the SDPA kernels and flash-attn's): keep, i.e. the attention output and its
+    log-sum-exp (plus the kernel's RNG seed/offset, a few bytes), so the replay skips the attention forward;
+    the attention node built during the replay saves q, k, v (recomputed from the kept projections by RoPE)
+    and these kept outputs. Not with attention dropout > 0: a skipped kernel would not draw its random
+    numbers, and every later dropout mask of the replay would differ from the forward's.
+  * the frozen base GEMM of a projection (`bitsandbytes::gemm_4bit` for a 4-bit weight, `aten::mm`/`addmm`
+    for a 16-bit one) that reads the weight of one of `SELECTIVE_KEPT_PROJECTIONS`: q/k/v/o_proj and
+    down_proj. keep. Every GEMM reading the hidden state costs 2 x hidden FLOPs per output element, so
+    per byte kept q, k, v, o, gate and up are alike; down_proj reads the intermediate width and saves
+    intermediate/hidden (3.5x on Llama-3-8B) times as much per byte. gate and up are the largest outputs
+    (intermediate width each) and are left to recompute: at 8 x 2048 tokens of the 8B shape the kept
+    outputs are (4096 + 2 x 1024 + 4096 + 4096 + 4096) x 2 bytes per token = 0.44 GiB per layer, and the replay
+    runs 2 of the layer's 7 base GEMMs (54% of its GEMM FLOPs) instead of all of them. The issue's "keep the
+    post-attention residual" becomes "keep o_proj's output": the same bytes, and the replay skips o_proj too.
+    The LoRA matmuls (rank r) are recomputed: their weights change every step but their cost is small.
+  * an in-place op on a kept tensor (fused LoRA adds its low-rank term with `out.addmm_(...)` into the
+    GEMM's output): keep too. The kept tensor then holds the op's result, and the replay must not apply
+    the op a second time; with the in-place op kept it returns the kept result and mutates nothing. This
+    is why the contexts allow cache mutation (SAC's version check would otherwise refuse it), and why the
+    policy needs each op's output (`SelectiveCheckpointContext.op_output`).
+  * everything else (norms, RoPE, SwiGLU, dropout, LoRA's matmuls, gate/up): recompute.
+
+The result is exact: a kept output is the tensor the forward computed, and the replay sees the same RNG
+state as the forward (non-reentrant checkpointing restores it; no kept op draws random numbers). The
+memory planner mirrors the policy (qlora_doctor/memory/activations.py, `selective_kept_per_token`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from qlora_doctor.core.errors import CheckFailed
+from qlora_doctor.recipe.levers import SELECTIVE_KEPT_PROJECTIONS
+
+ATTENTION_OPS = frozenset({
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_fused_attention_overrideable",
+    "flash_attn::_flash_attn_forward",
+    "flash_attn::_flash_attn_varlen_forward",
+})
+"""Attention kernels whose outputs (output, log-sum-exp, RNG seed/offset) are kept (`OpOverload.name()`)."""
+
+GEMM_OPS = frozenset({"bitsandbytes::gemm_4bit", "aten::mm", "aten::addmm"})
+"""Ops that compute a projection's base GEMM: bitsandbytes' 4-bit matmul (0.50: one op, dequantization
+inside), or a 16-bit nn.Linear's matmul; kept when they read a kept projection's weight."""
+
+
+def sac_available() -> str | None:
+    """None when this torch's selective checkpointing gives the policy each op's output; else why not."""
+    try:
+        from torch.utils.checkpoint import SelectiveCheckpointContext, create_selective_checkpoint_contexts  # noqa: F401
+    except ImportError:
+        return "this torch has no selective activation checkpointing (torch.utils.checkpoint, torch >= 2.4)"
+    if "op_output" not in inspect.signature(SelectiveCheckpointContext.__init__).parameters:
+        return ("this torch's selective checkpointing does not pass op outputs to the policy (needed to keep "
+                "fused LoRA's in-place add exact); torch 2.13 does")
+    return None
+
+
+def kept_weight_pointers(layer: Any) -> frozenset[int]:
+    """data_ptr() of the base weights of `layer`'s kept projections (SELECTIVE_KEPT_PROJECTIONS), peft's
+    LoRA wrappers looked through. A GEMM reading one of them (its argument is the weight or a view of it)
+    is a kept projection's base GEMM."""
+    pointers = set()
+    for name, module in layer.named_modules():
+        if name.rsplit(".", 1)[-1] not in SELECTIVE_KEPT_PROJECTIONS:
+            continue
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        weight = getattr(base, "weight", None)
+        if weight is not None:
+            pointers.add(weight.data_ptr())
+    return frozenset(pointers)
+
+
+class SelectivePolicy:
+    """The per-op policy of one checkpointed call of one layer (module docstring). `kept_bytes` counts what
+    it kept, by kind, for tests and benches."""
+
+    def __init__(self, weights: frozenset[int]):
+        self.weights = weights
+        self.kept_storages: set[int] = set()
+        self.kept_bytes: dict[str, int] = {"attention": 0, "projections": 0}
+
+    def __call__(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import CheckpointPolicy
+
+        name = op.name()
+        if name in ATTENTION_OPS and not _attention_dropout(op, args, kwargs):
+            kind = "attention"
+        elif name in GEMM_OPS and any(_is_tensor(a) and a.data_ptr() in self.weights for a in args):
+            kind = "projections"
+        elif self.kept_storages and self._mutates_kept(op, args, kwargs):
+            kind = None  # already counted: it writes into a kept tensor
+        else:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        for out in _tensors(ctx.op_output):
+            storage = out.untyped_storage()
+            if kind and storage.data_ptr() not in self.kept_storages:
+                self.kept_bytes[kind] += storage.nbytes()
+            self.kept_storages.add(storage.data_ptr())
+        return CheckpointPolicy.MUST_SAVE
+
+    def _mutates_kept(self, op: Any, args: tuple, kwargs: dict) -> bool:
+        for index, argument in enumerate(op._schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = args[index] if index < len(args) else kwargs.get(argument.name)
+            if _is_tensor(value) and value.untyped_storage().data_ptr() in self.kept_storages:
+                return True
+        return False
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _tensors(value: Any) -> list[Any]:
+    if _is_tensor(value):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if _is_tensor(v)]
+    return []
+
+
+def _attention_dropout(op: Any, args: tuple, kwargs: dict) -> float:
+    """The op's dropout probability (0 when it has none)."""
+    for index, argument in enumerate(op._schema.arguments):
+        if argument.name in ("dropout_p", "p_dropout"):
+            value = args[index] if index < len(args) else kwargs.get(argument.name, 0.0)
+            return float(value or 0.0)
+    return 0.0
+
+
+def selective_context_fn(layer: Any, record: list[SelectivePolicy] | None = None) -> Any:
+    """The `context_fn` for one layer's checkpoint: a fresh policy per call (the kept weights are read at
+    call time, so loading, peft wrapping and moving the model afterwards are all seen). `record`: a list each
+    call's policy is appended to (tests and benches read what was kept)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    def context_fn() -> tuple[Any, Any]:
+        policy = SelectivePolicy(kept_weight_pointers(layer))
+        if record is not None:
+            record.append(policy)
+        return create_selective_checkpoint_contexts(policy, allow_cache_entry_mutation=True)
+
+    return context_fn
+
+
+def make_selective(layer: Any, record: list[SelectivePolicy] | None = None) -> None:
+    """Checkpoint `layer` (a transformers GradientCheckpointingLayer, checkpointing already enabled) with the
+    selective policy instead of recomputing it whole."""
+    from torch.utils.checkpoint import checkpoint
+
+    problem = sac_available()
+    if problem is not None:
+        raise CheckFailed(f"performance.recompute: selective: {problem}; set `performance.recompute: full` "
+                          "or upgrade torch")
+    layer._gradient_checkpointing_func = functools.partial(
+        checkpoint, use_reentrant=False, context_fn=selective_context_fn(layer, record))

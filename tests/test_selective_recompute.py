@@ -1,0 +1,334 @@
+"""`performance.recompute: selective` (qlora_doctor/trainer/selective.py) on CPU with real NF4 layers
+(bitsandbytes quantizes on the CPU): exactly the gradients of full checkpointing and of none, the ops the
+backward's replay really skips, and the memory planner's prediction of what the layers keep."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from qlora_doctor.core.errors import InputError  # noqa: E402
+from qlora_doctor.recipe import levers  # noqa: E402
+from qlora_doctor.recipe.precision import Precision  # noqa: E402
+from qlora_doctor.recipe.schema import recipe_from_dict  # noqa: E402
+from qlora_doctor.trainer import selective, speed  # noqa: E402
+from tests.trainer_support import builtin_checkpoint  # noqa: E402, F401 (fixture)
+
+CPU = Precision(device="cpu", fp16=False, bf16=False, compute_dtype="float32", compute_capability=None, reason="test")
+LAYERS = 4
+HEADS = 4
+GEMM = "bitsandbytes::gemm_4bit"
+SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def make_recipe(tmp_path, model="org/model", distributed=None, quantized=True, **performance):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    raw = {"model": {"name_or_path": str(model)}, "dataset": {"path": str(data), "format": "text"},
+           "training": {"output_dir": str(tmp_path / "out")}, "performance": performance,
+           "quantization": {"load_in_4bit": quantized}}
+    if distributed:
+        raw["distributed"] = distributed
+    return recipe_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """4 layers, grouped-query attention (4 query heads, 2 key/value heads), random weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama-selective")
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def build(path, recipe, dropout):
+    """The model (4-bit unless the recipe says otherwise) as `qlora-doctor run` builds it
+    (speed.prepare_for_training, peft, apply_after_peft), with the same LoRA weights every time (B not
+    zero, so every gradient path counts)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32) if recipe.quantization.load_in_4bit else None
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32, device_map={"": "cpu"})
+    plan = levers.speed_plan(recipe, CPU)
+    model = speed.prepare_for_training(base, recipe, plan)
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    plan = speed.apply_after_peft(model, plan)
+    model.train()
+    return model, plan
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that actually run (an op the replay takes from the selective cache never reaches it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.name()] = self.counts.get(func.name(), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+MODES = {  # performance: settings of each way of running the same model
+    "none": {"checkpoint_layers": 0},
+    "full": {"checkpoint_layers": "all", "recompute": "full"},
+    "selective": {"checkpoint_layers": "all", "recompute": "selective"},
+    "selective_first_2": {"checkpoint_layers": 2, "recompute": "selective"},
+}
+
+
+def train(path, tmp_path, mode, fused, dropout, quantized=True, steps=3, accumulation=2):
+    """`steps` AdamW steps of `accumulation` micro-batches each; per step the loss and every LoRA gradient
+    (accumulated), and the ops run by the first step's forward and backward."""
+    recipe = make_recipe(tmp_path, fused_lora=fused, quantized=quantized, **MODES[mode])
+    model, plan = build(path, recipe, dropout)
+    assert plan.fused_lora.on == fused and plan.recompute.on == (mode.startswith("selective"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=1e-2)
+    batches = torch.randint(0, 256, (steps, accumulation, 2, 16), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)  # the dropout masks: the same draws in every mode
+    losses, grads, counter = [], [], OpCounter()
+    for step in range(steps):
+        optim.zero_grad()
+        total = 0.0
+        for ids in batches[step]:
+            if step == 0:
+                with counter:
+                    loss = model(input_ids=ids, labels=ids).loss / accumulation
+                    loss.backward()
+            else:
+                loss = model(input_ids=ids, labels=ids).loss / accumulation
+                loss.backward()
+            total += loss.item()
+        losses.append(total)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        optim.step()
+    return losses, grads, counter.counts
+
+
+@pytest.mark.parametrize("fused, dropout, quantized", [
+    (False, 0.0, True), (True, 0.0, True), (True, 0.1, True), (False, 0.1, True), (False, 0.1, False)])
+def test_selective_gradients_equal_full_checkpointing_and_none(tiny_llama, tmp_path, fused, dropout, quantized):
+    """float32 on CPU: loss and every LoRA gradient of 3 steps x 2 accumulated micro-batches agree to 1e-5
+    relative (1e-7 absolute) across the modes; the steps differ from each other, so the optimizer moved."""
+    runs = {mode: train(tiny_llama, tmp_path, mode, fused, dropout, quantized) for mode in MODES}
+    ref_losses, ref_grads, _ = runs["none"]
+    assert ref_losses[0] != pytest.approx(ref_losses[-1], rel=1e-3)
+    for mode, (losses, grads, _) in runs.items():
+        assert losses == pytest.approx(ref_losses, rel=1e-5), mode
+        for step, (ours, ref) in enumerate(zip(grads, ref_grads)):
+            assert set(ours) == set(ref) and len(ref) == 7 * LAYERS * 2
+            for name, grad in ref.items():
+                torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-7, msg=f"{mode} step {step} {name}")
+    # What the replay ran in the first step (2 micro-batches): 7 base GEMMs per layer in the forward; the
+    # replay runs all 7 again under full checkpointing and only gate/up under selective; attention likewise.
+    if not quantized:  # 16-bit weights: the base GEMMs are aten::mm like LoRA's; the replay skips 5 per layer
+        mm = {mode: counts.get("aten::mm", 0) + counts.get("aten::addmm", 0) for mode, (_, _, counts) in runs.items()}
+        assert mm["full"] - mm["selective"] == 2 * 5 * LAYERS and mm["selective"] > mm["none"]
+        return
+    ops = {mode: (counts.get(GEMM, 0), counts.get(SDPA, 0)) for mode, (_, _, counts) in runs.items()}
+    assert ops == {"none": (2 * 7 * LAYERS, 2 * LAYERS), "full": (2 * 14 * LAYERS, 2 * 2 * LAYERS),
+                   "selective": (2 * 9 * LAYERS, 2 * LAYERS), "selective_first_2": (2 * (7 * LAYERS + 2 * 2), 2 * LAYERS)}
+
+
+def test_only_the_chosen_layers_are_selective(tiny_llama, tmp_path):
+    recipe = make_recipe(tmp_path, checkpoint_layers=2, recompute="selective")
+    model, _ = build(tiny_llama, recipe, 0.0)
+    layers = speed.decoder_layers(model)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, True, False, False]
+    context = [getattr(layer._gradient_checkpointing_func, "keywords", {}).get("context_fn") for layer in layers[:2]]
+    assert all(c is not None for c in context)
+
+
+class LiveStorages(TorchDispatchMode):
+    """Every storage an op creates while active, by data_ptr, held weakly: `alive_bytes()` is what is still
+    referenced (by autograd's saved tensors, checkpoint inputs, the selective cache, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, tuple[weakref.ref, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                s = t.untyped_storage()
+                known = self.storages.get(s.data_ptr())
+                if s.data_ptr() and (known is None or known[0]() is None):  # new, or a freed one's address reused
+                    self.storages[s.data_ptr()] = (weakref.ref(s), s.nbytes())
+        return out
+
+    def alive_bytes(self) -> int:
+        gc.collect()
+        return sum(n for ref, n in self.storages.values() if ref() is not None)
+
+
+def kept_after_forward(path, recipe, ids):
+    """Bytes of the storages the forward created that are alive before the backward (the loss kept)."""
+    model, _ = build(path, recipe, 0.05)
+    records: list = []
+    if recipe.performance.recompute == "selective":
+        for layer in speed.decoder_layers(model):
+            if layer.gradient_checkpointing:
+                selective.make_selective(layer, records)
+    live = LiveStorages()
+    with live:
+        loss = model(input_ids=ids, labels=ids).loss
+    alive = live.alive_bytes()
+    loss.backward()  # the graph (and the selective cache) is consumed
+    kept_by_policy = sum(sum(p.kept_bytes.values()) for p in records)
+    return alive, kept_by_policy
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_planner_predicts_what_selective_layers_keep(builtin_checkpoint, tmp_path, fused):
+    """The builtin model (SmolLM2-135M: 30 layers, 9 heads of 64, 3 key/value heads, intermediate 1536), float32
+    on CPU, 2 x 24 tokens, LoRA dropout 0.05: the storages alive after the forward with selective minus with
+    full checkpointing equal the planner's `selective_kept_per_token` x tokens x layers, plus the attention
+    kernel's float32 log-sum-exp (heads x 4 bytes per token), which the planner leaves out (under 1%):
+    exact to the byte."""
+    from qlora_doctor.memory.activations import selective_kept_per_token
+    from qlora_doctor.memory.model import count_parameters, load_model_config
+
+    counts = count_parameters(load_model_config("builtin:smollm2-135m-instruct"))
+    heads = load_model_config("builtin:smollm2-135m-instruct")["num_attention_heads"]
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    tokens = ids.numel()
+    full, _ = kept_after_forward(builtin_checkpoint, make_recipe(tmp_path, builtin_checkpoint, fused_lora=fused), ids)
+    sel, by_policy = kept_after_forward(builtin_checkpoint, make_recipe(
+        tmp_path, builtin_checkpoint, fused_lora=fused, recompute="selective"), ids)
+    predicted = selective_kept_per_token(counts, act=4) * tokens * counts.num_layers
+    lse = heads * 4 * tokens * counts.num_layers
+    assert sel - full == predicted + lse
+    assert by_policy == predicted + lse  # the policy's own count agrees with the independent one
+    assert predicted / (sel - full) > 0.99
+
+
+# --- the lever, the recipe, the planner ----------------------------------------------------------
+
+def test_recompute_defaults_to_full_and_refuses_what_it_cannot_compose_with(tmp_path):
+    assert make_recipe(tmp_path).performance.recompute == "full"
+    assert not levers.speed_plan(make_recipe(tmp_path), CPU).recompute.on
+    with pytest.raises(InputError) as err:
+        make_recipe(tmp_path, recompute="some")
+    assert "performance.recompute" in str(err.value)
+    with pytest.raises(InputError) as err:
+        make_recipe(tmp_path, recompute="selective", torch_compile=True)
+    assert "performance.recompute: selective with performance.torch_compile" in str(err.value)
+    assert "set `performance.recompute: full`" in str(err.value)
+    with pytest.raises(InputError) as err:
+        make_recipe(tmp_path, distributed={"strategy": "fsdp"}, recompute="selective")
+    assert "performance.recompute: selective with distributed.strategy: fsdp" in str(err.value)
+
+
+def test_recompute_lever_needs_checkpointed_layers(tmp_path):
+    on = levers.speed_plan(make_recipe(tmp_path, recompute="selective"), CPU)
+    assert on.recompute.on and on.to_json()["recompute"]["on"]
+    off = levers.speed_plan(make_recipe(tmp_path, recompute="selective", checkpoint_layers=0), CPU)
+    assert not off.recompute.on and "no layer is checkpointed" in off.recompute.reason
+
+
+def test_recipe_validation_exits_2_naming_the_key(tmp_path):
+    from click.testing import CliRunner
+
+    from qlora_doctor.cli import cli
+
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  name_or_path: org/model\ndataset:\n  path: d.jsonl\n  format: text\n"
+                    "training:\n  output_dir: out\ndistributed:\n  strategy: fsdp\n"
+                    "performance:\n  recompute: selective\n")
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "performance.recompute: selective with distributed.strategy: fsdp" in result.output
+    assert "Traceback" not in result.output
+
+
+LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
+
+
+def test_planner_selective_8b_keeps_the_issues_figure_per_layer():
+    """Issue #20: at 8 x 2048 tokens of Llama-3-8B in bf16 the kept q, k, v, attention output and
+    post-attention residual (here: o_proj's output) are about 0.45 GiB per layer; down_proj's output adds
+    0.125 GiB. The planner's selective plan keeps that much more per checkpointed layer than full (before
+    the replay consumes it)."""
+    from dataclasses import replace
+
+    from qlora_doctor.memory.activations import selective_kept_per_token
+    from qlora_doctor.memory.estimate import GIB, TrainSettings, estimate
+    from qlora_doctor.memory.model import count_parameters
+
+    counts = count_parameters(LLAMA3_8B)
+    tokens = 8 * 2048
+    per_layer = selective_kept_per_token(counts, act=2) * tokens
+    assert per_layer == (4096 + 1024 + 1024 + 4096 + 4096 + 4096) * 2 * tokens  # q k v o down + attention
+    assert per_layer / GIB == pytest.approx(0.5625)
+    fast = TrainSettings(micro_batch=8, seq_len=2048, upcast_unquantized=False, liger_kernel=True, fused_lora=True,
+                         optim="paged_adamw_8bit")
+    full, sel = estimate(counts, fast), estimate(counts, replace(fast, recompute="selective"))
+    # The peak is the replay of the last layer: the 31 layers before it still hold their kept outputs, the
+    # replayed one has handed its own to its recomputed tensors.
+    assert full.peak_phase == sel.peak_phase == "recompute"
+    rows = dict(sel.breakdown)["activations: checkpointed layer inputs and kept outputs (selective)"]
+    assert rows - dict(full.breakdown)["activations: checkpointed layer inputs"] == 31 * per_layer
+    assert sel.total_bytes - full.total_bytes == 31 * per_layer
+
+
+def test_auto_checkpoint_layers_budgets_selective_layers(tmp_path):
+    """`checkpoint_layers: auto` with selective recompute: the fewest selective layers that fit 85% of the GPU.
+    Each selective layer frees less than a full one, so more layers must recompute for the same budget."""
+    import json as json_
+
+    from qlora_doctor.memory.plan import plan_recipe
+
+    from helpers import machine
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json_.dumps(LLAMA3_8B))
+    h100 = machine(gpus=[{"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}])
+    chosen = {}
+    for mode in ("full", "selective"):
+        recipe = make_recipe(tmp_path, model=model, checkpoint_layers="auto", recompute=mode)
+        recipe = recipe.model_copy(update={"training": recipe.training.model_copy(
+            update={"per_device_train_batch_size": 8, "max_seq_length": 2048})})
+        plan = plan_recipe(recipe, h100, allow_network=False)
+        chosen[mode] = plan.settings.checkpoint_layers
+        assert plan.settings.recompute == mode and plan.total_bytes <= 0.85 * h100.nvidia_gpus[0].memory_total_mib * 2**20
+    assert isinstance(chosen["full"], int) and isinstance(chosen["selective"], int)
+    assert 0 < chosen["full"] < chosen["selective"] < 32
+
+
+def test_plan_suggests_full_recompute_when_selective_does_not_fit(tmp_path):
+    from dataclasses import replace
+
+    from qlora_doctor.memory.estimate import TrainSettings, estimate
+    from qlora_doctor.memory.model import count_parameters
+    from qlora_doctor.memory.plan import suggest
+
+    counts = count_parameters(LLAMA3_8B)
+    s = TrainSettings(micro_batch=8, seq_len=2048, upcast_unquantized=False, liger_kernel=True, fused_lora=True,
+                      recompute="selective")
+    full_total = estimate(counts, replace(s, recompute="full")).total_bytes
+    gpu = (full_total + estimate(counts, s).total_bytes) // 2  # between the two
+    out = {x.kind: x for x in suggest(counts, s, gpu)}
+    assert out["recompute"].fits and out["recompute"].changes == (("performance.recompute", "full"),)
