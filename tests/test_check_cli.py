@@ -216,3 +216,21 @@ def test_one_cause_one_row_driver_too_old():
     assert not [c for c in failing if c.startswith("rule:cuda-driver-too-old")], failing
     driver = next(c for c in report.checks if c.id == "cuda.driver")
     assert any("cuda" in s for s in driver.sources)
+
+
+def test_rules_that_cannot_be_judged_are_one_row_and_verbose_lists_them(tmp_path):
+    # EdgeTAM's pins resolved offline over the bundled snapshot: packages outside it may pull the training
+    # packages, so every rule on those cannot be judged, and the default view says so in one row.
+    from tests.trainer_support import REPO
+
+    m = write_machine(tmp_path / "m.json")
+    args = ["check", "-r", str(REPO / "tests/data/pinsets/02-edgetam-gradio444-hub1.txt"), "--resolver", "snapshot",
+            "--as-of", "2025-11-16", "--machine", str(m)]
+    report = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
+    unknown_rules = [c["id"] for c in report["checks"] if c["status"] == "unknown" and c["id"].startswith("rule:")]
+    assert len(unknown_rules) > 3
+    text = CliRunner(env={"COLUMNS": "200"}).invoke(cli, args).stdout
+    assert f"{len(unknown_rules)} known failures cannot be ruled out" in text
+    assert "transformers" in text and not any(f"unknown {rule}:" in text for rule in unknown_rules)
+    verbose = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [*args, "-v"]).stdout
+    assert all(f"unknown {rule}:" in verbose for rule in unknown_rules)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 from qlora_doctor.knowledge.explain import Explanation
@@ -39,16 +41,24 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
     table = Table(show_lines=False, expand=False)
     for column in ("status", "check", "found", "expected"):
         table.add_column(column, overflow="fold")
-    shown = [c for c in report.checks if verbose or c.status != "pass"]
+    # Rules that cannot be judged because a version is unknown (a file that names a package without one, a
+    # closure resolved offline) are one row, not one each: -v lists them.
+    unjudged = [] if verbose else [c for c in report.checks if c.status == "unknown" and c.id.startswith("rule:")]
+    shown = [c for c in report.checks if (verbose or c.status != "pass") and c not in unjudged]
     for c in shown:
         table.add_row(f"[{_STYLE[c.status]}]{_MARK[c.status]}[/]", c.title, c.found or c.detail, c.expected)
-    if shown:
+    if unjudged:
+        names = sorted({m for c in unjudged for m in re.findall(r"cannot read (\S+?)'s version", c.found or "")})
+        table.add_row(f"[{_STYLE['unknown']}]{_MARK['unknown']}[/]",
+                      f"{len(unjudged)} known failures cannot be ruled out",
+                      f"versions unknown: {', '.join(names)}" if names else "facts missing", "-v lists them")
+    if shown or unjudged:
         console.print(table)
-    hidden = len(report.checks) - len(shown)
+    hidden = len(report.checks) - len(shown) - len(unjudged)
     if hidden:
         console.print(f"[dim]{hidden} passing checks hidden (-v shows them)[/]")
     for c in report.checks:
-        if c.status in ("fail", "warn", "unknown"):
+        if c.status in ("fail", "warn", "unknown") and c not in unjudged:
             console.print(f"[{_STYLE[c.status]}]{c.status}[/] {c.id}: {c.detail}", highlight=False)
             if c.fix:  # soft_wrap: never broken inside a command; the terminal wraps it, copying keeps it whole
                 console.print(f"    fix: [green]{c.fix}[/]", highlight=False, soft_wrap=True)
