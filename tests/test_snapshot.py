@@ -45,33 +45,39 @@ UV_ANSWERS = {
     # file: (as of, Python, uv's versions of the snapshot's packages, those uv got through a package outside it)
     "02-edgetam-gradio444-hub1.txt": ("2025-11-16", "3.11", {
         "fsspec": "2025.10.0", "gradio": "4.44.0", "gradio-client": "1.3.0", "huggingface-hub": "1.1.4",
-        "numpy": "2.3.5", "safetensors": "0.6.2", "torch": "2.9.1", "triton": "3.5.1"}, {"safetensors"}),  # via timm
+        "numpy": "2.3.5", "safetensors": "0.6.2", "timm": "1.0.15", "torch": "2.9.1", "torchvision": "0.24.1",
+        "triton": "3.5.1"}, set()),
     "05-sagemaker-llm-datasets213-fsspec.txt": ("2024-05-29", "3.10", {
         "datasets": "2.13.0", "fsspec": "2024.5.0", "gradio": "3.50.2", "gradio-client": "0.6.1",
         "huggingface-hub": "0.17.3", "numpy": "1.26.4", "pyarrow": "16.1.0", "safetensors": "0.4.3",
         "tokenizers": "0.14.1", "transformers": "4.34.0"}, set()),
     "09-qwen-finetune-tf432-accelerate1.txt": ("2024-10-24", "3.10", {
-        "accelerate": "1.0.1", "fsspec": "2024.10.0", "huggingface-hub": "0.26.1", "numpy": "2.1.2", "peft": "0.7.1",
-        "safetensors": "0.4.5", "tokenizers": "0.15.2", "torch": "2.5.0", "transformers": "4.37.2",
-        "triton": "3.1.0"}, set()),
+        "accelerate": "1.0.1", "fsspec": "2024.10.0", "huggingface-hub": "0.26.1", "numpy": "2.1.2",
+        "peft": "0.7.1", "safetensors": "0.4.5", "tokenizers": "0.15.2", "torch": "2.5.0",
+        "transformers": "4.37.2", "triton": "3.1.0"}, set()),
     "16-colab-llama2-qlora-bf16-t4.txt": ("2023-09-01", "3.10", {
         "accelerate": "0.21.0", "bitsandbytes": "0.40.2", "datasets": "2.13.0", "fsspec": "2023.6.0",
-        "huggingface-hub": "0.16.4", "numpy": "1.25.2", "peft": "0.4.0", "pyarrow": "13.0.0", "safetensors": "0.3.3",
-        "tokenizers": "0.13.3", "torch": "2.0.1", "transformers": "4.31.0", "triton": "2.0.0", "trl": "0.4.7"}, set()),
+        "huggingface-hub": "0.16.4", "numpy": "1.25.2", "peft": "0.4.0", "pyarrow": "13.0.0",
+        "safetensors": "0.3.3", "tokenizers": "0.13.3", "torch": "2.0.1", "transformers": "4.31.0",
+        "triton": "2.0.0", "trl": "0.4.7"}, set()),
     "18-instantmesh-tf4341-accelerate032.txt": ("2024-07-08", "3.10", {
-        "accelerate": "0.32.1", "bitsandbytes": "0.43.1", "fsspec": "2024.6.1", "gradio": "3.41.2",
-        "gradio-client": "0.5.0", "huggingface-hub": "0.17.3", "numpy": "1.26.4", "safetensors": "0.4.3",
-        "tokenizers": "0.14.1", "torch": "2.3.1", "transformers": "4.34.1", "triton": "2.3.1"}, set()),
+        "accelerate": "0.32.1", "bitsandbytes": "0.43.1", "diffusers": "0.20.2", "fsspec": "2024.6.1",
+        "gradio": "3.41.2", "gradio-client": "0.5.0", "huggingface-hub": "0.17.3", "numpy": "1.26.4",
+        "safetensors": "0.4.3", "tokenizers": "0.14.1", "torch": "2.3.1", "transformers": "4.34.1",
+        "triton": "2.3.1"}, set()),
     "23-whisper-finetune-tf-open-eval-strategy.txt": ("2025-04-28", "3.11", {
         "accelerate": "1.6.0", "bitsandbytes": "0.45.5", "datasets": "3.5.1", "fsspec": "2025.3.0",
-        "huggingface-hub": "0.30.2", "numpy": "2.2.5", "peft": "0.15.2", "pyarrow": "20.0.0", "safetensors": "0.5.3",
-        "tokenizers": "0.21.1", "torch": "2.7.0", "transformers": "4.51.3", "triton": "3.3.0"}, set()),
+        "huggingface-hub": "0.30.2", "numpy": "2.2.5", "peft": "0.15.2", "pyarrow": "20.0.0",
+        "safetensors": "0.5.3", "tokenizers": "0.21.1", "torch": "2.7.0", "transformers": "4.51.3",
+        "triton": "3.3.0"}, set()),
 }
 AUTOTRAIN = "01-autotrain-bnb045-triton32.txt"
 AUTOTRAIN_UV = {  # uv, as above, on the file's lines naming snapshot packages, as of 2025-04-15, Python 3.11
     "accelerate": "1.2.1", "bitsandbytes": "0.45.0", "datasets": "3.2.0", "fsspec": "2024.9.0",
     "huggingface-hub": "0.27.0", "numpy": "2.2.4", "peft": "0.14.0", "pyarrow": "19.0.1", "safetensors": "0.5.3",
-    "tokenizers": "0.21.1", "torch": "2.6.0", "transformers": "4.48.0", "triton": "3.2.0", "trl": "0.13.0"}
+    "tokenizers": "0.21.1", "torch": "2.6.0", "transformers": "4.48.0", "triton": "3.2.0", "trl": "0.13.0",
+    # since torchvision, timm and sentence-transformers joined the snapshot (uv on the same lines, 2026-12-05):
+    "sentence-transformers": "3.3.1", "timm": "1.0.12", "torchvision": "0.21.0"}
 """The whole file differs: uv picks torchvision 0.15.2 (pulled by timm, outside the snapshot), which pins torch 2.0.1;
 pip in April 2025 got torch 2.6.0 + triton 3.2.0 (the issue). Outside packages' requirements are not followed."""
 
@@ -105,7 +111,8 @@ def test_autotrain_pulls_torch_26_and_triton_32_with_bitsandbytes_0450(tmp_path)
     resolution = offline(snapshot_lines(PINSETS / AUTOTRAIN, tmp_path / "r.txt"), "3.11", "2025-04-15")
     assert {n: v for n, v in resolution.pins.items() if n in snapshot_releases()[0]} == AUTOTRAIN_UV, UV_COMMAND
     assert resolution.pulled_by["triton"] == ("torch 2.6.0",)
-    assert set(resolution.pulled_by["torch"]) == {"accelerate 1.2.1", "bitsandbytes 0.45.0", "peft 0.14.0"}
+    assert set(resolution.pulled_by["torch"]) == {"accelerate 1.2.1", "bitsandbytes 0.45.0", "peft 0.14.0",
+                                                  "sentence-transformers 3.3.1", "timm 1.0.12", "torchvision 0.21.0"}
 
 
 def test_check_r_with_no_index_falls_back_to_the_snapshot_and_fires_the_rule(tmp_path, monkeypatch):
@@ -125,7 +132,7 @@ def test_check_r_with_no_index_falls_back_to_the_snapshot_and_fires_the_rule(tmp
     assert checks["packages.resolved"]["status"] == "pass", detail
     assert "no package index answers from here (pypi.org)" in detail
     assert "from qlora-doctor's bundled snapshot of PyPI metadata (releases up to 20" in detail
-    assert "huggingface-hub 1.1.4 (required by gradio 4.44.0, gradio-client 1.3.0)" in detail
+    assert "huggingface-hub 1.1.4 (required by gradio 4.44.0, gradio-client 1.3.0, timm 1.0.15)" in detail
     as_of_before = CliRunner().invoke(cli, ["check", "-r", str(PINSETS / "02-edgetam-gradio444-hub1.txt"),
                                             "--machine", str(machine), "--as-of", "2025-09-01", "--json"])
     assert "rule:hub-hffolder-gradio" not in {c["id"] for c in json.loads(as_of_before.stdout)["checks"]}

@@ -65,8 +65,11 @@ TARGETS = ("transformers", "peft", "accelerate", "huggingface-hub", "safetensors
            "gradio-client", "fsspec")
 """Packages whose releases are read for the names they define."""
 
-METADATA_ONLY = ("bitsandbytes", "torch", "triton", "numpy", "pyarrow")
-"""Requires-Dist only: their code is large or compiled, and no import fact needs it."""
+METADATA_ONLY = ("bitsandbytes", "torch", "triton", "numpy", "pyarrow", "torchvision", "torchaudio", "xformers",
+                 "sentence-transformers", "diffusers", "timm")
+"""Requires-Dist only: their code is large or compiled, and no import fact needs it. torchvision and the rest
+are what QLoRA files pin beside the stack: without them the offline resolver (sources/snapshot.py) cannot see
+the torch they hold a stack to."""
 
 LAST_PATCH_ONLY = ("gradio",)
 """Read the last patch of each minor release only (gradio's wheels are ~40 MB and it has ~250 releases)."""
