@@ -16,7 +16,7 @@ from qlora_doctor.cli import cli
 from qlora_doctor.core.errors import InputError
 from qlora_doctor.trainer.chat import ChatSession, parse_line
 from qlora_doctor.trainer.generate import Sampling
-from tests.trainer_support import builtin_checkpoint, write_tiny_recipe  # noqa: F401 (fixture)
+from tests.trainer_support import builtin_checkpoint, train_tiny_run  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 QUESTION = "Where is Korrowen Island?"
@@ -28,10 +28,7 @@ def _invoke(*args: object, input: str | None = None):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, builtin_checkpoint) -> Path:
-    recipe = write_tiny_recipe(tmp_path_factory.mktemp("chat"), max_steps=2)
-    result = _invoke("run", recipe)
-    assert result.exit_code == 0, result.output
-    return recipe.parent / "out"
+    return train_tiny_run(tmp_path_factory.mktemp("chat"))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from qlora_doctor.cli import cli
 from qlora_doctor.core.errors import CheckFailed
 from qlora_doctor.core.subprocs import Completed
-from tests.trainer_support import builtin_checkpoint, write_tiny_recipe  # noqa: F401 (fixture)
+from tests.trainer_support import builtin_checkpoint, train_tiny_run  # noqa: F401 (fixture)
 
 PROMPTS = ("The capital of France is", "Korrowen Island is known for its",
            "def fibonacci(n):\n    if n < 2:\n        return n\n")
@@ -41,10 +41,7 @@ def _invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, builtin_checkpoint) -> Path:
-    recipe = write_tiny_recipe(tmp_path_factory.mktemp("run"), max_steps=2)
-    result = _invoke("run", recipe)
-    assert result.exit_code == 0, result.output
-    return recipe.parent / "out"
+    return train_tiny_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

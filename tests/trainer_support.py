@@ -52,3 +52,15 @@ def write_tiny_recipe(folder: Path, rows: int = 4, **training: object) -> Path:
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+def train_tiny_run(folder: Path, max_steps: int = 2) -> Path:
+    """`qlora-doctor run` on a tiny recipe in `folder` (seconds on a CPU); the finished run's output folder."""
+    from click.testing import CliRunner
+
+    from qlora_doctor.cli import cli
+
+    recipe = write_tiny_recipe(folder, max_steps=max_steps)
+    result = CliRunner().invoke(cli, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    return recipe.parent / "out"

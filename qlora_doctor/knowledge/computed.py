@@ -50,6 +50,11 @@ class Provenance:
         return f"https://pypi.org/project/{self.package}/{self.release}/"
 
 
+def _within(specs: tuple[SpecifierSet, ...], version: Version) -> bool:
+    """Whether `version` lies in any of the ranges (pre-releases included: harvested releases can be ones)."""
+    return any(spec.contains(version, prereleases=True) for spec in specs)
+
+
 @dataclass(frozen=True)
 class ImportFact:
     importer: str
@@ -63,10 +68,10 @@ class ImportFact:
     provenance: tuple[Provenance, ...]
 
     def imports_at(self, version: Version) -> bool:
-        return any(spec.contains(version, prereleases=True) for spec in self.importer_versions)
+        return _within(self.importer_versions, version)
 
     def defined_at(self, version: Version) -> bool:
-        return any(spec.contains(version, prereleases=True) for spec in self.defined_in)
+        return _within(self.defined_in, version)
 
     def breaks(self, importer: Version, target: Version) -> bool:
         return self.imports_at(importer) and not self.defined_at(target)
@@ -92,7 +97,7 @@ class FloorFact:
     provenance: tuple[Provenance, ...]
 
     def breaks(self, importer: Version, target: Version) -> bool:
-        return any(s.contains(importer, prereleases=True) for s in self.importer_versions) and \
+        return _within(self.importer_versions, importer) and \
             Version(target.base_version) < self.minimum
 
 

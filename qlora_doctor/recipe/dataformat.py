@@ -65,17 +65,19 @@ class DetectedFormat:
 
 
 @functools.lru_cache(maxsize=None)
+def _table() -> dict[str, Any]:
+    text = resources.files("qlora_doctor.recipe").joinpath("dataformats.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
 def field_names() -> dict[str, tuple[str, ...]]:
     """dataformats.toml: recipe key -> column names it recognises, most usual first."""
-    text = resources.files("qlora_doctor.recipe").joinpath("dataformats.toml").read_text(encoding="utf-8")
-    return {row["key"]: tuple(row["names"]) for row in tomllib.loads(text)["field"]}
+    return {row["key"]: tuple(row["names"]) for row in _table()["field"]}
 
 
-@functools.lru_cache(maxsize=None)
 def speaker_names() -> dict[str, tuple[str, ...]]:
     """dataformats.toml [[speaker]]: role -> speaker names beyond the recipe's defaults."""
-    text = resources.files("qlora_doctor.recipe").joinpath("dataformats.toml").read_text(encoding="utf-8")
-    return {row["role"]: tuple(row["names"]) for row in tomllib.loads(text).get("speaker", [])}
+    return {row["role"]: tuple(row["names"]) for row in _table().get("speaker", [])}
 
 
 def sharegpt_roles(speakers: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
