@@ -20,8 +20,21 @@ python3 -c "import torch, transformers, peft, accelerate; print(torch.__version_
 i=0
 for name in gpu-cu130-tf5.17-peft0.21.0-bnb0.50.2 gpu-cu130-tf5.24-peft0.21.2-bnb0.50.2 gpu-cu130-tf5.17-peft0.21.0-bnb0.49.2 gpu-cu130-tf5.24-peft0.21.2-bnb0.49.2-acc1.12 gpu-cu130-tf5.17-peft0.21.0-bnb0.48.2-acc1.10 gpu-cu130-tf5.24-peft0.18.1-bnb0.48.2 gpu-cu130-known-bad-tf5-accelerate1.0; do
   i=$((i+1)); echo "=== $name (/tmp/c$i) $(date +%T)" >>$L
-  PYTHONPATH=/tmp/c$i:/tmp/base:$PWD timeout 240 python3 -m qlora_doctor.cli matrix run --in-place --only $name --results $OUT/mr >>$L 2>&1
+  PYTHONPATH=/tmp/c$i:/tmp/base:$PWD timeout 120 python3 -m qlora_doctor.cli matrix run --in-place --only $name --results $OUT/mr >>$L 2>&1
   echo "exit $?" >>$L
 done
 PYTHONPATH=/tmp/c2:/tmp/base:$PWD python3 -m qlora_doctor.cli check --smoke --json > $OUT/check-smoke-tf5.24.json 2>>$L
 echo "check --smoke exit $?" >>$L
+
+# The GPU machine's own lock (issue #16): made there from the records just taken (with their closure, so the
+# image's unrelated packages stay out), installed into a venv over the image's torch from the carried wheels
+# only, then `check --smoke` from that venv.
+cp $OUT/mr/*.json matrix-results/ 2>>$L
+PYTHONPATH=/tmp/base:$PWD python3 -m qlora_doctor.cli lock -o $OUT/gpu-lock.txt >>$L 2>&1
+echo "lock exit $?" >>$L
+python3 -m venv --system-site-packages /tmp/lv >>$L 2>&1
+/tmp/lv/bin/python -m pip install -q --no-index --find-links $W -r $OUT/gpu-lock.txt >>$L 2>&1
+echo "lock install exit $?" >>$L
+/tmp/lv/bin/python -m pip freeze > $OUT/lock-venv-freeze.txt 2>>$L
+PYTHONPATH=$PWD /tmp/lv/bin/python -m qlora_doctor.cli check --smoke --json > $OUT/lock-check-smoke.json 2>>$L
+echo "lock check --smoke exit $?" >>$L

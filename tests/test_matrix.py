@@ -262,3 +262,47 @@ def test_the_verdict_names_its_evidence(tmp_path):
     assert tested.evidence == "tested" and tested.to_json()["evidence"] == "tested"
     unknown = Report(checks=(*untested.checks, Check("cuda.driver", "unknown", "driver")), machine={}, packages={})
     assert unknown.evidence == "unknown"
+
+
+def test_training_closure_follows_requirements_and_extras():
+    from qlora_doctor.matrix.closure import closure, own_requirements, training_closure
+
+    reqs = own_requirements()
+    assert any(r.startswith("torch") and "extra" in r and "train" in r for r in reqs)
+    names = training_closure()
+    # the [train] extra and what those packages need, as installed here
+    assert {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "click"} <= set(names)
+    assert {"tokenizers", "safetensors", "huggingface-hub"} <= set(names)
+    # test tools and unrelated packages are not part of it
+    assert "pytest" not in names and "hypothesis" not in names
+    # a root's marker is evaluated against the extras asked for
+    assert "torch" not in closure(["torch>=2; extra == 'train'"], extras=())
+    assert "torch" in closure(["torch>=2; extra == 'train'"], extras=("train",))
+    assert closure(["no-such-package-xyz"]) == []
+
+
+def test_an_in_place_record_locks_only_its_closure(tmp_path):
+    from matrix_support import record_json
+    from qlora_doctor.matrix.records import record_from_json
+
+    data = record_json("img", "linux-x86_64-py3.12-cu130-sm90",
+                       {"torch": "2.11.0", "transformers": "5.17.0", "botorch": "0.18.1", "peft": "0.21.0"})
+    assert record_from_json(data, "x").locked_freeze == data["freeze"]  # a fresh venv: all of it
+    data.update(mode="in-place", closure=["peft", "torch", "transformers"])
+    rec = record_from_json(data, "x")
+    assert rec.locked_freeze == {"torch": "2.11.0", "transformers": "5.17.0", "peft": "0.21.0"}
+    assert rec.to_json()["closure"] == ["peft", "torch", "transformers"]
+
+
+def test_pips_find_links_and_indexes_reach_uv(tmp_path):
+    from qlora_doctor.matrix.runner import pip_sources_as_uv_args
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    listing = (f"global.extra-index-url='file:///nowhere/simple https://download.pytorch.org/whl/cpu'\n"
+               f"global.find-links='{wheels}'\n:env:.find-links='{wheels}'\n"
+               "global.cert='/etc/ssl/certs/ca-certificates.crt'\ninstall.index-url='https://pypi.org/simple'\n")
+    assert pip_sources_as_uv_args(listing) == [
+        "--extra-index-url", "https://download.pytorch.org/whl/cpu", "--find-links", str(wheels),
+        "--index-url", "https://pypi.org/simple", "--index-strategy", "unsafe-best-match"]
+    assert pip_sources_as_uv_args("global.cert='/x'\n") == []

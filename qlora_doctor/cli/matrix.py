@@ -26,8 +26,8 @@ def matrix() -> None:
               help="Combinations built and tested at once.")
 @click.option("--in-place", is_flag=True,
               help="Record the current environment against the --only combination(s) instead of building one.")
-@click.option("--installer", type=click.Choice(["pip", "uv"]), default="pip", show_default=True,
-              help="pip (venv + pip; reads pip's config, e.g. local find-links) or uv (ignores pip's config).")
+@click.option("--installer", type=click.Choice(["auto", "pip", "uv"]), default="auto", show_default=True,
+              help="auto: uv when it can be run, else pip. uv gets pip's configured find-links and indexes.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where built environments are kept, keyed by their pins (default ~/.cache/qlora-doctor/matrix-envs).")
 def matrix_run(combos_file, results_dir, machine_file, only, jobs, in_place, installer, cache_dir) -> None:
@@ -38,7 +38,7 @@ def matrix_run(combos_file, results_dir, machine_file, only, jobs, in_place, ins
     """
     from qlora_doctor.core.errors import InputError
     from qlora_doctor.matrix.combos import select
-    from qlora_doctor.matrix.runner import RunOptions, default_cache_dir, run_matrix
+    from qlora_doctor.matrix.runner import RunOptions, default_cache_dir, resolve_installer, run_matrix
 
     where = str(combos_file or "matrix.yaml")
     combos = select(_combos(combos_file), tuple(only), where)
@@ -46,7 +46,7 @@ def matrix_run(combos_file, results_dir, machine_file, only, jobs, in_place, ins
         raise InputError("--in-place records the current environment: name its combination with --only NAME")
     machine = load_machine(machine_file)
     options = RunOptions(results_dir=_results(results_dir), cache_dir=cache_dir or default_cache_dir(),
-                         installer=installer)
+                         installer=resolve_installer(installer))
     summary = run_matrix(combos, machine, options, jobs=jobs, in_place=in_place,
                          progress=lambda m: click.echo(m, err=True))
     for skipped in summary.skipped:

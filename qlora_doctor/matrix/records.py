@@ -107,7 +107,18 @@ class Record:
     """Ids of the checks that failed in `check --json`."""
     smoke: dict[str, Any] = field(default_factory=dict, hash=False)
     """device, losses, facts and failing step of the smoke run (when it ran)."""
+    closure: tuple[str, ...] = ()
+    """In place on a host image: the names `pip install qlora-doctor[train]` needs among `freeze` (the rest is the
+    image's own). Empty for a fresh environment, whose freeze is that set already."""
     path: str = field(default="", compare=False)
+
+    @property
+    def locked_freeze(self) -> dict[str, str]:
+        """What a lock made from this record pins: the freeze, less a host image's unrelated packages."""
+        if not self.closure:
+            return dict(self.freeze)
+        keep = set(self.closure)
+        return {n: v for n, v in self.freeze.items() if n in keep}
 
     @property
     def name(self) -> str:
@@ -130,7 +141,8 @@ class Record:
                 "date": self.date, "tool_version": self.tool_version, "mode": self.mode,
                 "duration_s": self.duration_s, "steps": [s.to_json() for s in self.steps],
                 "failed_checks": list(self.failed_checks), "smoke": self.smoke, "machine": self.machine,
-                "freeze": dict(sorted(self.freeze.items()))}
+                "freeze": dict(sorted(self.freeze.items())),
+                **({"closure": list(self.closure)} if self.closure else {})}
 
 
 def record_filename(name: str, platform: str) -> str:
@@ -157,7 +169,7 @@ def record_from_json(data: Any, where: str) -> Record:
                       verdict_detail=str(data.get("verdict_detail", "")), date=str(data["date"]),
                       tool_version=str(data["tool_version"]), mode=data.get("mode", "venv"),
                       duration_s=float(data.get("duration_s", 0)), failed_checks=tuple(data.get("failed_checks", ())),
-                      smoke=dict(data.get("smoke", {})), path=where)
+                      smoke=dict(data.get("smoke", {})), closure=tuple(data.get("closure", ())), path=where)
     except InputError:
         raise
     except (AttributeError, KeyError, TypeError, ValueError) as err:

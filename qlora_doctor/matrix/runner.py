@@ -10,8 +10,10 @@ timeout. The first failing step skips the rest. Install failures ("does not reso
 anything (the GPU machine: preinstalled packages plus carried wheels, no internet): the installed
 versions must equal the pins, then check and smoke run as above.
 
-pip, not uv, is the default: uv ignores pip's configuration (find-links, extra indexes), and on the
-CI and development machines torch's CPU build comes from a local folder only pip's config names.
+The installer is uv when it is there (`--installer auto`, the default), else pip. uv does not read pip's
+configuration, and on the CI and development machines torch's CPU build comes from a local folder only pip's
+config names: the find-links and indexes pip is configured with are passed to uv, with pip's rule of taking the
+best match across all of them (uv's `--index-strategy unsafe-best-match`).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class RunOptions:
     results_dir: Path
     cache_dir: Path = field(default_factory=default_cache_dir)
     installer: str = "pip"
-    """pip (venv + pip) or uv (uv venv + uv pip)."""
+    """pip (venv + pip) or uv (uv venv + uv pip); `resolve_installer("auto")` picks."""
     repo: Path | None = field(default_factory=checkout_root)
     """The checkout whose wheel each environment gets (None when running from an installed wheel)."""
     install_timeout_s: float = 1800
@@ -168,6 +170,44 @@ def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 # --- building environments ----------------------------------------------------------------------
 
+def resolve_installer(choice: str) -> str:
+    """`auto`: uv when it can be run (on PATH or beside this Python), else pip."""
+    if choice != "auto":
+        return choice
+    from qlora_doctor.sources.resolve import find_uv
+
+    return "uv" if find_uv() else "pip"
+
+
+PIP_SOURCE_KEYS = {"find-links": "--find-links", "index-url": "--index-url", "extra-index-url": "--extra-index-url"}
+
+
+def pip_sources_as_uv_args(config_list: str) -> list[str]:
+    """`pip config list` output -> the same find-links and indexes as uv arguments. Local folders and file://
+    indexes that do not exist are left out (pip warns and goes on; uv would stop)."""
+    args: list[str] = []
+    for line in config_list.splitlines():
+        key, sep, raw = line.partition("=")
+        name = key.rsplit(".", 1)[-1].strip()
+        if not sep or name not in PIP_SOURCE_KEYS:
+            continue
+        for value in raw.strip().strip("'\"").split():
+            local = value[len("file://"):] if value.startswith("file://") else (None if "://" in value else value)
+            if local is not None and not Path(local).exists():
+                continue
+            pair = [PIP_SOURCE_KEYS[name], value]
+            if not any(args[i:i + 2] == pair for i in range(0, len(args), 2)):
+                args += pair
+    if args:
+        args += ["--index-strategy", "unsafe-best-match"]
+    return args
+
+
+def pip_sources_for_uv() -> list[str]:
+    done = run_command([sys.executable, "-m", "pip", "config", "list"], 60, env=_clean_env())
+    return pip_sources_as_uv_args(done.stdout) if done.returncode == 0 else []
+
+
 def env_key(combo: Combination, installer: str) -> str:
     payload = json.dumps({"python": combo.python, "pins": sorted(combo.pins.items()),
                           "index_urls": list(combo.index_urls), "installer": installer,
@@ -218,6 +258,12 @@ def train_tools(wheel: Path, combo: Combination) -> list[str]:
     return tools
 
 
+def _uv() -> str:
+    from qlora_doctor.sources.resolve import find_uv
+
+    return find_uv() or "uv"
+
+
 def _find_python(version: str) -> str | None:
     for name in (f"python{version}", "python3", "python"):
         exe = shutil.which(name)
@@ -247,9 +293,10 @@ def _install(combo: Combination, opts: RunOptions, wheel: Path, progress: Progre
         (env_dir.parent / f"{env_dir.name}.pins.txt").write_text("\n".join(combo.requirement_lines()) + "\n")
         pins_file = env_dir.parent / f"{env_dir.name}.pins.txt"
         if opts.installer == "uv":
-            steps = [["uv", "venv", "--python", interpreter, str(env_dir)],
-                     ["uv", "pip", "install", "--python", str(python), "-r", str(pins_file), str(wheel),
-                      *train_tools(wheel, combo), *index_args]]
+            uv = _uv()
+            steps = [[uv, "venv", "--python", interpreter, str(env_dir)],
+                     [uv, "pip", "install", "--python", str(python), "-r", str(pins_file), str(wheel),
+                      *train_tools(wheel, combo), *index_args, *pip_sources_for_uv()]]
         else:
             steps = [[interpreter, "-m", "venv", str(env_dir)],
                      [str(python), "-m", "pip", "install", "--progress-bar", "off", "-r", str(pins_file), str(wheel),
@@ -264,10 +311,22 @@ def _install(combo: Combination, opts: RunOptions, wheel: Path, progress: Progre
                                   excerpt(done.output)), None
     else:
         progress(f"{combo.name}: reusing cached env {env_dir.name}")
+        # An env cached before the [train] extra grew (gguf, matplotlib...) gets what it lacks; satisfied
+        # requirements are left as they are, so the stack under test does not move.
+        tools = train_tools(wheel, combo)
+        if tools:
+            add = ([str(python), "-m", "pip", "install", "--progress-bar", "off", *tools, *index_args]
+                   if opts.installer == "pip" else
+                   [_uv(), "pip", "install", "--python", str(python), *tools, *index_args, *pip_sources_for_uv()])
+            done = run_command(add, opts.install_timeout_s, env=_clean_env())
+            if done.returncode != 0:
+                return StepResult("install", "fail", round(time.perf_counter() - start, 2),
+                                  "adding the [train] extra's tools to the cached env failed",
+                                  excerpt(done.output)), None
     # The tool itself is always reinstalled: its code changes more often than the pins.
     reinstall = ([str(python), "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index", "--quiet", str(wheel)]
                  if opts.installer == "pip" else
-                 ["uv", "pip", "install", "--python", str(python), "--no-deps", "--reinstall", str(wheel)])
+                 [_uv(), "pip", "install", "--python", str(python), "--no-deps", "--reinstall", str(wheel)])
     done = run_command(reinstall, 600, env=_clean_env())
     if done.returncode != 0:
         return StepResult("install", "fail", round(time.perf_counter() - start, 2),
@@ -332,7 +391,7 @@ def _smoke_step(python: str, env: dict[str, str], cwd: Path, timeout_s: float) -
 
 def _finish(combo: Combination, platform: str, machine: Machine, freeze: dict[str, str],
             steps: list[StepResult], failed_checks: tuple[str, ...], smoke: dict, mode: str,
-            started: float) -> Record:
+            started: float, closure: tuple[str, ...] = ()) -> Record:
     names = [s.name for s in steps]
     for stage in ("install", "check", "smoke"):
         if stage not in names:
@@ -347,7 +406,7 @@ def _finish(combo: Combination, platform: str, machine: Machine, freeze: dict[st
                   works=all(s.status == "pass" for s in steps_t), verdict=verdict, verdict_detail=why,
                   date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), tool_version=__version__,
                   mode=mode, duration_s=round(time.perf_counter() - started, 2), failed_checks=failed_checks,
-                  smoke=smoke)
+                  smoke=smoke, closure=closure)
 
 
 def run_combination(combo: Combination, machine: Machine, opts: RunOptions, wheel: Path,
@@ -389,6 +448,7 @@ def pin_mismatches(pins: dict[str, str], installed: dict[str, str]) -> list[str]
 
 
 def run_in_place(combo: Combination, machine: Machine, opts: RunOptions, progress: Progress) -> Record:
+    from qlora_doctor.matrix.closure import training_closure
     from qlora_doctor.sources.installed import installed_environment
 
     started = time.perf_counter()
@@ -420,7 +480,8 @@ def run_in_place(combo: Combination, machine: Machine, opts: RunOptions, progres
             progress(f"{combo.name}: smoke (in place)")
             step, smoke = _smoke_step(sys.executable, run_env, cwd, opts.smoke_timeout_s)
             steps.append(step)
-    return _finish(combo, platform, machine, freeze, steps, failed_checks, smoke, "in-place", started)
+    closure = tuple(n for n in training_closure(also=tuple(combo.pins)) if n in freeze)
+    return _finish(combo, platform, machine, freeze, steps, failed_checks, smoke, "in-place", started, closure)
 
 
 def _crash_record(combo: Combination, machine: Machine, err: BaseException, started: float) -> Record:

@@ -197,7 +197,7 @@ def header_lines(machine: Machine, python: str, platform: str, source: str, stat
 def lockfile_from_record(fit: Fit, machine: Machine, python: str, command: str, output: str | None,
                          today: str | None = None) -> Lockfile:
     record = fit.record
-    pins = lockable_pins(record.freeze)
+    pins = lockable_pins(record.locked_freeze)
     source = (f"matrix record {record_source(record)} (combination {record.name}, passed install, check and "
               f"smoke on {record.date[:10]})")
     header = header_lines(machine, python, record.platform, source, "tested", command, output, today)
@@ -316,7 +316,7 @@ def repair_changes(record: Record, installed: dict[str, str]) -> tuple[tuple[str
     """What must change to turn the installed env into the record's: installed packages at another
     version, and watched packages missing. Packages the record has but nothing here uses are left out."""
     changes = []
-    for name, version in sorted(lockable_pins(record.freeze).items()):
+    for name, version in sorted(lockable_pins(record.locked_freeze).items()):
         have = installed.get(name)
         if have is None and name not in WATCHED and name not in TRAINING_NEEDS:
             continue
@@ -562,7 +562,7 @@ def lockfile_for_gpu_from_cpu_record(records: tuple[Record, ...], machine: Machi
         choice = choose_torch_build(machine, [own] + [v for v in known if v != own], tables)
         if choice is None:
             continue
-        pins = {n: v for n, v in lockable_pins(record.freeze).items() if not TORCH_ONLY_LOCAL.match(n)}
+        pins = {n: v for n, v in lockable_pins(record.locked_freeze).items() if not TORCH_ONLY_LOCAL.match(n)}
         pins["torch"] = f"{choice.version}+{choice.variant}"
         problems = vet_pins(pins, machine, "this lock")
         if problems:
