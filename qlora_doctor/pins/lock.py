@@ -127,6 +127,16 @@ def _newest_key(record: Record) -> tuple:
     return tuple(record.version(n) or Version("0") for n in NEWEST_ORDER) + (record.date,)
 
 
+def _build_suits(record: Record, machine: Machine) -> bool:
+    """Whether the record's torch build is the kind this machine wants: a machine without an NVIDIA GPU gets a
+    record that ran torch's CPU build (no 3 GB of CUDA libraries it cannot use) before a newer one that ran a
+    CUDA build on a CPU; a GPU machine the other way round."""
+    torch = record.version("torch")
+    cpu_build = torch is not None and torch.local == "cpu"
+    has_gpu = bool(machine.nvidia_gpus) if machine.gpu_vendor == "nvidia" else False
+    return cpu_build != has_gpu
+
+
 def choose_record(records: tuple[Record, ...], machine: Machine, python: str, tables: Tables,
                   keep: dict[str, str] | None = None, constraints: tuple[Requirement, ...] = ()) -> Fit:
     """The newest fitting record; CheckFailed naming the closest and why when none fits."""
@@ -136,7 +146,7 @@ def choose_record(records: tuple[Record, ...], machine: Machine, python: str, ta
     fits = [fit_record(r, machine, python, tables, keep, constraints) for r in records]
     good = [f for f in fits if not f.reasons]
     if good:
-        return max(good, key=lambda f: _newest_key(f.record))
+        return max(good, key=lambda f: (_build_suits(f.record, machine), _newest_key(f.record)))
     candidates = [f for f in fits if f.record.expect == "pass"] or fits
     closest = min(candidates, key=lambda f: (len(f.reasons), _Desc(_newest_key(f.record))))
     raise CheckFailed(f"no tested combination fits this machine (Python {python}, "
