@@ -306,3 +306,27 @@ def test_pips_find_links_and_indexes_reach_uv(tmp_path):
         "--extra-index-url", "https://download.pytorch.org/whl/cpu", "--find-links", str(wheels),
         "--index-url", "https://pypi.org/simple", "--index-strategy", "unsafe-best-match"]
     assert pip_sources_as_uv_args("global.cert='/x'\n") == []
+
+
+def test_resume_skips_what_is_recorded_as_described_now(tmp_path):
+    from qlora_doctor.matrix.runner import already_recorded
+
+    combos = load_combinations(REPO_ROOT / "matrix.yaml")
+    combo = next(c for c in combos if c.name == "cpu-tf5.24-peft0.21.2-bnb0.50.2")
+    platform = "linux-x86_64-py3.11-cpu"
+    results = tmp_path / "r"
+    results.mkdir()
+    assert not already_recorded(combo, platform, results)
+    path = results / f"{combo.name}--{platform}.json"
+    path.write_text(json.dumps({"combination": combo.to_json()}))
+    assert already_recorded(combo, platform, results)
+    # matrix.yaml changed the pins since: the old record does not count
+    path.write_text(json.dumps({"combination": {**combo.to_json(), "pins": {"torch": "2.12.0"}}}))
+    assert not already_recorded(combo, platform, results)
+    path.write_text("{half a reco")
+    assert not already_recorded(combo, platform, results)
+    # everything recorded: nothing is built or run, each is reported as skipped
+    path.write_text(json.dumps({"combination": combo.to_json()}))
+    cpu = machine_from_dict(CPU_MACHINE, "cpu")
+    summary = run_matrix((combo,), cpu, RunOptions(results_dir=results, repo=None), resume=True)
+    assert summary.records == () and "--resume" in summary.skipped[0].reason

@@ -28,9 +28,12 @@ def matrix() -> None:
               help="Record the current environment against the --only combination(s) instead of building one.")
 @click.option("--installer", type=click.Choice(["auto", "pip", "uv"]), default="auto", show_default=True,
               help="auto: uv when it can be run, else pip. uv gets pip's configured find-links and indexes.")
+@click.option("--resume", is_flag=True,
+              help="Skip combinations already recorded (as matrix.yaml describes them now) in --results: "
+                   "continues an interrupted run.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where built environments are kept, keyed by their pins (default ~/.cache/qlora-doctor/matrix-envs).")
-def matrix_run(combos_file, results_dir, machine_file, only, jobs, in_place, installer, cache_dir) -> None:
+def matrix_run(combos_file, results_dir, machine_file, only, jobs, in_place, installer, resume, cache_dir) -> None:
     """Build each combination's env, run check and smoke in it, write one JSON record each.
 
     Exit 0 when every record agrees with matrix.yaml (expected passes pass, known-bad ones fail the
@@ -48,10 +51,10 @@ def matrix_run(combos_file, results_dir, machine_file, only, jobs, in_place, ins
     options = RunOptions(results_dir=_results(results_dir), cache_dir=cache_dir or default_cache_dir(),
                          installer=resolve_installer(installer))
     summary = run_matrix(combos, machine, options, jobs=jobs, in_place=in_place,
-                         progress=lambda m: click.echo(m, err=True))
+                         progress=lambda m: click.echo(m, err=True), resume=resume)
     for skipped in summary.skipped:
         click.echo(f"skipped {skipped.name}: {skipped.reason}", err=True)
-    if only and summary.skipped:
+    if only and summary.skipped and not resume:
         raise InputError([f"--only {s.name}: {s.reason}; run it on a matching machine" for s in summary.skipped])
     for record, path in zip(summary.records, summary.paths):
         mark = "ok  " if record.verdict == "pass" else "FAIL"

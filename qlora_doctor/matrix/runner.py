@@ -42,7 +42,7 @@ from qlora_doctor.matrix.combos import Combination
 from qlora_doctor.core.errors import InputError
 from qlora_doctor.core.subprocs import Completed, run_bounded
 from qlora_doctor.core.shipped import checkout_root
-from qlora_doctor.matrix.records import (Record, StepResult, accelerator_id, platform_id,
+from qlora_doctor.matrix.records import (Record, StepResult, accelerator_id, platform_id, record_filename,
                                          write_record)
 
 CACHE_ENV = "QLORA_DOCTOR_CACHE"
@@ -489,12 +489,25 @@ def _crash_record(combo: Combination, machine: Machine, err: BaseException, star
     return _finish(combo, planned_platform(machine, combo), machine, {}, [step], (), {}, "venv", started)
 
 
+def already_recorded(combo: Combination, platform: str, results_dir: Path) -> bool:
+    """A record of this combination, as matrix.yaml describes it now, exists for this platform (`--resume`)."""
+    path = Path(results_dir) / record_filename(combo.name, platform)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("combination") == combo.to_json()
+
+
 def run_matrix(combos: tuple[Combination, ...], machine: Machine, opts: RunOptions, jobs: int = 1,
-               in_place: bool = False, progress: Progress = lambda _: None) -> RunSummary:
+               in_place: bool = False, progress: Progress = lambda _: None, resume: bool = False) -> RunSummary:
     runnable: list[Combination] = []
     skipped: list[Skipped] = []
     for combo in combos:
         platform = planned_platform(machine, combo)
+        if resume and not in_place and already_recorded(combo, platform, opts.results_dir):
+            skipped.append(Skipped(combo.name, f"already recorded for {platform} (--resume)"))
+            continue
         if in_place or combo.applies_to(platform):
             runnable.append(combo)
         else:
