@@ -78,6 +78,10 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast_selective_ckpt_0.5": {"recompute": "selective", "checkpoint_layers": 0.5},
     "fast_compile": {"torch_compile": True},
     "fast_cudnn": {"cudnn_attention": True},  # cuDNN attention left on where the knowledge base turns it off
+    # performance.fp8_base (qlora_doctor/trainer/fp8.py): the 4-bit base layers' forward and input-gradient GEMMs
+    # in float8 (torchao, tensorwise scales, compiled casts: the first step compiles them, keep --warmup >= 1).
+    "fast_fp8": {"fp8_base": True},
+    "fast_fp8_ckpt_0.5": {"fp8_base": True, "checkpoint_layers": 0.5},
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]
@@ -85,6 +89,8 @@ SELECTIVE = ["fast", "fast_selective", "fast_selective_ckpt_0.75", "fast_selecti
              "fast_no_ckpt"]
 """`--variants selective`: full vs selective recompute (issue #20), with the partial-checkpointing points
 between them and no checkpointing as the bound."""
+FP8 = ["baseline", "fast", "fast_fp8", "fast_fp8_ckpt_0.5"]
+"""`--variants fp8`: float8 base GEMMs against the plain and the default path (issue #20, item 2)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--variants", default="baseline,fast",
-                   help=f"comma list, or `ablation` ({','.join(ABLATION)}), or `selective` ({','.join(SELECTIVE)}); "
+                   help=f"comma list, or `ablation` ({','.join(ABLATION)}), `selective` ({','.join(SELECTIVE)}) or "
+                        f"`fp8` ({','.join(FP8)}); "
                         f"known: {','.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per point")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -112,6 +119,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="learning rate of the loss-curve runs (LoRA on random weights moves slowly at 2e-4)")
     p.add_argument("--loss-tolerance", type=float, default=0.05,
                    help="allowed relative difference of the mean loss over the last 10 steps")
+    p.add_argument("--loss-abs-tolerance", type=float, default=0.0,
+                   help="also passes when the last-10 means differ by at most this much (losses near 0)")
+    p.add_argument("--loss-reference", default="baseline", help="the reference curve's variant (e.g. fast)")
+    p.add_argument("--loss-variant", default="fast", help="the compared curve's variant (e.g. fast_fp8)")
+    p.add_argument("--loss-data", choices=["pattern", "memorise"], default="pattern",
+                   help="pattern: rows repeating a random 16-token pattern (each row new); memorise: 16 fixed "
+                        "random rows over the whole vocabulary, cycled (loss from ~ln(vocab) toward 0)")
     p.add_argument("--budget-s", type=float, default=480, help="skip points that would start after this many seconds")
     p.add_argument("--models-dir", default="/tmp/models")
     p.add_argument("--optim", default=None, help="optimizer for both paths (default: the recipe default on cuda, "
@@ -128,7 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.variants = ",".join(ABLATION)
     elif args.variants == "selective":
         args.variants = ",".join(SELECTIVE)
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    elif args.variants == "fp8":
+        args.variants = ",".join(FP8)
+    unknown = [v for v in [*args.variants.split(","), args.loss_reference, args.loss_variant] if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     return args
@@ -199,6 +215,12 @@ class TokenData:
 def random_rows(count: int, lengths: list[int], vocab: int, seed: int) -> TokenData:
     rng = random.Random(seed)
     return TokenData([[rng.randrange(3, vocab) for _ in range(lengths[k % len(lengths)])] for k in range(count)])
+
+
+def memorised_rows(count: int, seq: int, seed: int, vocab: int, distinct: int = 16) -> TokenData:
+    """Learnable by memorising: `distinct` fixed random rows over the vocabulary, cycled `count` times over."""
+    fixed = random_rows(distinct, [seq], vocab, seed).rows
+    return TokenData([fixed[k % distinct] for k in range(count)])
 
 
 def pattern_rows(count: int, seq: int, seed: int, period: int = 16, alphabet: int = 64) -> TokenData:
@@ -430,6 +452,11 @@ def train_points(variant: str, model_path: str, shape: str, seq: int, batches: l
                              tokens_per_s=round(real / seconds, 1) if seconds else None,
                              padding_waste=round(1 - real / computed, 4) if computed else None,
                              losses=losses or None)
+                from qlora_doctor.trainer.fp8 import fp8_gemms  # fp8_base: casts that could not be compiled
+
+                fallbacks = [f for gemm in fp8_gemms(model) for f in gemm.fallbacks()]
+                if fallbacks:
+                    point["fp8_cast_fallbacks"] = fallbacks
                 if device == "cuda":
                     point.update(max_memory_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
                                  max_memory_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2))
@@ -504,21 +531,28 @@ def loss_curves(args: argparse.Namespace, res: Results, optim: str, deadline: fl
     shape = args.varlen_shape or ("tiny-1b" if args.tiny else "1b")
     path = build_model(shape, args.device, args.models_dir)
     n = args.loss_steps
-    data = pattern_rows(n * args.loss_batch, args.loss_seq, seed=7)
+    if args.loss_data == "memorise":
+        data = memorised_rows(n * args.loss_batch, args.loss_seq, seed=7, vocab=SHAPES[shape]["vocab_size"])
+        described = f"16 fixed random rows of {args.loss_seq} tokens over the vocabulary, cycled, seed 7"
+    else:
+        data = pattern_rows(n * args.loss_batch, args.loss_seq, seed=7)
+        described = "rows repeating a random 16-token pattern over 64 tokens, seed 7"
     saved = (args.warmup, args.steps)
     args.warmup, args.steps = 0, n
     curves = {}
-    for variant in ("baseline", "fast_loss"):
-        VARIANTS["fast_loss"] = {"group_by_length": False}  # same batches in the same order as the baseline
-        pts = train_points("baseline" if variant == "baseline" else "fast_loss", path, shape, args.loss_seq,
-                           [args.loss_batch], lambda b, s: data, args, optim, lr=args.loss_lr, logging_steps=1,
-                           deadline=deadline)
-        curves[variant] = pts[0]
+    # The same batches in the same order for both curves (no grouping by length); the baseline is the plain path.
+    for key, name in (("loss_reference", args.loss_reference), ("loss_variant", args.loss_variant)):
+        VARIANTS[key] = None if name == "baseline" else {**(VARIANTS[name] or {}), "group_by_length": False}
+        pts = train_points(key, path, shape, args.loss_seq, [args.loss_batch], lambda b, s: data, args, optim,
+                           lr=args.loss_lr, logging_steps=1, deadline=deadline)
+        curves[key] = pts[0]
     args.warmup, args.steps = saved
-    a, b = curves["baseline"].get("losses") or [], curves["fast_loss"].get("losses") or []
+    a, b = curves["loss_reference"].get("losses") or [], curves["loss_variant"].get("losses") or []
     out: dict[str, Any] = {"shape": shape, "seq": args.loss_seq, "batch": args.loss_batch, "steps": n, "lr": args.loss_lr,
-                           "data": "rows repeating a random 16-token pattern over 64 tokens, seed 7",
-                           "baseline": a, "fast": b, "tolerance": args.loss_tolerance,
+                           "data": described, "reference_variant": args.loss_reference,
+                           "variant": args.loss_variant, "baseline": a, "fast": b, "tolerance": args.loss_tolerance,
+                           "abs_tolerance": args.loss_abs_tolerance,
+                           "levers": {k: v.get("levers") for k, v in curves.items()},
                            "errors": {k: v.get("error") for k, v in curves.items() if v.get("error")}}
     if a and b and len(a) == len(b):
         tail = min(10, len(a))
@@ -526,8 +560,10 @@ def loss_curves(args: argparse.Namespace, res: Results, optim: str, deadline: fl
         out.update(max_abs_step_diff=round(max(abs(x - y) for x, y in zip(a, b)), 4),
                    last_mean_baseline=round(mean_a, 4), last_mean_fast=round(mean_b, 4),
                    last_mean_rel_diff=round(abs(mean_b - mean_a) / mean_a, 4),
+                   max_rel_step_diff=round(max(abs(x - y) / x for x, y in zip(a, b)), 4),
                    loss_moved=a[-1] < 0.8 * a[0],
-                   within_tolerance=abs(mean_b - mean_a) / mean_a <= args.loss_tolerance)
+                   within_tolerance=(abs(mean_b - mean_a) / mean_a <= args.loss_tolerance
+                                     or abs(mean_b - mean_a) <= args.loss_abs_tolerance))
         out["plot"] = plot_losses(a, b, Path(args.out).parent / "loss_curves.png", out)
     res.data["loss_curves"] = out
 
@@ -541,8 +577,9 @@ def plot_losses(a: list[float], b: list[float], path: Path, info: dict[str, Any]
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(a) + 1), a, label="(a) transformers+peft+bnb baseline")
-    ax.plot(range(1, len(b) + 1), b, label="(b) qlora-doctor run (fast path)", linestyle="--")
+    ref, var = info.get("reference_variant", "baseline"), info.get("variant", "fast")
+    ax.plot(range(1, len(a) + 1), a, label="(a) transformers+peft+bnb baseline" if ref == "baseline" else f"(a) {ref}")
+    ax.plot(range(1, len(b) + 1), b, label=f"(b) qlora-doctor run ({var})", linestyle="--")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title(f"{info['shape']}, seq {info['seq']}, batch {info['batch']}: last-10 mean rel diff "

@@ -127,6 +127,7 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
     precision = resolve_precision(recipe, machine)
     # Judging a described environment (check -r): its packages decide the levers, never this machine's.
     described = env.installed("liger-kernel") if env is not None and env.source != "installed" else None
+    torchao_described = env.installed("torchao") if env is not None and env.source != "installed" else None
     memory, memory_error = None, None
     auto_layers = recipe.performance.checkpoint_layers == "auto"
     if machine.nvidia_gpus or auto_layers:
@@ -150,7 +151,7 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
             env = installed_environment(with_conflicts=False)
         hazards = cudnn_attention_hazards(machine, env)
     levers = speed_plan(recipe, precision, recipe_model_type(recipe), cudnn_hazards=hazards,
-                        liger_described=described)
+                        liger_described=described, torchao_described=torchao_described)
     processes = 1 if recipe.distributed.strategy == "none" else (
         int(recipe.distributed.num_processes) if recipe.distributed.num_processes != "auto"
         else (len(machine.nvidia_gpus) or None))

@@ -246,7 +246,7 @@ def uses_of(run_plan: RunPlan) -> dict[str, bool]:
     because the recipe's own precision check judges bf16 against the GPU (one cause, one row)."""
     levers = run_plan.levers
     return {"fsdp": run_plan.recipe.distributed.strategy == "fsdp", "bf16": False, "tf32": False,
-            "int8": False, "triton": levers.liger_kernel.on or levers.torch_compile.on}
+            "int8": False, "triton": levers.liger_kernel.on or levers.torch_compile.on or levers.fp8_base.on}
 
 
 def _applies(rule: Rule, uses: Mapping[str, bool] | None) -> bool | None:

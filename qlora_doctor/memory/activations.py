@@ -51,6 +51,14 @@ class Levers:
     """Liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy."""
     fused_lora: bool
     """`trainer/fused_lora.py`'s one autograd function per LoRA-on-4-bit layer."""
+    fp8_base: bool = False
+    """`trainer/fp8.py`'s float8 GEMMs for the 4-bit base layers."""
+
+
+FP8_GRAD_COPY_BYTES = 1
+"""fp8_base: the input-gradient GEMM of a base layer reads its incoming gradient cast to float8 (1 byte per
+element; compiled casts make no other temporary). At the down projection's backward that is hidden-size wide,
+alive beside the GEMM's output."""
 
 
 def projection_dtype(act: int, residual: int) -> int:
@@ -129,13 +137,15 @@ def layer_working_per_token(counts: ModelCounts, act: int, residual: int, dropou
 
     peft's unfused LoRA (not the peak of any measured point yet, so from the autograd graph): the
     gradients of the three MLP intermediates in the projection dtype and the LoRA branch's compute-dtype
-    input gradient."""
+    input gradient. fp8_base adds the float8 copy of the incoming gradient (FP8_GRAD_COPY_BYTES)."""
     inter, h = counts.intermediate_size, counts.hidden_size
     if levers.fused_lora:
         down = inter * (4 * act + ACTIVATION_MASK_BYTES) if dropout else inter * act
     else:
         down = (1 if levers.liger_kernel else 3) * inter * projection_dtype(act, residual) + inter * act
-    return down + h * residual
+    # fp8_base, an upper bound: with fused LoRA's dropout the float8 gradient is freed before the peak above.
+    fp8_grad = h * FP8_GRAD_COPY_BYTES if levers.fp8_base else 0
+    return down + h * residual + fp8_grad
 
 
 def head_per_token(counts: ModelCounts, act: int, residual: int, levers: Levers) -> int:

@@ -18,7 +18,9 @@ Two paths, lever by lever (per-token counts in activations.py):
     output (activations.selective_kept_per_token), until the backward replays it;
   * liger_kernel: the fused linear cross-entropy never builds the b*s*vocab logits (a chunk of them plus
     the saved gradient of lm_head's input instead); its RMSNorm and SwiGLU save fewer tensors;
-  * fused_lora: one saved input per distinct input tensor and no dropout masks.
+  * fused_lora: one saved input per distinct input tensor and no dropout masks;
+  * fp8_base: the 4-bit weights stay NF4 and nothing more is saved; the float8 GEMMs add two float8 copies of
+    the weight being multiplied and one of the incoming gradient (activations.FP8_GRAD_COPY_BYTES).
 padding_free / group_by_length only ever shorten batches (the planner assumes every sequence is
 max_seq_length), and torch_compile's memory effect is not modelled (plan.py notes both).
 
@@ -136,6 +138,8 @@ class TrainSettings:
     trainer/selective.py keeps (activations.selective_kept_per_token)."""
     liger_kernel: bool = False
     fused_lora: bool = False
+    fp8_base: bool = False
+    """trainer/fp8.py's float8 GEMMs for the 4-bit base layers."""
     levers: tuple[Lever, ...] = ()
     """Every lever with its reason, as `speed.speed_plan` decided it (empty when not made from a recipe)."""
 
@@ -264,7 +268,8 @@ def calibration_path(counts: ModelCounts, s: TrainSettings) -> str:
     bench/results/memory_accuracy_h100.json the run is on (both share the fitted constants)."""
     selective = 0 < checkpointed_layers(counts, s) < counts.num_layers
     no_upcast = s.load_in_4bit and not s.upcast_unquantized
-    return "fast" if (no_upcast or s.liger_kernel or s.fused_lora or selective or s.recompute == "selective") else "plain"
+    return "fast" if (no_upcast or s.liger_kernel or s.fused_lora or selective or s.recompute == "selective"
+                      or s.fp8_base) else "plain"
 
 
 def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | None = None) -> Estimate:
@@ -282,7 +287,7 @@ def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | 
     act = compute if s.mixed_precision else unquantized
     # The residual stream starts as the embedding output and adds keep its dtype.
     residual = unquantized
-    levers = Levers(liger_kernel=s.liger_kernel, fused_lora=s.fused_lora)
+    levers = Levers(liger_kernel=s.liger_kernel, fused_lora=s.fused_lora, fp8_base=s.fp8_base)
     path = calibration_path(counts, s)
 
     rows: list[tuple[str, int]] = []
@@ -295,6 +300,10 @@ def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | 
         rows.append(("quantization constants" + (" (double quant)" if s.double_quant else ""), constants))
         at_start += [counts.linear // 2, constants]
         rows.append(("dequantization buffer (largest weight)", counts.linear_largest * compute))
+        if s.fp8_base:
+            # trainer/fp8.py: the input-gradient GEMM reads the weight cast to float8 (W^T, column-major) and
+            # torchao's copy of it laid out for torch._scaled_mm (`preprocess_addmm`), 1 byte per element each.
+            rows.append(("float8 copies of the largest weight (fp8_base)", 2 * counts.linear_largest))
     else:
         rows.append((f"linear weights ({s.compute_dtype}, not quantized)", counts.linear * compute))
         at_start.append(counts.linear * compute)

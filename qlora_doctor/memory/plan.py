@@ -131,7 +131,7 @@ def settings_from_recipe(recipe: Recipe, machine: Machine, model_type: str | Non
         eval_micro_batch=_eval_batch(recipe), upcast_unquantized=levers.upcast_unquantized.on,
         checkpoint_layers=levers.checkpoint_layers, recompute="selective" if levers.recompute.on else "full",
         liger_kernel=levers.liger_kernel.on,
-        fused_lora=levers.fused_lora.on, levers=tuple(levers.levers()))
+        fused_lora=levers.fused_lora.on, fp8_base=levers.fp8_base.on, levers=tuple(levers.levers()))
 
 
 def lever_notes(settings: TrainSettings) -> list[str]:
@@ -147,6 +147,10 @@ def lever_notes(settings: TrainSettings) -> list[str]:
     if settings.recompute == "selective":
         notes.append("recompute: selective: what its layers keep is counted from its policy (checked on CPU, "
                      "tests/test_selective_recompute.py), not yet measured on a GPU")
+    if settings.fp8_base:
+        notes.append("fp8_base: its float8 copies (the largest weight twice, the incoming gradient of a layer's "
+                     "backward) are counted from the code with compiled casts, not yet measured on a GPU; a cast "
+                     "that falls back to eager makes float32 temporaries (8 bytes per element of its operand)")
     if "torch_compile" in on and on["torch_compile"].on:
         notes.append("torch_compile: its effect on memory (fused kernels, compile-time buffers) is not modelled")
     return notes

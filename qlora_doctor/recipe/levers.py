@@ -18,6 +18,9 @@ What each lever does and why it is the default (measured by bench/train_throughp
   padding_free: auto         DataCollatorWithFlattening where attention has variable-length kernels.
   group_by_length: true      similar lengths in one batch: less padding for every attention kernel.
   torch_compile: false       compiles poorly around bitsandbytes' 4-bit parameters; opt in.
+  fp8_base: false            the 4-bit base layers' forward and input-gradient GEMMs in float8 through torchao
+                             (qlora_doctor/trainer/fp8.py): FP8 tensor cores (compute capability >= 8.9) and
+                             torchao needed. Changes numerics: opt in.
   cudnn_attention: auto      off where a knowledge-base rule with `workaround = "cudnn_attention_off"`
                              fires for this torch and GPU (torch 2.11-2.14.0 on Hopper: NaN grad_q; the
                              70B FSDP run's CUDNN_STATUS_INTERNAL_ERROR at 24k tokens); SDPA then uses the
@@ -42,6 +45,11 @@ SELECTIVE_KEPT_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", 
 checkpointed layer keeps, so that the backward's replay of the layer skips those GEMMs; gate_proj and up_proj
 (the widest outputs) are recomputed. Why these: trainer/selective.py's docstring. The memory planner counts
 the same (memory/activations.py, selective_kept_per_token)."""
+
+FP8_MIN_CAPABILITY = (8, 9)
+"""`fp8_base`: torch._scaled_mm runs on compute capability 8.9 (Ada) and >= 9.0 (Hopper and newer)."""
+TORCHAO_REQUIREMENT = "torchao>=0.18,<0.19"
+"""What `pip install` gets for fp8_base (pyproject's `fp8` extra; the tested torchao)."""
 
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 """Attention implementations with variable-length kernels (padding-free batches cost no more attention)."""
@@ -73,15 +81,54 @@ class SpeedPlan:
     cudnn_attention: Lever
     recompute: Lever = Lever("recompute", False, "full: checkpointed layers recompute everything")
     """`selective` in effect (on): checkpointed layers keep trainer/selective.py's op outputs."""
+    fp8_base: Lever = Lever("fp8_base", False, "off (default)")
+    """The 4-bit base layers' GEMMs in float8 (trainer/fp8.py)."""
     cudnn_hazards: tuple[str, ...] | None = None
     """The knowledge-base rules the cuDNN decision was made on (None: not looked up)."""
 
     def levers(self) -> list[Lever]:
         return [self.upcast_unquantized, self.checkpointing, self.recompute, self.liger_kernel, self.fused_lora,
-                self.padding_free, self.group_by_length, self.torch_compile, self.cudnn_attention]
+                self.padding_free, self.group_by_length, self.torch_compile, self.cudnn_attention, self.fp8_base]
 
     def to_json(self) -> dict[str, Any]:
         return {lever.name: {"on": lever.on, "reason": lever.reason} for lever in self.levers()}
+
+
+def torchao_installed() -> bool:
+    return importlib.util.find_spec("torchao") is not None
+
+
+def fp8_capable(capability: str | tuple[int, int] | None) -> bool:
+    """Whether a compute capability (`"8.9"` or `(8, 9)`) has FP8 tensor cores (FP8_MIN_CAPABILITY)."""
+    if capability is None:
+        return False
+    if isinstance(capability, str):
+        major, _, minor = capability.partition(".")
+        capability = (int(major), int(minor or 0))
+    return tuple(capability) >= FP8_MIN_CAPABILITY
+
+
+def decide_fp8_base(setting: bool, precision: Precision, described: bool | None = None) -> Lever:
+    """fp8_base: true|false for the machine `precision` was resolved for. `described`: whether torchao is in a
+    described environment (`check -r`); None: look at this machine's packages. The combinations the recipe
+    cannot run (no 4-bit base, recompute: selective, torch_compile, FSDP) are refused when it is validated."""
+    if not setting:
+        return Lever("fp8_base", False, "off (default)")
+    cc = precision.compute_capability
+    if precision.device != "cuda":
+        problem = ("float8 GEMMs need an NVIDIA GPU with FP8 tensor cores (compute capability >= 8.9); training "
+                   "runs on the CPU")
+    elif cc is None:
+        problem = "the GPU's compute capability is unknown, and float8 GEMMs need >= 8.9"
+    elif not fp8_capable(cc):
+        problem = f"the GPU has compute capability {cc}, without FP8 tensor cores (needs >= 8.9: Ada, Hopper or newer)"
+    elif not (torchao_installed() if described is None else described):
+        problem = (f"torchao is not installed (`pip install '{TORCHAO_REQUIREMENT}'`)" if described is None else
+                   f"torchao is not in the requirements judged (add {TORCHAO_REQUIREMENT} to them)")
+    else:
+        return Lever("fp8_base", True,
+                     f"float8 e4m3 base GEMMs (torchao, tensorwise scales) on compute capability {cc}")
+    return Lever("fp8_base", False, problem)
 
 
 def liger_installed() -> bool:
@@ -140,7 +187,7 @@ def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[str, ...] |
 
 def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = None,
                attn_implementation: str | None = None, cudnn_hazards: tuple[str, ...] | None = None,
-               liger_described: bool | None = None) -> SpeedPlan:
+               liger_described: bool | None = None, torchao_described: bool | None = None) -> SpeedPlan:
     """Decide the `performance:` levers of `recipe` for the machine `precision` was resolved for.
     `model_type`/`attn_implementation` come from the loaded model's config (None before loading);
     `cudnn_hazards` from cudnn_attention_hazards(machine) (None: not looked up)."""
@@ -185,6 +232,7 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
                      liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type, liger_described),
                      fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
                      cudnn_attention=decide_cudnn_attention(perf.cudnn_attention, precision.device, cudnn_hazards),
+                     fp8_base=decide_fp8_base(perf.fp8_base, precision, torchao_described),
                      cudnn_hazards=cudnn_hazards)
 
 

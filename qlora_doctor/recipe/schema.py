@@ -423,6 +423,14 @@ class PerformanceSection(Section):
         "from its input. selective: it also keeps its q/k/v/o/down projections' 4-bit GEMM outputs and the "
         "attention output (about 0.44 GiB more per layer at 8 x 2048 tokens of Llama-3-8B), so only gate and up "
         "are recomputed (qlora_doctor/trainer/selective.py); not with torch_compile or FSDP.")
+    fp8_base: bool = Field(
+        default=False, description="Run the frozen 4-bit base layers' GEMMs (the forward and the input gradient) "
+        "in float8 through torchao (`pip install 'torchao>=0.18,<0.19'`) on GPUs with FP8 tensor cores (compute "
+        "capability >= 8.9: Ada, Hopper and newer, e.g. L4, L40S, RTX 4090, H100, H200): each weight is "
+        "dequantized from NF4 as before, then it and the layer's input are cast to float8 e4m3 with a dynamic "
+        "per-tensor scale (the gradient to e5m2) for the scaled matmul. The weights stay NF4 in memory and LoRA "
+        "stays as it was. Faster GEMMs, coarser numerics (qlora_doctor/trainer/fp8.py); needs "
+        "quantization.load_in_4bit, not with recompute: selective, torch_compile or FSDP.")
 
     @model_validator(mode="after")
     def _selective_recompute(self) -> PerformanceSection:
@@ -430,6 +438,16 @@ class PerformanceSection(Section):
             raise ValueError(CROSS_FIELD_MARK + "performance.recompute: selective with performance.torch_compile: "
                              "true: the selective policy runs Python per op, which torch.compile does not trace; "
                              "set `performance.recompute: full` or `performance.torch_compile: false`")
+        if self.fp8_base and self.recompute == "selective":
+            raise ValueError(CROSS_FIELD_MARK + "performance.fp8_base: true with performance.recompute: selective: "
+                             "the selective policy keeps a projection's output by finding the GEMM that reads its "
+                             "4-bit weight, and the FP8 GEMM reads a float8 copy of it, so nothing would be kept; "
+                             "set `performance.recompute: full` or `performance.fp8_base: false`")
+        if self.fp8_base and self.torch_compile:
+            raise ValueError(CROSS_FIELD_MARK + "performance.fp8_base: true with performance.torch_compile: true: "
+                             "not supported (fp8_base compiles only its own float8 casts; compiling the whole model "
+                             "around them and bitsandbytes' 4-bit weights is untested); set "
+                             "`performance.torch_compile: false` or `performance.fp8_base: false`")
         return self
 
     @field_validator("checkpoint_layers")
@@ -557,6 +575,21 @@ class Recipe(Section):
                              "not supported (untested: FSDP gathers each layer's sharded weights anew, and the "
                              "selective policy finds the projections by their weights); set "
                              "`performance.recompute: full`")
+        return self
+
+    @model_validator(mode="after")
+    def _fp8_base_combinations(self) -> Recipe:
+        if not self.performance.fp8_base:
+            return self
+        if not self.quantization.load_in_4bit:
+            raise ValueError(CROSS_FIELD_MARK + "performance.fp8_base: true with quantization.load_in_4bit: false: "
+                             "fp8_base runs the GEMMs of the 4-bit base layers in float8 and there are none; set "
+                             "`quantization.load_in_4bit: true` or `performance.fp8_base: false`")
+        if self.distributed.strategy == "fsdp":
+            raise ValueError(CROSS_FIELD_MARK + "performance.fp8_base: true with distributed.strategy: fsdp: not "
+                             "supported (FSDP hands each 4-bit weight back as a flat shard, and the float8 path "
+                             "dequantizes the whole weight from its quantization state; untested); set "
+                             "`distributed.strategy: ddp` (one model per GPU) or `performance.fp8_base: false`")
         return self
 
 

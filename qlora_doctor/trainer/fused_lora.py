@@ -14,6 +14,9 @@ token per layer, and the base matmul runs through bitsandbytes' own 4-bit kernel
 
 Only plain LoRA is fused (one active adapter, no DoRA, no bias, not merged); any other call runs
 peft's own forward, so the adapter behaves exactly like peft's wherever this does not apply.
+
+The base GEMMs (`W x` and `W^T dy`) are bitsandbytes', unless the base layer carries another implementation
+in `BASE_GEMM_ATTRIBUTE` (`performance.fp8_base`: trainer/fp8.py's float8 GEMMs).
 """
 
 from __future__ import annotations
@@ -23,17 +26,25 @@ from typing import Any
 
 import torch
 
+BASE_GEMM_ATTRIBUTE = "qlora_base_gemm"
+"""An attribute of a bitsandbytes 4-bit layer holding an object with `forward(x2, weight, quant_state)` (x2 @ W^T)
+and `grad_input(grad, weight, quant_state)` (grad @ W) to use instead of bitsandbytes' GEMMs (trainer/fp8.py)."""
+
 
 class LoraLinear4bitFunction(torch.autograd.Function):
     """y = 4-bit base(x) + scaling * lora_B(lora_A(dropout(x))); gradients for x, lora_A, lora_B."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: Any,
-                quant_state: Any, scaling: float, dropout_p: float, compute_dtype: torch.dtype) -> torch.Tensor:
+                quant_state: Any, scaling: float, dropout_p: float, compute_dtype: torch.dtype,
+                base_gemm: Any = None) -> torch.Tensor:
         import bitsandbytes as bnb
 
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-        out = bnb.matmul_4bit(x2, weight, quant_state=quant_state)  # grad is off here: bnb's fast path
+        if base_gemm is None:
+            out = bnb.matmul_4bit(x2, weight, quant_state=quant_state)  # grad is off here: bnb's fast path
+        else:
+            out = base_gemm.forward(x2, weight, quant_state)
         rng_state = None
         if dropout_p > 0:
             rng_state = _get_rng_state(x2.device)
@@ -45,6 +56,7 @@ class LoraLinear4bitFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, a_out, lora_a, lora_b)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.dropout_p = weight, quant_state, scaling, dropout_p
         ctx.rng_state, ctx.compute_dtype, ctx.x_shape, ctx.x_dtype = rng_state, compute_dtype, x.shape, x.dtype
+        ctx.base_gemm = base_gemm
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
     @staticmethod
@@ -67,15 +79,17 @@ class LoraLinear4bitFunction(torch.autograd.Function):
         grad_a = g_a.t() @ dropped if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = bnb_f.dequantize_4bit(ctx.weight, ctx.quant_state).to(cd)
-            grad_x = g @ weight
+            if ctx.base_gemm is None:
+                grad_x = g @ bnb_f.dequantize_4bit(ctx.weight, ctx.quant_state).to(cd)
+            else:
+                grad_x = ctx.base_gemm.grad_input(g, ctx.weight, ctx.quant_state)
             if mask is None:
                 grad_x.addmm_(g_a, a16)
             else:
                 grad_x.add_(torch.ops.aten.native_dropout_backward(g_a @ a16, mask, 1.0 / (1.0 - p)))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return (grad_x, None if grad_a is None else grad_a.to(lora_a.dtype),
-                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None, None, None)
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -125,7 +139,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     compute_dtype = base.compute_dtype or x.dtype  # what bitsandbytes' Linear4bit computes in
     return LoraLinear4bitFunction.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, base.weight,
-                                        base.weight.quant_state, float(self.scaling[name]), float(p), compute_dtype)
+                                        base.weight.quant_state, float(self.scaling[name]), float(p), compute_dtype,
+                                        getattr(base, BASE_GEMM_ATTRIBUTE, None))
 
 
 def fuse_lora_layers(model: Any) -> tuple[int, list[str]]:

@@ -105,7 +105,8 @@ def prepare_lora_model(base: Any, recipe: Recipe, precision: Precision, levers: 
     trainable weights are the adapters. The recipe's `performance:` levers (dtypes, which layers
     checkpoint, Liger, fused LoRA), decided in the run plan and refined here with the loaded model's
     facts, are applied by `qlora_doctor/trainer/speed.py`; all of them off is peft's
-    prepare_model_for_kbit_training. Benchmarks pass a base they built themselves."""
+    prepare_model_for_kbit_training. `fp8_base` then switches the 4-bit base layers' GEMMs to float8
+    (`qlora_doctor/trainer/fp8.py`). Benchmarks pass a base they built themselves."""
     from peft import LoraConfig, get_peft_model
 
     from qlora_doctor.recipe.levers import plan_for_model
@@ -115,6 +116,13 @@ def prepare_lora_model(base: Any, recipe: Recipe, precision: Precision, levers: 
     model = speed.prepare_for_training(base, recipe, plan)
     model = get_peft_model(model, LoraConfig(**recipe.lora.lora_kwargs()))
     speed.apply_after_peft(model, plan)
+    if plan.fp8_base.on:
+        from qlora_doctor.trainer.fp8 import apply_fp8_base
+
+        switched, _ = apply_fp8_base(model)
+        if not switched:
+            raise CheckFailed("performance.fp8_base: no 4-bit linear layer of this model can run float8 GEMMs "
+                              "(dimensions must be multiples of 16); set `performance.fp8_base: false`")
     return model
 
 

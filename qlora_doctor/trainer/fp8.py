@@ -1,0 +1,273 @@
+"""FP8 GEMMs for the frozen 4-bit base layers (`performance.fp8_base: true`; issue #20, item 2).
+
+Every bitsandbytes `Linear4bit` of the model keeps its NF4 weight; only its two GEMMs change:
+
+    forward:   y  = f8(x) @ f8(W)^T        W = dequantize_4bit(weight) in the compute dtype, as bitsandbytes does
+    backward:  dx = f8(dy) @ f8(W)          W dequantized again; no weight gradient (frozen), nothing saved
+
+f8() is torchao's dynamic float8 cast of the recipe `RECIPE` (`Float8LinearConfig.from_recipe_name`):
+tensorwise: e4m3 for x and W, e5m2 for dy, one scale per tensor from its amax (`hp_tensor_to_float8_dynamic`),
+and `torch.mm` of two `Float8TrainingTensor`s, which torchao runs as `torch._scaled_mm` (FP8 tensor cores,
+compute capability >= 8.9), or in float32 with `emulate` (CPU tests). LoRA's A and B, their matmuls and
+everything outside the base GEMMs stay as they were.
+
+Why not torchao's `Float8Linear` / `matmul_with_hp_or_float8_args`: that autograd function always computes
+the weight gradient (a third GEMM the frozen base does not need) and saves the high-precision weight for its
+backward (the dequantized weight, 2 bytes per parameter, for every layer that is not checkpointed). This
+module's function saves nothing and runs two GEMMs, built from the same torchao pieces in the same order.
+
+The casts: torchao's eager cast goes through float32 (`x.to(float32) * scale`, clamp, `.to(float8)`): for the
+8B down_proj input at 8 x 2048 tokens that is about 8 GB of memory traffic and 2 GiB of temporaries per cast,
+by estimate longer than the FP8 GEMM saves (~1.2 ms of ~2.7). torchao's float8 training is meant to run under
+torch.compile (its docs quote speed-ups "with torch.compile on"), which fuses each cast into an amax and a cast
+kernel; so on CUDA each cast (one function per operand) is compiled (`compile_casts`): the first training step
+compiles them. A compile failure falls back to the eager cast, with a warning (`Fp8BaseGemm.fallbacks`).
+
+Where it applies: the unfused LoRA path (peft's layer calls its base layer) gets the base layer's forward
+replaced; fused LoRA (trainer/fused_lora.py) reads the base GEMM from the base layer's `BASE_GEMM_ATTRIBUTE`.
+Layers whose in/out features are not multiples of 16 (torch._scaled_mm's layout rule) keep bitsandbytes' GEMM.
+Not combined with `recompute: selective` (its policy finds base GEMMs by the 4-bit weight they read),
+torch_compile or FSDP: the recipe refuses those (recipe/schema.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from qlora_doctor.core.errors import CheckFailed
+from qlora_doctor.recipe.levers import TORCHAO_REQUIREMENT, fp8_capable, torchao_installed
+from qlora_doctor.trainer.fused_lora import BASE_GEMM_ATTRIBUTE
+
+RECIPE = "tensorwise"
+"""torchao's Float8LinearRecipeName: `tensorwise` (per-tensor scales, cuBLAS FP8 kernel, torchao's fastest) or
+`rowwise` (per-row scales, e4m3 gradients, CUTLASS kernel)."""
+
+GEMM_ALIGNMENT = 16
+"""torch._scaled_mm needs both matrix dimensions of the weight to be multiples of 16."""
+
+
+def torchao_problem() -> str | None:
+    """None when torchao's float8 training API imports; else why not, with the command that fixes it."""
+    if not torchao_installed():
+        return f"torchao is not installed (`pip install '{TORCHAO_REQUIREMENT}'`)"
+    try:
+        from torchao.float8 import Float8LinearConfig  # noqa: F401
+        from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic  # noqa: F401
+        from torchao.float8.float8_training_tensor import LinearMMConfig  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure means unusable here
+        return (f"torchao is installed but its float8 API cannot be imported ({type(err).__name__}: {err}); "
+                f"`pip install '{TORCHAO_REQUIREMENT}'`")
+    return None
+
+
+class _Cast:
+    """One operand's float8 cast (torchao's hp_tensor_to_float8_dynamic with fixed arguments), compiled when
+    asked; the first failing compiled call switches it to the eager cast for good (`fallback` says why)."""
+
+    def __init__(self, cast: Callable[[torch.Tensor], Any], compile_: bool):
+        self.eager = cast
+        self.fn = torch.compile(cast, fullgraph=True) if compile_ else cast
+        self.fallback: str | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return self.fn is not self.eager
+
+    def __call__(self, tensor: torch.Tensor) -> Any:
+        if not self.compiled:
+            return self.eager(tensor)
+        try:
+            return self.fn(tensor)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - dynamo/inductor failures have many types; eager is exact
+            self.fallback = f"{type(err).__name__}: {err}"[:400]
+            warnings.warn(f"performance.fp8_base: compiling a float8 cast failed ({self.fallback}); casting "
+                          "eagerly instead (slower, more temporary memory)", RuntimeWarning, stacklevel=2)
+            self.fn = self.eager
+            return self.eager(tensor)
+
+
+@dataclasses.dataclass
+class Fp8BaseGemm:
+    """The float8 GEMMs of a frozen 4-bit weight for one torchao recipe: `forward` and `grad_input`, the two
+    GEMMs torchao's matmul_with_hp_or_float8_args runs for `output` and `grad_input`, with its casts."""
+
+    config: Any
+    """torchao's Float8LinearConfig."""
+    casts: dict[str, _Cast]
+    """`input`, `weight` (W^T for the output GEMM), `grad_output`, `weight_for_grad_input`."""
+
+    @classmethod
+    def create(cls, recipe: str = RECIPE, emulate: bool = False, compile_casts: bool = False) -> Fp8BaseGemm:
+        import functools
+
+        from torchao.float8 import Float8LinearConfig
+        from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
+        from torchao.float8.float8_training_tensor import GemmInputRole, LinearMMConfig, ScaledMMConfig
+
+        config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+        # As Float8Linear builds it: one ScaledMMConfig per GEMM (output, grad_input, grad_weight).
+        mm_config = LinearMMConfig(*(ScaledMMConfig(emulate, gemm.use_fast_accum, False, config.pad_inner_dim)
+                                     for gemm in (config.gemm_config_output, config.gemm_config_grad_input,
+                                                  config.gemm_config_grad_weight)))
+
+        def cast(cast_config: Any, role: Any, axis: int) -> _Cast:
+            fn = functools.partial(
+                hp_tensor_to_float8_dynamic, float8_dtype=cast_config.target_dtype, linear_mm_config=mm_config,
+                gemm_input_role=role, scaling_granularity=cast_config.scaling_granularity,
+                axiswise_dim=get_maybe_axiswise_dim(axis, cast_config.scaling_granularity),
+                round_scales_to_power_of_2=config.round_scales_to_power_of_2)
+            return _Cast(fn, compile_casts)
+
+        # The axes are matmul_with_hp_or_float8_args's: x along -1, W^T along 0 for the output GEMM; dy along
+        # -1 and W^T along -1 for the input-gradient GEMM.
+        casts = {"input": cast(config.cast_config_input, GemmInputRole.INPUT, -1),
+                 "weight": cast(config.cast_config_weight, GemmInputRole.WEIGHT, 0),
+                 "grad_output": cast(config.cast_config_grad_output, GemmInputRole.GRAD_OUTPUT, -1)}
+        same = (config.cast_config_weight_for_grad_input == config.cast_config_weight
+                and get_maybe_axiswise_dim(-1, config.cast_config_weight.scaling_granularity) is None)
+        casts["weight_for_grad_input"] = casts["weight"] if same else cast(
+            config.cast_config_weight_for_grad_input, GemmInputRole.WEIGHT, -1)
+        return cls(config=config, casts=casts)
+
+    @property
+    def emulate(self) -> bool:
+        return bool(self.config.emulate)
+
+    def _weight(self, weight: Any, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+        import bitsandbytes.functional as bnb_f
+
+        return bnb_f.dequantize_4bit(weight, quant_state).to(dtype)  # [out, in], as bitsandbytes' matmul uses it
+
+    def forward(self, x2: torch.Tensor, weight: Any, quant_state: Any) -> torch.Tensor:
+        """x2 [tokens, in] in the compute dtype -> x2 @ W^T [tokens, out] in the same dtype."""
+        with torch.autocast(x2.device.type, enabled=False):
+            w_t = self._weight(weight, quant_state, x2.dtype).t()  # [in, out], column-major: _scaled_mm's mat2
+            x8 = self.casts["input"](x2)
+            w8 = self.casts["weight"](w_t)
+            del w_t
+            return torch.mm(x8, w8)
+
+    def grad_input(self, grad: torch.Tensor, weight: Any, quant_state: Any) -> torch.Tensor:
+        """grad [tokens, out] -> grad @ W [tokens, in] in grad's dtype."""
+        g2 = grad.reshape(-1, grad.shape[-1])
+        with torch.autocast(g2.device.type, enabled=False):
+            w_t = self._weight(weight, quant_state, g2.dtype).t()
+            g8 = self.casts["grad_output"](g2)
+            w8 = self.casts["weight_for_grad_input"](w_t)
+            del w_t
+            return torch.mm(g8, w8.t())
+
+    def fallbacks(self) -> list[str]:
+        """Why casts that were to be compiled run eagerly (empty when none fell back)."""
+        return sorted({f"{name}: {c.fallback}" for name, c in self.casts.items() if c.fallback})
+
+
+class Fp8BaseMatmul(torch.autograd.Function):
+    """x2 @ W^T for a frozen 4-bit weight through `Fp8BaseGemm`; a gradient for x2 only."""
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, weight: Any, quant_state: Any, gemm: Fp8BaseGemm) -> torch.Tensor:
+        ctx.weight, ctx.quant_state, ctx.gemm = weight, quant_state, gemm
+        return gemm.forward(x2, weight, quant_state)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_x = ctx.gemm.grad_input(grad_out, ctx.weight, ctx.quant_state) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+def _fp8_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes Linear4bit.forward with the GEMM in float8 (same dtypes in and out, same bias handling)."""
+    fix = getattr(_bnb_modules(), "fix_4bit_weight_quant_state_from_module", None)
+    if fix is not None:
+        fix(self)
+    if not getattr(self, "compute_type_is_set", True):
+        self.set_compute_type(x)
+        self.compute_type_is_set = True
+    input_dtype = x.dtype
+    compute_dtype = self.compute_dtype or x.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    out = Fp8BaseMatmul.apply(x2, self.weight, self.weight.quant_state, getattr(self, BASE_GEMM_ATTRIBUTE))
+    if self.bias is not None:
+        out = out + self.bias.to(compute_dtype)
+    return out.view(*x.shape[:-1], out.shape[-1]).to(input_dtype)
+
+
+def _bnb_modules() -> Any:
+    import bitsandbytes.nn.modules as modules
+
+    return modules
+
+
+def unsupported_reason(module: Any) -> str | None:
+    """None when the float8 GEMMs can replace this 4-bit layer's; else why not."""
+    weight = getattr(module, "weight", None)
+    if getattr(weight, "quant_state", None) is None:
+        return "the 4-bit weight carries no quant_state (sharded by FSDP?)"
+    if module.in_features % GEMM_ALIGNMENT or module.out_features % GEMM_ALIGNMENT:
+        return (f"{module.in_features} x {module.out_features} is not a multiple of {GEMM_ALIGNMENT} both ways "
+                "(torch._scaled_mm)")
+    return None
+
+
+def apply_fp8_base(model: Any, *, emulate: bool | None = None, recipe: str = RECIPE,
+                   compile_casts: bool | None = None) -> tuple[int, list[str]]:
+    """Route the GEMMs of every bitsandbytes 4-bit linear layer of `model` (LoRA's base layers and untargeted
+    ones alike) through float8. Call it after peft wrapped the model; fused LoRA picks it up at call time.
+
+    emulate: None decides by where each weight is: an FP8-capable GPU runs torch._scaled_mm, the CPU emulates
+    (float32 matmuls of the float8 values: tests), a GPU below compute capability 8.9 is refused.
+    compile_casts: None compiles the casts on CUDA only. Returns (layers switched, `name: reason` for the
+    distinct reasons others were not)."""
+    problem = torchao_problem()
+    if problem is not None:
+        raise CheckFailed(f"performance.fp8_base: {problem}")
+    linear4bit = _bnb_modules().Linear4bit
+    gemms: dict[tuple[str, bool], Fp8BaseGemm] = {}
+    switched, skipped = 0, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, linear4bit):
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            skipped.setdefault(reason, name)
+            continue
+        device = module.weight.device
+        hardware = device.type == "cuda" and fp8_capable(torch.cuda.get_device_capability(device))
+        if device.type == "cuda" and not hardware and not emulate:
+            major, minor = torch.cuda.get_device_capability(device)
+            raise CheckFailed(f"performance.fp8_base: {torch.cuda.get_device_name(device)} has compute capability "
+                              f"{major}.{minor}, without FP8 tensor cores (needs >= 8.9); set "
+                              "`performance.fp8_base: false`")
+        emulated = (not hardware) if emulate is None else emulate
+        compiled = device.type == "cuda" if compile_casts is None else compile_casts
+        key = (str(device), emulated)
+        if key not in gemms:
+            gemms[key] = Fp8BaseGemm.create(recipe, emulate=emulated, compile_casts=compiled)
+        setattr(module, BASE_GEMM_ATTRIBUTE, gemms[key])
+        module.forward = types.MethodType(_fp8_forward, module)
+        switched += 1
+    return switched, [f"{name}: {reason}" for reason, name in skipped.items()]
+
+
+def is_fp8(module: Any) -> bool:
+    """Whether `module` (a bitsandbytes 4-bit layer) runs its GEMMs in float8 (apply_fp8_base switched it)."""
+    return (isinstance(getattr(module, BASE_GEMM_ATTRIBUTE, None), Fp8BaseGemm)
+            and getattr(vars(module).get("forward"), "__func__", None) is _fp8_forward)
+
+
+def fp8_gemms(model: Any) -> list[Fp8BaseGemm]:
+    """The distinct Fp8BaseGemm objects of a model (one per device), e.g. to read `fallbacks()`."""
+    found: dict[int, Fp8BaseGemm] = {}
+    for module in model.modules():
+        gemm = getattr(module, BASE_GEMM_ATTRIBUTE, None)
+        if isinstance(gemm, Fp8BaseGemm):
+            found[id(gemm)] = gemm
+    return list(found.values())
