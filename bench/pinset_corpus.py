@@ -1,12 +1,14 @@
-"""`check -r` on real pin sets (tests/data/pinsets/: 54 files from public projects and issue threads, each
+"""`check -r` on real pin sets (tests/data/pinsets/: 77 files from public projects and issue threads, each
 with its source URL, date, Python, machine class and outcome): is each broken stack failed for the right
 reason, and is each known-good stack not failed? Resolves each file as of its date (uv, network).
 
-    python bench/pinset_corpus.py --out bench/results/pinset_corpus.json [--no-resolve] [--only-held-out | --cases 55,61-65]
+    python bench/pinset_corpus.py --out bench/results/pinset_corpus.json [--no-resolve | --resolver snapshot]
+        [--only-held-out | --cases 55,61-65]
 
 A broken case counts as right when the report fails and its expected rule is among the failures, or
 the table check that judges the same fact (the rule's `judged_by`: `cuda.arch` for a Blackwell GPU under
-an old torch build) failed; for a `new:` rule not yet in the knowledge base, any failing check. A case
+an old torch build) failed; a `computed:IMPORTER:TARGET` rule is a computed import fact (knowledge/computed.py)
+and counts when that check failed; for a `new:` rule not yet in the knowledge base, any failing check. A case
 marked `kind = "code"` broke on the user's own script (an argument a release removed): from pins alone
 `check` can only report it, so it counts as right when its rule is reported (a warning, or a fired note),
 and is counted on its own line. A good case counts as right when the report does not fail; `pass` counts
@@ -80,7 +82,9 @@ def judge(case: dict, report: dict | None, exit_code: int, table: dict[str, str]
     if rule.startswith("new:") or not rule:
         return bool(failed), ", ".join(failed) or "passed"
     same = [rule, *case.get("same_cause", [])]  # one cause split across rules by version (index.toml says why)
-    right = any(f"rule:{r}" in failed or table.get(r) in failed for r in same)
+    # `computed:IMPORTER:TARGET` names a computed import fact (knowledge/computed.py): its check has that id
+    right = any(r in failed if r.startswith("computed:") else f"rule:{r}" in failed or table.get(r) in failed
+                for r in same)
     return right, ", ".join(failed) or "passed"
 
 
@@ -116,6 +120,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--only-held-out", action="store_true", help="only the cases marked held_out = true")
     parser.add_argument("--cases", help="only these cases, by number: 1,5,55-65")
+    parser.add_argument("--resolver", choices=("auto", "snapshot"), default="auto",
+                        help="check's --resolver: snapshot resolves offline over the bundled PyPI metadata (fast, "
+                             "reproducible; packages outside it are judged unknown)")
     args = parser.parse_args()
     cases = selected(tomllib.loads((CORPUS / "index.toml").read_text())["case"], args.only_held_out, args.cases)
     import tempfile
@@ -126,7 +133,7 @@ def main() -> None:
     for case in cases:
         argv = [sys.executable, "-m", "qlora_doctor.cli", "check", "--json", "-r", str(CORPUS / case["file"]),
                 "--machine", str(machine_file(case, work))]
-        argv += ["--no-resolve"] if args.no_resolve else ["--as-of", case["date"]]
+        argv += ["--no-resolve"] if args.no_resolve else ["--as-of", case["date"], "--resolver", args.resolver]
         started = time.perf_counter()
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
@@ -147,7 +154,7 @@ def main() -> None:
     broken = [r for r in rows if r["outcome"] == "broken"]
     good = [r for r in rows if r["outcome"] == "good"]
     held = [r for r in rows if r["added"] == "held-out"]
-    summary = {"command": " ".join(sys.argv), "resolve": not args.no_resolve,
+    summary = {"command": " ".join(sys.argv), "resolve": not args.no_resolve, "resolver": args.resolver,
                "broken_failed_for_the_right_reason": tally([r for r in broken if r["kind"] != "code"]),
                "broken_code_dependent_rule_reported": tally([r for r in broken if r["kind"] == "code"]),
                "broken_right_all": tally(broken),

@@ -357,3 +357,111 @@ def test_a_wheel_for_a_newer_glibc_resolves_on_a_machine_that_has_it(tmp_path, m
     assert not on_2_35.error and on_2_35.pins["vllm"] == "0.15.1", on_2_35.error
     on_2_28 = resolve_requirements(req, linux("glibc 2.28"), as_of="2026-03-01")
     assert on_2_28.error and not on_2_28.pins
+
+
+# --- pip decides torch before a package required bare; uv may not: asked again torch first (case 01) ---
+
+AUTOTRAIN_FIRST = (  # uv 0.13.9's answer shape for case 01 (autotrain-advanced, as of 2025-04-15): xgboost's bare
+    # nvidia-nccl-cu12 decided first, torch stepped down to 2.0.1 (CUDA 11 libraries), triton 2.0.0
+    "accelerate==1.2.1\n    # via -r requirements.in\nbitsandbytes==0.45.0\n    # via -r requirements.in\n"
+    "nvidia-nccl-cu12==2.26.2.post1\n    # via xgboost\ntorch==2.0.1\n    # via\n    #   accelerate\n"
+    "    #   bitsandbytes\ntriton==2.0.0\n    # via torch\nxgboost==2.1.3\n    # via -r requirements.in\n")
+AUTOTRAIN_TORCH_FIRST = (  # what pip installs for the same file (pip 26.3 --dry-run --report, same date and Python)
+    "accelerate==1.2.1\n    # via -r requirements.in\nbitsandbytes==0.45.0\n    # via -r requirements.in\n"
+    "nvidia-nccl-cu12==2.21.5\n    # via\n    #   torch\n    #   xgboost\ntorch==2.6.0\n    # via\n"
+    "    #   -r requirements-torch-first.in\n    #   accelerate\n    #   bitsandbytes\ntriton==3.2.0\n    # via torch\n"
+    "xgboost==2.1.3\n    # via -r requirements.in\n")
+
+
+def two_answer_uv(tmp_path: Path, first: str, torch_first: str) -> tuple[str, Path]:
+    """A uv answering `first`, or `torch_first` when handed a file whose first line is `torch`; it logs each call."""
+    (tmp_path / "first.txt").write_text(first)
+    (tmp_path / "torch-first.txt").write_text(torch_first)
+    calls = tmp_path / "calls.txt"
+    script = tmp_path / "uv"
+    script.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'uv 0.0.0'; exit 0; fi\n"
+                      f"echo x >> {calls}\n"
+                      f"if [ \"$(head -n 1 \"$3\")\" = torch ]; then cat {tmp_path / 'torch-first.txt'}; "
+                      f"else cat {tmp_path / 'first.txt'}; fi\n")
+    script.chmod(0o755)
+    return str(script), calls
+
+
+def test_torch_is_decided_first_as_pip_does_when_uv_pulled_an_older_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    req = tmp_path / "requirements.txt"
+    req.write_text("accelerate==1.2.1\nbitsandbytes==0.45.0\nxgboost==2.1.3\n")
+    uv, calls = two_answer_uv(tmp_path, AUTOTRAIN_FIRST, AUTOTRAIN_TORCH_FIRST)
+    machine = machine_from_dict({**CPU, "python": "3.11.0"}, "cpu")
+    result = resolve_requirements(req, machine, as_of="2025-04-15", uv=uv, reachable=only_pypi)
+    assert result.pins["torch"] == "2.6.0" and result.pins["triton"] == "3.2.0"
+    assert "torch" not in result.named and result.pulled_by["torch"] == ("accelerate 1.2.1", "bitsandbytes 0.45.0")
+    assert any(line.startswith("torch 2.6.0, not uv's first answer 2.0.1") for line in result.substitutions)
+    assert calls.read_text().count("x") == 2
+
+
+def test_torch_first_is_not_taken_when_it_moves_a_package_the_file_names(tmp_path, monkeypatch):
+    """pip decides the file's own packages before torch: an answer that changes one of them is not pip's."""
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    req = tmp_path / "requirements.txt"
+    req.write_text("accelerate\nbitsandbytes==0.45.0\nxgboost==2.1.3\n")
+    moved = AUTOTRAIN_TORCH_FIRST.replace("accelerate==1.2.1", "accelerate==1.0.0")
+    uv, _ = two_answer_uv(tmp_path, AUTOTRAIN_FIRST, moved)
+    result = resolve_requirements(req, machine_from_dict({**CPU, "python": "3.11.0"}, "cpu"), as_of="2025-04-15",
+                                  uv=uv, reachable=only_pypi)
+    assert result.pins["torch"] == "2.0.1" and result.pins["accelerate"] == "1.2.1"
+    assert not any("uv's first answer" in line for line in result.substitutions)
+
+
+def test_no_second_resolve_when_uv_already_has_the_newest_torch_or_the_file_names_torch(tmp_path, monkeypatch):
+    from qlora_doctor.sources.resolve import newest_torch
+
+    assert str(newest_torch("3.11", "2025-04-15")) == "2.6.0"     # 2.7.0 came out on 2025-04-23
+    assert str(newest_torch("3.11", "2025-01-28")) == "2.5.1"     # the day before 2.6.0
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    machine = machine_from_dict({**CPU, "python": "3.11.0"}, "cpu")
+    req = tmp_path / "requirements.txt"
+    req.write_text("accelerate==1.2.1\n")
+    uv, calls = two_answer_uv(tmp_path, AUTOTRAIN_TORCH_FIRST.replace("-r requirements-torch-first.in", "xgboost"),
+                              "never==1\n")
+    assert resolve_requirements(req, machine, as_of="2025-04-15", uv=uv, reachable=only_pypi).pins["torch"] == "2.6.0"
+    named = tmp_path / "named.txt"
+    named.write_text("torch==2.0.1\naccelerate==1.2.1\n")
+    (tmp_path / "second").mkdir()
+    uv2, calls2 = two_answer_uv(tmp_path / "second", AUTOTRAIN_FIRST.replace(
+        "    # via\n    #   accelerate", "    # via\n    #   -r requirements.in\n    #   accelerate"), "never==1\n")
+    assert resolve_requirements(named, machine, as_of="2025-04-15", uv=uv2, reachable=only_pypi).pins["torch"] == "2.0.1"
+    assert calls.read_text().count("x") == 1 and calls2.read_text().count("x") == 1
+
+
+@pytest.mark.skipif(find_uv() is None, reason="uv is not installed")
+def test_case_01_resolves_the_torch_pip_installs(tmp_path, monkeypatch):
+    """Network. tests/data/pinsets/01 (autotrain-advanced#884): pip installed torch 2.6 / triton 3.2, which broke
+    bitsandbytes 0.45.0 (triton.ops); uv alone answers torch 2.0.1 for the same file, date and Python."""
+    from qlora_doctor.sources.reqfile import host_reachable
+
+    if not host_reachable("pypi.org", 443):
+        pytest.skip("PyPI is not reachable")
+    monkeypatch.setenv("QLORA_DOCTOR_CACHE", str(tmp_path / "cache"))
+    machine = machine_from_dict({**CPU, "python": "3.11.0"}, "cpu")
+    result = resolve_requirements(DATA / "pinsets" / "01-autotrain-bnb045-triton32.txt", machine, as_of="2025-04-15")
+    assert not result.error and result.pins["torch"] == "2.6.0" and result.pins["triton"] == "3.2.0", result.error
+
+
+# --- pip without uv: the platform tags it is handed are every one the machine's glibc loads ---------
+
+def test_pip_is_handed_every_manylinux_tag_the_machines_glibc_loads():
+    from qlora_doctor.sources.pipreport import pip_argv, pip_platforms
+
+    tags = pip_platforms(linux("glibc 2.35"))
+    assert tags[0] == "manylinux_2_35_x86_64" and tags[-1] == "linux_x86_64"
+    # pandas 2.2.3 ships manylinux_2_17 (manylinux2014) wheels, bitsandbytes 0.45.0 manylinux_2_24 only:
+    # `--platform manylinux_2_28_x86_64` alone made pip refuse both ("from versions: none")
+    assert {"manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"} <= set(tags)
+    assert pip_platforms(linux(None))[0] == "manylinux_2_28_x86_64"
+    assert "manylinux_2_29_x86_64" not in pip_platforms(linux("glibc 2.28"))
+    arm = pip_platforms(linux("glibc 2.39", arch="aarch64"))
+    assert arm[0] == "manylinux_2_39_aarch64" and "manylinux2014_aarch64" in arm and "manylinux_2_16_aarch64" not in arm
+    assert pip_platforms(machine_from_dict({**CPU, "os": "windows"}, "m")) == ["win_amd64"]
+    argv = pip_argv(Path("r.txt"), machine_from_dict({**CPU, "python": "3.9.0", "libc": "glibc 2.31"}, "m"), None, None)
+    assert argv.count("--platform") == len(pip_platforms(linux("glibc 2.31"))) and "--only-binary=:all:" in argv

@@ -27,10 +27,33 @@ if TYPE_CHECKING:
     from qlora_doctor.core.machine import Machine
     from qlora_doctor.sources.reqfile import Prepared
 
-PIP_PLATFORMS = {("linux", "x86_64"): "manylinux_2_28_x86_64", ("linux", "aarch64"): "manylinux_2_28_aarch64",
-                 ("windows", "x86_64"): "win_amd64", ("darwin", "arm64"): "macosx_14_0_arm64",
+PIP_PLATFORMS = {("windows", "x86_64"): "win_amd64", ("darwin", "arm64"): "macosx_14_0_arm64",
                  ("darwin", "x86_64"): "macosx_10_15_x86_64"}
-"""(machine os, arch) -> pip's --platform tag."""
+"""(machine os, arch) -> pip's --platform tag, where one tag is enough (Linux: `pip_platforms`)."""
+LEGACY_MANYLINUX = {5: "manylinux1", 12: "manylinux2010", 17: "manylinux2014"}
+"""glibc 2.N -> the pre-PEP 600 name of that manylinux (PEP 513/571/599), which older wheels carry alone."""
+
+
+def pip_platforms(machine: Machine) -> list[str]:
+    """pip's --platform tags for the machine, each given once. pip takes a --platform tag literally: unlike on
+    the machine itself it does not add the older manylinux tags a glibc also loads, so `manylinux_2_28_x86_64`
+    alone refuses pandas 2.2.3 (manylinux_2_17 wheels) and bitsandbytes 0.45.0 (manylinux_2_24). On Linux: every
+    manylinux_2_N from the machine's glibc (2.28 when unknown, as for uv) down to the oldest for the arch, the
+    legacy names, and linux_<arch>, which pip also accepts on the machine itself."""
+    import re
+
+    if machine.os != "linux":
+        return [PIP_PLATFORMS.get((machine.os, machine.arch), "manylinux_2_28_x86_64")]
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.arch.lower(), machine.arch.lower())
+    found = re.search(r"glibc\D*2\.(\d+)", (machine.libc or "").lower())
+    newest = int(found.group(1)) if found else 28
+    oldest = 5 if arch in ("x86_64", "i686") else 17
+    tags = []
+    for minor in range(newest, oldest - 1, -1):
+        tags.append(f"manylinux_2_{minor}_{arch}")
+        if minor in LEGACY_MANYLINUX and (arch in ("x86_64", "i686") or minor == 17):
+            tags.append(f"{LEGACY_MANYLINUX[minor]}_{arch}")
+    return tags + [f"linux_{arch}"]
 
 
 def pip_available() -> bool:
@@ -50,8 +73,9 @@ def pip_argv(requirements: Path, machine: Machine, as_of: str | None, constraint
     argv = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-",
             "--disable-pip-version-check", "-r", str(requirements)]
     if not same_target(machine):
-        argv += ["--python-version", ".".join(machine.python.split(".")[:2]), "--only-binary=:all:",
-                 "--platform", PIP_PLATFORMS.get((machine.os, machine.arch), "manylinux_2_28_x86_64")]
+        argv += ["--python-version", ".".join(machine.python.split(".")[:2]), "--only-binary=:all:"]
+        for tag in pip_platforms(machine):
+            argv += ["--platform", tag]
     if as_of:
         argv += ["--uploaded-prior-to", f"{as_of}T23:59:59Z"]
     if constraints is not None:

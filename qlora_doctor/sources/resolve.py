@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from packaging.version import InvalidVersion, Version
+
 from qlora_doctor.core.environment import canonical_name
 from qlora_doctor.core.errors import InputError
 from qlora_doctor.core.subprocs import run_bounded
@@ -77,8 +79,13 @@ def cache_dir() -> Path:
     return cache_root() / "resolutions"
 
 
+RESOLVE_LOGIC = 2
+"""Bumped when what is asked of the resolver changes (2: torch decided first where pip would), so answers cached
+by an older qlora-doctor are not reused."""
+
+
 def cache_key(text: str, python: str, platform: str, as_of: str | None) -> str:
-    return hashlib.sha256(json.dumps([text, python, platform, as_of or ""]).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps([text, python, platform, as_of or "", RESOLVE_LOGIC]).encode()).hexdigest()[:24]
 
 
 def resolve_requirements(path: Path, machine: Machine, as_of: str | None = None,
@@ -174,6 +181,18 @@ def _resolve_with_uv(uv: str, prepared: Prepared, python: str, platform: str, as
                 break
             overrides.update(more_overrides)
             unbuilt.update(more_unbuilt)
+        torch_first: tuple[str, str] | None = None
+        if done.returncode == 0:
+            better = _torch_first_text(done.stdout, prepared.text, python, as_of)
+            if better is not None:  # pip would have decided torch earlier than uv did: ask uv again, torch first
+                again_source = Path(tmp) / "requirements-torch-first.in"
+                again_source.write_text(better, encoding="utf-8")
+                left = timeout_s - (time.perf_counter() - started)
+                again = run_bounded([str(again_source) if a == str(source) else a for a in argv]
+                                    + _retry_options(Path(tmp), overrides, unbuilt), max(left, 1.0), env=env, cwd=cwd)
+                if again.returncode == 0 and _same_named(done.stdout, again.stdout):
+                    torch_first = (parse_compiled(done.stdout)[0]["torch"], parse_compiled(again.stdout)[0]["torch"])
+                    done = again
         seconds = round(time.perf_counter() - started, 2)
     subs = tuple(f"the closure asks for {n}=={v}+{tag} (PyTorch's index only): resolved {n} {v} from PyPI, {tag} kept as "
                  "the build" for n, (v, tag) in overrides.items())
@@ -187,10 +206,64 @@ def _resolve_with_uv(uv: str, prepared: Prepared, python: str, platform: str, as
     if done.returncode != 0:
         return Resolution({}, resolver=version, seconds=seconds, error=_reason(done.stderr), substitutions=subs)
     pins, pulled = parse_compiled(done.stdout)
-    named = tuple(sorted(n for n, who in pulled.items() if any(w.startswith("-r ") for w in who)))
+    named = tuple(sorted(n for n, who in pulled.items() if any(w.startswith("-r ") for w in who)
+                         and not (torch_first and n == "torch")))  # torch was only put first, the file does not name it
+    if torch_first and torch_first[0] != torch_first[1]:
+        subs += (f"torch {torch_first[1]}, not uv's first answer {torch_first[0]}: pip decides torch (which its "
+                 "dependents require with a version) before packages required without one, so a leaf like "
+                 "nvidia-nccl-cu12 takes the version torch pins instead of holding torch back; resolved again with "
+                 "torch decided first, every package the file names unchanged",)
     pulled_by = {n: tuple(w for w in who if not w.startswith("-r ")) for n, who in pulled.items() if n not in named}
     pins = {n: with_build(v, builds.get(n)) for n, v in pins.items()}
     return Resolution(pins, pulled_by=pulled_by, named=named, resolver=version, seconds=seconds, substitutions=subs)
+
+
+def newest_torch(python: str, as_of: str | None) -> Version | None:
+    """The newest final torch release (bundled snapshot) uploaded by `as_of` that declares support for `python`."""
+    from qlora_doctor.sources.snapshot import snapshot_releases
+
+    try:
+        wanted = Version(python)
+    except InvalidVersion:
+        return None
+    for release in snapshot_releases()[0].get("torch", ()):  # newest first
+        if release.yanked or release.version.is_prerelease or release.version.local:
+            continue
+        if as_of and release.uploaded[:10] > as_of:
+            continue
+        if release.requires_python is not None and not release.requires_python.contains(wanted):
+            continue
+        return release.version
+    return None
+
+
+def _torch_first_text(compiled: str, text: str, python: str, as_of: str | None) -> str | None:
+    """The file with torch put first, when uv's closure pulls a torch older than the newest one for this Python and
+    date (None otherwise: torch is not pulled, the file names it, or uv already has the newest).
+
+    pip and uv pick the same newest-first versions but decide packages in different orders: pip decides a package
+    that some requirer states a version for (`torch>=1.10.0` from accelerate) before one only ever required bare
+    (xgboost's `nvidia-nccl-cu12`), uv in the order it meets them. So uv can take the newest nvidia-nccl-cu12 first
+    and then step torch down until one accepts it (torch 2.0.1, built on CUDA 11 libraries), where pip takes the
+    newest torch and gives the leaf the version torch pins (case 01 of tests/data/pinsets: autotrain-advanced, where
+    pip's torch 2.6 brought triton 3.2). Naming torch first makes uv decide it first, as pip does."""
+    pins, pulled = parse_compiled(compiled)
+    if "torch" not in pins or any(w.startswith("-r ") for w in pulled.get("torch", ())):
+        return None
+    newest = newest_torch(python, as_of)
+    try:
+        if newest is None or Version(pins["torch"]).release >= newest.release:
+            return None
+    except InvalidVersion:
+        return None
+    return "torch\n" + text
+
+
+def _same_named(first: str, second: str) -> bool:
+    """Every package the file names resolves to the same version in both answers (only pulled packages moved)."""
+    pins, pulled = parse_compiled(first)
+    again = parse_compiled(second)[0]
+    return all(again.get(n) == v for n, v in pins.items() if any(w.startswith("-r ") for w in pulled.get(n, ())))
 
 
 def _retry_options(tmp: Path, overrides: dict[str, tuple[str, str]], unbuilt: dict[str, str]) -> list[str]:
