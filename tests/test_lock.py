@@ -272,3 +272,24 @@ def test_the_torch_build_follows_the_driver_and_the_gpu():
     assert lk.choose_torch_build(machine("RTX 5090", "12.0", "575.57.08"), ["2.13.0"], tables) is None
     assert lk.choose_torch_build(machine("RTX 5090", "12.0", "575.57.08"), ["2.13.0", "2.11.0"], tables).variant == "cu128"
     assert lk.choose_torch_build(machine("old", "7.5", "470.82.01"), ["2.13.0"], tables) is None
+
+
+def test_repair_avoids_a_record_a_rule_forbids_beside_what_else_is_installed(tmp_path):
+    # Installed: gradio 4.44 (imports HfFolder), huggingface_hub 0.36 and an old accelerate. Record "near" fixes
+    # accelerate and brings huggingface_hub 1.33, which the knowledge base says breaks gradio 4 (HfFolder is
+    # gone); record "far" also has gradio 5.9.1 and breaks nothing: the repair takes "far" though it changes
+    # more, and with only "near" on offer it names the rule it leaves failing.
+    hub = {"huggingface-hub": "1.33.0"}
+    near = stack("2.13.0+cpu", accelerate="1.12.0", **hub)
+    far = stack("2.13.0+cpu", accelerate="1.12.0", gradio="5.9.1", **hub)
+    folder = write_records(tmp_path, record_json("near", "linux-x86_64-py3.11-cpu", near),
+                           record_json("far", "linux-x86_64-py3.11-cpu", far))
+    installed = {**stack("2.13.0+cpu", accelerate="1.0.1"), "huggingface-hub": "0.36.0", "gradio": "4.44.0"}
+    cpu = machine_from_dict(CPU_MACHINE, "cpu")
+    fix = lk.choose_repair(load_records(folder), cpu, "3.11", load_tables(), installed)
+    assert fix.fit.record.name == "far" and fix.problems == ()
+    assert ("gradio", "4.44.0", "5.9.1") in fix.changes
+    only_near = write_records(tmp_path / "n", record_json("near", "linux-x86_64-py3.11-cpu", near))
+    fix = lk.choose_repair(load_records(only_near), cpu, "3.11", load_tables(), installed)
+    assert fix.fit.record.name == "near"
+    assert [p.split(":")[1] for p in fix.problems] == ["hub-hffolder-gradio"]

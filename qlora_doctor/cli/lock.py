@@ -72,14 +72,17 @@ def lock(machine_file, results_dir, python_version, output, untested, keep, cons
         fix = lk.choose_repair(records, machine, python, tables, lk.installed_versions())
         if as_json:
             echo_json({**lk.describe_fit(fix.fit), "command": fix.command,
-                       "changes": [{"name": n, "installed": o, "tested": v} for n, o, v in fix.changes]})
+                       "changes": [{"name": n, "installed": o, "tested": v} for n, o, v in fix.changes],
+                       "still_failing": list(fix.problems)})
         elif not fix.changes:
             click.echo(f"nothing to change: the environment already has {fix.fit.record.name}'s versions")
         else:
             click.echo(f"# nearest tested combination: {fix.fit.record.name} ({lk.record_source(fix.fit.record)}), "
                        f"{len(fix.changes)} package(s) change")
             click.echo(fix.command)
-        sys.exit(EXIT_OK)
+            for problem in fix.problems:
+                click.echo(f"# still failing after it, with packages outside the record: {problem}")
+        sys.exit(EXIT_FAIL if fix.problems else EXIT_OK)
     if from_env:
         lockfile = lk.lockfile_from_env(machine, python, command, target)
     elif untested:

@@ -314,6 +314,8 @@ class Repair:
     fit: Fit
     changes: tuple[tuple[str, str | None, str], ...]
     """(package, installed version or None, tested version)."""
+    problems: tuple[str, ...] = ()
+    """Rules the environment would still break after the changes (packages outside the record, e.g. gradio)."""
 
     @property
     def command(self) -> str:
@@ -341,8 +343,16 @@ def choose_repair(records: tuple[Record, ...], machine: Machine, python: str, ta
     good = [f for f in fits if not f.reasons]
     if not good:
         choose_record(records, machine, python, tables)  # raises, naming the closest
-    repairs = [Repair(f, repair_changes(f.record, installed)) for f in good]
-    return min(repairs, key=lambda r: (len(r.changes), _Desc(_newest_key(r.fit.record))))
+    repairs = []
+    for fit in good:
+        changes = repair_changes(fit.record, installed)
+        after = {**lockable_pins(installed), **{name: new for name, _, new in changes}}
+        # The knowledge base judges the environment the repair leaves, installed packages outside the
+        # record included: a record whose versions a rule forbids beside them (huggingface_hub 1.x under an
+        # installed gradio 4) loses to one that breaks nothing, even if it changes more.
+        problems = tuple(vet_pins(after, machine, "the environment after the repair")) if changes else ()
+        repairs.append(Repair(fit, changes, problems))
+    return min(repairs, key=lambda r: (bool(r.problems), len(r.changes), _Desc(_newest_key(r.fit.record))))
 
 
 class _Desc:
