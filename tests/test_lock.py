@@ -293,3 +293,15 @@ def test_repair_avoids_a_record_a_rule_forbids_beside_what_else_is_installed(tmp
     fix = lk.choose_repair(load_records(only_near), cpu, "3.11", load_tables(), installed)
     assert fix.fit.record.name == "near"
     assert [p.split(":")[1] for p in fix.problems] == ["hub-hffolder-gradio"]
+
+
+def test_the_torch_build_fix_names_the_variant_lock_would_choose():
+    from qlora_doctor.doctor.environment import torch_build_checks
+    from qlora_doctor.sources.requirements import environment_from_pins
+
+    t4 = machine_from_dict(json.loads((REPO_ROOT / "lockfiles/machines/t4-550.json").read_text()), "t4")
+    env = environment_from_pins({"torch": "2.13.0+cpu"}, "test")
+    [check] = torch_build_checks(t4, env, load_tables())
+    choice = lk.choose_torch_build(t4, ["2.13.0"], load_tables())
+    assert check.status == "fail" and choice is not None
+    assert f"whl/{choice.variant} " in check.fix and "sm_75" in check.fix

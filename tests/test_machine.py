@@ -131,3 +131,18 @@ def test_outputs_captured_on_the_gpu_machine(data_dir):
     assert header == ("580.159.04", "13.0") and proc == driver == "580.159.04"
     assert gpus[0].name == "NVIDIA H100 80GB HBM3" and gpus[0].compute_capability == "9.0"
     assert gpus[0].memory_total_mib == 81559
+
+
+def test_a_description_naming_only_the_gpu_and_driver_is_enough():
+    import platform
+
+    from qlora_doctor.core.machine import machine_from_dict
+
+    m = machine_from_dict({"gpus": ["Tesla T4"], "driver_version": "535.104.05"}, "t4.json")
+    assert (m.os, m.arch, m.python) == ("linux", "x86_64", platform.python_version())
+    assert [g.name for g in m.gpus] == ["Tesla T4"] and m.gpu_vendor == "nvidia"
+    assert any("python not given" in n for n in m.notes) and any("os not given" in n for n in m.notes)
+    given = machine_from_dict({"os": "linux", "arch": "aarch64", "python": "3.12.3", "gpus": []}, "x.json")
+    assert given.notes == () and given.arch == "aarch64"
+    with pytest.raises(InputError, match=r"gpus\[0\]: expected a GPU name"):
+        machine_from_dict({"gpus": [3]}, "bad.json")

@@ -97,6 +97,15 @@ def machine_from_dict(data: Any, where: str) -> Machine:
             return None
         return value.lower() if choices else value
 
+    # A description of a common GPU box often names only the GPU and the driver: the rest defaults to what
+    # nearly every such machine is (Linux on x86_64) and this interpreter's Python, each said in a note.
+    assumed: list[str] = []
+    import platform as _platform
+
+    for key, default in (("os", "linux"), ("arch", "x86_64"), ("python", _platform.python_version())):
+        if data.get(key) in (None, ""):
+            data = {**data, key: default}
+            assumed.append(f"{key} not given: assumed {default}" + (" (this interpreter's)" if key == "python" else ""))
     os_name = text("os", True, choices=_OSES)
     arch = text("arch", True)
     python = text("python", True, pattern=r"\d+\.\d+(\.\d+)?")
@@ -110,8 +119,10 @@ def machine_from_dict(data: Any, where: str) -> Machine:
         raw_gpus = []
     for i, raw in enumerate(raw_gpus):
         key = f"gpus[{i}]"
+        if isinstance(raw, str) and raw.strip():
+            raw = {"name": raw.strip()}  # "gpus": ["Tesla T4"]: a name alone; the tables know the rest
         if not isinstance(raw, dict):
-            errors.append(f"{where}: {key}: expected an object like "
+            errors.append(f"{where}: {key}: expected a GPU name like \"Tesla T4\" or an object like "
                           '{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "memory_total_mib": 81920}')
             continue
         gpu_keys = ("name", "compute_capability", "memory_total_mib", "memory_free_mib", "vendor")
@@ -148,7 +159,7 @@ def machine_from_dict(data: Any, where: str) -> Machine:
         raise InputError(errors)
     return Machine(os=os_name or "linux", arch=(arch or "x86_64").lower(), python=python or "3.11",
                    libc=libc, driver_version=driver, cuda_driver_version=cuda_driver, gpus=tuple(gpus),
-                   gpu_vendor=vendor, source=where)
+                   gpu_vendor=vendor, source=where, notes=tuple(assumed))
 
 
 _EXAMPLES = {"os": '"linux"', "arch": '"x86_64"', "python": '"3.11.7"', "libc": '"glibc 2.36"',

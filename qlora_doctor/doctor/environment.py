@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Mapping
 
 from packaging.version import Version
 
-from qlora_doctor.knowledge.loading import Rule, Tables, arch_supported, load_rules, load_tables
+from qlora_doctor.knowledge.loading import (Rule, Tables, arch_supported, choose_torch_build, load_rules, load_tables,
+                                            torch_variant_for)
 from qlora_doctor.core.machine import Machine
 from qlora_doctor.core.environment import TRAINING_NEEDS, Environment
 from qlora_doctor.core.report import Check
@@ -124,9 +125,16 @@ def torch_build_checks(machine: Machine, env: Environment, tables: Tables) -> li
     build = f"torch {env.packages['torch'].raw_version} ({torch.backend}" + (
         f" {torch.cuda})" if torch.cuda else ")")
     if nvidia and torch.backend != "cuda":
-        checks.append(Check("torch.build", "fail", "torch build", f"{build} cannot use the NVIDIA GPU",
-                            fix="pip install torch --index-url https://download.pytorch.org/whl/cu124  "
-                                "(pick the CUDA variant with `qlora-doctor lock`)",
+        version = env.packages["torch"].version
+        choice = choose_torch_build(machine, [str(version)] if version else [], tables)
+        variant = choice.variant if choice else torch_variant_for(machine, tables)
+        why = choice.why if choice else f"the newest CUDA variant driver {machine.driver_version} runs"
+        fix = (f"pip install torch --index-url https://download.pytorch.org/whl/{variant}  ({why}; "
+               "`qlora-doctor lock` pins the whole stack for it)"
+               if variant != "cpu" else
+               f"update the NVIDIA driver (driver {machine.driver_version or 'unknown'} runs no CUDA build "
+               "PyTorch ships), then `qlora-doctor lock`")
+        checks.append(Check("torch.build", "fail", "torch build", f"{build} cannot use the NVIDIA GPU", fix=fix,
                             sources=(TORCH_INSTALL,), found=build, expected="a CUDA build"))
         return checks
     if not nvidia or torch.cuda is None:

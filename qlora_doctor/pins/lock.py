@@ -30,7 +30,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
 from qlora_doctor import __version__
-from qlora_doctor.knowledge.loading import Tables
+from qlora_doctor.knowledge.loading import (CUDA_VARIANTS, Tables, TorchChoice, choose_torch_build,  # noqa: F401
+                                            torch_variant_for)
 from qlora_doctor.core.environment import canonical_name
 from qlora_doctor.core.machine import Machine
 from qlora_doctor.core.environment import TRAINING_NEEDS, WATCHED, Environment
@@ -443,21 +444,6 @@ def resolve_untested(machine: Machine, python: str, keep: dict[str, str], constr
     return pins
 
 
-CUDA_VARIANTS = ("13.0", "12.9", "12.8", "12.6", "12.4", "12.1", "11.8")
-
-
-def torch_variant_for(machine: Machine, tables: Tables) -> str:
-    """`cpu` without an NVIDIA GPU, else the newest PyTorch CUDA variant the driver can run."""
-    if machine.gpu_vendor != "nvidia" or not machine.nvidia_gpus or machine.driver_version is None:
-        return "cpu"
-    driver = Version(machine.driver_version)
-    for cuda in CUDA_VARIANTS:
-        row = tables.driver_for_cuda(Version(cuda))
-        if row is not None and driver >= (row.minor_compat_driver or row.toolkit_driver):
-            return "cu" + cuda.replace(".", "")
-    return "cpu"
-
-
 def vet_pins(pins: dict[str, str], machine: Machine, source: str) -> list[str]:
     """Failing doctor checks for a pin set (empty: it breaks no known rule)."""
     from qlora_doctor.doctor.diagnose import environment_checks
@@ -526,44 +512,6 @@ def lockfile_untested(machine: Machine, python: str, keep: dict[str, str], const
 
 TORCH_ONLY_LOCAL = re.compile(r"^(nvidia-|cuda-|triton$|pytorch-triton)")
 """Packages a CUDA build of torch brings itself (from its own index): not taken from a CPU record."""
-
-
-@dataclass(frozen=True)
-class TorchChoice:
-    version: str
-    """e.g. `2.13.0`."""
-    variant: str
-    """e.g. `cu126`."""
-    why: str
-
-
-def choose_torch_build(machine: Machine, preferred: list[str], tables: Tables) -> TorchChoice | None:
-    """The torch build for `machine`: the first version of `preferred` (newest first) with a CUDA variant the
-    driver runs that ships kernels for every GPU; of those variants the newest the driver fully supports,
-    else the newest it runs under minor-version compatibility."""
-    from qlora_doctor.knowledge.loading import arch_supported
-
-    gpus = machine.nvidia_gpus
-    if not gpus or machine.driver_version is None or any(g.compute_capability is None for g in gpus):
-        return None
-    driver = Version(machine.driver_version)
-    for version in preferred:
-        torch = Version(version)
-        rows = [r for r in tables.torch_archs if r.torch.contains(Version(torch.base_version), prereleases=True)]
-        def full_support(row) -> bool:  # the driver is the toolkit's own, not only minor-version compatible
-            needs = tables.driver_for_cuda(row.cuda)
-            return needs is not None and driver >= needs.toolkit_driver
-
-        for row in sorted(rows, key=lambda r: (full_support(r), r.cuda), reverse=True):
-            needs = tables.driver_for_cuda(row.cuda)
-            if needs is None or driver < (needs.minor_compat_driver or needs.toolkit_driver):
-                continue
-            if all(arch_supported(g.compute_capability, row.archs) for g in gpus):
-                sms = ", ".join(sorted({f"sm_{g.compute_capability.replace('.', '')}" for g in gpus}))
-                return TorchChoice(torch.base_version, f"cu{str(row.cuda).replace('.', '')}",
-                                   f"CUDA {row.cuda}: driver {machine.driver_version} runs it (>= "
-                                   f"{needs.minor_compat_driver or needs.toolkit_driver}) and it ships {sms}")
-    return None
 
 
 def lockfile_for_gpu_from_cpu_record(records: tuple[Record, ...], machine: Machine, python: str, tables: Tables,
