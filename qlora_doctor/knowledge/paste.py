@@ -89,6 +89,8 @@ class PasteFacts:
 GPU_NAME = re.compile(r"(?<![#/\w])(?:NVIDIA |Tesla |Quadro |GeForce )*(?:RTX ?(?:PRO ?)?\d{4}(?: ?Ti| ?SUPER)?|"
                       r"GTX ?\d{3,4}(?: ?Ti)?|(?:A\d{2,3}|H\d{2,3}|L\d{1,2}S?|V100S?|B[12]00|P100|P40|K80|M40)[A-Z]?"
                       r"(?:-(?:SXM|PCIE)\w*)?|A\d{4}|GH200|GB200|Tesla T4|T4 GPU|Jetson \w+)\b")
+BUILD_ARCH_LIST = re.compile(r"supports CUDA capabilities(?:[ \t]+sm_\d{2,3}[a-z]?)+")
+"""torch's list of the architectures its build has kernels for (a fact about the build, not the GPU)."""
 JETSON_CCS = frozenset({"5.3", "6.2", "7.2", "8.7"})
 """Compute capabilities that only Jetson (Tegra, aarch64) boards have: TX1/Nano, TX2, Xavier, Orin."""
 AMD_HINTS = re.compile(r"\b(?:radeon|rocm\d?|gfx\d{3,4}|hip error|hiperror\w*|directml|zluda)\b")
@@ -141,7 +143,10 @@ def read_facts(text: str, gpu_cc: Any = None) -> PasteFacts:
     if drv:
         driver = drv.group(1)
     ccs: list[str] = []
-    for sm in re.findall(r"\bsm_?(\d{2,3})[a-z]?\b", text):
+    # torch's "The current PyTorch install supports CUDA capabilities sm_50 sm_60 ..." lists the build's kernels,
+    # not the GPU: only the GPU's own capability ("with CUDA capability sm_120 is not compatible") is a fact.
+    own = BUILD_ARCH_LIST.sub(" ", text)
+    for sm in re.findall(r"\bsm_?(\d{2,3})[a-z]?\b", own):
         cc = f"{sm[:-1]}.{sm[-1]}"
         if cc not in ccs and 3 <= int(sm[:-1]) <= 13:
             ccs.append(cc)
@@ -161,9 +166,10 @@ def read_facts(text: str, gpu_cc: Any = None) -> PasteFacts:
             if cc and cc not in ccs:
                 ccs.append(cc)
     torch_version = torch_cuda = None
-    for pattern in (r"(?:PyTorch version|torch version|Torch version)\s*[:=]\s*(\d+\.\d+\.\d+(?:\+\w+)?)",
-                    r"\btorch[=-]=?(\d+\.\d+\.\d+(?:\+\w+)?)", r"\btorch (\d+\.\d+\.\d+\+\w+)"):
-        m = re.search(pattern, text)
+    for pattern in (r"(?:PyTorch version|torch version|Torch version)\s*[:=]\s*(\d+\.\d+\.\d+{pre}(?:\+\w+)?)",
+                    r"\btorch[=-]=?(\d+\.\d+\.\d+{pre}(?:\+\w+)?)", r"\btorch (\d+\.\d+\.\d+{pre}\+\w+)"):
+        # {pre}: a nightly or pre-release (`2.7.0.dev20250310+cu124`, `2.7.0a0+git...`) keeps its CUDA tag
+        m = re.search(pattern.replace("{pre}", r"(?:(?:a|b|rc)\d+|\.dev\d+)?"), text)
         if m:
             torch_version = _version(m.group(1))
             break
