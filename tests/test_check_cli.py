@@ -93,7 +93,7 @@ def test_save_machine_writes_loadable_file(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
-    ('{"os": "linux"}', "arch: missing"),
+    ('{"os": "linux", "arch": 64}', "arch: expected a string"),
     ("[1, 2]", "expected a JSON object"),
 ])
 def test_bad_machine_file_is_exit_2_without_traceback(tmp_path, content, message):
@@ -234,3 +234,20 @@ def test_rules_that_cannot_be_judged_are_one_row_and_verbose_lists_them(tmp_path
     assert "transformers" in text and not any(f"unknown {rule}:" in text for rule in unknown_rules)
     verbose = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [*args, "-v"]).stdout
     assert all(f"unknown {rule}:" in verbose for rule in unknown_rules)
+
+
+def test_brackets_in_fixes_and_details_print_as_written():
+    # rich reads `[train]` as markup: the fix `pip install 'qlora-doctor[train]'` once printed as
+    # `pip install 'qlora-doctor'`, a different and useless command.
+    from qlora_doctor.cli.render import render_report
+    from qlora_doctor.core.report import Check, Report
+
+    check = Check("packages.training", "fail", "Training [packages]", "not installed: torch [rank0]",
+                  fix="pip install 'qlora-doctor[train]'", found="missing [fp8]", expected="torch")
+    machine = {"os": "linux", "arch": "x86_64", "python": "3.11.7", "driver_version": None, "gpus": [],
+               "source": "m[1].json", "notes": ["note [x]"]}
+    report = Report(checks=(check,), machine=machine, packages={}, tested={})
+    text = render_report(report, verbose=True, width=200)
+    for written in ("qlora-doctor[train]", "[rank0]", "missing [fp8]", "Training [packages]", "m[1].json",
+                    "note [x]"):
+        assert written in text, written

@@ -10,6 +10,14 @@ from qlora_doctor.knowledge.explain import Explanation
 from qlora_doctor.core.report import Report
 
 
+def escape(text: str) -> str:
+    """Data printed through rich: `qlora-doctor[train]`, `[rank0]:` or `[fp8]` must print as written, not be
+    read as markup and vanish."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _console(width: int | None, color: bool) -> Any:
     """A rich Console that writes into a string: renderers return text, the CLI writes it."""
     import io
@@ -35,7 +43,7 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
     machine = report.machine
     gpus = ", ".join(g["name"] for g in machine["gpus"]) or "no GPU"
     console.print(f"[bold]machine[/]: {machine['os']} {machine['arch']}, Python {machine['python']}, "
-                  f"driver {machine['driver_version'] or '-'}, {gpus}  [dim]({machine['source']})[/]")
+                  f"driver {machine['driver_version'] or '-'}, {escape(gpus)}  [dim]({escape(str(machine['source']))})[/]")
     # The table wraps at spaces; a command or URL is never in it (the fix column would cut one in two):
     # each failing check's fix and sources follow below the table on lines of their own.
     table = Table(show_lines=False, expand=False)
@@ -46,12 +54,13 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
     unjudged = [] if verbose else [c for c in report.checks if c.status == "unknown" and c.id.startswith("rule:")]
     shown = [c for c in report.checks if (verbose or c.status != "pass") and c not in unjudged]
     for c in shown:
-        table.add_row(f"[{_STYLE[c.status]}]{_MARK[c.status]}[/]", c.title, c.found or c.detail, c.expected)
+        table.add_row(f"[{_STYLE[c.status]}]{_MARK[c.status]}[/]", escape(c.title), escape(c.found or c.detail),
+                      escape(c.expected or ""))
     if unjudged:
         names = sorted({m for c in unjudged for m in re.findall(r"cannot read (\S+?)'s version", c.found or "")})
         table.add_row(f"[{_STYLE['unknown']}]{_MARK['unknown']}[/]",
                       f"{len(unjudged)} known failures cannot be ruled out",
-                      f"versions unknown: {', '.join(names)}" if names else "facts missing", "-v lists them")
+                      escape(f"versions unknown: {', '.join(names)}") if names else "facts missing", "-v lists them")
     if shown or unjudged:
         console.print(table)
     hidden = len(report.checks) - len(shown) - len(unjudged)
@@ -59,19 +68,19 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
         console.print(f"[dim]{hidden} passing checks hidden (-v shows them)[/]")
     for c in report.checks:
         if c.status in ("fail", "warn", "unknown") and c not in unjudged:
-            console.print(f"[{_STYLE[c.status]}]{c.status}[/] {c.id}: {c.detail}", highlight=False)
+            console.print(f"[{_STYLE[c.status]}]{c.status}[/] {escape(c.id)}: {escape(c.detail)}", highlight=False)
             if c.fix:  # soft_wrap: never broken inside a command; the terminal wraps it, copying keeps it whole
-                console.print(f"    fix: [green]{c.fix}[/]", highlight=False, soft_wrap=True)
+                console.print(f"    fix: [green]{escape(c.fix)}[/]", highlight=False, soft_wrap=True)
             for src in c.sources:
-                console.print(f"    [dim]{src}[/]", highlight=False, soft_wrap=True)
+                console.print(f"    [dim]{escape(src)}[/]", highlight=False, soft_wrap=True)
     if verbose and machine.get("notes"):
         for note in machine["notes"]:
-            console.print(f"[dim]probe: {note}[/]")
+            console.print(f"[dim]probe: {escape(note)}[/]")
     tested = next((c for c in report.checks if c.id == "matrix.tested"), None)
     if tested is not None and tested.status == "pass" and not verbose:
-        console.print(f"[dim]{tested.detail}[/]", highlight=False)
+        console.print(f"[dim]{escape(tested.detail)}[/]", highlight=False)
         if tested.fix and report.tested.get("status") != "tested":
-            console.print(f"[dim]    to a tested set: {tested.fix}[/]", highlight=False, soft_wrap=True)
+            console.print(f"[dim]    to a tested set: {escape(tested.fix)}[/]", highlight=False, soft_wrap=True)
     evidence = {"tested": " (tested)", "compatible": " (compatible: no known failure, not tested)",
                 "unknown": " (some facts could not be read)", "none": ""}[report.evidence]
     console.print(f"[bold]result[/]: [{_STYLE[report.status]}]{report.status}[/]{evidence}")
@@ -105,9 +114,8 @@ def render_explanation(explanation: Explanation, version_checks: list[Any] | Non
                           lines, room)
             for i, line in enumerate(wrapped):
                 head = f"  {label:<6} " if i == 0 else " " * 9
+                line = escape(line)
                 console.print(head + (f"[{style}]{line}[/]" if style else line), highlight=False, soft_wrap=True)
-
-        from rich.markup import escape
 
         title = textwrap.wrap(f"{best.id}: {best.title}  ({explanation.confidence} confidence)", width=cols,
                               break_long_words=True) or [best.id]
@@ -140,6 +148,6 @@ def render_explanation(explanation: Explanation, version_checks: list[Any] | Non
     if version_checks:
         console.print("[bold]versions in the paste[/], judged as `check -r` would:")
         for check in version_checks:
-            console.print(f"  [{_STYLE[check.status]}]{_MARK[check.status]}[/] {check.title}: {check.fix}",
+            console.print(f"  [{_STYLE[check.status]}]{_MARK[check.status]}[/] {escape(check.title)}: {escape(check.fix)}",
                           highlight=False, soft_wrap=True)
     return _text(console)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qlora_doctor.memory.estimate import GIB
 from qlora_doctor.memory.plan import Plan
-from qlora_doctor.cli.render import _console, _text
+from qlora_doctor.cli.render import _console, _text, escape
 
 
 def _gib(value: int) -> str:
@@ -16,7 +16,7 @@ def render_plan(plan: Plan, width: int | None = None, color: bool = False) -> st
 
     console = _console(width, color)
     s = plan.settings
-    console.print(f"[bold]model[/]: {plan.model}  ({plan.parameters / 1e9:.2f}B parameters, "
+    console.print(f"[bold]model[/]: {escape(str(plan.model))}  ({plan.parameters / 1e9:.2f}B parameters, "
                   f"{plan.trainable_parameters / 1e6:.1f}M LoRA)", highlight=False)
     console.print(f"[bold]step[/]: micro-batch {s.micro_batch} x {s.seq_len} tokens, gradient accumulation "
                   f"{s.grad_accum}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.optim}, "
@@ -46,7 +46,7 @@ def render_plan(plan: Plan, width: int | None = None, color: bool = False) -> st
                       f"{_gib(plan.total_bytes - plan.gpu_bytes)} short", highlight=False)
         for suggestion in plan.suggestions:
             mark = "[green]fits[/]" if suggestion.fits else "[yellow]helps[/]"
-            console.print(f"  {mark} {suggestion.text} -> {_gib(suggestion.total_bytes)}", highlight=False)
+            console.print(f"  {mark} {escape(suggestion.text)} -> {_gib(suggestion.total_bytes)}", highlight=False)
     for note in plan.notes:
-        console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
     return _text(console)
