@@ -76,12 +76,15 @@ def tested_status(machine: Machine, env: Environment, results_dir: Path | None =
     where = "on this platform" if same_platform else f"on {closest.platform} (none on {platform})"
     pins = " ".join(f"{n}=={closest.freeze[n]}" for n in TRAINING_NEEDS
                     if n in closest.freeze and any(d.startswith(n + " ") for d in diffs))
+    # torch missing or a CPU build on a GPU machine puts it on the CPU platform, whose records ran torch's CPU
+    # build or PyPI's default CUDA build on a CPU: neither is the build this GPU and driver need (lock picks it)
+    cpu_torch_for_a_gpu = bool(machine.nvidia_gpus) and closest.platform.endswith("-cpu")
     info = {"status": "untested", "platform": platform, "closest": closest.name,
             "record": Path(closest.path).name, "differences": diffs}
     # Not tested is information, not a risk: the verdict's evidence says `compatible` instead of `tested`.
     return info, Check("matrix.tested", "pass", TITLE,
                        f"not tested: no passing record matches this environment on {platform}; closest tested "
                        f"combination {where} is {closest.name}, which differs in: {'; '.join(diffs)}",
-                       fix=(f"pip install {pins}" if pins and same_platform else
+                       fix=(f"pip install {pins}" if pins and same_platform and not cpu_torch_for_a_gpu else
                             "`qlora-doctor lock` picks the newest tested combination for this machine"),
                        found="untested", expected="a tested combination")
