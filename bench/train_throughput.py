@@ -81,6 +81,10 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # performance.fp8_base (qlora_doctor/trainer/fp8.py): the 4-bit base layers' forward and input-gradient GEMMs
     # in float8 (torchao, tensorwise scales, compiled casts: the first step compiles them, keep --warmup >= 1).
     "fast_fp8": {"fp8_base": True},
+    # performance.offload_checkpoints (qlora_doctor/trainer/offload.py): checkpointed layers' inputs in pinned host
+    # memory, copied on side streams, prefetched one layer ahead (unsloth's offloaded checkpointing); unmeasured
+    "fast_offload": {"offload_checkpoints": True},
+    "fast_fp8_offload": {"fp8_base": True, "offload_checkpoints": True},
     "fast_fp8_ckpt_0.5": {"fp8_base": True, "checkpoint_layers": 0.5},
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",

@@ -32,6 +32,8 @@ def performance_check(run: RunPlan, machine: Machine | None = None) -> Check:
                   and lever.name not in ("upcast_unquantized", "fp8_base")]
     auto_off = [lever for lever in plan.levers() if getattr(perf, lever.name, None) == "auto" and not lever.on]
     detail = "on: " + (", ".join(on) or "none")
+    if plan.offload_checkpoints.on:  # a trade the recipe opted into: say what it does
+        detail += f"; offload_checkpoints: {plan.offload_checkpoints.reason}"
     if auto_off:
         detail += "; auto and off: " + "; ".join(f"{lever.name} ({lever.reason})" for lever in auto_off)
     title = "Speed levers (performance:)"
@@ -39,6 +41,7 @@ def performance_check(run: RunPlan, machine: Machine | None = None) -> Check:
         lever = forced_off[0]
         fix = ("install it (`pip install liger-kernel`) or set `performance.liger_kernel: auto`"
                if lever.name == "liger_kernel" and "not installed" in lever.reason
+               else f"set `performance.{lever.name}: false` in the recipe" if lever.name == "offload_checkpoints"
                else f"set `performance.{lever.name}: auto` in the recipe")
         return Check("recipe.performance", "warn", title,
                      "; ".join(f"performance.{lv.name}: true but {lv.reason}" for lv in forced_off) + f" ({detail})",

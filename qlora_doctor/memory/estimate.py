@@ -16,6 +16,9 @@ Two paths, lever by lever (per-token counts in activations.py):
   * checkpoint_layers: the first N layers keep only their input, the others all their activations;
   * recompute: selective: a checkpointed layer also keeps its q/k/v/o/down GEMM outputs and the attention
     output (activations.selective_kept_per_token), until the backward replays it;
+  * offload_checkpoints: the checkpointed layers' inputs live in pinned host memory between forward and
+    backward (trainer/offload.py): OFFLOAD_RESIDENT_LAYERS layers' worth stay on the GPU (the first layer's,
+    the copy in flight / the layer being replayed and the one prefetched); selective's kept outputs stay;
   * liger_kernel: the fused linear cross-entropy never builds the b*s*vocab logits (a chunk of them plus
     the saved gradient of lm_head's input instead); its RMSNorm and SwiGLU save fewer tensors;
   * fused_lora: one saved input per distinct input tensor and no dropout masks;
@@ -92,6 +95,14 @@ near-constant 60-80 MiB above the sum of the tensors."""
 # together by least squares on the 27 usable H100 points of bench/results/memory_accuracy_h100.json (plain
 # and fast path alike: the allocator does not know the path; `bench/memory_table.py --fit` refits them and
 # reports leave-one-out and by-model held-out errors).
+OFFLOAD_RESIDENT_LAYERS = 3
+"""offload_checkpoints (trainer/offload.py): checkpointed layer inputs on the GPU at once. The first layer's input
+(the embeddings' output, an autograd leaf that its AccumulateGrad node keeps alive) is never offloaded; in the
+forward the input whose device->host copy is in flight stays alive until the next layer's pack, beside the
+input the running layer reads; in the backward the input of the layer being replayed and the prefetched input of
+the layer before it (double buffering). Counted from the code (tests/test_offload_checkpoints.py checks what
+stays alive on the CPU), not measured on a GPU."""
+
 FRAGMENTATION_LOGITS = 0.36
 """Fraction of the logits buffers (`logits...` rows): by far the largest blocks. The loss's backward asks for
 three float32 b*s*vocab blocks where the forward freed a compute-dtype one and a float32 one, and between
@@ -140,6 +151,8 @@ class TrainSettings:
     fused_lora: bool = False
     fp8_base: bool = False
     """trainer/fp8.py's float8 GEMMs for the 4-bit base layers."""
+    offload_checkpoints: bool = False
+    """trainer/offload.py: the checkpointed layers' inputs in host memory (OFFLOAD_RESIDENT_LAYERS on the GPU)."""
     levers: tuple[Lever, ...] = ()
     """Every lever with its reason, as `speed.speed_plan` decided it (empty when not made from a recipe)."""
 
@@ -269,7 +282,7 @@ def calibration_path(counts: ModelCounts, s: TrainSettings) -> str:
     selective = 0 < checkpointed_layers(counts, s) < counts.num_layers
     no_upcast = s.load_in_4bit and not s.upcast_unquantized
     return "fast" if (no_upcast or s.liger_kernel or s.fused_lora or selective or s.recompute == "selective"
-                      or s.fp8_base) else "plain"
+                      or s.fp8_base or s.offload_checkpoints) else "plain"
 
 
 def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | None = None) -> Estimate:
@@ -418,8 +431,12 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
                      ("activations: lm_head input and its gradient (fused cross-entropy)", hidden)]
     else:
         loss_rows = [("logits and loss buffers", per_token.full_logits_per_token(counts, act) * tokens)]
-    inputs = checkpointed * (layer_input + kept_outputs) * tokens
+    # offload_checkpoints: only OFFLOAD_RESIDENT_LAYERS checkpointed inputs are on the GPU at any moment.
+    resident = min(checkpointed, OFFLOAD_RESIDENT_LAYERS) if s.offload_checkpoints else checkpointed
+    inputs = (resident * layer_input + checkpointed * kept_outputs) * tokens
     label = "checkpointed layer inputs" + (" and kept outputs (selective)" if kept_outputs else "")
+    if s.offload_checkpoints and checkpointed:
+        label += f" ({resident} inputs on the GPU, the rest offloaded to host memory)"
     if checkpointed == layers:
         stored = [(f"activations: {label}", inputs + head * tokens)]
     elif checkpointed == 0:
@@ -434,7 +451,7 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
                          ("working: one layer's backward (gradients)", working * tokens)], "backward"))
     if checkpointed:
         # The layer being replayed has handed its kept outputs to its recomputed tensors (layer_saved).
-        inputs = (checkpointed * layer_input + (checkpointed - 1) * kept_outputs) * tokens
+        inputs = (resident * layer_input + (checkpointed - 1) * kept_outputs) * tokens
         moments.append(([(f"activations: {label}", inputs),
                          ("working: one layer recomputed + its backward", (layer_saved - layer_input + working) * tokens),
                          ("LoRA gradients of the layers after it (float32)", kept * per_layer_trainable * 4)],

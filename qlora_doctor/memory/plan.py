@@ -131,7 +131,8 @@ def settings_from_recipe(recipe: Recipe, machine: Machine, model_type: str | Non
         eval_micro_batch=_eval_batch(recipe), upcast_unquantized=levers.upcast_unquantized.on,
         checkpoint_layers=levers.checkpoint_layers, recompute="selective" if levers.recompute.on else "full",
         liger_kernel=levers.liger_kernel.on,
-        fused_lora=levers.fused_lora.on, fp8_base=levers.fp8_base.on, levers=tuple(levers.levers()))
+        fused_lora=levers.fused_lora.on, fp8_base=levers.fp8_base.on,
+        offload_checkpoints=levers.offload_checkpoints.on, levers=tuple(levers.levers()))
 
 
 def lever_notes(settings: TrainSettings) -> list[str]:
@@ -151,6 +152,10 @@ def lever_notes(settings: TrainSettings) -> list[str]:
         notes.append("fp8_base: its float8 copies (the largest weight twice, the incoming gradient of a layer's "
                      "backward) are counted from the code with compiled casts, not yet measured on a GPU; a cast "
                      "that falls back to eager makes float32 temporaries (8 bytes per element of its operand)")
+    if settings.offload_checkpoints:
+        notes.append("offload_checkpoints: the checkpointed layers' inputs are counted in pinned host memory "
+                     "(one layer input per checkpointed layer; three layers' worth stay on the GPU: the first "
+                     "layer's, and the copies and the prefetch), from the code, not yet measured on a GPU")
     if "torch_compile" in on and on["torch_compile"].on:
         notes.append("torch_compile: its effect on memory (fused kernels, compile-time buffers) is not modelled")
     return notes

@@ -11,6 +11,11 @@ What each lever does and why it is the default (measured by bench/train_throughp
                              attention output, so its backward replay runs only gate/up of the base GEMMs
                              (qlora_doctor/trainer/selective.py); more memory per layer, fewer FLOPs. Opt in
                              (GPU speed not yet measured: bench/results/profile_h100/NOTES.md).
+  offload_checkpoints: false the checkpointed layers' saved inputs in pinned host memory between forward and
+                             backward, copied on side CUDA streams, the previous layer's prefetched during a
+                             layer's backward (qlora_doctor/trainer/offload.py, after unsloth's offloaded
+                             checkpointing): about one layer input per checkpointed layer less GPU memory.
+                             CUDA only; not yet measured on a GPU: opt in.
   liger_kernel: auto         fused linear cross-entropy (no [tokens, 128k] float32 logits), RMSNorm,
                              SwiGLU, RoPE. Triton kernels: CUDA only.
   fused_lora: auto           qlora_doctor/trainer/fused_lora.py: one autograd node per adapted layer,
@@ -83,12 +88,15 @@ class SpeedPlan:
     """`selective` in effect (on): checkpointed layers keep trainer/selective.py's op outputs."""
     fp8_base: Lever = Lever("fp8_base", False, "off (default)")
     """The 4-bit base layers' GEMMs in float8 (trainer/fp8.py)."""
+    offload_checkpoints: Lever = Lever("offload_checkpoints", False, "off (default)")
+    """The checkpointed layers' saved inputs in host memory (trainer/offload.py)."""
     cudnn_hazards: tuple[str, ...] | None = None
     """The knowledge-base rules the cuDNN decision was made on (None: not looked up)."""
 
     def levers(self) -> list[Lever]:
-        return [self.upcast_unquantized, self.checkpointing, self.recompute, self.liger_kernel, self.fused_lora,
-                self.padding_free, self.group_by_length, self.torch_compile, self.cudnn_attention, self.fp8_base]
+        return [self.upcast_unquantized, self.checkpointing, self.recompute, self.offload_checkpoints,
+                self.liger_kernel, self.fused_lora, self.padding_free, self.group_by_length, self.torch_compile,
+                self.cudnn_attention, self.fp8_base]
 
     def to_json(self) -> dict[str, Any]:
         return {lever.name: {"on": lever.on, "reason": lever.reason} for lever in self.levers()}
@@ -229,6 +237,7 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
     compile_ = Lever("torch_compile", perf.torch_compile, "on in the recipe" if perf.torch_compile else "off (default)")
     return SpeedPlan(upcast_unquantized=upcast, checkpointing=checkpointing, checkpoint_layers=perf.checkpoint_layers,
                      recompute=decide_recompute(perf.recompute, ckpt_on),
+                     offload_checkpoints=decide_offload(perf.offload_checkpoints, precision.device, ckpt_on),
                      liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type, liger_described),
                      fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
                      cudnn_attention=decide_cudnn_attention(perf.cudnn_attention, precision.device, cudnn_hazards),
@@ -245,6 +254,23 @@ def decide_recompute(setting: str, checkpointing: bool) -> Lever:
         return Lever("recompute", False, "selective, but no layer is checkpointed")
     return Lever("recompute", True, "selective: checkpointed layers keep their q/k/v/o/down GEMM and attention "
                  "outputs (trainer/selective.py)")
+
+
+OFFLOAD_REASON = ("checkpointed layers' saved inputs in pinned host memory between forward and backward, copied "
+                  "on side CUDA streams with the previous layer prefetched during each layer's backward "
+                  "(trainer/offload.py; not yet measured on a GPU)")
+
+
+def decide_offload(setting: bool, device: str, checkpointing: bool) -> Lever:
+    """offload_checkpoints: true|false on `device`, given whether any layer is checkpointed. The combinations
+    it cannot run (no checkpointed layer, FSDP, torch_compile) are refused when the recipe is validated."""
+    if not setting:
+        return Lever("offload_checkpoints", False, "off (default)")
+    if device != "cuda":
+        return Lever("offload_checkpoints", False, "no GPU: nothing to offload")
+    if not checkpointing:
+        return Lever("offload_checkpoints", False, "no layer is checkpointed: nothing to offload")
+    return Lever("offload_checkpoints", True, OFFLOAD_REASON)
 
 
 def plan_for_model(recipe: Recipe, precision: Precision, model: Any,

@@ -431,6 +431,15 @@ class PerformanceSection(Section):
         "per-tensor scale (the gradient to e5m2) for the scaled matmul. The weights stay NF4 in memory and LoRA "
         "stays as it was. Faster GEMMs, coarser numerics (qlora_doctor/trainer/fp8.py); needs "
         "quantization.load_in_4bit, not with recompute: selective, torch_compile or FSDP.")
+    offload_checkpoints: bool = Field(
+        default=False, description="Keep what each checkpointed decoder layer saves for its backward (its input "
+        "hidden state, batch x seq x hidden: 128 MiB at 8 x 2048 tokens of Llama-3-8B) in pinned host memory "
+        "between forward and backward: copied device->host on a side CUDA stream after the layer's forward, and "
+        "prefetched host->device for the layer before while a layer's backward runs, so about two layers' "
+        "inputs stay on the GPU instead of one per checkpointed layer (qlora_doctor/trainer/offload.py, like "
+        "unsloth's offloaded checkpointing). Exact (the same gradients); costs PCIe traffic and host memory; "
+        "not yet measured on a GPU. CUDA only (off on the CPU); needs checkpointed layers, not with "
+        "torch_compile or FSDP; composes with recompute: selective (its kept outputs stay on the GPU).")
 
     @model_validator(mode="after")
     def _selective_recompute(self) -> PerformanceSection:
@@ -448,6 +457,16 @@ class PerformanceSection(Section):
                              "not supported (fp8_base compiles only its own float8 casts; compiling the whole model "
                              "around them and bitsandbytes' 4-bit weights is untested); set "
                              "`performance.torch_compile: false` or `performance.fp8_base: false`")
+        if self.offload_checkpoints and self.checkpoint_layers == 0:
+            raise ValueError(CROSS_FIELD_MARK + "performance.offload_checkpoints: true with "
+                             "performance.checkpoint_layers: 0: no layer is checkpointed, so there is nothing to "
+                             "offload; set `performance.checkpoint_layers: all` (or a count above 0) or "
+                             "`performance.offload_checkpoints: false`")
+        if self.offload_checkpoints and self.torch_compile:
+            raise ValueError(CROSS_FIELD_MARK + "performance.offload_checkpoints: true with performance.torch_compile: "
+                             "true: not supported (the offload hooks run Python per saved tensor and use CUDA "
+                             "streams, untested under torch.compile); set `performance.torch_compile: false` or "
+                             "`performance.offload_checkpoints: false`")
         return self
 
     @field_validator("checkpoint_layers")
@@ -575,6 +594,22 @@ class Recipe(Section):
                              "not supported (untested: FSDP gathers each layer's sharded weights anew, and the "
                              "selective policy finds the projections by their weights); set "
                              "`performance.recompute: full`")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_checkpoints_combinations(self) -> Recipe:
+        if not self.performance.offload_checkpoints:
+            return self
+        if not self.training.gradient_checkpointing:
+            raise ValueError(CROSS_FIELD_MARK + "performance.offload_checkpoints: true with "
+                             "training.gradient_checkpointing: false: no layer is checkpointed, so there is nothing "
+                             "to offload; set `training.gradient_checkpointing: true` or "
+                             "`performance.offload_checkpoints: false`")
+        if self.distributed.strategy == "fsdp":
+            raise ValueError(CROSS_FIELD_MARK + "performance.offload_checkpoints: true with distributed.strategy: "
+                             "fsdp: not supported (untested: FSDP's own prefetching and resharding streams beside "
+                             "the offload streams); set `distributed.strategy: ddp` (one model per GPU) or "
+                             "`performance.offload_checkpoints: false`")
         return self
 
     @model_validator(mode="after")

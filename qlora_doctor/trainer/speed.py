@@ -34,9 +34,12 @@ def decoder_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_checkpointing(model: Any, selection: str | int | float, selective: bool = False) -> list[int]:
+def enable_checkpointing(model: Any, selection: str | int | float, selective: bool = False,
+                         offload: Any = False) -> list[int]:
     """Non-reentrant gradient checkpointing on the selected decoder layers only; returns their indices.
-    `selective`: those layers keep some op outputs and recompute the rest (trainer/selective.py)."""
+    `selective`: those layers keep some op outputs and recompute the rest (trainer/selective.py).
+    `offload`: True, or a trainer/offload.py CheckpointOffloader: their saved inputs live in host memory
+    between forward and backward (`performance.offload_checkpoints`)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -51,6 +54,10 @@ def enable_checkpointing(model: Any, selection: str | int | float, selective: bo
 
         for index in chosen:
             make_selective(layers[index])
+    if offload:
+        from qlora_doctor.trainer.offload import CheckpointOffloader, offload_layers
+
+        offload_layers([layers[i] for i in chosen], offload if isinstance(offload, CheckpointOffloader) else None)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return chosen
 
@@ -66,7 +73,8 @@ def prepare_for_training(model: Any, recipe: Recipe, plan: SpeedPlan) -> Any:
         for param in model.parameters():
             param.requires_grad_(False)
     if plan.checkpointing.on:
-        enable_checkpointing(model, plan.checkpoint_layers, selective=plan.recompute.on)
+        enable_checkpointing(model, plan.checkpoint_layers, selective=plan.recompute.on,
+                             offload=plan.offload_checkpoints.on)
         model.enable_input_require_grads()  # only reentrant checkpointing needs it; harmless otherwise
     # Training needs no KV cache, and with one transformers does not detect padding-free (packed) rows
     # from their position ids, so attention would cross from one example into the next.

@@ -1,0 +1,259 @@
+"""`performance.offload_checkpoints` (qlora_doctor/trainer/offload.py) on CPU: the recipe's refusals, the lever and
+its reasons, `check --recipe`, the memory planner, and the saved-tensor hooks' whole pack/unpack/prefetch path
+(copies into separate CPU tensors instead of pinned memory and side streams) on a tiny 4-bit Llama: the
+gradients are bit-identical to plain checkpointing, and after the forward the layer inputs live only in the
+host copies."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+from qlora_doctor.core.errors import InputError  # noqa: E402
+from qlora_doctor.doctor.performance import performance_check  # noqa: E402
+from qlora_doctor.recipe import levers  # noqa: E402
+from qlora_doctor.recipe.precision import Precision  # noqa: E402
+from qlora_doctor.recipe.schema import recipe_from_dict  # noqa: E402
+from qlora_doctor.runplan import RunPlan  # noqa: E402
+from qlora_doctor.trainer import speed  # noqa: E402
+from qlora_doctor.trainer.offload import CheckpointOffloader  # noqa: E402
+
+from helpers import machine  # noqa: E402
+
+CPU = Precision(device="cpu", fp16=False, bf16=False, compute_dtype="float32", compute_capability=None, reason="test")
+H100 = Precision(device="cuda", fp16=False, bf16=True, compute_dtype="bfloat16", compute_capability="9.0",
+                 reason="test")
+H100_GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}
+LAYERS = 4
+
+
+def make_recipe(tmp_path, model="org/model", distributed=None, training=None, **performance):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    raw = {"model": {"name_or_path": str(model)}, "dataset": {"path": str(data), "format": "text"},
+           "training": {"output_dir": str(tmp_path / "out"), **(training or {})}, "performance": performance}
+    if distributed:
+        raw["distributed"] = distributed
+    return recipe_from_dict(raw)
+
+
+# --- the recipe, the lever, check --recipe ------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message, fix", [
+    ({"performance": {"checkpoint_layers": 0}}, "performance.offload_checkpoints: true with "
+     "performance.checkpoint_layers: 0", "set `performance.checkpoint_layers: all`"),
+    ({"training": {"gradient_checkpointing": False}}, "performance.offload_checkpoints: true with "
+     "training.gradient_checkpointing: false", "set `training.gradient_checkpointing: true` or "
+     "`performance.offload_checkpoints: false`"),
+    ({"distributed": {"strategy": "fsdp"}}, "performance.offload_checkpoints: true with distributed.strategy: fsdp",
+     "set `distributed.strategy: ddp`"),
+    ({"performance": {"torch_compile": True}}, "performance.offload_checkpoints: true with "
+     "performance.torch_compile: true", "set `performance.torch_compile: false` or "
+     "`performance.offload_checkpoints: false`"),
+])
+def test_the_recipe_refuses_what_offloading_cannot_be_combined_with(tmp_path, extra, message, fix):
+    kwargs = {k: v for k, v in extra.items() if k != "performance"}
+    with pytest.raises(InputError) as err:
+        make_recipe(tmp_path, offload_checkpoints=True, **kwargs, **extra.get("performance", {}))
+    assert message in str(err.value) and fix in str(err.value)
+    make_recipe(tmp_path, offload_checkpoints=False, **kwargs, **extra.get("performance", {}))  # fine without it
+
+
+def test_the_lever_is_off_by_default_and_without_a_gpu(tmp_path):
+    assert make_recipe(tmp_path).performance.offload_checkpoints is False
+    assert levers.speed_plan(make_recipe(tmp_path), H100).offload_checkpoints.on is False
+    recipe = make_recipe(tmp_path, offload_checkpoints=True, recompute="selective", checkpoint_layers=2)
+    off = levers.speed_plan(recipe, CPU).offload_checkpoints
+    assert not off.on and off.reason == "no GPU: nothing to offload"
+    on = levers.speed_plan(recipe, H100).offload_checkpoints
+    assert on.on and "pinned host memory" in on.reason and "not yet measured on a GPU" in on.reason
+    assert levers.speed_plan(recipe, H100).to_json()["offload_checkpoints"] == {"on": True, "reason": on.reason}
+
+
+def run_plan(recipe, precision):
+    return RunPlan(recipe=recipe, where="test", precision=precision, cudnn_hazards=None, num_processes=1,
+                   levers=levers.speed_plan(recipe, precision))
+
+
+def test_check_recipe_states_the_lever(tmp_path):
+    recipe = make_recipe(tmp_path, offload_checkpoints=True)
+    on_gpu = performance_check(run_plan(recipe, H100))
+    assert on_gpu.status == "pass" and "offload_checkpoints" in on_gpu.detail.split(";")[0]
+    assert "offload_checkpoints: checkpointed layers' saved inputs in pinned host memory" in on_gpu.detail
+    assert "not yet measured on a GPU" in on_gpu.detail
+    on_cpu = performance_check(run_plan(recipe, CPU))
+    assert on_cpu.status == "warn"
+    assert "performance.offload_checkpoints: true but no GPU: nothing to offload" in on_cpu.detail
+    assert on_cpu.fix == "set `performance.offload_checkpoints: false` in the recipe"
+
+
+# --- the memory planner -------------------------------------------------------------------------------
+
+def test_the_planner_moves_the_checkpointed_inputs_off_the_gpu():
+    from dataclasses import replace
+
+    from qlora_doctor.memory.estimate import OFFLOAD_RESIDENT_LAYERS, TrainSettings, estimate
+    from qlora_doctor.memory.model import count_parameters
+    from qlora_doctor.recipe.builtin import builtin_config
+
+    counts = count_parameters(builtin_config("builtin:smollm2-135m-instruct"))
+    base = TrainSettings(micro_batch=8, seq_len=2048, upcast_unquantized=False, fused_lora=True, lora_dropout=0.0)
+    layer_input = counts.hidden_size * 2 * base.tokens  # bf16 residual stream
+    for settings in (base, replace(base, recompute="selective"), replace(base, checkpoint_layers=10)):
+        plain, offloaded = estimate(counts, settings), estimate(counts, replace(settings, offload_checkpoints=True))
+        checkpointed = 10 if settings.checkpoint_layers == 10 else counts.num_layers
+        saved = plain.peak_allocated_bytes - offloaded.peak_allocated_bytes
+        # at most every checkpointed input but the resident ones (the first layer's and the double buffer)
+        assert 0 < saved <= (checkpointed - OFFLOAD_RESIDENT_LAYERS) * layer_input, settings
+        assert offloaded.peak_reserved_bytes < plain.peak_reserved_bytes
+        assert any("offloaded to host memory" in name for name, _ in offloaded.breakdown)
+    none = replace(base, checkpoint_layers=0)
+    assert estimate(counts, none) == estimate(counts, replace(none, offload_checkpoints=True))
+
+
+def test_plan_shows_the_lower_peak_and_the_lever(tmp_path):
+    from qlora_doctor.memory.plan import plan_recipe
+
+    kwargs = {"model": "builtin:smollm2-135m-instruct", "training": {"per_device_train_batch_size": 8,
+                                                                     "max_seq_length": 2048}}
+    gpu = machine(gpus=[H100_GPU])
+    plain = plan_recipe(make_recipe(tmp_path, **kwargs), gpu)
+    offloaded = plan_recipe(make_recipe(tmp_path, offload_checkpoints=True, **kwargs), gpu)
+    assert offloaded.settings.offload_checkpoints and not plain.settings.offload_checkpoints
+    assert offloaded.peak_allocated_bytes < plain.peak_allocated_bytes
+    assert any("offload_checkpoints: the checkpointed layers' inputs are counted in pinned host memory" in note
+               and "not yet measured on a GPU" in note for note in offloaded.notes)
+    lever = {lv["name"]: lv for lv in offloaded.to_json()["settings"]["levers"]}["offload_checkpoints"]
+    assert lever["on"] and "not yet measured on a GPU" in lever["reason"]
+
+
+# --- the hooks on a tiny 4-bit Llama (CPU) --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=LAYERS, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama-offload")
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def build(path, recipe, offloader=None):
+    """The model as `qlora-doctor run` builds it (speed.prepare_for_training, peft, apply_after_peft); with
+    `offloader`, its checkpointed layers offloaded through it (the lever itself is off on the CPU)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32, device_map={"": "cpu"})
+    plan = levers.speed_plan(recipe, CPU)
+    assert not plan.offload_checkpoints.on
+    model = speed.prepare_for_training(base, recipe, plan)
+    if offloader is not None:
+        chosen = [i for i, layer in enumerate(speed.decoder_layers(model)) if layer.gradient_checkpointing]
+        speed.enable_checkpointing(model, recipe.performance.checkpoint_layers, selective=plan.recompute.on,
+                                   offload=offloader)
+        assert chosen == [i for i, layer in enumerate(speed.decoder_layers(model)) if layer.gradient_checkpointing]
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    plan = speed.apply_after_peft(model, plan)
+    model.train()
+    return model, plan
+
+
+def train(model, steps=2, accumulation=2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=1e-2)
+    batches = torch.randint(0, 256, (steps, accumulation, 2, 16), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)  # the dropout masks: the same draws in every run
+    losses, grads = [], []
+    for step in range(steps):
+        optim.zero_grad()
+        total = 0.0
+        for ids in batches[step]:
+            loss = model(input_ids=ids, labels=ids).loss / accumulation
+            loss.backward()
+            total += loss.item()
+        losses.append(total)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        optim.step()
+    return losses, grads
+
+
+@pytest.mark.parametrize("fused, performance", [
+    (True, {"checkpoint_layers": "all"}), (False, {"checkpoint_layers": "all"}),
+    (True, {"checkpoint_layers": 2}), (True, {"checkpoint_layers": "all", "recompute": "selective"})])
+def test_gradients_are_bit_identical_to_plain_checkpointing(tiny_llama, tmp_path, fused, performance):
+    recipe = make_recipe(tmp_path, fused_lora=fused, offload_checkpoints=False, **performance)
+    ref_losses, ref_grads = train(build(tiny_llama, recipe)[0])
+    offloader = CheckpointOffloader(streams=False, pin_memory=False, offload_cpu=True)
+    model, plan = build(tiny_llama, recipe, offloader)
+    assert plan.fused_lora.on == fused
+    losses, grads = train(model)
+    assert ref_losses[0] != ref_losses[-1] and losses == ref_losses
+    for step, (ours, ref) in enumerate(zip(grads, ref_grads)):
+        assert set(ours) == set(ref) and len(ref) == 7 * LAYERS * 2
+        for name, grad in ref.items():
+            assert torch.equal(ours[name], grad), f"step {step} {name}"
+    checkpointed = 2 if performance["checkpoint_layers"] == 2 else LAYERS
+    micro_batches = 2 * 2
+    # every checkpointed layer's input but the first layer's (a leaf) went through a host copy, and came back
+    # through the prefetch but the last checkpointed layer's (reloaded when its backward starts)
+    assert offloader.stats["offloaded"] == (checkpointed - 1) * micro_batches
+    assert offloader.stats["prefetch_hits"] == (checkpointed - 2) * micro_batches
+    assert offloader.stats["reloaded"] == micro_batches
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_after_the_forward_the_layer_inputs_live_only_in_host_copies(tiny_llama, tmp_path, offload):
+    offloader = CheckpointOffloader(streams=False, pin_memory=False, offload_cpu=True) if offload else None
+    model, _ = build(tiny_llama, make_recipe(tmp_path, checkpoint_layers="all"), offloader)
+    inputs: list[weakref.ref] = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, kwargs: inputs.append(weakref.ref(
+        args[0] if args else kwargs["hidden_states"])), with_kwargs=True) for layer in speed.decoder_layers(model)]
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    assert len(inputs) == LAYERS
+    alive = [ref() is not None for ref in inputs]
+    if not offload:
+        assert alive == [True] * LAYERS  # plain checkpointing keeps each layer's input for the replay
+    else:
+        # the hooks dropped them, only their host copies remain; but the first layer's: the embeddings' output, a
+        # leaf that autograd keeps anyway (trainer/offload.py), not copied
+        assert alive == [True] + [False] * (LAYERS - 1)
+        records = offloader.host_records()
+        assert len(records) == LAYERS - 1
+        for record in records:
+            assert record.host.device.type == "cpu" and record.device_tensor is None
+            assert record.host.shape == (2, 16, 64) and record.host.dtype == torch.float32
+        assert len({r.host.untyped_storage().data_ptr() for r in records}) == LAYERS - 1
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    if offload:  # the backward prefetched each layer's input while the layer after it ran its backward
+        assert offloader.stats["prefetched"] == LAYERS - 2 and offloader.stats["prefetch_hits"] == LAYERS - 2
+        assert all(r.device_tensor is None and r.unpacked for r in offloader.host_records())
+
+
+def test_what_is_copied_and_what_is_kept():
+    offloader = CheckpointOffloader()
+    x = torch.ones(3, requires_grad=True) * 2
+    assert offloader.pack(x) is x  # a CPU tensor stays (nothing to offload)
+    leaf = torch.ones(3, requires_grad=True)
+    assert CheckpointOffloader(offload_cpu=True).pack(leaf) is leaf  # a leaf stays (autograd holds it anyway)
+    packed = CheckpointOffloader(offload_cpu=True).pack(x)
+    assert packed is not x and packed.host.data_ptr() != x.data_ptr() and torch.equal(packed.host, x.detach())
