@@ -27,6 +27,7 @@ from packaging.version import InvalidVersion, Version
 from qlora_doctor.core.environment import Environment, canonical_name
 from qlora_doctor.core.report import Check
 from qlora_doctor.knowledge.loading import DATA_DIR, KnowledgeError, load_rules
+from qlora_doctor.knowledge.paste import Match
 
 COMPUTED = DATA_DIR / "computed" / "imports.json"
 CANNOT_IMPORT = re.compile(r"cannot import name '?([A-Za-z_][A-Za-z0-9_]*)'? from (?!partially initialized)"
@@ -284,22 +285,7 @@ def installed_versions() -> dict[str, str]:
     return found
 
 
-@dataclass(frozen=True)
-class ImportAnswer:
-    """An answer to a pasted "cannot import name 'X' from 'Y'" from the computed facts."""
-
-    id: str
-    title: str
-    cause: str
-    fix: str
-    sources: tuple[str, ...]
-    matched: str
-    evidence: tuple[str, ...]
-    contradicted: bool
-    score: float
-
-
-def explain_import(paste: str, paste_versions: dict[str, str], installed: dict[str, str] | None = None) -> list[ImportAnswer]:
+def explain_import(paste: str, paste_versions: dict[str, str], installed: dict[str, str] | None = None) -> list[Match]:
     """Answers for the last "cannot import name" in `paste`: the facts on that name from that module, best first.
     Versions named in the paste (`pip list`, `pkg==x`) are judged first, else `installed` (this machine's)."""
     matches = list(CANNOT_IMPORT.finditer(paste))
@@ -334,7 +320,7 @@ def explain_import(paste: str, paste_versions: dict[str, str], installed: dict[s
                 contradicted = contradicted or not ok
         where = fact.provenance[-1]
         ranges = ", ".join(_show(s) for s in fact.importer_versions)
-        answers.append(ImportAnswer(
+        answers.append(Match(
             id=f"computed:{fact.importer}:{fact.module}.{fact.name}",
             title=f"{fact.importer} {ranges} imports {name} from {fact.module}, which only {fact.target} "
                   f"{fact.describe_defined()} define",

@@ -35,6 +35,7 @@ from qlora_doctor.knowledge.computed import explain_import, installed_versions
 from qlora_doctor.knowledge.loading import load_rules, load_tables
 from qlora_doctor.knowledge.paste import (
     ERROR_LINE,
+    Match,
     PasteFacts,
     clean_paste,
     read_facts,
@@ -59,27 +60,6 @@ WARNING_LINE = re.compile(r"warn", re.IGNORECASE)
 UNRELATED_ERROR = re.compile(r"[ \t]*(?:[\w.]+\.)?(?:ModuleNotFoundError|ImportError|SyntaxError|IndentationError|"
                              r"FileNotFoundError|PermissionError)\b")
 """Final errors that a warning printed before them does not cause."""
-
-
-@dataclass(frozen=True)
-class Match:
-    id: str
-    title: str
-    cause: str
-    fix: str
-    sources: tuple[str, ...]
-    matched: str
-    """The error text (or the pattern's match) found in the pasted text."""
-    score: float = 0.0
-    evidence: tuple[str, ...] = ()
-    """Why it ranks where it does: the facts that agreed or contradicted."""
-    contradicted: bool = False
-    """A fact in the paste contradicts the rule's conditions: shown only as an alternative."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "title": self.title, "cause": self.cause, "fix": self.fix,
-                "sources": list(self.sources), "matched": self.matched, "score": round(self.score, 2),
-                "evidence": list(self.evidence), "contradicted": self.contradicted}
 
 
 @dataclass(frozen=True)
@@ -142,9 +122,7 @@ def explain_text(text: str) -> Explanation:
     stale = _stale_warnings(cleaned, where)
     scored = [item for item in scored if item[2].id not in stale]
     if not scored:  # no hand-written rule: a "cannot import name" answered from the harvested facts
-        scored = [(a.score, 0, Match(a.id, a.title, a.cause, a.fix, a.sources, a.matched, score=a.score,
-                                     evidence=a.evidence, contradicted=a.contradicted))
-                  for a in explain_import(cleaned, facts.packages, installed_versions())]
+        scored = [(a.score, 0, a) for a in explain_import(cleaned, facts.packages, installed_versions())]
     scored.sort(key=lambda item: (item[0], item[1]), reverse=True)
     return Explanation(matches=tuple(m for _, _, m in scored), facts=facts)
 

@@ -51,6 +51,29 @@ def spaced(text: str) -> str:
 # --- facts ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Match:
+    """One answer to a paste: a hand-written rule whose error text matched, or a computed import fact."""
+
+    id: str
+    title: str
+    cause: str
+    fix: str
+    sources: tuple[str, ...]
+    matched: str
+    """The error text (or the pattern's match) found in the pasted text."""
+    score: float = 0.0
+    evidence: tuple[str, ...] = ()
+    """Why it ranks where it does: the facts that agreed or contradicted."""
+    contradicted: bool = False
+    """A fact in the paste contradicts the rule's conditions: shown only as an alternative."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "cause": self.cause, "fix": self.fix,
+                "sources": list(self.sources), "matched": self.matched, "score": round(self.score, 2),
+                "evidence": list(self.evidence), "contradicted": self.contradicted}
+
+
+@dataclass(frozen=True)
 class PasteFacts:
     """Facts read from a paste; None / empty when the paste does not say."""
 
