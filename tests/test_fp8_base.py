@@ -26,10 +26,10 @@ from qlora_doctor.doctor.performance import performance_check  # noqa: E402
 from qlora_doctor.recipe import levers  # noqa: E402
 from qlora_doctor.recipe.levers import Lever  # noqa: E402
 from qlora_doctor.recipe.precision import Precision  # noqa: E402
-from qlora_doctor.recipe.schema import recipe_from_dict  # noqa: E402
 from qlora_doctor.runplan import RunPlan  # noqa: E402
 
 from helpers import CPU_MACHINE, env, machine  # noqa: E402
+from lever_support import CPU, make_recipe, nonzero_lora_b, save_tiny_llama  # noqa: E402
 
 
 
@@ -38,24 +38,10 @@ def gpu(capability):
                      reason="test")
 
 
-CPU = Precision(device="cpu", fp16=False, bf16=False, compute_dtype="float32", compute_capability=None, reason="test")
 H100, A100, L4, UNKNOWN_CC = gpu("9.0"), gpu("8.0"), gpu("8.9"), gpu(None)
 H100_GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}
 LAYERS = 2
 PROJECTIONS = 7  # q, k, v, o, gate, up, down
-
-
-def make_recipe(tmp_path, model="org/model", quantized=True, distributed=None, lora=None, **performance):
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "a"}\n')
-    raw = {"model": {"name_or_path": str(model)}, "dataset": {"path": str(data), "format": "text"},
-           "training": {"output_dir": str(tmp_path / "out")}, "performance": performance,
-           "quantization": {"load_in_4bit": quantized}}
-    if distributed:
-        raw["distributed"] = distributed
-    if lora:
-        raw["lora"] = lora
-    return recipe_from_dict(raw)
 
 
 def run_plan(recipe, precision):
@@ -187,14 +173,7 @@ def torchao():
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """2 layers, grouped-query attention, random weights; every dimension a multiple of 16."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama-fp8")
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-fp8"), LAYERS, intermediate_size=128)
 
 
 def nf4_linear(out_features, in_features, seed=0):
@@ -252,9 +231,7 @@ def build(path, tmp_path, monkeypatch, fp8, fused=True, dropout=0.0, checkpoint=
                          lora={"r": 4, "lora_alpha": 8, "lora_dropout": dropout, "target_modules": "all-linear"})
     torch.manual_seed(1)
     model = load_for_training(recipe, CPU, str(path), levers.speed_plan(recipe, CPU))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero; non-zero B makes every gradient path count
-            torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora_b(model)
     model.train()
     return model
 

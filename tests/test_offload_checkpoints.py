@@ -19,28 +19,17 @@ from qlora_doctor.core.errors import InputError  # noqa: E402
 from qlora_doctor.doctor.performance import performance_check  # noqa: E402
 from qlora_doctor.recipe import levers  # noqa: E402
 from qlora_doctor.recipe.precision import Precision  # noqa: E402
-from qlora_doctor.recipe.schema import recipe_from_dict  # noqa: E402
 from qlora_doctor.runplan import RunPlan  # noqa: E402
 from qlora_doctor.trainer import speed  # noqa: E402
 from qlora_doctor.trainer.offload import CheckpointOffloader  # noqa: E402
 
 from helpers import machine  # noqa: E402
+from lever_support import CPU, load_base, make_recipe, nonzero_lora_b, save_tiny_llama  # noqa: E402
 
-CPU = Precision(device="cpu", fp16=False, bf16=False, compute_dtype="float32", compute_capability=None, reason="test")
 H100 = Precision(device="cuda", fp16=False, bf16=True, compute_dtype="bfloat16", compute_capability="9.0",
                  reason="test")
 H100_GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}
 LAYERS = 4
-
-
-def make_recipe(tmp_path, model="org/model", distributed=None, training=None, **performance):
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "a"}\n')
-    raw = {"model": {"name_or_path": str(model)}, "dataset": {"path": str(data), "format": "text"},
-           "training": {"output_dir": str(tmp_path / "out"), **(training or {})}, "performance": performance}
-    if distributed:
-        raw["distributed"] = distributed
-    return recipe_from_dict(raw)
 
 
 # --- the recipe, the lever, check --recipe ------------------------------------------------------------
@@ -137,25 +126,15 @@ def test_plan_shows_the_lower_peak_and_the_lever(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=LAYERS, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama-offload")
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-offload"), LAYERS)
 
 
 def build(path, recipe, offloader=None):
     """The model as `qlora-doctor run` builds it (speed.prepare_for_training, peft, apply_after_peft); with
     `offloader`, its checkpointed layers offloaded through it (the lever itself is off on the CPU)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32, device_map={"": "cpu"})
+    base = load_base(path)
     plan = levers.speed_plan(recipe, CPU)
     assert not plan.offload_checkpoints.on
     model = speed.prepare_for_training(base, recipe, plan)
@@ -166,9 +145,7 @@ def build(path, recipe, offloader=None):
         assert chosen == [i for i, layer in enumerate(speed.decoder_layers(model)) if layer.gradient_checkpointing]
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora_b(model)
     plan = speed.apply_after_peft(model, plan)
     model.train()
     return model, plan

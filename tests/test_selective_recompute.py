@@ -17,40 +17,20 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from qlora_doctor.core.errors import InputError  # noqa: E402
 from qlora_doctor.recipe import levers  # noqa: E402
-from qlora_doctor.recipe.precision import Precision  # noqa: E402
-from qlora_doctor.recipe.schema import recipe_from_dict  # noqa: E402
 from qlora_doctor.trainer import selective, speed  # noqa: E402
 from tests.trainer_support import builtin_checkpoint  # noqa: E402, F401 (fixture)
+from lever_support import CPU, load_base, make_recipe, nonzero_lora_b, save_tiny_llama  # noqa: E402
 
-CPU = Precision(device="cpu", fp16=False, bf16=False, compute_dtype="float32", compute_capability=None, reason="test")
 LAYERS = 4
 HEADS = 4
 GEMM = "bitsandbytes::gemm_4bit"
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
 
-def make_recipe(tmp_path, model="org/model", distributed=None, quantized=True, **performance):
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "a"}\n')
-    raw = {"model": {"name_or_path": str(model)}, "dataset": {"path": str(data), "format": "text"},
-           "training": {"output_dir": str(tmp_path / "out")}, "performance": performance,
-           "quantization": {"load_in_4bit": quantized}}
-    if distributed:
-        raw["distributed"] = distributed
-    return recipe_from_dict(raw)
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """4 layers, grouped-query attention (4 query heads, 2 key/value heads), random weights."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama-selective")
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-selective"), LAYERS)
 
 
 def build(path, recipe, dropout):
@@ -58,18 +38,13 @@ def build(path, recipe, dropout):
     (speed.prepare_for_training, peft, apply_after_peft), with the same LoRA weights every time (B not
     zero, so every gradient path counts)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32) if recipe.quantization.load_in_4bit else None
-    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32, device_map={"": "cpu"})
+    base = load_base(path, recipe.quantization.load_in_4bit)
     plan = levers.speed_plan(recipe, CPU)
     model = speed.prepare_for_training(base, recipe, plan)
     torch.manual_seed(1)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora_b(model)
     plan = speed.apply_after_peft(model, plan)
     model.train()
     return model, plan
