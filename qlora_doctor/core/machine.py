@@ -5,6 +5,7 @@ qlora_doctor/sources/machine.py."""
 from __future__ import annotations
 
 import json
+import platform
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,9 +101,7 @@ def machine_from_dict(data: Any, where: str) -> Machine:
     # A description of a common GPU box often names only the GPU and the driver: the rest defaults to what
     # nearly every such machine is (Linux on x86_64) and this interpreter's Python, each said in a note.
     assumed: list[str] = []
-    import platform as _platform
-
-    for key, default in (("os", "linux"), ("arch", "x86_64"), ("python", _platform.python_version())):
+    for key, default in (("os", "linux"), ("arch", "x86_64"), ("python", platform.python_version())):
         if data.get(key) in (None, ""):
             data = {**data, key: default}
             assumed.append(f"{key} not given: assumed {default}" + (" (this interpreter's)" if key == "python" else ""))

@@ -46,18 +46,23 @@ def _wanted(req: Requirement, extras: tuple[str, ...]) -> bool:
     return any(req.marker.evaluate({"extra": e}) for e in (extras or ("",)))
 
 
-def closure(roots: list[str], extras: tuple[str, ...] = ROOT_EXTRAS, also: tuple[str, ...] = ()) -> list[str]:
-    """Canonical names of the installed distributions reachable from `roots` (requirement strings evaluated with
-    `extras` for the roots' own markers) plus `also`; names not installed are left out."""
-    todo: list[tuple[str, tuple[str, ...]]] = []
-    for raw in roots:
+def _needed(raws, extras: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, extras asked of it) for each requirement string whose marker holds with `extras`."""
+    needed = []
+    for raw in raws:
         try:
             req = Requirement(raw)
         except InvalidRequirement:
             continue
         if _wanted(req, extras):
-            todo.append((canonical_name(req.name), tuple(sorted(req.extras))))
-    todo += [(canonical_name(n), ()) for n in also]
+            needed.append((canonical_name(req.name), tuple(sorted(req.extras))))
+    return needed
+
+
+def closure(roots: list[str], extras: tuple[str, ...] = ROOT_EXTRAS, also: tuple[str, ...] = ()) -> list[str]:
+    """Canonical names of the installed distributions reachable from `roots` (requirement strings evaluated with
+    `extras` for the roots' own markers) plus `also`; names not installed are left out."""
+    todo = _needed(roots, extras) + [(canonical_name(n), ()) for n in also]
     seen: dict[str, set[str]] = {}
     while todo:
         name, want = todo.pop()
@@ -68,13 +73,7 @@ def closure(roots: list[str], extras: tuple[str, ...] = ROOT_EXTRAS, also: tuple
         except md.PackageNotFoundError:
             continue
         seen.setdefault(name, set()).update(want)
-        for raw in dist.requires or ():
-            try:
-                req = Requirement(raw)
-            except InvalidRequirement:
-                continue
-            if _wanted(req, want):
-                todo.append((canonical_name(req.name), tuple(sorted(req.extras))))
+        todo += _needed(dist.requires or (), want)
     return sorted(seen)
 
 

@@ -19,6 +19,7 @@ best match across all of them (uv's `--index-strategy unsafe-best-match`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -203,9 +204,15 @@ def pip_sources_as_uv_args(config_list: str) -> list[str]:
     return args
 
 
-def pip_sources_for_uv() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _pip_sources_for_uv() -> tuple[str, ...]:
     done = run_command([sys.executable, "-m", "pip", "config", "list"], 60, env=_clean_env())
-    return pip_sources_as_uv_args(done.stdout) if done.returncode == 0 else []
+    return tuple(pip_sources_as_uv_args(done.stdout)) if done.returncode == 0 else ()
+
+
+def pip_sources_for_uv() -> list[str]:
+    """pip's configuration, asked once per run (a `pip config list` subprocess), not once per install step."""
+    return list(_pip_sources_for_uv())
 
 
 def env_key(combo: Combination, installer: str) -> str:

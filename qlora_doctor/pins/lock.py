@@ -30,8 +30,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
 from qlora_doctor import __version__
-from qlora_doctor.knowledge.loading import (CUDA_VARIANTS, Tables, TorchChoice, choose_torch_build,  # noqa: F401
-                                            torch_variant_for)
+from qlora_doctor.knowledge.loading import Tables, choose_torch_build, torch_variant_for
 from qlora_doctor.core.environment import canonical_name
 from qlora_doctor.core.machine import Machine
 from qlora_doctor.core.environment import TRAINING_NEEDS, WATCHED, Environment
