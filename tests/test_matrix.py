@@ -330,3 +330,22 @@ def test_resume_skips_what_is_recorded_as_described_now(tmp_path):
     cpu = machine_from_dict(CPU_MACHINE, "cpu")
     summary = run_matrix((combo,), cpu, RunOptions(results_dir=results, repo=None), resume=True)
     assert summary.records == () and "--resume" in summary.skipped[0].reason
+
+
+def test_a_python_this_host_lacks_is_skipped_and_leaves_the_earlier_record_alone(tmp_path):
+    """Learnt the hard way: three good records were overwritten by `install failed: no Python 3.10 interpreter`,
+    a fact about the host, not the combination. Such a combination is skipped, naming how to get the Python."""
+    combos = parse_combinations({"combinations": [{
+        "name": "future-python", "python": "3.99", "expect": "pass", "platforms": ["*"],
+        "pins": {"torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
+                 "accelerate": "1.12.0"}}]}, "m")
+    results = tmp_path / "r"
+    results.mkdir()
+    earlier = results / "future-python--linux-x86_64-py3.99-cpu.json"
+    earlier.write_text('{"verdict": "pass"}')
+    summary = run_matrix(combos, machine_from_dict(CPU_MACHINE, "cpu"),
+                         RunOptions(results_dir=results, repo=None, cache_dir=tmp_path / "envs"))
+    assert summary.records == () and summary.paths == ()
+    (skipped,) = summary.skipped
+    assert "no Python 3.99 interpreter" in skipped.reason and "uv python install 3.99" in skipped.reason
+    assert earlier.read_text() == '{"verdict": "pass"}'

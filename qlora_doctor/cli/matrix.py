@@ -55,7 +55,9 @@ def matrix_run(combos_file, results_dir, machine_file, only, jobs, in_place, ins
     for skipped in summary.skipped:
         click.echo(f"skipped {skipped.name}: {skipped.reason}", err=True)
     if only and summary.skipped and not resume:
-        raise InputError([f"--only {s.name}: {s.reason}; run it on a matching machine" for s in summary.skipped])
+        raise InputError([f"--only {s.name}: {s.reason}" + ("" if "interpreter" in s.reason else
+                                                             "; run it on a matching machine")
+                          for s in summary.skipped])
     for record, path in zip(summary.records, summary.paths):
         mark = "ok  " if record.verdict == "pass" else "FAIL"
         click.echo(f"{mark} {record.name} on {record.platform}: {record.verdict_detail} -> {path}")

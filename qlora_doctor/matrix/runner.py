@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from packaging.version import InvalidVersion, Version
 
@@ -271,15 +271,36 @@ def _uv() -> str:
     return find_uv() or "uv"
 
 
+def _python_candidates(version: str) -> Iterator[str]:
+    """Interpreters that may be Python `version`, lazily: on PATH, then pyenv's installs (whose shims refuse
+    versions that are not selected), then the one uv knows (`uv python find`, which downloads nothing)."""
+    yield from (exe for name in (f"python{version}", "python3", "python") if (exe := shutil.which(name)))
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    yield from (str(exe) for exe in sorted((root / "versions").glob(f"{version}.*/bin/python{version}"), reverse=True))
+    uv = _uv()
+    if shutil.which(uv) or Path(uv).is_file():
+        done = run_command([uv, "python", "find", "--no-python-downloads", version], timeout_s=30)
+        if done.returncode == 0 and done.stdout.strip():
+            yield done.stdout.strip().splitlines()[-1]
+
+
 def _find_python(version: str) -> str | None:
-    for name in (f"python{version}", "python3", "python"):
-        exe = shutil.which(name)
-        if exe is None:
-            continue
+    for exe in _python_candidates(version):
         done = run_command([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], timeout_s=30)
         if done.returncode == 0 and done.stdout.strip() == version:
             return exe
     return None
+
+
+def missing_python(version: str) -> str:
+    return (f"no Python {version} interpreter on this machine (looked on PATH, in pyenv's versions and with "
+            f"`uv python find`): install one (`uv python install {version}`, `pyenv install {version}`, or "
+            "actions/setup-python in CI)")
+
+
+def _reusable_env(combo: Combination, opts: RunOptions) -> bool:
+    env_dir = Path(opts.cache_dir) / f"env-{env_key(combo, opts.installer)}"
+    return (env_dir / ENV_MARKER).is_file() and (env_dir / "bin" / "python").exists()
 
 
 def _install(combo: Combination, opts: RunOptions, wheel: Path, progress: Progress) -> tuple[StepResult, Path | None]:
@@ -290,10 +311,8 @@ def _install(combo: Combination, opts: RunOptions, wheel: Path, progress: Progre
     reused = (env_dir / ENV_MARKER).is_file() and python.exists()
     if not reused:
         interpreter = _find_python(combo.python)
-        if interpreter is None:
-            return StepResult("install", "fail", 0.0, f"no Python {combo.python} interpreter on PATH",
-                              f"python{combo.python} not found or not working; install it (pyenv install "
-                              f"{combo.python}, or actions/setup-python in CI)"), None
+        if interpreter is None:  # run_matrix skips such combinations first; this guards a race only
+            return StepResult("install", "fail", 0.0, missing_python(combo.python)), None
         if env_dir.exists():
             shutil.rmtree(env_dir)  # a half-built env from an interrupted run
         env_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -510,12 +529,20 @@ def run_matrix(combos: tuple[Combination, ...], machine: Machine, opts: RunOptio
                in_place: bool = False, progress: Progress = lambda _: None, resume: bool = False) -> RunSummary:
     runnable: list[Combination] = []
     skipped: list[Skipped] = []
+    pythons: dict[str, bool] = {}
     for combo in combos:
         platform = planned_platform(machine, combo)
         if resume and not in_place and already_recorded(combo, platform, opts.results_dir):
             skipped.append(Skipped(combo.name, f"already recorded for {platform} (--resume)"))
             continue
         if in_place or combo.applies_to(platform):
+            if not in_place and not _reusable_env(combo, opts) and combo.python not in pythons:
+                pythons[combo.python] = _find_python(combo.python) is not None
+            if not in_place and not pythons.get(combo.python, True):
+                # The host lacks the interpreter: nothing about the combination is learnt, so no record is
+                # written (an earlier record of it stays as it was).
+                skipped.append(Skipped(combo.name, missing_python(combo.python)))
+                continue
             runnable.append(combo)
         else:
             skipped.append(Skipped(combo.name, f"on this machine it would be {platform}, which is not in its "
