@@ -257,6 +257,23 @@ def test_lock_for_the_machines_people_have(name, tmp_path):
     assert report["status"] != "fail", [c for c in report["checks"] if c["status"] == "fail"]
 
 
+def test_repair_on_a_gpu_machine_without_a_gpu_record_moves_to_what_lock_writes(tmp_path):
+    """A T4 box (driver 550) with only CPU records: --repair aims at the same set `lock --machine` writes, the CPU
+    record's Python level and a CUDA 12 torch build from its index, and says so instead of refusing."""
+    folder = write_records(tmp_path, record_json("cpu", "linux-x86_64-py3.11-cpu", stack("2.13.0+cpu", accelerate="1.12.0")))
+    t4 = machine_from_dict({**json.loads((REPO_ROOT / "lockfiles/machines/t4-550.json").read_text()),
+                            "python": "3.11.9"}, "t4")
+    installed = {**stack("2.13.0+cpu", accelerate="1.0.1"), "pytest": "8.0"}
+    fix = lk.choose_repair(load_records(folder), t4, "3.11", load_tables(), installed)
+    lock = lk.lockfile_for_gpu_from_cpu_record(load_records(folder), t4, "3.11", load_tables(), "x", None)
+    assert fix.fit.record.name == "cpu" and "Python level tested on CPU" in fix.source
+    changed = {name: new for name, _, new in fix.changes}
+    assert changed["accelerate"] == "1.12.0" and changed["torch"] == lock.pins["torch"]
+    assert changed["torch"].split("+")[1].startswith("cu12")
+    assert f"--extra-index-url {lock.index_urls[0]}" in fix.command
+    assert fix.problems == ()
+
+
 def test_the_torch_build_follows_the_driver_and_the_gpu():
     from qlora_doctor.core.machine import machine_from_dict
     from qlora_doctor.knowledge.loading import load_tables

@@ -71,14 +71,15 @@ def lock(machine_file, results_dir, python_version, output, untested, keep, cons
     if repair:
         fix = lk.choose_repair(records, machine, python, tables, lk.installed_versions())
         if as_json:
-            echo_json({**lk.describe_fit(fix.fit), "command": fix.command,
+            echo_json({**lk.describe_fit(fix.fit), "source": fix.source or None, "command": fix.command,
                        "changes": [{"name": n, "installed": o, "tested": v} for n, o, v in fix.changes],
                        "still_failing": list(fix.problems)})
         elif not fix.changes:
             click.echo(f"nothing to change: the environment already has {fix.fit.record.name}'s versions")
         else:
             click.echo(f"# nearest tested combination: {fix.fit.record.name} ({lk.record_source(fix.fit.record)}), "
-                       f"{len(fix.changes)} package(s) change")
+                       f"{len(fix.changes)} package(s) change" if not fix.source else
+                       f"# {fix.source}; {len(fix.changes)} package(s) change")
             click.echo(fix.command)
             for problem in fix.problems:
                 click.echo(f"# still failing after it, with packages outside the record: {problem}")

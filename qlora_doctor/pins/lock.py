@@ -316,6 +316,8 @@ class Repair:
     """(package, installed version or None, tested version)."""
     problems: tuple[str, ...] = ()
     """Rules the environment would still break after the changes (packages outside the record, e.g. gradio)."""
+    source: str = ""
+    """What the target set is, when it is not the record's own freeze (a GPU machine without a GPU record)."""
 
     @property
     def command(self) -> str:
@@ -324,11 +326,12 @@ class Repair:
         return " ".join(["pip install", *(f"--extra-index-url {u}" for u in urls), *(shlex.quote(p) for p in pins)])
 
 
-def repair_changes(record: Record, installed: dict[str, str]) -> tuple[tuple[str, str | None, str], ...]:
-    """What must change to turn the installed env into the record's: installed packages at another
-    version, and watched packages missing. Packages the record has but nothing here uses are left out."""
+def repair_changes(target: dict[str, str], installed: dict[str, str]) -> tuple[tuple[str, str | None, str], ...]:
+    """What must change to turn the installed env into the target pins (a record's lockable freeze):
+    installed packages at another version, and watched packages missing. Packages the target has but
+    nothing here uses are left out."""
     changes = []
-    for name, version in sorted(lockable_pins(record.locked_freeze).items()):
+    for name, version in sorted(target.items()):
         have = installed.get(name)
         if have is None and name not in WATCHED and name not in TRAINING_NEEDS:
             continue
@@ -337,21 +340,29 @@ def repair_changes(record: Record, installed: dict[str, str]) -> tuple[tuple[str
     return tuple(changes)
 
 
+def _repair_towards(fit: Fit, target: dict[str, str], installed: dict[str, str], machine: Machine,
+                    source: str = "") -> Repair:
+    changes = repair_changes(target, installed)
+    after = {**lockable_pins(installed), **{name: new for name, _, new in changes}}
+    # The knowledge base judges the environment the repair leaves, installed packages outside the
+    # record included: a record whose versions a rule forbids beside them (huggingface_hub 1.x under an
+    # installed gradio 4) loses to one that breaks nothing, even if it changes more.
+    problems = tuple(vet_pins(after, machine, "the environment after the repair")) if changes else ()
+    return Repair(fit, changes, problems, source)
+
+
 def choose_repair(records: tuple[Record, ...], machine: Machine, python: str, tables: Tables,
                   installed: dict[str, str]) -> Repair:
     fits = [fit_record(r, machine, python, tables) for r in records]
     good = [f for f in fits if not f.reasons]
     if not good:
-        choose_record(records, machine, python, tables)  # raises, naming the closest
-    repairs = []
-    for fit in good:
-        changes = repair_changes(fit.record, installed)
-        after = {**lockable_pins(installed), **{name: new for name, _, new in changes}}
-        # The knowledge base judges the environment the repair leaves, installed packages outside the
-        # record included: a record whose versions a rule forbids beside them (huggingface_hub 1.x under an
-        # installed gradio 4) loses to one that breaks nothing, even if it changes more.
-        problems = tuple(vet_pins(after, machine, "the environment after the repair")) if changes else ()
-        repairs.append(Repair(fit, changes, problems))
+        if not machine.nvidia_gpus:
+            choose_record(records, machine, python, tables)  # raises, naming the closest
+        # A GPU machine with no GPU record: towards what `lock` writes for it, the Python level of a CPU
+        # record and the torch build its driver and GPU need.
+        plan = gpu_plan_from_cpu_record(records, machine, python, tables)
+        return _repair_towards(Fit(plan.record, ()), plan.pins, installed, machine, plan.source)
+    repairs = [_repair_towards(fit, lockable_pins(fit.record.locked_freeze), installed, machine) for fit in good]
     return min(repairs, key=lambda r: (bool(r.problems), len(r.changes), _Desc(_newest_key(r.fit.record))))
 
 
@@ -513,11 +524,21 @@ TORCH_ONLY_LOCAL = re.compile(r"^(nvidia-|cuda-|triton$|pytorch-triton)")
 """Packages a CUDA build of torch brings itself (from its own index): not taken from a CPU record."""
 
 
-def lockfile_for_gpu_from_cpu_record(records: tuple[Record, ...], machine: Machine, python: str, tables: Tables,
-                                     command: str, output: str | None) -> Lockfile:
-    """No GPU record fits: the Python-level packages of the newest passing CPU record for this Python, and the
-    torch build chosen for the driver and GPU (choose_torch_build), on its PyTorch index. The header says
-    which part is tested where."""
+@dataclass(frozen=True)
+class GpuPlan:
+    """A GPU machine's pins when no GPU record fits it: a CPU record's Python level, the torch build the
+    tables choose for the driver and GPU."""
+    record: Record
+    pins: dict[str, str] = field(hash=False)
+    variant: str
+    platform: str
+    source: str
+
+
+def gpu_plan_from_cpu_record(records: tuple[Record, ...], machine: Machine, python: str,
+                             tables: Tables) -> GpuPlan:
+    """The Python-level packages of the newest passing CPU record for this Python whose pins, with the torch
+    build chosen for the driver and GPU (choose_torch_build), break no rule."""
     cpu = [r for r in records if r.works and r.expect == "pass" and _is_cpu_record(r, machine, python)]
     if not cpu:
         raise CheckFailed(f"no passing CPU record for Python {python} to take the Python-level packages from; "
@@ -531,24 +552,31 @@ def lockfile_for_gpu_from_cpu_record(records: tuple[Record, ...], machine: Machi
             continue
         pins = {n: v for n, v in lockable_pins(record.locked_freeze).items() if not TORCH_ONLY_LOCAL.match(n)}
         pins["torch"] = f"{choice.version}+{choice.variant}"
-        problems = vet_pins(pins, machine, "this lock")
-        if problems:
+        if vet_pins(pins, machine, "this lock"):
             continue
         gpus = machine.nvidia_gpus
-        sm = gpus[0].compute_capability.replace(".", "")
+        sm = (gpus[0].compute_capability or "").replace(".", "")
         platform = f"{machine.os}-{machine.arch}-py{python}-{choice.variant}-sm{sm}"
         same_torch = choice.version == own
         source = (f"Python level tested on CPU by matrix record {record_source(record)} ({record.name}, "
                   f"{record.date[:10]}); torch {choice.version}+{choice.variant} chosen for this machine: "
                   f"{choice.why}" + ("" if same_torch else f" (the record tested torch {own} on CPU; "
                                                             f"{own} has no build for this driver and GPU)"))
-        status = ("PARTLY TESTED: the Python-level packages by a CPU record, the torch build by the knowledge "
-                  "base's tables (no GPU record for this platform); its CUDA libraries come from the "
-                  f"{choice.variant} index at install")
-        header = header_lines(machine, python, platform, source, status, command, output)
-        return Lockfile(pins, (TORCH_INDEX.format(variant=choice.variant),), header)
+        return GpuPlan(record, pins, choice.variant, platform, source)
     raise CheckFailed(f"no torch build the tables know runs on {_machine_words(machine)} with the tested "
                       "Python-level packages; upgrade the NVIDIA driver, or use `qlora-doctor lock --untested`")
+
+
+def lockfile_for_gpu_from_cpu_record(records: tuple[Record, ...], machine: Machine, python: str, tables: Tables,
+                                     command: str, output: str | None) -> Lockfile:
+    """No GPU record fits: gpu_plan_from_cpu_record's pins on the chosen variant's PyTorch index. The header
+    says which part is tested where."""
+    plan = gpu_plan_from_cpu_record(records, machine, python, tables)
+    status = ("PARTLY TESTED: the Python-level packages by a CPU record, the torch build by the knowledge "
+              "base's tables (no GPU record for this platform); its CUDA libraries come from the "
+              f"{plan.variant} index at install")
+    header = header_lines(machine, python, plan.platform, plan.source, status, command, output)
+    return Lockfile(plan.pins, (TORCH_INDEX.format(variant=plan.variant),), header)
 
 
 def _is_cpu_record(record: Record, machine: Machine, python: str) -> bool:
