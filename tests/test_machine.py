@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,7 +60,7 @@ def test_machine_file_round_trip(tmp_path):
 def test_machine_file_errors_are_collected_and_named(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"os": "plan9", "arch": "x86_64", "python": "three", "driver_versoin": "1",
-                                "gpus": [{"name": "X", "compute_capability": 8.0}]}))
+                                "gpus": [{"name": "X", "compute_capability": [8, 0]}]}))
     with pytest.raises(InputError) as err:
         load_machine_file(path)
     text = "\n".join(err.value.messages)
@@ -146,3 +147,95 @@ def test_a_description_naming_only_the_gpu_and_driver_is_enough():
     assert given.notes == () and given.arch == "aarch64"
     with pytest.raises(InputError, match=r"gpus\[0\]: expected a GPU name"):
         machine_from_dict({"gpus": [3]}, "bad.json")
+
+
+# --- descriptions as people write them ----------------------------------------------------------
+
+def _described(tmp_path, name: str, text: str):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / name
+    path.write_text(text)
+    return load_described_machine(path)
+
+
+def test_common_aliases_and_numbers_are_read_with_a_note(tmp_path):
+    m = _described(tmp_path, "m.json", json.dumps({"gpu": "NVIDIA A100-SXM4-80GB", "gpu_count": 2, "driver": 550.54,
+                                                   "cuda": "12.4", "python_version": "3.10"}))
+    assert [g.name for g in m.gpus] == ["NVIDIA A100-SXM4-80GB"] * 2
+    assert m.driver_version == "550.54" and m.cuda_driver_version == "12.4" and m.python == "3.10"
+    assert {g.compute_capability for g in m.gpus} == {"8.0"}
+    assert "read 'driver' as 'driver_version'" in m.notes
+    one = _described(tmp_path, "o.json", json.dumps({"gpus": [{"model": "RTX 4090", "cc": "sm_89", "vram_gb": 24}]}))
+    assert one.gpus[0].compute_capability == "8.9" and one.gpus[0].memory_total_mib == 24 * 1024
+
+
+def test_a_python_version_given_as_a_number_is_refused_with_why(tmp_path):
+    with pytest.raises(InputError, match=r"the number 3.10 reads as 3.1"):
+        _described(tmp_path, "m.json", '{"gpus": ["Tesla T4"], "python": 3.10}')
+
+
+def test_a_driver_branch_alone_is_judged_as_its_newest_release(tmp_path):
+    # "580" as people say it: runs CUDA 13 (which needs >= 580.65.06); "535" does not.
+    from qlora_doctor.knowledge.loading import load_tables, torch_variant_for
+
+    new = _described(tmp_path, "a.json", '{"gpus": ["NVIDIA H100 80GB HBM3"], "driver_version": "580"}')
+    old = _described(tmp_path, "b.json", '{"gpus": ["NVIDIA H100 80GB HBM3"], "driver_version": "535"}')
+    assert torch_variant_for(new, load_tables()).startswith("cu13")
+    assert torch_variant_for(old, load_tables()).startswith("cu12")
+    assert any("driver branch only" in n for n in new.notes)
+
+
+def test_memory_and_the_driver_floor_come_from_the_tables_when_left_out(tmp_path):
+    t4 = _described(tmp_path, "t4.yaml", "gpus: [Tesla T4]\ncuda: '12.2'\n")
+    assert t4.gpus[0].memory_total_mib == 15360  # what nvidia-smi shows for a 16 GB T4
+    assert t4.driver_version == "535.54.03"  # the first driver reporting CUDA 12.2, zeros kept
+    a100 = _described(tmp_path, "a.json", '{"gpus": ["A100"], "driver_version": "550.54.15"}')
+    assert a100.gpus[0].memory_total_mib is None  # 40 or 80 GB: not guessed
+    assert sum("sold with 40 or 80 GB" in n for n in a100.notes) == 1
+
+
+def test_plain_nvidia_smi_output_is_a_machine_description(tmp_path):
+    text = (Path(__file__).parent / "data" / "nvidia-smi-header.txt").read_text()
+    m = _described(tmp_path, "smi.txt", text)
+    assert m.driver_version == "580.159.04" and m.cuda_driver_version == "13.0"
+    assert [(g.name, g.memory_total_mib, g.compute_capability) for g in m.gpus] == [
+        ("NVIDIA H100 80GB HBM3", 81559, "9.0")]
+    colab = ("+-----------------------------------------------------------------------------+\n"
+             "| NVIDIA-SMI 525.85.12    Driver Version: 525.85.12    CUDA Version: 12.0     |\n"
+             "|-------------------------------+----------------------+----------------------+\n"
+             "| GPU  Name        Persistence-M| Bus-Id        Disp.A | Volatile Uncorr. ECC |\n"
+             "|===============================+======================+======================|\n"
+             "|   0  Tesla T4            Off  | 00000000:00:04.0 Off |                    0 |\n"
+             "| N/A   44C    P8     9W /  70W |      0MiB / 15360MiB |      0%      Default |\n"
+             "+-------------------------------+----------------------+----------------------+\n")
+    m = _described(tmp_path, "colab.txt", colab)
+    assert m.driver_version == "525.85.12" and [(g.name, g.memory_total_mib) for g in m.gpus] == [("Tesla T4", 15360)]
+
+
+def test_a_gpu_count_that_disagrees_with_the_list_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="gpu_count is 3 but gpus lists 2"):
+        _described(tmp_path, "m.json", '{"gpus": ["Tesla T4", "Tesla T4"], "gpu_count": 3}')
+
+
+@pytest.mark.parametrize("name, mib", [
+    ("NVIDIA A100-SXM4-40GB", 40960), ("A100 80GB", 81920), ("NVIDIA H100 80GB HBM3", 81559),
+    ("NVIDIA H100 NVL", 95830), ("NVIDIA GeForce RTX 4090", 24564), ("NVIDIA L4", 23034), ("NVIDIA A10G", 23028),
+    ("Tesla V100-SXM2-32GB", 30720),  # no sourced total: 32 GB less 1/16, erring low
+    ("NVIDIA GeForce RTX 3060 Ti", None), ("NVIDIA GeForce RTX 3060 Laptop GPU", None),  # other products
+    ("NVIDIA GeForce RTX 4070 Ti SUPER", None), ("Tesla V100", None),  # 16 or 32 GB: not guessed
+])
+def test_gpu_memory_from_the_name_is_sourced_or_left_unknown(tmp_path, name, mib):
+    m = _described(tmp_path, "m.json", json.dumps({"gpus": [name], "driver_version": "550.54.15"}))
+    assert m.gpus[0].memory_total_mib == mib, m.notes
+
+
+def test_every_gpu_memory_row_names_a_known_product_and_its_source():
+    from qlora_doctor.knowledge.loading import load_tables
+
+    tables = load_tables()
+    assert len(tables.gpu_memory) >= 25
+    for row in tables.gpu_memory:
+        assert tables.compute_capability_for(row.match), row.match
+        assert row.sources and all(s.startswith("https://") for s in row.sources)
+        assert 0.9 < row.memory_mib / (row.gb * 1024) <= 1.0, row  # a total near the size sold

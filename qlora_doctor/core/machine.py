@@ -54,6 +54,17 @@ class Machine:
     """What the probes could not read, and why."""
 
     @property
+    def driver(self) -> "Version | None":
+        """The driver version to compare with minimums. A branch alone (`535`, as people say it) is judged as
+        that branch's newest release: every minimum the tables hold inside a branch is one of its early
+        releases."""
+        from packaging.version import Version
+
+        if self.driver_version is None:
+            return None
+        return Version(self.driver_version + (".999" if self.driver_version.isdigit() else ""))
+
+    @property
     def nvidia_gpus(self) -> tuple[Gpu, ...]:
         return tuple(g for g in self.gpus if g.vendor == "nvidia")
 
@@ -75,6 +86,7 @@ def machine_from_dict(data: Any, where: str) -> Machine:
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a JSON object like "
                          '{"os": "linux", "arch": "x86_64", "python": "3.11.7", "driver_version": null, "gpus": []}')
+    data, assumed = _read_aliases(data, where, errors)
     known = {"os", "arch", "python", "libc", "driver_version", "cuda_driver_version", "gpus",
              "gpu_vendor", "source", "notes"}
     for key in data:
@@ -100,7 +112,6 @@ def machine_from_dict(data: Any, where: str) -> Machine:
 
     # A description of a common GPU box often names only the GPU and the driver: the rest defaults to what
     # nearly every such machine is (Linux on x86_64) and this interpreter's Python, each said in a note.
-    assumed: list[str] = []
     for key, default in (("os", "linux"), ("arch", "x86_64"), ("python", platform.python_version())):
         if data.get(key) in (None, ""):
             data = {**data, key: default}
@@ -109,7 +120,10 @@ def machine_from_dict(data: Any, where: str) -> Machine:
     arch = text("arch", True)
     python = text("python", True, pattern=r"\d+\.\d+(\.\d+)?")
     libc = text("libc", False)
-    driver = text("driver_version", False, pattern=r"\d+\.\d+(\.\d+)?")
+    driver = text("driver_version", False, pattern=r"\d+(\.\d+){0,2}")
+    if driver is not None and driver.isdigit():
+        assumed.append(f"driver_version {driver} names a driver branch only: judged as its newest release; "
+                       "give the full version (nvidia-smi's \"Driver Version\") for an exact answer")
     cuda_driver = text("cuda_driver_version", False, pattern=r"\d+\.\d+")
     gpus: list[Gpu] = []
     raw_gpus = data.get("gpus", [])
@@ -124,6 +138,7 @@ def machine_from_dict(data: Any, where: str) -> Machine:
             errors.append(f"{where}: {key}: expected a GPU name like \"Tesla T4\" or an object like "
                           '{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "memory_total_mib": 81920}')
             continue
+        raw = _gpu_aliases(raw)
         gpu_keys = ("name", "compute_capability", "memory_total_mib", "memory_free_mib", "vendor")
         for k in sorted(set(raw) - set(gpu_keys)):
             errors.append(f"{where}: {key}: unknown key {k!r} (expected one of {', '.join(gpu_keys)})")
@@ -161,6 +176,94 @@ def machine_from_dict(data: Any, where: str) -> Machine:
                    gpu_vendor=vendor, source=where, notes=tuple(assumed))
 
 
+_ALIASES = {"driver": "driver_version", "nvidia_driver": "driver_version", "nvidia_driver_version": "driver_version",
+            "cuda": "cuda_driver_version", "cuda_version": "cuda_driver_version", "python_version": "python",
+            "gpu": "gpus", "gpu_name": "gpus", "gpu_names": "gpus", "platform": "os", "system": "os",
+            "machine": "arch"}
+"""Names people give these facts in hand-written descriptions, read as the documented key (with a note)."""
+
+_COUNT_KEYS = ("gpu_count", "num_gpus", "n_gpus")
+_MEMORY_GB_KEYS = ("gpu_memory_gb", "vram_gb", "memory_gb", "vram")
+
+
+def _read_aliases(data: dict, where: str, errors: list[str]) -> tuple[dict, list[str]]:
+    """The description with aliases renamed, numbers given as versions turned into text, a GPU count and a
+    memory size spread over the GPUs; a note for each reading."""
+    notes: list[str] = []
+    out = dict(data)
+    for alias, key in _ALIASES.items():
+        if alias in out:
+            value = out.pop(alias)
+            if key in out:
+                errors.append(f"{where}: {alias!r} and {key!r} both given; keep {key!r}")
+                continue
+            out[key] = value
+            notes.append(f"read {alias!r} as {key!r}")
+    for key in ("driver_version", "cuda_driver_version"):
+        value = out.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = str(value)
+    if isinstance(out.get("python"), (int, float)) and not isinstance(out.get("python"), bool):
+        errors.append(f"{where}: python: write the version as a string, e.g. \"3.10\" (the number 3.10 reads as 3.1)")
+        out.pop("python")
+    if isinstance(out.get("gpus"), (str, dict)):
+        out["gpus"] = [out["gpus"]]
+    count_key = next((k for k in _COUNT_KEYS if k in out), None)
+    count = out.pop(count_key) if count_key else None
+    if isinstance(out.get("gpus"), int) and not isinstance(out.get("gpus"), bool):
+        count, out["gpus"] = out["gpus"], []  # "gpus": 2 is a count
+        count_key = "gpus"
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 64:
+            errors.append(f"{where}: {count_key}: expected a whole number of GPUs, got {json.dumps(count)[:40]}")
+        elif isinstance(out.get("gpus"), list) and len(out["gpus"]) == 1 and count != 1:
+            out["gpus"] = out["gpus"] * count
+            notes.append(f"{count_key} {count}: {count} of the GPU named")
+        elif isinstance(out.get("gpus"), list) and len(out["gpus"]) not in (0, count):
+            errors.append(f"{where}: {count_key} is {count} but gpus lists {len(out['gpus'])}")
+        elif not out.get("gpus") and count:
+            errors.append(f"{where}: {count_key} is {count} but no GPU is named: add \"gpus\": [\"Tesla T4\"]")
+    memory_key = next((k for k in _MEMORY_GB_KEYS if k in out), None)
+    if memory_key:
+        gb = out.pop(memory_key)
+        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not 0 < gb < 4096:
+            errors.append(f"{where}: {memory_key}: expected the GPU memory in GB, e.g. 24, got {json.dumps(gb)[:40]}")
+        elif isinstance(out.get("gpus"), list):
+            out["gpus"] = [_with_memory(g, gb) for g in out["gpus"]]
+            notes.append(f"{memory_key} {gb}: {int(gb * 1024)} MiB per GPU")
+    return out, notes
+
+
+def _with_memory(gpu: Any, gb: float) -> Any:
+    if isinstance(gpu, str):
+        gpu = {"name": gpu}
+    if isinstance(gpu, dict) and gpu.get("memory_total_mib") is None:
+        return {**gpu, "memory_total_mib": int(gb * 1024)}
+    return gpu
+
+
+def _gpu_aliases(raw: dict) -> dict:
+    raw = dict(raw)
+    for alias, key in (("cc", "compute_capability"), ("compute_cap", "compute_capability"),
+                       ("sm", "compute_capability"), ("model", "name"), ("gpu", "name")):
+        if alias in raw and key not in raw:
+            raw[key] = raw.pop(alias)
+    cc = raw.get("compute_capability")
+    if isinstance(cc, (int, float)) and not isinstance(cc, bool):
+        raw["compute_capability"] = f"{cc:.1f}" if isinstance(cc, float) or cc < 10 else f"{cc // 10}.{cc % 10}"
+    elif isinstance(cc, str) and re.fullmatch(r"(sm_?)?\d{2,3}", cc.lower()):
+        digits = re.sub(r"\D", "", cc)
+        raw["compute_capability"] = f"{digits[:-1]}.{digits[-1]}"
+    for key in _MEMORY_GB_KEYS:
+        if key in raw and "memory_total_mib" not in raw:
+            gb = raw.pop(key)
+            if isinstance(gb, (int, float)) and not isinstance(gb, bool) and 0 < gb < 4096:
+                raw["memory_total_mib"] = int(gb * 1024)
+            else:
+                raw["memory_total_mib"] = gb  # reported as not a size below
+    return raw
+
+
 _EXAMPLES = {"os": '"linux"', "arch": '"x86_64"', "python": '"3.11.7"', "libc": '"glibc 2.36"',
              "driver_version": '"550.54.15"', "cuda_driver_version": '"12.4"'}
 
@@ -173,6 +276,17 @@ def load_machine_file(path: Path | str) -> Machine:
         raise InputError(f"{path}: no such machine file (write one with `qlora-doctor check --save-machine {path}`)")
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read the machine file: {err}")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            raise InputError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML "
+                             f"({getattr(err, 'problem', None) or err}); see `qlora-doctor check --save-machine "
+                             "FILE` for the format") from None
+        return machine_from_dict(data, str(path))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -159,7 +159,7 @@ def driver_check(machine: Machine, cuda: Version, build: str, tables: Tables) ->
     if row is None:
         return Check("cuda.driver", "unknown", title, f"no driver table row for CUDA {cuda}",
                      found=machine.driver_version, expected="a known CUDA version")
-    driver = Version(machine.driver_version)
+    driver = machine.driver
     shown = machine.driver_version  # as the driver prints it: Version() would drop the zero in 470.82.01
     minimum = row.minor_compat_driver or row.toolkit_driver
     if driver < minimum:

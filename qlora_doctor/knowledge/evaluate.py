@@ -79,7 +79,7 @@ def evaluate(conditions: Conditions, machine: Machine, env: Environment) -> tupl
         return "clear", [], []
     nvidia = machine.gpu_vendor == "nvidia"
     if conditions.driver is not None:
-        value = _spec_holds(conditions.driver, machine.driver_version) if nvidia else False
+        value = _spec_holds(conditions.driver, machine.driver) if nvidia else False
         if not record(value, f"driver {machine.driver_version}", "NVIDIA driver version"):
             return "clear", [], []
     if conditions.compute_capability is not None:

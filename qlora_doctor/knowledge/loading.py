@@ -180,6 +180,23 @@ class GpuModel:
     match: str
     compute_capability: str
     sources: tuple[str, ...]
+    memory_gib: tuple[int, ...] = ()
+    """The memory sizes the product is sold with (GB as marketed), smallest first; empty when not recorded."""
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    match: str
+    gb: int
+    """The size as sold."""
+    memory_mib: int
+    """The total nvidia-smi reports for it."""
+    seen: str
+    sources: tuple[str, ...]
+
+
+_OTHER_PRODUCT = re.compile(r"\s*[- ]?(ti|super|laptop|mobile|max-q)\b", re.I)
+"""Words after a product name that make it another product with another memory size (RTX 3060 Ti: 8 GB)."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +206,25 @@ class Tables:
     torch_default_cuda: tuple[TorchDefaultCuda, ...] = ()
     bnb_cuda: tuple[BnbCuda, ...] = ()
     gpu_models: tuple[GpuModel, ...] = ()
+    gpu_memory: tuple[GpuMemory, ...] = ()
+
+    def memory_for(self, gpu_name: str, stated_gb: int | None) -> GpuMemory | None:
+        """The sourced nvidia-smi total for a product name: rows whose match stands in the name as a whole word,
+        not followed by Ti/SUPER/Laptop (another product); the longest match; of its sizes the one the name
+        states, or its only one."""
+        hits = []
+        for row in self.gpu_memory:
+            for found in re.finditer(rf"(?<![A-Za-z0-9]){re.escape(row.match)}(?![A-Za-z0-9])", gpu_name, re.I):
+                if not _OTHER_PRODUCT.match(gpu_name[found.end():]):
+                    hits.append(row)
+                    break
+        if not hits:
+            return None
+        longest = max(len(r.match) for r in hits)
+        rows = [r for r in hits if len(r.match) == longest]
+        if stated_gb is not None:
+            return next((r for r in rows if r.gb == stated_gb), None)
+        return rows[0] if len(rows) == 1 else None
 
     def driver_for_cuda(self, cuda: Version) -> DriverMin | None:
         """The row for a CUDA runtime `major.minor` (exact, else the nearest lower minor of the same major)."""
@@ -210,11 +246,15 @@ class Tables:
         rows = [r for r in self.bnb_cuda if r.bitsandbytes.contains(base, prereleases=True)]
         return rows[0] if rows else None
 
-    def compute_capability_for(self, gpu_name: str) -> str | None:
-        """Compute capability from a product name; the longest matching entry wins (`A100` vs `A10`)."""
+    def gpu_model_for(self, gpu_name: str) -> GpuModel | None:
+        """The table row for a product name; the longest matching entry wins (`A100` vs `A10`)."""
         name = gpu_name.lower()
         hits = [m for m in self.gpu_models if m.match.lower() in name]
-        return max(hits, key=lambda m: len(m.match)).compute_capability if hits else None
+        return max(hits, key=lambda m: len(m.match)) if hits else None
+
+    def compute_capability_for(self, gpu_name: str) -> str | None:
+        model = self.gpu_model_for(gpu_name)
+        return model.compute_capability if model else None
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -442,10 +482,24 @@ def load_tables(data_dir: Path = DATA_DIR) -> Tables:
         cc = str(row.get("compute_capability", ""))
         if not re.fullmatch(r"\d+\.\d+", cc) or not row.get("match"):
             c.add("needs match and compute_capability like \"8.0\"")
-        gpus.append(GpuModel(str(row.get("match", "")), cc, c.sources(row)))
+        sizes = row.get("memory_gib", [])
+        if not isinstance(sizes, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                  for x in sizes):
+            c.add(f"gpu_model {row.get('match')!r}: memory_gib: expected a list of whole GB like [40, 80]")
+            sizes = []
+        gpus.append(GpuModel(str(row.get("match", "")), cc, c.sources(row), tuple(sorted(sizes))))
+    memory: list[GpuMemory] = []
+    for i, row in enumerate(data.get("gpu_memory", [])):
+        c.where = f"{path.name}: gpu_memory[{i}]"
+        gb, mib = row.get("gb"), row.get("memory_mib")
+        if not row.get("match") or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (gb, mib)):
+            c.add("needs match, gb (size as sold) and memory_mib (nvidia-smi's total) as whole numbers")
+            continue
+        memory.append(GpuMemory(str(row["match"]), gb, mib, str(row.get("seen", "")), c.sources(row)))
     if c.errors:
         raise KnowledgeError("\n".join(c.errors))
-    return Tables(tuple(driver_min), tuple(torch_archs), tuple(default_cuda), tuple(bnb_cuda), tuple(gpus))
+    return Tables(tuple(driver_min), tuple(torch_archs), tuple(default_cuda), tuple(bnb_cuda), tuple(gpus),
+                  tuple(memory))
 
 
 def arch_supported(cc: str, archs: tuple[str, ...]) -> bool:
@@ -467,7 +521,7 @@ def torch_variant_for(machine: Machine, tables: Tables) -> str:
     """`cpu` without an NVIDIA GPU, else the newest PyTorch CUDA variant the driver can run."""
     if machine.gpu_vendor != "nvidia" or not machine.nvidia_gpus or machine.driver_version is None:
         return "cpu"
-    driver = Version(machine.driver_version)
+    driver = machine.driver
     for cuda in CUDA_VARIANTS:
         row = tables.driver_for_cuda(Version(cuda))
         if row is not None and driver >= (row.minor_compat_driver or row.toolkit_driver):
@@ -491,7 +545,7 @@ def choose_torch_build(machine: Machine, preferred: list[str], tables: Tables) -
     gpus = machine.nvidia_gpus
     if not gpus or machine.driver_version is None or any(g.compute_capability is None for g in gpus):
         return None
-    driver = Version(machine.driver_version)
+    driver = machine.driver
     for version in preferred:
         torch = Version(version)
         rows = [r for r in tables.torch_archs if r.torch.contains(Version(torch.base_version), prereleases=True)]

@@ -96,7 +96,7 @@ def fit_record(record: Record, machine: Machine, python: str, tables: Tables,
             reasons.append(f"no driver table row for CUDA {p.cuda}")
         else:
             minimum = row.minor_compat_driver or row.toolkit_driver
-            if Version(machine.driver_version) < minimum:
+            if machine.driver < minimum:
                 reasons.append(f"driver {machine.driver_version} is too old for CUDA {p.cuda} "
                                f"(needs >= {minimum})")
         torch = record.version("torch")

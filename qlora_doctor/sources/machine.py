@@ -24,6 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from packaging.version import Version
 
 from qlora_doctor.core.machine import Gpu, Machine, _is_cc, load_machine_file, machine_from_dict, save_machine_file  # noqa: F401 (re-exported)
 
@@ -260,19 +261,95 @@ def _run(argv: list[str], notes: list[str], deadline: float) -> str | None:
     return proc.stdout
 
 
+def parse_nvidia_smi_table(text: str) -> dict[str, Any] | None:
+    """A machine description from plain `nvidia-smi` output (what people paste from Colab or a cloud box):
+    the header's driver and CUDA versions, each GPU row's name and memory total. None when it is not that."""
+    driver, cuda = parse_nvidia_smi_header(text)
+    if driver is None or "NVIDIA-SMI" not in text:
+        return None
+    names = re.findall(r"^\|\s+\d+\s+(.+?)\s+(?:On|Off)\s+\|", text, flags=re.M)
+    totals = re.findall(r"\d+\s*MiB\s*/\s*(\d+)\s*MiB", text)
+    gpus: list[Any] = []
+    for i, name in enumerate(names):
+        gpu: dict[str, Any] = {"name": re.sub(r"\s*\.\.\.$", "", name.strip())}
+        if i < len(totals) and len(totals) == len(names):
+            gpu["memory_total_mib"] = int(totals[i])
+        gpus.append(gpu)
+    return {"driver_version": driver, "cuda_driver_version": cuda, "gpus": gpus}
+
+
 def load_described_machine(path: Path | str) -> Machine:
-    """A `--machine` file, with what it leaves out that the GPU table knows filled in: a file giving only a
-    GPU's name (\"NVIDIA L4\") gets its compute capability, as a probe that cannot read it does."""
-    machine = load_machine_file(path)
-    if not any(g.compute_capability is None for g in machine.gpus if g.vendor == "nvidia"):
-        return machine
+    """A `--machine` file (JSON, YAML, or plain `nvidia-smi` output), with what it leaves out that the tables
+    know filled in, each with a note: a GPU's compute capability and memory from its name (\"NVIDIA L4\"),
+    and a lower bound for the driver from the CUDA version nvidia-smi prints."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    smi = parse_nvidia_smi_table(text) if "NVIDIA-SMI" in text[:4000] else None
+    if smi is not None:
+        machine = machine_from_dict(smi, str(path))
+        machine = replace(machine, notes=machine.notes + ("read as the output of `nvidia-smi`",))
+    else:
+        machine = load_machine_file(path)
+    return fill_from_tables(machine)
+
+
+def fill_from_tables(machine: Machine) -> Machine:
+    from qlora_doctor.knowledge.loading import load_tables
+
+    tables = load_tables()
     gpus, notes = [], list(machine.notes)
     for gpu in machine.gpus:
-        cc = gpu.compute_capability or (_cc_from_name(gpu.name) if gpu.vendor == "nvidia" else None)
-        if cc and not gpu.compute_capability:
-            notes.append(f"{gpu.name}: compute capability {cc} from the GPU table (the file gives none)")
-        gpus.append(replace(gpu, compute_capability=cc))
-    return replace(machine, gpus=tuple(gpus), notes=tuple(notes))
+        model = tables.gpu_model_for(gpu.name) if gpu.vendor == "nvidia" else None
+        if model is not None and not gpu.compute_capability:
+            note = f"{gpu.name}: compute capability {model.compute_capability} from the GPU table (the file gives none)"
+            if note not in notes:
+                notes.append(note)
+            gpu = replace(gpu, compute_capability=model.compute_capability)
+        if gpu.vendor == "nvidia" and gpu.memory_total_mib is None:
+            gpu, note = _memory_from_name(gpu, model, tables)
+            if note not in notes:
+                notes.append(note)
+        gpus.append(gpu)
+    driver = machine.driver_version
+    if driver is None and machine.cuda_driver_version and machine.nvidia_gpus:
+        row = tables.driver_for_cuda(Version(machine.cuda_driver_version))
+        if row is not None:
+            driver = ".".join([str(row.toolkit_driver.release[0])] + [f"{n:02d}" for n in row.toolkit_driver.release[1:]])
+            notes.append(f"driver_version not given: judged as {driver}, the oldest driver that reports CUDA "
+                         f"{machine.cuda_driver_version}; give the real one (nvidia-smi's \"Driver Version\")")
+    if gpus == list(machine.gpus) and driver == machine.driver_version and notes == list(machine.notes):
+        return machine
+    return replace(machine, gpus=tuple(gpus), driver_version=driver, notes=tuple(notes))
+
+
+USABLE_SHARE = 15 / 16
+"""Of the memory a card is sold with, what nvidia-smi reports as its total on the cards that lose most (a
+16 GB T4 shows 15,360 MiB, a 24 GB L4 23,034 MiB: ECC and the driver keep the rest); a guessed size errs low."""
+
+
+def _memory_from_name(gpu: Gpu, model: Any, tables: Any) -> tuple[Gpu, str]:
+    sold: tuple[int, ...] = model.memory_gib if model else ()
+    stated = re.search(r"(\d{1,3})\s*GB\b", gpu.name, flags=re.I)
+    stated_gb = int(stated.group(1)) if stated else None
+    seen = tables.memory_for(gpu.name, stated_gb)
+    if seen is not None and stated_gb is None and len(sold) > 1 and len(seen.match) <= len(model.match):
+        seen = None  # a product sold in several sizes (V100: 16 or 32 GB), its name stating none
+    if seen is not None:
+        return (replace(gpu, memory_total_mib=seen.memory_mib),
+                f"{gpu.name}: memory taken as {seen.memory_mib} MiB, what nvidia-smi shows for {seen.seen} "
+                f"({seen.sources[0]}); give memory_total_mib for this machine's own")
+    gb = stated_gb or (sold[0] if len(sold) == 1 else None)
+    if gb is None:
+        sizes = " or ".join(str(x) for x in sold)
+        return gpu, (f"{gpu.name}: memory unknown" + (f" (sold with {sizes} GB)" if sold else "") +
+                     ": give memory_total_mib (nvidia-smi's total) to plan memory")
+    mib = int(gb * 1024 * USABLE_SHARE)
+    return (replace(gpu, memory_total_mib=mib),
+            f"{gpu.name}: memory taken as {mib} MiB ({gb} GB as sold, less the 1/16 that ECC and the driver keep "
+            "on many cards); give memory_total_mib (nvidia-smi's total) for an exact plan")
 
 
 def _cc_from_name(name: str) -> str | None:
