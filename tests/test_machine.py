@@ -239,3 +239,19 @@ def test_every_gpu_memory_row_names_a_known_product_and_its_source():
         assert tables.compute_capability_for(row.match), row.match
         assert row.sources and all(s.startswith("https://") for s in row.sources)
         assert 0.9 < row.memory_mib / (row.gb * 1024) <= 1.0, row  # a total near the size sold
+
+
+def test_the_install_fix_names_the_torch_build_the_described_gpu_needs(tmp_path):
+    """Nothing installed, a V100 with driver 535: torch from a CUDA 12 index whose build still ships sm_70 (cu128+
+    builds dropped Volta), not the generic 'see pytorch.org'; a CPU box gets the CPU index."""
+    from qlora_doctor.doctor.environment import install_training_command
+    from qlora_doctor.knowledge.loading import load_tables
+
+    v100 = _described(tmp_path, "v.json", '{"gpus": ["Tesla V100-SXM2-16GB"], "driver_version": "535.183.01"}')
+    fix = install_training_command(v100, load_tables(), ["torch", "peft"])
+    index = fix.split("--index-url https://download.pytorch.org/whl/")[1].split()[0]
+    assert index.startswith("cu12") and int(index[2:]) < 128, fix
+    assert fix.startswith("pip install torch==") and "qlora-doctor lock" in fix
+    cpu = _described(tmp_path, "c.json", '{"gpus": []}')
+    assert "/whl/cpu" in install_training_command(cpu, load_tables(), ["torch"])
+    assert install_training_command(cpu, load_tables(), ["peft"]) == "pip install 'qlora-doctor[train]'"

@@ -29,7 +29,7 @@ def environment_checks(machine: Machine, env: Environment, uses: Mapping[str, bo
     """`uses`: what the run does (`uses_of` a run plan); None when no recipe says (rules that only bite for
     some uses are then notes)."""
     tables = load_tables()
-    checks = [gpu_check(machine), *package_checks(env)]
+    checks = [gpu_check(machine), *package_checks(env, machine, tables)]
     checks += torch_build_checks(machine, env, tables)
     rules = rule_checks(machine, env, uses)
     checks = fold_judged_rules(checks, rules)
@@ -76,7 +76,27 @@ def _gib(mib: int | None) -> str:
 
 # --- packages -----------------------------------------------------------------------------------
 
-def package_checks(env: Environment) -> list[Check]:
+def install_training_command(machine: Machine | None, tables: Tables | None, missing: list[str]) -> str:
+    """How to install the training stack here: torch first, from the index of the build this machine needs
+    (its driver and GPU decide the CUDA variant), then the rest; tested pins through `lock`."""
+    if "torch" not in missing or machine is None or tables is None:
+        return "pip install 'qlora-doctor[train]'" + ("" if "torch" not in missing else
+                                                      f"   (torch first: see {TORCH_INSTALL})")
+    torch, variant = "torch", torch_variant_for(machine, tables)
+    if machine.nvidia_gpus:
+        from qlora_doctor.matrix.records import default_results_dir, load_records
+
+        tested = sorted({Version(v).base_version for r in load_records(default_results_dir())
+                         for v in [r.freeze.get("torch")] if v and r.works}, key=Version, reverse=True)
+        choice = choose_torch_build(machine, tested, tables)
+        if choice is not None:  # kernels for this GPU too (a V100 is not in cu128+ builds), not only the driver
+            torch, variant = f"torch=={choice.version}", choice.variant
+    return (f"pip install {torch} --index-url https://download.pytorch.org/whl/{variant} && "
+            "pip install 'qlora-doctor[train]'   (tested pins instead: `qlora-doctor lock -o lock.txt && "
+            "pip install -r lock.txt`)")
+
+
+def package_checks(env: Environment, machine: Machine | None = None, tables: Tables | None = None) -> list[Check]:
     checks: list[Check] = []
     missing = [n for n in TRAINING_NEEDS if not env.installed(n) and n not in env.unpinned]
     where = "in the proposed pins" if env.source != "installed" else "installed"
@@ -87,7 +107,7 @@ def package_checks(env: Environment) -> list[Check]:
                             f"not {where}: {', '.join(missing)}" + ("" if env.source == "installed" else
                             " (they must come from elsewhere, and are not judged here)"),
                             fix="pip install " + " ".join(missing) if env.source != "installed"
-                            else "pip install 'qlora-doctor[train]'   (torch first: see " + TORCH_INSTALL + ")",
+                            else install_training_command(machine, tables, missing),
                             found=f"missing {', '.join(missing)}", expected=", ".join(TRAINING_NEEDS)))
     else:
         found = ", ".join(f"{n} {env.packages[n].raw_version}" if n in env.packages else f"{n} (version unknown)"

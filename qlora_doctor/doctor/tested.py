@@ -70,8 +70,11 @@ def tested_status(machine: Machine, env: Environment, results_dir: Path | None =
                                f"tested: equals combination {record.name} which passed install, check and smoke on "
                                f"{platform} ({record.date[:10]}, record {Path(record.path).name})",
                                found=f"tested ({record.name})", expected="a tested combination")
-    candidates = same_platform or working
-    closest = min(candidates, key=lambda r: (len(differences(r, env)), r.date))
+    # Fewest differences; on a tie the newest stack (what `lock` would pick), not the oldest record.
+    candidates = sorted(same_platform or working, reverse=True,
+                        key=lambda r: (tuple(r.version(n) or Version("0") for n in ("torch", "transformers", "peft")),
+                                       r.date))
+    closest = min(candidates, key=lambda r: len(differences(r, env)))
     diffs = differences(closest, env)
     where = "on this platform" if same_platform else f"on {closest.platform} (none on {platform})"
     pins = " ".join(f"{n}=={closest.freeze[n]}" for n in TRAINING_NEEDS
