@@ -377,7 +377,7 @@ def test_hub_model_without_hub_is_a_clear_input_error(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(InputError, match="cannot read the config of hub model 'qlora-doctor-test/none'.*local folder"):
+    with pytest.raises(InputError, match="config of hub model 'qlora-doctor-test/none' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set.*local folder"):
         load_model_config("qlora-doctor-test/none")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,17 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
             raise InputError(f"{where}: the config of hub model {name_or_path!r} is not in the local Hugging "
                              "Face cache; run `qlora-doctor plan RECIPE` where the hub is reachable (it caches "
                              "the config), or set model.name_or_path to a local folder") from None
+        from qlora_doctor.recipe.preflight import HUB_TIMEOUT_S, hub_unreachable
+
+        # Offline, transformers retries for ~25 s with a line per try: ask once, bounded, and say so.
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        reason = "HF_HUB_OFFLINE is set" if offline else hub_unreachable(name_or_path, revision)
+        if reason is not None:
+            raise InputError(f"{where}: the config of hub model {name_or_path!r} is not in the local Hugging Face "
+                             f"cache and " + ("HF_HUB_OFFLINE is set" if offline else
+                                             f"the hub did not answer within {HUB_TIMEOUT_S:g} s ({reason})") + "; run where "
+                             "the hub is reachable (it caches the config), log in for a gated model, or set "
+                             "model.name_or_path to a local folder") from None
         try:
             config = AutoConfig.from_pretrained(name_or_path, **kwargs)
         except (OSError, ValueError) as err:

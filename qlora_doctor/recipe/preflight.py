@@ -172,7 +172,7 @@ def hub_model_problems(recipe: Recipe, where: str) -> list[str]:
         return [f"{where}: model.name_or_path: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
                 "is set; download it first (`huggingface-cli download " + name + "`) or point "
                 "model.name_or_path at a local folder"]
-    reason = _hub_unreachable(name, recipe.model.revision)
+    reason = hub_unreachable(name, recipe.model.revision)
     if reason is None:
         return []
     return [f"{where}: model.name_or_path: {name} is not in the local Hugging Face cache and the hub did not answer "
@@ -180,7 +180,7 @@ def hub_model_problems(recipe: Recipe, where: str) -> list[str]:
             "(`huggingface-cli login`), or point model.name_or_path at a local folder"]
 
 
-def _hub_unreachable(name: str, revision: str | None) -> str | None:
+def hub_unreachable(name: str, revision: str | None) -> str | None:
     """None when the hub answers for `name`'s config.json; else why not, in a few words (bounded time)."""
     import concurrent.futures
 
