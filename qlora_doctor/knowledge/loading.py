@@ -132,6 +132,15 @@ def _normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+class DriverVersion(Version):
+    """An NVIDIA driver version, printed as the driver prints it (`525.60.13`, `580.65.06`: Version would drop
+    the zero)."""
+
+    def __str__(self) -> str:
+        first, *rest = self.release
+        return ".".join([str(first)] + [f"{n:02d}" for n in rest])
+
+
 @dataclass(frozen=True)
 class DriverMin:
     cuda: Version
@@ -457,7 +466,8 @@ def load_tables(data_dir: Path = DATA_DIR) -> Tables:
         cuda, tk = c.version(row.get("cuda"), "cuda"), c.version(row.get("toolkit_driver"), "toolkit_driver")
         mc = c.version(row["minor_compat_driver"], "minor_compat_driver") if row.get("minor_compat_driver") else None
         if cuda and tk:
-            driver_min.append(DriverMin(cuda, tk, mc, c.sources(row)))
+            driver_min.append(DriverMin(cuda, DriverVersion(str(tk)), DriverVersion(str(mc)) if mc else None,
+                                        c.sources(row)))
     for i, row in enumerate(data.get("torch_archs", [])):
         c.where = f"{path.name}: torch_archs[{i}]"
         spec, cuda = c.spec(row.get("torch"), "torch"), c.version(row.get("cuda"), "cuda")

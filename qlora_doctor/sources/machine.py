@@ -317,7 +317,7 @@ def fill_from_tables(machine: Machine) -> Machine:
     if driver is None and machine.cuda_driver_version and machine.nvidia_gpus:
         row = tables.driver_for_cuda(Version(machine.cuda_driver_version))
         if row is not None:
-            driver = ".".join([str(row.toolkit_driver.release[0])] + [f"{n:02d}" for n in row.toolkit_driver.release[1:]])
+            driver = str(row.toolkit_driver)
             notes.append(f"driver_version not given: judged as {driver}, the oldest driver that reports CUDA "
                          f"{machine.cuda_driver_version}; give the real one (nvidia-smi's \"Driver Version\")")
     if gpus == list(machine.gpus) and driver == machine.driver_version and notes == list(machine.notes):
