@@ -193,7 +193,8 @@ def test_planner_predicts_what_selective_layers_keep(builtin_checkpoint, tmp_pat
     predicted = selective_kept_per_token(counts, act=4) * tokens * counts.num_layers
     lse = heads * 4 * tokens * counts.num_layers
     assert sel - full == predicted + lse
-    assert by_policy == predicted + lse  # the policy's own count agrees with the independent one
+    if selective._sees_outputs():  # torch >= 2.13 hands the policy each op's output to count
+        assert by_policy == predicted + lse  # the policy's own count agrees with the independent one
     assert predicted / (sel - full) > 0.99
 
 

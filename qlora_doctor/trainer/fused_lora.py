@@ -21,10 +21,25 @@ in `BASE_GEMM_ATTRIBUTE` (`performance.fp8_base`: trainer/fp8.py's float8 GEMMs)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import types
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+
+_OUT_OF_PLACE = contextvars.ContextVar("qlora_fused_lora_out_of_place", default=False)
+"""Set inside a selectively checkpointed layer: the LoRA term is added out of place, so the base GEMM's
+output that the selective policy keeps is never written to (trainer/selective.py)."""
+
+
+@contextlib.contextmanager
+def lora_add_out_of_place() -> Iterator[None]:
+    token = _OUT_OF_PLACE.set(True)
+    try:
+        yield
+    finally:
+        _OUT_OF_PLACE.reset(token)
 
 BASE_GEMM_ATTRIBUTE = "qlora_base_gemm"
 """An attribute of a bitsandbytes 4-bit layer holding an object with `forward(x2, weight, quant_state)` (x2 @ W^T)
@@ -52,7 +67,10 @@ class LoraLinear4bitFunction(torch.autograd.Function):
         else:
             dropped = x2
         a_out = dropped @ lora_a.to(compute_dtype).t()
-        out = out.addmm_(a_out, lora_b.to(compute_dtype).t(), alpha=scaling)
+        if _OUT_OF_PLACE.get():
+            out = torch.addmm(out, a_out, lora_b.to(compute_dtype).t(), alpha=scaling)
+        else:
+            out = out.addmm_(a_out, lora_b.to(compute_dtype).t(), alpha=scaling)
         ctx.save_for_backward(x2, a_out, lora_a, lora_b)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.dropout_p = weight, quant_state, scaling, dropout_p
         ctx.rng_state, ctx.compute_dtype, ctx.x_shape, ctx.x_dtype = rng_state, compute_dtype, x.shape, x.dtype

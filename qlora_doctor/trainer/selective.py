@@ -27,12 +27,15 @@ sequence, so it holds for fused and unfused LoRA alike):
     runs 2 of the layer's 7 base GEMMs (54% of its GEMM FLOPs) instead of all of them. The issue's "keep the
     post-attention residual" becomes "keep o_proj's output": the same bytes, and the replay skips o_proj too.
     The LoRA matmuls (rank r) are recomputed: their weights change every step but their cost is small.
-  * an in-place op on a kept tensor (fused LoRA adds its low-rank term with `out.addmm_(...)` into the
-    GEMM's output): keep too. The kept tensor then holds the op's result, and the replay must not apply
-    the op a second time; with the in-place op kept it returns the kept result and mutates nothing. This
-    is why the contexts allow cache mutation (SAC's version check would otherwise refuse it), and why the
-    policy needs each op's output (`SelectiveCheckpointContext.op_output`).
-  * everything else (norms, RoPE, SwiGLU, dropout, LoRA's matmuls, gate/up): recompute.
+  * fused LoRA adds its low-rank term into the GEMM's output in place (`out.addmm_`) elsewhere; inside a
+    selective layer (forward and replay alike) it adds out of place (`fused_lora.lora_add_out_of_place`),
+    so a kept GEMM output is never written to and the replay's add runs on the kept tensor as the
+    forward's did. (An in-place op on a kept tensor is still kept, for other code that mutates one; that
+    needs `SelectiveCheckpointContext.op_output`, torch >= 2.13, and is checked where it is there.)
+  * everything else (norms, RoPE, SwiGLU, dropout, LoRA's matmuls, the LoRA add, gate/up): recompute.
+
+Torch >= 2.4 has the mechanism; torch 2.13 added the op outputs the policy uses to count the bytes it keeps
+(tests, benches). Without them the policy decides the same and counts nothing.
 
 The result is exact: a kept output is the tensor the forward computed, and the replay sees the same RNG
 state as the forward (non-reentrant checkpointing restores it; no kept op draws random numbers). The
@@ -41,6 +44,7 @@ memory planner mirrors the policy (qlora_doctor/memory/activations.py, `selectiv
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Any
@@ -65,15 +69,19 @@ inside), or a 16-bit nn.Linear's matmul; kept when they read a kept projection's
 
 
 def sac_available() -> str | None:
-    """None when this torch's selective checkpointing gives the policy each op's output; else why not."""
+    """None when this torch has selective activation checkpointing; else why not."""
     try:
-        from torch.utils.checkpoint import SelectiveCheckpointContext, create_selective_checkpoint_contexts  # noqa: F401
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts  # noqa: F401
     except ImportError:
         return "this torch has no selective activation checkpointing (torch.utils.checkpoint, torch >= 2.4)"
-    if "op_output" not in inspect.signature(SelectiveCheckpointContext.__init__).parameters:
-        return ("this torch's selective checkpointing does not pass op outputs to the policy (needed to keep "
-                "fused LoRA's in-place add exact); torch 2.13 does")
     return None
+
+
+def _sees_outputs() -> bool:
+    """Whether the policy is handed each op's output (torch >= 2.13)."""
+    from torch.utils.checkpoint import SelectiveCheckpointContext
+
+    return "op_output" in inspect.signature(SelectiveCheckpointContext.__init__).parameters
 
 
 def kept_weight_pointers(layer: Any) -> frozenset[int]:
@@ -112,7 +120,7 @@ class SelectivePolicy:
             kind = None  # already counted: it writes into a kept tensor
         else:
             return CheckpointPolicy.PREFER_RECOMPUTE
-        for out in _tensors(ctx.op_output):
+        for out in _tensors(getattr(ctx, "op_output", None)):
             storage = out.untyped_storage()
             if kind and storage.data_ptr() not in self.kept_storages:
                 self.kept_bytes[kind] += storage.nbytes()
@@ -158,13 +166,33 @@ def selective_context_fn(layer: Any, record: list[SelectivePolicy] | None = None
     call's policy is appended to (tests and benches read what was kept)."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
+    from qlora_doctor.trainer.fused_lora import lora_add_out_of_place
+
+    mutation = ({"allow_cache_entry_mutation": True} if _sees_outputs() and "allow_cache_entry_mutation" in
+                inspect.signature(create_selective_checkpoint_contexts).parameters else {})
+
     def context_fn() -> tuple[Any, Any]:
         policy = SelectivePolicy(kept_weight_pointers(layer))
         if record is not None:
             record.append(policy)
-        return create_selective_checkpoint_contexts(policy, allow_cache_entry_mutation=True)
+        forward, replay = create_selective_checkpoint_contexts(policy, **mutation)
+        return _Both(lora_add_out_of_place(), forward), _Both(lora_add_out_of_place(), replay)
 
     return context_fn
+
+
+class _Both(contextlib.ExitStack):
+    """Two context managers entered as one, the first outermost (checkpoint takes one per phase)."""
+
+    def __init__(self, *managers: Any) -> None:
+        super().__init__()
+        self._managers = managers
+
+    def __enter__(self) -> "_Both":
+        super().__enter__()
+        for manager in self._managers:
+            self.enter_context(manager)
+        return self
 
 
 def make_selective(layer: Any, record: list[SelectivePolicy] | None = None) -> None:
