@@ -86,6 +86,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast_offload": {"offload_checkpoints": True},
     "fast_fp8_offload": {"fp8_base": True, "offload_checkpoints": True},
     "fast_fp8_ckpt_0.5": {"fp8_base": True, "checkpoint_layers": 0.5},
+    # selective recompute with the checkpointed layers' inputs on the host: less recompute at offload's memory
+    "fast_selective_offload": {"recompute": "selective", "offload_checkpoints": True},
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]

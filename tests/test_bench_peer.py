@@ -105,3 +105,15 @@ def test_a_child_past_its_time_is_killed_and_the_modes_are_skipped(tmp_path):
     assert res["build"]["error"].startswith("timed out after 0.3 s (killed)")
     assert res["build"]["exit_code"] == -9
     assert [p["error"] for p in res["points"]] == ["skipped: the checkpoint build failed"] * 2
+
+
+def test_every_throughput_variant_is_a_recipe_the_schema_accepts(tmp_path):
+    """A variant the recipe refuses would only show on the GPU, in a call that costs device time."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, performance in module.VARIANTS.items():
+        if performance is not None:
+            module.make_recipe(str(tmp_path), performance, tmp_path, 8, 2048, 6, "paged_adamw_8bit", 2e-4, 1)

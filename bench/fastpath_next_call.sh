@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue #20, the measurements still owed (run on the device tool's GPU image, from the repo root, each PART in one
+# device call, back to back on one warm machine so that every row shares the card):
+#   PART=ours    baseline, fast, fast_selective, fast_offload, fast_selective_offload     (~9 min)
+#   PART=fp8     baseline, fast_fp8, fast_fp8_offload, fast_fp8_ckpt_0.5 (fp8 and selective do not compose)
+#   PART=peer    bench/peer_unsloth.py (both checkpointing modes)                          (~6 min)
+# Wheels: .whl2 as in bench/results/fastpath_h200_2026-12-05/NOTES.md (slim bitsandbytes 0.50.2 for cuda130,
+# datasets and its needs, liger-kernel 0.8.5, torchao 0.18; unsloth and its needs for PART=peer); carry [".whl2"].
+# `recompute: selective` runs on the image's torch 2.11 since fused LoRA adds out of place inside selective
+# layers (trainer/selective.py). Results land in $OUT/<PART>/; commit them under bench/results/ with the card.
+set -u
+PART=${PART:?PART=ours|fp8|peer}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl2/*.whl || exit 1
+export PYTHONPATH=/tmp/site2:$PWD HF_HUB_OFFLINE=1
+mkdir -p "$OUT/$PART"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/$PART/card.csv"
+run() {  # one variant per process: each starts from an empty CUDA cache
+  python3 bench/train_throughput.py --out "$OUT/$PART/$1.json" --shapes 8b --batches 8 --variants "$1" \
+    --warmup 2 --steps 4 --budget-s 100 > "$OUT/$PART/$1.log" 2>&1
+  echo "$1 exit $?" >> "$OUT/$PART/exits.txt"
+}
+case $PART in
+  ours) for v in baseline fast fast_selective fast_offload fast_selective_offload; do run $v; done ;;
+  fp8)  for v in baseline fast_fp8 fast_fp8_offload fast_fp8_ckpt_0.5; do run $v; done ;;
+  peer) python3 bench/peer_unsloth.py --out "$OUT/peer/unsloth.json" --budget-s 360 > "$OUT/peer/unsloth.log" 2>&1
+        echo "unsloth exit $?" >> "$OUT/peer/exits.txt" ;;
+  *) echo "PART=$PART: expected ours, fp8 or peer" >&2; exit 2 ;;
+esac
