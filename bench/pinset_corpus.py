@@ -33,7 +33,7 @@ else:  # pragma: no cover
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "tests" / "data" / "pinsets"
-MACHINES = REPO / "lockfiles" / "machines"
+MACHINES = REPO / "qlora_doctor" / "knowledge" / "data" / "machines"
 
 
 def machine_file(case: dict, work: Path) -> Path:

@@ -37,7 +37,7 @@ def tuned(run_dir):
     from qlora_doctor.trainer.generate import load_tuned
     from tests.trainer_support import REPO
 
-    return load_tuned(run_dir, load_described_machine(REPO / "lockfiles" / "machines" / "cpu.json"))
+    return load_tuned(run_dir, load_described_machine(REPO / "qlora_doctor" / "knowledge" / "data" / "machines" / "cpu.json"))
 
 
 def _generate(run_dir: Path, *options: object, tokens: int = 16) -> dict:

@@ -19,7 +19,7 @@ from qlora_doctor.recipe.dataformat import detect_format, sample_rows
 from qlora_doctor.recipe.schema import load_recipe, recipe_from_dict
 from tests.trainer_support import REPO, builtin_checkpoint  # noqa: F401 (fixture)
 
-MACHINES = REPO / "lockfiles" / "machines"
+MACHINES = REPO / "qlora_doctor" / "knowledge" / "data" / "machines"
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
 TURNS = [{"role": "user", "content": "Where is Korrowen Island?"},
@@ -91,7 +91,7 @@ def test_each_data_shape_gives_a_recipe_that_validates_and_plans(shape, tmp_path
 
 
 @pytest.mark.parametrize("machine_file", ["cpu.json", "t4-550.json", "rtx4090-570.json", "a100-550.json",
-                                          "linux-x86_64-py3.12-cu130-sm90.json"])
+                                          "h100-580.json"])
 def test_the_default_starter_validates_and_plans_on_each_machine(machine_file, tmp_path, builtin_checkpoint):
     """No --model, no --data: the builtin model on the demo data, printed to stdout with absolute paths."""
     machine = MACHINES / machine_file

@@ -241,7 +241,7 @@ def test_lock_for_the_machines_people_have(name, tmp_path):
     """Issue #16: `lock --machine` for common GPUs without a GPU record: the Python level from a tested CPU
     record, torch built for the driver and the GPU's architecture, its CUDA libraries from its own index
     (never CUDA packages of another variant), and the doctor passes the lock for that machine."""
-    machine = REPO_ROOT / "lockfiles" / "machines" / f"{name}.json"
+    machine = REPO_ROOT / "qlora_doctor" / "knowledge" / "data" / "machines" / f"{name}.json"
     out = tmp_path / "lock.txt"
     made = CliRunner().invoke(cli, ["lock", "--machine", str(machine), "--python", "3.11", "-o", str(out)])
     assert made.exit_code == 0, made.output
@@ -261,7 +261,7 @@ def test_repair_on_a_gpu_machine_without_a_gpu_record_moves_to_what_lock_writes(
     """A T4 box (driver 550) with only CPU records: --repair aims at the same set `lock --machine` writes, the CPU
     record's Python level and a CUDA 12 torch build from its index, and says so instead of refusing."""
     folder = write_records(tmp_path, record_json("cpu", "linux-x86_64-py3.11-cpu", stack("2.13.0+cpu", accelerate="1.12.0")))
-    t4 = machine_from_dict({**json.loads((REPO_ROOT / "lockfiles/machines/t4-550.json").read_text()),
+    t4 = machine_from_dict({**json.loads((REPO_ROOT / "qlora_doctor/knowledge/data/machines/t4-550.json").read_text()),
                             "python": "3.11.9"}, "t4")
     installed = {**stack("2.13.0+cpu", accelerate="1.0.1"), "pytest": "8.0"}
     fix = lk.choose_repair(load_records(folder), t4, "3.11", load_tables(), installed)
@@ -316,7 +316,7 @@ def test_the_torch_build_fix_names_the_variant_lock_would_choose():
     from qlora_doctor.doctor.environment import torch_build_checks
     from qlora_doctor.sources.requirements import environment_from_pins
 
-    t4 = machine_from_dict(json.loads((REPO_ROOT / "lockfiles/machines/t4-550.json").read_text()), "t4")
+    t4 = machine_from_dict(json.loads((REPO_ROOT / "qlora_doctor/knowledge/data/machines/t4-550.json").read_text()), "t4")
     env = environment_from_pins({"torch": "2.13.0+cpu"}, "test")
     [check] = torch_build_checks(t4, env, load_tables())
     choice = lk.choose_torch_build(t4, ["2.13.0"], load_tables())

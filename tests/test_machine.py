@@ -255,3 +255,28 @@ def test_the_install_fix_names_the_torch_build_the_described_gpu_needs(tmp_path)
     cpu = _described(tmp_path, "c.json", '{"gpus": []}')
     assert "/whl/cpu" in install_training_command(cpu, load_tables(), ["torch"])
     assert install_training_command(cpu, load_tables(), ["peft"]) == "pip install 'qlora-doctor[train]'"
+
+
+def test_presets_by_name_or_gpu_and_inline_json_describe_a_machine(tmp_path, monkeypatch):
+    from qlora_doctor.sources.machine import load_described_machine, preset_names
+
+    monkeypatch.chdir(tmp_path)  # a preset name is not a file here
+    assert {"t4-550", "a100-550", "rtx4090-570", "h100-580", "cpu"} <= set(preset_names())
+    for given in ("t4-550", "t4", "T4", "t4-550.json"):
+        m = load_described_machine(given)
+        assert m.gpus[0].name == "Tesla T4" and m.driver_version == "550.54.15", given
+        assert m.source == "preset t4-550"
+    assert load_described_machine("RTX 4090").gpus[0].compute_capability == "8.9"
+    inline = load_described_machine('{"gpus": ["NVIDIA L4"], "driver_version": "550.54.15"}')
+    assert inline.gpus[0].memory_total_mib == 23034 and inline.source == "--machine"
+    with pytest.raises(InputError, match="no such machine file.*preset: .*t4-550"):
+        load_described_machine("my-box.json")
+    with pytest.raises(InputError, match="inline description is not valid JSON"):
+        load_described_machine('{"gpus": [Tesla T4]}')
+
+
+def test_the_presets_ship_in_the_wheel():
+    import tomllib
+
+    data = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert "**/*.json" in data["tool"]["setuptools"]["package-data"]["qlora_doctor"]

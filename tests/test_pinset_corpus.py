@@ -17,7 +17,7 @@ else:  # pragma: no cover
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "tests" / "data" / "pinsets"
 CASES = tomllib.loads((CORPUS / "index.toml").read_text(encoding="utf-8"))["case"]
-MACHINES = {p.stem for p in (REPO / "lockfiles" / "machines").glob("*.json")} | {"unknown"}
+MACHINES = {p.stem for p in (REPO / "qlora_doctor" / "knowledge" / "data" / "machines").glob("*.json")} | {"unknown"}
 
 
 def bench():

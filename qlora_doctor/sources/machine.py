@@ -14,6 +14,7 @@ Parsing is kept apart from running: `parse_*` functions are pure and tested on c
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from packaging.version import Version
 
+from qlora_doctor.core.errors import InputError
 from qlora_doctor.core.machine import Gpu, Machine, _is_cc, load_machine_file, machine_from_dict, save_machine_file  # noqa: F401 (re-exported)
 
 MACHINE_ENV = "QLORA_DOCTOR_MACHINE"
@@ -282,7 +284,22 @@ def load_described_machine(path: Path | str) -> Machine:
     """A `--machine` file (JSON, YAML, or plain `nvidia-smi` output), with what it leaves out that the tables
     know filled in, each with a note: a GPU's compute capability and memory from its name (\"NVIDIA L4\"),
     and a lower bound for the driver from the CUDA version nvidia-smi prints."""
+    given = str(path)
+    if given.lstrip().startswith("{"):  # `--machine '{"gpus": ["Tesla T4"], "driver_version": "550.54.15"}'`
+        try:
+            data = json.loads(given)
+        except json.JSONDecodeError as err:
+            raise InputError(f"--machine: the inline description is not valid JSON ({err.msg} at column "
+                             f"{err.colno}); or give a file, or a preset ({', '.join(preset_names())})") from None
+        return fill_from_tables(machine_from_dict(data, "--machine"))
     path = Path(path)
+    if not path.exists() and (preset := find_preset(given)) is not None:
+        machine = load_machine_file(preset)
+        note = f"preset {preset.stem}: a typical {_machine_words(machine)} (qlora-doctor's description)"
+        return fill_from_tables(replace(machine, source=f"preset {preset.stem}", notes=machine.notes + (note,)))
+    if not path.exists():
+        raise InputError(f"{path}: no such machine file; give a file (`qlora-doctor check --save-machine FILE` writes "
+                         f"this machine's), inline JSON, or a preset: {', '.join(preset_names())}")
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -294,6 +311,32 @@ def load_described_machine(path: Path | str) -> Machine:
     else:
         machine = load_machine_file(path)
     return fill_from_tables(machine)
+
+
+PRESETS = Path(__file__).resolve().parent.parent / "knowledge" / "data" / "machines"
+"""Descriptions of the machines people have (`--machine t4-550`), shipped in the wheel."""
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS.glob("*.json"))
+
+
+def find_preset(name: str) -> Path | None:
+    """A preset by its name (`t4-550`, `t4-550.json`) or by its GPU alone (`t4`, `A100`, `rtx-4090`, `RTX 4090`)."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower().removesuffix(".json"))
+    if not key or "/" in name:
+        return None
+    for stem in preset_names():
+        if key in (re.sub(r"[^a-z0-9]", "", stem), re.sub(r"[^a-z0-9]", "", stem.split("-")[0])):
+            return PRESETS / f"{stem}.json"
+    return None
+
+
+def _machine_words(machine: Machine) -> str:
+    gpus = machine.nvidia_gpus
+    if not gpus:
+        return "machine without a GPU"
+    return f"{gpus[0].name} with driver {machine.driver_version}"
 
 
 def fill_from_tables(machine: Machine) -> Machine:
