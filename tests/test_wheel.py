@@ -69,6 +69,7 @@ def test_the_wheel_carries_what_the_tool_reads(wheel):
     assert any(n.startswith("qlora_doctor/shipped/lockfiles/") for n in names)
     assert "qlora_doctor/knowledge/data/rules/hardware.toml" in names
     assert "qlora_doctor/recipe/builtin_configs/smollm2-135m-instruct.json" in names
+    assert "qlora_doctor/knowledge/data/machines/t4-550.json" in names
 
 
 def test_installed_wheel_imports_itself_not_the_checkout(installed, tmp_path):
@@ -92,6 +93,9 @@ def test_check_validate_plan_lock_and_report_from_the_wheel(installed, tmp_path)
                cwd=tmp_path)
     assert lock.returncode == 0, lock.stderr
     assert "transformers==" in lock.stdout
+    t4 = run(installed, "lock", "--machine", "t4", cwd=tmp_path)  # a preset the wheel carries
+    assert t4.returncode == 0, t4.stderr
+    assert "+cu12" in t4.stdout and "Tesla T4" in t4.stdout
 
 
 def test_run_demo_from_the_wheel(installed, tmp_path, builtin_checkpoint):
