@@ -251,3 +251,36 @@ def test_brackets_in_fixes_and_details_print_as_written():
     for written in ("qlora-doctor[train]", "[rank0]", "missing [fp8]", "Training [packages]", "m[1].json",
                     "note [x]"):
         assert written in text, written
+
+
+def test_a_file_leaving_out_bitsandbytes_is_judged_with_what_pip_would_add(tmp_path):
+    """LLaMA-Factory-style pins without bitsandbytes (it comes from an extra): resolved again with it added, for the
+    machine and date (offline, over the bundled snapshot), the file passes, naming the version pip would add and
+    the line to pin it; bnb.cuda is judged on that version instead of 'unknown'."""
+    reqs = tmp_path / "requirements.txt"
+    reqs.write_text("torch==2.6.0\ntransformers==4.50.0\npeft==0.15.0\naccelerate==1.5.0\ndatasets==3.4.0\n")
+    m = write_machine(tmp_path / "m.json", gpus=[{"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0",
+                                                  "memory_total_mib": 81920}], driver_version="550.54.15")
+    args = ["check", "-r", str(reqs), "--resolver", "snapshot", "--as-of", "2025-04-01", "--machine", str(m), "--json"]
+    report = json.loads(CliRunner().invoke(cli, args).stdout)
+    checks = {c["id"]: c for c in report["checks"]}
+    training = checks["packages.training"]
+    assert training["status"] == "pass", training
+    assert "pip would add bitsandbytes 0.45." in training["detail"] and "bitsandbytes==0.45." in training["fix"]
+    assert checks["bnb.cuda"]["status"] == "pass" and "with what pip would add" in checks["bnb.cuda"]["detail"]
+
+
+def test_what_pip_would_add_is_a_warning_when_it_brings_a_problem():
+    from qlora_doctor.core.report import Check
+    from qlora_doctor.doctor.resolved import Additions, judge_additions
+
+    mine = [Check("packages.training", "warn", "Training packages", "not in the proposed pins: peft"),
+            Check("rule:a", "fail", "A", "already failing")]
+    theirs = [Check("packages.training", "pass", "T", "all there"), Check("rule:a", "fail", "A", "still"),
+              Check("rule:b", "fail", "B broke", "new", fix="pip install 'b<2'")]
+    out = judge_additions(mine, Additions(("peft",), {"peft": "0.18.0"}, None, None, "2025-06-01"), theirs)
+    training = next(c for c in out if c.id == "packages.training")
+    assert training.status == "warn" and "rule:b fails: B broke" in training.detail
+    assert training.fix == "pip install 'b<2'" and "peft 0.18.0" in training.detail
+    refused = judge_additions(mine, Additions(("peft",), {}, None, "No solution found", None), [])
+    assert next(c for c in refused if c.id == "packages.training").detail.endswith("No solution found")

@@ -47,6 +47,7 @@ def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine:
 
         save_machine_file(machine, save_machine)
     extra: list = []
+    additions = None
     if requirements_file is not None:
         from qlora_doctor.doctor.resolved import resolved_environment
 
@@ -56,6 +57,10 @@ def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine:
             raise InputError("--no-resolve and --resolver snapshot cannot be combined; pick one")
         env, extra = resolved_environment(requirements_file, machine, resolve=not no_resolve, as_of=as_of,
                                           resolver=resolver)
+        if not no_resolve and all(c.status == "pass" for c in extra):
+            from qlora_doctor.doctor.resolved import training_additions
+
+            additions = training_additions(requirements_file, machine, env, as_of=as_of, resolver=resolver)
     else:
         env = load_environment(None)
     run_plan = None
@@ -65,7 +70,8 @@ def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine:
 
         path = find_recipe(recipe_file)
         run_plan = build_run_plan(load_recipe(path), machine, env, where=display_path(path))
-    report = diagnose(machine, env, run_plan=run_plan, smoke=smoke, smoke_timeout=smoke_timeout, extra_checks=extra)
+    report = diagnose(machine, env, run_plan=run_plan, smoke=smoke, smoke_timeout=smoke_timeout, extra_checks=extra,
+                      additions=additions)
     if as_json:
         echo_json(report.to_json())
     else:

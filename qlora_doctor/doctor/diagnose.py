@@ -17,13 +17,14 @@ from qlora_doctor.sources.installed import installed_environment
 if TYPE_CHECKING:
     from qlora_doctor.core.environment import Environment
     from qlora_doctor.core.machine import Machine
+    from qlora_doctor.doctor.resolved import Additions
     from qlora_doctor.recipe.schema import Recipe
     from qlora_doctor.runplan import RunPlan
 
 
 def diagnose(machine: Machine, env: Environment | None = None, *, run_plan: RunPlan | None = None,
              recipe: Recipe | None = None, smoke: bool = False, smoke_timeout: int = 180,
-             extra_checks: list[Check] | None = None) -> Report:
+             extra_checks: list[Check] | None = None, additions: Additions | None = None) -> Report:
     """Everything `check` reports about `machine` and `env` (default: the installed packages), plus the
     recipe checks of `run_plan` (or of a run plan built here for `recipe`) and the smoke test."""
     if env is None:
@@ -34,6 +35,11 @@ def diagnose(machine: Machine, env: Environment | None = None, *, run_plan: RunP
         run_plan = build_run_plan(recipe, machine, env, where="recipe")
     uses = None if run_plan is None else uses_of(run_plan)
     checks = [*(extra_checks or []), *environment_checks(machine, env, uses)]
+    if additions is not None:  # `check -r` of a file leaving out bitsandbytes, peft...: judged with them added
+        from qlora_doctor.doctor.resolved import judge_additions
+
+        with_them = environment_checks(machine, additions.env, uses) if additions.env is not None else []
+        checks = judge_additions(checks, additions, with_them)
     if run_plan is not None:
         from qlora_doctor.doctor.recipe import recipe_checks
 

@@ -74,3 +74,89 @@ def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str |
               f"named in the file: {'; '.join(pulled) if pulled else 'none of the watched packages'}{subs}")
     return env, [Check("packages.resolved", "pass", TITLE, detail, found=f"{len(resolution.pins)} packages",
                        expected="an installable set")]
+
+
+# --- training packages the file leaves out ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Additions:
+    """What pip would add beside a file that leaves out training packages (bitsandbytes, peft...), resolved with
+    the file's own pins, and the environment that gives; `error` when they cannot be added."""
+    names: tuple[str, ...]
+    pins: dict[str, str]
+    env: Environment | None
+    error: str | None = None
+    as_of: str | None = None
+
+
+def training_additions(path: Path, machine, env: Environment, as_of: str | None = None,
+                       resolver: str = "auto") -> Additions | None:
+    """None unless a resolved file has torch but leaves out other training packages (a project that installs
+    bitsandbytes from an extra, say): then the file resolved again with them added, unpinned, for the
+    machine and date. Without torch the stack's base comes from elsewhere (a container) and is not guessed."""
+    import tempfile
+
+    from qlora_doctor.core.environment import TRAINING_NEEDS
+    from qlora_doctor.sources.requirements import environment_from_pins
+    from qlora_doctor.sources.resolve import NoResolver, is_pylock, resolve_requirements
+
+    missing = tuple(n for n in TRAINING_NEEDS if not env.installed(n) and n not in env.unpinned)
+    if not missing or "torch" in missing or is_pylock(Path(path)):
+        return None
+    with tempfile.TemporaryDirectory(prefix="qlora-doctor-additions-") as tmp:
+        beside = Path(tmp) / "requirements.txt"
+        beside.write_text(f"-r {Path(path).resolve()}\n" + "".join(f"{n}\n" for n in missing), encoding="utf-8")
+        try:
+            resolution = resolve_requirements(beside, machine, as_of=as_of, resolver=resolver)
+        except NoResolver:
+            return None
+    if resolution.error:
+        return Additions(missing, {}, None, resolution.error.replace(str(beside), str(path)), as_of)
+    pins = {n: resolution.pins[n] for n in missing if n in resolution.pins}
+    return Additions(missing, pins, environment_from_pins(resolution.pins, str(path)), None, as_of)
+
+
+def judge_additions(checks: list[Check], additions: Additions, judged_with: list[Check]) -> list[Check]:
+    """`checks` with packages.training saying what pip would add: a pass when the additions raise no problem
+    the file's own closure does not have (`judged_with`: the checks of the environment with them), else a
+    warning naming the first new problem, or why they cannot be added."""
+    names = ", ".join(additions.names)
+    when = f" (as of {additions.as_of})" if additions.as_of else ""
+    if additions.error is not None:
+        check = Check("packages.training", "warn", "Training packages",
+                      f"the file leaves out {names}, and pip cannot add them beside its pins{when}: "
+                      f"{additions.error}", fix="pin versions of them that agree with the file",
+                      found=f"missing {names}", expected="an installable training stack")
+    else:
+        added = ", ".join(f"{n} {v}" for n, v in additions.pins.items())
+        before = {c.id for c in checks if c.status in ("fail", "warn", "unknown")}
+        new = [c for c in judged_with if c.status in ("fail", "warn") and c.id not in before
+               and c.id not in ("packages.training", "matrix.tested")]
+        if new:
+            first = new[0]
+            check = Check("packages.training", "warn", "Training packages",
+                          f"the file leaves out {names}; pip would add {added} beside it{when}, and then "
+                          f"{first.id} {first.status}s: {first.title}" +
+                          (f" (and {len(new) - 1} more)" if len(new) > 1 else ""),
+                          fix=first.fix or f"pin {names} at versions that agree with the file", sources=first.sources,
+                          found=f"missing {names}", expected="an installable training stack")
+        else:
+            check = Check("packages.training", "pass", "Training packages",
+                          f"the file leaves out {names}; pip would add {added} beside it{when}, which raises no "
+                          "problem the file's own pins do not", fix="pin them in the file: " + " ".join(
+                              f"{n}=={v}" for n, v in additions.pins.items()),
+                          found=f"{added} (added by pip)", expected="an installable training stack")
+    # A check the file alone leaves unknown for want of an added package (bnb.cuda without bitsandbytes) is
+    # judged on the environment with it.
+    with_them = {c.id: c for c in judged_with}
+    suffix = f" (with what pip would add: {', '.join(f'{n} {v}' for n, v in additions.pins.items())})"
+    out = []
+    for c in checks:
+        other = with_them.get(c.id)
+        if c.id == "packages.training":
+            out.append(check)
+        elif c.status == "unknown" and other is not None and other.status == "pass":
+            out.append(dataclasses.replace(other, detail=other.detail + suffix))
+        else:
+            out.append(c)
+    return out
