@@ -284,3 +284,20 @@ def test_what_pip_would_add_is_a_warning_when_it_brings_a_problem():
     assert training.fix == "pip install 'b<2'" and "peft 0.18.0" in training.detail
     refused = judge_additions(mine, Additions(("peft",), {}, None, "No solution found", None), [])
     assert next(c for c in refused if c.id == "packages.training").detail.endswith("No solution found")
+
+
+def test_two_rules_one_upgrade_undoes_are_one_row(tmp_path):
+    """datasets 2.14.0 beside fsspec 2024.2: the '**' glob change and the LocalFileSystem protocol change both
+    fire, and `pip install -U 'datasets>=2.15'` undoes both: one row (the glob rule's), the other said inside it."""
+    reqs = tmp_path / "r.txt"
+    reqs.write_text("torch==2.1.0\ntransformers==4.34.0\npeft==0.5.0\naccelerate==0.23.0\nbitsandbytes==0.41.1\n"
+                    "datasets==2.14.0\nfsspec==2024.2.0\n")
+    report = json.loads(CliRunner().invoke(cli, ["check", "-r", str(reqs), "--no-resolve", "--json"]).stdout)
+    ids = [c["id"] for c in report["checks"]]
+    assert "rule:datasets-fsspec-glob" in ids and "rule:datasets-fsspec-local-cache" not in ids
+    glob = next(c for c in report["checks"] if c["id"] == "rule:datasets-fsspec-glob")
+    assert "Also: datasets < 2.14.6 cannot load its own cache" in glob["detail"]
+    assert "https://github.com/huggingface/datasets/pull/6334" in glob["sources"]
+    reqs.write_text(reqs.read_text().replace("2024.2.0", "2023.10.0"))  # only the cache change: its own row
+    report = json.loads(CliRunner().invoke(cli, ["check", "-r", str(reqs), "--no-resolve", "--json"]).stdout)
+    assert "rule:datasets-fsspec-local-cache" in [c["id"] for c in report["checks"] if c["status"] == "fail"]

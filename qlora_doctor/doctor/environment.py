@@ -265,7 +265,20 @@ def fold_judged_rules(table: list[Check], rules: list[Check]) -> list[Check]:
             continue
         merged = table[target]
         table[target] = dataclasses.replace(merged, sources=tuple(dict.fromkeys((*merged.sources, *check.sources))))
-    return table + kept
+    # A rule whose fix another firing rule's fix covers (`judged_by = "rule:<id>"`: two changes of one package
+    # that the same upgrade undoes) is said inside that rule's row, not as a second row with a second fix.
+    firing = {c.id: i for i, c in enumerate(kept) if c.status in ("fail", "warn")}
+    folded: set[int] = set()
+    for i, check in enumerate(kept):
+        rule = by_id.get(check.id.removeprefix("rule:"))
+        target = firing.get(rule.judged_by) if rule is not None and rule.judged_by else None
+        if target is None or target == i or check.status not in ("fail", "warn"):
+            continue
+        into = kept[target]
+        kept[target] = dataclasses.replace(into, detail=f"{into.detail} Also: {check.title}: {check.detail}",
+                                           sources=tuple(dict.fromkeys((*into.sources, *check.sources))))
+        folded.add(i)
+    return table + [c for i, c in enumerate(kept) if i not in folded]
 
 
 def uses_of(run_plan: RunPlan) -> dict[str, bool]:

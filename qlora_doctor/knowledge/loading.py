@@ -367,8 +367,10 @@ def _parse_rule(raw: dict[str, Any], file: str, c: _Collector) -> Rule | None:
         workaround = None
     explain = _parse_explain(raw["explain"], c) if "explain" in raw else None
     judged_by = raw.get("judged_by")
-    if judged_by is not None and (judged_by not in JUDGED_BY or when is None):
-        c.add(f"judged_by: expected one of {', '.join(JUDGED_BY)}, on a rule with [rule.when]")
+    if judged_by is not None and ((judged_by not in JUDGED_BY and not str(judged_by).startswith("rule:"))
+                                  or when is None):
+        c.add(f"judged_by: expected one of {', '.join(JUDGED_BY)} or rule:<id> (a rule whose fix covers this one), "
+              "on a rule with [rule.when]")
         judged_by = None
     return Rule(id=str(rid), title=str(raw.get("title", "")), severity=str(raw.get("severity", "")),
                 cause=str(raw.get("cause", "")).strip(), fix=str(raw.get("fix", "")).strip(), sources=sources,
@@ -448,6 +450,9 @@ def load_rules(data_dir: Path = DATA_DIR) -> tuple[Rule, ...]:
         if rule.id in seen:
             c.errors.append(f"{rule.file}: rule {rule.id!r}: duplicate id")
         seen.add(rule.id)
+    for rule in rules:
+        if rule.judged_by and rule.judged_by.startswith("rule:") and rule.judged_by.removeprefix("rule:") not in seen:
+            c.errors.append(f"{rule.file}: rule {rule.id!r}: judged_by {rule.judged_by!r}: no such rule")
     if c.errors:
         raise KnowledgeError("\n".join(c.errors))
     return tuple(rules)
