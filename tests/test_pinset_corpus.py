@@ -31,7 +31,8 @@ def test_every_case_has_its_file_source_and_fields():
     files = [c["file"] for c in CASES]
     assert len(files) == len(set(files)) and len(files) >= 77
     numbers = [int(f.split("-", 1)[0]) for f in files]
-    assert numbers == list(range(1, len(files) + 1))
+    dropped = {86}  # a good case found unsatisfiable as one install after first sight (README, 78-89)
+    assert numbers == [n for n in range(1, len(files) + len(dropped) + 1) if n not in dropped]
     on_disk = {p.name for p in CORPUS.glob("[0-9][0-9]-*.txt")}
     assert on_disk == set(files)
     for case in CASES:
@@ -58,12 +59,18 @@ def test_every_expected_rule_is_a_rule_a_computed_fact_or_a_proposal():
 
 
 def test_each_round_of_new_cases_keeps_some_held_out():
-    """55-65 were all held out (README); of 66-77, about a third (66-70), scored once before any product change."""
+    """55-65 and 78-89 were wholly held out (README); of 66-77, about a third (66-70): each scored once before any
+    product change, broken and good alike."""
     bench_module = bench()
-    later = [c for c in CASES if int(c["file"].split("-", 1)[0]) > 65]
-    held = [c for c in later if bench_module.is_held_out(c)]
-    assert 0.25 <= len(held) / len(later) <= 0.5
-    assert {c["outcome"] for c in held} == {"broken", "good"}
+
+    def number(case):
+        return int(case["file"].split("-", 1)[0])
+
+    for low, high, share in ((55, 65, (1.0, 1.0)), (66, 77, (0.25, 0.5)), (78, 89, (1.0, 1.0))):
+        cases = [c for c in CASES if low <= number(c) <= high]
+        held = [c for c in cases if bench_module.is_held_out(c)]
+        assert share[0] <= len(held) / len(cases) <= share[1], (low, high)
+        assert {c["outcome"] for c in held} == {"broken", "good"}, (low, high)
 
 
 @pytest.mark.parametrize("rule, failed, right", [
