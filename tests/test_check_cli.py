@@ -268,6 +268,8 @@ def test_a_file_leaving_out_bitsandbytes_is_judged_with_what_pip_would_add(tmp_p
     assert training["status"] == "pass", training
     assert "pip would add bitsandbytes 0.45." in training["detail"] and "bitsandbytes==0.45." in training["fix"]
     assert checks["bnb.cuda"]["status"] == "pass" and "with what pip would add" in checks["bnb.cuda"]["detail"]
+    text = CliRunner(env={"COLUMNS": "200"}).invoke(cli, args[:-1]).stdout  # passing, but said without -v
+    assert "pin them in the file: bitsandbytes==0.45." in text
 
 
 def test_what_pip_would_add_is_a_warning_when_it_brings_a_problem():

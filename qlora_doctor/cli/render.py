@@ -76,6 +76,11 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
     if verbose and machine.get("notes"):
         for note in machine["notes"]:
             console.print(f"[dim]probe: {escape(note)}[/]")
+    added = next((c for c in report.checks if c.id == "packages.training" and c.status == "pass"
+                  and "(added by pip)" in (c.found or "")), None)
+    if added is not None and not verbose:  # passes, but the user should pin what the file leaves to pip
+        console.print(f"[dim]{escape(added.detail)}[/]", highlight=False)
+        console.print(f"[dim]    {escape(added.fix)}[/]", highlight=False, soft_wrap=True)
     tested = next((c for c in report.checks if c.id == "matrix.tested"), None)
     if tested is not None and tested.status == "pass" and not verbose:
         console.print(f"[dim]{escape(tested.detail)}[/]", highlight=False)
