@@ -280,3 +280,26 @@ def test_the_presets_ship_in_the_wheel():
 
     data = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     assert "**/*.json" in data["tool"]["setuptools"]["package-data"]["qlora_doctor"]
+
+
+def test_environment_reports_from_issues_describe_the_machine(tmp_path):
+    """What issue reports paste: torch's collect_env and `transformers env`."""
+    collect_env = ("Collecting environment information...\nPyTorch version: 2.1.0+cu121\n"
+                   "OS: Ubuntu 22.04.3 LTS (x86_64)\nLibc version: glibc-2.35\n\n"
+                   "Python version: 3.10.12 (main, Nov 20 2023, 15:14:05) [GCC 11.4.0] (64-bit runtime)\n"
+                   "Python platform: Linux-5.15.0-1048-aws-x86_64-with-glibc2.35\nIs CUDA available: True\n"
+                   "CUDA runtime version: 12.1.105\nGPU models and configuration: \nGPU 0: NVIDIA A10G\n"
+                   "GPU 1: NVIDIA A10G\n\nNvidia driver version: 535.104.12\n\n[pip3] torch==2.1.0\n")
+    m = _described(tmp_path, "ce.txt", collect_env)
+    assert (m.os, m.arch, m.python, m.libc, m.driver_version) == ("linux", "x86_64", "3.10.12", "glibc 2.35",
+                                                                  "535.104.12")
+    assert [(g.name, g.compute_capability, g.memory_total_mib) for g in m.gpus] == [("NVIDIA A10G", "8.6", 23028)] * 2
+    windows = _described(tmp_path, "w.txt", "PyTorch version: 2.3.0+cu121\nOS: Microsoft Windows 11 Pro\n"
+                         "Python version: 3.11.9 (tags/v3.11.9) [MSC v.1938 64 bit (AMD64)]\nIs CUDA available: True\n"
+                         "GPU models and configuration: GPU 0: NVIDIA GeForce RTX 4090\nNvidia driver version: 552.22\n")
+    assert windows.os == "windows" and windows.gpus[0].compute_capability == "8.9"
+    hf = _described(tmp_path, "hf.txt", "- `transformers` version: 4.36.2\n"
+                    "- Platform: Linux-6.1.58+-x86_64-with-glibc2.35\n- Python version: 3.10.12\n"
+                    "- PyTorch version (GPU?): 2.1.0+cu121 (True)\n")
+    assert hf.python == "3.10.12" and hf.gpu_vendor == "nvidia" and hf.gpus[0].compute_capability is None
+    assert any("environment report" in n for n in hf.notes)

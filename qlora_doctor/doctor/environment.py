@@ -152,7 +152,9 @@ def torch_build_checks(machine: Machine, env: Environment, tables: Tables) -> li
         fix = (f"pip install torch --index-url https://download.pytorch.org/whl/{variant}  ({why}; "
                "`qlora-doctor lock` pins the whole stack for it)"
                if variant != "cpu" else
-               f"update the NVIDIA driver (driver {machine.driver_version or 'unknown'} runs no CUDA build "
+               "install a CUDA build of torch for this driver (the driver version is unknown: `nvidia-smi` shows "
+               "it; with it, `qlora-doctor lock --machine` names the build)" if machine.driver_version is None else
+               f"update the NVIDIA driver (driver {machine.driver_version} runs no CUDA build "
                "PyTorch ships), then `qlora-doctor lock`")
         checks.append(Check("torch.build", "fail", "torch build", f"{build} cannot use the NVIDIA GPU", fix=fix,
                             sources=(TORCH_INSTALL,), found=build, expected="a CUDA build"))
