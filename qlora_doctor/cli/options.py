@@ -19,8 +19,9 @@ def machine_option(f: Callable) -> Callable:
         "--machine",
         "machine_file",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="Judge a described machine instead of probing this one: a file (JSON, YAML, saved nvidia-smi or collect_env "
-             "output), inline JSON, or a preset (t4-550, a100-550, rtx4090-570, h100-580, cpu... or just t4, a100).",
+        help="Judge a described machine instead of probing this one: a file (JSON, YAML, saved nvidia-smi or "
+             "collect_env output), inline JSON, or a preset (t4-550, a100-550, rtx4090-570, h100-580, cpu... or "
+             "just t4, a100).",
     )(f)
 
 
