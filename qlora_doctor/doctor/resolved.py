@@ -13,6 +13,16 @@ from qlora_doctor.core.report import Check
 TITLE = "What installing the file gives"
 
 
+def _report(path: Path):
+    from qlora_doctor.sources.envreport import read_report
+
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None  # the resolver's reading says why, naming the file
+    return None if path.suffix == ".toml" else read_report(text)
+
+
 def unsatisfiable(error: str) -> bool:
     """The resolver proved no set of versions satisfies the file (versus: it could not read a source)."""
     return any(text in error for text in ("No solution found", "unsatisfiable", "ResolutionImpossible",
@@ -40,6 +50,16 @@ def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str |
     from qlora_doctor.sources.requirements import environment_from_pins, load_requirements_file
     from qlora_doctor.sources.resolve import NoResolver, is_pylock, resolve_requirements
 
+    report = _report(Path(path))
+    if report is not None:  # a pasted `pip list` / collect_env...: what was installed, judged as listed
+        env = environment_from_pins(report.pins, str(path))
+        if not report.complete:  # the rest of the environment is not in the report: unknown, not absent
+            env = dataclasses.replace(env, unpinned=tuple(n for n in WATCHED if n not in report.pins))
+        listed = ", ".join(f"{n} {v}" for n, v in report.pins.items()) or "no versions"
+        return env, [Check("packages.resolved", "pass", TITLE,
+                           f"read as {report.kind} output, the environment as it was installed, judged as listed "
+                           f"(nothing resolved{'' if report.complete else '; packages it does not show are unknown'})"
+                           f": {listed}", found=f"{report.kind}: {len(report.pins)} packages")]
     if not resolve and not is_pylock(Path(path)):
         return load_requirements_file(path), [Check("packages.resolved", "pass", TITLE,
                                                      "judged the lines as written (--no-resolve): packages pip "
@@ -101,8 +121,8 @@ def training_additions(path: Path, machine, env: Environment, as_of: str | None 
     from qlora_doctor.sources.resolve import NoResolver, is_pylock, resolve_requirements
 
     missing = tuple(n for n in TRAINING_NEEDS if not env.installed(n) and n not in env.unpinned)
-    if not missing or "torch" in missing or is_pylock(Path(path)):
-        return None
+    if not missing or "torch" in missing or is_pylock(Path(path)) or _report(Path(path)) is not None:
+        return None  # a report is what was installed: nothing would be added to it
     with tempfile.TemporaryDirectory(prefix="qlora-doctor-additions-") as tmp:
         beside = Path(tmp) / "requirements.txt"
         beside.write_text(f"-r {Path(path).resolve()}\n" + "".join(f"{n}\n" for n in missing), encoding="utf-8")

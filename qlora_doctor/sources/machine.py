@@ -280,49 +280,6 @@ def parse_nvidia_smi_table(text: str) -> dict[str, Any] | None:
     return {"driver_version": driver, "cuda_driver_version": cuda, "gpus": gpus}
 
 
-def parse_env_report(text: str) -> dict[str, Any] | None:
-    """A machine description from an environment report pasted into an issue: `python -m torch.utils.collect_env`
-    (OS, Python, libc, `Nvidia driver version`, `GPU 0: ...` lines) or `transformers env` (`- Platform:`, `- Python
-    version:`, `- GPU type:`). None when the text is neither."""
-    collect_env = re.search(r"^(?:Collecting environment information|PyTorch version:|Is CUDA available:)", text, re.M)
-    hf_env = re.search(r"^-\s*(?:`transformers` version|Platform|Python version):", text, re.M)
-    if not collect_env and not hf_env:
-        return None
-    data: dict[str, Any] = {}
-    platform_line = re.search(r"^(?:-\s*)?(?:Python )?[Pp]latform:\s*(\S+)", text, re.M)
-    os_line = re.search(r"^OS:\s*(.+)$", text, re.M)
-    where = " ".join(m.group(1) for m in (platform_line, os_line) if m)
-    lowered = where.lower()
-    if lowered:
-        data["os"] = ("windows" if "windows" in lowered else "darwin" if re.search(r"macos|darwin", lowered)
-                      else "linux")
-        arch = re.search(r"x86_64|aarch64|arm64|amd64", lowered)
-        if arch:
-            data["arch"] = {"amd64": "x86_64"}.get(arch.group(0), arch.group(0))
-    python = re.search(r"^(?:-\s*)?Python version:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
-    if python:
-        data["python"] = python.group(1)
-    libc = re.search(r"glibc[- ]?(\d+\.\d+)", text)
-    if libc:
-        data["libc"] = f"glibc {libc.group(1)}"
-    driver = re.search(r"^Nvidia driver version:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M | re.I)
-    if driver:
-        data["driver_version"] = driver.group(1)
-    names = re.findall(r"GPU \d+:\s*([^\n(]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
-    if not names:
-        single = re.search(r"^(?:GPU models and configuration|-\s*GPU type):\s*(?!Could not collect|N/A)(.+?)\s*$",
-                           text, re.M)
-        names = [single.group(1)] if single else []
-    if names:
-        data["gpus"] = [{"name": n.strip()} for n in names]
-    elif re.search(r"^(?:Is CUDA available:\s*True|-\s*PyTorch version \(GPU\?\):.*\(True\))", text, re.M):
-        data["gpus"] = [{"name": "NVIDIA GPU (the report does not name it)"}]  # judged unknown, not absent
-    elif re.search(r"^(?:Is CUDA available:\s*False|-\s*PyTorch version \(GPU\?\):.*\(False\))", text, re.M) \
-            and "driver_version" not in data:
-        data["gpus"] = []
-    return data
-
-
 def load_described_machine(path: Path | str) -> Machine:
     """A `--machine` file (JSON, YAML, or plain `nvidia-smi` output), with what it leaves out that the tables
     know filled in, each with a note: a GPU's compute capability and memory from its name (\"NVIDIA L4\"),
@@ -348,7 +305,9 @@ def load_described_machine(path: Path | str) -> Machine:
     except OSError:
         text = ""
     smi = parse_nvidia_smi_table(text) if "NVIDIA-SMI" in text[:4000] else None
-    report = parse_env_report(text) if smi is None and not text.lstrip().startswith(("{", "[")) else None
+    from qlora_doctor.sources.envreport import machine_facts
+
+    report = machine_facts(text) if smi is None and not text.lstrip().startswith(("{", "[")) else None
     if smi is not None:
         machine = machine_from_dict(smi, str(path))
         machine = replace(machine, notes=machine.notes + ("read as the output of `nvidia-smi`",))
