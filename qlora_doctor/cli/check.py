@@ -20,7 +20,8 @@ from qlora_doctor.core.errors import EXIT_FAIL, EXIT_OK
               help="Write the probed machine to this JSON file (the --machine format).")
 @click.option("--requirements", "-r", "requirements_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Judge what installing this requirements file gives (resolved with uv for the machine) "
-                   "instead of the installed packages.")
+                   "instead of the installed packages; also pylock.toml, pyproject.toml[extra,...], or a pasted "
+                   "pip list / conda list / collect_env report.")
 @click.option("--no-resolve", is_flag=True, help="With -r: judge the file's lines only (exact pins), not what pip pulls.")
 @click.option("--as-of", "as_of", type=str, default=None, metavar="YYYY-MM-DD",
               help="With -r: resolve as of this date (the releases that existed then).")

@@ -42,8 +42,28 @@ def lines_environment(path: Path, unknown: tuple[str, ...] = ()) -> Environment:
     return dataclasses.replace(environment_from_pins(pins, str(path)), unpinned=unpinned)
 
 
+def as_requirements(path: Path) -> tuple[Path, str | None]:
+    """(the requirements file to read, what was read when it is not `path` itself): a pyproject.toml (optionally
+    `pyproject.toml[extra,...]`) becomes its requirement lines (sources/pyproject.py)."""
+    from qlora_doctor.sources.pyproject import pyproject_requirements
+    from qlora_doctor.sources.resolve import cache_dir
+
+    converted = pyproject_requirements(Path(path), cache_dir())
+    return converted if converted is not None else (Path(path), None)
+
+
 def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str | None = None,
                          resolver: str = "auto") -> tuple[Environment, list[Check]]:
+    path, read = as_requirements(path)
+    env, checks = _resolved_environment(path, machine, resolve, as_of, resolver)
+    if read is not None:
+        checks = [dataclasses.replace(c, detail=f"{read}: {c.detail}") if c.id == "packages.resolved" else c
+                  for c in checks]
+    return env, checks
+
+
+def _resolved_environment(path: Path, machine, resolve: bool, as_of: str | None,
+                          resolver: str) -> tuple[Environment, list[Check]]:
     """(the environment to judge, the checks about how it was obtained). With `resolve`, the resolver's
     closure for the machine (`resolver="snapshot"`: from the bundled snapshot, offline); without (or with no
     resolver installed), the file's lines as written."""
@@ -120,6 +140,7 @@ def training_additions(path: Path, machine, env: Environment, as_of: str | None 
     from qlora_doctor.sources.requirements import environment_from_pins
     from qlora_doctor.sources.resolve import NoResolver, is_pylock, resolve_requirements
 
+    path, _ = as_requirements(path)
     missing = tuple(n for n in TRAINING_NEEDS if not env.installed(n) and n not in env.unpinned)
     if not missing or "torch" in missing or is_pylock(Path(path)) or _report(Path(path)) is not None:
         return None  # a report is what was installed: nothing would be added to it
