@@ -322,3 +322,13 @@ def test_the_torch_build_fix_names_the_variant_lock_would_choose():
     choice = lk.choose_torch_build(t4, ["2.13.0"], load_tables())
     assert check.status == "fail" and choice is not None
     assert f"whl/{choice.variant} " in check.fix and "sm_75" in check.fix
+
+
+@pytest.mark.parametrize("gpu, driver, says", [
+    ("Tesla K80", "470.82.01", "older than the tested torch releases support"),  # not the driver's fault
+    ("NVIDIA A100-SXM4-40GB", "418.67", "upgrade the NVIDIA driver (a newer one would get torch"),
+])
+def test_when_no_build_fits_the_refusal_names_what_stands_in_the_way(gpu, driver, says):
+    machine = json.dumps({"gpus": [gpu], "driver_version": driver, "python": "3.11.9"})
+    result = CliRunner().invoke(cli, ["lock", "--machine", machine])
+    assert result.exit_code == 1 and says in result.output, result.output

@@ -543,6 +543,24 @@ def gpu_plan_from_cpu_record(records: tuple[Record, ...], machine: Machine, pyth
     if not cpu:
         raise CheckFailed(f"no passing CPU record for Python {python} to take the Python-level packages from; "
                           "run `qlora-doctor matrix run` for one, or use `qlora-doctor lock --untested`")
+    plan = _first_gpu_plan(cpu, records, machine, python, tables)
+    if plan is not None:
+        return plan
+    import dataclasses
+
+    newest_driver = _first_gpu_plan(cpu, records, dataclasses.replace(machine, driver_version="999.99"), python, tables)
+    if newest_driver is not None:  # the driver is what stands in the way
+        raise CheckFailed(f"no torch build the tables know runs on {_machine_words(machine)} with the tested "
+                          f"Python-level packages; upgrade the NVIDIA driver (a newer one would get "
+                          f"torch {newest_driver.pins['torch']}), or use `qlora-doctor lock --untested`")
+    gpus = ", ".join(f"{g.name} (cc {g.compute_capability})" for g in machine.nvidia_gpus)
+    raise CheckFailed(f"no tested set of packages has a torch build with kernels for {gpus} that breaks no rule, "
+                      "whatever the driver: the GPU is older than the tested torch releases support; use a newer "
+                      "GPU, or `qlora-doctor lock --untested --constraints FILE` naming an older torch")
+
+
+def _first_gpu_plan(cpu: list[Record], records: tuple[Record, ...], machine: Machine, python: str,
+                    tables: Tables) -> GpuPlan | None:
     known = sorted({str(Version(v).base_version) for r in records for v in [r.freeze.get("torch")] if v},
                    key=Version, reverse=True)
     for record in sorted(cpu, key=_newest_key, reverse=True):
@@ -563,8 +581,7 @@ def gpu_plan_from_cpu_record(records: tuple[Record, ...], machine: Machine, pyth
                   f"{choice.why}" + ("" if same_torch else f" (the record tested torch {own} on CPU; "
                                                             f"{own} has no build for this driver and GPU)"))
         return GpuPlan(record, pins, choice.variant, platform, source)
-    raise CheckFailed(f"no torch build the tables know runs on {_machine_words(machine)} with the tested "
-                      "Python-level packages; upgrade the NVIDIA driver, or use `qlora-doctor lock --untested`")
+    return None
 
 
 def lockfile_for_gpu_from_cpu_record(records: tuple[Record, ...], machine: Machine, python: str, tables: Tables,
