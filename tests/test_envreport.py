@@ -83,3 +83,13 @@ def test_a_pasted_report_is_judged_as_installed_not_resolved(tmp_path):
     report, checks = _check(tmp_path, COLLECT_ENV)
     assert report["status"] == "fail" and checks["rule:numpy-2-old-torch"]["status"] == "fail"
     assert "packages it does not show are unknown" in checks["packages.resolved"]["detail"]
+
+
+def test_a_full_listing_without_bitsandbytes_says_so_as_a_report():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report, checks = _check(Path(tmp), "Package Version\n------- -------\ntorch 2.6.0\ntransformers 4.50.0\n"
+                                "peft 0.15.0\naccelerate 1.5.0\ndatasets 3.4.0\n")
+    assert checks["packages.training"]["detail"] == "not in the pasted pip list: bitsandbytes (QLoRA could not start there)"

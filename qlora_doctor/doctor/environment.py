@@ -99,13 +99,16 @@ def install_training_command(machine: Machine | None, tables: Tables | None, mis
 def package_checks(env: Environment, machine: Machine | None = None, tables: Tables | None = None) -> list[Check]:
     checks: list[Check] = []
     missing = [n for n in TRAINING_NEEDS if not env.installed(n) and n not in env.unpinned]
-    where = "in the proposed pins" if env.source != "installed" else "installed"
+    where = ("installed" if env.source == "installed" else
+             f"in the {env.source.split(':', 1)[0]}" if env.source.startswith("pasted ") else "in the proposed pins")
     if missing:
         # Installed: training cannot start. A proposed file: projects install torch from a container or
         # another index, so what the file leaves out is a risk to name, not a failure of the file.
         checks.append(Check("packages.training", "fail" if env.source == "installed" else "warn", "Training packages",
-                            f"not {where}: {', '.join(missing)}" + ("" if env.source == "installed" else
-                            " (they must come from elsewhere, and are not judged here)"),
+                            f"not {where}: {', '.join(missing)}" + (
+                                "" if env.source == "installed" else
+                                " (QLoRA could not start there)" if env.source.startswith("pasted ") else
+                                " (they must come from elsewhere, and are not judged here)"),
                             fix="pip install " + " ".join(missing) if env.source != "installed"
                             else install_training_command(machine, tables, missing),
                             found=f"missing {', '.join(missing)}", expected=", ".join(TRAINING_NEEDS)))

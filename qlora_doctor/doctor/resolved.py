@@ -72,7 +72,7 @@ def _resolved_environment(path: Path, machine, resolve: bool, as_of: str | None,
 
     report = _report(Path(path))
     if report is not None:  # a pasted `pip list` / collect_env...: what was installed, judged as listed
-        env = environment_from_pins(report.pins, str(path))
+        env = environment_from_pins(report.pins, f"pasted {report.kind}: {path}")
         if not report.complete:  # the rest of the environment is not in the report: unknown, not absent
             env = dataclasses.replace(env, unpinned=tuple(n for n in WATCHED if n not in report.pins))
         listed = ", ".join(f"{n} {v}" for n, v in report.pins.items()) or "no versions"
