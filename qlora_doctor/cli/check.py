@@ -50,18 +50,14 @@ def check(as_json: bool, machine_file: Path | None, verbose: bool, save_machine:
     extra: list = []
     additions = None
     if requirements_file is not None:
-        from qlora_doctor.doctor.resolved import resolved_environment
+        from qlora_doctor.doctor.resolved import judge_requirements
 
         if no_resolve and resolver == "snapshot":
             from qlora_doctor.core.errors import InputError
 
             raise InputError("--no-resolve and --resolver snapshot cannot be combined; pick one")
-        env, extra = resolved_environment(requirements_file, machine, resolve=not no_resolve, as_of=as_of,
-                                          resolver=resolver)
-        if not no_resolve and all(c.status == "pass" for c in extra):
-            from qlora_doctor.doctor.resolved import training_additions
-
-            additions = training_additions(requirements_file, machine, env, as_of=as_of, resolver=resolver)
+        env, extra, additions = judge_requirements(requirements_file, machine, resolve=not no_resolve, as_of=as_of,
+                                                   resolver=resolver)
     else:
         env = load_environment(None)
     run_plan = None

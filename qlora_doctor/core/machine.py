@@ -269,13 +269,22 @@ _EXAMPLES = {"os": '"linux"', "arch": '"x86_64"', "python": '"3.11.7"', "libc": 
 
 
 def load_machine_file(path: Path | str) -> Machine:
+    return machine_from_text(read_machine_text(path), path)
+
+
+def read_machine_text(path: Path | str) -> str:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: no such machine file (write one with `qlora-doctor check --save-machine {path}`)")
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read the machine file: {err}")
+
+
+def machine_from_text(text: str, path: Path | str) -> Machine:
+    """A machine file's text, JSON (or YAML by the file's suffix), validated."""
+    path = Path(path)
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 

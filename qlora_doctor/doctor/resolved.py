@@ -16,11 +16,12 @@ TITLE = "What installing the file gives"
 def _report(path: Path):
     from qlora_doctor.sources.envreport import read_report
 
+    if path.suffix == ".toml":  # pylock.toml
+        return None
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        return read_report(path.read_text(encoding="utf-8", errors="replace"))
     except OSError:
         return None  # the resolver's reading says why, naming the file
-    return None if path.suffix == ".toml" else read_report(text)
 
 
 def unsatisfiable(error: str) -> bool:
@@ -54,23 +55,34 @@ def as_requirements(path: Path) -> tuple[Path, str | None]:
 
 def resolved_environment(path: Path, machine, resolve: bool = True, as_of: str | None = None,
                          resolver: str = "auto") -> tuple[Environment, list[Check]]:
-    path, read = as_requirements(path)
-    env, checks = _resolved_environment(path, machine, resolve, as_of, resolver)
-    if read is not None:
-        checks = [dataclasses.replace(c, detail=f"{read}: {c.detail}") if c.id == "packages.resolved" else c
-                  for c in checks]
+    env, checks, _ = judge_requirements(path, machine, resolve, as_of, resolver, additions=False)
     return env, checks
 
 
-def _resolved_environment(path: Path, machine, resolve: bool, as_of: str | None,
-                          resolver: str) -> tuple[Environment, list[Check]]:
+def judge_requirements(path: Path, machine, resolve: bool = True, as_of: str | None = None, resolver: str = "auto",
+                       additions: bool = True) -> tuple[Environment, list[Check], Additions | None]:
+    """`check -r FILE`: (the environment to judge, how it was obtained, what pip would add beside the file).
+    The file is converted (a pyproject.toml) and read (a pasted report?) once here."""
+    path, read = as_requirements(path)
+    report = _report(path)
+    env, checks = _resolved_environment(path, machine, resolve, as_of, resolver, report)
+    if read is not None:
+        checks = [dataclasses.replace(c, detail=f"{read}: {c.detail}") if c.id == "packages.resolved" else c
+                  for c in checks]
+    added = None
+    if additions and resolve and report is None and all(c.status == "pass" for c in checks):
+        added = _training_additions(path, machine, env, as_of, resolver)
+    return env, checks, added
+
+
+def _resolved_environment(path: Path, machine, resolve: bool, as_of: str | None, resolver: str,
+                          report) -> tuple[Environment, list[Check]]:
     """(the environment to judge, the checks about how it was obtained). With `resolve`, the resolver's
     closure for the machine (`resolver="snapshot"`: from the bundled snapshot, offline); without (or with no
     resolver installed), the file's lines as written."""
     from qlora_doctor.sources.requirements import environment_from_pins, load_requirements_file
     from qlora_doctor.sources.resolve import NoResolver, is_pylock, resolve_requirements
 
-    report = _report(Path(path))
     if report is not None:  # a pasted `pip list` / collect_env...: what was installed, judged as listed
         env = environment_from_pins(report.pins, f"pasted {report.kind}: {path}")
         if not report.complete:  # the rest of the environment is not in the report: unknown, not absent
@@ -129,10 +141,10 @@ class Additions:
     as_of: str | None = None
 
 
-def training_additions(path: Path, machine, env: Environment, as_of: str | None = None,
-                       resolver: str = "auto") -> Additions | None:
-    """None unless a resolved file has torch but leaves out other training packages (a project that installs
-    bitsandbytes from an extra, say): then the file resolved again with them added, unpinned, for the
+def _training_additions(path: Path, machine, env: Environment, as_of: str | None,
+                        resolver: str) -> Additions | None:
+    """None unless a resolved requirements file has torch but leaves out other training packages (a project that
+    installs bitsandbytes from an extra, say): then the file resolved again with them added, unpinned, for the
     machine and date. Without torch the stack's base comes from elsewhere (a container) and is not guessed."""
     import tempfile
 
@@ -140,10 +152,9 @@ def training_additions(path: Path, machine, env: Environment, as_of: str | None 
     from qlora_doctor.sources.requirements import environment_from_pins
     from qlora_doctor.sources.resolve import NoResolver, is_pylock, resolve_requirements
 
-    path, _ = as_requirements(path)
     missing = tuple(n for n in TRAINING_NEEDS if not env.installed(n) and n not in env.unpinned)
-    if not missing or "torch" in missing or is_pylock(Path(path)) or _report(Path(path)) is not None:
-        return None  # a report is what was installed: nothing would be added to it
+    if not missing or "torch" in missing or is_pylock(Path(path)):
+        return None
     with tempfile.TemporaryDirectory(prefix="qlora-doctor-additions-") as tmp:
         beside = Path(tmp) / "requirements.txt"
         beside.write_text(f"-r {Path(path).resolve()}\n" + "".join(f"{n}\n" for n in missing), encoding="utf-8")

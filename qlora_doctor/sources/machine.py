@@ -28,7 +28,8 @@ from typing import Any
 from packaging.version import Version
 
 from qlora_doctor.core.errors import InputError
-from qlora_doctor.core.machine import Gpu, Machine, _is_cc, load_machine_file, machine_from_dict, save_machine_file  # noqa: F401 (re-exported)
+from qlora_doctor.core.machine import (Gpu, Machine, _is_cc, load_machine_file, machine_from_dict,  # noqa: F401
+                                       machine_from_text, read_machine_text, save_machine_file)
 
 MACHINE_ENV = "QLORA_DOCTOR_MACHINE"
 # Time bounds: a wedged driver must not wedge `check`. NVML runs in a helper thread that is abandoned
@@ -300,13 +301,10 @@ def load_described_machine(path: Path | str) -> Machine:
     if not path.exists():
         raise InputError(f"{path}: no such machine file; give a file (`qlora-doctor check --save-machine FILE` writes "
                          f"this machine's), inline JSON, or a preset: {', '.join(preset_names())}")
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    smi = parse_nvidia_smi_table(text) if "NVIDIA-SMI" in text[:4000] else None
     from qlora_doctor.sources.envreport import machine_facts
 
+    text = read_machine_text(path)  # once: JSON, YAML, nvidia-smi output or an environment report
+    smi = parse_nvidia_smi_table(text) if "NVIDIA-SMI" in text[:4000] else None
     report = machine_facts(text) if smi is None and not text.lstrip().startswith(("{", "[")) else None
     if smi is not None:
         machine = machine_from_dict(smi, str(path))
@@ -316,7 +314,7 @@ def load_described_machine(path: Path | str) -> Machine:
         machine = replace(machine, notes=machine.notes + (
             "read as an environment report (torch's collect_env or `transformers env`)",))
     else:
-        machine = load_machine_file(path)
+        machine = machine_from_text(text, path)
     return fill_from_tables(machine)
 
 
