@@ -4,6 +4,7 @@
 #   PART=ours    baseline, fast, fast_selective, fast_offload, fast_selective_offload     (~9 min)
 #   PART=fp8     baseline, fast_fp8, fast_fp8_offload, fast_fp8_ckpt_0.5 (fp8 and selective do not compose)
 #   PART=peer    bench/peer_unsloth.py (both checkpointing modes)                          (~6 min)
+# VARIANTS="a b" overrides a PART's list; VARIANT_S (150) bounds each variant's process.
 # Wheels: .whl2 as in bench/results/fastpath_h200_2026-12-05/NOTES.md (slim bitsandbytes 0.50.2 for cuda130,
 # datasets and its needs, liger-kernel 0.8.5, torchao 0.18; unsloth and its needs for PART=peer); carry [".whl2"].
 # `recompute: selective` runs on the image's torch 2.11 since fused LoRA adds out of place inside selective
@@ -16,13 +17,22 @@ mkdir -p "$OUT/$PART"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/$PART/card.csv"
 run() {  # one variant per process: each starts from an empty CUDA cache
   python3 bench/train_throughput.py --out "$OUT/$PART/$1.json" --shapes 8b --batches 8 --variants "$1" \
-    --warmup 2 --steps 4 --budget-s 100 > "$OUT/$PART/$1.log" 2>&1
-  echo "$1 exit $?" >> "$OUT/$PART/exits.txt"
+    --warmup 2 --steps 4 --budget-s 100 > "$OUT/$PART/$1.log" 2>&1 &
+  local pid=$!; ( sleep "${VARIANT_S:-150}"; kill "$pid" 2>/dev/null ) & local guard=$!
+  wait "$pid"; local rc=$?; kill "$guard" 2>/dev/null
+  echo "$1 exit $rc" >> "$OUT/$PART/exits.txt"; tail -3 "$OUT/$PART/$1.log"
 }
 case $PART in
-  ours) for v in baseline fast fast_selective fast_offload fast_selective_offload; do run $v; done ;;
-  fp8)  for v in baseline fast_fp8 fast_fp8_offload fast_fp8_ckpt_0.5; do run $v; done ;;
+  ours) for v in ${VARIANTS:-baseline fast fast_selective fast_offload fast_selective_offload}; do run $v; done ;;
+  fp8)  for v in ${VARIANTS:-baseline fast_fp8 fast_fp8_offload fast_fp8_ckpt_0.5}; do run $v; done ;;
   peer) python3 bench/peer_unsloth.py --out "$OUT/peer/unsloth.json" --budget-s 360 > "$OUT/peer/unsloth.log" 2>&1
         echo "unsloth exit $?" >> "$OUT/peer/exits.txt" ;;
   *) echo "PART=$PART: expected ours, fp8 or peer" >&2; exit 2 ;;
 esac
+python3 - "$OUT/$PART" <<'PY'
+import glob, json, sys
+for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    for p in json.load(open(f)).get("points", []):
+        print(f.rsplit("/", 1)[-1], p.get("variant"), p.get("tokens_per_s"), p.get("mfu_4n"),
+              p.get("max_memory_allocated_gib"), p.get("max_memory_reserved_gib"), p.get("error", ""))
+PY
