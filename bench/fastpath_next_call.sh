@@ -5,6 +5,7 @@
 #   PART=fp8     baseline, fast_fp8, fast_fp8_offload, fast_fp8_ckpt_0.5 (fp8 and selective do not compose)
 #   PART=peer    bench/peer_unsloth.py (both checkpointing modes)                          (~6 min)
 # VARIANTS="a b" overrides a PART's list; VARIANT_S (150) bounds each variant's process.
+# BENCH_ARGS adds train_throughput.py options (e.g. "--lora-dropout 0 --optim adamw_torch_fused": unsloth's settings).
 # Wheels: .whl2 as in bench/results/fastpath_h200_2026-12-05/NOTES.md (slim bitsandbytes 0.50.2 for cuda130,
 # datasets and its needs, liger-kernel 0.8.5, torchao 0.18; unsloth and its needs for PART=peer); carry [".whl2"].
 # `recompute: selective` runs on the image's torch 2.11 since fused LoRA adds out of place inside selective
@@ -17,7 +18,7 @@ mkdir -p "$OUT/$PART"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/$PART/card.csv"
 run() {  # one variant per process: each starts from an empty CUDA cache
   python3 bench/train_throughput.py --out "$OUT/$PART/$1.json" --shapes 8b --batches 8 --variants "$1" \
-    --warmup 2 --steps 4 --budget-s 100 > "$OUT/$PART/$1.log" 2>&1 &
+    --warmup 2 --steps 4 --budget-s 100 ${BENCH_ARGS:-} > "$OUT/$PART/$1.log" 2>&1 &
   local pid=$!; ( sleep "${VARIANT_S:-150}"; kill "$pid" 2>/dev/null ) & local guard=$!
   wait "$pid"; local rc=$?; kill "$guard" 2>/dev/null
   echo "$1 exit $rc" >> "$OUT/$PART/exits.txt"; tail -3 "$OUT/$PART/$1.log"

@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "random rows over the whole vocabulary, cycled (loss from ~ln(vocab) toward 0)")
     p.add_argument("--budget-s", type=float, default=480, help="skip points that would start after this many seconds")
     p.add_argument("--models-dir", default="/tmp/models")
+    p.add_argument("--lora-dropout", type=float, default=0.05,
+                   help="LoRA dropout of every variant (0: the same LoRA settings as bench/peer_unsloth.py)")
     p.add_argument("--optim", default=None, help="optimizer for both paths (default: the recipe default on cuda, "
                                                  "adamw_torch on cpu)")
     args = p.parse_args(argv)
@@ -293,6 +295,10 @@ def precision_for(device: str) -> Any:
                      reason="bench: float32 on the CPU")
 
 
+LORA_DROPOUT = 0.05
+"""LoRA dropout of every path (`--lora-dropout`; 0 is unsloth's fast path, which bench/peer_unsloth.py runs)."""
+
+
 def make_recipe(model_path: str, performance: dict[str, Any], work: Path, batch: int, seq: int, steps: int,
                 optim: str, lr: float, logging_steps: int) -> Any:
     from qlora_doctor.recipe.schema import recipe_from_dict
@@ -301,7 +307,7 @@ def make_recipe(model_path: str, performance: dict[str, Any], work: Path, batch:
     data.write_text('{"text": "the bench feeds its own token rows"}\n')
     return recipe_from_dict({
         "model": {"name_or_path": model_path},
-        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": LORA_DROPOUT, "target_modules": "all-linear"},
         "dataset": {"path": str(data), "format": "text", "eval_split": 0},
         "training": {"output_dir": str(work / "out"), "max_steps": steps, "per_device_train_batch_size": batch,
                      "max_seq_length": seq, "optim": optim, "learning_rate": lr, "save_strategy": "no",
@@ -332,7 +338,7 @@ def baseline_trainer_parts(model_path: str, device: str, batch: int, steps: int,
                                                  device_map={"": 0} if device == "cuda" else {"": "cpu"})
     model = prepare_model_for_kbit_training(model)  # defaults: fp32 upcast, gradient checkpointing
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=LORA_DROPOUT, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=str(work / "baseline"), per_device_train_batch_size=batch, max_steps=steps,
                              bf16=device == "cuda", use_cpu=device == "cpu", optim=optim, learning_rate=lr,
@@ -607,9 +613,11 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device; use --device cpu --tiny for a CPU smoke run", file=sys.stderr)
         return 2
     optim = args.optim or ("paged_adamw_8bit" if args.device == "cuda" else "adamw_torch")
+    global LORA_DROPOUT
+    LORA_DROPOUT = args.lora_dropout
     meta = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "device": args.device,
             "card": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
-            "versions": versions(), "optim": optim, "peak_flops": PEAK_FLOPS, "warmup_steps": args.warmup,
+            "versions": versions(), "optim": optim, "lora_dropout": LORA_DROPOUT, "peak_flops": PEAK_FLOPS, "warmup_steps": args.warmup,
             "timed_steps": args.steps, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     res = Results(args.out, meta)
     res.write()
