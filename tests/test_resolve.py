@@ -200,9 +200,26 @@ def test_markers_are_evaluated_for_the_machine_and_includes_inlined(tmp_path):
                    "platform_system == 'Windows'\nllama_cpp_python == 0.2.78 -C cmake.args=\"-DLLAMA_BLAS=ON\"\n")
     linux = prepare_requirements(req, machine_from_dict(CPU, "cpu"), reachable=only_pypi)
     assert "numpy<2" in linux.text and "llama_cpp_binaries" not in linux.text and not linux.unresolved
+    # corpus case 32: uv reads no per-requirement build option; the resolver's line drops it, a hash stays
+    assert "llama_cpp_python == 0.2.78\n" in linux.text and "cmake" not in linux.text
     windows = prepare_requirements(req, machine_from_dict({**CPU, "os": "windows", "python": "3.12.1"}, "w"),
                                    reachable=only_pypi)
     assert "numpy" not in windows.text and windows.unresolved == {"llama-cpp-binaries": "0.56.0+cu124"}
+
+
+def test_a_local_cuda_build_of_any_package_resolves_its_public_release(tmp_path):
+    """Corpus case 91 (DiffBIR#176): `xformers==0.0.25.post1+cu118` beside the PyTorch index, which does not
+    answer here: PyPI's 0.0.25.post1 is resolved and said, not "cannot be installed"; a hash stays on its line."""
+    from qlora_doctor.sources.reqfile import prepare_requirements
+
+    req = tmp_path / "requirements.txt"
+    req.write_text("--extra-index-url https://download.pytorch.org/whl/cu118\ntorch==2.2.2+cu118\n"
+                   "xformers==0.0.25.post1+cu118\nfoo==1.0+local.build\npeft==0.10.0 --hash=sha256:00ff\n")
+    prepared = prepare_requirements(req, machine_from_dict(CPU, "cpu"), reachable=only_pypi)
+    assert "xformers==0.0.25.post1\n" in prepared.text and "+cu118" not in prepared.text
+    assert "foo==1.0+local.build" in prepared.text  # not a CUDA build tag: left to the resolver as written
+    assert "peft==0.10.0 --hash=sha256:00ff" in prepared.text
+    assert any("xformers==0.0.25.post1+cu118: PyPI serves 0.0.25.post1" in s for s in prepared.substitutions)
 
 
 def test_a_pep_751_lock_is_read_as_resolved(tmp_path, monkeypatch):

@@ -53,6 +53,13 @@ _PASS_THROUGH = {"--pre", "--no-index", "--prefer-binary", "--trusted-host", "--
 """pip options that change no package name: handed to the resolver as written."""
 _PER_LINE = re.compile(r"\s+(--hash[= ]\S+|(?:-C|--config-settings)[= ]\S+|--global-option[= ]\S+"
                        r"|--install-option[= ]\S+)")
+_BUILD_OPTIONS = re.compile(r"\s+((?:-C|--config-settings)[= ](?:\"[^\"]*\"|'[^']*'|\S+)"
+                            r"|--(?:global|install)-option[= ](?:\"[^\"]*\"|'[^']*'|\S+))")
+"""Per-requirement build options (`-C cmake.args=...`): they change how a package builds, not which version
+resolves, and uv does not read them in a requirements file; dropped from the resolver's line (hashes stay)."""
+_LOCAL_CUDA = re.compile(r"^(?:cu\d+|cpu|rocm[\d.]+|xpu)$")
+"""A local version tag naming a CUDA/CPU/ROCm build (`0.0.25.post1+cu118`): PyTorch's index carries such builds
+of more packages than torch (xformers, torch-scatter...); PyPI serves the public release."""
 
 
 @dataclass(frozen=True)
@@ -279,7 +286,15 @@ class _Reader:
                                  f"download.pytorch.org); resolved {public} and kept {tag} as the build")
                 self.lines.append(str(req).replace(str(spec), f"=={public}"))
                 return
-        self.lines.append(line if not editable else bare)
+        local = [s for s in req.specifier if s.operator in ("==", "===") and "+" in s.version]
+        if local and _LOCAL_CUDA.match(local[0].version.split("+", 1)[1]) and not self.pytorch_index_kept:
+            spec = local[0]
+            public = spec.version.split("+", 1)[0]
+            self.subs.append(f"{where}: {req.name}{spec}: PyPI serves {public} (the {spec.version.split('+', 1)[1]} "
+                             f"build lives on download.pytorch.org); resolved {public}")
+            self.lines.append(str(req).replace(str(spec), f"=={public}"))
+            return
+        self.lines.append(_BUILD_OPTIONS.sub("", f" {line}").strip() if not editable else bare)
 
     def url_requirement(self, path: Path, where: str, name: str | None, version: str | None, url: str) -> None:
         local = not re.match(r"^[a-z+]+://", url) or url.startswith("file:")
