@@ -37,3 +37,4 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
         print(f.rsplit("/", 1)[-1], p.get("variant"), p.get("tokens_per_s"), p.get("mfu_4n"),
               p.get("max_memory_allocated_gib"), p.get("max_memory_reserved_gib"), p.get("error", ""))
 PY
+tar -czf "$OUT/$PART.tgz" -C "$OUT" "$PART" && rm -rf "${OUT:?}/$PART"  # the device tool brings back 8 files

@@ -361,7 +361,7 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
 
     precision = precision_for(device)
     recipe = make_recipe(model_path, performance, work, batch, seq, steps, optim, lr, logging_steps)
-    hazards: tuple[str, ...] = ()
+    hazards: tuple[Any, ...] = ()
     if device == "cuda":
         from qlora_doctor.knowledge.workarounds import cudnn_attention_hazards
         from qlora_doctor.sources.installed import installed_environment
@@ -419,6 +419,8 @@ def train_points(variant: str, model_path: str, shape: str, seq: int, batches: l
     model = None
     if device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default; a variant before may have turned it off
+        sdpa = torch.nn.functional.scaled_dot_product_attention  # or gated it (trainer/speed.py)
+        torch.nn.functional.scaled_dot_product_attention = getattr(sdpa, "__qlora_wrapped__", sdpa)
     if time.perf_counter() > deadline:  # don't even load
         return [dict(shape=shape, seq=seq, batch=b, variant=variant, error="skipped: --budget-s reached")
                 for b in batches]

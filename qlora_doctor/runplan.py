@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_doctor.core.errors import InputError
+from qlora_doctor.core.hazards import AttentionHazard
 from qlora_doctor.core.rundir import OutputPlan, plan_output_dir
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class RunPlan:
     levers: SpeedPlan
     """The `performance:` levers as decided before loading (model type from the config where it can be read
     without a download); the trainer refines the few that depend on the loaded model (attention kernel)."""
-    cudnn_hazards: tuple[str, ...] | None
+    cudnn_hazards: tuple[AttentionHazard, ...] | None
     """Knowledge-base rules with the cuDNN-attention workaround that fire here (None: not on CUDA)."""
     num_processes: int | None
     """Processes to launch: 1 for `distributed.strategy: none`; None when `auto` finds no GPU."""
@@ -81,7 +82,7 @@ class RunPlan:
             "recipe": self.recipe.model_dump(mode="json"),
             "where": self.where,
             "precision": asdict(self.precision),
-            "cudnn_hazards": list(self.cudnn_hazards) if self.cudnn_hazards is not None else None,
+            "cudnn_hazards": [h.to_json() for h in self.cudnn_hazards] if self.cudnn_hazards is not None else None,
             "num_processes": self.num_processes,
             "output": None if self.output is None else {
                 "output_dir": str(self.output.output_dir), "replace_existing": self.output.replace_existing,
@@ -98,7 +99,8 @@ class RunPlan:
 
         recipe = Recipe.model_validate(data["recipe"])
         precision = Precision(**data["precision"])
-        hazards = tuple(data["cudnn_hazards"]) if data["cudnn_hazards"] is not None else None
+        hazards = (tuple(AttentionHazard.from_json(h) for h in data["cudnn_hazards"])
+                   if data["cudnn_hazards"] is not None else None)
         out = data.get("output")
         output = None if out is None else OutputPlan(
             Path(out["output_dir"]), replace_existing=out["replace_existing"],

@@ -68,6 +68,14 @@ def test_tables_load_with_sources():
 @pytest.mark.parametrize("extra, message", [
     ('workaround = "cudnn_attention_off"', None),
     ('workaround = "reboot"', "workaround: expected one of ['cudnn_attention_off']"),
+    ('workaround = "cudnn_attention_off"\nworkaround_scope = { attn_mask = true, key_length_modulo = 128, '
+     'key_length_remainders = [64] }', None),
+    ('workaround = "cudnn_attention_off"\nworkaround_scope = { attn_mask = true, key_length_modulo = 128, '
+     'key_length_remainders = [128] }', "key_length_remainders a non-empty list of integers in [0, modulo)"),
+    ('workaround = "cudnn_attention_off"\nworkaround_scope = { key_length_modulo = 128 }',
+     "workaround_scope: expected a table with exactly"),
+    ('workaround_scope = { attn_mask = true, key_length_modulo = 128, key_length_remainders = [64] }',
+     'workaround_scope: only with workaround = "cudnn_attention_off"'),
 ])
 def test_a_rules_workaround_names_one_the_trainer_knows(tmp_path, extra, message):
     from qlora_doctor.knowledge.loading import KnowledgeError
@@ -92,6 +100,7 @@ packages = {{ torch = "2.10.0" }}
     if message is None:
         [rule] = load_rules(tmp_path)
         assert rule.workaround == "cudnn_attention_off"
+        assert (rule.workaround_scope is None) == ("workaround_scope" not in extra)
     else:
         with pytest.raises(KnowledgeError, match=re.escape(message)):
             load_rules(tmp_path)

@@ -12,6 +12,7 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
 from qlora_doctor.core.errors import InputError  # noqa
+from qlora_doctor.core.hazards import AttentionHazard, AttentionScope  # noqa: E402
 from qlora_doctor.trainer import speed  # noqa: E402
 from qlora_doctor.recipe import levers  # noqa: E402
 from qlora_doctor.knowledge import workarounds  # noqa: E402
@@ -376,27 +377,41 @@ H100_GPU = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memor
 def test_cudnn_attention_hazards_come_from_the_knowledge_base(gpu, torch_version, fires):
     m = machine(gpus=[gpu]) if gpu else machine()
     hazards = workarounds.cudnn_attention_hazards(m, env(torch=torch_version))
-    assert [h.split(":")[0] for h in hazards] == (["cudnn-sdpa-nan-grad-q-hopper"] if fires else [])
+    assert [str(h).split(":")[0] for h in hazards] == (["cudnn-sdpa-nan-grad-q-hopper"] if fires else [])
+    if fires:  # the rule's workaround_scope: masked calls with key length L % 128 == 64 (pytorch#196678)
+        assert hazards[0].scope == AttentionScope(attn_mask=True, modulo=128, remainders=(64,))
 
 
-def test_cudnn_attention_auto_is_off_only_where_a_rule_fires(tmp_path):
+SCOPED = AttentionHazard("cudnn-sdpa-nan-grad-q-hopper: cuDNN attention backward returns NaN grad_q",
+                         AttentionScope(attn_mask=True, modulo=128, remainders=(64,)))
+UNSCOPED = AttentionHazard("cudnn-fsdp-internal-error: CUDNN_STATUS_INTERNAL_ERROR")
+
+
+def test_cudnn_attention_auto_is_off_only_where_an_unscoped_rule_fires(tmp_path):
     r = make_recipe(tmp_path)
-    hazard = ("cudnn-sdpa-nan-grad-q-hopper: cuDNN attention backward returns NaN grad_q",)
-    off = levers.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=hazard).cudnn_attention
-    assert not off.on and "cudnn-sdpa-nan-grad-q-hopper" in off.reason
+    off = levers.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=(UNSCOPED,)).cudnn_attention
+    assert not off.on and "cudnn-fsdp-internal-error" in off.reason
+    assert not levers.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=(SCOPED, UNSCOPED)).cudnn_attention.on
+    gated = levers.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=(SCOPED,))
+    assert gated.cudnn_attention.on and levers.cudnn_gated(gated)
+    assert gated.cudnn_attention.reason == ("on, except calls with an attention mask and key length L % 128 == 64 "
+                                            "(cudnn-sdpa-nan-grad-q-hopper), which run the flash/efficient kernels")
     assert levers.speed_plan(r, H100, "llama", "sdpa", cudnn_hazards=()).cudnn_attention.on
     forced = levers.speed_plan(make_recipe(tmp_path, cudnn_attention=True), H100, "llama", "sdpa",
-                              cudnn_hazards=hazard).cudnn_attention
+                              cudnn_hazards=(UNSCOPED,)).cudnn_attention
     assert forced.on and "despite" in forced.reason
+    forced_scoped = levers.speed_plan(make_recipe(tmp_path, cudnn_attention=True), H100, "llama", "sdpa",
+                                      cudnn_hazards=(SCOPED,))
+    assert forced_scoped.cudnn_attention.on and not levers.cudnn_gated(forced_scoped)  # the user's call: no gate
     assert not levers.speed_plan(make_recipe(tmp_path, cudnn_attention=False), H100, "llama", "sdpa",
                                 cudnn_hazards=()).cudnn_attention.on
-    assert not levers.speed_plan(r, CPU, "llama", "sdpa", cudnn_hazards=()).cudnn_attention.on
+    assert not levers.speed_plan(r, CPU, "llama", "sdpa", cudnn_hazards=(SCOPED,)).cudnn_attention.on
 
 
 def test_cudnn_attention_off_is_set_in_torch_for_cuda_runs_only(tmp_path):
-    hazard = ("cudnn-sdpa-nan-grad-q-hopper: x",)
-    off = levers.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=hazard)
+    off = levers.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=(UNSCOPED,))
     on = levers.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=())
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     assert torch.backends.cuda.cudnn_sdp_enabled()
     try:
         speed.apply_process_settings(off, "cpu")
@@ -405,18 +420,58 @@ def test_cudnn_attention_off_is_set_in_torch_for_cuda_runs_only(tmp_path):
         assert torch.backends.cuda.cudnn_sdp_enabled()
         speed.apply_process_settings(off, "cuda")
         assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.nn.functional.scaled_dot_product_attention is sdpa  # off: nothing wrapped
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
 
 
-def test_check_recipe_says_cudnn_attention_goes_off_on_an_h100_with_torch_2_11(tmp_path, monkeypatch):
+@pytest.mark.parametrize("length, masked, routed", [
+    (192, True, True), (64, True, True), (2112, True, True),   # the lengths pytorch#196678 names
+    (192, False, False),                                      # no mask tensor: cuDNN is clean (is_causal)
+    (128, True, False), (200, True, False), (2048, True, False),
+])
+def test_the_cudnn_gate_routes_only_the_calls_the_rule_names(tmp_path, monkeypatch, length, masked, routed):
+    """A scoped rule keeps cuDNN attention on for the process and sends only the calls it names to the other
+    kernels: the gate wraps torch's SDPA, and what the kernel selection sees during the call is recorded by
+    the function underneath (on CPU torch runs the math kernel either way; the outputs are equal)."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    seen: list[bool] = []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    plan = levers.speed_plan(make_recipe(tmp_path), H100, "llama", "sdpa", cudnn_hazards=(SCOPED,))
+    speed.apply_process_settings(plan, "cuda")
+    gated = torch.nn.functional.scaled_dot_product_attention
+    assert gated is not recording and torch.backends.cuda.cudnn_sdp_enabled()
+    q, k, v = (torch.randn(1, 2, length, 8) for _ in range(3))
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None] if masked else None
+    out = gated(q, k, v, attn_mask=mask, is_causal=not masked)
+    assert seen == [not routed] and torch.backends.cuda.cudnn_sdp_enabled()  # restored after the call
+    assert torch.equal(out, real(q, k, v, attn_mask=mask, is_causal=not masked))
+    positional = gated(q, k, v, mask) if masked else None  # transformers passes the mask by keyword; others not
+    assert positional is None or seen[-1] == (not routed)
+    speed.gate_cudnn_attention((SCOPED.scope,))()  # installing again wraps the same original; its undo restores it
+    assert torch.nn.functional.scaled_dot_product_attention is recording
+
+
+def test_a_run_plan_carries_the_hazards_scopes_to_launched_ranks():
+    from qlora_doctor.core.hazards import AttentionHazard as H
+
+    assert H.from_json(SCOPED.to_json()) == SCOPED and H.from_json(UNSCOPED.to_json()) == UNSCOPED
+    assert H.from_json("cudnn-x: y") == H("cudnn-x: y")  # a plan written before scopes existed
+
+
+def test_check_recipe_says_which_attention_calls_leave_cudnn_on_an_h100_with_torch_2_11(tmp_path, monkeypatch):
     from qlora_doctor.sources import installed as packages
     from qlora_doctor.doctor.recipe import recipe_checks
 
     monkeypatch.setattr(packages, "installed_environment", lambda with_conflicts=True: env(torch="2.11.0+cu130"))
     checks = {c.id: c for c in recipe_checks(make_recipe(tmp_path), machine(gpus=[H100_GPU]))}
-    assert "cudnn_attention (known broken for this torch and GPU: cudnn-sdpa-nan-grad-q-hopper" in \
-        checks["recipe.performance"].detail
+    assert ("cudnn_attention: on, except calls with an attention mask and key length L % 128 == 64 "
+            "(cudnn-sdpa-nan-grad-q-hopper)") in checks["recipe.performance"].detail
 
 
 def test_a_described_environment_decides_liger_not_this_machine(tmp_path, monkeypatch):

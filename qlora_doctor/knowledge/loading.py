@@ -17,6 +17,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from qlora_doctor.core.environment import canonical_name
+from qlora_doctor.core.hazards import AttentionScope
 from qlora_doctor.core.machine import Machine
 
 if sys.version_info >= (3, 11):
@@ -111,6 +112,8 @@ class Rule:
     file: str = ""
     workaround: str | None = None
     """One of WORKAROUNDS: what the trainer turns off by itself where the rule fires."""
+    workaround_scope: AttentionScope | None = None
+    """`workaround_scope`: the only attention calls the bug bites (None: every call)."""
     explain: ExplainContext | None = None
     """`[rule.explain]`: context and paste facts that decide between rules matching the same text."""
     judged_by: str | None = None
@@ -320,7 +323,7 @@ class _Collector:
 
 
 _RULE_KEYS = {"id", "title", "severity", "cause", "fix", "sources", "errors", "patterns", "when", "examples", "explain", "judged_by",
-              "workaround"}
+              "workaround", "workaround_scope"}
 _WHEN_KEYS = {"packages", "missing", "os", "arch", "python", "gpu_vendor", "driver", "compute_capability",
               "torch_cuda", "torch_backend", "uses"}
 
@@ -365,6 +368,12 @@ def _parse_rule(raw: dict[str, Any], file: str, c: _Collector) -> Rule | None:
     if workaround is not None and (workaround not in WORKAROUNDS or when is None):
         c.add(f"workaround: expected one of {sorted(WORKAROUNDS)}, on a rule with [rule.when]")
         workaround = None
+    scope = None
+    if "workaround_scope" in raw:
+        scope = _parse_scope(raw["workaround_scope"], c)
+        if workaround != "cudnn_attention_off":
+            c.add("workaround_scope: only with workaround = \"cudnn_attention_off\"")
+            scope = None
     explain = _parse_explain(raw["explain"], c) if "explain" in raw else None
     judged_by = raw.get("judged_by")
     if judged_by is not None and ((judged_by not in JUDGED_BY and not str(judged_by).startswith("rule:"))
@@ -375,7 +384,23 @@ def _parse_rule(raw: dict[str, Any], file: str, c: _Collector) -> Rule | None:
     return Rule(id=str(rid), title=str(raw.get("title", "")), severity=str(raw.get("severity", "")),
                 cause=str(raw.get("cause", "")).strip(), fix=str(raw.get("fix", "")).strip(), sources=sources,
                 errors=tuple(errors), patterns=tuple(patterns), when=when, examples=examples, file=file,
-                workaround=workaround, explain=explain, judged_by=judged_by)
+                workaround=workaround, workaround_scope=scope, explain=explain, judged_by=judged_by)
+
+
+def _parse_scope(raw: Any, c: _Collector) -> AttentionScope | None:
+    """`workaround_scope = { attn_mask = true, key_length_modulo = 128, key_length_remainders = [64] }`."""
+    keys = {"attn_mask", "key_length_modulo", "key_length_remainders"}
+    if not isinstance(raw, dict) or set(raw) != keys:
+        c.add(f"workaround_scope: expected a table with exactly {sorted(keys)}")
+        return None
+    modulo, remainders, mask = raw["key_length_modulo"], raw["key_length_remainders"], raw["attn_mask"]
+    if (not isinstance(mask, bool) or not isinstance(modulo, int) or isinstance(modulo, bool) or modulo < 2
+            or not isinstance(remainders, list) or not remainders
+            or not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < modulo for r in remainders)):
+        c.add("workaround_scope: attn_mask true/false, key_length_modulo an integer >= 2, key_length_remainders "
+              "a non-empty list of integers in [0, modulo)")
+        return None
+    return AttentionScope(attn_mask=mask, modulo=modulo, remainders=tuple(sorted(set(remainders))))
 
 
 def _parse_explain(raw: Any, c: _Collector) -> ExplainContext | None:

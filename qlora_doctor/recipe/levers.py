@@ -27,9 +27,12 @@ What each lever does and why it is the default (measured by bench/train_throughp
                              (qlora_doctor/trainer/fp8.py): FP8 tensor cores (compute capability >= 8.9) and
                              torchao needed. Changes numerics: opt in.
   cudnn_attention: auto      off where a knowledge-base rule with `workaround = "cudnn_attention_off"`
-                             fires for this torch and GPU (torch 2.11-2.14.0 on Hopper: NaN grad_q; the
-                             70B FSDP run's CUDNN_STATUS_INTERNAL_ERROR at 24k tokens); SDPA then uses the
-                             flash / memory-efficient kernels. A process-wide torch setting, set on every rank.
+                             fires for this torch and GPU (the 70B FSDP run's CUDNN_STATUS_INTERNAL_ERROR at
+                             24k tokens); SDPA then uses the flash / memory-efficient kernels. A process-wide
+                             torch setting, set on every rank. Where every firing rule has a
+                             `workaround_scope` (torch 2.11-2.14.0 on Hopper: NaN grad_q only for masked calls
+                             with key length L % 128 == 64), cuDNN stays on and only those calls go to the
+                             other kernels (trainer/speed.py gate_cudnn_attention).
 The optimizer stays the recipe's `training.optim`: for LoRA's few million parameters its step is a
 fraction of a percent of the step time, so a fused AdamW gains nothing measurable.
 """
@@ -39,6 +42,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from qlora_doctor.core.hazards import AttentionHazard, scoped
 
 if TYPE_CHECKING:
     from qlora_doctor.recipe.precision import Precision
@@ -90,7 +95,7 @@ class SpeedPlan:
     """The 4-bit base layers' GEMMs in float8 (trainer/fp8.py)."""
     offload_checkpoints: Lever = Lever("offload_checkpoints", False, "off (default)")
     """The checkpointed layers' saved inputs in host memory (trainer/offload.py)."""
-    cudnn_hazards: tuple[str, ...] | None = None
+    cudnn_hazards: tuple[AttentionHazard, ...] | None = None
     """The knowledge-base rules the cuDNN decision was made on (None: not looked up)."""
 
     def levers(self) -> list[Lever]:
@@ -178,7 +183,17 @@ def decide_liger(setting: Any, device: str, model_type: str | None, described: b
     return Lever("liger_kernel", False, problem)
 
 
-def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[str, ...] | None) -> Lever:
+CUDNN_GATED = "on, except "
+"""How the cudnn_attention lever's reason starts when cuDNN stays on and the calls scoped rules name are routed
+to the other kernels (trainer/speed.py gate_cudnn_attention)."""
+
+
+def cudnn_gated(plan: SpeedPlan) -> bool:
+    """cuDNN attention on with scoped rules' calls routed elsewhere (auto, every firing rule scoped)."""
+    return plan.cudnn_attention.on and plan.cudnn_attention.reason.startswith(CUDNN_GATED) and scoped(plan.cudnn_hazards)
+
+
+def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[AttentionHazard, ...] | None) -> Lever:
     """cudnn_attention: auto|true|false, given the rules that fire (None: not looked up)."""
     if setting is False:
         return Lever("cudnn_attention", False, "off in the recipe")
@@ -186,15 +201,19 @@ def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[str, ...] |
         return Lever("cudnn_attention", False, "no cuDNN attention: training runs on the CPU")
     if setting is True:
         return Lever("cudnn_attention", True, "on in the recipe" + (
-            f", despite the knowledge base ({'; '.join(hazards)})" if hazards else ""))
+            f", despite the knowledge base ({'; '.join(map(str, hazards))})" if hazards else ""))
+    if hazards and scoped(hazards):
+        return Lever("cudnn_attention", True, CUDNN_GATED + "; ".join(
+            f"{h.scope.describe()} ({h.text.split(':', 1)[0]}), which run the flash/efficient kernels"
+            for h in hazards if h.scope))
     if hazards:
-        return Lever("cudnn_attention", False, "known broken for this torch and GPU: " + "; ".join(hazards))
+        return Lever("cudnn_attention", False, "known broken for this torch and GPU: " + "; ".join(map(str, hazards)))
     return Lever("cudnn_attention", True, "torch chooses the backend" if hazards is not None
                  else "torch chooses the backend (the knowledge base was not consulted)")
 
 
 def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = None,
-               attn_implementation: str | None = None, cudnn_hazards: tuple[str, ...] | None = None,
+               attn_implementation: str | None = None, cudnn_hazards: tuple[AttentionHazard, ...] | None = None,
                liger_described: bool | None = None, torchao_described: bool | None = None) -> SpeedPlan:
     """Decide the `performance:` levers of `recipe` for the machine `precision` was resolved for.
     `model_type`/`attn_implementation` come from the loaded model's config (None before loading);
@@ -274,7 +293,7 @@ def decide_offload(setting: bool, device: str, checkpointing: bool) -> Lever:
 
 
 def plan_for_model(recipe: Recipe, precision: Precision, model: Any,
-                   cudnn_hazards: tuple[str, ...] | None = None) -> SpeedPlan:
+                   cudnn_hazards: tuple[AttentionHazard, ...] | None = None) -> SpeedPlan:
     """`speed_plan` with the model type and attention implementation of a loaded model."""
     config = getattr(model, "config", None)
     return speed_plan(recipe, precision, getattr(config, "model_type", None),

@@ -9,20 +9,66 @@ qlora_doctor/recipe/levers.py):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import TYPE_CHECKING, Any, Callable
 
-from qlora_doctor.recipe.levers import Lever, checkpointed_indices
+from qlora_doctor.core.hazards import AttentionScope
+from qlora_doctor.recipe.levers import Lever, checkpointed_indices, cudnn_gated
 
 if TYPE_CHECKING:
     from qlora_doctor.recipe.levers import SpeedPlan
     from qlora_doctor.recipe.schema import Recipe
 
 def apply_process_settings(plan: SpeedPlan, device: str) -> None:
-    """Levers that are torch settings of this process (each rank calls it): cuDNN attention off."""
-    if device == "cuda" and not plan.cudnn_attention.on:
-        import torch
+    """Levers that are torch settings of this process (each rank calls it): cuDNN attention off, or on with the
+    calls a scoped knowledge-base rule names sent to the other kernels (`gate_cudnn_attention`)."""
+    if device != "cuda":
+        return
+    import torch
 
+    if not plan.cudnn_attention.on:
         torch.backends.cuda.enable_cudnn_sdp(False)
+    elif cudnn_gated(plan):
+        gate_cudnn_attention(tuple(h.scope for h in plan.cudnn_hazards or () if h.scope))
+
+
+def gate_cudnn_attention(scopes: tuple[AttentionScope, ...]) -> Callable[[], None]:
+    """Route the attention calls a scope names (pytorch/pytorch#196678: an explicit mask and key length
+    L % 128 == 64) away from cuDNN, and leave every other call to torch's choice (cuDNN first on Hopper).
+
+    Wraps `torch.nn.functional.scaled_dot_product_attention`, which transformers' SDPA attention looks up at
+    each call. The choice is per call and follows from the call's shapes, so a checkpointed layer's replay in
+    the backward chooses as its forward did, and the backward kernel is the one of the forward's node: a call
+    sent to the flash/efficient kernels never reaches cuDNN's backward. Returns the undo (the bench calls
+    it between variants); installing twice replaces the earlier gate."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    functional = torch.nn.functional
+    original = getattr(functional.scaled_dot_product_attention, "__qlora_wrapped__",
+                       functional.scaled_dot_product_attention)
+    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    @functools.wraps(original)
+    def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None, *args: Any,
+                                     **kwargs: Any) -> Any:
+        if cudnn_bitten(scopes, key.shape[-2], attn_mask is not None):
+            with sdpa_kernel(others):
+                return original(query, key, value, attn_mask, *args, **kwargs)
+        return original(query, key, value, attn_mask, *args, **kwargs)
+
+    scaled_dot_product_attention.__qlora_wrapped__ = original  # type: ignore[attr-defined]
+    functional.scaled_dot_product_attention = scaled_dot_product_attention
+
+    def undo() -> None:
+        functional.scaled_dot_product_attention = original
+
+    return undo
+
+
+def cudnn_bitten(scopes: tuple[AttentionScope, ...], key_length: int, has_mask: bool) -> bool:
+    """Whether an attention call of this key length, with or without an explicit mask, is one a scope names."""
+    return any(scope.bites(key_length, has_mask) for scope in scopes)
 
 
 # --- applying to the model ------------------------------------------------------------------------
