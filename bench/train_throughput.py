@@ -88,6 +88,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast_fp8_ckpt_0.5": {"fp8_base": True, "checkpoint_layers": 0.5},
     # selective recompute with the checkpointed layers' inputs on the host: less recompute at offload's memory
     "fast_selective_offload": {"recompute": "selective", "offload_checkpoints": True},
+    # selective recompute on the first 3/4 or half of the (offloaded) checkpointed layers, full on the rest
+    "fast_selective_offload_0.75": {"recompute": "selective", "selective_layers": 0.75, "offload_checkpoints": True},
+    "fast_selective_offload_0.5": {"recompute": "selective", "selective_layers": 0.5, "offload_checkpoints": True},
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]

@@ -67,6 +67,7 @@ MODES = {  # performance: settings of each way of running the same model
     "full": {"checkpoint_layers": "all", "recompute": "full"},
     "selective": {"checkpoint_layers": "all", "recompute": "selective"},
     "selective_first_2": {"checkpoint_layers": 2, "recompute": "selective"},
+    "selective_1_of_all": {"checkpoint_layers": "all", "recompute": "selective", "selective_layers": 1},
 }
 
 
@@ -121,16 +122,27 @@ def test_selective_gradients_equal_full_checkpointing_and_none(tiny_llama, tmp_p
         return
     ops = {mode: (counts.get(GEMM, 0), counts.get(SDPA, 0)) for mode, (_, _, counts) in runs.items()}
     assert ops == {"none": (2 * 7 * LAYERS, 2 * LAYERS), "full": (2 * 14 * LAYERS, 2 * 2 * LAYERS),
-                   "selective": (2 * 9 * LAYERS, 2 * LAYERS), "selective_first_2": (2 * (7 * LAYERS + 2 * 2), 2 * LAYERS)}
+                   "selective": (2 * 9 * LAYERS, 2 * LAYERS), "selective_first_2": (2 * (7 * LAYERS + 2 * 2), 2 * LAYERS),
+                   # one selective layer (2 of 7 GEMMs replayed, no attention), the others replay everything
+                   "selective_1_of_all": (2 * (7 * LAYERS + 2 + 7 * (LAYERS - 1)), 2 * (1 + 2 * (LAYERS - 1)))}
 
 
 def test_only_the_chosen_layers_are_selective(tiny_llama, tmp_path):
+    def contexts(layers):
+        return [getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", {}).get("context_fn")
+                is not None for layer in layers]
+
     recipe = make_recipe(tmp_path, checkpoint_layers=2, recompute="selective")
     model, _ = build(tiny_llama, recipe, 0.0)
     layers = speed.decoder_layers(model)
     assert [layer.gradient_checkpointing for layer in layers] == [True, True, False, False]
-    context = [getattr(layer._gradient_checkpointing_func, "keywords", {}).get("context_fn") for layer in layers[:2]]
-    assert all(c is not None for c in context)
+    assert contexts(layers[:2]) == [True, True]
+    # selective_layers: of the checkpointed layers, the first N (or a fraction) keep outputs, the rest replay all
+    model, plan = build(tiny_llama, make_recipe(tmp_path, checkpoint_layers=3, recompute="selective",
+                                                selective_layers=0.5), 0.0)
+    layers = speed.decoder_layers(model)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, True, True, False]
+    assert contexts(layers[:3]) == [True, True, False] and "selective_layers: 0.5" in plan.recompute.reason
 
 
 class LiveStorages(TorchDispatchMode):
@@ -267,6 +279,34 @@ def test_planner_selective_8b_keeps_the_issues_figure_per_layer():
     rows = dict(sel.breakdown)["activations: checkpointed layer inputs and kept outputs (selective)"]
     assert rows - dict(full.breakdown)["activations: checkpointed layer inputs"] == 31 * per_layer
     assert sel.total_bytes - full.total_bytes == 31 * per_layer
+
+
+def test_planner_counts_only_the_selective_layers_kept_outputs():
+    """selective_layers: N keeps N layers' outputs; the last checkpointed layer, replayed first, is then a full
+    one and hands nothing back, so at its replay all N are alive (with every layer selective, 31 of 32)."""
+    from dataclasses import replace
+
+    from qlora_doctor.memory.activations import selective_kept_per_token
+    from qlora_doctor.memory.estimate import TrainSettings, estimate, selective_layers
+    from qlora_doctor.memory.model import count_parameters
+
+    counts = count_parameters(LLAMA3_8B)
+    per_layer = selective_kept_per_token(counts, act=2) * 8 * 2048
+    fast = TrainSettings(micro_batch=8, seq_len=2048, upcast_unquantized=False, liger_kernel=True, fused_lora=True,
+                         recompute="selective")
+    full = estimate(counts, replace(fast, recompute="full")).total_bytes
+    for layers, alive in (("all", 31), (24, 24), (0.5, 16), (0, 0)):
+        s = replace(fast, selective_layers=layers)
+        assert selective_layers(counts, s) == (32 if layers == "all" else alive)
+        assert estimate(counts, s).total_bytes - full == alive * per_layer, layers
+    assert selective_layers(counts, replace(fast, recompute="full", selective_layers=8)) == 0
+
+
+def test_selective_layers_needs_selective_recompute(tmp_path):
+    with pytest.raises(InputError, match="selective_layers"):
+        make_recipe(tmp_path, selective_layers=8)
+    with pytest.raises(InputError, match="fraction"):
+        make_recipe(tmp_path, recompute="selective", selective_layers=1.5)
 
 
 def test_auto_checkpoint_layers_budgets_selective_layers(tmp_path):

@@ -143,6 +143,8 @@ class TrainSettings:
     upcast_unquantized: bool = True
     """Non-4-bit weights in float32 (peft's prepare); false: in the compute dtype. Only with load_in_4bit."""
     checkpoint_layers: str | int | float = "all"
+    selective_layers: str | int | float = "all"
+    """With recompute selective: which of the checkpointed layers keep outputs (levers.checkpointed_indices rule)."""
     """With gradient_checkpointing: `all`, the first N layers, or a fraction of them (speed.checkpointed_indices)."""
     recompute: str = "full"
     """`full`: a checkpointed layer keeps only its input; `selective`: also the outputs of the ops
@@ -264,6 +266,16 @@ def load_cache_bytes(counts: ModelCounts, s: TrainSettings) -> int:
     if not s.load_in_4bit:
         return 0
     return counts.linear_largest * _DTYPE_BYTES[s.compute_dtype]
+
+
+def selective_layers(counts: ModelCounts, s: TrainSettings) -> int:
+    """How many checkpointed layers keep selective recompute's outputs (0 with recompute: full)."""
+    from qlora_doctor.recipe.levers import checkpointed_indices
+
+    if s.recompute != "selective":
+        return 0
+    checkpointed = checkpointed_layers(counts, s)
+    return checkpointed if s.selective_layers == "all" else len(checkpointed_indices(s.selective_layers, checkpointed))
 
 
 def checkpointed_layers(counts: ModelCounts, s: TrainSettings) -> int:
@@ -433,7 +445,8 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
         loss_rows = [("logits and loss buffers", per_token.full_logits_per_token(counts, act) * tokens)]
     # offload_checkpoints: only OFFLOAD_RESIDENT_LAYERS checkpointed inputs are on the GPU at any moment.
     resident = min(checkpointed, OFFLOAD_RESIDENT_LAYERS) if s.offload_checkpoints else checkpointed
-    inputs = (resident * layer_input + checkpointed * kept_outputs) * tokens
+    selective = selective_layers(counts, s)  # the first `selective` of the checkpointed layers keep outputs
+    inputs = (resident * layer_input + selective * kept_outputs) * tokens
     label = "checkpointed layer inputs" + (" and kept outputs (selective)" if kept_outputs else "")
     if s.offload_checkpoints and checkpointed:
         label += f" ({resident} inputs on the GPU, the rest offloaded to host memory)"
@@ -450,8 +463,10 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
                          (f"activations: the {kept} layers not checkpointed", kept * layer_saved * tokens),
                          ("working: one layer's backward (gradients)", working * tokens)], "backward"))
     if checkpointed:
-        # The layer being replayed has handed its kept outputs to its recomputed tensors (layer_saved).
-        inputs = (resident * layer_input + (checkpointed - 1) * kept_outputs) * tokens
+        # The layer being replayed (the last checkpointed one) has handed its kept outputs, if it kept any, to
+        # its recomputed tensors (layer_saved).
+        alive = selective - 1 if selective == checkpointed else selective
+        inputs = (resident * layer_input + max(alive, 0) * kept_outputs) * tokens
         moments.append(([(f"activations: {label}", inputs),
                          ("working: one layer recomputed + its backward", (layer_saved - layer_input + working) * tokens),
                          ("LoRA gradients of the layers after it (float32)", kept * per_layer_trainable * 4)],

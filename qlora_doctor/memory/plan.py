@@ -130,6 +130,7 @@ def settings_from_recipe(recipe: Recipe, machine: Machine, model_type: str | Non
         compute_dtype=precision.compute_dtype, mixed_precision=precision.bf16 or precision.fp16,
         eval_micro_batch=_eval_batch(recipe), upcast_unquantized=levers.upcast_unquantized.on,
         checkpoint_layers=levers.checkpoint_layers, recompute="selective" if levers.recompute.on else "full",
+        selective_layers=levers.selective_layers,
         liger_kernel=levers.liger_kernel.on,
         fused_lora=levers.fused_lora.on, fp8_base=levers.fp8_base.on,
         offload_checkpoints=levers.offload_checkpoints.on, levers=tuple(levers.levers()))

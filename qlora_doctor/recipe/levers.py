@@ -91,6 +91,8 @@ class SpeedPlan:
     cudnn_attention: Lever
     recompute: Lever = Lever("recompute", False, "full: checkpointed layers recompute everything")
     """`selective` in effect (on): checkpointed layers keep trainer/selective.py's op outputs."""
+    selective_layers: str | int | float = "all"
+    """With recompute selective: which of the checkpointed layers keep outputs (the first N, a fraction, all)."""
     fp8_base: Lever = Lever("fp8_base", False, "off (default)")
     """The 4-bit base layers' GEMMs in float8 (trainer/fp8.py)."""
     offload_checkpoints: Lever = Lever("offload_checkpoints", False, "off (default)")
@@ -255,7 +257,8 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
                   else "padding-free batches have no padding" if perf.group_by_length else "off in the recipe")
     compile_ = Lever("torch_compile", perf.torch_compile, "on in the recipe" if perf.torch_compile else "off (default)")
     return SpeedPlan(upcast_unquantized=upcast, checkpointing=checkpointing, checkpoint_layers=perf.checkpoint_layers,
-                     recompute=decide_recompute(perf.recompute, ckpt_on),
+                     recompute=decide_recompute(perf.recompute, ckpt_on, perf.selective_layers),
+                     selective_layers=perf.selective_layers,
                      offload_checkpoints=decide_offload(perf.offload_checkpoints, precision.device, ckpt_on),
                      liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type, liger_described),
                      fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
@@ -264,14 +267,15 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
                      cudnn_hazards=cudnn_hazards)
 
 
-def decide_recompute(setting: str, checkpointing: bool) -> Lever:
+def decide_recompute(setting: str, checkpointing: bool, layers: str | int | float = "all") -> Lever:
     """recompute: full|selective, given whether any layer is checkpointed. The combinations it cannot run
     (FSDP, torch_compile) are refused when the recipe is validated (recipe/schema.py)."""
     if setting != "selective":
         return Lever("recompute", False, "full: checkpointed layers recompute everything")
     if not checkpointing:
         return Lever("recompute", False, "selective, but no layer is checkpointed")
-    return Lever("recompute", True, "selective: checkpointed layers keep their q/k/v/o/down GEMM and attention "
+    which = "checkpointed layers" if layers == "all" else f"checkpointed layers (selective_layers: {layers})"
+    return Lever("recompute", True, f"selective: {which} keep their q/k/v/o/down GEMM and attention "
                  "outputs (trainer/selective.py)")
 
 

@@ -80,10 +80,11 @@ def decoder_layers(model: Any) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_checkpointing(model: Any, selection: str | int | float, selective: bool = False,
+def enable_checkpointing(model: Any, selection: str | int | float, selective: bool | str | int | float = False,
                          offload: Any = False) -> list[int]:
     """Non-reentrant gradient checkpointing on the selected decoder layers only; returns their indices.
-    `selective`: those layers keep some op outputs and recompute the rest (trainer/selective.py).
+    `selective`: those layers keep some op outputs and recompute the rest (trainer/selective.py); True or `all`
+    for every checkpointed layer, a count or fraction for the first of them (`performance.selective_layers`).
     `offload`: True, or a trainer/offload.py CheckpointOffloader: their saved inputs live in host memory
     between forward and backward (`performance.offload_checkpoints`)."""
     kwargs = {"use_reentrant": False}
@@ -95,10 +96,11 @@ def enable_checkpointing(model: Any, selection: str | int | float, selective: bo
     chosen = checkpointed_indices(selection, len(layers))
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
-    if selective:
+    if selective is not False:
         from qlora_doctor.trainer.selective import make_selective
 
-        for index in chosen:
+        kept = chosen if selective is True else [chosen[i] for i in checkpointed_indices(selective, len(chosen))]
+        for index in kept:
             make_selective(layers[index])
     if offload:
         from qlora_doctor.trainer.offload import CheckpointOffloader, offload_layers
@@ -119,7 +121,8 @@ def prepare_for_training(model: Any, recipe: Recipe, plan: SpeedPlan) -> Any:
         for param in model.parameters():
             param.requires_grad_(False)
     if plan.checkpointing.on:
-        enable_checkpointing(model, plan.checkpoint_layers, selective=plan.recompute.on,
+        enable_checkpointing(model, plan.checkpoint_layers,
+                             selective=plan.selective_layers if plan.recompute.on else False,
                              offload=plan.offload_checkpoints.on)
         model.enable_input_require_grads()  # only reentrant checkpointing needs it; harmless otherwise
     # Training needs no KV cache, and with one transformers does not detect padding-free (packed) rows
