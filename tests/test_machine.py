@@ -214,7 +214,7 @@ def test_plain_nvidia_smi_output_is_a_machine_description(tmp_path):
 
 
 def test_a_gpu_count_that_disagrees_with_the_list_is_an_error(tmp_path):
-    with pytest.raises(InputError, match="gpu_count is 3 but gpus lists 2"):
+    with pytest.raises(InputError, match="gpu_count: 3, but gpus lists 2"):
         _described(tmp_path, "m.json", '{"gpus": ["Tesla T4", "Tesla T4"], "gpu_count": 3}')
 
 

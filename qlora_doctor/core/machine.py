@@ -20,6 +20,11 @@ _OSES = ("linux", "windows", "darwin")
 _VENDORS = ("nvidia", "amd", "apple", "none")
 
 
+UNREAD = "_unread"
+"""Key a parser of pasted text (sources/envreport.py) sets, to a sentence saying what the text was read as and
+what it lacks, when it holds no GPU facts at all: `machine_from_dict` refuses it, naming the file."""
+
+
 @dataclass(frozen=True)
 class Gpu:
     name: str
@@ -86,6 +91,8 @@ def machine_from_dict(data: Any, where: str) -> Machine:
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a JSON object like "
                          '{"os": "linux", "arch": "x86_64", "python": "3.11.7", "driver_version": null, "gpus": []}')
+    if data.get(UNREAD):  # an environment report or nvidia-smi paste that was read but holds no GPU facts
+        raise InputError(f"{where}: {data[UNREAD]}; expected {EXPECTED_FORMATS}, with its GPU lines")
     data, assumed = _read_aliases(data, where, errors)
     known = {"os", "arch", "python", "libc", "driver_version", "cuda_driver_version", "gpus",
              "gpu_vendor", "source", "notes"}
@@ -171,6 +178,9 @@ def machine_from_dict(data: Any, where: str) -> Machine:
         vendor = "none"
     if errors:
         raise InputError(errors)
+    given_notes = data.get("notes")
+    if isinstance(given_notes, list):  # what a parser of pasted text said of its reading, kept with the machine
+        assumed = [n for n in given_notes if isinstance(n, str)] + assumed
     return Machine(os=os_name or "linux", arch=(arch or "x86_64").lower(), python=python or "3.11",
                    libc=libc, driver_version=driver, cuda_driver_version=cuda_driver, gpus=tuple(gpus),
                    gpu_vendor=vendor, source=where, notes=tuple(assumed))
@@ -220,9 +230,9 @@ def _read_aliases(data: dict, where: str, errors: list[str]) -> tuple[dict, list
             out["gpus"] = out["gpus"] * count
             notes.append(f"{count_key} {count}: {count} of the GPU named")
         elif isinstance(out.get("gpus"), list) and len(out["gpus"]) not in (0, count):
-            errors.append(f"{where}: {count_key} is {count} but gpus lists {len(out['gpus'])}")
+            errors.append(f"{where}: {count_key}: {count}, but gpus lists {len(out['gpus'])}")
         elif not out.get("gpus") and count:
-            errors.append(f"{where}: {count_key} is {count} but no GPU is named: add \"gpus\": [\"Tesla T4\"]")
+            errors.append(f"{where}: {count_key}: {count}, but no GPU is named: add \"gpus\": [\"Tesla T4\"]")
     memory_key = next((k for k in _MEMORY_GB_KEYS if k in out), None)
     if memory_key:
         gb = out.pop(memory_key)
@@ -275,11 +285,36 @@ def load_machine_file(path: Path | str) -> Machine:
 def read_machine_text(path: Path | str) -> str:
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return unpaste(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no such machine file (write one with `qlora-doctor check --save-machine {path}`)")
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read the machine file: {err}")
+
+
+def unpaste(text: str) -> str:
+    """The text a paste from an issue thread quotes: without the `> ` of a markdown quote on every line, the
+    indentation common to every line, and code-fence lines (```` ``` ````, ```` ```text ````, or a fence glued to
+    the first line of output). Text that is none of these comes back as it was."""
+    lines = text.splitlines()
+    comment = re.compile(r"#(?!#)")  # a `# note` line at the left margin (where the paste came from) stays as is
+    filled = [ln for ln in lines if ln.strip() and not comment.match(ln)]
+    if filled and all(ln.lstrip().startswith(">") for ln in filled):
+        lines = [ln if comment.match(ln) else re.sub(r"^\s*> ?", "", ln) for ln in lines]
+    if any(ln.lstrip().startswith("```") for ln in lines):
+        lines = [re.sub(r"^\s*```[\w-]*\s*$", "", ln) for ln in lines]
+        lines = [re.sub(r"^(\s*)```", r"\1", ln) for ln in lines]
+    filled = [ln for ln in lines if ln.strip() and not comment.match(ln)]
+    indent = min((len(ln) - len(ln.lstrip(" ")) for ln in filled), default=0)
+    if indent:
+        lines = [ln if comment.match(ln) else ln[indent:] for ln in lines]
+    out = "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+    return text if out.strip() == text.strip() and out.count("\n") == text.count("\n") else out
+
+
+EXPECTED_FORMATS = ("a JSON (or YAML) machine description like "
+                    '{"gpus": ["Tesla T4"], "driver_version": "550.54.15"}, the output of `nvidia-smi` (its table, '
+                    "-q, -L or --query-gpu CSV), torch's `python -m torch.utils.collect_env` or `transformers env`")
 
 
 def machine_from_text(text: str, path: Path | str) -> Machine:
@@ -299,6 +334,9 @@ def machine_from_text(text: str, path: Path | str) -> Machine:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
+        if not text.lstrip().startswith(("{", "[")) and path.suffix.lower() != ".json":
+            raise InputError(f"{path}: not a machine description this tool can read; expected {EXPECTED_FORMATS} "
+                             "(see `qlora-doctor check --save-machine FILE` for the JSON format)") from None
         raise InputError(f"{path}:{err.lineno}: not valid JSON ({err.msg}); "
                          "see `qlora-doctor check --save-machine FILE` for the format")
     except RecursionError:

@@ -22,7 +22,7 @@ PIP_LIST = re.compile(r"^Package[ \t]+Version(?:[ \t]+\S+)*[ \t]*\r?\n-{3,}[ -]*
 CONDA_LIST = re.compile(r"^#\s*Name\s+Version\s+Build(?:\s+Channel)?\s*$", re.M)
 COLLECT_ENV = re.compile(r"^(?:Collecting environment information|Versions of relevant libraries:|PyTorch version:)",
                          re.M)
-HF_ENV = re.compile(r"^-\s*`?transformers`? version:", re.M)
+HF_ENV = re.compile(r"^-\s*(?:`?transformers`? version|PyTorch version(?: \(GPU\?\))?):", re.M)
 
 CONDA_NAMES = {"pytorch": "torch", "pytorch-cuda": None, "cudatoolkit": None}
 """conda package -> PyPI name (None: not a Python package pip installs)."""
@@ -45,6 +45,11 @@ class EnvReport:
 
 def read_report(text: str) -> EnvReport | None:
     """The packages of a pasted environment report; None when the text is not one (a requirements file)."""
+    from qlora_doctor.core.machine import unpaste
+
+    text = unpaste(text)  # a report quoted (`> `) or fenced in an issue comment
+    if re.search(r"^(?:PyTorch version|Is CUDA available|Python platform)[ \t]+:", text, re.M):
+        text = re.sub(r"^([A-Za-z][\w /()?'.-]*?[\w)?])[ \t]+:[ \t]?", r"\1: ", text, flags=re.M)  # vLLM's
     if PIP_LIST.search(text):
         body = text[PIP_LIST.search(text).end():]
         pins = _rows(re.findall(rf"^([A-Za-z0-9][\w.\-]*)[ \t]+{_VERSION}(?:[ \t]+\S.*)?[ \t\r]*$", body, re.M))
@@ -91,11 +96,28 @@ def _rows(rows: list[tuple[str, str]]) -> dict[str, str]:
     return pins
 
 
+_NOT_A_NAME = re.compile(r"^(?:No CUDA|Could not collect|N/A|None|)$", re.I)
+_AMD = re.compile(r"\b(?:AMD|Radeon|Instinct|gfx\d+)", re.I)
+
+
 def machine_facts(text: str) -> dict[str, Any] | None:
-    """A machine description (the `--machine` format) from torch's collect_env or `transformers env`: OS, arch,
-    Python, libc, `Nvidia driver version`, `GPU 0: ...` lines. None when the text is neither."""
-    collect_env = re.search(r"^(?:Collecting environment information|PyTorch version:|Is CUDA available:)", text, re.M)
-    hf_env = re.search(r"^-\s*(?:`transformers` version|Platform|Python version):", text, re.M)
+    """A machine description (the `--machine` format) from pasted text: nvidia-smi output (the table, `-q`/`-a`,
+    `-L`, `--query-gpu` CSV), torch's collect_env (classic, or vLLM's `key : value` one) or a `transformers env`-
+    like bullet list (OS, arch, Python, libc, driver, GPUs). None when the text is none of these. A report that
+    says nothing of the GPU comes back with `UNREAD` set, which `machine_from_dict` refuses, naming the file."""
+    from qlora_doctor.core.machine import UNREAD, unpaste
+
+    text = unpaste(text)
+    if re.search(r"NVIDIA-SMI has failed", text):
+        return {UNREAD: "nvidia-smi says it could not talk to the NVIDIA driver, so the GPU is not known (paste "
+                        "`nvidia-smi` from a machine where it works)"}
+    smi = nvidia_smi_facts(text)
+    if smi is not None:
+        return smi
+    text = re.sub(r"^([A-Za-z][\w /()?'.-]*?[\w)?])[ \t]+:[ \t]?", r"\1: ", text, flags=re.M)  # vLLM `key : value`
+    collect_env = re.search(r"^`?(?:Collecting\W*environment information|PyTorch version:|Is CUDA available:|"
+                            r"CUDA used to build PyTorch:|GPU models and configuration:)", text, re.M)
+    hf_env = re.search(r"^-\s*(?:`?\w+`? version|Platform|Python version|GPU (?:type|model|name)?):", text, re.M)
     if not collect_env and not hf_env:
         return None
     data: dict[str, Any] = {}
@@ -103,7 +125,8 @@ def machine_facts(text: str) -> dict[str, Any] | None:
     os_line = re.search(r"^OS:\s*(.+)$", text, re.M)
     where = " ".join(m.group(1) for m in (platform_line, os_line) if m).lower()
     if where:
-        data["os"] = "windows" if "windows" in where else "darwin" if re.search(r"macos|darwin", where) else "linux"
+        data["os"] = ("windows" if "windows" in where else "darwin" if re.search(r"mac ?os|darwin", where)
+                      else "linux")
         arch = re.search(r"x86_64|aarch64|arm64|amd64", where)
         if arch:
             data["arch"] = {"amd64": "x86_64"}.get(arch.group(0), arch.group(0))
@@ -116,16 +139,128 @@ def machine_facts(text: str) -> dict[str, Any] | None:
     driver = re.search(r"^Nvidia driver version:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M | re.I)
     if driver:
         data["driver_version"] = driver.group(1)
-    names = re.findall(r"GPU \d+:\s*([^\n(]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
-    if not names:
-        single = re.search(r"^(?:GPU models and configuration|-\s*GPU type):\s*(?!Could not collect|N/A)(.+?)\s*$",
-                           text, re.M)
-        names = [single.group(1)] if single else []
-    if names:
+    gpu_line = re.search(r"^(?:GPU models and configuration|-\s*GPU(?: type| model| name)?):[ \t]*(.*)$", text,
+                         re.M | re.I)
+    names = [n for n in re.findall(r"GPU \d+:\s*([^\n(]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
+             if not _NOT_A_NAME.match(n.strip())]
+    if not names and gpu_line and not _NOT_A_NAME.match(gpu_line.group(1).strip()):
+        names = [gpu_line.group(1).strip()]
+    available = re.search(r"^(?:Is CUDA available:\s*(True|Yes|False|No)|"
+                          r"-\s*PyTorch version \(GPU\?\):.*\((True|False)\))", text, re.M)
+    available = (available.group(1) or available.group(2)).lower() in ("true", "yes") if available else None
+    rocm = re.search(r"^(?:ROCM used to build PyTorch:\s*\d|HIP runtime version:\s*\d)", text, re.M) or \
+        any(_AMD.search(n) for n in names)
+    if rocm:  # a ROCm build answers torch.cuda with the AMD GPU: no CUDA GPU here
+        data["gpus"] = [{"name": n.strip(), "vendor": "amd"} for n in names]
+        data["gpu_vendor"] = "amd"
+    elif names:
         data["gpus"] = [{"name": n.strip()} for n in names]
-    elif re.search(r"^(?:Is CUDA available:\s*True|-\s*PyTorch version \(GPU\?\):.*\(True\))", text, re.M):
+    elif available:
         data["gpus"] = [{"name": "NVIDIA GPU (the report does not name it)"}]  # judged unknown, not absent
-    elif re.search(r"^(?:Is CUDA available:\s*False|-\s*PyTorch version \(GPU\?\):.*\(False\))", text, re.M) \
-            and "driver_version" not in data:
-        data["gpus"] = []
+    elif available is False or gpu_line:
+        if "driver_version" not in data:
+            data["gpus"] = []
+    elif "driver_version" not in data:
+        data[UNREAD] = ("read as " + ("torch's collect_env" if collect_env else "an environment report") +
+                        ", but it says nothing of the GPU (cut before `Is CUDA available` and `GPU models and "
+                        "configuration`?)")
     return data
+
+
+def nvidia_smi_facts(text: str) -> dict[str, Any] | None:
+    """A machine description from nvidia-smi output as people paste it: the table (any driver's header,
+    `KMD Version` of R610+ included; Linux, Windows' TCC/WDDM column; cut mid-way), `nvidia-smi -q`/`-a`,
+    `nvidia-smi -L` (MIG slices too) or `--query-gpu=...` CSV with its header row. None when it is none of these.
+    The header alone says an NVIDIA GPU is there, not which: it comes back as an unnamed NVIDIA GPU."""
+    csv = _query_gpu_csv(text)
+    if csv is not None:
+        return csv
+    header = re.search(r"NVIDIA-SMI\s+\S+\s+(?:Driver|KMD) Version:\s*(\d+\.\d+(?:\.\d+)?)"
+                       r"(?:\s+CUDA (?:UMD )?Version:\s*(\d+\.\d+)?)?", text)
+    query = re.search(r"^\s*Driver Version\s+:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
+    listing = re.findall(r"^GPU (\d+): (.+?) \(UUID: GPU-", text, re.M)
+    if not header and not query and not listing:
+        return None
+    data: dict[str, Any] = {}
+    cuda = header.group(2) if header else None
+    if query:
+        data["driver_version"] = query.group(1)
+        found = re.search(r"^\s*CUDA Version\s+:\s*(\d+\.\d+)", text, re.M)
+        cuda = found.group(1) if found else None
+    if header:
+        data["driver_version"] = header.group(1)
+    if cuda:
+        data["cuda_driver_version"] = cuda
+    gpus: list[dict[str, Any]] = []
+    notes: list[str] = []
+    table = text[header.end():] if header else ""
+    table = re.split(r"^\s*\|\s*(?:MIG devices|Processes):", table, maxsplit=1, flags=re.M)[0]
+    for line in table.splitlines():
+        row = re.match(r"^\|\s+(\d+)\s+(.+?)\s+(On|Off|WDDM|TCC|N/A)\s+\|", line)
+        if row:
+            name = row.group(2).strip()
+            if name.endswith("..."):
+                notes.append(f"{name}: nvidia-smi cut the name short; the product is judged from what is left")
+            gpus.append({"name": re.sub(r"\s*\.\.\.$", "", name)})
+            if row.group(3) in ("WDDM", "TCC"):
+                data["os"] = "windows"
+            continue
+        total = re.search(r"\d+\s*MiB\s*/\s*(\d+)\s*MiB", line)
+        if total and gpus and "memory_total_mib" not in gpus[-1]:
+            gpus[-1]["memory_total_mib"] = int(total.group(1))
+    if query and not gpus:
+        names = re.findall(r"^\s*Product Name\s+:\s*(.+?)\s*$", text, re.M)
+        totals = re.findall(r"FB Memory Usage\s*\n\s*Total\s+:\s*(\d+)\s*MiB", text)
+        gpus = [{"name": n, **({"memory_total_mib": int(totals[i])} if i < len(totals) else {})}
+                for i, n in enumerate(names)]
+        attached = re.search(r"^\s*Attached GPUs\s+:\s*(\d+)", text, re.M)
+        if attached and len(gpus) == 1 and int(attached.group(1)) > 1:
+            count = int(attached.group(1))
+            notes.append(f"Attached GPUs: {count}, only the first shown ({gpus[0]['name']}): taken as {count} of it")
+            gpus = gpus * count
+    if listing and not gpus:
+        gpus = [{"name": name.strip()} for _, name in listing]
+    migs = re.findall(r"^\s+MIG (\d+)g\.(\d+)gb\s+Device\s+\d+:", text, re.M)
+    if migs and len(gpus) == 1:
+        slices, gb = len(migs), min(int(g) for _, g in migs)
+        mib = int(gb * 1024 * 15 / 16)
+        notes.append(f"{gpus[0]['name']}: split into {slices} MIG slices (smallest {migs[0][0]}g.{gb}gb); a process "
+                     f"sees one slice, so judged as one GPU of {mib} MiB ({gb} GB less 1/16)")
+        gpus = [{"name": gpus[0]["name"], "memory_total_mib": mib}]
+    if not gpus:
+        gpus = [{"name": "NVIDIA GPU (the nvidia-smi output does not name it)"}]
+        notes.append("nvidia-smi's header alone: an NVIDIA GPU is there, but not which (paste the whole table)")
+    data["gpus"] = gpus
+    if notes:
+        data["notes"] = notes
+    return data
+
+
+def _query_gpu_csv(text: str) -> dict[str, Any] | None:
+    """`nvidia-smi --query-gpu=name,driver_version,memory.total,... --format=csv[,noheader][,nounits]`: by its
+    header row when it has one, else the fields qlora-doctor itself asks for."""
+    rows = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not rows or "," not in rows[0]:
+        return None
+    head = [c.strip().split(" [")[0] for c in rows[0].split(",")]
+    if "name" in head:
+        fields, rows = head, rows[1:]
+    else:
+        fields = ["name", "memory.total", "memory.free", "compute_cap", "driver_version"]
+    cells = [[c.strip() for c in r.split(",")] for r in rows]
+    if not cells or any(len(c) != len(fields) for c in cells):
+        return None
+    gpus, drivers = [], set()
+    for c in cells:
+        row = dict(zip(fields, c))
+        if not row.get("name") or not re.fullmatch(r"\d+\.\d+(?:\.\d+)?", row.get("driver_version", "")):
+            return None
+        gpu: dict[str, Any] = {"name": row["name"]}
+        total = re.fullmatch(r"(\d+)(?:\s*MiB)?", row.get("memory.total", ""))
+        if total:
+            gpu["memory_total_mib"] = int(total.group(1))
+        if re.fullmatch(r"\d+\.\d+", row.get("compute_cap", "")):
+            gpu["compute_capability"] = row["compute_cap"]
+        gpus.append(gpu)
+        drivers.add(row["driver_version"])
+    return {"driver_version": sorted(drivers)[0], "gpus": gpus}

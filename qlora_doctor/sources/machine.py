@@ -265,20 +265,13 @@ def _run(argv: list[str], notes: list[str], deadline: float) -> str | None:
 
 
 def parse_nvidia_smi_table(text: str) -> dict[str, Any] | None:
-    """A machine description from plain `nvidia-smi` output (what people paste from Colab or a cloud box):
-    the header's driver and CUDA versions, each GPU row's name and memory total. None when it is not that."""
-    driver, cuda = parse_nvidia_smi_header(text)
-    if driver is None or "NVIDIA-SMI" not in text:
-        return None
-    names = re.findall(r"^\|\s+\d+\s+(.+?)\s+(?:On|Off)\s+\|", text, flags=re.M)
-    totals = re.findall(r"\d+\s*MiB\s*/\s*(\d+)\s*MiB", text)
-    gpus: list[Any] = []
-    for i, name in enumerate(names):
-        gpu: dict[str, Any] = {"name": re.sub(r"\s*\.\.\.$", "", name.strip())}
-        if i < len(totals) and len(totals) == len(names):
-            gpu["memory_total_mib"] = int(totals[i])
-        gpus.append(gpu)
-    return {"driver_version": driver, "cuda_driver_version": cuda, "gpus": gpus}
+    """A machine description from plain `nvidia-smi` output (what people paste from Colab or a cloud box): the
+    header's driver and CUDA versions, each GPU's name and memory total, read by envreport.nvidia_smi_facts (the
+    table of any driver, Windows' TCC/WDDM column, a table cut mid-way or only its header, `-q`, `-L` with MIG
+    slices, `--query-gpu` CSV). None when it is not that."""
+    from qlora_doctor.sources.envreport import nvidia_smi_facts
+
+    return nvidia_smi_facts(text) if "NVIDIA-SMI" in text else None
 
 
 def load_described_machine(path: Path | str) -> Machine:

@@ -1,0 +1,211 @@
+"""`--machine` on real machine descriptions: nvidia-smi tables (whole, cut, quoted, Windows), `nvidia-smi -q`/`-L`,
+`--query-gpu` CSV, torch's collect_env (old, new, vLLM's), transformers-env-like bullet lists, CPU-only, ROCm and
+Apple reports, each pasted into a public GitHub thread (tests/data/machine_corpus/, index.toml says what a careful
+reader takes from each). Every case is a test of its own facts.
+
+`python tests/test_machine_corpus.py OUT.json` scores the corpus through the real CLI (`check --machine FILE --json`
+and `lock --machine FILE`) into bench/results/machine_corpus_*.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CORPUS = Path(__file__).parent / "data" / "machine_corpus"
+CASES = tomllib.loads((CORPUS / "index.toml").read_text())["case"]
+
+
+def _bare(name: str) -> str:
+    """A GPU name as nvidia-smi printed it, less the `...` it puts where it cut the name."""
+    return re.sub(r"\s*\.\.\.$", "", name.strip())
+
+
+def score(case: dict[str, Any], machine: dict[str, Any] | None, exit_code: int, output: str,
+          torch_pin: str | None) -> dict[str, Any]:
+    """Each fact of the case: right, wrong (with what came out) or missing; the exit code judged too."""
+    facts: dict[str, Any] = {}
+    traceback = "Traceback (most recent call last)" in output
+
+    def judge(key: str, got: Any, want: Any) -> None:
+        if got == want:
+            facts[key] = "right"
+        elif got in (None, [], "") or (isinstance(got, list) and all(g in (None, "") for g in got) and want):
+            facts[key] = {"missing": True, "expected": want}
+        else:
+            facts[key] = {"wrong": got, "expected": want}
+
+    if case.get("expect_error"):
+        named = str(CORPUS / case["file"]) in output or case["file"] in output
+        facts["error"] = "right" if exit_code == 2 and not traceback and named else {
+            "wrong": f"exit {exit_code}" + (" (traceback)" if traceback else "") + ("" if named else ", file not named"),
+            "expected": "exit 2 naming the file"}
+        return {"facts": facts, "traceback": traceback}
+    if machine is None:
+        return {"facts": {k: {"missing": True, "expected": case[k]} for k in _FACT_KEYS if k in case},
+                "traceback": traceback}
+    vendor = case.get("vendor", "nvidia")
+    gpus = [g for g in machine["gpus"] if g.get("vendor", "nvidia") == (vendor if vendor in ("nvidia", "amd") else
+                                                                         "nvidia")]
+    if "gpus" in case:
+        judge("gpus", [_bare(g["name"]) for g in gpus], [_bare(n) for n in case["gpus"]])
+    if "gpu_count" in case:
+        judge("gpu_count", len(gpus), case["gpu_count"])
+    if case.get("gpus_unnamed"):
+        judge("gpus_unnamed", bool(gpus) and machine["gpu_vendor"] == "nvidia", True)
+    if "memory_mib" in case:
+        judge("memory_mib", [g.get("memory_total_mib") for g in gpus], case["memory_mib"])
+    if "mig" in case:
+        mem = [g.get("memory_total_mib") for g in gpus]
+        slice_mib = int(re.search(r"\.(\d+)gb", case["mig"][0]).group(1)) * 1024
+        judge("mig_slice_memory", bool(mem) and all(m is not None and m <= slice_mib for m in mem), True)
+    if "compute_capability" in case:
+        judge("compute_capability", [g.get("compute_capability") or "" for g in gpus], case["compute_capability"])
+    for key, field in (("driver", "driver_version"), ("cuda_driver", "cuda_driver_version"), ("python", "python"),
+                       ("os", "os"), ("arch", "arch"), ("libc", "libc")):
+        if key in case:
+            judge(key, machine.get(field), case[key])
+    if "vendor" in case:
+        judge("vendor", machine["gpu_vendor"], case["vendor"])
+    if "torch" in case:
+        judge("torch", torch_pin, case["torch"])
+    return {"facts": facts, "traceback": traceback}
+
+
+_FACT_KEYS = ("gpus", "gpu_count", "gpus_unnamed", "memory_mib", "mig", "compute_capability", "driver", "cuda_driver",
+              "python", "os", "arch", "libc", "vendor", "torch")
+
+
+def _torch_pin(path: Path) -> str | None:
+    """The torch version `check -r FILE` reads from the same paste."""
+    from qlora_doctor.sources.envreport import read_report
+
+    report = read_report(path.read_text(encoding="utf-8"))
+    return report.pins.get("torch") if report else None
+
+
+# --- the tests ----------------------------------------------------------------------------------------------------
+
+def _id(case: dict[str, Any]) -> str:
+    return case["file"].removesuffix(".txt")
+
+
+def _marks(case: dict[str, Any]):
+    return pytest.param(case, id=_id(case))
+
+
+@pytest.mark.parametrize("case", [_marks(c) for c in CASES])
+def test_case_facts(case):
+    from click.testing import CliRunner
+
+    from qlora_doctor.cli import cli
+
+    path = CORPUS / case["file"]
+    assert path.read_text().startswith(f"# {case['url']}\n")
+    result = CliRunner().invoke(cli, ["check", "--json", "--no-resolve", "--machine", str(path)])
+    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback is the worst result: show it
+    machine = json.loads(result.output)["machine"] if result.exit_code in (0, 1) else None
+    scored = score(case, machine, result.exit_code, output, _torch_pin(path))
+    wrong = {k: v for k, v in scored["facts"].items() if v != "right"}
+    assert not wrong, json.dumps(wrong, indent=1) + "\n" + output[-2000:]
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_the_paste_reader_gets_every_case_right(case):
+    """envreport.machine_facts on its own (what `--machine` uses for every paste but the nvidia-smi tables that
+    sources/machine.py reads first), then the tables' fill-in, as `--machine` does."""
+    from qlora_doctor.core.errors import InputError
+    from qlora_doctor.core.machine import machine_from_dict, read_machine_text
+    from qlora_doctor.sources.envreport import machine_facts
+    from qlora_doctor.sources.machine import fill_from_tables
+
+    path = CORPUS / case["file"]
+    facts = machine_facts(read_machine_text(path))
+    assert facts is not None, "not recognised as a paste"
+    try:
+        machine, exit_code, output = fill_from_tables(machine_from_dict(facts, str(path))).to_json(), 0, ""
+    except InputError as err:
+        machine, exit_code, output = None, 2, "\n".join(err.messages)
+    scored = score(case, machine, exit_code, output, _torch_pin(path))
+    wrong = {k: v for k, v in scored["facts"].items() if v != "right"}
+    assert not wrong, json.dumps(wrong, indent=1)
+
+
+def test_the_corpus_covers_the_common_machines():
+    names = " ".join(" ".join(c.get("gpus", [])) for c in CASES)
+    for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
+                "RTX 5090", "H100", "RTX A6000", "L40S"):
+        assert gpu in names, gpu
+    assert 25 <= len(CASES) <= 35 and len({c["file"] for c in CASES}) == len(CASES)
+    assert sorted(p.name for p in CORPUS.glob("*.txt")) == sorted(c["file"] for c in CASES)
+    assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
+    assert any(c.get("expect_error") for c in CASES) and any("mig" in c for c in CASES)
+    assert any(c.get("gpu_count", 0) >= 8 for c in CASES)
+
+
+# --- scoring the corpus through the real CLI ------------------------------------------------------------------------
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "qlora-doctor"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+
+
+def score_corpus() -> dict[str, Any]:
+    cases: dict[str, Any] = {}
+    for case in CASES:
+        path = CORPUS / case["file"]
+        check = _cli("check", "--machine", str(path), "--json")
+        lock = _cli("lock", "--machine", str(path))
+        output = check.stdout + check.stderr + lock.stderr
+        try:
+            machine = json.loads(check.stdout)["machine"] if check.returncode in (0, 1) else None
+        except (json.JSONDecodeError, KeyError):
+            machine = None
+        try:
+            torch = _torch_pin(path)
+        except Exception as err:  # noqa: BLE001 - scored, not raised
+            torch, output = None, output + f"\nTraceback (most recent call last): read_report: {err!r}"
+        scored = score(case, machine, check.returncode, output, torch)
+        message = (check.stderr.strip().splitlines() or [""])[-1][:300] if check.returncode == 2 else None
+        cases[case["file"]] = {
+            "format": case["format"], "check_exit": check.returncode, "lock_exit": lock.returncode,
+            "traceback": scored["traceback"], "error_message": message,
+            "ok": not scored["traceback"] and all(v == "right" for v in scored["facts"].values()),
+            "facts": scored["facts"],
+            "read_as": machine and [n for n in machine["notes"] if n.startswith("read as")],
+        }
+    facts = [v for c in cases.values() for v in c["facts"].values()]
+    summary = {
+        "cases": len(cases), "cases_all_right": sum(c["ok"] for c in cases.values()),
+        "facts": len(facts), "facts_right": sum(v == "right" for v in facts),
+        "facts_wrong": sum(isinstance(v, dict) and "wrong" in v for v in facts),
+        "facts_missing": sum(isinstance(v, dict) and "missing" in v for v in facts),
+        "tracebacks": sum(c["traceback"] for c in cases.values()),
+        "check_exit_codes": _counts(c["check_exit"] for c in cases.values()),
+        "lock_exit_codes": _counts(c["lock_exit"] for c in cases.values()),
+        "how": "tests/test_machine_corpus.py: `qlora-doctor check --machine FILE --json` and `lock --machine FILE` per "
+               "case; torch from envreport.read_report (what `check -r FILE` reads); facts per index.toml",
+    }
+    return {"summary": summary, "cases": cases}
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return dict(sorted(out.items()))
+
+
+if __name__ == "__main__":
+    result = score_corpus()
+    Path(sys.argv[1]).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["summary"], indent=1))
