@@ -327,8 +327,20 @@ def test_the_torch_build_fix_names_the_variant_lock_would_choose():
 @pytest.mark.parametrize("gpu, driver, says", [
     ("Tesla K80", "470.82.01", "older than the tested torch releases support"),  # not the driver's fault
     ("NVIDIA A100-SXM4-40GB", "418.67", "upgrade the NVIDIA driver (a newer one would get torch"),
+    # a collect_env pasted without its driver line (tests/data/machine_corpus/10-...): ask for it, not to upgrade
+    ("NVIDIA A100 80GB PCIe", None, "names no NVIDIA driver version, and the torch build depends on it: add "
+                                    "`driver_version`"),
+    # no record of that Python / OS: say what is tested
+    ("NVIDIA A10G", "535.104.05", "no passing CPU record for Python 3.9 to take the Python-level packages from "
+                                  "(tested: Python 3.10, 3.11, 3.12, 3.13)"),
+    ("windows", "551.86", "no passing record for windows x86_64 (the tested ones: linux x86_64)"),
 ])
 def test_when_no_build_fits_the_refusal_names_what_stands_in_the_way(gpu, driver, says):
     machine = json.dumps({"gpus": [gpu], "driver_version": driver, "python": "3.11.9"})
+    if gpu == "NVIDIA A10G":
+        machine = json.dumps({"gpus": [gpu], "driver_version": driver, "python": "3.9.18"})
+    elif gpu == "windows":
+        machine = json.dumps({"os": "windows", "gpus": ["NVIDIA GeForce RTX 3090"], "driver_version": driver,
+                              "python": "3.11.9"})
     result = CliRunner().invoke(cli, ["lock", "--machine", machine])
     assert result.exit_code == 1 and says in result.output, result.output

@@ -541,14 +541,29 @@ def gpu_plan_from_cpu_record(records: tuple[Record, ...], machine: Machine, pyth
     build chosen for the driver and GPU (choose_torch_build), break no rule."""
     cpu = [r for r in records if r.works and r.expect == "pass" and _is_cpu_record(r, machine, python)]
     if not cpu:
-        raise CheckFailed(f"no passing CPU record for Python {python} to take the Python-level packages from; "
-                          "run `qlora-doctor matrix run` for one, or use `qlora-doctor lock --untested`")
+        platforms = {parse_platform(r.platform) for r in records if r.works and r.expect == "pass"
+                     and _parses(r.platform)}
+        if not any(p.os == machine.os and p.arch == machine.arch for p in platforms):
+            tested = sorted({f"{p.os} {p.arch}" for p in platforms})
+            raise CheckFailed(f"no passing record for {machine.os} {machine.arch} (the tested ones: "
+                              f"{', '.join(tested)}); run `qlora-doctor matrix run` on such a machine for one, or "
+                              "use `qlora-doctor lock --untested`")
+        pythons = sorted({p.python for p in platforms if p.os == machine.os and p.arch == machine.arch},
+                         key=lambda v: tuple(int(x) for x in v.split(".")))
+        raise CheckFailed(f"no passing CPU record for Python {python} to take the Python-level packages from "
+                          f"(tested: Python {', '.join(pythons)}); describe the machine with one of those, run "
+                          "`qlora-doctor matrix run` for one, or use `qlora-doctor lock --untested`")
     plan = _first_gpu_plan(cpu, records, machine, python, tables)
     if plan is not None:
         return plan
     import dataclasses
 
     newest_driver = _first_gpu_plan(cpu, records, dataclasses.replace(machine, driver_version="999.99"), python, tables)
+    if newest_driver is not None and machine.driver_version is None:  # nothing says which driver runs there
+        raise CheckFailed(f"the machine description names no NVIDIA driver version, and the torch build depends on "
+                          f"it: add `driver_version` (the `Driver Version:` of nvidia-smi's header; with a recent "
+                          f"driver this machine would get torch {newest_driver.pins['torch']}), or use "
+                          "`qlora-doctor lock --untested`")
     if newest_driver is not None:  # the driver is what stands in the way
         raise CheckFailed(f"no torch build the tables know runs on {_machine_words(machine)} with the tested "
                           f"Python-level packages; upgrade the NVIDIA driver (a newer one would get "
@@ -594,6 +609,14 @@ def lockfile_for_gpu_from_cpu_record(records: tuple[Record, ...], machine: Machi
               f"{plan.variant} index at install")
     header = header_lines(machine, python, plan.platform, plan.source, status, command, output)
     return Lockfile(plan.pins, (TORCH_INDEX.format(variant=plan.variant),), header)
+
+
+def _parses(platform: str) -> bool:
+    try:
+        parse_platform(platform)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_cpu_record(record: Record, machine: Machine, python: str) -> bool:
