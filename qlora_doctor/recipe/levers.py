@@ -10,12 +10,15 @@ What each lever does and why it is the default (measured by bench/train_throughp
   recompute: full            selective: a checkpointed layer keeps its q/k/v/o/down GEMM outputs and the
                              attention output, so its backward replay runs only gate/up of the base GEMMs
                              (qlora_doctor/trainer/selective.py); more memory per layer, fewer FLOPs. Opt in
-                             (GPU speed not yet measured: bench/results/profile_h100/NOTES.md).
+                             (H100, 8B at 8 x 2048: 11,775 against 10,804 tokens/s, 28.1 against 9.9 GiB
+                             reserved, both offloaded; selective_layers trades between them:
+                             bench/results/fastpath_h100_2026-12-06/NOTES.md).
   offload_checkpoints: false the checkpointed layers' saved inputs in pinned host memory between forward and
                              backward, copied on side CUDA streams, the previous layer's prefetched during a
                              layer's backward (qlora_doctor/trainer/offload.py, after unsloth's offloaded
                              checkpointing): about one layer input per checkpointed layer less GPU memory.
-                             CUDA only; not yet measured on a GPU: opt in.
+                             CUDA only; on the H100 the same tokens/s at 4.2 GiB less (8B, 8 x 2048), but it
+                             pins host memory (one layer input per checkpointed layer): opt in.
   liger_kernel: auto         fused linear cross-entropy (no [tokens, 128k] float32 logits), RMSNorm,
                              SwiGLU, RoPE. Triton kernels: CUDA only.
   fused_lora: auto           qlora_doctor/trainer/fused_lora.py: one autograd node per adapted layer,
@@ -281,7 +284,7 @@ def decide_recompute(setting: str, checkpointing: bool, layers: str | int | floa
 
 OFFLOAD_REASON = ("checkpointed layers' saved inputs in pinned host memory between forward and backward, copied "
                   "on side CUDA streams with the previous layer prefetched during each layer's backward "
-                  "(trainer/offload.py; not yet measured on a GPU)")
+                  "(trainer/offload.py)")
 
 
 def decide_offload(setting: bool, device: str, checkpointing: bool) -> Lever:
