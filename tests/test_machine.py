@@ -303,3 +303,17 @@ def test_environment_reports_from_issues_describe_the_machine(tmp_path):
                     "- PyTorch version (GPU?): 2.1.0+cu121 (True)\n")
     assert hf.python == "3.10.12" and hf.gpu_vendor == "nvidia" and hf.gpus[0].compute_capability is None
     assert any("environment report" in n for n in hf.notes)
+
+
+def test_a_suggested_command_names_the_described_machine(tmp_path):
+    """A fix that says `qlora-doctor lock` must mean the machine that was judged: the preset, the file, or none
+    for this machine."""
+    from qlora_doctor.core.machine import machine_from_dict, machine_option
+    from qlora_doctor.sources.machine import load_described_machine
+
+    assert machine_option(load_described_machine("t4")) == " --machine t4-550"
+    described = tmp_path / "my box.json"
+    described.write_text('{"gpus": ["Tesla T4"], "driver_version": "550.54.15"}')
+    assert machine_option(load_described_machine(described)) == f" --machine '{described}'"
+    assert machine_option(load_described_machine('{"gpus": ["Tesla T4"]}')).startswith(" --machine '")
+    assert machine_option(machine_from_dict({"os": "linux", "arch": "x86_64", "python": "3.11"}, "probe")) == ""

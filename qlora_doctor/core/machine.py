@@ -292,6 +292,19 @@ def read_machine_text(path: Path | str) -> str:
         raise InputError(f"{path}: cannot read the machine file: {err}")
 
 
+def machine_option(machine: Machine) -> str:
+    """The `--machine ...` a suggested qlora-doctor command needs to mean the machine judged ("" for this one)."""
+    import shlex
+
+    if machine.source in ("probe", ""):
+        return ""
+    if machine.source.startswith("preset "):
+        return f" --machine {machine.source.removeprefix('preset ')}"
+    if machine.source == "--machine":  # inline JSON: the user has it at hand
+        return " --machine '<the same description>'"
+    return f" --machine {shlex.quote(machine.source)}"
+
+
 def unpaste(text: str) -> str:
     """The text a paste from an issue thread quotes: without the `> ` of a markdown quote on every line, the
     indentation common to every line, and code-fence lines (```` ``` ````, ```` ```text ````, or a fence glued to

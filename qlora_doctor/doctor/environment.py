@@ -13,7 +13,7 @@ from packaging.version import Version
 
 from qlora_doctor.knowledge.loading import (Rule, Tables, arch_supported, choose_torch_build, load_rules, load_tables,
                                             torch_variant_for)
-from qlora_doctor.core.machine import Machine
+from qlora_doctor.core.machine import Machine, machine_option
 from qlora_doctor.core.environment import TRAINING_NEEDS, Environment
 from qlora_doctor.core.report import Check
 from qlora_doctor.knowledge.evaluate import evaluate_rules
@@ -92,8 +92,8 @@ def install_training_command(machine: Machine | None, tables: Tables | None, mis
         if choice is not None:  # kernels for this GPU too (a V100 is not in cu128+ builds), not only the driver
             torch, variant = f"torch=={choice.version}", choice.variant
     return (f"pip install {torch} --index-url https://download.pytorch.org/whl/{variant} && "
-            "pip install 'qlora-doctor[train]'   (tested pins instead: `qlora-doctor lock -o lock.txt && "
-            "pip install -r lock.txt`)")
+            f"pip install 'qlora-doctor[train]'   (tested pins instead: `qlora-doctor lock{machine_option(machine)} "
+            "-o lock.txt && pip install -r lock.txt`)")
 
 
 def package_checks(env: Environment, machine: Machine | None = None, tables: Tables | None = None) -> list[Check]:
@@ -153,7 +153,7 @@ def torch_build_checks(machine: Machine, env: Environment, tables: Tables) -> li
         variant = choice.variant if choice else torch_variant_for(machine, tables)
         why = choice.why if choice else f"the newest CUDA variant driver {machine.driver_version} runs"
         fix = (f"pip install torch --index-url https://download.pytorch.org/whl/{variant}  ({why}; "
-               "`qlora-doctor lock` pins the whole stack for it)"
+               f"`qlora-doctor lock{machine_option(machine)}` pins the whole stack for it)"
                if variant != "cpu" else
                "install a CUDA build of torch for this driver (the driver version is unknown: `nvidia-smi` shows "
                "it; with it, `qlora-doctor lock --machine` names the build)" if machine.driver_version is None else

@@ -13,7 +13,7 @@ from typing import Any
 
 from packaging.version import Version
 
-from qlora_doctor.core.machine import Machine
+from qlora_doctor.core.machine import Machine, machine_option
 from qlora_doctor.core.environment import TRAINING_NEEDS, Environment
 from qlora_doctor.core.report import Check
 from qlora_doctor.core.errors import InputError
@@ -89,5 +89,6 @@ def tested_status(machine: Machine, env: Environment, results_dir: Path | None =
                        f"not tested: no passing record matches this environment on {platform}; closest tested "
                        f"combination {where} is {closest.name}, which differs in: {'; '.join(diffs)}",
                        fix=(f"pip install {pins}" if pins and same_platform and not cpu_torch_for_a_gpu else
-                            "`qlora-doctor lock` picks the newest tested combination for this machine"),
+                            f"`qlora-doctor lock{machine_option(machine)}` picks the newest tested combination for "
+                            "this machine"),
                        found="untested", expected="a tested combination")
