@@ -309,8 +309,10 @@ def test_check_and_explain_never_import_torch(tmp_path, exploding_torch):
     assert json.loads(proc.stdout)["packages"]["torch"]  # torch's version was still read, from metadata
     proc, _ = run_cli("check", "--machine", str(machine_file), env=env)
     assert proc.returncode in (0, 1) and "result" in proc.stdout, proc.stderr
-    proc, _ = run_cli("explain", "-", env={**env}, timeout=60)
-    assert proc.returncode == 1
+    paste = tmp_path / "paste.txt"
+    paste.write_text("hello world\n")
+    proc, _ = run_cli("explain", str(paste), env={**env}, timeout=60)
+    assert proc.returncode == 1, proc.stderr
     assert not marker.exists(), "check/explain imported torch"
 
 

@@ -153,6 +153,12 @@ def test_explain_nothing_matched_exit_1():
     assert "no known failure" in result.output
 
 
+def test_explain_an_empty_paste_is_a_user_mistake_exit_2():
+    for text in ("", "\n  \n"):
+        result = run("explain", "-", input=text)
+        assert result.exit_code == 2 and "standard input: the text is empty" in result.output, result.output
+
+
 def test_explain_binary_junk_does_not_crash(tmp_path):
     path = tmp_path / "junk.log"
     path.write_bytes(bytes(range(256)) * 50)

@@ -110,6 +110,9 @@ def explain(log: str, as_json: bool) -> None:
             text = stream.read()
     except OSError as err:
         raise InputError(f"{log}: cannot read it ({err.strerror or err}); pass a file, a run folder or - for stdin")
+    if not text.strip():
+        raise InputError(f"{'standard input' if log == '-' else log}: the text is empty; paste the error with its "
+                         "traceback (or the training log) into the file, or pipe it: `qlora-doctor explain - < err.txt`")
 
     from qlora_doctor.doctor.paste import judge_pasted_versions
     from qlora_doctor.knowledge.explain import explain_text
