@@ -51,7 +51,8 @@ class RunPlan:
     """Everything decided for one run before anything heavy is loaded."""
 
     recipe: Recipe
-    """The recipe, with `performance.checkpoint_layers: auto` replaced by the planner's choice."""
+    """The recipe, with `performance.checkpoint_layers: auto` and `selective_layers: auto` replaced by the
+    planner's choice."""
     where: str
     """The recipe's file (or name), for messages."""
     precision: Precision
@@ -132,17 +133,21 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
     torchao_described = env.installed("torchao") if env is not None and env.source != "installed" else None
     memory, memory_error = None, None
     auto_layers = recipe.performance.checkpoint_layers == "auto"
-    if machine.nvidia_gpus or auto_layers:
+    auto_selective = recipe.performance.recompute == "selective" and recipe.performance.selective_layers == "auto"
+    if machine.nvidia_gpus or auto_layers or auto_selective:
         from qlora_doctor.memory.plan import plan_recipe
 
         try:
             memory = plan_recipe(recipe, machine, allow_network=False, liger_described=described)
         except DoctorError as err:  # config unreadable offline, or torch/transformers missing
             memory_error = "; ".join(err.messages)
-    if auto_layers:
-        value = memory.settings.checkpoint_layers if memory is not None else "all"
-        recipe = recipe.model_copy(update={"performance": recipe.performance.model_copy(
-            update={"checkpoint_layers": value})})
+    if auto_layers or auto_selective:
+        update = {}
+        if auto_layers:
+            update["checkpoint_layers"] = memory.settings.checkpoint_layers if memory is not None else "all"
+        if auto_selective:
+            update["selective_layers"] = memory.settings.selective_layers if memory is not None else "all"
+        recipe = recipe.model_copy(update={"performance": recipe.performance.model_copy(update=update)})
     hazards = None
     if precision.device == "cuda":
         from qlora_doctor.knowledge.workarounds import cudnn_attention_hazards

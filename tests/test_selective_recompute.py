@@ -348,3 +348,46 @@ def test_plan_suggests_full_recompute_when_selective_does_not_fit(tmp_path):
     gpu = (full_total + estimate(counts, s).total_bytes) // 2  # between the two
     out = {x.kind: x for x in suggest(counts, s, gpu)}
     assert out["recompute"].fits and out["recompute"].changes == (("performance.recompute", "full"),)
+
+
+def test_selective_layers_auto_keeps_the_most_layers_the_gpu_holds(tmp_path):
+    """`selective_layers: auto` (the default): on an 80 GB card every layer of the 8B shape at 8 x 2048 keeps
+    its outputs (~28 GiB measured on an H100, offloaded); on a 24 GB card only as many as fit 85% of it, the rest
+    recompute fully; the run plan hands the choice to the trainer."""
+    import json as json_
+
+    from qlora_doctor.memory.plan import plan_recipe
+    from qlora_doctor.runplan import build_run_plan
+    from qlora_doctor.sources.requirements import environment_from_pins
+
+    from helpers import machine
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json_.dumps(LLAMA3_8B))
+    recipe = make_recipe(tmp_path, model=model, recompute="selective", offload_checkpoints=True,
+                         training={"eval_strategy": "no"})
+    assert recipe.performance.selective_layers == "auto"
+    recipe = recipe.model_copy(update={"training": recipe.training.model_copy(
+        update={"per_device_train_batch_size": 8, "max_seq_length": 2048})})
+    h100 = machine(gpus=[{"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_total_mib": 81559}])
+    rtx4090 = machine(gpus=[{"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9",
+                             "memory_total_mib": 24564}])
+    # as on a GPU machine with the [train] extra: Liger's fused loss (no 8 GiB of float32 logits)
+    assert plan_recipe(recipe, h100, allow_network=False, liger_described=True).settings.selective_layers == "all"
+    small = plan_recipe(recipe, rtx4090, allow_network=False, liger_described=True)
+    chosen = small.settings.selective_layers
+    assert isinstance(chosen, int) and 0 < chosen < 32, chosen
+    assert small.total_bytes <= 0.85 * 24564 * 2**20
+    assert any(n.startswith(f"selective_layers auto: {chosen} of 32") for n in small.notes)
+    env = environment_from_pins({"torch": "2.11.0+cu130", "liger-kernel": "0.8.5", "bitsandbytes": "0.50.2"}, "test")
+    run = build_run_plan(recipe, rtx4090, env, where="test", decide_output=False)
+    assert run.recipe.performance.selective_layers == chosen and run.levers.selective_layers == chosen
+    # where something else is above the budget (here: an evaluation batch's logits), selective layers take
+    # what hides under that peak and the note says so, not "within 85%"
+    evaluating = make_recipe(tmp_path, model=model, recompute="selective", offload_checkpoints=True)
+    evaluating = evaluating.model_copy(update={"training": evaluating.training.model_copy(
+        update={"per_device_train_batch_size": 8, "max_seq_length": 2048})})
+    over = plan_recipe(evaluating, rtx4090, allow_network=False, liger_described=True)
+    assert over.settings.selective_layers not in (0, "auto")
+    assert any("the most that leave the prediction where it is without them" in n for n in over.notes)

@@ -275,7 +275,9 @@ def selective_layers(counts: ModelCounts, s: TrainSettings) -> int:
     if s.recompute != "selective":
         return 0
     checkpointed = checkpointed_layers(counts, s)
-    return checkpointed if s.selective_layers == "all" else len(checkpointed_indices(s.selective_layers, checkpointed))
+    if s.selective_layers in ("all", "auto"):  # auto not yet resolved (plan.resolve_selective_layers): all
+        return checkpointed
+    return len(checkpointed_indices(s.selective_layers, checkpointed))
 
 
 def checkpointed_layers(counts: ModelCounts, s: TrainSettings) -> int:

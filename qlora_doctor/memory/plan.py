@@ -195,7 +195,9 @@ def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True,
                                     liger_described=liger_described)
     settings, auto_note = resolve_checkpoint_layers(
         counts, settings, None if recipe.distributed.strategy == "fsdp" else gpu_bytes)
-    notes += lever_notes(settings) + ([auto_note] if auto_note else [])
+    settings, selective_note = resolve_selective_layers(
+        counts, settings, None if recipe.distributed.strategy == "fsdp" else gpu_bytes)
+    notes += lever_notes(settings) + [n for n in (auto_note, selective_note) if n]
     return plan_for(counts, settings, name, gpu_bytes, model=m.name_or_path, extra_notes=tuple(notes))
 
 
@@ -223,6 +225,39 @@ def resolve_checkpoint_layers(counts: ModelCounts, s: TrainSettings,
     return resolved, (f"checkpoint_layers auto: {chosen} of {layers} layers recompute{how}, the fewest that keep the "
                       f"prediction ({total / GIB:.1f} GiB) within {AUTO_CHECKPOINT_SHARE:.0%} of the GPU's "
                       f"{gpu_bytes / GIB:.1f} GiB")
+
+
+def resolve_selective_layers(counts: ModelCounts, s: TrainSettings,
+                             gpu_bytes: int | None) -> tuple[TrainSettings, str | None]:
+    """`selective_layers: auto` decided (with recompute: selective): the most checkpointed layers (the first N)
+    that keep their outputs while the predicted total stays within AUTO_CHECKPOINT_SHARE of `gpu_bytes`; all
+    when that is unknown. Returns the settings and a note (None: nothing was `auto` or selective)."""
+    if s.selective_layers != "auto":
+        return s, None
+    checkpointed = checkpointed_layers(counts, s)
+    if s.recompute != "selective" or not checkpointed:
+        return replace(s, selective_layers="all"), None
+    if gpu_bytes is None:
+        return (replace(s, selective_layers="all"),
+                "selective_layers auto: every checkpointed layer keeps its outputs (no GPU memory to plan against)")
+    budget = AUTO_CHECKPOINT_SHARE * gpu_bytes
+    # Memory grows with each selective layer; the largest count that fits is the fastest that fits. Where
+    # something else already exceeds the budget (an evaluation batch's logits, a too-large micro-batch), selective
+    # layers may still take what hides under that peak: they make it no worse.
+    floor = estimate(counts, replace(s, selective_layers=0)).total_bytes
+    limit = max(budget, floor)
+    for chosen in range(checkpointed, -1, -1):
+        total = estimate(counts, replace(s, selective_layers=chosen)).total_bytes
+        if total <= limit:
+            break
+    resolved = replace(s, selective_layers="all" if chosen >= checkpointed else chosen)
+    if floor > budget:
+        return resolved, (f"selective_layers auto: {chosen} of {checkpointed} checkpointed layers keep their outputs, "
+                          f"the most that leave the prediction where it is without them ({floor / GIB:.1f} GiB, "
+                          f"above {AUTO_CHECKPOINT_SHARE:.0%} of the GPU's {gpu_bytes / GIB:.1f} GiB)")
+    return resolved, (f"selective_layers auto: {chosen} of {checkpointed} checkpointed layers keep their outputs, "
+                      f"the most that keep the prediction ({total / GIB:.1f} GiB) within {AUTO_CHECKPOINT_SHARE:.0%} "
+                      f"of the GPU's {gpu_bytes / GIB:.1f} GiB")
 
 
 def plan_for(counts: ModelCounts, settings: TrainSettings, gpu_name: str | None, gpu_bytes: int | None,

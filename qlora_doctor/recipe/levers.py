@@ -277,7 +277,7 @@ def decide_recompute(setting: str, checkpointing: bool, layers: str | int | floa
         return Lever("recompute", False, "full: checkpointed layers recompute everything")
     if not checkpointing:
         return Lever("recompute", False, "selective, but no layer is checkpointed")
-    which = "checkpointed layers" if layers == "all" else f"checkpointed layers (selective_layers: {layers})"
+    which = "checkpointed layers" if layers in ("all", "auto") else f"checkpointed layers (selective_layers: {layers})"
     return Lever("recompute", True, f"selective: {which} keep their q/k/v/o/down GEMM and attention "
                  "outputs (trainer/selective.py)")
 

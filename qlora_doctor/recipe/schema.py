@@ -423,11 +423,12 @@ class PerformanceSection(Section):
         "from its input. selective: it also keeps its q/k/v/o/down projections' 4-bit GEMM outputs and the "
         "attention output (about 0.44 GiB more per layer at 8 x 2048 tokens of Llama-3-8B), so only gate and up "
         "are recomputed (qlora_doctor/trainer/selective.py); not with torch_compile or FSDP.")
-    selective_layers: Union[Literal["all"], int, float] = Field(
-        default="all", description="With recompute: selective, which checkpointed layers keep those outputs: "
-        "`all`, a count (the first N checkpointed layers) or a fraction in (0, 1] of them; the others recompute "
-        "everything from their input. Fewer: less memory (about 0.44 GiB per layer at 8 x 2048 tokens of "
-        "Llama-3-8B), more recompute.")
+    selective_layers: Union[Literal["all", "auto"], int, float] = Field(
+        default="auto", description="With recompute: selective, which checkpointed layers keep those outputs: "
+        "`all`, a count (the first N checkpointed layers), a fraction in (0, 1] of them, or `auto`: the most that "
+        "keep the memory planner's prediction within 85% of the GPU (all on a CPU or when the GPU's memory is "
+        "unknown); the others recompute everything from their input. Fewer: less memory (about 0.56 GiB per "
+        "layer at 8 x 2048 tokens of Llama-3-8B), more recompute.")
     fp8_base: bool = Field(
         default=False, description="Run the frozen 4-bit base layers' GEMMs (the forward and the input gradient) "
         "in float8 through torchao (`pip install 'torchao>=0.18,<0.19'`) on GPUs with FP8 tensor cores (compute "
@@ -462,7 +463,7 @@ class PerformanceSection(Section):
                              "not supported (fp8_base compiles only its own float8 casts; compiling the whole model "
                              "around them and bitsandbytes' 4-bit weights is untested); set "
                              "`performance.torch_compile: false` or `performance.fp8_base: false`")
-        if self.selective_layers != "all" and self.recompute != "selective":
+        if self.selective_layers not in ("all", "auto") and self.recompute != "selective":
             raise ValueError(CROSS_FIELD_MARK + f"performance.selective_layers: {self.selective_layers} with "
                              "performance.recompute: full: only selective recompute keeps outputs; set "
                              "`performance.recompute: selective` or remove performance.selective_layers")
