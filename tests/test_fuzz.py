@@ -383,10 +383,14 @@ def test_explain_matches_known_rules_only_and_never_quotes_a_token(text):
 @FUZZ_FILES
 @given(content=st.one_of(st.binary(max_size=300), log_texts.map(lambda t: t.encode("utf-8", "surrogatepass"))))
 def test_explain_cli_on_any_file_exits_0_or_1(content):
+    """Any bytes: judged (0 or 1), or, when there is no text at all, exit 2 naming the file."""
     path = SCRATCH / "pasted.log"
     path.write_bytes(content)
     result = CliRunner().invoke(cli, ["explain", "--json", str(path)])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    if not content.decode("utf-8", "replace").strip():
+        assert result.exit_code == 2 and f"{path}: the text is empty" in result.output, result.output
+        return
     assert result.exit_code in (0, 1), result.output
     assert TOKEN not in result.output
     assert isinstance(json.loads(result.stdout)["matches"], list)

@@ -94,7 +94,15 @@ def _torch_pin(path: Path) -> str | None:
 # --- the tests ----------------------------------------------------------------------------------------------------
 
 def _id(case: dict[str, Any]) -> str:
-    return case["file"].removesuffix(".txt")
+    return case["file"].rsplit(".", 1)[0]
+
+
+PLAIN = (".json", ".yaml", ".yml")
+"""Hand-written descriptions (round 2): JSON carries no `# URL` line (index.toml names the thread); YAML does."""
+
+
+def _heading_ok(case: dict[str, Any], text: str) -> bool:
+    return case["file"].endswith(".json") or text.startswith(f"# {case['url']}\n")
 
 
 def _marks(case: dict[str, Any]):
@@ -108,7 +116,7 @@ def test_case_facts(case):
     from qlora_doctor.cli import cli
 
     path = CORPUS / case["file"]
-    assert path.read_text().startswith(f"# {case['url']}\n")
+    assert _heading_ok(case, path.read_text())
     result = CliRunner().invoke(cli, ["check", "--json", "--no-resolve", "--machine", str(path)])
     output = result.output + (result.stderr if result.stderr_bytes is not None else "")
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -124,15 +132,18 @@ def test_the_paste_reader_gets_every_case_right(case):
     """envreport.machine_facts on its own (what `--machine` uses for every paste but the nvidia-smi tables that
     sources/machine.py reads first), then the tables' fill-in, as `--machine` does."""
     from qlora_doctor.core.errors import InputError
-    from qlora_doctor.core.machine import machine_from_dict, read_machine_text
+    from qlora_doctor.core.machine import machine_from_dict, machine_from_text, read_machine_text
     from qlora_doctor.sources.envreport import machine_facts
     from qlora_doctor.sources.machine import fill_from_tables
 
     path = CORPUS / case["file"]
-    facts = machine_facts(read_machine_text(path))
-    assert facts is not None, "not recognised as a paste"
+    text = read_machine_text(path)
+    plain = path.suffix in PLAIN
+    facts = None if plain else machine_facts(text)
+    assert plain or facts is not None, "not recognised as a paste"
     try:
-        machine, exit_code, output = fill_from_tables(machine_from_dict(facts, str(path))).to_json(), 0, ""
+        described = machine_from_text(text, path) if plain else machine_from_dict(facts, str(path))
+        machine, exit_code, output = fill_from_tables(described).to_json(), 0, ""
     except InputError as err:
         machine, exit_code, output = None, 2, "\n".join(err.messages)
     scored = score(case, machine, exit_code, output, _torch_pin(path))
@@ -145,11 +156,24 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 25 <= len(CASES) <= 35 and len({c["file"] for c in CASES}) == len(CASES)
-    assert sorted(p.name for p in CORPUS.glob("*.txt")) == sorted(c["file"] for c in CASES)
+    assert 45 <= len(CASES) <= 65 and len({c["file"] for c in CASES}) == len(CASES)
+    files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
+    assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
     assert any(c.get("expect_error") for c in CASES) and any("mig" in c for c in CASES)
     assert any(c.get("gpu_count", 0) >= 8 for c in CASES)
+
+
+def test_round_two_covers_new_machines_and_layouts():
+    """Round 2 (cases 36 on): machines and layouts round 1 lacked, and hand-written descriptions."""
+    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 36]
+    names = " ".join(" ".join(c.get("gpus", [])) for c in later)
+    for gpu in ("P100", "Tesla P4", "H200", "GH200", "B200", "Orin", "A10G", "RTX 5080", "RTX 5090", "RTX 4090D",
+                "Tesla T4", "TITAN Xp", "RTX 6000D"):
+        assert gpu in names, gpu
+    assert 20 <= len(later) <= 30
+    assert sum(c["format"].startswith("plain") for c in later) >= 3
+    assert any(c.get("arch") == "aarch64" for c in later) and any(c.get("gpus_unnamed") for c in later)
 
 
 # --- scoring the corpus through the real CLI ------------------------------------------------------------------------
@@ -159,9 +183,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
 
 
-def score_corpus() -> dict[str, Any]:
+def score_corpus(first: int = 1) -> dict[str, Any]:
+    """Cases numbered `first` on (36: round 2's)."""
     cases: dict[str, Any] = {}
-    for case in CASES:
+    for case in [c for c in CASES if int(c["file"].split("-")[0]) >= first]:
         path = CORPUS / case["file"]
         check = _cli("check", "--machine", str(path), "--json")
         lock = _cli("lock", "--machine", str(path))
@@ -205,7 +230,7 @@ def _counts(values) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-if __name__ == "__main__":
-    result = score_corpus()
+if __name__ == "__main__":  # python tests/test_machine_corpus.py OUT.json [FIRST_CASE_NUMBER]
+    result = score_corpus(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
     Path(sys.argv[1]).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"], indent=1))

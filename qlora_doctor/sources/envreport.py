@@ -103,7 +103,8 @@ _AMD = re.compile(r"\b(?:AMD|Radeon|Instinct|gfx\d+)", re.I)
 def machine_facts(text: str) -> dict[str, Any] | None:
     """A machine description (the `--machine` format) from pasted text: nvidia-smi output (the table, `-q`/`-a`,
     `-L`, `--query-gpu` CSV), torch's collect_env (classic, or vLLM's `key : value` one) or a `transformers env`-
-    like bullet list (OS, arch, Python, libc, driver, GPUs). None when the text is none of these. A report that
+    like bullet list (OS, arch, Python, libc, driver, GPUs); failing those, `nvidia-container-cli info` or the GPU
+    lines of an ollama or SD.Next log. None when the text is none of these. A report that
     says nothing of the GPU comes back with `UNREAD` set, which `machine_from_dict` refuses, naming the file."""
     from qlora_doctor.core.machine import UNREAD, unpaste
 
@@ -119,7 +120,7 @@ def machine_facts(text: str) -> dict[str, Any] | None:
                             r"CUDA used to build PyTorch:|GPU models and configuration:)", text, re.M)
     hf_env = re.search(r"^-\s*(?:`?\w+`? version|Platform|Python version|GPU (?:type|model|name)?):", text, re.M)
     if not collect_env and not hf_env:
-        return None
+        return container_cli_facts(text) or log_facts(text)
     data: dict[str, Any] = {}
     platform_line = re.search(r"^(?:-\s*)?(?:Python )?[Pp]latform:\s*(\S+)", text, re.M)
     os_line = re.search(r"^OS:\s*(.+)$", text, re.M)
@@ -144,7 +145,8 @@ def machine_facts(text: str) -> dict[str, Any] | None:
     names = [n for n in re.findall(r"GPU \d+:\s*([^\n(]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
              if not _NOT_A_NAME.match(n.strip())]
     if not names and gpu_line and not _NOT_A_NAME.match(gpu_line.group(1).strip()):
-        names = [gpu_line.group(1).strip()]
+        # `GPU models and configuration: GPU 0: Orin (nvgpu)` (one GPU, on the heading's line)
+        names = [re.sub(r"^GPU \d+:\s*|\s*\((?:nvgpu|UUID[^)]*)\)\s*$", "", gpu_line.group(1).strip())]
     available = re.search(r"^(?:Is CUDA available:\s*(True|Yes|False|No)|"
                           r"-\s*PyTorch version \(GPU\?\):.*\((True|False)\))", text, re.M)
     available = (available.group(1) or available.group(2)).lower() in ("true", "yes") if available else None
@@ -220,6 +222,12 @@ def nvidia_smi_facts(text: str) -> dict[str, Any] | None:
             gpus = gpus * count
     if listing and not gpus:
         gpus = [{"name": name.strip()} for _, name in listing]
+    attached = re.search(r"^\s*Attached GPUs\s+:\s*(\d+)", text, re.M) if query else None
+    if attached and not gpus and 1 < int(attached.group(1)) <= 64:  # `-q -d MEMORY,...` prints no Product Name
+        count = int(attached.group(1))
+        notes.append(f"Attached GPUs: {count}, none named (`nvidia-smi -q -d ...` leaves the names out): {count} "
+                     "NVIDIA GPUs, not which")
+        gpus = [{"name": "NVIDIA GPU (the nvidia-smi output does not name it)"} for _ in range(count)]
     migs = re.findall(r"^\s+MIG (\d+)g\.(\d+)gb\s+Device\s+\d+:", text, re.M)
     if migs and len(gpus) == 1:
         slices, gb = len(migs), min(int(g) for _, g in migs)
@@ -231,8 +239,100 @@ def nvidia_smi_facts(text: str) -> dict[str, Any] | None:
         gpus = [{"name": "NVIDIA GPU (the nvidia-smi output does not name it)"}]
         notes.append("nvidia-smi's header alone: an NVIDIA GPU is there, but not which (paste the whole table)")
     data["gpus"] = gpus
+    data.update(_side_facts(text))
     if notes:
         data["notes"] = notes
+    return data
+
+
+def _side_facts(text: str) -> dict[str, str]:
+    """What a user typed beside the output, as `Key==value` lines (`Architecture==aarch64`, `OS==Linux`,
+    `Python==3.9.18`, as in pip's pin syntax): the facts the output itself does not say."""
+    out: dict[str, str] = {}
+    arch = re.search(r"^\s*(?:Architecture|Arch)\s*==\s*(aarch64|arm64|x86_64|amd64)\s*$", text, re.M | re.I)
+    if arch:
+        out["arch"] = {"arm64": "aarch64", "amd64": "x86_64"}.get(arch.group(1).lower(), arch.group(1).lower())
+    python = re.search(r"^\s*Python\s*==\s*(\d+\.\d+(?:\.\d+)?)\s*$", text, re.M | re.I)
+    if python:
+        out["python"] = python.group(1)
+    system = re.search(r"^\s*OS\s*==\s*(Linux|Windows)\b", text, re.M | re.I)
+    if system:
+        out["os"] = system.group(1).lower()
+    return out
+
+
+def container_cli_facts(text: str) -> dict[str, Any] | None:
+    """`nvidia-container-cli info` (nvidia-docker's bug template): `NVRM version` (the driver), `CUDA version`
+    and a `Model:` / `Architecture:` (compute capability) block per device. None when it is not that."""
+    driver = re.search(r"^\s*NVRM version:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
+    models = re.findall(r"^\s*Model:\s*(.+?)\s*$", text, re.M)
+    if not driver or not models:
+        return None
+    archs = re.findall(r"^\s*Architecture:\s*(\d+\.\d+)\s*$", text, re.M)
+    data: dict[str, Any] = {"driver_version": driver.group(1)}
+    cuda = re.search(r"^\s*CUDA version:\s*(\d+\.\d+)", text, re.M)
+    if cuda:
+        data["cuda_driver_version"] = cuda.group(1)
+    data["gpus"] = [{"name": m, **({"compute_capability": archs[i]} if len(archs) == len(models) else {})}
+                    for i, m in enumerate(models)]
+    return data
+
+
+def log_facts(text: str) -> dict[str, Any] | None:
+    """GPU lines of the `key=value` logs people paste: ollama's `msg="inference compute" ... compute=8.9
+    driver=12.3 name="NVIDIA GeForce RTX 4080" total="15.7 GiB"` (its `driver` is the driver's CUDA version; the
+    driver itself is in `libcuda.so.545.23.08`) and SD.Next's `device=NVIDIA GeForce RTX 5090 n=1 ...
+    capability=(12, 0) ... driver=576.02`. None when the text has neither."""
+    ollama = [m for m in re.finditer(r'msg="inference compute"(.*)$', text, re.M) if "library=cuda" in m.group(1)]
+    if ollama:
+        gpus, seen, cuda = [], set(), None
+        totals = re.findall(r"CUDA totalMem (\d+) ?mb", text, re.I)
+        for m in ollama:
+            line = m.group(1)
+            ident = re.search(r"\bid=(\S+)", line)
+            if ident and ident.group(1) in seen:
+                continue
+            seen.add(ident.group(1) if ident else len(seen))
+            name = re.search(r'\bname="([^"]+)"', line)
+            gpu: dict[str, Any] = {"name": name.group(1) if name else "NVIDIA GPU (the log does not name it)"}
+            cc = re.search(r"\bcompute=(\d+\.\d+)", line)
+            if cc:
+                gpu["compute_capability"] = cc.group(1)
+            total = re.search(r'\btotal="([\d.]+) GiB"', line)
+            if len(totals) == len(ollama):
+                gpu["memory_total_mib"] = int(totals[len(gpus)])
+            elif total:
+                gpu["memory_total_mib"] = int(float(total.group(1)) * 1024)
+            gpus.append(gpu)
+            cuda = cuda or re.search(r"\bdriver=(\d+\.\d+)\b", line)
+        data: dict[str, Any] = {"gpus": gpus}
+        if cuda:
+            data["cuda_driver_version"] = cuda.group(1)
+        lib = re.search(r"libcuda\.so\.(\d{3}\.\d+(?:\.\d+)?)", text)
+        if lib:
+            data["driver_version"] = lib.group(1)
+        return data
+    device = re.search(r"\bdevice=(.+?) n=(\d+)\b(.*(?:\n\s+\S+=.*)?)", text)
+    if not device:
+        return None
+    rest = device.group(3)
+    gpu = {"name": device.group(1).strip()}
+    cc = re.search(r"capability=\((\d+), ?(\d+)\)", rest)
+    if cc:
+        gpu["compute_capability"] = f"{cc.group(1)}.{cc.group(2)}"
+    data = {"gpus": [gpu] * int(device.group(2)) if 0 < int(device.group(2)) <= 64 else [gpu]}
+    driver = re.search(r"\bdriver=(\d{3}\.\d+(?:\.\d+)?)\b", rest)
+    if driver:
+        data["driver_version"] = driver.group(1)
+    system = re.search(r"\bsystem=(Windows|Linux|Darwin)\b", text)
+    if system:
+        data["os"] = system.group(1).lower()
+    python = re.search(r"\bpython=(\d+\.\d+\.\d+)\b", text)
+    if python:
+        data["python"] = python.group(1)
+    arch = re.search(r"\barch=(AMD64|x86_64|aarch64|arm64)\b", text)
+    if arch:
+        data["arch"] = {"AMD64": "x86_64", "arm64": "aarch64"}.get(arch.group(1), arch.group(1))
     return data
 
 
