@@ -482,3 +482,24 @@ def test_pip_is_handed_every_manylinux_tag_the_machines_glibc_loads():
     assert pip_platforms(machine_from_dict({**CPU, "os": "windows"}, "m")) == ["win_amd64"]
     argv = pip_argv(Path("r.txt"), machine_from_dict({**CPU, "python": "3.9.0", "libc": "glibc 2.31"}, "m"), None, None)
     assert argv.count("--platform") == len(pip_platforms(linux("glibc 2.31"))) and "--only-binary=:all:" in argv
+
+
+def test_a_lock_of_a_local_torch_build_releases_that_builds_cuda_library_pins(tmp_path):
+    """Corpus case 112 (open-instruct's uv export): torch==2.9.0+cu129 beside the exact CUDA libraries of that build
+    (nvidia-cufile-cu12==1.14.1.1); PyPI's torch 2.9.0, resolved in its place, needs 1.13.1.3, so those pins go
+    to the resolver unversioned (markers kept), said once; other pins stay."""
+    from qlora_doctor.sources.reqfile import prepare_requirements
+
+    req = tmp_path / "requirements.txt"
+    req.write_text("torch==2.9.0+cu129 ; platform_machine == 'x86_64' and sys_platform == 'linux'\n"
+                   "nvidia-cufile-cu12==1.14.1.1 ; platform_machine == 'x86_64' and sys_platform == 'linux'\n"
+                   "nvidia-cublas-cu12==12.9.1.4\nnumpy==2.2.6\n")
+    prepared = prepare_requirements(req, machine_from_dict(CPU, "cpu"), reachable=only_pypi)
+    lines = prepared.text.splitlines()
+    assert "nvidia-cufile-cu12 ; platform_machine == 'x86_64' and sys_platform == 'linux'" in lines
+    assert "nvidia-cublas-cu12" in lines and "numpy==2.2.6" in lines
+    assert any("2 exact pins of CUDA libraries" in s for s in prepared.substitutions)
+    plain = tmp_path / "plain.txt"  # no local build substituted: a pinned CUDA library is the user's pin
+    plain.write_text("torch==2.9.0\nnvidia-cufile-cu12==1.14.1.1\n")
+    assert "nvidia-cufile-cu12==1.14.1.1" in prepare_requirements(plain, machine_from_dict(CPU, "cpu"),
+                                                                  reachable=only_pypi).text

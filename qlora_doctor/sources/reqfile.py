@@ -182,6 +182,8 @@ class _Reader:
         self.errors: list[str] = []
         self.unresolved: dict[str, str | None] = {}
         self.torch_builds: dict[str, str] = {}
+        self.local_torch_resolved = False
+        """A torch-family `+cuXXX` pin was resolved as PyPI's release (its CUDA library pins are then released)."""
         self.index_variant: str | None = None
         self.primary: str | None = None
         self.pytorch_index_kept = False
@@ -282,6 +284,7 @@ class _Reader:
                 spec = local[0]
                 public, tag = spec.version.split("+", 1)
                 self.torch_builds[name] = tag
+                self.local_torch_resolved = True
                 self.subs.append(f"{where}: {req.name}{spec}: PyPI serves {public} (local builds live on "
                                  f"download.pytorch.org); resolved {public} and kept {tag} as the build")
                 self.lines.append(str(req).replace(str(spec), f"=={public}"))
@@ -320,6 +323,26 @@ class _Reader:
             self.unresolved[name] = version
 
 
+_CUDA_LIBRARY_PIN = re.compile(r"^(nvidia-[A-Za-z0-9_.-]+)\s*===?\s*[^\s;]+")
+"""An exact pin of one of the CUDA libraries a torch build depends on (`nvidia-cublas-cu12==12.9.1.4`)."""
+
+
+def _release_cuda_library_pins(reader: _Reader) -> None:
+    """A lock written for torch's `+cuXXX` build pins that build's CUDA libraries exactly; PyPI's torch of the same
+    release, resolved in its place, needs its own (pin-set case 112: torch 2.9.0+cu129 beside nvidia-cufile-cu12
+    1.14.1.1, where PyPI's 2.9.0 requires 1.13.1.3). Those pins are left to the resolver, said in one line."""
+    released = []
+    for i, line in enumerate(reader.lines):
+        match = _CUDA_LIBRARY_PIN.match(line)
+        if match:
+            reader.lines[i] = match.group(1) + line[match.end():]
+            released.append(match.group(1))
+    if released:
+        reader.subs.append(f"{len(released)} exact pins of CUDA libraries ({', '.join(released[:3])}"
+                           f"{', ...' if len(released) > 3 else ''}) belong to torch's local build: left to the "
+                           "resolver, which picks what PyPI's torch of that release needs")
+
+
 def prepare_requirements(path: Path, machine: Machine,
                          reachable: Callable[[str, int], bool] = host_reachable) -> Prepared:
     """The file ready for the resolver on `machine`; InputError listing every malformed line (file:line)."""
@@ -335,6 +358,8 @@ def prepare_requirements(path: Path, machine: Machine,
     if reader.index_variant and not reader.pytorch_index_kept:
         for name in TORCH_FAMILY:
             reader.torch_builds.setdefault(name, reader.index_variant)
+    if reader.local_torch_resolved:
+        _release_cuda_library_pins(reader)
     return Prepared("\n".join(reader.lines) + "\n", tuple(reader.subs), reader.unresolved, reader.torch_builds,
                     reader.index_variant, reader.primary)
 
