@@ -234,6 +234,23 @@ def test_guarded_imports_are_skipped_and_ranges_follow_the_releases():
     assert runs(versions, {versions[1], versions[2]}, open_low=False, open_high=True) == [">=1.1,<2.0"]
     assert runs(versions, {versions[0], versions[3]}, open_low=True, open_high=True) == ["<1.1", ">=2.0"]
     assert runs(versions, set(versions), open_low=True, open_high=True) == [""]
+    # a package read at the last patch of each minor (gradio): the next read release stands for its whole minor,
+    # so the run ends where that minor starts (gradio 6.0.0/6.0.1 were never read; pin-set case 110)
+    read = [Version(v) for v in ("4.0.2", "5.46.1", "6.0.2", "6.1.0")]
+    assert runs(read, {read[1]}, open_low=False, open_high=True, whole_minors=True) == [">=5.46.1,<6.0"]
+    assert runs(read, {read[1]}, open_low=False, open_high=True) == [">=5.46.1,<6.0.2"]
+
+
+def test_shipped_gradio_facts_end_where_the_next_read_minor_starts():
+    """imports.json as the harvester writes it now: no gradio range ends inside a minor it did not read."""
+    import json
+
+    from qlora_doctor.knowledge.loading import DATA_DIR
+
+    data = json.loads((DATA_DIR / "computed" / "imports.json").read_text())
+    highs = [part for fact in data["imports"] + data.get("floors", []) if fact["importer"] == "gradio"
+             for spec in fact["importer_versions"] for part in spec.split(",") if part.startswith("<")]
+    assert highs and all(part.count(".") == 1 for part in highs), highs
 
 
 # --- end to end, on PyPI -----------------------------------------------------------------------

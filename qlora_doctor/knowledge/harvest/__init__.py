@@ -27,6 +27,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from qlora_doctor.knowledge.harvest.facts import LAST_PATCH_ONLY
 from qlora_doctor.knowledge.harvest.analyze import (
     Code,
     Defines,
@@ -71,8 +72,8 @@ METADATA_ONLY = ("bitsandbytes", "torch", "triton", "numpy", "pyarrow", "torchvi
 are what QLoRA files pin beside the stack: without them the offline resolver (sources/snapshot.py) cannot see
 the torch they hold a stack to."""
 
-LAST_PATCH_ONLY = ("gradio",)
-"""Read the last patch of each minor release only (gradio's wheels are ~40 MB and it has ~250 releases)."""
+# LAST_PATCH_ONLY (harvest/facts.py): read the last patch of each minor release only (gradio's wheels are ~40 MB
+# and it has ~250 releases); the facts' ranges then end where the next read minor starts (facts.runs).
 
 DEFAULT_PACKAGES = tuple(dict.fromkeys((*ENTRIES, *TARGETS, *METADATA_ONLY)))
 

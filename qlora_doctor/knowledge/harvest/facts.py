@@ -19,13 +19,20 @@ from packaging.version import Version
 
 from qlora_doctor.core.fileio import write_atomic
 
+LAST_PATCH_ONLY = ("gradio",)
+"""Importers read at the last patch of each minor only (harvest/__init__.py selects them so)."""
+
 SCHEMA = 1
 REQUIRES_GZIP_ABOVE = 2_000_000
 """requires.json is shipped gzipped (requires.json.gz) when larger than this."""
 
 
-def runs(ordered: list[Version], members: set[Version], open_low: bool, open_high: bool) -> list[str]:
-    """Specifiers covering the runs of `members` in `ordered`: each run up to the next non-member."""
+def runs(ordered: list[Version], members: set[Version], open_low: bool, open_high: bool,
+         whole_minors: bool = False) -> list[str]:
+    """Specifiers covering the runs of `members` in `ordered`: each run up to the next non-member. With
+    `whole_minors` (a package read at the last patch of each minor only, LAST_PATCH_ONLY) the next non-member
+    stands for its whole minor, so a run ends where that minor starts: `<6.0`, not `<6.0.2`, since 6.0.0 and
+    6.0.1 were never read (gradio -> gradio_client.cli, pin-set case 110)."""
     specs, i = [], 0
     while i < len(ordered):
         if ordered[i] not in members:
@@ -35,7 +42,9 @@ def runs(ordered: list[Version], members: set[Version], open_low: bool, open_hig
         while j + 1 < len(ordered) and ordered[j + 1] in members:
             j += 1
         low = "" if i == 0 and open_low else f">={ordered[i]}"
-        high = f"<{ordered[j + 1]}" if j + 1 < len(ordered) else ("" if open_high else f"<={ordered[j]}")
+        nxt = ordered[j + 1] if j + 1 < len(ordered) else None
+        bound = f"{nxt.major}.{nxt.minor}" if nxt is not None and whole_minors else str(nxt)
+        high = f"<{bound}" if nxt is not None else ("" if open_high else f"<={ordered[j]}")
         specs.append(",".join(p for p in (low, high) if p))
         i = j + 1
     return specs
@@ -66,7 +75,8 @@ def import_facts(sites: dict, defines: dict) -> list[dict]:
             missing_module = {v for v in targets if answers[v].get((module, "<module>")) is False}
             fact = {
                 "importer": importer,
-                "importer_versions": runs(importer_versions, set(where), open_low=False, open_high=True),
+                "importer_versions": runs(importer_versions, set(where), open_low=False, open_high=True,
+                                          whole_minors=importer in LAST_PATCH_ONLY),
                 "target": target,
                 "module": module,
                 "name": name,
@@ -94,7 +104,8 @@ def floor_facts(floors: dict, requires: dict) -> list[dict]:
             first = where[min(where)]
             facts.append({
                 "importer": importer,
-                "importer_versions": runs(ordered, set(where), open_low=False, open_high=True),
+                "importer_versions": runs(ordered, set(where), open_low=False, open_high=True,
+                                          whole_minors=importer in LAST_PATCH_ONLY),
                 "target": target,
                 "minimum": minimum,
                 "how": first.how,
