@@ -21,8 +21,6 @@ def performance_check(run: RunPlan, machine: Machine | None = None) -> Check:
     warn: a lever set to `true` cannot be used; fail: `fp8_base: true` cannot be (no FP8 tensor cores, no
     torchao); pass otherwise (an `auto` lever that stays off is said). The numerics trade of fp8_base is the
     recipe rule fp8-base-numerics (knowledge/data/recipe_rules.toml)."""
-    from qlora_doctor.recipe.levers import cudnn_gated
-
     plan = run.levers
     perf = run.recipe.performance
     on = [lever.name for lever in plan.levers() if lever.on]
@@ -36,7 +34,7 @@ def performance_check(run: RunPlan, machine: Machine | None = None) -> Check:
     detail = "on: " + (", ".join(on) or "none")
     if plan.offload_checkpoints.on:  # a trade the recipe opted into: say what it does
         detail += f"; offload_checkpoints: {plan.offload_checkpoints.reason}"
-    if cudnn_gated(plan):  # on, with the calls a knowledge-base rule names sent elsewhere: say which
+    if plan.cudnn_gate:  # on, with the calls a knowledge-base rule names sent elsewhere: say which
         detail += f"; cudnn_attention: {plan.cudnn_attention.reason}"
     if auto_off:
         detail += "; auto and off: " + "; ".join(f"{lever.name} ({lever.reason})" for lever in auto_off)

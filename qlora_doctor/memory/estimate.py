@@ -143,9 +143,9 @@ class TrainSettings:
     upcast_unquantized: bool = True
     """Non-4-bit weights in float32 (peft's prepare); false: in the compute dtype. Only with load_in_4bit."""
     checkpoint_layers: str | int | float = "all"
+    """With gradient_checkpointing: `all`, the first N layers, or a fraction of them (speed.checkpointed_indices)."""
     selective_layers: str | int | float = "all"
     """With recompute selective: which of the checkpointed layers keep outputs (levers.checkpointed_indices rule)."""
-    """With gradient_checkpointing: `all`, the first N layers, or a fraction of them (speed.checkpointed_indices)."""
     recompute: str = "full"
     """`full`: a checkpointed layer keeps only its input; `selective`: also the outputs of the ops
     trainer/selective.py keeps (activations.selective_kept_per_token)."""

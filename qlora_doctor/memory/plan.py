@@ -216,15 +216,23 @@ def resolve_checkpoint_layers(counts: ModelCounts, s: TrainSettings,
                 "checkpoint_layers auto: all layers recompute (no GPU memory to plan against, or FSDP)")
     budget = AUTO_CHECKPOINT_SHARE * gpu_bytes
     # Memory falls as more layers recompute; the first count that fits is the fastest that fits.
-    for chosen in range(layers + 1):
-        total = estimate(counts, replace(s, checkpoint_layers=chosen)).total_bytes
-        if total <= budget:
-            break
+    chosen, total = _first_within(counts, s, "checkpoint_layers", range(layers + 1), budget)
     resolved = replace(s, checkpoint_layers="all" if chosen >= layers else chosen)
     how = " (selective)" if s.recompute == "selective" else ""
     return resolved, (f"checkpoint_layers auto: {chosen} of {layers} layers recompute{how}, the fewest that keep the "
                       f"prediction ({total / GIB:.1f} GiB) within {AUTO_CHECKPOINT_SHARE:.0%} of the GPU's "
                       f"{gpu_bytes / GIB:.1f} GiB")
+
+
+def _first_within(counts: ModelCounts, s: TrainSettings, field: str, candidates: range,
+                  limit: float) -> tuple[int, int]:
+    """The first of `candidates` for settings `field` whose predicted total is within `limit` (else the last),
+    with that total: the search both `auto` layer choices make."""
+    for chosen in candidates:
+        total = estimate(counts, replace(s, **{field: chosen})).total_bytes
+        if total <= limit:
+            break
+    return chosen, total
 
 
 def resolve_selective_layers(counts: ModelCounts, s: TrainSettings,
@@ -245,11 +253,7 @@ def resolve_selective_layers(counts: ModelCounts, s: TrainSettings,
     # something else already exceeds the budget (an evaluation batch's logits, a too-large micro-batch), selective
     # layers may still take what hides under that peak: they make it no worse.
     floor = estimate(counts, replace(s, selective_layers=0)).total_bytes
-    limit = max(budget, floor)
-    for chosen in range(checkpointed, -1, -1):
-        total = estimate(counts, replace(s, selective_layers=chosen)).total_bytes
-        if total <= limit:
-            break
+    chosen, total = _first_within(counts, s, "selective_layers", range(checkpointed, -1, -1), max(budget, floor))
     resolved = replace(s, selective_layers="all" if chosen >= checkpointed else chosen)
     if floor > budget:
         return resolved, (f"selective_layers auto: {chosen} of {checkpointed} checkpointed layers keep their outputs, "

@@ -37,7 +37,7 @@ from qlora_doctor.core.environment import TRAINING_NEEDS, WATCHED, Environment
 from qlora_doctor.sources.requirements import parse_requirements
 from qlora_doctor.core.errors import CheckFailed, InputError
 from qlora_doctor.core.fileio import write_atomic
-from qlora_doctor.matrix.records import Record, parse_platform
+from qlora_doctor.matrix.records import PlatformParts, Record, parse_platform
 
 NEWEST_ORDER = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
 NOT_LOCKED = ("pip", "setuptools", "wheel", "qlora-doctor")
@@ -541,8 +541,7 @@ def gpu_plan_from_cpu_record(records: tuple[Record, ...], machine: Machine, pyth
     build chosen for the driver and GPU (choose_torch_build), break no rule."""
     cpu = [r for r in records if r.works and r.expect == "pass" and _is_cpu_record(r, machine, python)]
     if not cpu:
-        platforms = {parse_platform(r.platform) for r in records if r.works and r.expect == "pass"
-                     and _parses(r.platform)}
+        platforms = {p for r in records if r.works and r.expect == "pass" for p in [_platform(r)] if p}
         if not any(p.os == machine.os and p.arch == machine.arch for p in platforms):
             tested = sorted({f"{p.os} {p.arch}" for p in platforms})
             raise CheckFailed(f"no passing record for {machine.os} {machine.arch} (the tested ones: "
@@ -611,18 +610,16 @@ def lockfile_for_gpu_from_cpu_record(records: tuple[Record, ...], machine: Machi
     return Lockfile(plan.pins, (TORCH_INDEX.format(variant=plan.variant),), header)
 
 
-def _parses(platform: str) -> bool:
+def _platform(record: Record) -> PlatformParts | None:
     try:
-        parse_platform(platform)
+        return parse_platform(record.platform)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _is_cpu_record(record: Record, machine: Machine, python: str) -> bool:
-    try:
-        p = parse_platform(record.platform)
-    except ValueError:
+    p = _platform(record)
+    if p is None:
         return False
     return p.cuda is None and p.os == machine.os and p.arch == machine.arch and p.python == python \
         and "torch" in record.freeze

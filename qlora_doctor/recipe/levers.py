@@ -46,7 +46,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qlora_doctor.core.hazards import AttentionHazard, scoped
+from qlora_doctor.core.hazards import AttentionHazard, AttentionScope, scoped
 
 if TYPE_CHECKING:
     from qlora_doctor.recipe.precision import Precision
@@ -102,6 +102,9 @@ class SpeedPlan:
     """The checkpointed layers' saved inputs in host memory (trainer/offload.py)."""
     cudnn_hazards: tuple[AttentionHazard, ...] | None = None
     """The knowledge-base rules the cuDNN decision was made on (None: not looked up)."""
+    cudnn_gate: tuple[AttentionScope, ...] = ()
+    """With cuDNN attention on (auto, every firing rule scoped): the calls sent to the other kernels
+    (trainer/speed.py gate_cudnn_attention); () for no gate."""
 
     def levers(self) -> list[Lever]:
         return [self.upcast_unquantized, self.checkpointing, self.recompute, self.offload_checkpoints,
@@ -188,14 +191,16 @@ def decide_liger(setting: Any, device: str, model_type: str | None, described: b
     return Lever("liger_kernel", False, problem)
 
 
-CUDNN_GATED = "on, except "
-"""How the cudnn_attention lever's reason starts when cuDNN stays on and the calls scoped rules name are routed
-to the other kernels (trainer/speed.py gate_cudnn_attention)."""
-
-
 def cudnn_gated(plan: SpeedPlan) -> bool:
     """cuDNN attention on with scoped rules' calls routed elsewhere (auto, every firing rule scoped)."""
-    return plan.cudnn_attention.on and plan.cudnn_attention.reason.startswith(CUDNN_GATED) and scoped(plan.cudnn_hazards)
+    return bool(plan.cudnn_gate)
+
+
+def cudnn_gate(setting: Any, device: str, hazards: tuple[AttentionHazard, ...] | None) -> tuple[AttentionScope, ...]:
+    """The calls to route away from cuDNN: where `auto` keeps it on because every firing rule is scoped."""
+    if setting == "auto" and device == "cuda" and scoped(hazards):
+        return tuple(h.scope for h in hazards or () if h.scope)
+    return ()
 
 
 def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[AttentionHazard, ...] | None) -> Lever:
@@ -207,8 +212,8 @@ def decide_cudnn_attention(setting: Any, device: str, hazards: tuple[AttentionHa
     if setting is True:
         return Lever("cudnn_attention", True, "on in the recipe" + (
             f", despite the knowledge base ({'; '.join(map(str, hazards))})" if hazards else ""))
-    if hazards and scoped(hazards):
-        return Lever("cudnn_attention", True, CUDNN_GATED + "; ".join(
+    if cudnn_gate(setting, device, hazards):
+        return Lever("cudnn_attention", True, "on, except " + "; ".join(
             f"{h.scope.describe()} ({h.text.split(':', 1)[0]}), which run the flash/efficient kernels"
             for h in hazards if h.scope))
     if hazards:
@@ -267,7 +272,8 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
                      fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
                      cudnn_attention=decide_cudnn_attention(perf.cudnn_attention, precision.device, cudnn_hazards),
                      fp8_base=decide_fp8_base(perf.fp8_base, precision, torchao_described),
-                     cudnn_hazards=cudnn_hazards)
+                     cudnn_hazards=cudnn_hazards,
+                     cudnn_gate=cudnn_gate(perf.cudnn_attention, precision.device, cudnn_hazards))
 
 
 def decide_recompute(setting: str, checkpointing: bool, layers: str | int | float = "all") -> Lever:

@@ -51,10 +51,10 @@ OFFLINE_ENV = ("UV_OFFLINE", "QLORA_DOCTOR_OFFLINE")
 _PASS_THROUGH = {"--pre", "--no-index", "--prefer-binary", "--trusted-host", "--no-binary", "--only-binary",
                  "--use-feature", "--require-hashes"}
 """pip options that change no package name: handed to the resolver as written."""
-_PER_LINE = re.compile(r"\s+(--hash[= ]\S+|(?:-C|--config-settings)[= ]\S+|--global-option[= ]\S+"
-                       r"|--install-option[= ]\S+)")
-_BUILD_OPTIONS = re.compile(r"\s+((?:-C|--config-settings)[= ](?:\"[^\"]*\"|'[^']*'|\S+)"
-                            r"|--(?:global|install)-option[= ](?:\"[^\"]*\"|'[^']*'|\S+))")
+_BUILD_OPTION = r"(?:-C|--config-settings|--global-option|--install-option)[= ](?:\"[^\"]*\"|'[^']*'|\S+)"
+_PER_LINE = re.compile(rf"\s+(--hash[= ]\S+|{_BUILD_OPTION})")
+"""Per-requirement options: none names a package."""
+_BUILD_OPTIONS = re.compile(rf"\s+({_BUILD_OPTION})")
 """Per-requirement build options (`-C cmake.args=...`): they change how a package builds, not which version
 resolves, and uv does not read them in a requirements file; dropped from the resolver's line (hashes stay)."""
 _LOCAL_CUDA = re.compile(r"^(?:cu\d+|cpu|rocm[\d.]+|xpu)$")
@@ -278,25 +278,20 @@ class _Reader:
             _, version = name_from_url(req.url)
             self.url_requirement(path, where, name, version, req.url)
             return
-        if name in TORCH_FAMILY and not self.pytorch_index_kept:
-            local = [s for s in req.specifier if s.operator in ("==", "===") and "+" in s.version]
-            if local:
-                spec = local[0]
-                public, tag = spec.version.split("+", 1)
+        local = next((s for s in req.specifier if s.operator in ("==", "===") and "+" in s.version), None)
+        if local is not None and not self.pytorch_index_kept:
+            public, tag = local.version.split("+", 1)
+            if name in TORCH_FAMILY:
                 self.torch_builds[name] = tag
                 self.local_torch_resolved = True
-                self.subs.append(f"{where}: {req.name}{spec}: PyPI serves {public} (local builds live on "
+                self.subs.append(f"{where}: {req.name}{local}: PyPI serves {public} (local builds live on "
                                  f"download.pytorch.org); resolved {public} and kept {tag} as the build")
-                self.lines.append(str(req).replace(str(spec), f"=={public}"))
+            elif _LOCAL_CUDA.match(tag):
+                self.subs.append(f"{where}: {req.name}{local}: PyPI serves {public} (the {tag} build lives on "
+                                 f"download.pytorch.org); resolved {public}")
+            if name in TORCH_FAMILY or _LOCAL_CUDA.match(tag):
+                self.lines.append(str(req).replace(str(local), f"=={public}"))
                 return
-        local = [s for s in req.specifier if s.operator in ("==", "===") and "+" in s.version]
-        if local and _LOCAL_CUDA.match(local[0].version.split("+", 1)[1]) and not self.pytorch_index_kept:
-            spec = local[0]
-            public = spec.version.split("+", 1)[0]
-            self.subs.append(f"{where}: {req.name}{spec}: PyPI serves {public} (the {spec.version.split('+', 1)[1]} "
-                             f"build lives on download.pytorch.org); resolved {public}")
-            self.lines.append(str(req).replace(str(spec), f"=={public}"))
-            return
         self.lines.append(_BUILD_OPTIONS.sub("", f" {line}").strip() if not editable else bare)
 
     def url_requirement(self, path: Path, where: str, name: str | None, version: str | None, url: str) -> None:

@@ -13,7 +13,7 @@ import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 from qlora_doctor.core.hazards import AttentionScope
-from qlora_doctor.recipe.levers import Lever, checkpointed_indices, cudnn_gated
+from qlora_doctor.recipe.levers import Lever, checkpointed_indices
 
 if TYPE_CHECKING:
     from qlora_doctor.recipe.levers import SpeedPlan
@@ -28,8 +28,8 @@ def apply_process_settings(plan: SpeedPlan, device: str) -> None:
 
     if not plan.cudnn_attention.on:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    elif cudnn_gated(plan):
-        gate_cudnn_attention(tuple(h.scope for h in plan.cudnn_hazards or () if h.scope))
+    elif plan.cudnn_gate:
+        gate_cudnn_attention(plan.cudnn_gate)
 
 
 def gate_cudnn_attention(scopes: tuple[AttentionScope, ...]) -> Callable[[], None]:
@@ -52,7 +52,7 @@ def gate_cudnn_attention(scopes: tuple[AttentionScope, ...]) -> Callable[[], Non
     @functools.wraps(original)
     def scaled_dot_product_attention(query: Any, key: Any, value: Any, attn_mask: Any = None, *args: Any,
                                      **kwargs: Any) -> Any:
-        if cudnn_bitten(scopes, key.shape[-2], attn_mask is not None):
+        if any(scope.bites(key.shape[-2], attn_mask is not None) for scope in scopes):
             with sdpa_kernel(others):
                 return original(query, key, value, attn_mask, *args, **kwargs)
         return original(query, key, value, attn_mask, *args, **kwargs)
@@ -65,10 +65,6 @@ def gate_cudnn_attention(scopes: tuple[AttentionScope, ...]) -> Callable[[], Non
 
     return undo
 
-
-def cudnn_bitten(scopes: tuple[AttentionScope, ...], key_length: int, has_mask: bool) -> bool:
-    """Whether an attention call of this key length, with or without an explicit mask, is one a scope names."""
-    return any(scope.bites(key_length, has_mask) for scope in scopes)
 
 
 # --- applying to the model ------------------------------------------------------------------------
