@@ -56,6 +56,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                  intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, head_dim=64),
 }
 
+BENCH_ONLY_CACHE_ON_GPU = "_selective_cache_on_gpu"
+"""A variant key that is not a recipe setting: trainer/offload.py's OFFLOAD_SELECTIVE_CACHE off for that variant."""
+
 # Ablation: `performance:` settings of recipe variants (b). "baseline" is the plain path (a).
 ALL_OFF = dict(upcast_unquantized=True, liger_kernel=False, fused_lora=False, padding_free=False,
                group_by_length=False, checkpoint_layers="all")
@@ -91,6 +94,10 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # selective recompute on the first 3/4 or half of the (offloaded) checkpointed layers, full on the rest
     "fast_selective_offload_0.75": {"recompute": "selective", "selective_layers": 0.75, "offload_checkpoints": True},
     "fast_selective_offload_0.5": {"recompute": "selective", "selective_layers": 0.5, "offload_checkpoints": True},
+    # as fast_selective_offload, but the selective layers' kept outputs stay on the GPU (only the inputs move):
+    # what offload_checkpoints did before it moved the kept outputs too (trainer/offload.py OFFLOAD_SELECTIVE_CACHE)
+    "fast_selective_offload_inputs": {"recompute": "selective", "offload_checkpoints": True,
+                                      BENCH_ONLY_CACHE_ON_GPU: True},
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]
@@ -362,7 +369,11 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
     from qlora_doctor.trainer.collate import make_collator
     from qlora_doctor.trainer.model import load_for_training
 
+    from qlora_doctor.trainer import offload
+
     precision = precision_for(device)
+    performance = dict(performance)
+    offload.OFFLOAD_SELECTIVE_CACHE = not performance.pop(BENCH_ONLY_CACHE_ON_GPU, False)
     recipe = make_recipe(model_path, performance, work, batch, seq, steps, optim, lr, logging_steps)
     hazards: tuple[Any, ...] = ()
     if device == "cuda":

@@ -86,19 +86,31 @@ def test_check_recipe_states_the_lever(tmp_path):
 def test_the_planner_moves_the_checkpointed_inputs_off_the_gpu():
     from dataclasses import replace
 
-    from qlora_doctor.memory.estimate import OFFLOAD_RESIDENT_LAYERS, TrainSettings, estimate
+    from qlora_doctor.memory import activations
+    from qlora_doctor.memory.estimate import (OFFLOAD_RESIDENT_CACHES, OFFLOAD_RESIDENT_LAYERS, TrainSettings,
+                                              estimate, offload_host_bytes)
     from qlora_doctor.memory.model import count_parameters
     from qlora_doctor.recipe.builtin import builtin_config
 
     counts = count_parameters(builtin_config("builtin:smollm2-135m-instruct"))
     base = TrainSettings(micro_batch=8, seq_len=2048, upcast_unquantized=False, fused_lora=True, lora_dropout=0.0)
     layer_input = counts.hidden_size * 2 * base.tokens  # bf16 residual stream
+    kept = activations.selective_kept_per_token(counts, 2) * base.tokens  # a selective layer's kept outputs
     for settings in (base, replace(base, recompute="selective"), replace(base, checkpoint_layers=10)):
         plain, offloaded = estimate(counts, settings), estimate(counts, replace(settings, offload_checkpoints=True))
         checkpointed = 10 if settings.checkpoint_layers == 10 else counts.num_layers
         saved = plain.peak_allocated_bytes - offloaded.peak_allocated_bytes
-        # at most every checkpointed input but the resident ones (the first layer's and the double buffer)
-        assert 0 < saved <= (checkpointed - OFFLOAD_RESIDENT_LAYERS) * layer_input, settings
+        # at most every checkpointed input but the resident ones (the first layer's and the double buffer), and
+        # with selective every layer's kept outputs but OFFLOAD_RESIDENT_CACHES layers' worth
+        selective = checkpointed if settings.recompute == "selective" else 0
+        most = (checkpointed - OFFLOAD_RESIDENT_LAYERS) * layer_input + max(selective - OFFLOAD_RESIDENT_CACHES, 0) * kept
+        assert 0 < saved <= most, settings
+        if selective:
+            assert saved > (selective - OFFLOAD_RESIDENT_CACHES - 1) * kept
+        # what goes to the host: every input but the first layer's, every selective cache but the last layer's
+        host = offload_host_bytes(counts, replace(settings, offload_checkpoints=True))
+        assert host == (checkpointed - 1) * layer_input + max(selective - 1, 0) * kept
+        assert offload_host_bytes(counts, settings) == 0
         assert offloaded.peak_reserved_bytes < plain.peak_reserved_bytes
         assert any("offloaded to host memory" in name for name, _ in offloaded.breakdown)
     none = replace(base, checkpoint_layers=0)
@@ -191,6 +203,62 @@ def test_gradients_are_bit_identical_to_plain_checkpointing(tiny_llama, tmp_path
     assert offloader.stats["offloaded"] == (checkpointed - 1) * micro_batches
     assert offloader.stats["prefetch_hits"] == (checkpointed - 2) * micro_batches
     assert offloader.stats["reloaded"] == micro_batches
+    # selective: every selective layer's kept outputs but the last layer's went to the host and came back through
+    # the prefetch that the replay of the layer after it started
+    selective = LAYERS - 1 if performance.get("recompute") == "selective" else 0
+    assert offloader.stats["caches_offloaded"] == selective * micro_batches
+    assert offloader.stats["cache_prefetch_hits"] == selective * micro_batches
+    assert offloader.stats["caches_reloaded"] == offloader.stats["caches_from_device"] == 0
+
+
+def test_selective_kept_outputs_live_only_in_host_copies_after_the_forward(tiny_llama, tmp_path):
+    from qlora_doctor.trainer import offload as offload_module
+
+    offloader = CheckpointOffloader(streams=False, pin_memory=False, offload_cpu=True)
+    recipe = make_recipe(tmp_path, checkpoint_layers="all", recompute="selective", fused_lora=True)
+    model, _ = build(tiny_llama, recipe, offloader)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    records = [ref() for ref in offloader.caches]
+    assert len(records) == LAYERS - 1 and all(r is not None and not r.restored for r in records)
+    for record in records:
+        # q, k, v, o, down GEMM outputs and attention's output + log-sum-exp, each now a host view
+        assert len(record.entries) >= 7
+        for wrapper, _number, _nbytes in record.entries:
+            assert isinstance(wrapper.val, offload_module._HostView) and wrapper.val.host.device.type == "cpu"
+    kept = sum(view.numel() for r in records for view in offload_module._hosts_of(r))
+    assert offloader.stats["cache_bytes"] == kept > 0
+    loss.backward()
+    assert all(r.restored and r.prefetched is None for r in records)
+    assert offloader.stats["cache_prefetch_hits"] == LAYERS - 1
+
+
+def test_a_restored_cache_entry_is_the_same_view_of_the_same_bytes():
+    from torch.utils.checkpoint import _VersionWrapper, create_selective_checkpoint_contexts
+
+    from qlora_doctor.trainer.offload import _cache_wrappers
+
+    base = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    permuted = base.permute(0, 2, 1)  # a strided view, as SDPA kernels return their output
+    forward, _ = create_selective_checkpoint_contexts(lambda *a, **k: True)
+    forward.storage["op"][0] = (_VersionWrapper(permuted.detach()), 3)
+    forward.storage["op"][1] = _VersionWrapper(base[1].detach())
+    wrappers = _cache_wrappers(forward.storage)
+    offloader = CheckpointOffloader(streams=False, pin_memory=False, offload_cpu=True)
+    offload, restore = offloader.cache_contexts(forward.storage)
+    with offload:
+        pass
+    assert len(wrappers) == 2 and offloader.stats["caches_offloaded"] == 1
+    assert not isinstance(wrappers[0].val, torch.Tensor)
+    assert offloader.stats["cache_bytes"] == base.numel() * 4  # one storage, copied once
+    with restore:
+        pass
+    first, second = wrappers
+    assert first.val.stride() == permuted.stride() and torch.equal(first.val, permuted)
+    assert torch.equal(second.val, base[1]) and second.val.storage_offset() == 12
+    assert first.val.untyped_storage().data_ptr() == second.val.untyped_storage().data_ptr() != base.data_ptr()
+    assert first.get_val(False) is first.val  # the version check passes on the restored tensor
 
 
 @pytest.mark.parametrize("offload", [False, True])

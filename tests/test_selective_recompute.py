@@ -352,7 +352,8 @@ def test_plan_suggests_full_recompute_when_selective_does_not_fit(tmp_path):
 
 def test_selective_layers_auto_keeps_the_most_layers_the_gpu_holds(tmp_path):
     """`selective_layers: auto` (the default): on an 80 GB card every layer of the 8B shape at 8 x 2048 keeps
-    its outputs (~28 GiB measured on an H100, offloaded); on a 24 GB card only as many as fit 85% of it, the rest
+    its outputs (~28 GiB measured on an H100 with only the inputs offloaded; with the kept outputs offloaded too,
+    a 24 GB card holds them all); without offload, on a 24 GB card only as many as fit 85% of it, the rest
     recompute fully; the run plan hands the choice to the trainer."""
     import json as json_
 
@@ -375,6 +376,12 @@ def test_selective_layers_auto_keeps_the_most_layers_the_gpu_holds(tmp_path):
                              "memory_total_mib": 24564}])
     # as on a GPU machine with the [train] extra: Liger's fused loss (no 8 GiB of float32 logits)
     assert plan_recipe(recipe, h100, allow_network=False, liger_described=True).settings.selective_layers == "all"
+    # offloaded, the kept outputs wait in host memory too: the 24 GB card holds every layer's as well
+    offloaded = plan_recipe(recipe, rtx4090, allow_network=False, liger_described=True)
+    assert offloaded.settings.selective_layers == "all" and offloaded.total_bytes <= 0.85 * 24564 * 2**20
+    assert any("GiB of pinned host memory" in n and "kept outputs" in n for n in offloaded.notes)
+    recipe = recipe.model_copy(update={"performance": recipe.performance.model_copy(
+        update={"offload_checkpoints": False})})
     small = plan_recipe(recipe, rtx4090, allow_network=False, liger_described=True)
     chosen = small.settings.selective_layers
     assert isinstance(chosen, int) and 0 < chosen < 32, chosen

@@ -18,7 +18,8 @@ Two paths, lever by lever (per-token counts in activations.py):
     output (activations.selective_kept_per_token), until the backward replays it;
   * offload_checkpoints: the checkpointed layers' inputs live in pinned host memory between forward and
     backward (trainer/offload.py): OFFLOAD_RESIDENT_LAYERS layers' worth stay on the GPU (the first layer's,
-    the copy in flight / the layer being replayed and the one prefetched); selective's kept outputs stay;
+    the copy in flight / the layer being replayed and the one prefetched); selective's kept outputs likewise
+    (OFFLOAD_RESIDENT_CACHES layers' worth on the GPU; offload_host_bytes: what goes to the host);
   * liger_kernel: the fused linear cross-entropy never builds the b*s*vocab logits (a chunk of them plus
     the saved gradient of lm_head's input instead); its RMSNorm and SwiGLU save fewer tensors;
   * fused_lora: one saved input per distinct input tensor and no dropout masks;
@@ -102,6 +103,12 @@ forward the input whose device->host copy is in flight stays alive until the nex
 input the running layer reads; in the backward the input of the layer being replayed and the prefetched input of
 the layer before it (double buffering). Counted from the code (tests/test_offload_checkpoints.py checks what
 stays alive on the CPU), not measured on a GPU."""
+
+OFFLOAD_RESIDENT_CACHES = 3
+"""offload_checkpoints with recompute: selective (trainer/offload.py): selective layers' kept outputs on the GPU at
+once. The last checkpointed layer's stay there (its replay comes right after the forward); in the forward up to
+CACHE_COPIES_IN_FLIGHT (2) layers' copies to the host may still hold theirs; in the backward the layer being
+replayed and the one prefetched for the layer before it. Counted from the code, not measured on a GPU."""
 
 FRAGMENTATION_LOGITS = 0.36
 """Fraction of the logits buffers (`logits...` rows): by far the largest blocks. The loss's backward asks for
@@ -306,14 +313,8 @@ def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | 
     known (a measured point records it); None: what loading leaves (`load_cache_bytes`)."""
     notes: list[str] = []
     compute = _DTYPE_BYTES[s.compute_dtype]
-    # peft's prepare (upcast_unquantized) casts every fp16/bf16 parameter that is not 4-bit to float32;
-    # without it, or without 4-bit loading, everything stays in the compute dtype.
-    unquantized = 4 if s.load_in_4bit and s.upcast_unquantized else compute
-    # What matmuls and attention produce: the autocast dtype, or without autocast the residual
-    # stream's dtype (bnb casts its output back to its input's dtype).
-    act = compute if s.mixed_precision else unquantized
-    # The residual stream starts as the embedding output and adds keep its dtype.
-    residual = unquantized
+    unquantized = _unquantized_bytes(s)
+    act, residual = _activation_bytes(s)
     levers = Levers(liger_kernel=s.liger_kernel, fused_lora=s.fused_lora, fp8_base=s.fp8_base)
     path = calibration_path(counts, s)
 
@@ -414,6 +415,36 @@ def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | 
                     peak_phase=phase, calibration=path, trainable_params=trainable, notes=tuple(notes))
 
 
+def _unquantized_bytes(s: TrainSettings) -> int:
+    """peft's prepare (upcast_unquantized) casts every fp16/bf16 parameter that is not 4-bit to float32;
+    without it, or without 4-bit loading, everything stays in the compute dtype."""
+    return 4 if s.load_in_4bit and s.upcast_unquantized else _DTYPE_BYTES[s.compute_dtype]
+
+
+def _activation_bytes(s: TrainSettings) -> tuple[int, int]:
+    """(act, residual): what matmuls and attention produce (the autocast dtype, or without autocast the residual
+    stream's dtype: bnb casts its output back to its input's dtype), and the residual stream's dtype (the embedding
+    output's; adds keep it)."""
+    unquantized = _unquantized_bytes(s)
+    return (_DTYPE_BYTES[s.compute_dtype] if s.mixed_precision else unquantized), unquantized
+
+
+def offload_host_bytes(counts: ModelCounts, s: TrainSettings) -> int:
+    """Pinned host memory offload_checkpoints holds at the end of a micro-batch's forward (trainer/offload.py):
+    every checkpointed layer's input but the first layer's, and with recompute: selective every selective layer's
+    kept outputs but the last checkpointed layer's (0 when the lever is off)."""
+    if not s.offload_checkpoints:
+        return 0
+    checkpointed = checkpointed_layers(counts, s)
+    if not checkpointed:
+        return 0
+    act, residual = _activation_bytes(s)
+    kept = per_token.selective_kept_per_token(counts, act) if s.recompute == "selective" else 0
+    selective = selective_layers(counts, s)
+    on_host = max(checkpointed - 1, 0) * counts.hidden_size * residual + max(selective - 1, 0) * kept
+    return on_host * s.tokens
+
+
 def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act: int, residual: int,
                       levers: Levers, per_layer_trainable: int) -> tuple[list[tuple[str, int]], str]:
     """The rows of the largest moment of a step's forward and backward, and which it is:
@@ -448,7 +479,9 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
     # offload_checkpoints: only OFFLOAD_RESIDENT_LAYERS checkpointed inputs are on the GPU at any moment.
     resident = min(checkpointed, OFFLOAD_RESIDENT_LAYERS) if s.offload_checkpoints else checkpointed
     selective = selective_layers(counts, s)  # the first `selective` of the checkpointed layers keep outputs
-    inputs = (resident * layer_input + selective * kept_outputs) * tokens
+    # offloaded, only OFFLOAD_RESIDENT_CACHES layers' kept outputs are on the GPU at once
+    kept_on_gpu = min(selective, OFFLOAD_RESIDENT_CACHES) if s.offload_checkpoints else selective
+    inputs = (resident * layer_input + kept_on_gpu * kept_outputs) * tokens
     label = "checkpointed layer inputs" + (" and kept outputs (selective)" if kept_outputs else "")
     if s.offload_checkpoints and checkpointed:
         label += f" ({resident} inputs on the GPU, the rest offloaded to host memory)"
@@ -467,7 +500,7 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
     if checkpointed:
         # The layer being replayed (the last checkpointed one) has handed its kept outputs, if it kept any, to
         # its recomputed tensors (layer_saved).
-        alive = selective - 1 if selective == checkpointed else selective
+        alive = kept_on_gpu - 1 if selective == checkpointed else kept_on_gpu
         inputs = (resident * layer_input + max(alive, 0) * kept_outputs) * tokens
         moments.append(([(f"activations: {label}", inputs),
                          ("working: one layer recomputed + its backward", (layer_saved - layer_input + working) * tokens),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from qlora_doctor.memory.estimate import GIB, TrainSettings, checkpointed_layers, estimate
+from qlora_doctor.memory.estimate import GIB, TrainSettings, checkpointed_layers, estimate, offload_host_bytes
 from qlora_doctor.memory.model import ModelCounts, count_parameters, load_model_config
 
 if TYPE_CHECKING:
@@ -158,7 +158,9 @@ def lever_notes(settings: TrainSettings) -> list[str]:
         notes.append("offload_checkpoints: the checkpointed layers' inputs are counted in pinned host memory "
                      "(one layer input per checkpointed layer; three layers' worth stay on the GPU: the first "
                      "layer's, and the copies and the prefetch), from the code; on an H100 0.3-0.8 GiB above the "
-                     "reserved memory (bench/results/fastpath_h100_2026-12-06)")
+                     "reserved memory (bench/results/fastpath_h100_2026-12-06)"
+                     + ("; selective layers' kept outputs likewise, three layers' worth on the GPU"
+                        if settings.recompute == "selective" else ""))
     if "torch_compile" in on and on["torch_compile"].on:
         notes.append("torch_compile: its effect on memory (fused kernels, compile-time buffers) is not modelled")
     return notes
@@ -198,6 +200,11 @@ def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True,
     settings, selective_note = resolve_selective_layers(
         counts, settings, None if recipe.distributed.strategy == "fsdp" else gpu_bytes)
     notes += lever_notes(settings) + [n for n in (auto_note, selective_note) if n]
+    host = offload_host_bytes(counts, settings)
+    if host:
+        notes.append(f"offload_checkpoints: about {host / GIB:.1f} GiB of pinned host memory at the end of each "
+                     "micro-batch's forward" + (" (layer inputs and selective layers' kept outputs)"
+                                                 if settings.recompute == "selective" else " (layer inputs)"))
     return plan_for(counts, settings, name, gpu_bytes, model=m.name_or_path, extra_notes=tuple(notes))
 
 

@@ -40,6 +40,7 @@ plain non-reentrant checkpointing (tests/test_offload_checkpoints.py).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import weakref
 from typing import Any
@@ -71,6 +72,46 @@ class _Offloaded:
             pass
 
 
+class _OffloadedCache:
+    """The outputs one selectively checkpointed layer's forward kept (torch SAC's cache), while they live in host
+    memory: each kept tensor's whole storage copied to pinned host memory, and put back as the same view
+    (offset, size, stride) of a restored storage before the layer's replay reads the cache."""
+
+    __slots__ = ("__weakref__", "copied", "device", "entries", "index", "prefetched", "ready", "restored",
+                 "sources")
+
+    def __init__(self, device: Any, index: int):
+        self.device = device
+        self.index = index
+        self.entries: list[tuple[Any, int, int]] = []  # (SAC _VersionWrapper, storage number, nbytes)
+        self.sources: list[Any] = []  # the GPU storages' uint8 views, alive until their copy is known done
+        self.copied: Any = None  # CUDA event on the d2h stream after the copies
+        self.prefetched: list[Any] | None = None  # device uint8 buffers, one per storage
+        self.ready: Any = None  # CUDA event on the h2d stream after the prefetch
+        self.restored = False
+
+    def __del__(self) -> None:
+        try:
+            if self.ready is not None:
+                import torch
+
+                torch.cuda.current_stream(self.device).wait_event(self.ready)
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown
+            pass
+
+
+OFFLOAD_SELECTIVE_CACHE = True
+"""Whether offloaded checkpointing also moves selective recompute's kept outputs to host memory (trainer/speed.py
+reads it when it builds the layers; bench/train_throughput.py turns it off to measure what it changes)."""
+
+CACHE_MIN_BYTES = 1 << 20
+"""Kept tensors smaller than this stay on the GPU (the attention kernel's RNG seed/offset, small masks)."""
+
+CACHE_COPIES_IN_FLIGHT = 2
+"""Selective caches whose device->host copy may still run while the forward goes on; past this the compute stream
+waits for the oldest copy (the bound on the GPU memory the copies hold)."""
+
+
 class CheckpointOffloader:
     """The saved-tensor hooks of offloaded checkpointing for one model (module docstring).
 
@@ -85,12 +126,15 @@ class CheckpointOffloader:
         self.offload_cpu = offload_cpu
         self.prefetch = prefetch
         self.order: list[Any] = []  # weak references to this step's records, forward order
+        self.caches: list[Any] = []  # weak references to this step's _OffloadedCache records, forward order
         self.backward_started = False
         self.inflight: dict[Any, collections.deque] = {}  # device -> [(gpu tensor, copied event)]
+        self.cache_inflight: collections.deque = collections.deque()  # _OffloadedCache with sources alive
         self.d2h: dict[Any, Any] = {}
         self.h2d: dict[Any, Any] = {}
         self.stats = {"offloaded": 0, "offloaded_bytes": 0, "kept": 0, "prefetched": 0, "prefetch_hits": 0,
-                      "reloaded": 0}
+                      "reloaded": 0, "caches_offloaded": 0, "cache_bytes": 0, "caches_prefetched": 0,
+                      "cache_prefetch_hits": 0, "caches_reloaded": 0, "caches_from_device": 0}
 
     # --- streams --------------------------------------------------------------------------------------
 
@@ -125,9 +169,7 @@ class CheckpointOffloader:
         if (not x.requires_grad or x.is_leaf) or (x.device.type == "cpu" and not self.offload_cpu):
             self.stats["kept"] += 1
             return x
-        if self.backward_started:  # a new forward (the next micro-batch or step)
-            self.backward_started = False
-            self.order = []
+        self._forward_begins()
         record = _Offloaded(x.device, len(self.order))
         self.order.append(weakref.ref(record))
         x = x.detach()
@@ -154,6 +196,12 @@ class CheckpointOffloader:
         self.stats["offloaded"] += 1
         self.stats["offloaded_bytes"] += x.numel() * x.element_size()
         return record
+
+    def _forward_begins(self) -> None:
+        if self.backward_started:  # a new forward (the next micro-batch or step)
+            self.backward_started = False
+            self.order = []
+            self.caches = []
 
     def unpack(self, packed: Any) -> Any:
         if not isinstance(packed, _Offloaded):
@@ -216,6 +264,158 @@ class CheckpointOffloader:
         record.device_tensor = x
         self.stats["prefetched"] += 1
 
+    # --- selective recompute's kept outputs ----------------------------------------------------------------
+
+    def cache_contexts(self, storage: Any, keep_on_device: bool = False) -> tuple[Any, Any]:
+        """Two context managers for one selectively checkpointed layer call whose SAC cache is `storage` (the
+        dict torch's caching dispatch mode fills): the first, entered outside the forward's caching mode, moves
+        the kept tensors to host memory when the layer's forward ends; the second, entered before the replay's
+        cached mode, puts them back (waiting for their prefetch) and prefetches the previous layer's cache.
+        `keep_on_device`: this layer's cache stays on the GPU (the last layer's, replayed right after the
+        forward), but its replay still prefetches the cache of the layer before it."""
+        holder: dict[str, Any] = {}
+
+        @contextlib.contextmanager
+        def forward() -> Any:
+            yield
+            if keep_on_device:
+                self._forward_begins()
+                holder["position"] = len(self.caches)
+            else:
+                record = holder["record"] = self._offload_cache(storage)
+                holder["position"] = record.index if record is not None else len(self.caches)
+
+        @contextlib.contextmanager
+        def replay() -> Any:
+            record = holder.get("record")
+            if record is not None:
+                self._restore_cache(record)
+            if self.prefetch and "position" in holder:
+                self._prefetch_cache(holder["position"] - 1)
+            yield
+
+        return forward(), replay()
+
+    def _offload_cache(self, storage: Any) -> _OffloadedCache | None:
+        import torch
+
+        wrappers = _cache_wrappers(storage)
+        self._forward_begins()
+        storages: dict[int, tuple[int, Any]] = {}  # storage data_ptr -> (number, device uint8 view)
+        entries = []
+        for wrapper in wrappers:
+            tensor = wrapper.val
+            if tensor.device.type == "cpu" and not self.offload_cpu:
+                continue
+            untyped = tensor.untyped_storage()
+            if untyped.nbytes() < CACHE_MIN_BYTES and not self.offload_cpu:
+                continue
+            number, _ = storages.setdefault(untyped.data_ptr(), (len(storages), _bytes_of(untyped, tensor.device)))
+            entries.append((wrapper, number, untyped.nbytes()))
+        if not entries:
+            return None
+        device = entries[0][0].val.device
+        record = _OffloadedCache(device, len(self.caches))
+        sources = [view for _, view in sorted(storages.values(), key=lambda item: item[0])]
+        streams = self._use_streams(device)
+        with torch.no_grad():
+            if streams:
+                self._retire_caches(keep=CACHE_COPIES_IN_FLIGHT - 1)
+                side = self._side(self.d2h, device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    hosts = [_host_like(view, pin=self.pin_memory is not False) for view in sources]
+                    for host, view in zip(hosts, sources):
+                        host.copy_(view, non_blocking=True)
+                    record.copied = torch.cuda.Event()
+                    record.copied.record(side)
+                record.sources = sources
+                self.cache_inflight.append(record)
+            else:
+                hosts = [_host_like(view, pin=bool(self.pin_memory)) for view in sources]
+                for host, view in zip(hosts, sources):
+                    host.copy_(view)
+        for wrapper, number, _ in entries:
+            tensor = wrapper.val
+            wrapper.val = _HostView(hosts[number], tensor.dtype, tensor.storage_offset(), tuple(tensor.shape),
+                                    tuple(tensor.stride()))
+        record.entries = entries
+        self.caches.append(weakref.ref(record))
+        self.stats["caches_offloaded"] += 1
+        self.stats["cache_bytes"] += sum(view.numel() for view in sources)
+        return record
+
+    def _retire_caches(self, keep: int) -> None:
+        """Free the GPU sources of cache copies that ended, and of the oldest beyond `keep` still running (the
+        compute stream waits for those)."""
+        import torch
+
+        while self.cache_inflight and (len(self.cache_inflight) > keep or self.cache_inflight[0].copied.query()):
+            record = self.cache_inflight.popleft()
+            torch.cuda.current_stream(record.device).wait_event(record.copied)
+            record.sources = []
+
+    def _restore_cache(self, record: _OffloadedCache) -> None:
+        import torch
+
+        record.restored = True
+        streams = self._use_streams(record.device)
+        if record.sources:
+            # Its copy to the host may still run (the last layers of the forward): the GPU storages are still
+            # here, so use them. The compute stream waits for the copy before they can be freed.
+            torch.cuda.current_stream(record.device).wait_event(record.copied)
+            buffers = record.sources
+            record.sources = []
+            if record in self.cache_inflight:
+                self.cache_inflight.remove(record)
+            self.stats["caches_from_device"] += 1
+        elif record.prefetched is not None:
+            buffers = record.prefetched
+            if record.ready is not None:
+                torch.cuda.current_stream(record.device).wait_event(record.ready)
+            record.prefetched = record.ready = None
+            self.stats["cache_prefetch_hits"] += 1
+        else:
+            hosts = _hosts_of(record)
+            if streams and record.copied is not None:
+                torch.cuda.current_stream(record.device).wait_event(record.copied)
+            with torch.no_grad():
+                buffers = [host.to(record.device, non_blocking=streams, copy=True) for host in hosts]
+            self.stats["caches_reloaded"] += 1
+        for wrapper, number, _ in record.entries:
+            wrapper.val = wrapper.val.on(buffers[number])
+            if getattr(wrapper, "version", None) is not None:
+                wrapper.version = wrapper.val._version
+
+    def _prefetch_cache(self, index: int) -> None:
+        if index < 0 or index >= len(self.caches):
+            return
+        record = self.caches[index]()
+        if record is None or record.restored or record.prefetched is not None or record.sources:
+            return
+        import torch
+
+        hosts = _hosts_of(record)
+        if self._use_streams(record.device):
+            compute = torch.cuda.current_stream(record.device)
+            try:
+                buffers = [torch.empty(host.shape, dtype=host.dtype, device=record.device) for host in hosts]
+            except torch.cuda.OutOfMemoryError:
+                return  # its restore reloads it on the compute stream instead
+            side = self._side(self.h2d, record.device)
+            side.wait_stream(compute)
+            if record.copied is not None:
+                side.wait_event(record.copied)
+            with torch.cuda.stream(side), torch.no_grad():
+                for buffer, host in zip(buffers, hosts):
+                    buffer.copy_(host, non_blocking=True)
+                record.ready = torch.cuda.Event()
+                record.ready.record(side)
+        else:
+            buffers = [host.to(record.device, copy=True) for host in hosts]
+        record.prefetched = buffers
+        self.stats["caches_prefetched"] += 1
+
     def hooks(self) -> Any:
         import torch
 
@@ -224,6 +424,56 @@ class CheckpointOffloader:
     def host_records(self) -> list[_Offloaded]:
         """This step's live records (tests: where what the hooks keep lives)."""
         return [r for r in (ref() for ref in self.order) if r is not None]
+
+
+class _HostView:
+    """Where a kept tensor went: its storage's host copy and the view to rebuild on the restored storage."""
+
+    __slots__ = ("dtype", "host", "offset", "size", "stride")
+
+    def __init__(self, host: Any, dtype: Any, offset: int, size: tuple, stride: tuple):
+        self.host, self.dtype, self.offset, self.size, self.stride = host, dtype, offset, size, stride
+
+    def on(self, buffer: Any) -> Any:
+        import torch
+
+        tensor = torch.empty(0, dtype=self.dtype, device=buffer.device)
+        return tensor.set_(buffer.untyped_storage(), self.offset, self.size, self.stride)
+
+
+def _cache_wrappers(storage: Any) -> list[Any]:
+    """The entries of a SAC cache that hold a tensor (torch's `_VersionWrapper`s, any container layout)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    found = []
+    for per_op in storage.values():
+        entries = per_op.values() if isinstance(per_op, dict) else per_op
+        for entry in entries:
+            for leaf in tree_leaves(entry):
+                if isinstance(getattr(leaf, "val", None), torch.Tensor) and hasattr(leaf, "get_val"):
+                    found.append(leaf)
+    return found
+
+
+def _bytes_of(untyped: Any, device: Any) -> Any:
+    """A uint8 tensor over a whole untyped storage."""
+    import torch
+
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(untyped)
+
+
+def _host_like(view: Any, pin: bool) -> Any:
+    import torch
+
+    return torch.empty(view.shape, dtype=torch.uint8, device="cpu", pin_memory=pin)
+
+
+def _hosts_of(record: _OffloadedCache) -> list[Any]:
+    hosts: dict[int, Any] = {}
+    for wrapper, number, _ in record.entries:
+        hosts.setdefault(number, wrapper.val.host)
+    return [hosts[n] for n in sorted(hosts)]
 
 
 def offloaded(checkpoint_func: Any, offloader: CheckpointOffloader) -> Any:

@@ -160,10 +160,13 @@ def _attention_dropout(op: Any, args: tuple, kwargs: dict) -> float:
     return 0.0
 
 
-def selective_context_fn(layer: Any, record: list[SelectivePolicy] | None = None) -> Any:
+def selective_context_fn(layer: Any, record: list[SelectivePolicy] | None = None, offloader: Any = None,
+                         keep_on_device: bool = False) -> Any:
     """The `context_fn` for one layer's checkpoint: a fresh policy per call (the kept weights are read at
     call time, so loading, peft wrapping and moving the model afterwards are all seen). `record`: a list each
-    call's policy is appended to (tests and benches read what was kept)."""
+    call's policy is appended to (tests and benches read what was kept). `offloader`: a trainer/offload.py
+    CheckpointOffloader that keeps the kept outputs in host memory between the forward and the replay (with
+    `keep_on_device`, this layer's stay on the GPU and its replay only prefetches the previous layer's)."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     from qlora_doctor.trainer.fused_lora import lora_add_out_of_place
@@ -176,7 +179,12 @@ def selective_context_fn(layer: Any, record: list[SelectivePolicy] | None = None
         if record is not None:
             record.append(policy)
         forward, replay = create_selective_checkpoint_contexts(policy, **mutation)
-        return _Both(lora_add_out_of_place(), forward), _Both(lora_add_out_of_place(), replay)
+        if offloader is None:
+            return _Both(lora_add_out_of_place(), forward), _Both(lora_add_out_of_place(), replay)
+        # Outermost, so that its copies run outside the dispatch modes: the forward's offload after the caching
+        # mode exited, the replay's restore before the cached mode is entered.
+        offload, restore = offloader.cache_contexts(forward.storage, keep_on_device)
+        return _Both(offload, lora_add_out_of_place(), forward), _Both(restore, lora_add_out_of_place(), replay)
 
     return context_fn
 
@@ -195,9 +203,11 @@ class _Both(contextlib.ExitStack):
         return self
 
 
-def make_selective(layer: Any, record: list[SelectivePolicy] | None = None) -> None:
+def make_selective(layer: Any, record: list[SelectivePolicy] | None = None, offloader: Any = None,
+                   keep_on_device: bool = False) -> None:
     """Checkpoint `layer` (a transformers GradientCheckpointingLayer, checkpointing already enabled) with the
-    selective policy instead of recomputing it whole."""
+    selective policy instead of recomputing it whole; with `offloader`, its kept outputs wait in host memory
+    (unless `keep_on_device`)."""
     from torch.utils.checkpoint import checkpoint
 
     problem = sac_available()
@@ -205,4 +215,4 @@ def make_selective(layer: Any, record: list[SelectivePolicy] | None = None) -> N
         raise CheckFailed(f"performance.recompute: selective: {problem}; set `performance.recompute: full` "
                           "or upgrade torch")
     layer._gradient_checkpointing_func = functools.partial(
-        checkpoint, use_reentrant=False, context_fn=selective_context_fn(layer, record))
+        checkpoint, use_reentrant=False, context_fn=selective_context_fn(layer, record, offloader, keep_on_device))

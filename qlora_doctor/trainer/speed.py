@@ -92,18 +92,32 @@ def enable_checkpointing(model: Any, selection: str | int | float, selective: bo
     chosen = checkpointed_indices(selection, len(layers))
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
+    offloader = None
+    if offload:
+        from qlora_doctor.trainer.offload import CheckpointOffloader
+
+        offloader = offload if isinstance(offload, CheckpointOffloader) else CheckpointOffloader()
     if selective is not False:
         from qlora_doctor.trainer.selective import make_selective
 
         kept = chosen if selective is True else [chosen[i] for i in checkpointed_indices(selective, len(chosen))]
         for index in kept:
-            make_selective(layers[index])
-    if offload:
-        from qlora_doctor.trainer.offload import CheckpointOffloader, offload_layers
+            # Offloaded, a selective layer's kept outputs wait in host memory too, except the last checkpointed
+            # layer's: its backward comes right after the forward, before their copy would be of use.
+            make_selective(layers[index], offloader=offloader if _offload_selective_cache() else None,
+                           keep_on_device=index == chosen[-1])
+    if offloader is not None:
+        from qlora_doctor.trainer.offload import offload_layers
 
-        offload_layers([layers[i] for i in chosen], offload if isinstance(offload, CheckpointOffloader) else None)
+        offload_layers([layers[i] for i in chosen], offloader)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return chosen
+
+
+def _offload_selective_cache() -> bool:
+    from qlora_doctor.trainer import offload
+
+    return offload.OFFLOAD_SELECTIVE_CACHE
 
 
 def prepare_for_training(model: Any, recipe: Recipe, plan: SpeedPlan) -> Any:
