@@ -89,6 +89,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast_offload": {"offload_checkpoints": True},
     "fast_fp8_offload": {"fp8_base": True, "offload_checkpoints": True},
     "fast_fp8_ckpt_0.5": {"fp8_base": True, "checkpoint_layers": 0.5},
+    # fp8_base with selective recompute: the float8 GEMM is one op (qlora_doctor::fp8_gemm_4bit) the policy keeps
+    "fast_fp8_selective": {"fp8_base": True, "recompute": "selective"},
+    "fast_fp8_selective_offload": {"fp8_base": True, "recompute": "selective", "offload_checkpoints": True},
     # selective recompute with the checkpointed layers' inputs on the host: less recompute at offload's memory
     "fast_selective_offload": {"recompute": "selective", "offload_checkpoints": True},
     # selective recompute on the first 3/4 or half of the (offloaded) checkpointed layers, full on the rest
@@ -313,6 +316,7 @@ def make_recipe(model_path: str, performance: dict[str, Any], work: Path, batch:
                 optim: str, lr: float, logging_steps: int) -> Any:
     from qlora_doctor.recipe.schema import recipe_from_dict
 
+    performance = {k: v for k, v in performance.items() if k != BENCH_ONLY_CACHE_ON_GPU}  # not a recipe setting
     data = work / "unused.jsonl"
     data.write_text('{"text": "the bench feeds its own token rows"}\n')
     return recipe_from_dict({
@@ -372,16 +376,18 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
     from qlora_doctor.trainer import offload
 
     precision = precision_for(device)
-    performance = dict(performance)
-    offload.OFFLOAD_SELECTIVE_CACHE = not performance.pop(BENCH_ONLY_CACHE_ON_GPU, False)
+    offload.OFFLOAD_SELECTIVE_CACHE = not performance.get(BENCH_ONLY_CACHE_ON_GPU, False)
     recipe = make_recipe(model_path, performance, work, batch, seq, steps, optim, lr, logging_steps)
     hazards: tuple[Any, ...] = ()
     if device == "cuda":
-        from qlora_doctor.knowledge.workarounds import cudnn_attention_hazards
-        from qlora_doctor.sources.installed import installed_environment
+        from qlora_doctor.runplan import build_run_plan
         from qlora_doctor.sources.machine import probe_machine
 
-        hazards = cudnn_attention_hazards(probe_machine(), installed_environment(with_conflicts=False))
+        # As `qlora-doctor run` decides: the memory planner resolves every `auto` (checkpoint_layers,
+        # selective_layers, offload_checkpoints and recompute against this host's memory) and the knowledge base's
+        # cuDNN hazards for this torch and GPU.
+        run = build_run_plan(recipe, probe_machine(), where="bench")
+        recipe, hazards = run.recipe, run.cudnn_hazards or ()
     model = load_for_training(recipe, precision, model_path, speed_plan(recipe, precision, cudnn_hazards=hazards))
     plan = plan_for_model(recipe, precision, model, hazards)
     speed.apply_process_settings(plan, device)  # process-wide: train_points restores torch's default first

@@ -132,22 +132,31 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
     described = env.installed("liger-kernel") if env is not None and env.source != "installed" else None
     torchao_described = env.installed("torchao") if env is not None and env.source != "installed" else None
     memory, memory_error = None, None
-    auto_layers = recipe.performance.checkpoint_layers == "auto"
-    auto_selective = recipe.performance.recompute == "selective" and recipe.performance.selective_layers == "auto"
-    if machine.nvidia_gpus or auto_layers or auto_selective:
+    perf = recipe.performance
+    auto_layers = perf.checkpoint_layers == "auto"
+    auto_selective = perf.recompute in ("selective", "auto") and perf.selective_layers == "auto"
+    auto_offload = perf.offload_checkpoints == "auto" or perf.recompute == "auto"
+    if machine.nvidia_gpus or auto_layers or auto_selective or auto_offload:
         from qlora_doctor.memory.plan import plan_recipe
 
         try:
             memory = plan_recipe(recipe, machine, allow_network=False, liger_described=described)
         except DoctorError as err:  # config unreadable offline, or torch/transformers missing
             memory_error = "; ".join(err.messages)
-    if auto_layers or auto_selective:
-        update = {}
+    if auto_layers or auto_selective or auto_offload:
+        # Without a plan (the model's config unreadable offline) `auto` layers mean all of them.
+        update: dict[str, object] = {}
         if auto_layers:
             update["checkpoint_layers"] = memory.settings.checkpoint_layers if memory is not None else "all"
         if auto_selective:
             update["selective_layers"] = memory.settings.selective_layers if memory is not None else "all"
-        recipe = recipe.model_copy(update={"performance": recipe.performance.model_copy(update=update)})
+        # offload_checkpoints/recompute auto without a plan stay `auto`: the trainer decides them once the model is
+        # loaded (recipe/levers.py plan_for_model), from its config and this host's memory.
+        if perf.offload_checkpoints == "auto" and memory is not None:
+            update["offload_checkpoints"] = memory.settings.offload_checkpoints
+        if perf.recompute == "auto" and memory is not None:
+            update["recompute"] = memory.settings.recompute
+        recipe = recipe.model_copy(update={"performance": perf.model_copy(update=update)})
     hazards = None
     if precision.device == "cuda":
         from qlora_doctor.knowledge.workarounds import cudnn_attention_hazards

@@ -21,6 +21,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 from qlora_doctor.core.errors import CheckFailed, InputError  # noqa: E402
 from qlora_doctor.doctor.performance import performance_check  # noqa: E402
 from qlora_doctor.recipe import levers  # noqa: E402
@@ -52,8 +54,6 @@ def run_plan(recipe, precision):
 # --- refusals: the recipe, the lever, check --recipe --------------------------------------------------
 
 @pytest.mark.parametrize("extra, message, fix", [
-    ({"performance": {"recompute": "selective"}}, "performance.fp8_base: true with performance.recompute: selective",
-     "set `performance.recompute: full` or `performance.fp8_base: false`"),
     ({"performance": {"torch_compile": True}}, "performance.fp8_base: true with performance.torch_compile: true",
      "set `performance.torch_compile: false` or `performance.fp8_base: false`"),
     ({"quantized": False}, "performance.fp8_base: true with quantization.load_in_4bit: false",
@@ -67,6 +67,17 @@ def test_the_recipe_refuses_what_fp8_base_cannot_be_combined_with(tmp_path, extr
         make_recipe(tmp_path, fp8_base=True, **kwargs, **extra.get("performance", {}))
     assert message in str(err.value) and fix in str(err.value)
     make_recipe(tmp_path, fp8_base=False, **kwargs, **extra.get("performance", {}))  # fine without fp8_base
+
+
+def test_the_recipe_takes_fp8_base_with_selective_recompute(tmp_path, monkeypatch):
+    """The float8 GEMM is one op the selective policy keeps (trainer/fp8.py, fp8_gemm_4bit): no refusal, both
+    levers on, offloaded or not."""
+    monkeypatch.setattr(levers, "torchao_installed", lambda: True)
+    for offload in (False, True):
+        recipe = make_recipe(tmp_path, fp8_base=True, recompute="selective", offload_checkpoints=offload)
+        plan = levers.speed_plan(recipe, H100)
+        assert plan.fp8_base.on and plan.recompute.on, (plan.fp8_base, plan.recompute)
+        assert performance_check(run_plan(recipe, H100)).status == "pass"
 
 
 def test_fp8_base_is_off_by_default(tmp_path):
@@ -219,7 +230,7 @@ def test_the_gemms_are_torchaos_float8_linear_without_the_weight_gradient(torcha
     assert 1e-3 < ((ours - exact).norm() / exact.norm()).item() < 0.1
 
 
-def build(path, tmp_path, monkeypatch, fp8, fused=True, dropout=0.0, checkpoint="all"):
+def build(path, tmp_path, monkeypatch, fp8, fused=True, dropout=0.0, checkpoint="all", recompute="full"):
     """The model as `qlora-doctor run` builds it (load_for_training), fp8_base forced on where asked (the CPU
     has no FP8 tensor cores: torchao emulates), with the same non-zero LoRA B everywhere."""
     from qlora_doctor.trainer.model import load_for_training
@@ -228,6 +239,7 @@ def build(path, tmp_path, monkeypatch, fp8, fused=True, dropout=0.0, checkpoint=
     monkeypatch.setattr(levers, "decide_fp8_base", lambda setting, precision, described=None: (
         Lever("fp8_base", True, "test: emulated") if setting else decide(setting, precision, described)))
     recipe = make_recipe(tmp_path, model=path, fp8_base=fp8, fused_lora=fused, checkpoint_layers=checkpoint,
+                         recompute=recompute,
                          lora={"r": 4, "lora_alpha": 8, "lora_dropout": dropout, "target_modules": "all-linear"})
     torch.manual_seed(1)
     model = load_for_training(recipe, CPU, str(path), levers.speed_plan(recipe, CPU))
@@ -352,3 +364,105 @@ def test_compiled_casts_give_the_eager_casts_bits(torchao):
     weight_t = bnb_f.dequantize_4bit(w, qs).to(torch.bfloat16).t()
     assert compiled.casts["weight"](weight_t)._data.stride() == (1, in_features)
     assert not compiled.fallbacks() and all(c.compiled for c in compiled.casts.values())
+
+
+# --- with selective recompute (trainer/selective.py) -----------------------------------------------
+
+FP8_GEMM = "qlora_doctor::fp8_gemm_4bit"
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that actually run (an op the replay takes from the selective cache never reaches it; the
+    ops inside a custom op's kernel run below the mode, uncounted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.name()] = self.counts.get(func.name(), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted_loss_and_grads(model, seed=3):
+    """loss_and_grads, and the ops that ran."""
+    counter = OpCounter()
+    with counter:
+        loss, grads = loss_and_grads(model, seed)
+    return loss, grads, counter.counts
+
+
+@pytest.mark.parametrize("fused, dropout", [(True, 0.0), (False, 0.0), (True, 0.1), (False, 0.1)])
+def test_selective_recompute_keeps_the_float8_gemms_and_changes_nothing(torchao, tiny_llama, tmp_path, monkeypatch,
+                                                                       fused, dropout):
+    """fp8_base with recompute: selective: the loss and every LoRA gradient of full recompute, bit for bit; the
+    float8 GEMM is one op (fp8_gemm_4bit) that runs 7 times per layer in the forward, and in the replay 7 times
+    under full recompute but only for gate/up (2) under selective; bitsandbytes' own GEMM never runs."""
+    runs = {recompute: counted_loss_and_grads(build(tiny_llama, tmp_path, monkeypatch, fp8=True, fused=fused,
+                                                    dropout=dropout, recompute=recompute))
+            for recompute in ("full", "selective")}
+    (ref_loss, ref, full), (loss, grads, selective) = runs["full"], runs["selective"]
+    assert loss == ref_loss
+    assert set(grads) == set(ref) and len(ref) == 2 * LAYERS * PROJECTIONS
+    for name, grad in ref.items():
+        assert torch.equal(grads[name], grad), name
+    assert full.get(FP8_GEMM) == 2 * PROJECTIONS * LAYERS and selective.get(FP8_GEMM) == (PROJECTIONS + 2) * LAYERS
+    assert "bitsandbytes::gemm_4bit" not in full and "bitsandbytes::gemm_4bit" not in selective
+    # the forward's and the replay's dequantizations run inside the op: the only ones outside are the backward's
+    # input-gradient GEMMs, one per projection, in both
+    assert full.get("bitsandbytes::dequantize_4bit") == selective.get("bitsandbytes::dequantize_4bit") == (
+        PROJECTIONS * LAYERS)
+
+
+class TwoProjections(torch.nn.Module):
+    """A kept projection (q_proj) and a recomputed one (gate_proj), named as the selective policy names them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.gate_proj = nf4_linear(32, 32, seed=0), nf4_linear(32, 32, seed=1)
+
+    def forward(self, x):  # the last silu saves gate_proj's output, so that the replay must produce it
+        silu = torch.nn.functional.silu
+        return silu(self.gate_proj(silu(self.q_proj(x))))
+
+
+@pytest.mark.parametrize("compile_casts", [False, True])
+def test_the_float8_gemm_is_one_op_the_selective_policy_keeps(torchao, monkeypatch, compile_casts):
+    """Under selective checkpointing the policy sees fp8_gemm_4bit (not its dequantization, casts and GEMM),
+    keeps q_proj's output and replays gate_proj's GEMM: the output and input gradient of no checkpointing, bit
+    for bit, also with the casts compiled (as on the GPU: torch.compile'd code inside the custom op's kernel,
+    which SAC's dispatch mode calls). The op's kernel runs are counted without a dispatch mode of the test's
+    own: under one, torch.compile skips the backward's casts (they would fall back to eager)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from qlora_doctor.trainer import selective
+    from qlora_doctor.trainer.fp8 import Fp8BaseGemm, apply_fp8_base, fp8_gemms
+
+    torch._dynamo.reset()  # a fresh process's compile caches: earlier tests' casts count against recompile_limit
+    model = TwoProjections()
+    assert apply_fp8_base(model, emulate=True, compile_casts=compile_casts) == (2, [])
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(24, 32, generator=torch.Generator().manual_seed(4))
+    runs: list = []
+    impl = Fp8BaseGemm._forward_impl
+    monkeypatch.setattr(Fp8BaseGemm, "_forward_impl", lambda *args: runs.append(1) or impl(*args))
+
+    def run(checkpointed):
+        xr, records = x.clone().requires_grad_(True), []
+        runs.clear()
+        if checkpointed:
+            out = checkpoint(model, xr, use_reentrant=False, context_fn=selective.selective_context_fn(model, records))
+        else:
+            out = model(xr)
+        out.backward(grad)
+        return out.detach(), xr.grad, len(runs), records
+
+    out, grad_x, gemms_run, _ = run(False)
+    sel_out, sel_grad_x, sel_gemms_run, records = run(True)
+    assert torch.equal(sel_out, out) and torch.equal(sel_grad_x, grad_x)
+    assert gemms_run == 2 and sel_gemms_run == 3  # the replay runs gate_proj's only
+    if selective._sees_outputs():  # torch >= 2.13 hands the policy each op's output to count
+        assert [p.kept_bytes["projections"] for p in records] == [24 * 32 * 4]  # q_proj's float32 output
+    gemms = fp8_gemms(model)
+    assert len(gemms) == 1 and not gemms[0].fallbacks(), gemms[0].fallbacks()
+    assert all(c.compiled for c in gemms[0].casts.values()) == compile_casts

@@ -661,7 +661,20 @@ def test_run_uses_the_planners_choice_for_auto(tmp_path, monkeypatch):
     on_cpu = build_run_plan(recipe, machine(gpus=[], driver_version=""), where="test").recipe
     assert on_cpu.performance.checkpoint_layers == "all"
     plain = _recipe(tmp_path, LLAMA3_8B)
-    assert build_run_plan(plain, h100, where="test").recipe is plain
+    plain = plain.model_copy(update={"performance": plain.performance.model_copy(
+        update={"offload_checkpoints": False, "recompute": "full"})})
+    assert build_run_plan(plain, h100, where="test").recipe is plain  # nothing `auto`: the recipe as it was
+    # the defaults (offload_checkpoints and recompute auto) are decided against the host's memory
+    defaults = _recipe(tmp_path, LLAMA3_8B)
+    big_host = machine(gpus=[GPU_80GB], host_memory_mib=256 * 1024)
+    decided = build_run_plan(defaults, big_host, where="test")
+    assert decided.recipe.performance.offload_checkpoints is True
+    assert decided.recipe.performance.recompute == "selective"
+    assert decided.levers.offload_checkpoints.on and decided.levers.recompute.on
+    unknown = build_run_plan(defaults, h100, where="test")
+    assert unknown.recipe.performance.offload_checkpoints is False
+    assert unknown.recipe.performance.recompute == "full"
+    assert any("host's memory is unknown" in note for note in unknown.memory.notes)
 
 
 @pytest.mark.parametrize("name", ["8b_s512_b1_built_in_process.json", "8b_s512_b1_loaded_from_disk.json"])

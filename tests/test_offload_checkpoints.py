@@ -54,9 +54,14 @@ def test_the_recipe_refuses_what_offloading_cannot_be_combined_with(tmp_path, ex
     make_recipe(tmp_path, offload_checkpoints=False, **kwargs, **extra.get("performance", {}))  # fine without it
 
 
-def test_the_lever_is_off_by_default_and_without_a_gpu(tmp_path):
-    assert make_recipe(tmp_path).performance.offload_checkpoints is False
-    assert levers.speed_plan(make_recipe(tmp_path), H100).offload_checkpoints.on is False
+def test_the_lever_is_auto_by_default_and_off_without_a_gpu(tmp_path):
+    """`auto` is decided by the memory planner against the host's memory (tests/test_offload_auto.py); a lever
+    still `auto` when the levers are decided is off."""
+    assert make_recipe(tmp_path).performance.offload_checkpoints == "auto"
+    undecided = levers.speed_plan(make_recipe(tmp_path), H100).offload_checkpoints
+    assert undecided.on is False and "not decided by the memory planner" in undecided.reason
+    assert levers.speed_plan(make_recipe(tmp_path, offload_checkpoints=False), H100).offload_checkpoints.reason == (
+        "off in the recipe")
     recipe = make_recipe(tmp_path, offload_checkpoints=True, recompute="selective", checkpoint_layers=2)
     off = levers.speed_plan(recipe, CPU).offload_checkpoints
     assert not off.on and off.reason == "no GPU: nothing to offload"

@@ -212,9 +212,12 @@ def test_planner_predicts_what_selective_layers_keep(builtin_checkpoint, tmp_pat
 
 # --- the lever, the recipe, the planner ----------------------------------------------------------
 
-def test_recompute_defaults_to_full_and_refuses_what_it_cannot_compose_with(tmp_path):
-    assert make_recipe(tmp_path).performance.recompute == "full"
-    assert not levers.speed_plan(make_recipe(tmp_path), CPU).recompute.on
+def test_recompute_defaults_to_auto_and_refuses_what_it_cannot_compose_with(tmp_path):
+    """`auto` (the default) is decided by the memory planner with offload_checkpoints (tests/test_offload_auto.py);
+    left undecided it is full recompute."""
+    assert make_recipe(tmp_path).performance.recompute == "auto"
+    undecided = levers.speed_plan(make_recipe(tmp_path), CPU).recompute
+    assert not undecided.on and "not decided by the memory planner" in undecided.reason
     with pytest.raises(InputError) as err:
         make_recipe(tmp_path, recompute="some")
     assert "performance.recompute" in str(err.value)
@@ -225,6 +228,19 @@ def test_recompute_defaults_to_full_and_refuses_what_it_cannot_compose_with(tmp_
     with pytest.raises(InputError) as err:
         make_recipe(tmp_path, distributed={"strategy": "fsdp"}, recompute="selective")
     assert "performance.recompute: selective with distributed.strategy: fsdp" in str(err.value)
+
+
+def test_selective_composes_with_fp8_base(tmp_path):
+    """fp8_base's float8 GEMM of a 4-bit weight is one custom op reading that weight (trainer/fp8.py), so the
+    policy finds it like bitsandbytes' (the fp8 tests run it): the recipe takes the combination, and GEMM_OPS
+    names the op as the dispatcher does."""
+    from qlora_doctor.trainer import fp8
+
+    recipe = make_recipe(tmp_path, recompute="selective", fp8_base=True)
+    assert recipe.performance.recompute == "selective" and recipe.performance.fp8_base
+    assert levers.speed_plan(recipe, CPU).recompute.on
+    assert fp8.fp8_gemm_4bit is not None  # importing trainer/fp8.py registers the op
+    assert torch.ops.qlora_doctor.fp8_gemm_4bit.default.name() in selective.GEMM_OPS
 
 
 def test_recompute_lever_needs_checkpointed_layers(tmp_path):
@@ -304,7 +320,8 @@ def test_planner_counts_only_the_selective_layers_kept_outputs():
 
 def test_selective_layers_needs_selective_recompute(tmp_path):
     with pytest.raises(InputError, match="selective_layers"):
-        make_recipe(tmp_path, selective_layers=8)
+        make_recipe(tmp_path, recompute="full", selective_layers=8)
+    assert make_recipe(tmp_path, selective_layers=8).performance.selective_layers == 8  # recompute auto may keep
     with pytest.raises(InputError, match="fraction"):
         make_recipe(tmp_path, recompute="selective", selective_layers=1.5)
 

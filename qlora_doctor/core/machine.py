@@ -53,6 +53,9 @@ class Machine:
     gpus: tuple[Gpu, ...] = ()
     gpu_vendor: str = "none"
     """nvidia, amd, apple or none."""
+    host_memory_mib: int | None = None
+    """The host's total memory (/proc/meminfo MemTotal); None when unknown. Decides `offload_checkpoints: auto`
+    (memory/plan.py resolve_offload)."""
     source: str = "probe"
     """Where the facts came from: `probe`, or the machine file's path."""
     notes: tuple[str, ...] = field(default=(), compare=False)
@@ -95,7 +98,7 @@ def machine_from_dict(data: Any, where: str) -> Machine:
         raise InputError(f"{where}: {data[UNREAD]}; expected {EXPECTED_FORMATS}, with its GPU lines")
     data, assumed = _read_aliases(data, where, errors)
     known = {"os", "arch", "python", "libc", "driver_version", "cuda_driver_version", "gpus",
-             "gpu_vendor", "source", "notes"}
+             "gpu_vendor", "host_memory_mib", "source", "notes"}
     for key in data:
         if key not in known:
             errors.append(f"{where}: unknown key {key!r} (expected one of {', '.join(sorted(known))})")
@@ -176,6 +179,12 @@ def machine_from_dict(data: Any, where: str) -> Machine:
     elif vendor not in _VENDORS:
         errors.append(f"{where}: gpu_vendor: {vendor!r} is not one of {', '.join(_VENDORS)}")
         vendor = "none"
+    host_memory = data.get("host_memory_mib")
+    if host_memory is not None and (isinstance(host_memory, bool) or not isinstance(host_memory, int)
+                                    or not 0 < host_memory < 2**40):
+        errors.append(f"{where}: host_memory_mib: expected a positive whole number of MiB (e.g. 131072 for 128 GiB), "
+                      f"got {json.dumps(host_memory)[:40]}")
+        host_memory = None
     if errors:
         raise InputError(errors)
     given_notes = data.get("notes")
@@ -183,7 +192,7 @@ def machine_from_dict(data: Any, where: str) -> Machine:
         assumed = [n for n in given_notes if isinstance(n, str)] + assumed
     return Machine(os=os_name or "linux", arch=(arch or "x86_64").lower(), python=python or "3.11",
                    libc=libc, driver_version=driver, cuda_driver_version=cuda_driver, gpus=tuple(gpus),
-                   gpu_vendor=vendor, source=where, notes=tuple(assumed))
+                   gpu_vendor=vendor, host_memory_mib=host_memory, source=where, notes=tuple(assumed))
 
 
 _ALIASES = {"driver": "driver_version", "nvidia_driver": "driver_version", "nvidia_driver_version": "driver_version",

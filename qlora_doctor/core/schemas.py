@@ -46,6 +46,7 @@ class MachineDoc(TypedDict):
     cuda_driver_version: Optional[str]
     gpus: list[GpuDoc]
     gpu_vendor: str
+    host_memory_mib: Optional[int]
     source: str
     notes: list[str]
 

@@ -7,18 +7,17 @@ What each lever does and why it is the default (measured by bench/train_throughp
                              the logits come out in float32. Keeping them in the compute dtype saves
                              that memory and time; the LoRA weights stay float32 either way.
   checkpoint_layers          recompute only some decoder layers (the first N): memory for speed.
-  recompute: full            selective: a checkpointed layer keeps its q/k/v/o/down GEMM outputs and the
-                             attention output, so its backward replay runs only gate/up of the base GEMMs
-                             (qlora_doctor/trainer/selective.py); more memory per layer, fewer FLOPs. Opt in
-                             (H100, 8B at 8 x 2048: 11,775 against 10,804 tokens/s, 28.1 against 9.9 GiB
-                             reserved, both offloaded; selective_layers trades between them:
-                             bench/results/fastpath_h100_2026-12-06/NOTES.md).
-  offload_checkpoints: false the checkpointed layers' saved inputs in pinned host memory between forward and
-                             backward, copied on side CUDA streams, the previous layer's prefetched during a
-                             layer's backward (qlora_doctor/trainer/offload.py, after unsloth's offloaded
-                             checkpointing): about one layer input per checkpointed layer less GPU memory.
-                             CUDA only; on the H100 the same tokens/s at 4.2 GiB less (8B, 8 x 2048), but it
-                             pins host memory (one layer input per checkpointed layer): opt in.
+  recompute: auto            selective: a checkpointed layer keeps its q/k/v/o/down GEMM outputs and the
+  offload_checkpoints: auto  attention output, so its backward replay runs only gate/up of the base GEMMs
+                             (qlora_doctor/trainer/selective.py). Offloaded: the checkpointed layers' inputs and
+                             those kept outputs wait in pinned host memory between forward and backward, copied
+                             on side CUDA streams, the previous layer's prefetched during a layer's backward
+                             (qlora_doctor/trainer/offload.py, after unsloth's offloaded checkpointing). auto
+                             turns both on with a GPU where the host can pin what they keep (memory/plan.py
+                             resolve_offload): on an H200, 8B at 8 x 2048, 11,948 tokens/s at 10.62 GiB reserved
+                             against 11,013 at 9.87 GiB offloaded with full recompute and 11,962 at 28.12 GiB
+                             with the kept outputs on the GPU (bench/results/fastpath_h200_2026-12-06/NOTES.md).
+                             Elsewhere (no GPU, host memory unknown or too small): full recompute, no offload.
   liger_kernel: auto         fused linear cross-entropy (no [tokens, 128k] float32 logits), RMSNorm,
                              SwiGLU, RoPE. Triton kernels: CUDA only.
   fused_lora: auto           qlora_doctor/trainer/fused_lora.py: one autograd node per adapted layer,
@@ -98,7 +97,7 @@ class SpeedPlan:
     """With recompute selective: which of the checkpointed layers keep outputs (the first N, a fraction, all)."""
     fp8_base: Lever = Lever("fp8_base", False, "off (default)")
     """The 4-bit base layers' GEMMs in float8 (trainer/fp8.py)."""
-    offload_checkpoints: Lever = Lever("offload_checkpoints", False, "off (default)")
+    offload_checkpoints: Lever = Lever("offload_checkpoints", False, "off in the recipe")
     """The checkpointed layers' saved inputs in host memory (trainer/offload.py)."""
     cudnn_hazards: tuple[AttentionHazard, ...] | None = None
     """The knowledge-base rules the cuDNN decision was made on (None: not looked up)."""
@@ -132,7 +131,7 @@ def fp8_capable(capability: str | tuple[int, int] | None) -> bool:
 def decide_fp8_base(setting: bool, precision: Precision, described: bool | None = None) -> Lever:
     """fp8_base: true|false for the machine `precision` was resolved for. `described`: whether torchao is in a
     described environment (`check -r`); None: look at this machine's packages. The combinations the recipe
-    cannot run (no 4-bit base, recompute: selective, torch_compile, FSDP) are refused when it is validated."""
+    cannot run (no 4-bit base, torch_compile, FSDP) are refused when it is validated."""
     if not setting:
         return Lever("fp8_base", False, "off (default)")
     cc = precision.compute_capability
@@ -276,9 +275,17 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
                      cudnn_gate=cudnn_gate(perf.cudnn_attention, precision.device, cudnn_hazards))
 
 
+AUTO_UNRESOLVED = "auto, not decided by the memory planner (the model's config was not readable): off"
+"""The reason of an `offload_checkpoints`/`recompute` lever still `auto` here: memory/plan.py resolve_offload decides
+them against the host's memory, and the run plan hands the decision on in the recipe."""
+
+
 def decide_recompute(setting: str, checkpointing: bool, layers: str | int | float = "all") -> Lever:
     """recompute: full|selective, given whether any layer is checkpointed. The combinations it cannot run
-    (FSDP, torch_compile) are refused when the recipe is validated (recipe/schema.py)."""
+    (FSDP, torch_compile) are refused when the recipe is validated (recipe/schema.py). `auto` is decided by the
+    memory planner before this (memory/plan.py resolve_offload); still `auto` here, it is full."""
+    if setting == "auto":
+        return Lever("recompute", False, "full: checkpointed layers recompute everything (" + AUTO_UNRESOLVED + ")")
     if setting != "selective":
         return Lever("recompute", False, "full: checkpointed layers recompute everything")
     if not checkpointing:
@@ -293,11 +300,14 @@ OFFLOAD_REASON = ("checkpointed layers' saved inputs in pinned host memory betwe
                   "(trainer/offload.py)")
 
 
-def decide_offload(setting: bool, device: str, checkpointing: bool) -> Lever:
+def decide_offload(setting: bool | str, device: str, checkpointing: bool) -> Lever:
     """offload_checkpoints: true|false on `device`, given whether any layer is checkpointed. The combinations
-    it cannot run (no checkpointed layer, FSDP, torch_compile) are refused when the recipe is validated."""
+    it cannot run (no checkpointed layer, FSDP, torch_compile) are refused when the recipe is validated. `auto` is
+    decided by the memory planner before this (memory/plan.py resolve_offload); still `auto` here, it is off."""
+    if setting == "auto":
+        return Lever("offload_checkpoints", False, AUTO_UNRESOLVED)
     if not setting:
-        return Lever("offload_checkpoints", False, "off (default)")
+        return Lever("offload_checkpoints", False, "off in the recipe")
     if device != "cuda":
         return Lever("offload_checkpoints", False, "no GPU: nothing to offload")
     if not checkpointing:
@@ -306,11 +316,45 @@ def decide_offload(setting: bool, device: str, checkpointing: bool) -> Lever:
 
 
 def plan_for_model(recipe: Recipe, precision: Precision, model: Any,
-                   cudnn_hazards: tuple[AttentionHazard, ...] | None = None) -> SpeedPlan:
-    """`speed_plan` with the model type and attention implementation of a loaded model."""
+                   cudnn_hazards: tuple[AttentionHazard, ...] | None = None, machine: Any = None) -> SpeedPlan:
+    """`speed_plan` with the model type and attention implementation of a loaded model. `offload_checkpoints` or
+    `recompute` still `auto` (the run plan could not read the model's config before the download) are decided
+    here as the memory planner would have, from the loaded model's config and `machine`'s host memory (default:
+    this machine, probed)."""
     config = getattr(model, "config", None)
+    perf = recipe.performance
+    if (perf.offload_checkpoints == "auto" or perf.recompute == "auto") and config is not None:
+        recipe = _decide_offload_auto(recipe, precision, config, machine)
     return speed_plan(recipe, precision, getattr(config, "model_type", None),
                       getattr(config, "_attn_implementation", None), cudnn_hazards)
+
+
+def _decide_offload_auto(recipe: Recipe, precision: Precision, config: Any, machine: Any) -> Recipe:
+    """The recipe with offload_checkpoints/recompute `auto` decided for a loaded model's config (memory/plan.py
+    resolve_offload); unchanged where the config cannot be counted."""
+    from qlora_doctor.core.errors import DoctorError
+    from qlora_doctor.memory import plan as memory_plan
+    from qlora_doctor.memory.model import count_parameters
+
+    if machine is None:
+        from qlora_doctor.sources.machine import probe_machine
+
+        machine = probe_machine()
+    try:
+        counts = count_parameters(config.to_dict(), where=f"model {recipe.model.name_or_path}")
+        settings = memory_plan.settings_from_recipe(recipe, machine, model_type=getattr(config, "model_type", None))
+    except DoctorError:
+        return recipe
+    perf = recipe.performance
+    refused = memory_plan.offload_refused(recipe, machine) if precision.device == "cuda" else "no NVIDIA GPU"
+    settings, _ = memory_plan.resolve_offload(counts, settings, perf.offload_checkpoints, perf.recompute, machine,
+                                              processes=memory_plan.ranks(recipe, machine), refused=refused)
+    update: dict[str, Any] = {}
+    if perf.offload_checkpoints == "auto":
+        update["offload_checkpoints"] = settings.offload_checkpoints
+    if perf.recompute == "auto":
+        update["recompute"] = settings.recompute
+    return recipe.model_copy(update={"performance": perf.model_copy(update=update)})
 
 
 def checkpointed_indices(selection: str | int | float, layer_count: int) -> list[int]:

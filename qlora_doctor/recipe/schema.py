@@ -418,11 +418,13 @@ class PerformanceSection(Section):
         "auto: off where a knowledge-base rule says cuDNN attention is broken for this torch and GPU "
         "(torch 2.11 to 2.14.0 on H100/H200: NaN gradients, internal errors at long sequences); the flash "
         "and memory-efficient kernels take over.")
-    recompute: Literal["full", "selective"] = Field(
-        default="full", description="How a checkpointed layer recomputes in the backward pass. full: all of it "
+    recompute: Literal["auto", "full", "selective"] = Field(
+        default="auto", description="How a checkpointed layer recomputes in the backward pass. full: all of it "
         "from its input. selective: it also keeps its q/k/v/o/down projections' 4-bit GEMM outputs and the "
-        "attention output (about 0.44 GiB more per layer at 8 x 2048 tokens of Llama-3-8B), so only gate and up "
-        "are recomputed (qlora_doctor/trainer/selective.py); not with torch_compile or FSDP.")
+        "attention output (about 0.56 GiB more per layer at 8 x 2048 tokens of Llama-3-8B, in host memory when "
+        "offload_checkpoints is on), so only gate and up are recomputed (qlora_doctor/trainer/selective.py); not "
+        "with torch_compile or FSDP. auto: selective where offload_checkpoints is on and the host can pin the kept "
+        "outputs (the memory planner decides, `check --recipe` says), else full.")
     selective_layers: Union[Literal["all", "auto"], int, float] = Field(
         default="auto", description="With recompute: selective, which checkpointed layers keep those outputs: "
         "`all`, a count (the first N checkpointed layers), a fraction in (0, 1] of them, or `auto`: the most that "
@@ -436,16 +438,19 @@ class PerformanceSection(Section):
         "dequantized from NF4 as before, then it and the layer's input are cast to float8 e4m3 with a dynamic "
         "per-tensor scale (the gradient to e5m2) for the scaled matmul. The weights stay NF4 in memory and LoRA "
         "stays as it was. Faster GEMMs, coarser numerics (qlora_doctor/trainer/fp8.py); needs "
-        "quantization.load_in_4bit, not with recompute: selective, torch_compile or FSDP.")
-    offload_checkpoints: bool = Field(
-        default=False, description="Keep what each checkpointed decoder layer saves for its backward (its input "
-        "hidden state, batch x seq x hidden: 128 MiB at 8 x 2048 tokens of Llama-3-8B) in pinned host memory "
-        "between forward and backward: copied device->host on a side CUDA stream after the layer's forward, and "
-        "prefetched host->device for the layer before while a layer's backward runs, so about two layers' "
-        "inputs stay on the GPU instead of one per checkpointed layer (qlora_doctor/trainer/offload.py, like "
-        "unsloth's offloaded checkpointing). Exact (the same gradients); costs PCIe traffic and host memory; "
-        "on an H100 the same tokens/s at 4.2 GiB less for Llama-3-8B at 8 x 2048. CUDA only (off on the CPU); needs checkpointed layers, not with "
-        "torch_compile or FSDP; composes with recompute: selective (its kept outputs stay on the GPU).")
+        "quantization.load_in_4bit, not with torch_compile or FSDP; composes with recompute: selective (the float8 "
+        "GEMM is one op its policy keeps).")
+    offload_checkpoints: AutoBool = Field(
+        default="auto", description="Keep what each checkpointed decoder layer saves for its backward (its input "
+        "hidden state, batch x seq x hidden: 128 MiB at 8 x 2048 tokens of Llama-3-8B, and with recompute: "
+        "selective the outputs it keeps) in pinned host memory between forward and backward: copied device->host "
+        "on a side CUDA stream after the layer's forward, and prefetched host->device for the layer before while "
+        "a layer's backward runs, so about three layers' worth stay on the GPU (qlora_doctor/trainer/offload.py, "
+        "like unsloth's offloaded checkpointing). Exact (the same gradients); costs PCIe traffic and host memory "
+        "(an H200 ran Llama-3-8B at 8 x 2048 with selective recompute at the same tokens/s with 17.5 GiB less GPU "
+        "memory). CUDA only (off on the CPU); needs checkpointed layers, not with torch_compile or FSDP. auto: on "
+        "with a GPU where the host's memory is known and what it pins stays within half of it (all ranks "
+        "together).")
 
     @model_validator(mode="after")
     def _selective_recompute(self) -> PerformanceSection:
@@ -453,26 +458,21 @@ class PerformanceSection(Section):
             raise ValueError(CROSS_FIELD_MARK + "performance.recompute: selective with performance.torch_compile: "
                              "true: the selective policy runs Python per op, which torch.compile does not trace; "
                              "set `performance.recompute: full` or `performance.torch_compile: false`")
-        if self.fp8_base and self.recompute == "selective":
-            raise ValueError(CROSS_FIELD_MARK + "performance.fp8_base: true with performance.recompute: selective: "
-                             "the selective policy keeps a projection's output by finding the GEMM that reads its "
-                             "4-bit weight, and the FP8 GEMM reads a float8 copy of it, so nothing would be kept; "
-                             "set `performance.recompute: full` or `performance.fp8_base: false`")
         if self.fp8_base and self.torch_compile:
             raise ValueError(CROSS_FIELD_MARK + "performance.fp8_base: true with performance.torch_compile: true: "
                              "not supported (fp8_base compiles only its own float8 casts; compiling the whole model "
                              "around them and bitsandbytes' 4-bit weights is untested); set "
                              "`performance.torch_compile: false` or `performance.fp8_base: false`")
-        if self.selective_layers not in ("all", "auto") and self.recompute != "selective":
+        if self.selective_layers not in ("all", "auto") and self.recompute == "full":
             raise ValueError(CROSS_FIELD_MARK + f"performance.selective_layers: {self.selective_layers} with "
                              "performance.recompute: full: only selective recompute keeps outputs; set "
                              "`performance.recompute: selective` or remove performance.selective_layers")
-        if self.offload_checkpoints and self.checkpoint_layers == 0:
+        if self.offload_checkpoints is True and self.checkpoint_layers == 0:
             raise ValueError(CROSS_FIELD_MARK + "performance.offload_checkpoints: true with "
                              "performance.checkpoint_layers: 0: no layer is checkpointed, so there is nothing to "
                              "offload; set `performance.checkpoint_layers: all` (or a count above 0) or "
                              "`performance.offload_checkpoints: false`")
-        if self.offload_checkpoints and self.torch_compile:
+        if self.offload_checkpoints is True and self.torch_compile:
             raise ValueError(CROSS_FIELD_MARK + "performance.offload_checkpoints: true with performance.torch_compile: "
                              "true: not supported (the offload hooks run Python per saved tensor and use CUDA "
                              "streams, untested under torch.compile); set `performance.torch_compile: false` or "
@@ -608,7 +608,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _offload_checkpoints_combinations(self) -> Recipe:
-        if not self.performance.offload_checkpoints:
+        if self.performance.offload_checkpoints is not True:  # auto: off where it cannot run (memory/plan.py)
             return self
         if not self.training.gradient_checkpointing:
             raise ValueError(CROSS_FIELD_MARK + "performance.offload_checkpoints: true with "

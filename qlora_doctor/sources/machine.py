@@ -132,7 +132,19 @@ def probe_machine() -> Machine:
             vendor = "amd"
             gpus = [Gpu(name="AMD GPU (ROCm)", vendor="amd")]
     return Machine(**base, driver_version=driver, cuda_driver_version=cuda_driver, gpus=tuple(gpus),
-                   gpu_vendor=vendor, notes=tuple(notes))
+                   gpu_vendor=vendor, host_memory_mib=_host_memory_mib(), notes=tuple(notes))
+
+
+def _host_memory_mib(meminfo: str = "/proc/meminfo") -> int | None:
+    """MemTotal in MiB (Linux); None elsewhere or when unreadable."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _os_name() -> str:

@@ -17,10 +17,11 @@ sequence, so it holds for fused and unfused LoRA alike):
     the attention node built during the replay saves q, k, v (recomputed from the kept projections by RoPE)
     and these kept outputs. Not with attention dropout > 0: a skipped kernel would not draw its random
     numbers, and every later dropout mask of the replay would differ from the forward's.
-  * the frozen base GEMM of a projection (`bitsandbytes::gemm_4bit` for a 4-bit weight, `aten::mm`/`addmm`
-    for a 16-bit one) that reads the weight of one of `SELECTIVE_KEPT_PROJECTIONS`: q/k/v/o_proj and
-    down_proj. keep. Every GEMM reading the hidden state costs 2 x hidden FLOPs per output element, so
-    per byte kept q, k, v, o, gate and up are alike; down_proj reads the intermediate width and saves
+  * the frozen base GEMM of a projection (`bitsandbytes::gemm_4bit` for a 4-bit weight,
+    `qlora_doctor::fp8_gemm_4bit` for one with `fp8_base`, `aten::mm`/`addmm` for a 16-bit one) that reads
+    the weight of one of `SELECTIVE_KEPT_PROJECTIONS`: q/k/v/o_proj and down_proj. keep. Every GEMM
+    reading the hidden state costs 2 x hidden FLOPs per output element, so per byte kept q, k, v, o, gate
+    and up are alike; down_proj reads the intermediate width and saves
     intermediate/hidden (3.5x on Llama-3-8B) times as much per byte. gate and up are the largest outputs
     (intermediate width each) and are left to recompute: at 8 x 2048 tokens of the 8B shape the kept
     outputs are (4096 + 2 x 1024 + 4096 + 4096 + 4096) x 2 bytes per token = 0.44 GiB per layer, and the replay
@@ -63,9 +64,11 @@ ATTENTION_OPS = frozenset({
 })
 """Attention kernels whose outputs (output, log-sum-exp, RNG seed/offset) are kept (`OpOverload.name()`)."""
 
-GEMM_OPS = frozenset({"bitsandbytes::gemm_4bit", "aten::mm", "aten::addmm"})
+GEMM_OPS = frozenset({"bitsandbytes::gemm_4bit", "qlora_doctor::fp8_gemm_4bit", "aten::mm", "aten::addmm"})
 """Ops that compute a projection's base GEMM: bitsandbytes' 4-bit matmul (0.50: one op, dequantization
-inside), or a 16-bit nn.Linear's matmul; kept when they read a kept projection's weight."""
+inside), `performance.fp8_base`'s float8 matmul of a 4-bit weight (trainer/fp8.py: one custom op, the
+dequantization and float8 casts inside, its `weight` argument the 4-bit weight), or a 16-bit nn.Linear's
+matmul; kept when they read a kept projection's weight."""
 
 
 def sac_available() -> str | None:
