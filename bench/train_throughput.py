@@ -367,7 +367,8 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
     """(model, TrainingArguments, collator, levers) exactly as `qlora-doctor run` builds them."""
     from transformers import TrainingArguments
 
-    from qlora_doctor.recipe.levers import plan_for_model, speed_plan
+    from qlora_doctor.recipe.levers import speed_plan
+    from qlora_doctor.runplan import levers_for_loaded
     from qlora_doctor.trainer import speed
     from qlora_doctor.trainer.arguments import training_arguments_kwargs
     from qlora_doctor.trainer.collate import make_collator
@@ -389,7 +390,7 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
         run = build_run_plan(recipe, probe_machine(), where="bench")
         recipe, hazards = run.recipe, run.cudnn_hazards or ()
     model = load_for_training(recipe, precision, model_path, speed_plan(recipe, precision, cudnn_hazards=hazards))
-    plan = plan_for_model(recipe, precision, model, hazards)
+    plan = levers_for_loaded(recipe, precision, model, hazards)  # what the trainer decided after loading
     speed.apply_process_settings(plan, device)  # process-wide: train_points restores torch's default first
     kwargs = training_arguments_kwargs(recipe, precision)
     kwargs.update(speed.training_arguments_overrides(plan), report_to="none")

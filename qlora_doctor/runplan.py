@@ -73,9 +73,7 @@ class RunPlan:
 
     def levers_for_model(self, model: Any) -> SpeedPlan:
         """The levers with the loaded model's facts (its model type and attention implementation)."""
-        from qlora_doctor.recipe.levers import plan_for_model
-
-        return plan_for_model(self.recipe, self.precision, model, self.cudnn_hazards)
+        return levers_for_loaded(self.recipe, self.precision, model, self.cudnn_hazards)
 
     def to_json(self) -> dict[str, Any]:
         """The plan as data for the launched ranks (and the manifest); `from_json` reads it back."""
@@ -151,7 +149,7 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
         if auto_selective:
             update["selective_layers"] = memory.settings.selective_layers if memory is not None else "all"
         # offload_checkpoints/recompute auto without a plan stay `auto`: the trainer decides them once the model is
-        # loaded (recipe/levers.py plan_for_model), from its config and this host's memory.
+        # loaded (levers_for_loaded), from its config and this host's memory.
         if perf.offload_checkpoints == "auto" and memory is not None:
             update["offload_checkpoints"] = memory.settings.offload_checkpoints
         if perf.recompute == "auto" and memory is not None:
@@ -173,3 +171,43 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
         else (len(machine.nvidia_gpus) or None))
     return RunPlan(recipe=recipe, where=where, precision=precision, levers=levers, cudnn_hazards=hazards,
                    num_processes=processes, output=output, memory=memory, memory_error=memory_error)
+
+
+def levers_for_loaded(recipe: Recipe, precision: Precision, model: Any,
+                      cudnn_hazards: tuple[AttentionHazard, ...] | None = None, machine: Machine | None = None) -> SpeedPlan:
+    """recipe/levers.py plan_for_model for a loaded model, after deciding `offload_checkpoints` or `recompute` still
+    `auto` (the run plan could not read the model's config before the download) as the memory planner would have:
+    from the loaded model's config and `machine`'s host memory (default: this machine, probed)."""
+    from qlora_doctor.recipe.levers import plan_for_model
+
+    return plan_for_model(decided_for_loaded(recipe, precision, model, machine), precision, model, cudnn_hazards)
+
+
+def decided_for_loaded(recipe: Recipe, precision: Precision, model: Any, machine: Machine | None = None) -> Recipe:
+    """The recipe with offload_checkpoints/recompute `auto` decided for a loaded model (memory/plan.py
+    resolve_offload); unchanged where nothing is `auto` or the config cannot be counted."""
+    from qlora_doctor.core.errors import DoctorError
+    from qlora_doctor.memory import plan as memory_plan
+    from qlora_doctor.memory.model import count_parameters
+
+    perf, config = recipe.performance, getattr(model, "config", None)
+    if config is None or (perf.offload_checkpoints != "auto" and perf.recompute != "auto"):
+        return recipe
+    if machine is None:
+        from qlora_doctor.sources.machine import probe_machine
+
+        machine = probe_machine()
+    try:
+        counts = count_parameters(config.to_dict(), where=f"model {recipe.model.name_or_path}")
+        settings = memory_plan.settings_from_recipe(recipe, machine, model_type=getattr(config, "model_type", None))
+    except DoctorError:
+        return recipe
+    refused = memory_plan.offload_refused(recipe, machine) if precision.device == "cuda" else "no NVIDIA GPU"
+    settings, _ = memory_plan.resolve_offload(counts, settings, perf.offload_checkpoints, perf.recompute, machine,
+                                              processes=memory_plan.ranks(recipe, machine), refused=refused)
+    update: dict[str, Any] = {}
+    if perf.offload_checkpoints == "auto":
+        update["offload_checkpoints"] = settings.offload_checkpoints
+    if perf.recompute == "auto":
+        update["recompute"] = settings.recompute
+    return recipe.model_copy(update={"performance": perf.model_copy(update=update)})

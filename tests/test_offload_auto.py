@@ -91,9 +91,8 @@ def test_the_trainer_decides_what_the_run_plan_could_not(tmp_path):
     pytest.importorskip("torch")
     from transformers import LlamaConfig
 
-    from qlora_doctor.recipe.levers import plan_for_model
     from qlora_doctor.recipe.precision import Precision
-    from qlora_doctor.runplan import build_run_plan
+    from qlora_doctor.runplan import build_run_plan, levers_for_loaded
 
     from lever_support import make_recipe
 
@@ -108,7 +107,7 @@ def test_the_trainer_decides_what_the_run_plan_could_not(tmp_path):
 
     h100 = Precision(device="cuda", fp16=False, bf16=True, compute_dtype="bfloat16", compute_capability="9.0",
                      reason="test")
-    decided = plan_for_model(run.recipe, h100, Loaded(), machine=big)
+    decided = levers_for_loaded(run.recipe, h100, Loaded(), machine=big)
     assert decided.offload_checkpoints.on and decided.recompute.on
-    unknown = plan_for_model(run.recipe, h100, Loaded(), machine=machine(gpus=[H100]))
+    unknown = levers_for_loaded(run.recipe, h100, Loaded(), machine=machine(gpus=[H100]))
     assert not unknown.offload_checkpoints.on and not unknown.recompute.on

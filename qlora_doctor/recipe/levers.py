@@ -316,45 +316,12 @@ def decide_offload(setting: bool | str, device: str, checkpointing: bool) -> Lev
 
 
 def plan_for_model(recipe: Recipe, precision: Precision, model: Any,
-                   cudnn_hazards: tuple[AttentionHazard, ...] | None = None, machine: Any = None) -> SpeedPlan:
-    """`speed_plan` with the model type and attention implementation of a loaded model. `offload_checkpoints` or
-    `recompute` still `auto` (the run plan could not read the model's config before the download) are decided
-    here as the memory planner would have, from the loaded model's config and `machine`'s host memory (default:
-    this machine, probed)."""
+                   cudnn_hazards: tuple[AttentionHazard, ...] | None = None) -> SpeedPlan:
+    """`speed_plan` with the model type and attention implementation of a loaded model (runplan.py
+    levers_for_loaded first decides an `offload_checkpoints`/`recompute` still `auto`)."""
     config = getattr(model, "config", None)
-    perf = recipe.performance
-    if (perf.offload_checkpoints == "auto" or perf.recompute == "auto") and config is not None:
-        recipe = _decide_offload_auto(recipe, precision, config, machine)
     return speed_plan(recipe, precision, getattr(config, "model_type", None),
                       getattr(config, "_attn_implementation", None), cudnn_hazards)
-
-
-def _decide_offload_auto(recipe: Recipe, precision: Precision, config: Any, machine: Any) -> Recipe:
-    """The recipe with offload_checkpoints/recompute `auto` decided for a loaded model's config (memory/plan.py
-    resolve_offload); unchanged where the config cannot be counted."""
-    from qlora_doctor.core.errors import DoctorError
-    from qlora_doctor.memory import plan as memory_plan
-    from qlora_doctor.memory.model import count_parameters
-
-    if machine is None:
-        from qlora_doctor.sources.machine import probe_machine
-
-        machine = probe_machine()
-    try:
-        counts = count_parameters(config.to_dict(), where=f"model {recipe.model.name_or_path}")
-        settings = memory_plan.settings_from_recipe(recipe, machine, model_type=getattr(config, "model_type", None))
-    except DoctorError:
-        return recipe
-    perf = recipe.performance
-    refused = memory_plan.offload_refused(recipe, machine) if precision.device == "cuda" else "no NVIDIA GPU"
-    settings, _ = memory_plan.resolve_offload(counts, settings, perf.offload_checkpoints, perf.recompute, machine,
-                                              processes=memory_plan.ranks(recipe, machine), refused=refused)
-    update: dict[str, Any] = {}
-    if perf.offload_checkpoints == "auto":
-        update["offload_checkpoints"] = settings.offload_checkpoints
-    if perf.recompute == "auto":
-        update["recompute"] = settings.recompute
-    return recipe.model_copy(update={"performance": perf.model_copy(update=update)})
 
 
 def checkpointed_indices(selection: str | int | float, layer_count: int) -> list[int]:

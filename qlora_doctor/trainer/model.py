@@ -110,8 +110,10 @@ def prepare_lora_model(base: Any, recipe: Recipe, precision: Precision, levers: 
     from peft import LoraConfig, get_peft_model
 
     from qlora_doctor.recipe.levers import plan_for_model
+    from qlora_doctor.runplan import decided_for_loaded
     from qlora_doctor.trainer import speed
 
+    recipe = decided_for_loaded(recipe, precision, base)  # offload/recompute `auto` the run plan left open
     plan = plan_for_model(recipe, precision, base, levers.cudnn_hazards)
     model = speed.prepare_for_training(base, recipe, plan)
     model = get_peft_model(model, LoraConfig(**recipe.lora.lora_kwargs()))
