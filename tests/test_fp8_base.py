@@ -366,6 +366,35 @@ def test_compiled_casts_give_the_eager_casts_bits(torchao):
     assert not compiled.fallbacks() and all(c.compiled for c in compiled.casts.values())
 
 
+def test_compiled_casts_survive_a_llama_layers_shapes_inside_and_outside_the_op(torchao):
+    """On an H200 with selective recompute, dynamo's default recompile limit (8) was hit in the first steps: all
+    casts share torchao's one function, and the casts inside the `fp8_gemm_4bit` op compile their own graphs; every
+    cast then fell back to eager (13% slower than bf16). Creating compiled casts raises the limit, so five weight
+    shapes at two token counts, forward (inside the op) and input gradient (outside), all stay compiled."""
+    import torch._dynamo
+
+    from qlora_doctor.trainer.fp8 import RECOMPILE_LIMIT, Fp8BaseGemm
+
+    torch._dynamo.reset()
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{name: 8}):  # torch's default; restored after
+        compiled = Fp8BaseGemm.create(emulate=True, compile_casts=True)
+        assert getattr(torch._dynamo.config, name) == RECOMPILE_LIMIT
+        run_shapes(compiled)
+    assert not compiled.fallbacks() and all(c.compiled for c in compiled.casts.values())
+
+
+def run_shapes(compiled):
+    for tokens in (24, 40):
+        for seed, (out_features, in_features) in enumerate([(64, 32), (16, 32), (96, 32), (32, 96), (32, 64)]):
+            layer = nf4_linear(out_features, in_features, seed=seed)
+            w, qs = layer.weight, layer.weight.quant_state
+            x = torch.randn(tokens, in_features, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(seed))
+            g = torch.randn(tokens, out_features, dtype=torch.bfloat16)
+            compiled.forward(x, w, qs)
+            compiled.grad_input(g, w, qs)
+
+
 # --- with selective recompute (trainer/selective.py) -----------------------------------------------
 
 FP8_GEMM = "qlora_doctor::fp8_gemm_4bit"

@@ -111,3 +111,13 @@ def test_the_trainer_decides_what_the_run_plan_could_not(tmp_path):
     assert decided.offload_checkpoints.on and decided.recompute.on
     unknown = levers_for_loaded(run.recipe, h100, Loaded(), machine=machine(gpus=[H100]))
     assert not unknown.offload_checkpoints.on and not unknown.recompute.on
+
+
+def test_with_fp8_base_recompute_auto_stays_full():
+    """fp8 with selective recompute was measured slower on an H200 (casts fell back to eager): auto does not pick
+    it; offloading the inputs still pays."""
+    fp8 = replace(BASE, fp8_base=True)
+    settings, note = resolve_offload(COUNTS, fp8, "auto", "auto", host(128))
+    assert settings.offload_checkpoints and settings.recompute == "full"
+    assert "fp8 with selective recompute ran 13% slower" in note and "recompute: selective` to try it" in note
+    assert resolve_offload(COUNTS, fp8, "auto", "selective", host(128))[0].recompute == "selective"

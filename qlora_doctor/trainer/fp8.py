@@ -76,12 +76,35 @@ def torchao_problem() -> str | None:
     return None
 
 
+RECOMPILE_LIMIT = 64
+"""Dynamo's per-function recompile limit while fp8_base compiles its casts. Every cast shares torchao's one cast
+function, so dynamo counts the graphs of all operands together: one per weight shape (four on a Llama layer) and
+operand, the dynamic-shape graph of the activations, and a second set for the casts that run inside the
+`fp8_gemm_4bit` op (dispatcher state differs there). On an H200 with selective recompute the default limit (8)
+was hit in the first steps and every cast fell back to eager (10,437 against 12,062 tokens/s without fp8,
+bench/results/fastpath_h200_2026-12-06/NOTES.md)."""
+
+
+def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's recompile limit to at least `limit` (process-wide; `recompile_limit`, formerly
+    `cache_size_limit`)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < limit:
+            setattr(config, name, limit)
+            return
+
+
 class _Cast:
     """One operand's float8 cast (torchao's hp_tensor_to_float8_dynamic with fixed arguments), compiled when
     asked; the first failing compiled call switches it to the eager cast for good (`fallback` says why)."""
 
     def __init__(self, cast: Callable[[torch.Tensor], Any], compile_: bool):
         self.eager = cast
+        if compile_:
+            raise_recompile_limit()
         self.fn = torch.compile(cast, fullgraph=True) if compile_ else cast
         self.fallback: str | None = None
 
