@@ -131,6 +131,12 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
     torchao_described = env.installed("torchao") if env is not None and env.source != "installed" else None
     memory, memory_error = None, None
     perf = recipe.performance
+    if not machine.nvidia_gpus and (perf.offload_checkpoints == "auto" or perf.recompute == "auto"):
+        # Nothing to offload without a GPU, and selective recompute alone is memory for speed: decided unplanned.
+        perf = perf.model_copy(update={
+            "offload_checkpoints": False if perf.offload_checkpoints == "auto" else perf.offload_checkpoints,
+            "recompute": "full" if perf.recompute == "auto" else perf.recompute})
+        recipe = recipe.model_copy(update={"performance": perf})
     auto_layers = perf.checkpoint_layers == "auto"
     auto_selective = perf.recompute in ("selective", "auto") and perf.selective_layers == "auto"
     auto_offload = perf.offload_checkpoints == "auto" or perf.recompute == "auto"

@@ -121,3 +121,18 @@ def test_with_fp8_base_recompute_auto_stays_full():
     assert settings.offload_checkpoints and settings.recompute == "full"
     assert "fp8 with selective recompute ran 13% slower" in note and "recompute: selective` to try it" in note
     assert resolve_offload(COUNTS, fp8, "auto", "selective", host(128))[0].recompute == "selective"
+
+
+def test_without_a_gpu_auto_is_decided_without_planning(tmp_path):
+    """No GPU: nothing to offload, and selective alone trades memory for speed; `check --recipe` on a laptop does
+    not build the model's parameter count for it."""
+    from qlora_doctor.runplan import build_run_plan
+
+    from lever_support import make_recipe
+
+    cpu = machine(gpus=[], driver_version="", host_memory_mib=65536)
+    run = build_run_plan(make_recipe(tmp_path, model="org/not-downloaded"), cpu, where="test")
+    assert run.memory is None and run.memory_error is None
+    assert run.recipe.performance.offload_checkpoints is False and run.recipe.performance.recompute == "full"
+    assert not run.levers.offload_checkpoints.on and run.levers.offload_checkpoints.reason == "off"
+    assert not run.levers.recompute.on and run.levers.recompute.reason.startswith("full")

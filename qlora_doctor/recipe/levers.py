@@ -97,7 +97,7 @@ class SpeedPlan:
     """With recompute selective: which of the checkpointed layers keep outputs (the first N, a fraction, all)."""
     fp8_base: Lever = Lever("fp8_base", False, "off (default)")
     """The 4-bit base layers' GEMMs in float8 (trainer/fp8.py)."""
-    offload_checkpoints: Lever = Lever("offload_checkpoints", False, "off in the recipe")
+    offload_checkpoints: Lever = Lever("offload_checkpoints", False, "off")
     """The checkpointed layers' saved inputs in host memory (trainer/offload.py)."""
     cudnn_hazards: tuple[AttentionHazard, ...] | None = None
     """The knowledge-base rules the cuDNN decision was made on (None: not looked up)."""
@@ -307,7 +307,7 @@ def decide_offload(setting: bool | str, device: str, checkpointing: bool) -> Lev
     if setting == "auto":
         return Lever("offload_checkpoints", False, AUTO_UNRESOLVED)
     if not setting:
-        return Lever("offload_checkpoints", False, "off in the recipe")
+        return Lever("offload_checkpoints", False, "off")
     if device != "cuda":
         return Lever("offload_checkpoints", False, "no GPU: nothing to offload")
     if not checkpointing:
