@@ -671,6 +671,10 @@ def test_run_uses_the_planners_choice_for_auto(tmp_path, monkeypatch):
     assert decided.recipe.performance.offload_checkpoints is True
     assert decided.recipe.performance.recompute == "selective"
     assert decided.levers.offload_checkpoints.on and decided.levers.recompute.on
+    # `plan` lists them among the levers that are on, with what decided them
+    levers = {lever.name: lever for lever in decided.memory.settings.levers}
+    assert levers["offload_checkpoints"].on and levers["recompute"].on
+    assert levers["recompute"].reason.startswith("offload_checkpoints auto: on, recompute auto: selective")
     unknown = build_run_plan(defaults, h100, where="test")
     assert unknown.recipe.performance.offload_checkpoints is False
     assert unknown.recipe.performance.recompute == "full"
