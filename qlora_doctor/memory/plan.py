@@ -199,7 +199,7 @@ def plan_recipe(recipe: Recipe, machine: Machine, allow_network: bool = True,
     settings, offload_note = resolve_offload(counts, settings, perf.offload_checkpoints, perf.recompute, machine,
                                              processes=ranks(recipe, machine), refused=offload_refused(recipe, machine))
     if offload_note:
-        settings = _with_levers(settings, offload_note)
+        settings = _with_levers(settings, offload_note, perf.offload_checkpoints, perf.recompute)
     settings, auto_note = resolve_checkpoint_layers(
         counts, settings, None if recipe.distributed.strategy == "fsdp" else gpu_bytes)
     settings, selective_note = resolve_selective_layers(
@@ -294,12 +294,16 @@ FP8_SELECTIVE_UNMEASURED = ("with fp8_base, recompute auto stays full: fp8 with 
 """Why `recompute: auto` is full with fp8_base (bench/results/fastpath_h200_2026-12-06/NOTES.md)."""
 
 
-def _with_levers(s: TrainSettings, note: str) -> TrainSettings:
-    """`s` with its recompute and offload_checkpoints levers (the ones `plan` lists) saying what was decided."""
+def _with_levers(s: TrainSettings, note: str, offload: bool | str, recompute: str) -> TrainSettings:
+    """`s` with those of its recompute and offload_checkpoints levers (the ones `plan` lists) that were `auto`
+    saying what was decided."""
     from qlora_doctor.recipe.levers import Lever
 
-    decided = {"recompute": Lever("recompute", s.recompute == "selective", note),
-               "offload_checkpoints": Lever("offload_checkpoints", s.offload_checkpoints, note)}
+    decided = {}
+    if recompute == "auto":
+        decided["recompute"] = Lever("recompute", s.recompute == "selective", note)
+    if offload == "auto":
+        decided["offload_checkpoints"] = Lever("offload_checkpoints", s.offload_checkpoints, note)
     return replace(s, levers=tuple(decided.get(lever.name, lever) for lever in s.levers))
 
 
