@@ -156,10 +156,8 @@ def build_run_plan(recipe: Recipe, machine: Machine, env: Environment | None = N
             update["selective_layers"] = memory.settings.selective_layers if memory is not None else "all"
         # offload_checkpoints/recompute auto without a plan stay `auto`: the trainer decides them once the model is
         # loaded (levers_for_loaded), from its config and this host's memory.
-        if perf.offload_checkpoints == "auto" and memory is not None:
-            update["offload_checkpoints"] = memory.settings.offload_checkpoints
-        if perf.recompute == "auto" and memory is not None:
-            update["recompute"] = memory.settings.recompute
+        if memory is not None:
+            update.update(_offload_decided(perf, memory.settings))
         recipe = recipe.model_copy(update={"performance": perf.model_copy(update=update)})
     hazards = None
     if precision.device == "cuda":
@@ -211,9 +209,14 @@ def decided_for_loaded(recipe: Recipe, precision: Precision, model: Any, machine
     refused = memory_plan.offload_refused(recipe, machine) if precision.device == "cuda" else "no NVIDIA GPU"
     settings, _ = memory_plan.resolve_offload(counts, settings, perf.offload_checkpoints, perf.recompute, machine,
                                               processes=memory_plan.ranks(recipe, machine), refused=refused)
+    return recipe.model_copy(update={"performance": perf.model_copy(update=_offload_decided(perf, settings))})
+
+
+def _offload_decided(perf: Any, settings: Any) -> dict[str, Any]:
+    """The recipe's `performance:` fields offload_checkpoints/recompute that were `auto`, as `settings` decided them."""
     update: dict[str, Any] = {}
     if perf.offload_checkpoints == "auto":
         update["offload_checkpoints"] = settings.offload_checkpoints
     if perf.recompute == "auto":
         update["recompute"] = settings.recompute
-    return recipe.model_copy(update={"performance": perf.model_copy(update=update)})
+    return update

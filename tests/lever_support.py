@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_doctor.recipe.precision import Precision
 from qlora_doctor.recipe.schema import Recipe, recipe_from_dict
@@ -54,3 +55,16 @@ def nonzero_lora_b(model) -> None:
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that actually run (an op the replay takes from the selective cache never reaches it; the
+    ops inside a custom op's kernel run below the mode, uncounted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.name()] = self.counts.get(func.name(), 0) + 1
+        return func(*args, **(kwargs or {}))

@@ -21,7 +21,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from qlora_doctor.core.errors import CheckFailed, InputError  # noqa: E402
 from qlora_doctor.doctor.performance import performance_check  # noqa: E402
@@ -31,7 +30,7 @@ from qlora_doctor.recipe.precision import Precision  # noqa: E402
 from qlora_doctor.runplan import RunPlan  # noqa: E402
 
 from helpers import CPU_MACHINE, env, machine  # noqa: E402
-from lever_support import CPU, make_recipe, nonzero_lora_b, save_tiny_llama  # noqa: E402
+from lever_support import CPU, OpCounter, make_recipe, nonzero_lora_b, save_tiny_llama  # noqa: E402
 
 
 
@@ -398,19 +397,6 @@ def run_shapes(compiled):
 # --- with selective recompute (trainer/selective.py) -----------------------------------------------
 
 FP8_GEMM = "qlora_doctor::fp8_gemm_4bit"
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ops that actually run (an op the replay takes from the selective cache never reaches it; the
-    ops inside a custom op's kernel run below the mode, uncounted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.name()] = self.counts.get(func.name(), 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def counted_loss_and_grads(model, seed=3):

@@ -19,7 +19,7 @@ from qlora_doctor.core.errors import InputError  # noqa: E402
 from qlora_doctor.recipe import levers  # noqa: E402
 from qlora_doctor.trainer import selective, speed  # noqa: E402
 from tests.trainer_support import builtin_checkpoint  # noqa: E402, F401 (fixture)
-from lever_support import CPU, load_base, make_recipe, nonzero_lora_b, save_tiny_llama  # noqa: E402
+from lever_support import CPU, OpCounter, load_base, make_recipe, nonzero_lora_b, save_tiny_llama  # noqa: E402
 
 LAYERS = 4
 HEADS = 4
@@ -48,18 +48,6 @@ def build(path, recipe, dropout):
     plan = speed.apply_after_peft(model, plan)
     model.train()
     return model, plan
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the ops that actually run (an op the replay takes from the selective cache never reaches it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.name()] = self.counts.get(func.name(), 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 MODES = {  # performance: settings of each way of running the same model

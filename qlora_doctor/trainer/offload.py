@@ -46,6 +46,18 @@ import weakref
 from typing import Any
 
 
+def _release_prefetch(device: Any, ready: Any) -> None:
+    """A prefetch dropped unread (the graph freed without its backward): the compute stream, which allocated the
+    block, must not reuse it before the copy into it ends."""
+    try:
+        if ready is not None:
+            import torch
+
+            torch.cuda.current_stream(device).wait_event(ready)
+    except Exception:  # noqa: BLE001, S110 - interpreter shutdown
+        pass
+
+
 class _Offloaded:
     """One offloaded saved tensor: its host copy (and the event marking the copy), or a prefetched device copy."""
 
@@ -61,15 +73,7 @@ class _Offloaded:
         self.unpacked = False
 
     def __del__(self) -> None:
-        # A prefetch dropped unread (the graph freed without its backward): the compute stream, which allocated
-        # the block, must not reuse it before the copy into it ends.
-        try:
-            if self.ready is not None:
-                import torch
-
-                torch.cuda.current_stream(self.device).wait_event(self.ready)
-        except Exception:  # noqa: BLE001, S110 - interpreter shutdown
-            pass
+        _release_prefetch(self.device, self.ready)
 
 
 class _OffloadedCache:
@@ -91,13 +95,7 @@ class _OffloadedCache:
         self.restored = False
 
     def __del__(self) -> None:
-        try:
-            if self.ready is not None:
-                import torch
-
-                torch.cuda.current_stream(self.device).wait_event(self.ready)
-        except Exception:  # noqa: BLE001, S110 - interpreter shutdown
-            pass
+        _release_prefetch(self.device, self.ready)
 
 
 OFFLOAD_SELECTIVE_CACHE = True

@@ -98,13 +98,14 @@ def enable_checkpointing(model: Any, selection: str | int | float, selective: bo
 
         offloader = offload if isinstance(offload, CheckpointOffloader) else CheckpointOffloader()
     if selective is not False:
+        from qlora_doctor.trainer import offload as offload_module
         from qlora_doctor.trainer.selective import make_selective
 
         kept = chosen if selective is True else [chosen[i] for i in checkpointed_indices(selective, len(chosen))]
         for index in kept:
             # Offloaded, a selective layer's kept outputs wait in host memory too, except the last checkpointed
             # layer's: its backward comes right after the forward, before their copy would be of use.
-            make_selective(layers[index], offloader=offloader if _offload_selective_cache() else None,
+            make_selective(layers[index], offloader=offloader if offload_module.OFFLOAD_SELECTIVE_CACHE else None,
                            keep_on_device=index == chosen[-1])
     if offloader is not None:
         from qlora_doctor.trainer.offload import offload_layers
@@ -112,12 +113,6 @@ def enable_checkpointing(model: Any, selection: str | int | float, selective: bo
         offload_layers([layers[i] for i in chosen], offloader)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return chosen
-
-
-def _offload_selective_cache() -> bool:
-    from qlora_doctor.trainer import offload
-
-    return offload.OFFLOAD_SELECTIVE_CACHE
 
 
 def prepare_for_training(model: Any, recipe: Recipe, plan: SpeedPlan) -> Any:
