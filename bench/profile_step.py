@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--models-dir", default="/tmp/models")
     p.add_argument("--name", default=None, help="file name stem (default <variant>-b<batch>)")
+    p.add_argument("--lora-dropout", type=float, default=tt.LORA_DROPOUT, help="0 is unsloth's fast path")
+    p.add_argument("--optim", default=None, help="optimizer (default paged_adamw_8bit on cuda, adamw_torch on cpu)")
     args = p.parse_args(argv)
+    tt.LORA_DROPOUT = args.lora_dropout
     if args.tiny and not args.shape.startswith("tiny-"):
         args.shape, args.seq = f"tiny-{args.shape}", min(args.seq, 64)
     import torch
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     path = tt.build_model(args.shape, args.device, args.models_dir)
     steps = args.warmup + args.active + args.timed
     work = Path(tempfile.mkdtemp(prefix="qlora-profile-"))
-    optim = "paged_adamw_8bit" if cuda else "adamw_torch"
+    optim = args.optim or ("paged_adamw_8bit" if cuda else "adamw_torch")
     torch.manual_seed(0)
     if tt.VARIANTS[args.variant] is None:
         model, targs, inner = tt.baseline_trainer_parts(path, args.device, args.batch, steps, optim, 2e-4, 1000, work)
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "step_seconds": [round(s, 4) for s, _, _ in timer.steps],
         "timed_tokens_per_s": round(real / seconds, 1) if seconds else None,
         "mfu_4n": round(real / seconds * 4 * n / tt.PEAK_FLOPS, 4) if seconds else None,
-        "profiled_steps": args.active,
+        "profiled_steps": args.active, "lora_dropout": args.lora_dropout, "optim": optim,
+        "streams": _or_error(stream_busy, prof, args.active) if cuda else None,
         "gpu_ms_per_step_by_category": {k: round(v / 1000 / args.active, 2)
                                         for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": k[:160], "ms_per_step": round(t / 1000 / args.active, 3), "calls_per_step":
@@ -140,6 +144,43 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("top_kernels", "levers", "versions")}, indent=1))
     return 0
+
+
+def stream_busy(prof: Any, steps: int, gaps: int = 12, device: str = "CUDA") -> Any:
+    """Per CUDA stream: kernels and copies, busy time (union of their intervals) per profiled step, the span
+    from its first start to its last end, and its longest idle gaps with the kernels either side: where the
+    GPU waited for the host (launch overhead, Python, synchronisation) or for another stream (copies)."""
+    by_stream: dict[int, list[tuple[int, int, str]]] = {}
+    for e in prof.profiler.kineto_results.events():
+        if str(e.device_type()).endswith(device) and e.duration_ns() > 0:
+            by_stream.setdefault(e.device_resource_id(), []).append((e.start_ns(), e.end_ns(), e.name()))
+    out = []
+    for stream, evs in by_stream.items():
+        evs.sort()
+        busy, end, holes = 0, evs[0][0], []
+        prev = ""
+        for start, stop, name in evs:
+            if start > end:
+                holes.append((start - end, prev[:70], name[:70]))
+            busy += max(0, stop - max(start, end))
+            if stop > end:
+                end, prev = stop, name
+        span = end - evs[0][0]
+        holes.sort(reverse=True)
+        out.append({"stream": stream, "events": len(evs), "busy_ms_per_step": round(busy / 1e6 / steps, 2),
+                    "span_ms_per_step": round(span / 1e6 / steps, 2),
+                    "idle_ms_per_step": round((span - busy) / 1e6 / steps, 2),
+                    "gaps_over_50us": sum(1 for h in holes if h[0] > 50_000) // max(steps, 1),
+                    "longest_gaps": [{"us": round(h[0] / 1e3, 1), "after": h[1], "before": h[2]} for h in holes[:gaps]]})
+    out.sort(key=lambda r: -r["busy_ms_per_step"])
+    return out
+
+
+def _or_error(fn: Any, *a: Any) -> Any:
+    try:  # an analysis that fails must not lose the profile it analyses
+        return fn(*a)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": repr(exc)}
 
 
 def e_is_cpu_op(key: str) -> bool:
