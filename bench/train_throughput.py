@@ -57,6 +57,9 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 BENCH_ONLY_CACHE_ON_GPU = "_selective_cache_on_gpu"
+BENCH_ONLY_NO_WHOLE_LORA = "_no_whole_lora"
+BENCH_ONLY = (BENCH_ONLY_CACHE_ON_GPU, BENCH_ONLY_NO_WHOLE_LORA)
+"""`performance` keys of a variant that are switches of this bench, not recipe settings."""
 """A variant key that is not a recipe setting: trainer/offload.py's OFFLOAD_SELECTIVE_CACHE off for that variant."""
 
 # Ablation: `performance:` settings of recipe variants (b). "baseline" is the plain path (a).
@@ -101,6 +104,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # what offload_checkpoints did before it moved the kept outputs too (trainer/offload.py OFFLOAD_SELECTIVE_CACHE)
     "fast_selective_offload_inputs": {"recompute": "selective", "offload_checkpoints": True,
                                       BENCH_ONLY_CACHE_ON_GPU: True},
+    # the default, but v/o/down_proj keep only their base GEMM output as q/k do (trainer/fused_lora.py
+    # WHOLE_LORA_OP off): what the whole-LoRA op brings
+    "fast_no_whole_lora": {BENCH_ONLY_NO_WHOLE_LORA: True},
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]
@@ -316,7 +322,7 @@ def make_recipe(model_path: str, performance: dict[str, Any], work: Path, batch:
                 optim: str, lr: float, logging_steps: int) -> Any:
     from qlora_doctor.recipe.schema import recipe_from_dict
 
-    performance = {k: v for k, v in performance.items() if k != BENCH_ONLY_CACHE_ON_GPU}  # not a recipe setting
+    performance = {k: v for k, v in performance.items() if k not in BENCH_ONLY}  # not recipe settings
     data = work / "unused.jsonl"
     data.write_text('{"text": "the bench feeds its own token rows"}\n')
     return recipe_from_dict({
@@ -377,7 +383,10 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
     from qlora_doctor.trainer import offload
 
     precision = precision_for(device)
+    from qlora_doctor.trainer import fused_lora
+
     offload.OFFLOAD_SELECTIVE_CACHE = not performance.get(BENCH_ONLY_CACHE_ON_GPU, False)
+    fused_lora.WHOLE_LORA_OP = not performance.get(BENCH_ONLY_NO_WHOLE_LORA, False)
     recipe = make_recipe(model_path, performance, work, batch, seq, steps, optim, lr, logging_steps)
     hazards: tuple[Any, ...] = ()
     if device == "cuda":

@@ -397,6 +397,7 @@ def run_shapes(compiled):
 # --- with selective recompute (trainer/selective.py) -----------------------------------------------
 
 FP8_GEMM = "qlora_doctor::fp8_gemm_4bit"
+WHOLE_LORA = "qlora_doctor::lora_gemm_4bit"  # fused, selective: v/o/down_proj's whole LoRA forward (float8 GEMM inside)
 
 
 def counted_loss_and_grads(model, seed=3):
@@ -421,7 +422,10 @@ def test_selective_recompute_keeps_the_float8_gemms_and_changes_nothing(torchao,
     assert set(grads) == set(ref) and len(ref) == 2 * LAYERS * PROJECTIONS
     for name, grad in ref.items():
         assert torch.equal(grads[name], grad), name
-    assert full.get(FP8_GEMM) == 2 * PROJECTIONS * LAYERS and selective.get(FP8_GEMM) == (PROJECTIONS + 2) * LAYERS
+    whole = 3 * LAYERS if fused else 0  # forward only: the replay runs none of them
+    assert selective.get(WHOLE_LORA, 0) == whole and full.get(WHOLE_LORA, 0) == 0
+    assert full.get(FP8_GEMM) == 2 * PROJECTIONS * LAYERS
+    assert selective.get(FP8_GEMM) + whole == (PROJECTIONS + 2) * LAYERS
     assert "bitsandbytes::gemm_4bit" not in full and "bitsandbytes::gemm_4bit" not in selective
     # the forward's and the replay's dequantizations run inside the op: the only ones outside are the backward's
     # input-gradient GEMMs, one per projection, in both

@@ -94,13 +94,14 @@ def test_the_planner_moves_the_checkpointed_inputs_off_the_gpu():
     from qlora_doctor.memory import activations
     from qlora_doctor.memory.estimate import (OFFLOAD_RESIDENT_CACHES, OFFLOAD_RESIDENT_LAYERS, TrainSettings,
                                               estimate, offload_host_bytes)
-    from qlora_doctor.memory.model import count_parameters
+    from qlora_doctor.memory.model import count_parameters, lora_targets
     from qlora_doctor.recipe.builtin import builtin_config
 
     counts = count_parameters(builtin_config("builtin:smollm2-135m-instruct"))
     base = TrainSettings(micro_batch=8, seq_len=2048, upcast_unquantized=False, fused_lora=True, lora_dropout=0.0)
     layer_input = counts.hidden_size * 2 * base.tokens  # bf16 residual stream
-    kept = activations.selective_kept_per_token(counts, 2) * base.tokens  # a selective layer's kept outputs
+    # a selective layer's kept outputs (fused LoRA: with A x of v/o/down_proj)
+    kept = activations.selective_kept_per_token(counts, 2, lora_targets(counts, base.lora_targets), base.lora_r) * base.tokens
     for settings in (base, replace(base, recompute="selective"), replace(base, checkpoint_layers=10)):
         plain, offloaded = estimate(counts, settings), estimate(counts, replace(settings, offload_checkpoints=True))
         checkpointed = 10 if settings.checkpoint_layers == 10 else counts.num_layers

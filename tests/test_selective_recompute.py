@@ -24,6 +24,7 @@ from lever_support import CPU, OpCounter, load_base, make_recipe, nonzero_lora_b
 LAYERS = 4
 HEADS = 4
 GEMM = "bitsandbytes::gemm_4bit"
+WHOLE_LORA = "qlora_doctor::lora_gemm_4bit"  # fused LoRA's whole forward of v/o/down_proj in a selective layer
 SDPA = "aten::_scaled_dot_product_flash_attention_for_cpu"
 
 
@@ -108,11 +109,75 @@ def test_selective_gradients_equal_full_checkpointing_and_none(tiny_llama, tmp_p
         mm = {mode: counts.get("aten::mm", 0) + counts.get("aten::addmm", 0) for mode, (_, _, counts) in runs.items()}
         assert mm["full"] - mm["selective"] == 2 * 5 * LAYERS and mm["selective"] > mm["none"]
         return
-    ops = {mode: (counts.get(GEMM, 0), counts.get(SDPA, 0)) for mode, (_, _, counts) in runs.items()}
+    ops = {mode: (counts.get(GEMM, 0) + counts.get(WHOLE_LORA, 0), counts.get(SDPA, 0))
+           for mode, (_, _, counts) in runs.items()}
+    # Fused, a selective layer runs v/o/down_proj as one whole-LoRA op (its base GEMM inside, not counted again)
+    # in the forward, and its replay runs none of them: 3 per selective layer per micro-batch, forward only.
+    whole = {mode: counts.get(WHOLE_LORA, 0) for mode, (_, _, counts) in runs.items()}
+    assert whole == ({"none": 0, "full": 0, "selective": 2 * 3 * LAYERS, "selective_first_2": 2 * 3 * 2,
+                      "selective_1_of_all": 2 * 3} if fused else dict.fromkeys(MODES, 0))
     assert ops == {"none": (2 * 7 * LAYERS, 2 * LAYERS), "full": (2 * 14 * LAYERS, 2 * 2 * LAYERS),
                    "selective": (2 * 9 * LAYERS, 2 * LAYERS), "selective_first_2": (2 * (7 * LAYERS + 2 * 2), 2 * LAYERS),
                    # one selective layer (2 of 7 GEMMs replayed, no attention), the others replay everything
                    "selective_1_of_all": (2 * (7 * LAYERS + 2 + 7 * (LAYERS - 1)), 2 * (1 + 2 * (LAYERS - 1)))}
+
+
+def test_selective_is_exact_when_rope_rotates_q_and_k_in_place(tiny_llama, tmp_path, monkeypatch):
+    """Liger's RoPE writes the rotated q and k into the projections' own storage (liger_kernel/ops/rope.py
+    rope_forward). Here transformers' RoPE does the same on CPU: q/k_proj keep only their base GEMM output and
+    add LoRA out of place, so the replay starts from unrotated values and selective still equals no
+    checkpointing, fused and unfused, while v/o/down_proj keep their whole LoRA output (their replay runs none of
+    it)."""
+    from transformers.models.llama import modeling_llama
+
+    rotate = modeling_llama.apply_rotary_pos_emb
+
+    class RopeInPlace(torch.autograd.Function):  # as LigerRopeFunction: rotates its inputs' storage
+        @staticmethod
+        def forward(ctx, q, k, cos, sin):
+            ctx.save_for_backward(cos, sin)
+            q_rotated, k_rotated = rotate(q, k, cos, sin)
+            return q.copy_(q_rotated), k.copy_(k_rotated)  # q, k: transposed views of the projections' outputs
+
+        @staticmethod
+        def backward(ctx, dq, dk):
+            cos, sin = ctx.saved_tensors
+            return (*rotate(dq, dk, cos, -sin), None, None)  # the rotation's transpose
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb",
+                        lambda q, k, cos, sin, *a, **kw: RopeInPlace.apply(q, k, cos, sin))
+    for fused in (True, False):
+        (ref_losses, ref_grads, _), (losses, grads, counts) = (
+            train(tiny_llama, tmp_path, mode, fused, 0.0, steps=2) for mode in ("none", "selective"))
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+        for step, (ours, ref) in enumerate(zip(grads, ref_grads)):
+            for name, grad in ref.items():
+                torch.testing.assert_close(ours[name], grad, rtol=1e-5, atol=1e-7, msg=f"{fused} {step} {name}")
+        assert counts.get(WHOLE_LORA, 0) == (2 * 3 * LAYERS if fused else 0)
+
+
+def test_a_write_into_a_kept_whole_lora_output_raises_naming_the_projection(tiny_llama, tmp_path):
+    """If an op later in the layer wrote into v/o/down_proj's output, the replay would start from the written
+    values: the layer's forward raises when it ends, naming the projection, instead of training on wrong
+    gradients."""
+    from qlora_doctor.trainer import fused_lora
+
+    model, _ = build(tiny_llama, make_recipe(tmp_path, fused_lora=True), 0.0)
+    layer = speed.decoder_layers(model)[0]
+    kept = selective.kept_weight_pointers(layer)
+    whole = selective.kept_weight_pointers(layer, frozenset({"v_proj"}))
+    x = torch.randn(2, 8, 64)
+    with fused_lora.selective_layer(kept, whole, check=True):  # nothing written: no error
+        layer.self_attn.v_proj(x)
+    with pytest.raises(RuntimeError, match="v_proj.*wrote into it in place.*recompute: full"):
+        with fused_lora.selective_layer(kept, whole, check=True):
+            out = layer.self_attn.v_proj(x)
+            with torch.no_grad():  # as inside another autograd Function's forward (Liger's RoPE)
+                out.mul_(2)
+    with fused_lora.selective_layer(kept, whole):  # the replay's context does not check
+        out = layer.self_attn.v_proj(x)
+        with torch.no_grad():
+            out.mul_(2)
 
 
 def test_only_the_chosen_layers_are_selective(tiny_llama, tmp_path):
@@ -135,7 +200,9 @@ def test_only_the_chosen_layers_are_selective(tiny_llama, tmp_path):
 
 class LiveStorages(TorchDispatchMode):
     """Every storage an op creates while active, by data_ptr, held weakly: `alive_bytes()` is what is still
-    referenced (by autograd's saved tensors, checkpoint inputs, the selective cache, ...)."""
+    referenced (by autograd's saved tensors, checkpoint inputs, the selective cache, ...). A view op's output
+    shares its input's storage, so a parameter's storage shows up when the forward views it (`lora_A.t()`) outside
+    an op that hides it (the whole-LoRA op): `alive_bytes(exclude)` leaves the model's own storages out."""
 
     def __init__(self):
         super().__init__()
@@ -151,9 +218,9 @@ class LiveStorages(TorchDispatchMode):
                     self.storages[s.data_ptr()] = (weakref.ref(s), s.nbytes())
         return out
 
-    def alive_bytes(self) -> int:
+    def alive_bytes(self, exclude: frozenset[int] = frozenset()) -> int:
         gc.collect()
-        return sum(n for ref, n in self.storages.values() if ref() is not None)
+        return sum(n for ptr, (ref, n) in self.storages.items() if ref() is not None and ptr not in exclude)
 
 
 def kept_after_forward(path, recipe, ids):
@@ -167,7 +234,8 @@ def kept_after_forward(path, recipe, ids):
     live = LiveStorages()
     with live:
         loss = model(input_ids=ids, labels=ids).loss
-    alive = live.alive_bytes()
+    own = frozenset(t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()])
+    alive = live.alive_bytes(exclude=own)
     loss.backward()  # the graph (and the selective cache) is consumed
     kept_by_policy = sum(sum(p.kept_bytes.values()) for p in records)
     return alive, kept_by_policy
@@ -181,16 +249,21 @@ def test_planner_predicts_what_selective_layers_keep(builtin_checkpoint, tmp_pat
     kernel's float32 log-sum-exp (heads x 4 bytes per token), which the planner leaves out (under 1%):
     exact to the byte."""
     from qlora_doctor.memory.activations import selective_kept_per_token
-    from qlora_doctor.memory.model import count_parameters, load_model_config
+    from qlora_doctor.memory.model import count_parameters, load_model_config, lora_targets
 
     counts = count_parameters(load_model_config("builtin:smollm2-135m-instruct"))
     heads = load_model_config("builtin:smollm2-135m-instruct")["num_attention_heads"]
     ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     tokens = ids.numel()
     full, _ = kept_after_forward(builtin_checkpoint, make_recipe(tmp_path, builtin_checkpoint, fused_lora=fused), ids)
-    sel, by_policy = kept_after_forward(builtin_checkpoint, make_recipe(
-        tmp_path, builtin_checkpoint, fused_lora=fused, recompute="selective"), ids)
-    predicted = selective_kept_per_token(counts, act=4) * tokens * counts.num_layers
+    recipe = make_recipe(tmp_path, builtin_checkpoint, fused_lora=fused, recompute="selective")
+    sel, by_policy = kept_after_forward(builtin_checkpoint, recipe, ids)
+    # fused, v/o/down_proj keep their whole LoRA output and A x (rank wide) too
+    targets = lora_targets(counts, "all-linear") if fused else ()  # build()'s LoraConfig: r=4, all-linear
+    predicted = selective_kept_per_token(counts, 4, targets, r=4) * tokens * counts.num_layers
+    if fused:
+        assert predicted - selective_kept_per_token(counts, 4) * tokens * counts.num_layers == (
+            3 * 4 * 4 * tokens * counts.num_layers)
     lse = heads * 4 * tokens * counts.num_layers
     assert sel - full == predicted + lse
     if selective._sees_outputs():  # torch >= 2.13 hands the policy each op's output to count
@@ -274,6 +347,8 @@ def test_planner_selective_8b_keeps_the_issues_figure_per_layer():
     per_layer = selective_kept_per_token(counts, act=2) * tokens
     assert per_layer == (4096 + 1024 + 1024 + 4096 + 4096 + 4096) * 2 * tokens  # q k v o down + attention
     assert per_layer / GIB == pytest.approx(0.5625)
+    # fused LoRA (r 16): v/o/down_proj keep A x too, 3 x 16 x 2 bytes a token
+    per_layer += 3 * 16 * 2 * tokens
     fast = TrainSettings(micro_batch=8, seq_len=2048, upcast_unquantized=False, liger_kernel=True, fused_lora=True,
                          optim="paged_adamw_8bit")
     full, sel = estimate(counts, fast), estimate(counts, replace(fast, recompute="selective"))
@@ -292,10 +367,10 @@ def test_planner_counts_only_the_selective_layers_kept_outputs():
 
     from qlora_doctor.memory.activations import selective_kept_per_token
     from qlora_doctor.memory.estimate import TrainSettings, estimate, selective_layers
-    from qlora_doctor.memory.model import count_parameters
+    from qlora_doctor.memory.model import count_parameters, lora_targets
 
     counts = count_parameters(LLAMA3_8B)
-    per_layer = selective_kept_per_token(counts, act=2) * 8 * 2048
+    per_layer = selective_kept_per_token(counts, 2, lora_targets(counts, "all-linear"), r=16) * 8 * 2048  # fused
     fast = TrainSettings(micro_batch=8, seq_len=2048, upcast_unquantized=False, liger_kernel=True, fused_lora=True,
                          recompute="selective")
     full = estimate(counts, replace(fast, recompute="full")).total_bytes

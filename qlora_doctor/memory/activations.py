@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora_doctor.memory.model import LinearShape, ModelCounts
-from qlora_doctor.recipe.levers import SELECTIVE_KEPT_PROJECTIONS
+from qlora_doctor.recipe.levers import SELECTIVE_KEPT_PROJECTIONS, SELECTIVE_WHOLE_LORA_PROJECTIONS
 
 ACTIVATION_MASK_BYTES = 1
 """Dropout keeps a bool mask (1 byte per element) for backward (`torch.native_dropout`)."""
@@ -182,10 +182,14 @@ def liger_loss_bytes(counts: ModelCounts, tokens: int, act: int, residual: int) 
     return chunk, hidden
 
 
-def selective_kept_per_token(counts: ModelCounts, act: int) -> int:
+def selective_kept_per_token(counts: ModelCounts, act: int, fused_lora_targets: tuple[LinearShape, ...] = (),
+                             r: int = 0) -> int:
     """Bytes a selectively checkpointed layer keeps per token on top of its input (trainer/selective.py):
     the base GEMM output of each of SELECTIVE_KEPT_PROJECTIONS the layer has, and the attention kernel's
-    output (q_dim wide), all in the activation dtype. The kernel's log-sum-exp (float32, one per head and
-    token: under 1% of this for head_dim >= 64) and its RNG seed/offset are not counted."""
+    output (q_dim wide), all in the activation dtype; with fused LoRA on `fused_lora_targets` (rank `r`), the
+    whole-LoRA op of each of SELECTIVE_WHOLE_LORA_PROJECTIONS among them keeps A x too (r wide). The kernel's
+    log-sum-exp (float32, one per head and token: under 1% of this for head_dim >= 64) and its RNG seed/offset
+    are not counted."""
     kept = sum(t.out_features for t in counts.layer_linears if t.name.rsplit(".", 1)[-1] in SELECTIVE_KEPT_PROJECTIONS)
-    return (kept + counts.q_dim) * act
+    whole = sum(1 for t in fused_lora_targets if t.name.rsplit(".", 1)[-1] in SELECTIVE_WHOLE_LORA_PROJECTIONS)
+    return (kept + counts.q_dim + whole * r) * act

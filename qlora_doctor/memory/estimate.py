@@ -439,10 +439,17 @@ def offload_host_bytes(counts: ModelCounts, s: TrainSettings) -> int:
     if not checkpointed:
         return 0
     act, residual = _activation_bytes(s)
-    kept = per_token.selective_kept_per_token(counts, act) if s.recompute == "selective" else 0
+    kept = _selective_kept(counts, s, lora_targets(counts, s.lora_targets), act)
     selective = selective_layers(counts, s)
     on_host = max(checkpointed - 1, 0) * counts.hidden_size * residual + max(selective - 1, 0) * kept
     return on_host * s.tokens
+
+
+def _selective_kept(counts: ModelCounts, s: TrainSettings, targets: tuple, act: int) -> int:
+    """Bytes per token a selective layer keeps (0 without selective recompute)."""
+    if s.recompute != "selective":
+        return 0
+    return per_token.selective_kept_per_token(counts, act, targets if s.fused_lora else (), s.lora_r)
 
 
 def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act: int, residual: int,
@@ -464,7 +471,7 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
     layer_saved = per_token.layer_saved_per_token(counts, targets, s.lora_r, act, residual, dropout, levers)
     layer_input = counts.hidden_size * residual
     # A selectively checkpointed layer keeps some op outputs besides its input until its replay consumes them.
-    kept_outputs = per_token.selective_kept_per_token(counts, act) if s.recompute == "selective" else 0
+    kept_outputs = _selective_kept(counts, s, targets, act)
     working = per_token.layer_working_per_token(counts, act, residual, dropout, levers)
     head = per_token.head_per_token(counts, act, residual, levers)
     checkpointed = checkpointed_layers(counts, s)

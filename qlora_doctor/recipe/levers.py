@@ -58,6 +58,13 @@ checkpointed layer keeps, so that the backward's replay of the layer skips those
 (the widest outputs) are recomputed. Why these: trainer/selective.py's docstring. The memory planner counts
 the same (memory/activations.py, selective_kept_per_token)."""
 
+SELECTIVE_WHOLE_LORA_PROJECTIONS = frozenset({"v_proj", "o_proj", "down_proj"})
+"""Of SELECTIVE_KEPT_PROJECTIONS, those whose whole fused LoRA output (base GEMM plus the LoRA term, and A x) a
+selective layer keeps, so the replay skips their LoRA matmuls and add too (trainer/fused_lora.py lora_gemm_4bit):
+the ones no later op of the layer writes into. Not q_proj/k_proj: Liger's RoPE rotates q and k in place
+(liger_kernel/ops/rope.py rope_forward: `q.transpose(1, 2).contiguous()` is the projection's own storage). The
+planner counts A x (rank wide) for these (memory/activations.py, selective_kept_per_token)."""
+
 FP8_MIN_CAPABILITY = (8, 9)
 """`fp8_base`: torch._scaled_mm runs on compute capability 8.9 (Ada) and >= 9.0 (Hopper and newer)."""
 TORCHAO_REQUIREMENT = "torchao>=0.18,<0.19"

@@ -23,23 +23,57 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import types
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 
-_OUT_OF_PLACE = contextvars.ContextVar("qlora_fused_lora_out_of_place", default=False)
-"""Set inside a selectively checkpointed layer: the LoRA term is added out of place, so the base GEMM's
-output that the selective policy keeps is never written to (trainer/selective.py)."""
+WHOLE_LORA_OP = True
+"""Inside a selectively checkpointed layer, run the LoRA forward of SELECTIVE_WHOLE_LORA_PROJECTIONS as one op
+(`lora_gemm_4bit`) that the policy keeps. False (bench/train_throughput.py's `fast_no_whole_lora`, to measure what
+it brings) keeps only their base GEMM output and adds the LoRA term out of place, as gate/up-less layers did."""
+
+
+@dataclass
+class SelectiveLayer:
+    """What the fused forward needs to know inside one selectively checkpointed layer call (trainer/selective.py):
+    `kept`, the base weights (data_ptr) of the projections whose base GEMM output the policy keeps: their LoRA
+    term is added out of place, so the kept tensor is never written to; `whole`, those of them whose whole LoRA
+    forward is one kept op (`lora_gemm_4bit`), so the replay skips the LoRA matmuls and the add too. With
+    `check`, the outputs of whole ops are checked unchanged when the layer's forward ends (`selective_layer`)."""
+
+    kept: frozenset[int]
+    whole: frozenset[int]
+    check: bool = False
+    outputs: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
+
+
+_SELECTIVE: contextvars.ContextVar[SelectiveLayer | None] = contextvars.ContextVar("qlora_selective_layer",
+                                                                                   default=None)
 
 
 @contextlib.contextmanager
-def lora_add_out_of_place() -> Iterator[None]:
-    token = _OUT_OF_PLACE.set(True)
+def selective_layer(kept: frozenset[int], whole: frozenset[int], check: bool = False) -> Iterator[SelectiveLayer]:
+    """Run the fused forwards inside as parts of a selectively checkpointed layer (SelectiveLayer). A whole-LoRA
+    output written to before the layer's forward ends would make the replay start from the written values: that
+    raises, naming the projection, instead of training on wrong gradients."""
+    layer = SelectiveLayer(kept, whole if WHOLE_LORA_OP else frozenset(), check)
+    token = _SELECTIVE.set(layer)
     try:
-        yield
+        yield layer
     finally:
-        _OUT_OF_PLACE.reset(token)
+        _SELECTIVE.reset(token)
+    changed = [name for name, out, version in layer.outputs if out._version != version]
+    layer.outputs.clear()
+    if changed:
+        raise RuntimeError(
+            f"selective recompute keeps the whole LoRA output of {', '.join(sorted(set(changed)))}, and an op later in "
+            "the layer wrote into it in place, so the backward would replay from the written values. Set "
+            "`performance.recompute: full` and report the model's architecture: its projections need adding to "
+            "the ones whose LoRA output is not kept whole (recipe/levers.py SELECTIVE_WHOLE_LORA_PROJECTIONS).")
+
 
 BASE_GEMM_ATTRIBUTE = "qlora_base_gemm"
 """An attribute of a bitsandbytes 4-bit layer holding an object with `forward(x2, weight, quant_state)` (x2 @ W^T)
@@ -53,24 +87,32 @@ class LoraLinear4bitFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weight: Any,
                 quant_state: Any, scaling: float, dropout_p: float, compute_dtype: torch.dtype,
                 base_gemm: Any = None) -> torch.Tensor:
-        import bitsandbytes as bnb
-
         x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-        if base_gemm is None:
-            out = bnb.matmul_4bit(x2, weight, quant_state=quant_state)  # grad is off here: bnb's fast path
-        else:
-            out = base_gemm.forward(x2, weight, quant_state)
         rng_state = None
         if dropout_p > 0:
             rng_state = _get_rng_state(x2.device)
             dropped, _ = torch.native_dropout(x2, dropout_p, True)
         else:
             dropped = x2
-        a_out = dropped @ lora_a.to(compute_dtype).t()
-        if _OUT_OF_PLACE.get():
-            out = torch.addmm(out, a_out, lora_b.to(compute_dtype).t(), alpha=scaling)
+        a16, b16 = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
+        layer = _SELECTIVE.get()
+        pointer = weight.data_ptr() if layer is not None else None
+        if layer is not None and pointer in layer.whole:
+            key = next(_KEYS)
+            _CALLS[key] = (quant_state, base_gemm)
+            try:
+                out, a_out = lora_gemm_4bit(x2, dropped, weight, a16, b16, scaling, key)
+            finally:
+                del _CALLS[key]
+            if layer.check:
+                layer.outputs.append((_projection_name(weight), out, out._version))
         else:
-            out = out.addmm_(a_out, lora_b.to(compute_dtype).t(), alpha=scaling)
+            out = _base_forward(x2, weight, quant_state, base_gemm)
+            a_out = dropped @ a16.t()
+            if layer is not None and pointer in layer.kept:
+                out = torch.addmm(out, a_out, b16.t(), alpha=scaling)  # the kept base output stays unwritten
+            else:
+                out = out.addmm_(a_out, b16.t(), alpha=scaling)
         ctx.save_for_backward(x2, a_out, lora_a, lora_b)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.dropout_p = weight, quant_state, scaling, dropout_p
         ctx.rng_state, ctx.compute_dtype, ctx.x_shape, ctx.x_dtype = rng_state, compute_dtype, x.shape, x.dtype
@@ -108,6 +150,51 @@ class LoraLinear4bitFunction(torch.autograd.Function):
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return (grad_x, None if grad_a is None else grad_a.to(lora_a.dtype),
                 None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None, None, None)
+
+
+def _base_forward(x2: torch.Tensor, weight: Any, quant_state: Any, base_gemm: Any) -> torch.Tensor:
+    """x2 @ W^T for the 4-bit weight: bitsandbytes' matmul (grad is off here: its fast path) or `base_gemm`'s."""
+    import bitsandbytes as bnb
+
+    if base_gemm is None:
+        return bnb.matmul_4bit(x2, weight, quant_state=quant_state)
+    return base_gemm.forward(x2, weight, quant_state)
+
+
+_CALLS: dict[int, tuple[Any, Any]] = {}
+"""The (quant_state, base_gemm) of each `lora_gemm_4bit` call in progress, by its key: neither is a tensor, so
+neither can be the op's argument; the entry lives for the call only."""
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("qlora_doctor::lora_gemm_4bit", mutates_args=())
+def lora_gemm_4bit(x2: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, scaling: float, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W x2 + scaling * B A dropped, A dropped) for the 4-bit `weight`, the LoRA term added in place into the
+    base GEMM's fresh output: one op, so that selective recompute keeps the whole LoRA output and its replay runs
+    none of it (trainer/selective.py GEMM_OPS). The dropout is drawn outside, so the op draws no random numbers."""
+    try:
+        quant_state, base_gemm = _CALLS[key]
+    except KeyError:
+        raise RuntimeError(f"qlora_doctor::lora_gemm_4bit: no call {key} in progress; call it through "
+                           "LoraLinear4bitFunction") from None
+    out = _base_forward(x2, weight, quant_state, base_gemm)
+    a_out = dropped @ lora_a.t()
+    return out.addmm_(a_out, lora_b.t(), alpha=scaling), a_out
+
+
+@lora_gemm_4bit.register_fake
+def _lora_gemm_4bit_fake(x2: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                         lora_b: torch.Tensor, scaling: float, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x2.new_empty((x2.shape[0], lora_b.shape[0])), x2.new_empty((x2.shape[0], lora_a.shape[0]))
+
+
+_NAMES: dict[int, str] = {}
+"""data_ptr of a 4-bit weight -> its projection's name, for selective_layer's error (fuse_lora_layers fills it)."""
+
+
+def _projection_name(weight: Any) -> str:
+    return _NAMES.get(weight.data_ptr(), "a projection")
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -174,6 +261,7 @@ def fuse_lora_layers(model: Any) -> tuple[int, list[str]]:
         reason = fusable_reason(module)
         if reason is None:
             module.forward = types.MethodType(_fused_forward, module)
+            _NAMES[module.get_base_layer().weight.data_ptr()] = name.rsplit(".", 1)[-1]
             fused += 1
         else:
             skipped.setdefault(reason, name)

@@ -102,8 +102,9 @@ OFFLOAD_SELECTIVE_CACHE = True
 """Whether offloaded checkpointing also moves selective recompute's kept outputs to host memory (trainer/speed.py
 reads it when it builds the layers; bench/train_throughput.py turns it off to measure what it changes)."""
 
-CACHE_MIN_BYTES = 1 << 20
-"""Kept tensors smaller than this stay on the GPU (the attention kernel's RNG seed/offset, small masks)."""
+CACHE_MIN_BYTES = 64 << 10
+"""Kept tensors smaller than this stay on the GPU (the attention kernel's RNG seed/offset, small masks). The
+whole-LoRA op's A x (tokens x rank: 0.5 MiB at 8 x 2048 tokens, r 16) moves with the rest."""
 
 CACHE_COPIES_IN_FLIGHT = 2
 """Selective caches whose device->host copy may still run while the forward goes on; past this the compute stream

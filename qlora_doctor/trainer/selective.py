@@ -28,11 +28,17 @@ sequence, so it holds for fused and unfused LoRA alike):
     runs 2 of the layer's 7 base GEMMs (54% of its GEMM FLOPs) instead of all of them. The issue's "keep the
     post-attention residual" becomes "keep o_proj's output": the same bytes, and the replay skips o_proj too.
     The LoRA matmuls (rank r) are recomputed: their weights change every step but their cost is small.
-  * fused LoRA adds its low-rank term into the GEMM's output in place (`out.addmm_`) elsewhere; inside a
-    selective layer (forward and replay alike) it adds out of place (`fused_lora.lora_add_out_of_place`),
-    so a kept GEMM output is never written to and the replay's add runs on the kept tensor as the
-    forward's did. (An in-place op on a kept tensor is still kept, for other code that mutates one; that
-    needs `SelectiveCheckpointContext.op_output`, torch >= 2.13, and is checked where it is there.)
+  * fused LoRA adds its low-rank term into the GEMM's output in place (`out.addmm_`) elsewhere. Inside a
+    selective layer (forward and replay alike, `fused_lora.selective_layer`):
+    - v/o/down_proj (SELECTIVE_WHOLE_LORA_PROJECTIONS) run their whole LoRA forward as one op,
+      `qlora_doctor::lora_gemm_4bit` (base GEMM, A x, the add into the GEMM's fresh output), which is kept:
+      the replay runs none of it. Their outputs are only read later in the layer; the forward checks that
+      when it ends and raises, naming the projection, if an op wrote into one.
+    - q/k_proj keep only the base GEMM output and add the LoRA term out of place, so the kept tensor is
+      never written to: Liger's RoPE rotates q and k in place (liger_kernel/ops/rope.py, rope_forward).
+    - gate/up_proj are not kept and add in place, as outside.
+    (An in-place op on a kept tensor is still kept, for other code that mutates one; that needs
+    `SelectiveCheckpointContext.op_output`, torch >= 2.13, and is checked where it is there.)
   * everything else (norms, RoPE, SwiGLU, dropout, LoRA's matmuls, the LoRA add, gate/up): recompute.
 
 Torch >= 2.4 has the mechanism; torch 2.13 added the op outputs the policy uses to count the bytes it keeps
@@ -51,7 +57,7 @@ import inspect
 from typing import Any
 
 from qlora_doctor.core.errors import CheckFailed
-from qlora_doctor.recipe.levers import SELECTIVE_KEPT_PROJECTIONS
+from qlora_doctor.recipe.levers import SELECTIVE_KEPT_PROJECTIONS, SELECTIVE_WHOLE_LORA_PROJECTIONS
 
 ATTENTION_OPS = frozenset({
     "aten::_scaled_dot_product_flash_attention",
@@ -64,9 +70,11 @@ ATTENTION_OPS = frozenset({
 })
 """Attention kernels whose outputs (output, log-sum-exp, RNG seed/offset) are kept (`OpOverload.name()`)."""
 
-GEMM_OPS = frozenset({"bitsandbytes::gemm_4bit", "qlora_doctor::fp8_gemm_4bit", "aten::mm", "aten::addmm"})
+GEMM_OPS = frozenset({"bitsandbytes::gemm_4bit", "qlora_doctor::fp8_gemm_4bit", "qlora_doctor::lora_gemm_4bit",
+                      "aten::mm", "aten::addmm"})
 """Ops that compute a projection's base GEMM: bitsandbytes' 4-bit matmul (0.50: one op, dequantization
-inside), `performance.fp8_base`'s float8 matmul of a 4-bit weight (trainer/fp8.py: one custom op, the
+inside), fused LoRA's whole forward of a projection (trainer/fused_lora.py `lora_gemm_4bit`: the base GEMM
+with the LoRA term added, and A x), `performance.fp8_base`'s float8 matmul of a 4-bit weight (trainer/fp8.py: one custom op, the
 dequantization and float8 casts inside, its `weight` argument the 4-bit weight), or a 16-bit nn.Linear's
 matmul; kept when they read a kept projection's weight."""
 
@@ -87,13 +95,13 @@ def _sees_outputs() -> bool:
     return "op_output" in inspect.signature(SelectiveCheckpointContext.__init__).parameters
 
 
-def kept_weight_pointers(layer: Any) -> frozenset[int]:
-    """data_ptr() of the base weights of `layer`'s kept projections (SELECTIVE_KEPT_PROJECTIONS), peft's
-    LoRA wrappers looked through. A GEMM reading one of them (its argument is the weight or a view of it)
-    is a kept projection's base GEMM."""
+def kept_weight_pointers(layer: Any, projections: frozenset[str] = SELECTIVE_KEPT_PROJECTIONS) -> frozenset[int]:
+    """data_ptr() of the base weights of `layer`'s kept projections (SELECTIVE_KEPT_PROJECTIONS, or those of
+    `projections`), peft's LoRA wrappers looked through. A GEMM reading one of them (its argument is the weight or
+    a view of it) is a kept projection's base GEMM."""
     pointers = set()
     for name, module in layer.named_modules():
-        if name.rsplit(".", 1)[-1] not in SELECTIVE_KEPT_PROJECTIONS:
+        if name.rsplit(".", 1)[-1] not in projections:
             continue
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         weight = getattr(base, "weight", None)
@@ -172,7 +180,7 @@ def selective_context_fn(layer: Any, record: list[SelectivePolicy] | None = None
     `keep_on_device`, this layer's stay on the GPU and its replay only prefetches the previous layer's)."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    from qlora_doctor.trainer.fused_lora import lora_add_out_of_place
+    from qlora_doctor.trainer.fused_lora import selective_layer
 
     mutation = ({"allow_cache_entry_mutation": True} if _sees_outputs() and "allow_cache_entry_mutation" in
                 inspect.signature(create_selective_checkpoint_contexts).parameters else {})
@@ -181,13 +189,17 @@ def selective_context_fn(layer: Any, record: list[SelectivePolicy] | None = None
         policy = SelectivePolicy(kept_weight_pointers(layer))
         if record is not None:
             record.append(policy)
+        whole = kept_weight_pointers(layer, SELECTIVE_WHOLE_LORA_PROJECTIONS)
         forward, replay = create_selective_checkpoint_contexts(policy, **mutation)
+        # The forward checks that no whole LoRA output it keeps was written to before the layer's forward ended.
+        lora_forward = selective_layer(policy.weights, whole, check=True)
+        lora_replay = selective_layer(policy.weights, whole)
         if offloader is None:
-            return _Both(lora_add_out_of_place(), forward), _Both(lora_add_out_of_place(), replay)
+            return _Both(lora_forward, forward), _Both(lora_replay, replay)
         # Outermost, so that its copies run outside the dispatch modes: the forward's offload after the caching
         # mode exited, the replay's restore before the cached mode is entered.
         offload, restore = offloader.cache_contexts(forward.storage, keep_on_device)
-        return _Both(offload, lora_add_out_of_place(), forward), _Both(restore, lora_add_out_of_place(), replay)
+        return _Both(offload, lora_forward, forward), _Both(restore, lora_replay, replay)
 
     return context_fn
 
