@@ -140,13 +140,17 @@ class LoraLinear4bitFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             if ctx.base_gemm is None:
-                grad_x = g @ bnb_f.dequantize_4bit(ctx.weight, ctx.quant_state).to(cd)
+                # The base GEMM accumulates into the LoRA term: its epilogue reads it while the GEMM is compute-bound,
+                # where adding the term afterwards would read and write [tokens, in] once more.
+                grad_x = g_a @ a16 if mask is None else torch.ops.aten.native_dropout_backward(
+                    g_a @ a16, mask, 1.0 / (1.0 - p))
+                grad_x.addmm_(g, bnb_f.dequantize_4bit(ctx.weight, ctx.quant_state).to(cd))
             else:
                 grad_x = ctx.base_gemm.grad_input(g, ctx.weight, ctx.quant_state)
-            if mask is None:
-                grad_x.addmm_(g_a, a16)
-            else:
-                grad_x.add_(torch.ops.aten.native_dropout_backward(g_a @ a16, mask, 1.0 / (1.0 - p)))
+                if mask is None:
+                    grad_x.addmm_(g_a, a16)
+                else:
+                    grad_x.add_(torch.ops.aten.native_dropout_backward(g_a @ a16, mask, 1.0 / (1.0 - p)))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return (grad_x, None if grad_a is None else grad_a.to(lora_a.dtype),
                 None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None, None, None)
