@@ -107,6 +107,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # the default, but v/o/down_proj keep only their base GEMM output as q/k do (trainer/fused_lora.py
     # WHOLE_LORA_OP off): what the whole-LoRA op brings
     "fast_no_whole_lora": {BENCH_ONLY_NO_WHOLE_LORA: True},
+    # every layer recomputed whole, nothing offloaded: the reference loss curve of the default's
+    "fast_full_recompute": {"recompute": "full", "offload_checkpoints": False},
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]
