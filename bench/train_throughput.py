@@ -58,7 +58,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 BENCH_ONLY_CACHE_ON_GPU = "_selective_cache_on_gpu"
 BENCH_ONLY_NO_WHOLE_LORA = "_no_whole_lora"
-BENCH_ONLY = (BENCH_ONLY_CACHE_ON_GPU, BENCH_ONLY_NO_WHOLE_LORA)
+BENCH_ONLY_CACHE_MIN_1MIB = "_cache_min_1mib"
+BENCH_ONLY = (BENCH_ONLY_CACHE_ON_GPU, BENCH_ONLY_NO_WHOLE_LORA, BENCH_ONLY_CACHE_MIN_1MIB)
 """`performance` keys of a variant that are switches of this bench, not recipe settings."""
 """A variant key that is not a recipe setting: trainer/offload.py's OFFLOAD_SELECTIVE_CACHE off for that variant."""
 
@@ -109,6 +110,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast_no_whole_lora": {BENCH_ONLY_NO_WHOLE_LORA: True},
     # every layer recomputed whole, nothing offloaded: the reference loss curve of the default's
     "fast_full_recompute": {"recompute": "full", "offload_checkpoints": False},
+    # the default with kept tensors under 1 MiB left on the GPU (offload.CACHE_MIN_BYTES as before the whole-LoRA op)
+    "fast_cache_min_1mib": {BENCH_ONLY_CACHE_MIN_1MIB: True},
+    "fast_selective_no_offload": {"recompute": "selective", "offload_checkpoints": False},
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]
@@ -370,6 +374,9 @@ def baseline_trainer_parts(model_path: str, device: str, batch: int, steps: int,
     return model, args, PaddingCollator(pad_token_id=0)
 
 
+DEFAULT_CACHE_MIN = 64 << 10  # qlora_doctor/trainer/offload.py CACHE_MIN_BYTES
+
+
 def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str, batch: int, seq: int, steps: int,
                        optim: str, lr: float, logging_steps: int, work: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(model, TrainingArguments, collator, levers) exactly as `qlora-doctor run` builds them."""
@@ -389,6 +396,7 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
 
     offload.OFFLOAD_SELECTIVE_CACHE = not performance.get(BENCH_ONLY_CACHE_ON_GPU, False)
     fused_lora.WHOLE_LORA_OP = not performance.get(BENCH_ONLY_NO_WHOLE_LORA, False)
+    offload.CACHE_MIN_BYTES = (1 << 20) if performance.get(BENCH_ONLY_CACHE_MIN_1MIB, False) else DEFAULT_CACHE_MIN
     recipe = make_recipe(model_path, performance, work, batch, seq, steps, optim, lr, logging_steps)
     hazards: tuple[Any, ...] = ()
     if device == "cuda":
