@@ -113,6 +113,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # the default with kept tensors under 1 MiB left on the GPU (offload.CACHE_MIN_BYTES as before the whole-LoRA op)
     "fast_cache_min_1mib": {BENCH_ONLY_CACHE_MIN_1MIB: True},
     "fast_selective_no_offload": {"recompute": "selective", "offload_checkpoints": False},
+    "fast_full_offload": {"recompute": "full", "offload_checkpoints": True},
 }
 ABLATION = ["baseline", "no_upcast", "liger", "fused_lora", "no_upcast+liger", "fast", "fast_ckpt_0.5",
             "fast_no_ckpt"]
