@@ -102,9 +102,12 @@ OFFLOAD_SELECTIVE_CACHE = True
 """Whether offloaded checkpointing also moves selective recompute's kept outputs to host memory (trainer/speed.py
 reads it when it builds the layers; bench/train_throughput.py turns it off to measure what it changes)."""
 
-CACHE_MIN_BYTES = 64 << 10
-"""Kept tensors smaller than this stay on the GPU (the attention kernel's RNG seed/offset, small masks). The
-whole-LoRA op's A x (tokens x rank: 0.5 MiB at 8 x 2048 tokens, r 16) moves with the rest."""
+CACHE_MIN_BYTES = 1 << 20
+"""Kept tensors smaller than this stay on the GPU (the attention kernel's RNG seed/offset, small masks, the
+whole-LoRA op's A x: tokens x rank, 0.5 MiB at 8 x 2048 tokens and r 16). At 64 KiB, which moved A x (and the 1B
+shape's 256 KiB attention log-sum-exp) to the host too, an H100's 200-step loss curve of the default fell
+behind full recompute's from step 10 on, while at 1 MiB it followed it (bench/results/fastpath_h100_2026-12-06b/);
+the cause is not found, so small tensors stay on the GPU."""
 
 CACHE_COPIES_IN_FLIGHT = 2
 """Selective caches whose device->host copy may still run while the forward goes on; past this the compute stream
