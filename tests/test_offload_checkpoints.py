@@ -102,6 +102,7 @@ def test_the_planner_moves_the_checkpointed_inputs_off_the_gpu():
     layer_input = counts.hidden_size * 2 * base.tokens  # bf16 residual stream
     # a selective layer's kept outputs (fused LoRA: with A x of v/o/down_proj)
     kept = activations.selective_kept_per_token(counts, 2, lora_targets(counts, base.lora_targets), base.lora_r) * base.tokens
+    stays = 3 * base.lora_r * 2 * base.tokens  # A x of v/o/down_proj's whole-LoRA op never moves (STAY_ON_DEVICE)
     for settings in (base, replace(base, recompute="selective"), replace(base, checkpoint_layers=10)):
         plain, offloaded = estimate(counts, settings), estimate(counts, replace(settings, offload_checkpoints=True))
         checkpointed = 10 if settings.checkpoint_layers == 10 else counts.num_layers
@@ -115,7 +116,7 @@ def test_the_planner_moves_the_checkpointed_inputs_off_the_gpu():
             assert saved > (selective - OFFLOAD_RESIDENT_CACHES - 1) * kept
         # what goes to the host: every input but the first layer's, every selective cache but the last layer's
         host = offload_host_bytes(counts, replace(settings, offload_checkpoints=True))
-        assert host == (checkpointed - 1) * layer_input + max(selective - 1, 0) * kept
+        assert host == (checkpointed - 1) * layer_input + max(selective - 1, 0) * (kept - stays)
         assert offload_host_bytes(counts, settings) == 0
         assert offloaded.peak_reserved_bytes < plain.peak_reserved_bytes
         assert any("offloaded to host memory" in name for name, _ in offloaded.breakdown)
@@ -238,6 +239,30 @@ def test_selective_kept_outputs_live_only_in_host_copies_after_the_forward(tiny_
     loss.backward()
     assert all(r.restored and r.prefetched is None for r in records)
     assert offloader.stats["cache_prefetch_hits"] == LAYERS - 1
+
+
+def test_the_whole_lora_ops_a_x_stays_on_the_device():
+    """STAY_ON_DEVICE: of the whole-LoRA op's kept outputs only the LoRA output moves; A x stays where it is (moved
+    too, the default's loss curve lagged full recompute's on an H100: trainer/offload.py)."""
+    from torch.utils.checkpoint import _VersionWrapper, create_selective_checkpoint_contexts
+
+    from qlora_doctor.trainer import fused_lora  # noqa: F401 (registers the op)
+    from qlora_doctor.trainer.offload import _cache_wrappers, _HostView
+
+    op = torch.ops.qlora_doctor.lora_gemm_4bit.default
+    out, a_out = torch.randn(16, 8), torch.randn(16, 4)
+    forward, _ = create_selective_checkpoint_contexts(lambda *a, **k: True)
+    forward.storage[op][0] = (_VersionWrapper(out), _VersionWrapper(a_out))
+    assert [w.val for w in _cache_wrappers(forward.storage)] == [out]
+    offloader = CheckpointOffloader(streams=False, pin_memory=False, offload_cpu=True)
+    offload, restore = offloader.cache_contexts(forward.storage)
+    with offload:
+        pass
+    moved, stayed = forward.storage[op][0]
+    assert isinstance(moved.val, _HostView) and stayed.val is a_out
+    with restore:
+        pass
+    assert torch.equal(moved.val, out) and stayed.val is a_out
 
 
 def test_a_restored_cache_entry_is_the_same_view_of_the_same_bytes():

@@ -439,17 +439,19 @@ def offload_host_bytes(counts: ModelCounts, s: TrainSettings) -> int:
     if not checkpointed:
         return 0
     act, residual = _activation_bytes(s)
-    kept = _selective_kept(counts, s, lora_targets(counts, s.lora_targets), act)
+    kept, stays = _selective_kept(counts, s, lora_targets(counts, s.lora_targets), act)
     selective = selective_layers(counts, s)
-    on_host = max(checkpointed - 1, 0) * counts.hidden_size * residual + max(selective - 1, 0) * kept
+    on_host = max(checkpointed - 1, 0) * counts.hidden_size * residual + max(selective - 1, 0) * (kept - stays)
     return on_host * s.tokens
 
 
-def _selective_kept(counts: ModelCounts, s: TrainSettings, targets: tuple, act: int) -> int:
-    """Bytes per token a selective layer keeps (0 without selective recompute)."""
+def _selective_kept(counts: ModelCounts, s: TrainSettings, targets: tuple, act: int) -> tuple[int, int]:
+    """(bytes per token a selective layer keeps, of which offload_checkpoints leaves on the GPU: the whole-LoRA
+    op's A x, trainer/offload.py STAY_ON_DEVICE); (0, 0) without selective recompute."""
     if s.recompute != "selective":
-        return 0
-    return per_token.selective_kept_per_token(counts, act, targets if s.fused_lora else (), s.lora_r)
+        return 0, 0
+    kept = per_token.selective_kept_per_token(counts, act, targets if s.fused_lora else (), s.lora_r)
+    return kept, kept - per_token.selective_kept_per_token(counts, act)
 
 
 def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act: int, residual: int,
@@ -471,7 +473,7 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
     layer_saved = per_token.layer_saved_per_token(counts, targets, s.lora_r, act, residual, dropout, levers)
     layer_input = counts.hidden_size * residual
     # A selectively checkpointed layer keeps some op outputs besides its input until its replay consumes them.
-    kept_outputs = _selective_kept(counts, s, targets, act)
+    kept_outputs, stays = _selective_kept(counts, s, targets, act)
     working = per_token.layer_working_per_token(counts, act, residual, dropout, levers)
     head = per_token.head_per_token(counts, act, residual, levers)
     checkpointed = checkpointed_layers(counts, s)
@@ -488,7 +490,8 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
     selective = selective_layers(counts, s)  # the first `selective` of the checkpointed layers keep outputs
     # offloaded, only OFFLOAD_RESIDENT_CACHES layers' kept outputs are on the GPU at once
     kept_on_gpu = min(selective, OFFLOAD_RESIDENT_CACHES) if s.offload_checkpoints else selective
-    inputs = (resident * layer_input + kept_on_gpu * kept_outputs) * tokens
+    # the other selective layers' caches leave what never moves (A x) on the GPU
+    inputs = (resident * layer_input + kept_on_gpu * kept_outputs + (selective - kept_on_gpu) * stays) * tokens
     label = "checkpointed layer inputs" + (" and kept outputs (selective)" if kept_outputs else "")
     if s.offload_checkpoints and checkpointed:
         label += f" ({resident} inputs on the GPU, the rest offloaded to host memory)"
@@ -508,7 +511,8 @@ def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act
         # The layer being replayed (the last checkpointed one) has handed its kept outputs, if it kept any, to
         # its recomputed tensors (layer_saved).
         alive = kept_on_gpu - 1 if selective == checkpointed else kept_on_gpu
-        inputs = (resident * layer_input + max(alive, 0) * kept_outputs) * tokens
+        cached = selective - 1 if selective == checkpointed else selective  # layers whose cache is still alive
+        inputs = (resident * layer_input + max(alive, 0) * kept_outputs + max(cached - max(alive, 0), 0) * stays) * tokens
         moments.append(([(f"activations: {label}", inputs),
                          ("working: one layer recomputed + its backward", (layer_saved - layer_input + working) * tokens),
                          ("LoRA gradients of the layers after it (float32)", kept * per_layer_trainable * 4)],

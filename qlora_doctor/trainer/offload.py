@@ -103,11 +103,14 @@ OFFLOAD_SELECTIVE_CACHE = True
 reads it when it builds the layers; bench/train_throughput.py turns it off to measure what it changes)."""
 
 CACHE_MIN_BYTES = 1 << 20
-"""Kept tensors smaller than this stay on the GPU (the attention kernel's RNG seed/offset, small masks, the
-whole-LoRA op's A x: tokens x rank, 0.5 MiB at 8 x 2048 tokens and r 16). At 64 KiB, which moved A x (and the 1B
-shape's 256 KiB attention log-sum-exp) to the host too, an H100's 200-step loss curve of the default fell
-behind full recompute's from step 10 on, while at 1 MiB it followed it (bench/results/fastpath_h100_2026-12-06b/);
-the cause is not found, so small tensors stay on the GPU."""
+"""Kept tensors smaller than this stay on the GPU (the attention kernel's RNG seed/offset, small masks)."""
+
+STAY_ON_DEVICE = {"qlora_doctor::lora_gemm_4bit": frozenset({1})}
+"""Kept op outputs that never move, by op name and output index: the whole-LoRA op's A x (tokens x rank, trainer/
+fused_lora.py). With it moved to the host (CACHE_MIN_BYTES at 64 KiB), an H100's 200-step loss curve of the
+default fell behind full recompute's from step 10 on; kept on the GPU, it followed it over 120 steps
+(bench/results/fastpath_h100_2026-12-06b/NOTES.md). The cause is not found, so A x stays, whatever its size (the
+planner counts it on the GPU: memory/estimate.py)."""
 
 CACHE_COPIES_IN_FLIGHT = 2
 """Selective caches whose device->host copy may still run while the forward goes on; past this the compute stream
@@ -444,16 +447,18 @@ class _HostView:
 
 
 def _cache_wrappers(storage: Any) -> list[Any]:
-    """The entries of a SAC cache that hold a tensor (torch's `_VersionWrapper`s, any container layout)."""
+    """The entries of a SAC cache that hold a tensor to move (torch's `_VersionWrapper`s, any container layout),
+    less the outputs STAY_ON_DEVICE names."""
     import torch
     from torch.utils._pytree import tree_leaves
 
     found = []
-    for per_op in storage.values():
+    for op, per_op in storage.items():
+        stay = STAY_ON_DEVICE.get(op.name() if hasattr(op, "name") else str(op), frozenset())
         entries = per_op.values() if isinstance(per_op, dict) else per_op
         for entry in entries:
-            for leaf in tree_leaves(entry):
-                if isinstance(getattr(leaf, "val", None), torch.Tensor) and hasattr(leaf, "get_val"):
+            for index, leaf in enumerate(tree_leaves(entry)):
+                if index not in stay and isinstance(getattr(leaf, "val", None), torch.Tensor) and hasattr(leaf, "get_val"):
                     found.append(leaf)
     return found
 
