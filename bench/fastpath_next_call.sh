@@ -4,7 +4,7 @@
 #   PART=ours    baseline, fast, fast_selective, fast_offload, fast_selective_offload     (~9 min)
 #   PART=fp8     baseline, fast_fp8, fast_fp8_offload, fast_fp8_ckpt_0.5 (fp8 and selective do not compose)
 #   PART=peer    bench/peer_unsloth.py (both checkpointing modes)                          (~6 min)
-#   PART=loss    loss curves of LOSS_REF against LOSS_VAR (default fast, fast_selective_offload) on the 1B shape
+#   PART=loss    loss curves of LOSS_REF against LOSS_VAR (default fast_full_recompute, fast) on the 1B shape
 #                memorising fixed rows, LOSS_STEPS (200) steps                                  (~2 min)
 # VARIANTS="a b" overrides a PART's list; VARIANT_S (150) bounds each variant's process.
 # BENCH_ARGS adds train_throughput.py options (e.g. "--lora-dropout 0 --optim adamw_torch_fused": unsloth's settings).
@@ -30,10 +30,10 @@ case $PART in
   fp8)  for v in ${VARIANTS:-baseline fast_fp8 fast_fp8_offload fast_fp8_ckpt_0.5}; do run $v; done ;;
   loss) python3 bench/train_throughput.py --out "$OUT/loss/curves.json" --variants fast --batches 1 \
           --steps 1 --warmup 0 --shapes 1b --seq 512 --loss-steps "${LOSS_STEPS:-200}" --loss-data memorise \
-          --loss-reference "${LOSS_REF:-fast}" --loss-variant "${LOSS_VAR:-fast_selective_offload}" \
+          --loss-reference "${LOSS_REF:-fast_full_recompute}" --loss-variant "${LOSS_VAR:-fast}" \
           --loss-tolerance 0.01 --budget-s 400 ${BENCH_ARGS:-} > "$OUT/loss/curves.log" 2>&1
         echo "loss exit $?" >> "$OUT/loss/exits.txt"; tail -3 "$OUT/loss/curves.log"
-        python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['loss_curves']; d.pop('baseline'); d.pop('fast'); print(d)" "$OUT/loss/curves.json" ;;
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['loss_curves']; [d.pop(k, None) for k in ('baseline', 'fast', 'levers')]; print(d)" "$OUT/loss/curves.json" ;;
   peer) python3 bench/peer_unsloth.py --out "$OUT/peer/unsloth.json" --budget-s 360 > "$OUT/peer/unsloth.log" 2>&1
         echo "unsloth exit $?" >> "$OUT/peer/exits.txt" ;;
   *) echo "PART=$PART: expected ours, fp8, peer or loss" >&2; exit 2 ;;
