@@ -15,6 +15,10 @@ token per layer, and the base matmul runs through bitsandbytes' own 4-bit kernel
 Only plain LoRA is fused (one active adapter, no DoRA, no bias, not merged); any other call runs
 peft's own forward, so the adapter behaves exactly like peft's wherever this does not apply.
 
+Inside a selectively checkpointed layer (trainer/selective.py, `selective_layer`) the forward of
+SELECTIVE_WHOLE_LORA_PROJECTIONS is one custom op, `lora_gemm_4bit`, whose outputs the policy keeps, so the
+backward's replay runs none of it; the other kept projections add the LoRA term out of place.
+
 The base GEMMs (`W x` and `W^T dy`) are bitsandbytes', unless the base layer carries another implementation
 in `BASE_GEMM_ATTRIBUTE` (`performance.fp8_base`: trainer/fp8.py's float8 GEMMs).
 """
@@ -33,7 +37,7 @@ import torch
 WHOLE_LORA_OP = True
 """Inside a selectively checkpointed layer, run the LoRA forward of SELECTIVE_WHOLE_LORA_PROJECTIONS as one op
 (`lora_gemm_4bit`) that the policy keeps. False (bench/train_throughput.py's `fast_no_whole_lora`, to measure what
-it brings) keeps only their base GEMM output and adds the LoRA term out of place, as gate/up-less layers did."""
+it brings) keeps only their base GEMM output and adds the LoRA term out of place, as q/k_proj do."""
 
 
 @dataclass
