@@ -72,6 +72,8 @@ def score(case: dict[str, Any], machine: dict[str, Any] | None, exit_code: int, 
                        ("os", "os"), ("arch", "arch"), ("libc", "libc")):
         if key in case:
             judge(key, machine.get(field), case[key])
+    if "host_memory_mib" in case:
+        judge("host_memory_mib", machine.get("host_memory_mib"), case["host_memory_mib"])
     if "vendor" in case:
         judge("vendor", machine["gpu_vendor"], case["vendor"])
     if "torch" in case:
@@ -80,7 +82,7 @@ def score(case: dict[str, Any], machine: dict[str, Any] | None, exit_code: int, 
 
 
 _FACT_KEYS = ("gpus", "gpu_count", "gpus_unnamed", "memory_mib", "mig", "compute_capability", "driver", "cuda_driver",
-              "python", "os", "arch", "libc", "vendor", "torch")
+              "python", "os", "arch", "libc", "host_memory_mib", "vendor", "torch")
 
 
 def _torch_pin(path: Path) -> str | None:
@@ -156,7 +158,7 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 45 <= len(CASES) <= 65 and len({c["file"] for c in CASES}) == len(CASES)
+    assert 70 <= len(CASES) <= 90 and len({c["file"] for c in CASES}) == len(CASES)
     files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
     assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
@@ -166,7 +168,7 @@ def test_the_corpus_covers_the_common_machines():
 
 def test_round_two_covers_new_machines_and_layouts():
     """Round 2 (cases 36 on): machines and layouts round 1 lacked, and hand-written descriptions."""
-    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 36]
+    later = [c for c in CASES if 36 <= int(c["file"].split("-")[0]) < 60]
     names = " ".join(" ".join(c.get("gpus", [])) for c in later)
     for gpu in ("P100", "Tesla P4", "H200", "GH200", "B200", "Orin", "A10G", "RTX 5080", "RTX 5090", "RTX 4090D",
                 "Tesla T4", "TITAN Xp", "RTX 6000D"):
@@ -174,6 +176,23 @@ def test_round_two_covers_new_machines_and_layouts():
     assert 20 <= len(later) <= 30
     assert sum(c["format"].startswith("plain") for c in later) >= 3
     assert any(c.get("arch") == "aarch64" for c in later) and any(c.get("gpus_unnamed") for c in later)
+
+
+def test_round_three_covers_reports_banners_and_host_memory():
+    """Round 3 (cases 60 on): collect_env of 2025-2026 (ROCm, CPU-only, WSL2, B200), accelerate env, unsloth's
+    banner, Windows' Driver-Model column, issue forms, hand-written bullets, and the host memory pasted beside."""
+    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 60]
+    names = " ".join(" ".join(c.get("gpus", [])) for c in later)
+    for gpu in ("MI300X", "B200", "GB10", "A800", "A100-SXM4-80GB", "RTX 4090", "RTX 5090", "RTX A6000", "Tesla T4",
+                "V100S", "RTX 4000 Ada"):
+        assert gpu in names, gpu
+    assert 20 <= len(later) <= 30
+    formats = " ".join(c["format"] for c in later)
+    for form in ("collect_env", "accelerate env", "unsloth", "issue form", "bullet", "nvidia-smi -L", "nvidia-smi -a",
+                 "Driver-Model", "ollama"):
+        assert form in formats, form
+    assert sum("host_memory_mib" in c for c in later) >= 3
+    assert {c.get("vendor") for c in later} >= {"nvidia", "amd", "none"}
 
 
 # --- scoring the corpus through the real CLI ------------------------------------------------------------------------
@@ -184,7 +203,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def score_corpus(first: int = 1) -> dict[str, Any]:
-    """Cases numbered `first` on (36: round 2's)."""
+    """Cases numbered `first` on (36: round 2's, 60: round 3's)."""
     cases: dict[str, Any] = {}
     for case in [c for c in CASES if int(c["file"].split("-")[0]) >= first]:
         path = CORPUS / case["file"]

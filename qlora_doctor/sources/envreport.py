@@ -82,6 +82,9 @@ def read_report(text: str) -> EnvReport | None:
             if name:
                 rows.append((name, version))
         return EnvReport("transformers env", _rows(rows), complete=False)
+    banner = _UNSLOTH_TORCH.search(text)
+    if banner:  # unsloth's start-up banner: `Torch: 2.5.1+cu124. CUDA: 6.1. ...` (2024's: `Pytorch: ...`)
+        return EnvReport("unsloth banner", _rows([("torch", banner.group(1))]), complete=False)
     return None
 
 
@@ -94,6 +97,11 @@ def _rows(rows: list[tuple[str, str]]) -> dict[str, str]:
             continue
         pins.setdefault(canonical_name(name), version)
     return pins
+
+
+_UNSLOTH_GPU = re.compile(r"/\|\s+(?:GPU: )?(?P<name>\S.*?)\.(?: Num GPUs = (?P<count>\d+)\.)? Max memory: "
+                          r"(?P<gib>\d+(?:\.\d+)?) GB\. Platform(?::| =) ?(?P<os>\w+)", re.M)
+_UNSLOTH_TORCH = re.compile(rf"(?:Torch|Pytorch): {_VERSION}\.\s+CUDA(?::| =) ?\d+\.\d+\.", re.M)
 
 
 _NOT_A_NAME = re.compile(r"^(?:No CUDA|Could not collect|N/A|None|)$", re.I)
@@ -109,21 +117,38 @@ def machine_facts(text: str) -> dict[str, Any] | None:
     from qlora_doctor.core.machine import UNREAD, unpaste
 
     text = unpaste(text)
+    memory = host_memory_mib(text)
+    data = _machine_facts(text)
+    if data is not None and memory and UNREAD not in data:
+        data["host_memory_mib"] = memory
+    return data
+
+
+def _machine_facts(text: str) -> dict[str, Any] | None:
+    from qlora_doctor.core.machine import UNREAD
+
     if re.search(r"NVIDIA-SMI has failed", text):
         return {UNREAD: "nvidia-smi says it could not talk to the NVIDIA driver, so the GPU is not known (paste "
                         "`nvidia-smi` from a machine where it works)"}
     smi = nvidia_smi_facts(text)
     if smi is not None:
         return smi
+    banner = unsloth_facts(text)
+    if banner is not None:
+        return banner
     text = re.sub(r"^([A-Za-z][\w /()?'.-]*?[\w)?])[ \t]+:[ \t]?", r"\1: ", text, flags=re.M)  # vLLM `key : value`
+    # A GitHub issue form's answers (`### GPU model`, a blank line, `NVIDIA GeForce RTX 4090`), read as the bullets
+    # `- GPU model: NVIDIA GeForce RTX 4090` that the rest of this reads.
+    text = re.sub(r"^###[ \t]+([^\n]+?)[ \t]*\n[ \t]*\n[ \t]*([^\s#][^\n]*)$", r"- \1: \2", text, flags=re.M)
     collect_env = re.search(r"^`?(?:Collecting\W*environment information|PyTorch version:|Is CUDA available:|"
                             r"CUDA used to build PyTorch:|GPU models and configuration:)", text, re.M)
-    hf_env = re.search(r"^-\s*(?:`?\w+`? version|Platform|Python version|GPU (?:type|model|name)?):", text, re.M)
+    # transformers/accelerate env bullets, and the hand-written ones (`- GPU: NVIDIA RTX A6000`, `- OS: Ubuntu`)
+    hf_env = re.search(r"^-\s*(?:`?\w+`? version|Platform|Python version|GPU(?: type| model| name)?|OS):", text, re.M)
     if not collect_env and not hf_env:
         return container_cli_facts(text) or log_facts(text)
     data: dict[str, Any] = {}
     platform_line = re.search(r"^(?:-\s*)?(?:Python )?[Pp]latform:\s*(\S+)", text, re.M)
-    os_line = re.search(r"^OS:\s*(.+)$", text, re.M)
+    os_line = re.search(r"^(?:-\s*)?(?:OS|Operating System):\s*(.+)$", text, re.M)
     where = " ".join(m.group(1) for m in (platform_line, os_line) if m).lower()
     if where:
         data["os"] = ("windows" if "windows" in where else "darwin" if re.search(r"mac ?os|darwin", where)
@@ -131,13 +156,14 @@ def machine_facts(text: str) -> dict[str, Any] | None:
         arch = re.search(r"x86_64|aarch64|arm64|amd64", where)
         if arch:
             data["arch"] = {"amd64": "x86_64"}.get(arch.group(0), arch.group(0))
-    python = re.search(r"^(?:-\s*)?Python version:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
+    python = re.search(r"^(?:-\s*)?Python(?: version)?:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
     if python:
         data["python"] = python.group(1)
     libc = re.search(r"glibc[- ]?(\d+\.\d+)", text)
     if libc:
         data["libc"] = f"glibc {libc.group(1)}"
-    driver = re.search(r"^Nvidia driver version:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M | re.I)
+    driver = re.search(r"^(?:Nvidia driver version|-\s*(?:NVIDIA )?Driver(?: version)?):\s*(\d{3}\.\d+(?:\.\d+)?)", text,
+                       re.M | re.I)
     if driver:
         data["driver_version"] = driver.group(1)
     gpu_line = re.search(r"^(?:GPU models and configuration|-\s*GPU(?: type| model| name)?):[ \t]*(.*)$", text,
@@ -147,6 +173,15 @@ def machine_facts(text: str) -> dict[str, Any] | None:
     if not names and gpu_line and not _NOT_A_NAME.match(gpu_line.group(1).strip()):
         # `GPU models and configuration: GPU 0: Orin (nvgpu)` (one GPU, on the heading's line)
         names = [re.sub(r"^GPU \d+:\s*|\s*\((?:nvgpu|UUID[^)]*)\)\s*$", "", gpu_line.group(1).strip())]
+    extra: dict[str, Any] = {}
+    if len(names) == 1:  # a hand-written `- GPU: NVIDIA RTX A6000 (Compute Capability 8.6)` or `... (16GB VRAM)`
+        aside = re.search(r"\s*\(([^()]*)\)\s*$", names[0])
+        cc = aside and re.search(r"(?:compute capability|cc|sm)[ _]?(\d+)\.?(\d)\b", aside.group(1), re.I)
+        gb = aside and re.fullmatch(r"(\d{1,3})\s*GB(?: VRAM)?", aside.group(1).strip(), re.I)
+        if cc or gb:
+            names = [names[0][:aside.start()]]
+            extra = ({"compute_capability": f"{cc.group(1)}.{cc.group(2)}"} if cc else
+                     {"memory_total_mib": int(gb.group(1)) * 1024 * 15 // 16})  # as sold, less 1/16 (ECC, driver)
     available = re.search(r"^(?:Is CUDA available:\s*(True|Yes|False|No)|"
                           r"-\s*PyTorch version \(GPU\?\):.*\((True|False)\))", text, re.M)
     available = (available.group(1) or available.group(2)).lower() in ("true", "yes") if available else None
@@ -156,7 +191,7 @@ def machine_facts(text: str) -> dict[str, Any] | None:
         data["gpus"] = [{"name": n.strip(), "vendor": "amd"} for n in names]
         data["gpu_vendor"] = "amd"
     elif names:
-        data["gpus"] = [{"name": n.strip()} for n in names]
+        data["gpus"] = [{"name": n.strip(), **extra} for n in names]
     elif available:
         data["gpus"] = [{"name": "NVIDIA GPU (the report does not name it)"}]  # judged unknown, not absent
     elif available is False or gpu_line:
@@ -261,6 +296,44 @@ def _side_facts(text: str) -> dict[str, str]:
     return out
 
 
+def unsloth_facts(text: str) -> dict[str, Any] | None:
+    """unsloth's start-up banner: `NVIDIA GeForce GTX 1070. Num GPUs = 1. Max memory: 7.909 GB. Platform: Linux.`
+    (2024's: `GPU: Tesla P40. Max memory: 23.879 GB. Platform = Linux.`) and `Torch: 2.5.1+cu124. CUDA: 6.1. CUDA
+    Toolkit: 12.4.`, where `CUDA` is the compute capability and `Max memory` torch's total in GiB. None without it."""
+    gpu = _UNSLOTH_GPU.search(text)
+    if not gpu:
+        return None
+    entry: dict[str, Any] = {"name": gpu.group("name").strip(), "memory_total_mib": int(float(gpu.group("gib")) * 1024)}
+    cc = re.search(r"(?:Torch|Pytorch): \S+?\.\s+CUDA(?::| =) ?(\d+\.\d+)\.", text)
+    if cc:
+        entry["compute_capability"] = cc.group(1)
+    count = int(gpu.group("count") or 1)
+    data: dict[str, Any] = {"gpus": [entry] * (count if 0 < count <= 64 else 1)}
+    system = gpu.group("os").lower()
+    if system in ("linux", "windows"):
+        data["os"] = system
+    return data
+
+
+def host_memory_mib(text: str) -> int | None:
+    """The host's total memory where a paste gives it: /proc/meminfo's `MemTotal: N kB`, the `Mem:` row of `free`
+    (`-h`'s Gi/Mi/Ti, `-m`/`-g` by the command shown, else free's default KiB), accelerate env's `- System RAM:
+    251.53 GB` or a hand-written `- RAM: 64GB` (GB read as GiB, as these tools print them). None when none is."""
+    meminfo = re.search(r"^\s*MemTotal:\s*(\d+)\s*kB", text, re.M)
+    if meminfo:
+        return int(meminfo.group(1)) // 1024
+    free = re.search(r"^\s*total\s+used\s+free\b.*\n\s*Mem:\s+(\d+(?:[.,]\d+)?)([KMGT])?i?B?\s", text, re.M)
+    if free:
+        unit = free.group(2) or ("M" if re.search(r"\bfree\s+(?:-\w*\s+)*-m\b", text) else
+                                 "G" if re.search(r"\bfree\s+(?:-\w*\s+)*-g\b", text) else "K")
+        return int(float(free.group(1).replace(",", ".")) * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit])
+    ram = re.search(r"^\s*-?\s*(?:System RAM|Host RAM|System memory|RAM)\s*:\s*(\d+(?:\.\d+)?)\s*(GB|GiB|TB|TiB)\b",
+                    text, re.M | re.I)
+    if ram:
+        return int(float(ram.group(1)) * (1024 if ram.group(2).upper().startswith("G") else 1024**2))
+    return None
+
+
 def container_cli_facts(text: str) -> dict[str, Any] | None:
     """`nvidia-container-cli info` (nvidia-docker's bug template): `NVRM version` (the driver), `CUDA version`
     and a `Model:` / `Architecture:` (compute capability) block per device. None when it is not that."""
@@ -283,7 +356,8 @@ def log_facts(text: str) -> dict[str, Any] | None:
     driver=12.3 name="NVIDIA GeForce RTX 4080" total="15.7 GiB"` (its `driver` is the driver's CUDA version; the
     driver itself is in `libcuda.so.545.23.08`) and SD.Next's `device=NVIDIA GeForce RTX 5090 n=1 ...
     capability=(12, 0) ... driver=576.02`. None when the text has neither."""
-    ollama = [m for m in re.finditer(r'msg="inference compute"(.*)$', text, re.M) if "library=cuda" in m.group(1)]
+    ollama = [m for m in re.finditer(r'msg="inference compute"(.*)$', text, re.M)
+              if re.search(r"\blibrary=cuda\b", m.group(1), re.I)]  # `library=cuda` (2024), `library=CUDA` (2025)
     if ollama:
         gpus, seen, cuda = [], set(), None
         totals = re.findall(r"CUDA totalMem (\d+) ?mb", text, re.I)
@@ -293,7 +367,8 @@ def log_facts(text: str) -> dict[str, Any] | None:
             if ident and ident.group(1) in seen:
                 continue
             seen.add(ident.group(1) if ident else len(seen))
-            name = re.search(r'\bname="([^"]+)"', line)
+            # 2025's log names the device `name=CUDA0` and the product `description="NVIDIA GB10"`
+            name = re.search(r'\bdescription="([^"]+)"', line) or re.search(r'\bname="([^"]+)"', line)
             gpu: dict[str, Any] = {"name": name.group(1) if name else "NVIDIA GPU (the log does not name it)"}
             cc = re.search(r"\bcompute=(\d+\.\d+)", line)
             if cc:

@@ -281,9 +281,11 @@ def parse_nvidia_smi_table(text: str) -> dict[str, Any] | None:
     header's driver and CUDA versions, each GPU's name and memory total, read by envreport.nvidia_smi_facts (the
     table of any driver, Windows' TCC/WDDM column, a table cut mid-way or only its header, `-q`, `-L` with MIG
     slices, `--query-gpu` CSV). None when it is not that."""
-    from qlora_doctor.sources.envreport import nvidia_smi_facts
+    from qlora_doctor.sources.envreport import host_memory_mib, nvidia_smi_facts
 
-    return nvidia_smi_facts(text) if "NVIDIA-SMI" in text else None
+    facts = nvidia_smi_facts(text) if "NVIDIA-SMI" in text else None
+    memory = host_memory_mib(text) if facts is not None else None  # `free -h` or /proc/meminfo pasted beside it
+    return {**facts, "host_memory_mib": memory} if memory else facts
 
 
 def load_described_machine(path: Path | str) -> Machine:
