@@ -195,6 +195,21 @@ def test_memory_and_the_driver_floor_come_from_the_tables_when_left_out(tmp_path
     assert sum("sold with 40 or 80 GB" in n for n in a100.notes) == 1
 
 
+def test_a_gpu_that_only_comes_on_arm_makes_an_unstated_arch_aarch64(tmp_path):
+    """GB10 (DGX Spark), GH200/GB200 (Grace) and Jetson come only with Arm CPUs: a description that names one and
+    no arch is judged as aarch64 (cuda.toml host_arch), not as the x86_64 assumed for other GPUs; a stated arch
+    stays, and other GPUs keep the x86_64 assumption."""
+    spark = _described(tmp_path, "spark.yaml", "gpus: [NVIDIA GB10]\ndriver_version: '580.95.05'\n")
+    assert spark.arch == "aarch64"
+    assert [n for n in spark.notes if n.startswith("arch not given")] == [
+        "arch not given: aarch64, the only host NVIDIA GB10 comes with "
+        "(https://www.nvidia.com/en-us/products/workstations/dgx-spark/)"]
+    gh200 = _described(tmp_path, "gh.json", '{"gpus": ["NVIDIA GH200 120GB"], "arch": "x86_64"}')
+    assert gh200.arch == "x86_64" and not any(n.startswith("arch not given") for n in gh200.notes)
+    t4 = _described(tmp_path, "t4.yaml", "gpus: [Tesla T4]\n")
+    assert t4.arch == "x86_64" and "arch not given: assumed x86_64" in t4.notes
+
+
 def test_plain_nvidia_smi_output_is_a_machine_description(tmp_path):
     text = (Path(__file__).parent / "data" / "nvidia-smi-header.txt").read_text()
     m = _described(tmp_path, "smi.txt", text)

@@ -194,6 +194,8 @@ class GpuModel:
     sources: tuple[str, ...]
     memory_gib: tuple[int, ...] = ()
     """The memory sizes the product is sold with (GB as marketed), smallest first; empty when not recorded."""
+    host_arch: str = ""
+    """The only CPU architecture the product comes with (`aarch64`: Grace, Jetson), or empty."""
 
 
 @dataclass(frozen=True)
@@ -527,7 +529,11 @@ def load_tables(data_dir: Path = DATA_DIR) -> Tables:
                                                   for x in sizes):
             c.add(f"gpu_model {row.get('match')!r}: memory_gib: expected a list of whole GB like [40, 80]")
             sizes = []
-        gpus.append(GpuModel(str(row.get("match", "")), cc, c.sources(row), tuple(sorted(sizes))))
+        host_arch = row.get("host_arch", "")
+        if host_arch not in ("", "aarch64"):
+            c.add(f"gpu_model {row.get('match')!r}: host_arch: expected \"aarch64\" or nothing, got {host_arch!r}")
+            host_arch = ""
+        gpus.append(GpuModel(str(row.get("match", "")), cc, c.sources(row), tuple(sorted(sizes)), host_arch))
     memory: list[GpuMemory] = []
     for i, row in enumerate(data.get("gpu_memory", [])):
         c.where = f"{path.name}: gpu_memory[{i}]"

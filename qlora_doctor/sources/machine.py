@@ -368,6 +368,14 @@ def fill_from_tables(machine: Machine) -> Machine:
             if note not in notes:
                 notes.append(note)
         gpus.append(gpu)
+    arch = machine.arch
+    assumed_arch = next((n for n in notes if n.startswith(ASSUMED_ARCH)), None)
+    hosts = {m.host_arch: (gpu.name, m) for gpu in machine.nvidia_gpus
+             for m in [tables.gpu_model_for(gpu.name)] if m is not None and m.host_arch}
+    if assumed_arch and len(hosts) == 1:  # a GPU that only comes on one CPU architecture (Grace, Jetson)
+        arch, (name, model) = next(iter(hosts.items()))
+        notes[notes.index(assumed_arch)] = (f"arch not given: {arch}, the only host {name} comes with "
+                                            f"({model.sources[-1]})")
     driver = machine.driver_version
     if driver is None and machine.cuda_driver_version and machine.nvidia_gpus:
         row = tables.driver_for_cuda(Version(machine.cuda_driver_version))
@@ -375,9 +383,14 @@ def fill_from_tables(machine: Machine) -> Machine:
             driver = str(row.toolkit_driver)
             notes.append(f"driver_version not given: judged as {driver}, the oldest driver that reports CUDA "
                          f"{machine.cuda_driver_version}; give the real one (nvidia-smi's \"Driver Version\")")
-    if gpus == list(machine.gpus) and driver == machine.driver_version and notes == list(machine.notes):
+    if (gpus == list(machine.gpus) and driver == machine.driver_version and notes == list(machine.notes)
+            and arch == machine.arch):
         return machine
-    return replace(machine, gpus=tuple(gpus), driver_version=driver, notes=tuple(notes))
+    return replace(machine, gpus=tuple(gpus), driver_version=driver, notes=tuple(notes), arch=arch)
+
+
+ASSUMED_ARCH = "arch not given: assumed "
+"""The note core/machine.py leaves when a description gives no arch (it assumes x86_64)."""
 
 
 USABLE_SHARE = 15 / 16
