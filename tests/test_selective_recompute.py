@@ -165,7 +165,7 @@ def test_a_write_into_a_kept_whole_lora_output_raises_naming_the_projection(tiny
     model, _ = build(tiny_llama, make_recipe(tmp_path, fused_lora=True), 0.0)
     layer = speed.decoder_layers(model)[0]
     kept = selective.kept_weight_pointers(layer)
-    whole = selective.kept_weight_pointers(layer, frozenset({"v_proj"}))
+    whole = selective.projection_weights(layer, frozenset({"v_proj"}))
     x = torch.randn(2, 8, 64)
     with fused_lora.selective_layer(kept, whole, check=True):  # nothing written: no error
         layer.self_attn.v_proj(x)

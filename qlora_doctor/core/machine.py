@@ -88,6 +88,11 @@ def _is_cc(text: str) -> bool:
     return bool(re.fullmatch(r"\d+\.\d+", text))
 
 
+def assumed_note(key: str, value: str) -> str:
+    """The note a description without `key` gets when `value` is assumed for it."""
+    return f"{key} not given: assumed {value}"
+
+
 def machine_from_dict(data: Any, where: str) -> Machine:
     """Validate a machine description (the `--machine` JSON format); every problem at once."""
     errors: list[str] = []
@@ -125,7 +130,7 @@ def machine_from_dict(data: Any, where: str) -> Machine:
     for key, default in (("os", "linux"), ("arch", "x86_64"), ("python", platform.python_version())):
         if data.get(key) in (None, ""):
             data = {**data, key: default}
-            assumed.append(f"{key} not given: assumed {default}" + (" (this interpreter's)" if key == "python" else ""))
+            assumed.append(assumed_note(key, default) + (" (this interpreter's)" if key == "python" else ""))
     os_name = text("os", True, choices=_OSES)
     arch = text("arch", True)
     python = text("python", True, pattern=r"\d+\.\d+(\.\d+)?")

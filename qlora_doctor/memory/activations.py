@@ -187,9 +187,14 @@ def selective_kept_per_token(counts: ModelCounts, act: int, fused_lora_targets: 
     """Bytes a selectively checkpointed layer keeps per token on top of its input (trainer/selective.py):
     the base GEMM output of each of SELECTIVE_KEPT_PROJECTIONS the layer has, and the attention kernel's
     output (q_dim wide), all in the activation dtype; with fused LoRA on `fused_lora_targets` (rank `r`), the
-    whole-LoRA op of each of SELECTIVE_WHOLE_LORA_PROJECTIONS among them keeps A x too (r wide). The kernel's
-    log-sum-exp (float32, one per head and token: under 1% of this for head_dim >= 64) and its RNG seed/offset
-    are not counted."""
+    whole-LoRA ops' A x too (whole_lora_a_x_per_token). The kernel's log-sum-exp (float32, one per head and
+    token: under 1% of this for head_dim >= 64) and its RNG seed/offset are not counted."""
     kept = sum(t.out_features for t in counts.layer_linears if t.name.rsplit(".", 1)[-1] in SELECTIVE_KEPT_PROJECTIONS)
+    return (kept + counts.q_dim) * act + whole_lora_a_x_per_token(fused_lora_targets, r, act)
+
+
+def whole_lora_a_x_per_token(fused_lora_targets: tuple[LinearShape, ...], r: int, act: int) -> int:
+    """Bytes per token of A x (rank `r` wide) that the whole-LoRA op of each of SELECTIVE_WHOLE_LORA_PROJECTIONS
+    among `fused_lora_targets` keeps (trainer/fused_lora.py lora_gemm_4bit)."""
     whole = sum(1 for t in fused_lora_targets if t.name.rsplit(".", 1)[-1] in SELECTIVE_WHOLE_LORA_PROJECTIONS)
-    return (kept + counts.q_dim + whole * r) * act
+    return whole * r * act

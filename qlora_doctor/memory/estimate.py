@@ -450,8 +450,9 @@ def _selective_kept(counts: ModelCounts, s: TrainSettings, targets: tuple, act: 
     op's A x, trainer/offload.py STAY_ON_DEVICE); (0, 0) without selective recompute."""
     if s.recompute != "selective":
         return 0, 0
-    kept = per_token.selective_kept_per_token(counts, act, targets if s.fused_lora else (), s.lora_r)
-    return kept, kept - per_token.selective_kept_per_token(counts, act)
+    fused = targets if s.fused_lora else ()
+    return (per_token.selective_kept_per_token(counts, act, fused, s.lora_r),
+            per_token.whole_lora_a_x_per_token(fused, s.lora_r, act))
 
 
 def _step_activations(counts: ModelCounts, s: TrainSettings, targets: tuple, act: int, residual: int,

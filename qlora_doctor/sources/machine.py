@@ -28,8 +28,8 @@ from typing import Any
 from packaging.version import Version
 
 from qlora_doctor.core.errors import InputError
-from qlora_doctor.core.machine import (Gpu, Machine, _is_cc, load_machine_file, machine_from_dict,  # noqa: F401
-                                       machine_from_text, read_machine_text, save_machine_file)
+from qlora_doctor.core.machine import (Gpu, Machine, _is_cc, assumed_note, load_machine_file,  # noqa: F401
+                                       machine_from_dict, machine_from_text, read_machine_text, save_machine_file)
 
 MACHINE_ENV = "QLORA_DOCTOR_MACHINE"
 # Time bounds: a wedged driver must not wedge `check`. NVML runs in a helper thread that is abandoned
@@ -369,7 +369,7 @@ def fill_from_tables(machine: Machine) -> Machine:
                 notes.append(note)
         gpus.append(gpu)
     arch = machine.arch
-    assumed_arch = next((n for n in notes if n.startswith(ASSUMED_ARCH)), None)
+    assumed_arch = next((n for n in notes if n.startswith(assumed_note("arch", ""))), None)
     hosts = {m.host_arch: (gpu.name, m) for gpu in machine.nvidia_gpus
              for m in [tables.gpu_model_for(gpu.name)] if m is not None and m.host_arch}
     if assumed_arch and len(hosts) == 1:  # a GPU that only comes on one CPU architecture (Grace, Jetson)
@@ -387,10 +387,6 @@ def fill_from_tables(machine: Machine) -> Machine:
             and arch == machine.arch):
         return machine
     return replace(machine, gpus=tuple(gpus), driver_version=driver, notes=tuple(notes), arch=arch)
-
-
-ASSUMED_ARCH = "arch not given: assumed "
-"""The note core/machine.py leaves when a description gives no arch (it assumes x86_64)."""
 
 
 USABLE_SHARE = 15 / 16

@@ -33,7 +33,7 @@ the op that reads the projection's 4-bit weight. So the float8 forward GEMM (deq
 one custom op, `qlora_doctor::fp8_gemm_4bit(x2, weight, key)`, that reads the 4-bit weight itself: SAC's
 dispatch mode sees that one op (what runs inside it runs with the mode popped), keeps its output, and a kept
 projection's replay skips the dequantization, the casts and the GEMM. Its `key` names the (Fp8BaseGemm,
-quant_state) of this call (`_CALLS`: quant_state is no tensor), registered for the call's duration only. The
+quant_state) of this call (`_CALLS`, trainer/op_calls.py: quant_state is no tensor), registered for the call only. The
 input-gradient GEMM runs in the backward, outside SAC's modes, and stays plain Python. Inside the op's kernel
 the autograd dispatch keys are excluded (and Params4bit's __torch_function__ leaves torch-function subclasses
 off), state torch.compile guards on: the weight cast, shared by both GEMMs for tensorwise, compiles once for
@@ -43,7 +43,6 @@ each, one more graph at the first step.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import types
 import warnings
 from typing import Any, Callable
@@ -53,6 +52,7 @@ import torch
 from qlora_doctor.core.errors import CheckFailed
 from qlora_doctor.recipe.levers import TORCHAO_REQUIREMENT, fp8_capable, torchao_installed
 from qlora_doctor.trainer.fused_lora import BASE_GEMM_ATTRIBUTE
+from qlora_doctor.trainer.op_calls import OpCalls
 
 RECIPE = "tensorwise"
 """torchao's Float8LinearRecipeName: `tensorwise` (per-tensor scales, cuBLAS FP8 kernel, torchao's fastest) or
@@ -182,12 +182,8 @@ class Fp8BaseGemm:
     def forward(self, x2: torch.Tensor, weight: Any, quant_state: Any) -> torch.Tensor:
         """x2 [tokens, in] in the compute dtype -> x2 @ W^T [tokens, out] in the same dtype, as one op
         (`fp8_gemm_4bit`, module docstring) that selective recompute can keep and skip."""
-        key = next(_KEYS)
-        _CALLS[key] = (self, quant_state)
-        try:
+        with _CALLS.call(self, quant_state) as key:
             return fp8_gemm_4bit(x2, weight, key)
-        finally:
-            del _CALLS[key]
 
     def _forward_impl(self, x2: torch.Tensor, weight: Any, quant_state: Any) -> torch.Tensor:
         """`forward`'s computation: dequantize, cast both operands to float8, multiply."""
@@ -213,32 +209,22 @@ class Fp8BaseGemm:
         return sorted({f"{name}: {c.fallback}" for name, c in self.casts.items() if c.fallback})
 
 
-_CALLS: dict[int, tuple[Fp8BaseGemm, Any]] = {}
-"""The (Fp8BaseGemm, quant_state) of each `fp8_gemm_4bit` call in progress, by its key (Fp8BaseGemm.forward
-adds an entry for the call and removes it after; nothing outlives the call, so no quant_state is held)."""
-_KEYS = itertools.count()
+_CALLS = OpCalls("qlora_doctor::fp8_gemm_4bit", "Fp8BaseGemm.forward")
+"""The (Fp8BaseGemm, quant_state) of each `fp8_gemm_4bit` call in progress, by its key."""
 
 
 @torch.library.custom_op("qlora_doctor::fp8_gemm_4bit", mutates_args=())
 def fp8_gemm_4bit(x2: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
     """x2 @ W^T in float8 for the 4-bit `weight` (Fp8BaseGemm.forward); `key`: its entry in `_CALLS`. One op, so
     that the selective policy (trainer/selective.py GEMM_OPS) finds it by the weight it reads."""
-    gemm, quant_state = _call(key)
+    gemm, quant_state = _CALLS[key]
     return gemm._forward_impl(x2, weight, quant_state)
 
 
 @fp8_gemm_4bit.register_fake
 def _fp8_gemm_4bit_fake(x2: torch.Tensor, weight: torch.Tensor, key: int) -> torch.Tensor:
-    _, quant_state = _call(key)
+    _, quant_state = _CALLS[key]
     return x2.new_empty((x2.shape[0], quant_state.shape[0]))
-
-
-def _call(key: int) -> tuple[Fp8BaseGemm, Any]:
-    try:
-        return _CALLS[key]
-    except KeyError:
-        raise RuntimeError(f"qlora_doctor::fp8_gemm_4bit: no call {key} in progress; call it through "
-                           "Fp8BaseGemm.forward") from None
 
 
 class Fp8BaseMatmul(torch.autograd.Function):

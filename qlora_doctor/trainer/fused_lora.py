@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import itertools
 import types
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
+
+from qlora_doctor.trainer.op_calls import OpCalls
 
 WHOLE_LORA_OP = True
 """Inside a selectively checkpointed layer, run the LoRA forward of SELECTIVE_WHOLE_LORA_PROJECTIONS as one op
@@ -45,11 +46,12 @@ class SelectiveLayer:
     """What the fused forward needs to know inside one selectively checkpointed layer call (trainer/selective.py):
     `kept`, the base weights (data_ptr) of the projections whose base GEMM output the policy keeps: their LoRA
     term is added out of place, so the kept tensor is never written to; `whole`, those of them whose whole LoRA
-    forward is one kept op (`lora_gemm_4bit`), so the replay skips the LoRA matmuls and the add too. With
-    `check`, the outputs of whole ops are checked unchanged when the layer's forward ends (`selective_layer`)."""
+    forward is one kept op (`lora_gemm_4bit`), so the replay skips the LoRA matmuls and the add too, with their
+    projections' names. With `check`, the outputs of whole ops are checked unchanged when the layer's forward ends
+    (`selective_layer`)."""
 
     kept: frozenset[int]
-    whole: frozenset[int]
+    whole: Mapping[int, str]
     check: bool = False
     outputs: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
 
@@ -59,11 +61,11 @@ _SELECTIVE: contextvars.ContextVar[SelectiveLayer | None] = contextvars.ContextV
 
 
 @contextlib.contextmanager
-def selective_layer(kept: frozenset[int], whole: frozenset[int], check: bool = False) -> Iterator[SelectiveLayer]:
+def selective_layer(kept: frozenset[int], whole: Mapping[int, str], check: bool = False) -> Iterator[SelectiveLayer]:
     """Run the fused forwards inside as parts of a selectively checkpointed layer (SelectiveLayer). A whole-LoRA
     output written to before the layer's forward ends would make the replay start from the written values: that
     raises, naming the projection, instead of training on wrong gradients."""
-    layer = SelectiveLayer(kept, whole if WHOLE_LORA_OP else frozenset(), check)
+    layer = SelectiveLayer(kept, whole if WHOLE_LORA_OP else {}, check)
     token = _SELECTIVE.set(layer)
     try:
         yield layer
@@ -100,16 +102,12 @@ class LoraLinear4bitFunction(torch.autograd.Function):
             dropped = x2
         a16, b16 = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
         layer = _SELECTIVE.get()
-        pointer = weight.data_ptr() if layer is not None else None
+        pointer = weight.data_ptr()
         if layer is not None and pointer in layer.whole:
-            key = next(_KEYS)
-            _CALLS[key] = (quant_state, base_gemm)
-            try:
+            with _CALLS.call(quant_state, base_gemm) as key:
                 out, a_out = lora_gemm_4bit(x2, dropped, weight, a16, b16, scaling, key)
-            finally:
-                del _CALLS[key]
             if layer.check:
-                layer.outputs.append((_projection_name(weight), out, out._version))
+                layer.outputs.append((layer.whole[pointer], out, out._version))
         else:
             out = _base_forward(x2, weight, quant_state, base_gemm)
             a_out = dropped @ a16.t()
@@ -143,18 +141,18 @@ class LoraLinear4bitFunction(torch.autograd.Function):
         grad_a = g_a.t() @ dropped if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
+            def lora_term() -> torch.Tensor:  # the LoRA path's input gradient, [tokens, in]
+                term = g_a @ a16
+                return term if mask is None else torch.ops.aten.native_dropout_backward(term, mask, 1.0 / (1.0 - p))
+
             if ctx.base_gemm is None:
                 # The base GEMM accumulates into the LoRA term: its epilogue reads it while the GEMM is compute-bound,
                 # where adding the term afterwards would read and write [tokens, in] once more.
-                grad_x = g_a @ a16 if mask is None else torch.ops.aten.native_dropout_backward(
-                    g_a @ a16, mask, 1.0 / (1.0 - p))
-                grad_x.addmm_(g, bnb_f.dequantize_4bit(ctx.weight, ctx.quant_state).to(cd))
+                grad_x = lora_term().addmm_(g, bnb_f.dequantize_4bit(ctx.weight, ctx.quant_state).to(cd))
+            elif mask is None:
+                grad_x = ctx.base_gemm.grad_input(g, ctx.weight, ctx.quant_state).addmm_(g_a, a16)
             else:
-                grad_x = ctx.base_gemm.grad_input(g, ctx.weight, ctx.quant_state)
-                if mask is None:
-                    grad_x.addmm_(g_a, a16)
-                else:
-                    grad_x.add_(torch.ops.aten.native_dropout_backward(g_a @ a16, mask, 1.0 / (1.0 - p)))
+                grad_x = ctx.base_gemm.grad_input(g, ctx.weight, ctx.quant_state).add_(lora_term())
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return (grad_x, None if grad_a is None else grad_a.to(lora_a.dtype),
                 None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None, None, None, None)
@@ -169,10 +167,8 @@ def _base_forward(x2: torch.Tensor, weight: Any, quant_state: Any, base_gemm: An
     return base_gemm.forward(x2, weight, quant_state)
 
 
-_CALLS: dict[int, tuple[Any, Any]] = {}
-"""The (quant_state, base_gemm) of each `lora_gemm_4bit` call in progress, by its key: neither is a tensor, so
-neither can be the op's argument; the entry lives for the call only."""
-_KEYS = itertools.count()
+_CALLS = OpCalls("qlora_doctor::lora_gemm_4bit", "LoraLinear4bitFunction")
+"""The (quant_state, base_gemm) of each `lora_gemm_4bit` call in progress, by its key."""
 
 
 @torch.library.custom_op("qlora_doctor::lora_gemm_4bit", mutates_args=())
@@ -181,11 +177,7 @@ def lora_gemm_4bit(x2: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor
     """(W x2 + scaling * B A dropped, A dropped) for the 4-bit `weight`, the LoRA term added in place into the
     base GEMM's fresh output: one op, so that selective recompute keeps the whole LoRA output and its replay runs
     none of it (trainer/selective.py GEMM_OPS). The dropout is drawn outside, so the op draws no random numbers."""
-    try:
-        quant_state, base_gemm = _CALLS[key]
-    except KeyError:
-        raise RuntimeError(f"qlora_doctor::lora_gemm_4bit: no call {key} in progress; call it through "
-                           "LoraLinear4bitFunction") from None
+    quant_state, base_gemm = _CALLS[key]
     out = _base_forward(x2, weight, quant_state, base_gemm)
     a_out = dropped @ lora_a.t()
     return out.addmm_(a_out, lora_b.t(), alpha=scaling), a_out
@@ -195,14 +187,6 @@ def lora_gemm_4bit(x2: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor
 def _lora_gemm_4bit_fake(x2: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                          lora_b: torch.Tensor, scaling: float, key: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x2.new_empty((x2.shape[0], lora_b.shape[0])), x2.new_empty((x2.shape[0], lora_a.shape[0]))
-
-
-_NAMES: dict[int, str] = {}
-"""data_ptr of a 4-bit weight -> its projection's name, for selective_layer's error (fuse_lora_layers fills it)."""
-
-
-def _projection_name(weight: Any) -> str:
-    return _NAMES.get(weight.data_ptr(), "a projection")
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -269,7 +253,6 @@ def fuse_lora_layers(model: Any) -> tuple[int, list[str]]:
         reason = fusable_reason(module)
         if reason is None:
             module.forward = types.MethodType(_fused_forward, module)
-            _NAMES[module.get_base_layer().weight.data_ptr()] = name.rsplit(".", 1)[-1]
             fused += 1
         else:
             skipped.setdefault(reason, name)

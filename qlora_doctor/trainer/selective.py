@@ -95,19 +95,25 @@ def _sees_outputs() -> bool:
     return "op_output" in inspect.signature(SelectiveCheckpointContext.__init__).parameters
 
 
-def kept_weight_pointers(layer: Any, projections: frozenset[str] = SELECTIVE_KEPT_PROJECTIONS) -> frozenset[int]:
-    """data_ptr() of the base weights of `layer`'s kept projections (SELECTIVE_KEPT_PROJECTIONS, or those of
-    `projections`), peft's LoRA wrappers looked through. A GEMM reading one of them (its argument is the weight or
-    a view of it) is a kept projection's base GEMM."""
-    pointers = set()
+def kept_weight_pointers(layer: Any) -> frozenset[int]:
+    """data_ptr() of the base weights of `layer`'s kept projections (SELECTIVE_KEPT_PROJECTIONS). A GEMM reading
+    one of them (its argument is the weight or a view of it) is a kept projection's base GEMM."""
+    return frozenset(projection_weights(layer, SELECTIVE_KEPT_PROJECTIONS))
+
+
+def projection_weights(layer: Any, projections: frozenset[str]) -> dict[int, str]:
+    """data_ptr() of the base weight of each of `layer`'s projections named in `projections` -> that name, peft's
+    LoRA wrappers looked through."""
+    pointers = {}
     for name, module in layer.named_modules():
-        if name.rsplit(".", 1)[-1] not in projections:
+        short = name.rsplit(".", 1)[-1]
+        if short not in projections:
             continue
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         weight = getattr(base, "weight", None)
         if weight is not None:
-            pointers.add(weight.data_ptr())
-    return frozenset(pointers)
+            pointers[weight.data_ptr()] = short
+    return pointers
 
 
 class SelectivePolicy:
@@ -189,7 +195,7 @@ def selective_context_fn(layer: Any, record: list[SelectivePolicy] | None = None
         policy = SelectivePolicy(kept_weight_pointers(layer))
         if record is not None:
             record.append(policy)
-        whole = kept_weight_pointers(layer, SELECTIVE_WHOLE_LORA_PROJECTIONS)
+        whole = projection_weights(layer, SELECTIVE_WHOLE_LORA_PROJECTIONS)
         forward, replay = create_selective_checkpoint_contexts(policy, **mutation)
         # The forward checks that no whole LoRA output it keeps was written to before the layer's forward ended.
         lora_forward = selective_layer(policy.weights, whole, check=True)
