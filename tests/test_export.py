@@ -60,7 +60,8 @@ def exports(tmp_path_factory, finished_run) -> dict[str, Path]:
             (root / f"{key}.json").write_text(json.dumps(info))
             return root / key
 
-    return Exports()
+    yield Exports()
+    shutil.rmtree(root, ignore_errors=True)  # ~1.2 GB of merged models and GGUFs: CI's disk is not ours alone
 
 
 def _logits(model, input_ids):
