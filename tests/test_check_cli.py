@@ -45,8 +45,20 @@ def test_driver_too_old_for_torch_cuda_fails_with_fix(tmp_path):
     assert result.exit_code == 1
     c = checks["cuda.driver"]
     assert c["status"] == "fail"
-    assert "470.82.01 is too old" in c["detail"] and "qlora-doctor lock" in c["fix"]
+    assert "470.82.01 is too old" in c["detail"]
+    # the same torch, built for a CUDA this driver runs and with kernels for this GPU: one command to paste
+    assert "pip install torch==2.5.1 --index-url https://download.pytorch.org/whl/cu118" in c["fix"]
     assert c["sources"]
+
+
+def test_driver_too_old_for_pypis_cuda13_torch_names_a_cu12_build(tmp_path):
+    """torch 2.12's PyPI wheel is CUDA 13.0 (driver >= 580); a 570 driver runs its cu126 build (cuda.toml)."""
+    pins = GOOD_PINS.replace("torch==2.5.1+cu124", "torch==2.12.0")
+    _, _, checks = check_json(tmp_path, pins, driver_version="570.133.07")
+    fix = checks["cuda.driver"]["fix"]
+    assert checks["cuda.driver"]["status"] == "fail"
+    assert "upgrade the NVIDIA driver to >= 580" in fix
+    assert "pip install torch==2.12.0 --index-url https://download.pytorch.org/whl/cu126" in fix
 
 
 def test_new_driver_passes_driver_check(tmp_path):

@@ -165,13 +165,14 @@ def torch_build_checks(machine: Machine, env: Environment, tables: Tables) -> li
     if not nvidia or torch.cuda is None:
         checks.append(Check("torch.build", "pass", "torch build", f"{build} (how: {torch.how})", found=build))
         return checks
-    checks.append(driver_check(machine, torch.cuda, build, tables))
+    checks.append(driver_check(machine, torch.cuda, build, tables, env.packages["torch"].version))
     checks.extend(arch_checks(machine, env, tables, build))
     checks.append(bnb_binary_check(env, tables))
     return checks
 
 
-def driver_check(machine: Machine, cuda: Version, build: str, tables: Tables) -> Check:
+def driver_check(machine: Machine, cuda: Version, build: str, tables: Tables,
+                 torch_version: Version | None = None) -> Check:
     title = "NVIDIA driver vs torch's CUDA"
     row = tables.driver_for_cuda(cuda)
     expected = ""
@@ -191,11 +192,22 @@ def driver_check(machine: Machine, cuda: Version, build: str, tables: Tables) ->
         return Check("cuda.driver", "fail", title,
                      f"driver {shown} is too old for {build} (CUDA {cuda} needs >= {minimum} on Linux, "
                      f"under minor-version compatibility)",
-                     fix=f"upgrade the NVIDIA driver to >= {row.toolkit_driver}, or pin a torch built for an older "
-                         "CUDA: `qlora-doctor lock` picks one for this driver",
+                     fix=driver_fix(machine, row.toolkit_driver, torch_version, tables),
                      sources=row.sources, found=shown, expected=f">= {minimum}")
     return Check("cuda.driver", "pass", title, f"driver {shown} runs {build}", sources=row.sources,
                  found=shown, expected=f">= {minimum}")
+
+
+def driver_fix(machine: Machine, toolkit_driver: str, torch_version: Version | None, tables: Tables) -> str:
+    """Upgrade the driver, or install the same torch built for a CUDA this driver runs (the exact command, where
+    the tables know one that also ships kernels for these GPUs)."""
+    upgrade = f"upgrade the NVIDIA driver to >= {toolkit_driver}"
+    choice = choose_torch_build(machine, [torch_version.base_version], tables) if torch_version else None
+    if choice is None:
+        return f"{upgrade}, or pin a torch built for an older CUDA: `qlora-doctor lock` picks one for this driver"
+    return (f"{upgrade}, or keep torch {choice.version} built for this driver: `pip install torch=={choice.version} "
+            f"--index-url https://download.pytorch.org/whl/{choice.variant}` ({choice.why}); pin torchvision/"
+            "torchaudio from the same index if you use them")
 
 
 def arch_checks(machine: Machine, env: Environment, tables: Tables, build: str) -> list[Check]:
