@@ -2,7 +2,8 @@
 # Issue #20, the measurements still owed (run on the device tool's GPU image, from the repo root, each PART in one
 # device call, back to back on one warm machine so that every row shares the card):
 #   PART=ours    baseline, fast, fast_selective, fast_offload, fast_selective_offload     (~9 min)
-#   PART=fp8     baseline, fast_fp8, fast_fp8_offload, fast_fp8_ckpt_0.5 (fp8 and selective do not compose)
+#   PART=fp8     baseline, fast, fast_fp8_selective_offload, fast_fp8_cache_selective_offload (the FP8 target;
+#                the cache keeps each weight's float8 cast: performance.fp8_weight_cache)            (~9 min)
 #   PART=peer    bench/peer_unsloth.py (both checkpointing modes)                          (~6 min)
 #   PART=loss    loss curves of LOSS_REF against LOSS_VAR (default fast_full_recompute, fast) on the 1B shape
 #                memorising fixed rows, LOSS_STEPS (200) steps                                  (~2 min)
@@ -27,7 +28,7 @@ run() {  # one variant per process: each starts from an empty CUDA cache
 }
 case $PART in
   ours) for v in ${VARIANTS:-baseline fast fast_selective fast_offload fast_selective_offload}; do run $v; done ;;
-  fp8)  for v in ${VARIANTS:-baseline fast_fp8 fast_fp8_offload fast_fp8_ckpt_0.5}; do run $v; done ;;
+  fp8)  for v in ${VARIANTS:-baseline fast fast_fp8_selective_offload fast_fp8_cache_selective_offload}; do run $v; done ;;
   loss) python3 bench/train_throughput.py --out "$OUT/loss/curves.json" --variants fast --batches 1 \
           --steps 1 --warmup 0 --shapes 1b --seq 512 --loss-steps "${LOSS_STEPS:-200}" --loss-data memorise \
           --loss-reference "${LOSS_REF:-fast_full_recompute}" --loss-variant "${LOSS_VAR:-fast}" \

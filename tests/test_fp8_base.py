@@ -229,7 +229,8 @@ def test_the_gemms_are_torchaos_float8_linear_without_the_weight_gradient(torcha
     assert 1e-3 < ((ours - exact).norm() / exact.norm()).item() < 0.1
 
 
-def build(path, tmp_path, monkeypatch, fp8, fused=True, dropout=0.0, checkpoint="all", recompute="full"):
+def build(path, tmp_path, monkeypatch, fp8, fused=True, dropout=0.0, checkpoint="all", recompute="full",
+          cache=False):
     """The model as `qlora-doctor run` builds it (load_for_training), fp8_base forced on where asked (the CPU
     has no FP8 tensor cores: torchao emulates), with the same non-zero LoRA B everywhere."""
     from qlora_doctor.trainer.model import load_for_training
@@ -238,7 +239,7 @@ def build(path, tmp_path, monkeypatch, fp8, fused=True, dropout=0.0, checkpoint=
     monkeypatch.setattr(levers, "decide_fp8_base", lambda setting, precision, described=None: (
         Lever("fp8_base", True, "test: emulated") if setting else decide(setting, precision, described)))
     recipe = make_recipe(tmp_path, model=path, fp8_base=fp8, fused_lora=fused, checkpoint_layers=checkpoint,
-                         recompute=recompute,
+                         recompute=recompute, fp8_weight_cache=cache,
                          lora={"r": 4, "lora_alpha": 8, "lora_dropout": dropout, "target_modules": "all-linear"})
     torch.manual_seed(1)
     model = load_for_training(recipe, CPU, str(path), levers.speed_plan(recipe, CPU))
@@ -485,3 +486,74 @@ def test_the_float8_gemm_is_one_op_the_selective_policy_keeps(torchao, monkeypat
     gemms = fp8_gemms(model)
     assert len(gemms) == 1 and not gemms[0].fallbacks(), gemms[0].fallbacks()
     assert all(c.compiled for c in gemms[0].casts.values()) == compile_casts
+
+
+# --- performance.fp8_weight_cache -------------------------------------------------------------------------------
+
+def test_the_weight_cache_needs_fp8_base_and_is_off_by_default(tmp_path, monkeypatch):
+    with pytest.raises(InputError) as err:
+        make_recipe(tmp_path, fp8_weight_cache=True)
+    assert "performance.fp8_weight_cache: true with performance.fp8_base: false" in str(err.value)
+    assert "set `performance.fp8_base: true` or remove performance.fp8_weight_cache" in str(err.value)
+    monkeypatch.setattr(levers, "torchao_installed", lambda: True)
+    assert not levers.speed_plan(make_recipe(tmp_path, fp8_base=True), H100).fp8_weight_cache.on
+    plan = levers.speed_plan(make_recipe(tmp_path, fp8_base=True, fp8_weight_cache=True), H100)
+    assert plan.fp8_base.on and plan.fp8_weight_cache.on
+    assert plan.to_json()["fp8_weight_cache"]["on"] is True
+    # where fp8_base cannot run, neither does its cache, and the reason says why
+    plan = levers.speed_plan(make_recipe(tmp_path, fp8_base=True, fp8_weight_cache=True), A100)
+    assert not plan.fp8_weight_cache.on and "fp8_base is off" in plan.fp8_weight_cache.reason
+
+
+def test_the_memory_planner_counts_the_weight_cache():
+    from qlora_doctor.memory.estimate import TrainSettings, estimate
+    from qlora_doctor.memory.model import count_parameters
+    from qlora_doctor.recipe.builtin import builtin_config
+
+    counts = count_parameters(builtin_config("builtin:smollm2-135m-instruct"))
+    fp8 = TrainSettings(micro_batch=4, seq_len=512, upcast_unquantized=False, fused_lora=True, lora_dropout=0.0,
+                        fp8_base=True)
+    plain, cached = estimate(counts, fp8), estimate(counts, TrainSettings(**{**vars(fp8), "fp8_weight_cache": True}))
+    assert dict(cached.breakdown)["float8 weight cache (fp8_weight_cache)"] == counts.linear  # 1 byte a parameter
+    assert cached.peak_allocated_bytes - plain.peak_allocated_bytes == counts.linear
+
+
+@pytest.mark.parametrize("fused, recompute", [(True, "full"), (False, "full"), (True, "selective")])
+def test_the_weight_cache_trains_the_same_bits_and_dequantizes_each_weight_once(torchao, tiny_llama, tmp_path,
+                                                                              monkeypatch, fused, recompute):
+    """With fp8_weight_cache the loss and every LoRA gradient are those without it, bit for bit, over two steps'
+    backward passes; each 4-bit weight is dequantized once (its first GEMM) and never again, and the cache holds
+    one float8 W^T per weight, 1 byte per parameter."""
+    from qlora_doctor.trainer.fp8 import Fp8BaseGemm, fp8_gemms
+
+    dequantized: list = []  # every dequantization for a float8 GEMM, inside the op or not
+    weight = Fp8BaseGemm._weight
+    monkeypatch.setattr(Fp8BaseGemm, "_weight", lambda self, w, *a: dequantized.append(w.data_ptr()) or
+                        weight(self, w, *a))
+    runs, calls = {}, {}
+    for cache in (False, True):
+        model = build(tiny_llama, tmp_path, monkeypatch, fp8=True, fused=fused, recompute=recompute, cache=cache)
+        dequantized.clear()
+        first = counted_loss_and_grads(model, seed=3)
+        model.zero_grad(set_to_none=True)
+        second = counted_loss_and_grads(model, seed=4)
+        runs[cache], calls[cache] = (first, second, model), list(dequantized)
+    assert len(calls[True]) == len(set(calls[True])) == PROJECTIONS * LAYERS  # each weight once, in two steps
+    assert len(calls[False]) >= 2 * 2 * PROJECTIONS * LAYERS  # forward and backward GEMM, each step
+    for (loss, grads, _), (ref_loss, ref, _) in zip(runs[True][:2], runs[False][:2]):
+        assert loss == ref_loss
+        assert set(grads) == set(ref)
+        for name, grad in ref.items():
+            assert torch.equal(grads[name], grad), name
+    (_, _, first), (_, _, second), model = runs[True]
+    # the first step's dequantizations: one per weight, inside the op or in the backward, wherever it came first
+    dequantize = "bitsandbytes::dequantize_4bit"
+    assert first.get(dequantize, 0) <= PROJECTIONS * LAYERS and dequantize not in second
+    (gemm,) = fp8_gemms(model)
+    assert gemm.cache_weights and len(gemm.cached) == PROJECTIONS * LAYERS
+    import bitsandbytes as bnb
+
+    base = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert gemm.cached_bytes() == base
+    (uncached,) = fp8_gemms(runs[False][2])
+    assert not uncached.cached and runs[False][1][2].get(dequantize, 0) > 0

@@ -24,7 +24,8 @@ Two paths, lever by lever (per-token counts in activations.py):
     the saved gradient of lm_head's input instead); its RMSNorm and SwiGLU save fewer tensors;
   * fused_lora: one saved input per distinct input tensor and no dropout masks;
   * fp8_base: the 4-bit weights stay NF4 and nothing more is saved; the float8 GEMMs add two float8 copies of
-    the weight being multiplied and one of the incoming gradient (activations.FP8_GRAD_COPY_BYTES).
+    the weight being multiplied and one of the incoming gradient (activations.FP8_GRAD_COPY_BYTES);
+    fp8_weight_cache keeps every weight's float8 cast besides (1 byte per base parameter).
 padding_free / group_by_length only ever shorten batches (the planner assumes every sequence is
 max_seq_length), and torch_compile's memory effect is not modelled (plan.py notes both).
 
@@ -160,6 +161,8 @@ class TrainSettings:
     fused_lora: bool = False
     fp8_base: bool = False
     """trainer/fp8.py's float8 GEMMs for the 4-bit base layers."""
+    fp8_weight_cache: bool = False
+    """With fp8_base: every 4-bit weight's float8 cast kept (1 byte per base parameter; Fp8BaseGemm.cache_weights)."""
     offload_checkpoints: bool = False
     """trainer/offload.py: the checkpointed layers' inputs in host memory (OFFLOAD_RESIDENT_LAYERS on the GPU)."""
     levers: tuple[Lever, ...] = ()
@@ -332,6 +335,9 @@ def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | 
             # trainer/fp8.py: the input-gradient GEMM reads the weight cast to float8 (W^T, column-major) and
             # torchao's copy of it laid out for torch._scaled_mm (`preprocess_addmm`), 1 byte per element each.
             rows.append(("float8 copies of the largest weight (fp8_base)", 2 * counts.linear_largest))
+            if s.fp8_weight_cache:
+                # made during the first forward and kept: part of the static memory from then on
+                rows.append(("float8 weight cache (fp8_weight_cache)", counts.linear))
     else:
         rows.append((f"linear weights ({s.compute_dtype}, not quantized)", counts.linear * compute))
         at_start.append(counts.linear * compute)

@@ -132,7 +132,7 @@ def settings_from_recipe(recipe: Recipe, machine: Machine, model_type: str | Non
         checkpoint_layers=levers.checkpoint_layers, recompute="selective" if levers.recompute.on else "full",
         selective_layers=levers.selective_layers,
         liger_kernel=levers.liger_kernel.on,
-        fused_lora=levers.fused_lora.on, fp8_base=levers.fp8_base.on,
+        fused_lora=levers.fused_lora.on, fp8_base=levers.fp8_base.on, fp8_weight_cache=levers.fp8_weight_cache.on,
         offload_checkpoints=levers.offload_checkpoints.on, levers=tuple(levers.levers()))
 
 

@@ -28,6 +28,8 @@ What each lever does and why it is the default (measured by bench/train_throughp
   fp8_base: false            the 4-bit base layers' forward and input-gradient GEMMs in float8 through torchao
                              (qlora_doctor/trainer/fp8.py): FP8 tensor cores (compute capability >= 8.9) and
                              torchao needed. Changes numerics: opt in.
+  fp8_weight_cache: false    with fp8_base: each weight's float8 copy kept (1 byte per base parameter of GPU
+                             memory) instead of dequantized and cast at every GEMM; the same bits.
   cudnn_attention: auto      off where a knowledge-base rule with `workaround = "cudnn_attention_off"`
                              fires for this torch and GPU (the 70B FSDP run's CUDNN_STATUS_INTERNAL_ERROR at
                              24k tokens); SDPA then uses the flash / memory-efficient kernels. A process-wide
@@ -104,6 +106,8 @@ class SpeedPlan:
     """With recompute selective: which of the checkpointed layers keep outputs (the first N, a fraction, all)."""
     fp8_base: Lever = Lever("fp8_base", False, "off (default)")
     """The 4-bit base layers' GEMMs in float8 (trainer/fp8.py)."""
+    fp8_weight_cache: Lever = Lever("fp8_weight_cache", False, "off (default)")
+    """With fp8_base on: each weight's float8 cast kept for the run (Fp8BaseGemm.cache_weights)."""
     offload_checkpoints: Lever = Lever("offload_checkpoints", False, "off")
     """The checkpointed layers' saved inputs in host memory (trainer/offload.py)."""
     cudnn_hazards: tuple[AttentionHazard, ...] | None = None
@@ -115,7 +119,7 @@ class SpeedPlan:
     def levers(self) -> list[Lever]:
         return [self.upcast_unquantized, self.checkpointing, self.recompute, self.offload_checkpoints,
                 self.liger_kernel, self.fused_lora, self.padding_free, self.group_by_length, self.torch_compile,
-                self.cudnn_attention, self.fp8_base]
+                self.cudnn_attention, self.fp8_base, self.fp8_weight_cache]
 
     def to_json(self) -> dict[str, Any]:
         return {lever.name: {"on": lever.on, "reason": lever.reason} for lever in self.levers()}
@@ -277,9 +281,19 @@ def speed_plan(recipe: Recipe, precision: Precision, model_type: str | None = No
                      liger_kernel=decide_liger(perf.liger_kernel, precision.device, model_type, liger_described),
                      fused_lora=fused, padding_free=padding_free, group_by_length=group, torch_compile=compile_,
                      cudnn_attention=decide_cudnn_attention(perf.cudnn_attention, precision.device, cudnn_hazards),
-                     fp8_base=decide_fp8_base(perf.fp8_base, precision, torchao_described),
+                     fp8_base=(fp8 := decide_fp8_base(perf.fp8_base, precision, torchao_described)),
+                     fp8_weight_cache=decide_fp8_weight_cache(perf.fp8_weight_cache, fp8),
                      cudnn_hazards=cudnn_hazards,
                      cudnn_gate=cudnn_gate(perf.cudnn_attention, precision.device, cudnn_hazards))
+
+
+def decide_fp8_weight_cache(setting: bool, fp8_base: Lever) -> Lever:
+    """fp8_weight_cache: on where asked and fp8_base is on (the recipe refuses it without fp8_base)."""
+    if not setting:
+        return Lever("fp8_weight_cache", False, "off (default)")
+    if not fp8_base.on:
+        return Lever("fp8_weight_cache", False, f"fp8_base is off ({fp8_base.reason})")
+    return Lever("fp8_weight_cache", True, "each 4-bit weight's float8 cast kept (1 byte per base parameter)")
 
 
 AUTO_UNRESOLVED = "auto, not decided by the memory planner (the model's config was not readable): off"

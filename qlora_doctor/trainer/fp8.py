@@ -23,6 +23,10 @@ torch.compile (its docs quote speed-ups "with torch.compile on"), which fuses ea
 kernel; so on CUDA each cast (one function per operand) is compiled (`compile_casts`): the first training step
 compiles them. A compile failure falls back to the eager cast, with a warning (`Fp8BaseGemm.fallbacks`).
 
+The weight's cast is the same at every GEMM (the weight is frozen), so `performance.fp8_weight_cache` keeps it
+(`Fp8BaseGemm.cache_weights`): each weight is dequantized and cast once, at its first GEMM, and its float8 W^T
+(1 byte per parameter, beside the NF4 weight) serves every later forward, replay and input gradient, the same bits.
+
 Where it applies: the unfused LoRA path (peft's layer calls its base layer) gets the base layer's forward
 replaced; fused LoRA (trainer/fused_lora.py) reads the base GEMM from the base layer's `BASE_GEMM_ATTRIBUTE`.
 Layers whose in/out features are not multiples of 16 (torch._scaled_mm's layout rule) keep bitsandbytes' GEMM.
@@ -136,9 +140,17 @@ class Fp8BaseGemm:
     """torchao's Float8LinearConfig."""
     casts: dict[str, _Cast]
     """`input`, `weight` (W^T for the output GEMM), `grad_output`, `weight_for_grad_input`."""
+    cache_weights: bool = False
+    """`performance.fp8_weight_cache`: keep each weight's float8 cast (`_weight8`) instead of dequantizing and
+    casting it again at every GEMM. The frozen weight's cast is the same every time, so the results are the
+    same bits; it costs 1 byte per base parameter of GPU memory for the run (the NF4 weight stays too)."""
+    cached: dict[tuple[int, int, torch.dtype], Any] = dataclasses.field(default_factory=dict)
+    """With cache_weights: (weight's data_ptr, id of the cast, compute dtype) -> the float8 W^T. Tensorwise casts
+    W^T the same way for both GEMMs (`weight_for_grad_input` is `weight`), so one entry per weight."""
 
     @classmethod
-    def create(cls, recipe: str = RECIPE, emulate: bool = False, compile_casts: bool = False) -> Fp8BaseGemm:
+    def create(cls, recipe: str = RECIPE, emulate: bool = False, compile_casts: bool = False,
+               cache_weights: bool = False) -> Fp8BaseGemm:
         import functools
 
         from torchao.float8 import Float8LinearConfig
@@ -168,7 +180,7 @@ class Fp8BaseGemm:
                 and get_maybe_axiswise_dim(-1, config.cast_config_weight.scaling_granularity) is None)
         casts["weight_for_grad_input"] = casts["weight"] if same else cast(
             config.cast_config_weight_for_grad_input, GemmInputRole.WEIGHT, -1)
-        return cls(config=config, casts=casts)
+        return cls(config=config, casts=casts, cache_weights=cache_weights)
 
     @property
     def emulate(self) -> bool:
@@ -179,6 +191,22 @@ class Fp8BaseGemm:
 
         return bnb_f.dequantize_4bit(weight, quant_state).to(dtype)  # [out, in], as bitsandbytes' matmul uses it
 
+    def _weight8(self, role: str, weight: Any, quant_state: Any, dtype: torch.dtype) -> Any:
+        """W^T [in, out] in float8 for the GEMM whose weight cast is `role`: dequantized and cast now, or, with
+        cache_weights, the cast kept from the first call for this weight."""
+        cast = self.casts[role]
+        key = (weight.data_ptr(), id(cast), dtype)
+        if self.cache_weights and key in self.cached:
+            return self.cached[key]
+        w8 = cast(self._weight(weight, quant_state, dtype).t())
+        if self.cache_weights:
+            self.cached[key] = w8
+        return w8
+
+    def cached_bytes(self) -> int:
+        """GPU memory the kept float8 weights hold (their float8 data; the scales are one float each)."""
+        return sum(w8._data.numel() * w8._data.element_size() for w8 in self.cached.values())
+
     def forward(self, x2: torch.Tensor, weight: Any, quant_state: Any) -> torch.Tensor:
         """x2 [tokens, in] in the compute dtype -> x2 @ W^T [tokens, out] in the same dtype, as one op
         (`fp8_gemm_4bit`, module docstring) that selective recompute can keep and skip."""
@@ -188,20 +216,16 @@ class Fp8BaseGemm:
     def _forward_impl(self, x2: torch.Tensor, weight: Any, quant_state: Any) -> torch.Tensor:
         """`forward`'s computation: dequantize, cast both operands to float8, multiply."""
         with torch.autocast(x2.device.type, enabled=False):
-            w_t = self._weight(weight, quant_state, x2.dtype).t()  # [in, out], column-major: _scaled_mm's mat2
+            w8 = self._weight8("weight", weight, quant_state, x2.dtype)  # [in, out], column-major: _scaled_mm's mat2
             x8 = self.casts["input"](x2)
-            w8 = self.casts["weight"](w_t)
-            del w_t
             return torch.mm(x8, w8)
 
     def grad_input(self, grad: torch.Tensor, weight: Any, quant_state: Any) -> torch.Tensor:
         """grad [tokens, out] -> grad @ W [tokens, in] in grad's dtype."""
         g2 = grad.reshape(-1, grad.shape[-1])
         with torch.autocast(g2.device.type, enabled=False):
-            w_t = self._weight(weight, quant_state, g2.dtype).t()
+            w8 = self._weight8("weight_for_grad_input", weight, quant_state, g2.dtype)
             g8 = self.casts["grad_output"](g2)
-            w8 = self.casts["weight_for_grad_input"](w_t)
-            del w_t
             return torch.mm(g8, w8.t())
 
     def fallbacks(self) -> list[str]:
@@ -276,13 +300,14 @@ def unsupported_reason(module: Any) -> str | None:
 
 
 def apply_fp8_base(model: Any, *, emulate: bool | None = None, recipe: str = RECIPE,
-                   compile_casts: bool | None = None) -> tuple[int, list[str]]:
+                   compile_casts: bool | None = None, cache_weights: bool = False) -> tuple[int, list[str]]:
     """Route the GEMMs of every bitsandbytes 4-bit linear layer of `model` (LoRA's base layers and untargeted
     ones alike) through float8. Call it after peft wrapped the model; fused LoRA picks it up at call time.
 
     emulate: None decides by where each weight is: an FP8-capable GPU runs torch._scaled_mm, the CPU emulates
     (float32 matmuls of the float8 values: tests), a GPU below compute capability 8.9 is refused.
-    compile_casts: None compiles the casts on CUDA only. Returns (layers switched, `name: reason` for the
+    compile_casts: None compiles the casts on CUDA only. cache_weights: keep each weight's float8 cast
+    (`Fp8BaseGemm.cache_weights`). Returns (layers switched, `name: reason` for the
     distinct reasons others were not)."""
     problem = torchao_problem()
     if problem is not None:
@@ -308,7 +333,8 @@ def apply_fp8_base(model: Any, *, emulate: bool | None = None, recipe: str = REC
         compiled = device.type == "cuda" if compile_casts is None else compile_casts
         key = (str(device), emulated)
         if key not in gemms:
-            gemms[key] = Fp8BaseGemm.create(recipe, emulate=emulated, compile_casts=compiled)
+            gemms[key] = Fp8BaseGemm.create(recipe, emulate=emulated, compile_casts=compiled,
+                                            cache_weights=cache_weights)
         setattr(module, BASE_GEMM_ATTRIBUTE, gemms[key])
         module.forward = types.MethodType(_fp8_forward, module)
         switched += 1

@@ -121,7 +121,7 @@ def prepare_lora_model(base: Any, recipe: Recipe, precision: Precision, levers: 
     if plan.fp8_base.on:
         from qlora_doctor.trainer.fp8 import apply_fp8_base
 
-        switched, _ = apply_fp8_base(model)
+        switched, _ = apply_fp8_base(model, cache_weights=plan.fp8_weight_cache.on)
         if not switched:
             raise CheckFailed("performance.fp8_base: no 4-bit linear layer of this model can run float8 GEMMs "
                               "(dimensions must be multiples of 16); set `performance.fp8_base: false`")
