@@ -1,7 +1,8 @@
 """`--machine` on real machine descriptions: nvidia-smi tables (whole, cut, quoted, Windows), `nvidia-smi -q`/`-L`,
 `--query-gpu` CSV, torch's collect_env (old, new, vLLM's), transformers-env-like bullet lists, CPU-only, ROCm and
-Apple reports, each pasted into a public GitHub thread (tests/data/machine_corpus/, index.toml says what a careful
-reader takes from each). Every case is a test of its own facts.
+Apple reports, deviceQuery, rocm-smi, ultralytics' banner, one-line prose (refused by name: `unread`), each pasted
+into a public GitHub thread (tests/data/machine_corpus/, index.toml says what a careful reader takes from each).
+Every case is a test of its own facts.
 
 `python tests/test_machine_corpus.py OUT.json` scores the corpus through the real CLI (`check --machine FILE --json`
 and `lock --machine FILE`) into bench/results/machine_corpus_*.json.
@@ -123,6 +124,9 @@ def test_case_facts(case):
     output = result.output + (result.stderr if result.stderr_bytes is not None else "")
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a traceback is the worst result: show it
+    if case.get("unread"):  # prose left unread on purpose: an honest refusal, naming the file (scored as missing)
+        assert result.exit_code == 2 and case["file"] in output, output[-2000:]
+        return
     machine = json.loads(result.output)["machine"] if result.exit_code in (0, 1) else None
     scored = score(case, machine, result.exit_code, output, _torch_pin(path))
     wrong = {k: v for k, v in scored["facts"].items() if v != "right"}
@@ -142,6 +146,9 @@ def test_the_paste_reader_gets_every_case_right(case):
     text = read_machine_text(path)
     plain = path.suffix in PLAIN
     facts = None if plain else machine_facts(text)
+    if case.get("unread"):
+        assert facts is None, facts
+        return
     assert plain or facts is not None, "not recognised as a paste"
     try:
         described = machine_from_text(text, path) if plain else machine_from_dict(facts, str(path))
@@ -158,7 +165,7 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 70 <= len(CASES) <= 90 and len({c["file"] for c in CASES}) == len(CASES)
+    assert 100 <= len(CASES) <= 115 and len({c["file"] for c in CASES}) == len(CASES)
     files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
     assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
@@ -181,7 +188,7 @@ def test_round_two_covers_new_machines_and_layouts():
 def test_round_three_covers_reports_banners_and_host_memory():
     """Round 3 (cases 60 on): collect_env of 2025-2026 (ROCm, CPU-only, WSL2, B200), accelerate env, unsloth's
     banner, Windows' Driver-Model column, issue forms, hand-written bullets, and the host memory pasted beside."""
-    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 60]
+    later = [c for c in CASES if 60 <= int(c["file"].split("-")[0]) < 84]
     names = " ".join(" ".join(c.get("gpus", [])) for c in later)
     for gpu in ("MI300X", "B200", "GB10", "A800", "A100-SXM4-80GB", "RTX 4090", "RTX 5090", "RTX A6000", "Tesla T4",
                 "V100S", "RTX 4000 Ada"):
@@ -193,6 +200,26 @@ def test_round_three_covers_reports_banners_and_host_memory():
         assert form in formats, form
     assert sum("host_memory_mib" in c for c in later) >= 3
     assert {c.get("vendor") for c in later} >= {"nvidia", "amd", "none"}
+
+
+def test_round_four_covers_query_forms_platforms_and_prose():
+    """Round 4 (cases 84 on): `nvidia-smi -q`/`-a` of drivers 390-535, deviceQuery, `--query-gpu` with compute_cap
+    on a mixed box, rocm-smi, Jetson bullets (bold keys), an Apple issue form, Intel XPU, ultralytics' banner and
+    checks table (with host memory), and one-line prose from issue bodies, which `--machine` refuses by name
+    (`unread`) rather than guess at."""
+    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 84]
+    names = " ".join(" ".join(c.get("gpus", [])) for c in later)
+    for gpu in ("Tesla K80", "V100", "GTX 1080 Ti", "Quadro P2200", "MX150", "Tegra X1", "TITAN V", "RTX 5880 Ada",
+                "MI100", "Jetson Orin", "RTX A6000", "RTX 4080 SUPER"):
+        assert gpu in names, gpu
+    assert 20 <= len(later) <= 25
+    formats = " ".join(c["format"] for c in later)
+    for form in ("nvidia-smi -q", "nvidia-smi -a", "deviceQuery", "--query-gpu", "rocm-smi", "bitsandbytes",
+                 "prose", "issue form", "bullet", "ultralytics", "collect_env (XPU"):
+        assert form in formats, form
+    assert {c.get("vendor") for c in later} >= {"nvidia", "amd", "apple", "none"}
+    assert any("host_memory_mib" in c for c in later) and any(c.get("unread") for c in later)
+    assert all(c.get("unread") is None or "prose" in c["format"] for c in later)
 
 
 # --- scoring the corpus through the real CLI ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ PIP_LIST = re.compile(r"^Package[ \t]+Version(?:[ \t]+\S+)*[ \t]*\r?\n-{3,}[ -]*
 CONDA_LIST = re.compile(r"^#\s*Name\s+Version\s+Build(?:\s+Channel)?\s*$", re.M)
 COLLECT_ENV = re.compile(r"^(?:Collecting environment information|Versions of relevant libraries:|PyTorch version:)",
                          re.M)
-HF_ENV = re.compile(r"^-\s*(?:`?transformers`? version|PyTorch version(?: \(GPU\?\))?):", re.M)
+HF_ENV = re.compile(r"^-\s*(?:`?transformers`? version|PyTorch version(?: \(GPU\?\))?|torch:)", re.M)
 
 CONDA_NAMES = {"pytorch": "torch", "pytorch-cuda": None, "cudatoolkit": None}
 """conda package -> PyPI name (None: not a Python package pip installs)."""
@@ -31,7 +31,8 @@ HF_ENV_NAMES = {"`transformers` version": "transformers", "transformers version"
                 "huggingface_hub version": "huggingface-hub", "safetensors version": "safetensors",
                 "accelerate version": "accelerate", "pytorch version (gpu?)": "torch", "pytorch version": "torch",
                 "deepspeed version": "deepspeed", "peft version": "peft", "bitsandbytes version": "bitsandbytes",
-                "datasets version": "datasets", "trl version": "trl", "tokenizers version": "tokenizers"}
+                "datasets version": "datasets", "trl version": "trl", "tokenizers version": "tokenizers",
+                "torch": "torch"}  # a hand-written `- torch: 2.5.0` (`- **torch:** 2.5.0` once unbolded)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def read_report(text: str) -> EnvReport | None:
     text = unpaste(text)  # a report quoted (`> `) or fenced in an issue comment
     if re.search(r"^(?:PyTorch version|Is CUDA available|Python platform)[ \t]+:", text, re.M):
         text = re.sub(r"^([A-Za-z][\w /()?'.-]*?[\w)?])[ \t]+:[ \t]?", r"\1: ", text, flags=re.M)  # vLLM's
+    # hand-written bullets with markdown bold keys (`- **torch:** 2.5.0`) read as `- torch: 2.5.0`
+    text = re.sub(r"^([ \t]*[-*][ \t]*)\*\*([^*\n]+?)(?::\*\*|\*\*:)", r"\1\2:", text, flags=re.M)
     if PIP_LIST.search(text):
         body = text[PIP_LIST.search(text).end():]
         pins = _rows(re.findall(rf"^([A-Za-z0-9][\w.\-]*)[ \t]+{_VERSION}(?:[ \t]+\S.*)?[ \t\r]*$", body, re.M))
@@ -82,6 +85,9 @@ def read_report(text: str) -> EnvReport | None:
             if name:
                 rows.append((name, version))
         return EnvReport("transformers env", _rows(rows), complete=False)
+    ultralytics = _ULTRALYTICS.search(text)
+    if ultralytics:  # ultralytics' banner: `Ultralytics 8.3.59 🚀 Python-3.10.12 torch-2.3.0+cu121 CUDA:0 (...)`
+        return EnvReport("ultralytics banner", _rows([("torch", ultralytics.group(2))]), complete=False)
     banner = _UNSLOTH_TORCH.search(text)
     if banner:  # unsloth's start-up banner: `Torch: 2.5.1+cu124. CUDA: 6.1. ...` (2024's: `Pytorch: ...`)
         return EnvReport("unsloth banner", _rows([("torch", banner.group(1))]), complete=False)
@@ -133,22 +139,27 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     smi = nvidia_smi_facts(text)
     if smi is not None:
         return smi
-    banner = unsloth_facts(text)
+    banner = unsloth_facts(text) or device_query_facts(text) or ultralytics_facts(text) or rocm_smi_facts(text)
     if banner is not None:
         return banner
+    # `- **Device:** NVIDIA Jetson Orin Nano Super` (markdown bold keys) read as `- Device: ...`
+    text = re.sub(r"^([ \t]*[-*][ \t]*)\*\*([^*\n]+?)(?::\*\*|\*\*:)", r"\1\2:", text, flags=re.M)
     text = re.sub(r"^([A-Za-z][\w /()?'.-]*?[\w)?])[ \t]+:[ \t]?", r"\1: ", text, flags=re.M)  # vLLM `key : value`
     # A GitHub issue form's answers (`### GPU model`, a blank line, `NVIDIA GeForce RTX 4090`), read as the bullets
     # `- GPU model: NVIDIA GeForce RTX 4090` that the rest of this reads.
-    text = re.sub(r"^###[ \t]+([^\n]+?)[ \t]*\n[ \t]*\n[ \t]*([^\s#][^\n]*)$", r"- \1: \2", text, flags=re.M)
+    # (An answer that is itself a bullet list, `### Environment` then `- Device: ...`, is left to the bullets.)
+    text = re.sub(r"^###[ \t]+([^\n]+?)[ \t]*\n[ \t]*\n[ \t]*(?![-*][ \t])([^\s#][^\n]*)$", r"- \1: \2", text,
+                  flags=re.M)
     collect_env = re.search(r"^`?(?:Collecting\W*environment information|PyTorch version:|Is CUDA available:|"
                             r"CUDA used to build PyTorch:|GPU models and configuration:)", text, re.M)
     # transformers/accelerate env bullets, and the hand-written ones (`- GPU: NVIDIA RTX A6000`, `- OS: Ubuntu`)
-    hf_env = re.search(r"^-\s*(?:`?\w+`? version|Platform|Python version|GPU(?: type| model| name)?|OS):", text, re.M)
+    hf_env = re.search(r"^-\s*(?:`?\w+`? version|Platform|Python version|GPU(?: type| model| name| vendor)?|OS|"
+                       r"Operating system|Device|Hardware):", text, re.M | re.I)
     if not collect_env and not hf_env:
         return container_cli_facts(text) or log_facts(text)
     data: dict[str, Any] = {}
     platform_line = re.search(r"^(?:-\s*)?(?:Python )?[Pp]latform:\s*(\S+)", text, re.M)
-    os_line = re.search(r"^(?:-\s*)?(?:OS|Operating System):\s*(.+)$", text, re.M)
+    os_line = re.search(r"^(?:-\s*)?(?:OS|Operating System):\s*(.+)$", text, re.M | re.I)
     where = " ".join(m.group(1) for m in (platform_line, os_line) if m).lower()
     if where:
         data["os"] = ("windows" if "windows" in where else "darwin" if re.search(r"mac ?os|darwin", where)
@@ -170,24 +181,34 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
                          re.M | re.I)
     names = [n for n in re.findall(r"GPU \d+:\s*([^\n(]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
              if not _NOT_A_NAME.match(n.strip())]
+    if not gpu_line:  # a hand-written `- Device: NVIDIA Jetson Orin Nano Super` / `- Hardware: Jetson AGX Orin 64GB`
+        gpu_line = re.search(r"^-\s*(?:Device|Hardware):[ \t]*((?:NVIDIA|GeForce|Tesla|Quadro|Jetson)\b.*)$", text,
+                             re.M | re.I)
+    apple = re.search(r"^-\s*GPU(?: vendor| type)?:[ \t]*(?:Apple\b|.*\bMPS\b)", text, re.M | re.I)
     if not names and gpu_line and not _NOT_A_NAME.match(gpu_line.group(1).strip()):
         # `GPU models and configuration: GPU 0: Orin (nvgpu)` (one GPU, on the heading's line)
         names = [re.sub(r"^GPU \d+:\s*|\s*\((?:nvgpu|UUID[^)]*)\)\s*$", "", gpu_line.group(1).strip())]
     extra: dict[str, Any] = {}
+    # a hand-written `- Compute capability: sm_87` (or `8.7`) beside one GPU
+    cc_line = re.search(r"^-\s*Compute capability:\s*(?:sm_?(\d+)(\d)\b|(\d+)\.(\d)\b)", text, re.M | re.I)
+    if cc_line and len(names) == 1:
+        extra["compute_capability"] = ".".join(g for g in cc_line.groups() if g)
     if len(names) == 1:  # a hand-written `- GPU: NVIDIA RTX A6000 (Compute Capability 8.6)` or `... (16GB VRAM)`
         aside = re.search(r"\s*\(([^()]*)\)\s*$", names[0])
         cc = aside and re.search(r"(?:compute capability|cc|sm)[ _]?(\d+)\.?(\d)\b", aside.group(1), re.I)
         gb = aside and re.fullmatch(r"(\d{1,3})\s*GB(?: VRAM)?", aside.group(1).strip(), re.I)
         if cc or gb:
             names = [names[0][:aside.start()]]
-            extra = ({"compute_capability": f"{cc.group(1)}.{cc.group(2)}"} if cc else
-                     {"memory_total_mib": int(gb.group(1)) * 1024 * 15 // 16})  # as sold, less 1/16 (ECC, driver)
+            extra.update({"compute_capability": f"{cc.group(1)}.{cc.group(2)}"} if cc else
+                         {"memory_total_mib": int(gb.group(1)) * 1024 * 15 // 16})  # as sold, less 1/16
     available = re.search(r"^(?:Is CUDA available:\s*(True|Yes|False|No)|"
                           r"-\s*PyTorch version \(GPU\?\):.*\((True|False)\))", text, re.M)
     available = (available.group(1) or available.group(2)).lower() in ("true", "yes") if available else None
     rocm = re.search(r"^(?:ROCM used to build PyTorch:\s*\d|HIP runtime version:\s*\d)", text, re.M) or \
         any(_AMD.search(n) for n in names)
-    if rocm:  # a ROCm build answers torch.cuda with the AMD GPU: no CUDA GPU here
+    if apple and not names:  # an issue form's `### GPU vendor` answered `Apple Silicon (MPS)`: no CUDA GPU
+        data["gpus"], data["gpu_vendor"] = [], "apple"
+    elif rocm:  # a ROCm build answers torch.cuda with the AMD GPU: no CUDA GPU here
         data["gpus"] = [{"name": n.strip(), "vendor": "amd"} for n in names]
         data["gpu_vendor"] = "amd"
     elif names:
@@ -327,8 +348,9 @@ def host_memory_mib(text: str) -> int | None:
         unit = free.group(2) or ("M" if re.search(r"\bfree\s+(?:-\w*\s+)*-m\b", text) else
                                  "G" if re.search(r"\bfree\s+(?:-\w*\s+)*-g\b", text) else "K")
         return int(float(free.group(1).replace(",", ".")) * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit])
-    ram = re.search(r"^\s*-?\s*(?:System RAM|Host RAM|System memory|RAM)\s*:\s*(\d+(?:\.\d+)?)\s*(GB|GiB|TB|TiB)\b",
-                    text, re.M | re.I)
+    # `- System RAM: 251.53 GB`, `- RAM: 64GB`; ultralytics' checks table: `RAM                 251.55 GB`
+    ram = re.search(r"^\s*-?\s*(?:System RAM|Host RAM|System memory|RAM)(?:\s*:|[ \t]{2,})\s*(\d+(?:\.\d+)?)\s*"
+                    r"(GB|GiB|TB|TiB)\b", text, re.M | re.I)
     if ram:
         return int(float(ram.group(1)) * (1024 if ram.group(2).upper().startswith("G") else 1024**2))
     return None
@@ -415,11 +437,19 @@ def _query_gpu_csv(text: str) -> dict[str, Any] | None:
     """`nvidia-smi --query-gpu=name,driver_version,memory.total,... --format=csv[,noheader][,nounits]`: by its
     header row when it has one, else the fields qlora-doctor itself asks for."""
     rows = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    # The header row where the CSV follows other lines (the `$ nvidia-smi --query-gpu=...` command, an
+    # `nvidia-smi -L` listing, a sentence): the rows are the lines after it with as many fields.
+    start = next((i for i, r in enumerate(rows) if "," in r and {"name", "driver_version"} <=
+                  {c.strip().split(" [")[0] for c in r.split(",")} and
+                  all(re.fullmatch(r"[\w.]+(?: \[[^\]]+\])?", c.strip()) for c in r.split(","))), 0)
+    rows = rows[start:]
     if not rows or "," not in rows[0]:
         return None
     head = [c.strip().split(" [")[0] for c in rows[0].split(",")]
     if "name" in head:
         fields, rows = head, rows[1:]
+        width = [i for i, r in enumerate(rows) if len(r.split(",")) != len(fields)]
+        rows = rows[:width[0]] if width and start else rows
     else:
         fields = ["name", "memory.total", "memory.free", "compute_cap", "driver_version"]
     cells = [[c.strip() for c in r.split(",")] for r in rows]
@@ -439,3 +469,77 @@ def _query_gpu_csv(text: str) -> dict[str, Any] | None:
         gpus.append(gpu)
         drivers.add(row["driver_version"])
     return {"driver_version": sorted(drivers)[0], "gpus": gpus}
+
+
+def device_query_facts(text: str) -> dict[str, Any] | None:
+    """CUDA samples' `deviceQuery`: `Detected N CUDA Capable device(s)`, then per device `Device 0: "NAME"`,
+    `CUDA Driver Version / Runtime Version 11.2 / 10.0` (the first is the driver's CUDA), `CUDA Capability
+    Major/Minor version number: 6.1` and `Total amount of global memory: 2003 MBytes` (MiB). None without it."""
+    blocks = list(re.finditer(r'^\s*Device \d+: "([^"\n]+)"', text, re.M))
+    if not blocks or not re.search(r"CUDA Capability Major/Minor version number|CUDA Driver Version / Runtime",
+                                   text):
+        return None
+    gpus: list[dict[str, Any]] = []
+    for i, block in enumerate(blocks):
+        body = text[block.end():blocks[i + 1].start() if i + 1 < len(blocks) else len(text)]
+        gpu: dict[str, Any] = {"name": block.group(1).strip()}
+        cc = re.search(r"CUDA Capability Major/Minor version number:\s*(\d+\.\d+)", body)
+        if cc:
+            gpu["compute_capability"] = cc.group(1)
+        total = re.search(r"Total amount of global memory:\s*(\d+)\s*MBytes", body)
+        if total:
+            gpu["memory_total_mib"] = int(total.group(1))
+        gpus.append(gpu)
+    data: dict[str, Any] = {"gpus": gpus}
+    cuda = re.search(r"CUDA Driver Version / Runtime Version\s+(\d+\.\d+)\s*/", text)
+    if cuda:
+        data["cuda_driver_version"] = cuda.group(1)
+    detected = re.search(r"Detected (\d+) CUDA Capable device", text)
+    if detected and len(gpus) == 1 and 1 < int(detected.group(1)) <= 64:  # cut after the first device's block
+        data["gpus"] = gpus * int(detected.group(1))
+        data["notes"] = [f"deviceQuery detected {detected.group(1)} devices, only the first shown ({gpus[0]['name']}): "
+                         f"taken as {detected.group(1)} of it"]
+    return data
+
+
+_ULTRALYTICS = re.compile(r"^Ultralytics\s+\S+\s+\S*\s*Python-(\d+\.\d+\.\d+)\s+torch-(\S+)\s+(CUDA:.*|CPU.*)$", re.M)
+
+
+def ultralytics_facts(text: str) -> dict[str, Any] | None:
+    """ultralytics' start-up banner, `Ultralytics 8.3.59 🚀 Python-3.10.12 torch-2.3.0 CUDA:0 (NVIDIA RTX A6000,
+    48670MiB)` (a `CUDA:N (...)` per device used, `CPU (...)` without one), and `yolo checks`' table beside it
+    (`OS Linux-...-x86_64-with-glibc2.35`, `GPU NVIDIA RTX A6000, 48670MiB`, `GPU count 4`). None without it."""
+    banner = _ULTRALYTICS.search(text)
+    if not banner:
+        return None
+    data: dict[str, Any] = {"python": banner.group(1)}
+    devices = re.findall(r"CUDA:\d+ \(([^,()\n]+), (\d+)MiB\)", text)
+    gpus = [{"name": name.strip(), "memory_total_mib": int(mib)} for name, mib in devices]
+    count = re.search(r"^GPU count\s+(\d+)\s*$", text, re.M)
+    if count and len(gpus) == 1 and 1 < int(count.group(1)) <= 64:
+        data["notes"] = [f"GPU count {count.group(1)}, only CUDA:0 named ({gpus[0]['name']}): taken as "
+                         f"{count.group(1)} of it"]
+        gpus = gpus * int(count.group(1))
+    data["gpus"] = gpus
+    system = re.search(r"^OS\s{2,}(Linux|Windows|macOS|Darwin)\S*", text, re.M)
+    if system:
+        word = system.group(1).lower()
+        data["os"] = "darwin" if word in ("macos", "darwin") else word
+        arch = re.search(r"x86_64|aarch64|arm64|AMD64", system.group(0))
+        if arch:
+            data["arch"] = {"AMD64": "x86_64"}.get(arch.group(0), arch.group(0))
+        libc = re.search(r"glibc(\d+\.\d+)", system.group(0))
+        if libc:
+            data["libc"] = f"glibc {libc.group(1)}"
+    return data
+
+
+def rocm_smi_facts(text: str) -> dict[str, Any] | None:
+    """`rocm-smi --showproductname`, as its `GPU[0] : Card series: ...` block or `--csv` (`device,Card series,
+    Card model,...`): AMD GPUs, named by their card series. None without it."""
+    csv = re.search(r"^device,Card series,.*\n((?:card\d+,.*\n?)+)", text, re.M)
+    names = [row.split(",")[1].strip() for row in csv.group(1).splitlines() if row.strip()] if csv else \
+        re.findall(r"^GPU\[\d+\]\s*:\s*Card series:\s*(.+?)\s*$", text, re.M)
+    if not names:
+        return None
+    return {"gpus": [{"name": n, "vendor": "amd"} for n in names], "gpu_vendor": "amd"}
