@@ -332,3 +332,39 @@ def test_a_suggested_command_names_the_described_machine(tmp_path):
     assert machine_option(load_described_machine(described)) == f" --machine '{described}'"
     assert machine_option(load_described_machine('{"gpus": ["Tesla T4"]}')).startswith(" --machine '")
     assert machine_option(machine_from_dict({"os": "linux", "arch": "x86_64", "python": "3.11"}, "probe")) == ""
+
+
+# --- hand-written descriptions in the forms people write them --------------------------------------------------------
+
+@pytest.mark.parametrize("data, gpus, extra", [
+    ({"GPU": "NVIDIA L4", "Driver Version": "550.54.15"}, [("NVIDIA L4", None)], {"driver_version": "550.54.15"}),
+    ({"gpu_name": "NVIDIA GeForce RTX 3090", "vram_gb": 24, "os": "Ubuntu 22.04", "python": "3.10"},
+     [("NVIDIA GeForce RTX 3090", 24576)], {"os": "linux", "python": "3.10"}),
+    ({"gpus": [{"name": "NVIDIA A10G", "memory": "24 GB"}], "driver": "535.161.08"}, [("NVIDIA A10G", 24576)], {}),
+    ({"gpus": [{"name": "NVIDIA A100-SXM4-80GB", "vram": 81920}]}, [("NVIDIA A100-SXM4-80GB", 81920)], {}),
+    ({"gpu": {"model": "H100", "count": 2, "memory_gb": "80G"}, "ram_gb": 512, "os": "Windows 11"},
+     [("H100", 81920)] * 2, {"host_memory_mib": 524288, "os": "windows"}),
+])
+def test_hand_written_keys_sizes_and_os_words_are_read_with_notes(data, gpus, extra):
+    from qlora_doctor.core.machine import machine_from_dict
+
+    machine = machine_from_dict(data, "m.json")
+    assert [(g.name, g.memory_total_mib) for g in machine.gpus] == gpus
+    for key, value in extra.items():
+        assert getattr(machine, key) == value, key
+    if "os" in extra:
+        assert any(n.startswith("read os ") for n in machine.notes)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"gpus": [{"name": "T4", "memory": "lots"}]}, "gpus[0].memory_total_mib: expected a positive whole number"),
+    ({"gpus": ["T4"], "os": "BeOS"}, "os: 'BeOS' is not one of linux, windows, darwin"),
+    ({"gpus": ["T4"], "ram_gb": "plenty"}, "ram_gb: expected the host's memory in GB"),
+])
+def test_hand_written_values_that_say_nothing_are_refused_by_key(data, message):
+    from qlora_doctor.core.errors import InputError
+    from qlora_doctor.core.machine import machine_from_dict
+
+    with pytest.raises(InputError) as err:
+        machine_from_dict(data, "m.json")
+    assert message in str(err.value)

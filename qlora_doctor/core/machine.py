@@ -214,7 +214,24 @@ def _read_aliases(data: dict, where: str, errors: list[str]) -> tuple[dict, list
     """The description with aliases renamed, numbers given as versions turned into text, a GPU count and a
     memory size spread over the GPUs; a note for each reading."""
     notes: list[str] = []
-    out = dict(data)
+    out = {}
+    for key, value in data.items():  # `Driver Version`, `GPU`, `cuda-version`: the documented spelling
+        plain = re.sub(r"[\s-]+", "_", key.strip().lower()) if isinstance(key, str) else key
+        out[plain if plain not in out else key] = value
+    os_given = out.get("os")
+    if isinstance(os_given, str) and os_given.strip().lower() not in _OSES:
+        named = _os_from_words(os_given)
+        if named:
+            out["os"] = named
+            notes.append(f"read os {os_given!r} as {named}")
+    for alias in _HOST_MEMORY_GB_KEYS:
+        if alias in out and "host_memory_mib" not in out:
+            mib = _size_mib(out.pop(alias), "GB")
+            if mib is None:
+                errors.append(f"{where}: {alias}: expected the host's memory in GB, e.g. 64")
+            else:
+                out["host_memory_mib"] = mib
+                notes.append(f"read {alias!r} as host_memory_mib {mib}")
     for alias, key in _ALIASES.items():
         if alias in out:
             value = out.pop(alias)
@@ -249,21 +266,69 @@ def _read_aliases(data: dict, where: str, errors: list[str]) -> tuple[dict, list
             errors.append(f"{where}: {count_key}: {count}, but no GPU is named: add \"gpus\": [\"Tesla T4\"]")
     memory_key = next((k for k in _MEMORY_GB_KEYS if k in out), None)
     if memory_key:
-        gb = out.pop(memory_key)
-        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or not 0 < gb < 4096:
-            errors.append(f"{where}: {memory_key}: expected the GPU memory in GB, e.g. 24, got {json.dumps(gb)[:40]}")
+        given = out.pop(memory_key)
+        mib = _size_mib(given, "GB")
+        if mib is None:
+            errors.append(f"{where}: {memory_key}: expected the GPU memory in GB, e.g. 24, got {json.dumps(given)[:40]}")
         elif isinstance(out.get("gpus"), list):
-            out["gpus"] = [_with_memory(g, gb) for g in out["gpus"]]
-            notes.append(f"{memory_key} {gb}: {int(gb * 1024)} MiB per GPU")
+            out["gpus"] = [_with_memory(g, mib) for g in out["gpus"]]
+            notes.append(f"{memory_key} {given}: {mib} MiB per GPU")
+    if isinstance(out.get("gpus"), list):  # `{"name": "H100", "count": 8}`: eight of it
+        spread = []
+        for gpu in out["gpus"]:
+            n = next((gpu[k] for k in ("count", "number", "quantity") if isinstance(gpu, dict) and k in gpu), None)
+            if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 64:
+                gpu = {k: v for k, v in gpu.items() if k not in ("count", "number", "quantity")}
+                spread += [gpu] * n
+                notes.append(f"count {n}: {n} of {gpu.get('name') or gpu.get('model') or 'the GPU'}")
+            else:
+                spread.append(gpu)
+        out["gpus"] = spread
     return out, notes
 
 
-def _with_memory(gpu: Any, gb: float) -> Any:
+def _with_memory(gpu: Any, mib: int) -> Any:
     if isinstance(gpu, str):
         gpu = {"name": gpu}
     if isinstance(gpu, dict) and gpu.get("memory_total_mib") is None:
-        return {**gpu, "memory_total_mib": int(gb * 1024)}
+        return {**gpu, "memory_total_mib": mib}
     return gpu
+
+
+_HOST_MEMORY_GB_KEYS = ("ram", "ram_gb", "host_ram_gb", "host_memory_gb", "system_memory_gb", "system_ram_gb",
+                        "host_memory", "system_memory")
+_GPU_MEMORY_KEYS = ("memory", "vram", "memory_total", "total_memory", "gpu_memory", "memory_size")
+"""A GPU's memory under the names people give it; a bare number below 1024 is GB, above it MiB."""
+
+
+def _size_mib(value: Any, unit: str) -> int | None:
+    """MiB from `24`, `24.5`, `"24 GB"`, `"80G"`, `"24576 MiB"`, `"2 TB"` (a bare number in `unit`, GB or MiB);
+    None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number, unit = float(value), (unit if unit == "MiB" or value < 1024 else "MiB")
+    elif isinstance(value, str):
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G|MB|MiB|M|TB|TiB|T)?\s*", value, re.I)
+        if not found:
+            return None
+        number = float(found.group(1))
+        unit = (found.group(2) or (unit if unit == "MiB" or number < 1024 else "MiB")).upper()
+    else:
+        return None
+    mib = number * {"T": 2**20, "TB": 2**20, "TIB": 2**20, "M": 1, "MB": 1, "MIB": 1}.get(unit.upper(), 1024)
+    return int(mib) if 0 < mib < 2**31 else None
+
+
+def _os_from_words(text: str) -> str | None:
+    """`Ubuntu 22.04`, `Windows 11`, `macOS 14`: the OS family; None when the words name none."""
+    if re.search(r"windows|win(?:10|11)\b", text, re.I):
+        return "windows"
+    if re.search(r"mac ?os|os x|darwin", text, re.I):
+        return "darwin"
+    if re.search(r"linux|ubuntu|debian|centos|rhel|red hat|rocky|fedora|alma|suse|arch|wsl", text, re.I):
+        return "linux"
+    return None
 
 
 def _gpu_aliases(raw: dict) -> dict:
@@ -278,13 +343,11 @@ def _gpu_aliases(raw: dict) -> dict:
     elif isinstance(cc, str) and re.fullmatch(r"(sm_?)?\d{2,3}", cc.lower()):
         digits = re.sub(r"\D", "", cc)
         raw["compute_capability"] = f"{digits[:-1]}.{digits[-1]}"
-    for key in _MEMORY_GB_KEYS:
+    for key in (*_MEMORY_GB_KEYS, *_GPU_MEMORY_KEYS, "memory_total_gb", "memory_mib"):
         if key in raw and "memory_total_mib" not in raw:
-            gb = raw.pop(key)
-            if isinstance(gb, (int, float)) and not isinstance(gb, bool) and 0 < gb < 4096:
-                raw["memory_total_mib"] = int(gb * 1024)
-            else:
-                raw["memory_total_mib"] = gb  # reported as not a size below
+            given = raw.pop(key)
+            mib = _size_mib(given, "MiB" if key == "memory_mib" else "GB")
+            raw["memory_total_mib"] = mib if mib is not None else given  # not a size: reported below
     return raw
 
 

@@ -156,7 +156,7 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     hf_env = re.search(r"^-\s*(?:`?\w+`? version|Platform|Python version|GPU(?: type| model| name| vendor)?|OS|"
                        r"Operating system|Device|Hardware):", text, re.M | re.I)
     if not collect_env and not hf_env:
-        return container_cli_facts(text) or log_facts(text)
+        return container_cli_facts(text) or log_facts(text) or prose_facts(text)
     data: dict[str, Any] = {}
     platform_line = re.search(r"^(?:-\s*)?(?:Python )?[Pp]latform:\s*(\S+)", text, re.M)
     os_line = re.search(r"^(?:-\s*)?(?:OS|Operating System):\s*(.+)$", text, re.M | re.I)
@@ -543,3 +543,164 @@ def rocm_smi_facts(text: str) -> dict[str, Any] | None:
     if not names:
         return None
     return {"gpus": [{"name": n, "vendor": "amd"} for n in names], "gpu_vendor": "amd"}
+
+
+# --- a machine described in words ---------------------------------------------------------------------------------
+
+PROSE_MAX_CHARS = 4000
+"""Longer text is a log or a thread, not a description: left to the readers above."""
+
+_COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "single": 1, "1x": 1, "two": 2, "dual": 2, "double": 2, "three": 3,
+                "four": 4, "quad": 4, "six": 6, "eight": 8}
+_TIMES = r"(?:x|×|\*|X)"
+_VENDOR_WORDS = r"(?:(?:NVIDIA|Nvidia|nvidia|GeForce|Tesla|Quadro)[ \t]+)*"
+_SENTENCE_END = re.compile(r"[.;!?](?:\s|$)|\n\s*\n|[。；，]")
+_APPLE = re.compile(r"\bApple[ \t]+(?:silicon|M[1-5])\b|\bM[1-5](?:[ \t]+(?:Pro|Max|Ultra))?\b(?=[^.\n]*\b(?:Mac|macOS|"
+                    r"MacOS|MacBook|mps|MPS)\b)|\b(?:Mac(?:Book)?|macOS|MacOS)\b[^.\n]*\bM[1-5]\b", re.I)
+_AMD_GPU = re.compile(r"\b(?:AMD[ \t]+)?(?:Instinct[ \t]+)?(MI\d{2,3}[A-Z]?|Radeon(?:[ \t]+(?:Pro|RX))?[ \t]+\w+|"
+                      r"RX[ \t]?\d{4}(?:[ \t]?XTX?)?)\b")
+_INTEL_GPU = re.compile(r"\bIntel(?:\(R\))?[ \t]+(?:Arc|Data[ \t]+Center[ \t]+GPU|Iris|UHD)\b|\+xpu\b|\bXPU\b")
+
+
+def prose_facts(text: str) -> dict[str, Any] | None:
+    """A machine described in words, as issue bodies and hand-written notes put it: `2x RTX 4090 (24GB each),
+    driver 550.54.15, CUDA 12.4, Ubuntu 22.04`, `a single A100 GPU of 80GB`, `Kaggle T4 x 2`, `GPU: NVIDIA L4,
+    Driver: 550.120`. Read only where the text names exactly one NVIDIA product of the GPU tables (by its table
+    name as a word: `RTX 4090`, `rtx4090`, `A100-80GB`; a GeForce number alone, `2 * 4090`, only beside a count or
+    the word GPU/card); a count, a stated memory size, the driver, the CUDA version, Python and the OS are taken
+    from around it, each said in a note. Several products named (`tested on T4 and A100`) is not one machine: the
+    text is refused, naming them. Apple silicon, AMD and Intel GPUs named in words are read as such (no CUDA GPU).
+    None when the text names no GPU or is too long to be a description."""
+    from qlora_doctor.core.machine import UNREAD
+    from qlora_doctor.knowledge.loading import load_tables
+
+    if len(text) > PROSE_MAX_CHARS:
+        return None
+    body = "\n".join(ln for ln in text.splitlines() if not re.match(r"\s*#\s*https?://", ln))  # a `# URL` line
+    tables = load_tables()
+    names = sorted({m.match for m in tables.gpu_models if not m.match.endswith(" P")} |
+                   {m.match for m in tables.gpu_memory}, key=len, reverse=True)
+    mentions: list[tuple[int, int, str]] = []
+    for name in names:
+        for found in re.finditer(_name_pattern(name), body, re.I):
+            if not any(s < found.end() and found.start() < e for s, e, _ in mentions):
+                mentions.append((found.start(), found.end(), name))
+    facts = _platform_words(body)
+    products = sorted({tables.gpu_model_for(n).match if tables.gpu_model_for(n) else n for _, _, n in mentions})
+    if not mentions:
+        return _other_vendor(body, facts)
+    if len(products) > 1:
+        return {UNREAD: f"the text names several GPUs ({', '.join(products)}), not one machine; describe one "
+                        "machine per file (e.g. {\"gpus\": [\"NVIDIA GeForce RTX 4090\"], \"driver_version\": "
+                        "\"550.54.15\"})"}
+    mentions.sort()
+    start, end, name = mentions[0]
+    count, how = 1, None
+    for s, e, _ in mentions:
+        found = _count_near(body, s, e)
+        if found:
+            count, how = found
+            break
+    gb = next((g for s, e, _ in mentions for g in [_memory_near(body, s, e)] if g), None)
+    if gb is None and count > 1:  # `2 * 4090 ... 2 * 24GB`: the same count times a size, elsewhere in the text
+        each = re.search(rf"(?<![\d.]){count}[ \t]*{_TIMES}[ \t]*(\d{{1,3}})[ \t]*(?:GB|G)(?![A-Za-z])", body)
+        gb = float(each.group(1)) if each and 2 <= int(each.group(1)) <= 512 else None
+    gpu: dict[str, Any] = {"name": name}  # the table's spelling: `rtx3090` and `4090` alone are its `RTX 3090`
+    notes = [f"read from words: {count} x {gpu['name']}" + (f" ({how})" if how else f" ('{body[start:end]}')") +
+             (f", {gb:g} GB each as stated" if gb else "")]
+    if gb:
+        gpu["memory_total_mib"] = int(gb * 1024)
+    facts["gpus"] = [gpu] * count
+    driver = re.search(r"\bdriver(?:[ \t_-]*version)?[ \t]*[:=]?[ \t]*v?(\d{3}(?:\.\d{1,3}){0,2})\b", body, re.I)
+    if driver:
+        facts["driver_version"] = driver.group(1)
+    cuda = re.search(r"\bCUDA(?:[ \t_-]*(?:version|driver|runtime))?[ \t]*[:=]?[ \t]*v?(\d{1,2}\.\d)\b", body, re.I)
+    if cuda:
+        facts["cuda_driver_version"] = cuda.group(1)
+        notes.append(f"read 'CUDA {cuda.group(1)}' as the CUDA version the driver reports (nvidia-smi's); "
+                     "the text does not say whether it is the driver's or torch's")
+    facts["notes"] = notes
+    return facts
+
+
+def _name_pattern(name: str) -> str:
+    """A table name as people write it: any case, the space between its words optional or a hyphen
+    (`RTX 4090`, `rtx4090`, `RTX-4090`), a plural `s`, an `x2` or a size glued on (`A100-80GB`, `T4x2`)."""
+    words = [re.escape(w) for w in name.split()]
+    core = r"[ \t-]?".join(words)
+    if re.fullmatch(r"(?:RTX|GTX) \d{4}", name):  # a GeForce number alone: beside a count or the word GPU/card
+        digits = re.escape(name.split()[1])
+        core = (rf"(?:{core}|(?<=[x×*X][ \t])\s*{digits}|(?<=[x×*X]){digits}|"
+                rf"{digits}(?=[ \t]*(?:GPUs?|cards?|显卡|卡)\b))")
+    return rf"(?<![A-Za-z0-9]){core}(?=s?(?![A-Za-z0-9])|x\d|-?\d+\s*G)"
+
+
+def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
+    before, after = body[max(0, start - 40):start], body[end:end + 24]
+    times = re.search(rf"(?<![\d.])(\d{{1,2}})[ \t]*{_TIMES}[ \t]*{_VENDOR_WORDS}$", before)
+    if times:
+        return int(times.group(1)), times.group(0).strip()
+    word = re.search(rf"\b(a|an|one|single|1x|two|dual|double|three|four|quad|six|eight|\d{{1,2}})[ \t]+"
+                     rf"{_VENDOR_WORDS}$", before, re.I)
+    if word and not re.search(r"[\d.]$", before[:word.start(1)].rstrip()[-1:] or " "):
+        value = word.group(1).lower()
+        count = _COUNT_WORDS.get(value) or (int(value) if value.isdigit() else 0)
+        if 0 < count <= 64:
+            return count, word.group(0).strip()
+    suffix = re.match(rf"(?:[ \t]*GPUs?)?[ \t]*{_TIMES}[ \t]*(\d{{1,2}})\b", after)
+    if suffix and 0 < int(suffix.group(1)) <= 64:
+        return int(suffix.group(1)), suffix.group(0).strip()
+    return None
+
+
+def _memory_near(body: str, start: int, end: int) -> float | None:
+    """A size stated with the GPU: right after its name in the same sentence (`A100 80GB`, `A100-80GB`, `T4 15 GB`,
+    `A100 GPU of 80GB memory`, `A10G with 24GB each`), or right before it (`24GB RTX 4090`)."""
+    after = body[end:end + 48]
+    stop = _SENTENCE_END.search(after)
+    after = after[:stop.start()] if stop else after
+    size = re.search(r"(?<![\d.])(\d{1,3}(?:\.\d)?)[ \t]*(?:GB|GiB|G)(?![A-Za-z])(?![ \t]*(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|"
+                     r"DDR\d[ \t]+)?RAM\b)", after, re.I)
+    if size is None:
+        size = re.search(r"(?<![\d.])(\d{1,3})[ \t]*(?:GB|G)[ \t]+" + _VENDOR_WORDS + "$", body[max(0, start - 16):start],
+                         re.I)
+    value = float(size.group(1)) if size else None
+    return value if value and 2 <= value <= 512 else None
+
+
+def _platform_words(body: str) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    if re.search(r"\bWindows\b|\bWin(?:10|11)\b", body, re.I):
+        facts["os"] = "windows"
+    elif re.search(r"\b(?:macOS|Mac ?OS|MacBook|OS X)\b", body, re.I):
+        facts["os"] = "darwin"
+    elif re.search(r"\b(?:Linux|Ubuntu|Debian|CentOS|RHEL|Rocky|Fedora|WSL2?|Colab|Kaggle)\b", body, re.I):
+        facts["os"] = "linux"
+    python = re.search(r"\bPython[ \t]*[:=]?[ \t]*v?(3\.\d{1,2}(?:\.\d{1,2})?)\b", body, re.I)
+    if python:
+        facts["python"] = python.group(1)
+    ram = (re.search(r"(?<![\d.])(\d{1,4})[ \t]*(GB|GiB|G|TB|TiB)[ \t]+(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|CPU[ \t]+|"
+                     r"DDR\d[ \t]+)?RAM\b", body, re.I) or
+           re.search(r"\b(?:system[ \t]+|host[ \t]+)?RAM[ \t]*[:=]?[ \t]*(\d{1,4})[ \t]*(GB|GiB|G|TB|TiB)(?![A-Za-z])", body, re.I))
+    if ram:
+        mib = int(ram.group(1)) * (1024 * 1024 if ram.group(2).upper().startswith("T") else 1024)
+        if 1024 <= mib <= 2**24:
+            facts["host_memory_mib"] = mib
+    return facts
+
+
+def _other_vendor(body: str, facts: dict[str, Any]) -> dict[str, Any] | None:
+    """Apple silicon, AMD or Intel GPUs named in words: no CUDA GPU (None when none is named)."""
+    if _APPLE.search(body):
+        return {**facts, "os": "darwin", "arch": "arm64", "gpus": [], "gpu_vendor": "apple",
+                "notes": ["read from words: Apple silicon (MPS), no NVIDIA GPU"]}
+    amd = _AMD_GPU.search(body)
+    if amd:
+        count = _count_near(body, amd.start(), amd.end())
+        n = count[0] if count else 1
+        return {**facts, "gpus": [{"name": amd.group(0).strip(), "vendor": "amd"}] * n, "gpu_vendor": "amd",
+                "notes": [f"read from words: {n} x {amd.group(0).strip()} (AMD, ROCm)"]}
+    if _INTEL_GPU.search(body):
+        return {**facts, "gpus": [], "gpu_vendor": "none",
+                "notes": ["read from words: an Intel GPU (XPU), which CUDA builds cannot use: no NVIDIA GPU"]}
+    return None

@@ -312,17 +312,31 @@ def load_described_machine(path: Path | str) -> Machine:
 
     text = read_machine_text(path)  # once: JSON, YAML, nvidia-smi output or an environment report
     smi = parse_nvidia_smi_table(text) if "NVIDIA-SMI" in text[:4000] else None
-    report = machine_facts(text) if smi is None and not text.lstrip().startswith(("{", "[")) else None
+    structured = text.lstrip().startswith(("{", "[")) or (path.suffix.lower() in (".yaml", ".yml")
+                                                          and _yaml_mapping(text))
+    report = machine_facts(text) if smi is None and not structured else None
     if smi is not None:
         machine = machine_from_dict(smi, str(path))
         machine = replace(machine, notes=machine.notes + ("read as the output of `nvidia-smi`",))
     elif report is not None:
         machine = machine_from_dict(report, str(path))
+        words = any(str(n).startswith("read from words") for n in report.get("notes", []))
         machine = replace(machine, notes=machine.notes + (
+            "read as a description in words: check the facts above" if words else
             "read as an environment report (torch's collect_env or `transformers env`)",))
     else:
         machine = machine_from_text(text, path)
     return fill_from_tables(machine)
+
+
+def _yaml_mapping(text: str) -> bool:
+    """Whether a .yaml file holds a mapping (a machine description in keys), not a paste saved under that name."""
+    import yaml
+
+    try:
+        return isinstance(yaml.safe_load(text), dict)
+    except yaml.YAMLError:
+        return False
 
 
 PRESETS = Path(__file__).resolve().parent.parent / "knowledge" / "data" / "machines"
