@@ -168,7 +168,7 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 100 <= len(CASES) <= 115 and len({c["file"] for c in CASES}) == len(CASES)
+    assert 125 <= len(CASES) <= 140 and len({c["file"] for c in CASES}) == len(CASES)
     files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
     assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
@@ -210,7 +210,7 @@ def test_round_four_covers_query_forms_platforms_and_prose():
     on a mixed box, rocm-smi, Jetson bullets (bold keys), an Apple issue form, Intel XPU, ultralytics' banner and
     checks table (with host memory), and prose from issue bodies, left unread at first sight and read by
     envreport.prose_facts since (`read_in_round4`)."""
-    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 84]
+    later = [c for c in CASES if 84 <= int(c["file"].split("-")[0]) < 107]
     names = " ".join(" ".join(c.get("gpus", [])) for c in later)
     for gpu in ("Tesla K80", "V100", "GTX 1080 Ti", "Quadro P2200", "MX150", "Tegra X1", "TITAN V", "RTX 5880 Ada",
                 "MI100", "Jetson Orin", "RTX A6000", "RTX 4080 SUPER"):
@@ -223,6 +223,22 @@ def test_round_four_covers_query_forms_platforms_and_prose():
     assert {c.get("vendor") for c in later} >= {"nvidia", "amd", "apple", "none"}
     assert any("host_memory_mib" in c for c in later) and sum(bool(c.get("read_in_round4")) for c in later) >= 8
     assert all(c.get("read_in_round4") is None or "prose" in c["format"] for c in later)
+
+
+def test_round_five_covers_descriptions_in_words_and_refusals():
+    """Round 5 (cases 107 on): machines described in words (issue titles and bodies, maintainers' answers, a PR's
+    `Tested on`, a rented pod), hand-written key/value lines (bold values, Chinese keys, keys without colons), texts
+    that name a GPU beside the machine that is not it (a paper's, a comparison's), and texts naming two machines,
+    which a careful reader cannot take as one (`expect_error`)."""
+    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 107]
+    assert 20 <= len(later) <= 25 and all(c.get("round5") for c in later)
+    formats = " ".join(c["format"] for c in later)
+    for form in ("prose", "bullet", "title", "Tested on", "not the machine", "pod"):
+        assert form in formats, form
+    assert 3 <= sum(bool(c.get("expect_error")) for c in later) <= 4
+    assert 3 <= sum(not c["format"].startswith("prose") for c in later) <= 5
+    cc = {x for c in later for x in c.get("compute_capability", [])}
+    assert cc >= {"7.0", "8.0", "8.6", "8.9", "9.0", "12.0"}
 
 
 # --- scoring the corpus through the real CLI ------------------------------------------------------------------------
@@ -297,6 +313,12 @@ if __name__ == "__main__":  # python tests/test_machine_corpus.py OUT.json [FIRS
     ("rtx3090 24GB on Windows 11, 64GB RAM", [("RTX 3090", "8.6", 24576)], {"os": "windows",
                                                                              "host_memory_mib": 65536}),
     ("eight A100-80GB", [("A100", "8.0", 81920)] * 8, {}),
+    ("I have two 48GB A6000 GPUs. The original paper talks about 8 A100 GPUs.", [("RTX A6000", "8.6", 49152)] * 2,
+     {}),
+    ("Can't finetune with a 4090. The 4090 has 24GB of vram", [("RTX 4090", "8.9", 24576)], {}),
+    ("on a nvidia-a100 GPU cluster with 100G IB. On a single node with 8 gpus", [("A100", "8.0", None)] * 8, {}),
+    ("only a Nvidia a100 memory=80", [("A100", "8.0", 81920)], {}),
+    ("NVIDIA L40, slow: about the same as a 3060", [("L40", "8.9", 46080)], {}),
 ])
 def test_a_machine_described_in_words_is_read_with_notes(tmp_path, text, gpus, extra):
     from qlora_doctor.sources.machine import load_described_machine
@@ -315,6 +337,8 @@ def test_a_machine_described_in_words_is_read_with_notes(tmp_path, text, gpus, e
     ("tested on T4 and A100", "names several GPUs (A100, T4)"),
     ("the run took 4090 seconds on port 8080", "not a machine description"),
     ("hello world", "not a machine description"),
+    ("the run took the 4090 steps on my 2080 MB budget", "not a machine description"),
+    ("8xH100 server training time higher than 8xA100 server", "names several GPUs (A100, H100)"),
 ])
 def test_words_that_are_not_one_machine_are_refused_by_name(tmp_path, text, message):
     from qlora_doctor.core.errors import InputError

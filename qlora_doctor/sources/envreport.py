@@ -144,6 +144,14 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
         return banner
     # `- **Device:** NVIDIA Jetson Orin Nano Super` (markdown bold keys) read as `- Device: ...`
     text = re.sub(r"^([ \t]*[-*][ \t]*)\*\*([^*\n]+?)(?::\*\*|\*\*:)", r"\1\2:", text, flags=re.M)
+    # `- 设备名称：NVIDIA H100` (Chinese keys, a full-width colon) read as `- Device: NVIDIA H100`; `- Python版本：`
+    # as `- Python version:`
+    text = re.sub(r"^([ \t]*[-*][ \t]*)([^:：\n]{1,30}?)[ \t]*：[ \t]*", r"\1\2: ", text, flags=re.M)
+    text = re.sub(r"^([ \t]*[-*][ \t]*)(?:设备名称|设备型号|设备|显卡型号|显卡|GPU型号):", r"\1Device:", text, flags=re.M)
+    text = re.sub(r"^([ \t]*[-*][ \t]*)(\w+?)[ \t]*版本:", r"\1\2 version:", text, flags=re.M)
+    # `- GPU: **NVIDIA H100 80GB HBM3**`, `- Driver **535.183.06**` (markdown bold values) read without the stars
+    text = re.sub(r"^([ \t]*[-*][ \t]*[^*\n]*?)\*\*([^*\n]+)\*\*", r"\1\2", text, flags=re.M)
+    text = re.sub(r"^([ \t]*[-*][ \t]*[^*\n]*?)\*\*([^*\n]+)\*\*", r"\1\2", text, flags=re.M)
     text = re.sub(r"^([A-Za-z][\w /()?'.-]*?[\w)?])[ \t]+:[ \t]?", r"\1: ", text, flags=re.M)  # vLLM `key : value`
     # A GitHub issue form's answers (`### GPU model`, a blank line, `NVIDIA GeForce RTX 4090`), read as the bullets
     # `- GPU model: NVIDIA GeForce RTX 4090` that the rest of this reads.
@@ -168,15 +176,26 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
         if arch:
             data["arch"] = {"amd64": "x86_64"}.get(arch.group(0), arch.group(0))
     python = re.search(r"^(?:-\s*)?Python(?: version)?:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
+    # a wheel-tag-like `py3123` / `cp312` / `py310` (3.12.3, 3.12, 3.10): minors of 10 on take two digits
+    tag = None if python else re.search(r"^(?:-\s*)?Python(?: version)?:\s*(?:py|cp)(3)(1\d|[6-9])(\d{0,2})\b", text,
+                                        re.M | re.I)
     if python:
         data["python"] = python.group(1)
+    elif tag:
+        data["python"] = ".".join(g for g in tag.groups() if g)
     libc = re.search(r"glibc[- ]?(\d+\.\d+)", text)
     if libc:
         data["libc"] = f"glibc {libc.group(1)}"
-    driver = re.search(r"^(?:Nvidia driver version|-\s*(?:NVIDIA )?Driver(?: version)?):\s*(\d{3}\.\d+(?:\.\d+)?)", text,
-                       re.M | re.I)
+    # `- Driver: 535.183.06`, and the colon left out: `- Driver 535.183.06 → max supported CUDA 12.9`
+    driver = re.search(r"^(?:Nvidia driver version|-\s*(?:NVIDIA )?Driver(?: version)?):?[ \t]*(\d{3}\.\d+(?:\.\d+)?)"
+                       r"(.*)$", text, re.M | re.I)
     if driver:
         data["driver_version"] = driver.group(1)
+        # the CUDA version the driver supports, said on the driver's own line (nvidia-smi's `CUDA Version`)
+        cuda = re.search(r"\b(?:max(?:imum)?[ \t]+supported[ \t]+)?CUDA(?:[ \t]+Version)?:?[ \t]*(\d{2}\.\d)\b",
+                         driver.group(2), re.I)
+        if cuda:
+            data["cuda_driver_version"] = cuda.group(1)
     gpu_line = re.search(r"^(?:GPU models and configuration|-\s*GPU(?: type| model| name)?):[ \t]*(.*)$", text,
                          re.M | re.I)
     names = [n for n in re.findall(r"GPU \d+:\s*([^\n(]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
@@ -585,6 +604,14 @@ def prose_facts(text: str) -> dict[str, Any] | None:
         for found in re.finditer(_name_pattern(name), body, re.I):
             if not any(s < found.end() and found.start() < e for s, e, _ in mentions):
                 mentions.append((found.start(), found.end(), name))
+    for found in _OWNED_NUMBER.finditer(body):  # `with a 4090`, `on my 3090`, `The 4090 has 24GB`
+        name = next((n for n in names if re.fullmatch(rf"(?:RTX|GTX) {found.group(1)}", n)), None)
+        if name and not any(s < found.end(1) and found.start(1) < e for s, e, _ in mentions):
+            mentions.append((found.start(1), found.end(1), name))
+    # A GPU named in a sentence about a paper's or its authors' hardware (`The original paper talks about 8 A100
+    # GPUs`) is not the machine, where the text names another GPU outside such sentences.
+    own = [m for m in mentions if not _REFERENCE_SENTENCE.search(_sentence_of(body, m[0], m[1]))]
+    mentions = own or mentions
     facts = _platform_words(body)
     products = sorted({tables.gpu_model_for(n).match if tables.gpu_model_for(n) else n for _, _, n in mentions})
     if not mentions:
@@ -601,6 +628,11 @@ def prose_facts(text: str) -> dict[str, Any] | None:
         if found:
             count, how = found
             break
+    else:  # no count beside the name: the text's one `node with 8 GPUs` / `machine with 4 gpus`, where it has one
+        hosts = {(int(m.group(1)) if m.group(1).isdigit() else _COUNT_WORDS[m.group(1).lower()], m.group(0))
+                 for m in _HOST_WITH_GPUS.finditer(body)}
+        if len({n for n, _ in hosts}) == 1 and 0 < next(iter(hosts))[0] <= 64:
+            count, how = next(iter(hosts))
     gb = next((g for s, e, _ in mentions for g in [_memory_near(body, s, e)] if g), None)
     if gb is None and count > 1:  # `2 * 4090 ... 2 * 24GB`: the same count times a size, elsewhere in the text
         each = re.search(rf"(?<![\d.]){count}[ \t]*{_TIMES}[ \t]*(\d{{1,3}})[ \t]*(?:GB|G)(?![A-Za-z])", body)
@@ -623,16 +655,43 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     return facts
 
 
+_OWNED_NUMBER = re.compile(r"(?<![A-Za-z])(?:(?:with|on|using|have|has|had|own|got|bought|rented)[ \t]+(?:a|an|one|my|our)"
+                           r"|my|our|the)[ \t]+(?:GeForce[ \t]+)?([1-5]0[5-9]0)(?![\w.])(?![ \t]*(?:s\b|seconds?|secs?|"
+                           r"ms|MHz|W\b|watts?|steps?|tokens?|images?|it/s|MB|MiB|GB|port|epochs?|samples?|rows?|lines?))",
+                           re.I)
+"""A GeForce number alone that the text owns or uses (`with a 4090`, `on my 3090`, `The 4090 has 24GB`): the card;
+not after `as a`/`than a` (a comparison, `the same as a 3060`) and not before a unit (`the 4090 steps`)."""
+_REFERENCE_SENTENCE = re.compile(r"\b(?:paper|original|authors?|officially|README|reported)\b", re.I)
+
+
+def _sentence_of(body: str, start: int, end: int) -> str:
+    """The sentence (or line) the span [start, end) lies in."""
+    stops = list(_SENTENCE_END.finditer(body[:start]))
+    begin = stops[-1].end() if stops else 0
+    begin = max(begin, body.rfind("\n", 0, start) + 1)
+    after = _SENTENCE_END.search(body, end)
+    stop = after.start() if after else len(body)
+    line_end = body.find("\n", end)
+    return body[begin:min(stop, line_end if line_end >= 0 else stop)]
+
+
+_HOST_WITH_GPUS = re.compile(r"\b(?:node|machine|server|box|host|instance|workstation)[ \t]+with[ \t]+"
+                             r"(\d{1,2}|two|three|four|six|eight)[ \t]+GPUs\b", re.I)
+
+
 def _name_pattern(name: str) -> str:
     """A table name as people write it: any case, the space between its words optional or a hyphen
     (`RTX 4090`, `rtx4090`, `RTX-4090`), a plural `s`, an `x2` or a size glued on (`A100-80GB`, `T4x2`)."""
     words = [re.escape(w) for w in name.split()]
     core = r"[ \t-]?".join(words)
+    if re.fullmatch(r"RTX A\d{4}", name):  # a workstation card without its RTX: `4 A6000 GPUs`, `two 48GB A6000`
+        core = rf"(?:RTX[ \t-]?)?{words[1]}"
     if re.fullmatch(r"(?:RTX|GTX) \d{4}", name):  # a GeForce number alone: beside a count or the word GPU/card
-        digits = re.escape(name.split()[1])
+        digits = re.escape(name.split()[1])  # (or owned: `_OWNED_NUMBER`, read in prose_facts)
         core = (rf"(?:{core}|(?<=[x×*X][ \t])\s*{digits}|(?<=[x×*X]){digits}|"
                 rf"{digits}(?=[ \t]*(?:GPUs?|cards?|显卡|卡)\b))")
-    return rf"(?<![A-Za-z0-9]){core}(?=s?(?![A-Za-z0-9])|x\d|-?\d+\s*G)"
+    # glued to a count before it too: `8xH100`, `2×A100`
+    return rf"(?:(?<![A-Za-z0-9])|(?<=\d[xX×])){core}(?=s?(?![A-Za-z0-9])|x\d|-?\d+\s*G)"
 
 
 def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
@@ -640,8 +699,9 @@ def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
     times = re.search(rf"(?<![\d.])(\d{{1,2}})[ \t]*{_TIMES}[ \t]*{_VENDOR_WORDS}$", before)
     if times:
         return int(times.group(1)), times.group(0).strip()
+    # `two Nvidia A40`, and a size between the count and the name: `two 48GB A6000`
     word = re.search(rf"\b(a|an|one|single|1x|two|dual|double|three|four|quad|six|eight|\d{{1,2}})[ \t]+"
-                     rf"{_VENDOR_WORDS}$", before, re.I)
+                     rf"(?:\d{{1,3}}[ \t]?G(?:B|iB)?[ \t]+)?{_VENDOR_WORDS}$", before, re.I)
     if word and not re.search(r"[\d.]$", before[:word.start(1)].rstrip()[-1:] or " "):
         value = word.group(1).lower()
         count = _COUNT_WORDS.get(value) or (int(value) if value.isdigit() else 0)
@@ -659,8 +719,13 @@ def _memory_near(body: str, start: int, end: int) -> float | None:
     after = body[end:end + 48]
     stop = _SENTENCE_END.search(after)
     after = after[:stop.start()] if stop else after
+    # not a host's RAM, and not a network's speed (`an A100 cluster with 100G IB`)
     size = re.search(r"(?<![\d.])(\d{1,3}(?:\.\d)?)[ \t]*(?:GB|GiB|G)(?![A-Za-z])(?![ \t]*(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|"
-                     r"DDR\d[ \t]+)?RAM\b)", after, re.I)
+                     r"DDR\d[ \t]+)?RAM\b)(?![ \t]*(?:IB|InfiniBand|Ethernet|RoCE|NICs?|network|networking|"
+                     r"interconnect|bandwidth|links?)\b)", after, re.I)
+    if size is None:  # `a100 memory=80`, `A100 (VRAM: 40)`: a size whose unit is left out, after the word memory
+        size = re.search(r"\b(?:memory|mem|VRAM)[ \t]*[=:][ \t]*(\d{1,3})(?![\d.])(?![ \t]*(?:MiB|MB|M\b|%))", after,
+                         re.I)
     if size is None:
         size = re.search(r"(?<![\d.])(\d{1,3})[ \t]*(?:GB|G)[ \t]+" + _VENDOR_WORDS + "$", body[max(0, start - 16):start],
                          re.I)
@@ -674,7 +739,7 @@ def _platform_words(body: str) -> dict[str, Any]:
         facts["os"] = "windows"
     elif re.search(r"\b(?:macOS|Mac ?OS|MacBook|OS X)\b", body, re.I):
         facts["os"] = "darwin"
-    elif re.search(r"\b(?:Linux|Ubuntu|Debian|CentOS|RHEL|Rocky|Fedora|WSL2?|Colab|Kaggle)\b", body, re.I):
+    elif re.search(r"\b(?:Linux|Ubuntu|Debian|CentOS|RHEL|Rocky|Fedora|WSL2?|Colab|Kaggle)(?:\b|(?=\d))", body, re.I):  # `Ubuntu22.04`
         facts["os"] = "linux"
     python = re.search(r"\bPython[ \t]*[:=]?[ \t]*v?(3\.\d{1,2}(?:\.\d{1,2})?)\b", body, re.I)
     if python:
