@@ -168,7 +168,7 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 125 <= len(CASES) <= 140 and len({c["file"] for c in CASES}) == len(CASES)
+    assert 125 <= len(CASES) <= 160 and len({c["file"] for c in CASES}) == len(CASES)
     files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
     assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
@@ -230,7 +230,7 @@ def test_round_five_covers_descriptions_in_words_and_refusals():
     `Tested on`, a rented pod), hand-written key/value lines (bold values, Chinese keys, keys without colons), texts
     that name a GPU beside the machine that is not it (a paper's, a comparison's), and texts naming two machines,
     which a careful reader cannot take as one (`expect_error`)."""
-    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 107]
+    later = [c for c in CASES if 107 <= int(c["file"].split("-")[0]) < 132]
     assert 20 <= len(later) <= 25 and all(c.get("round5") for c in later)
     formats = " ".join(c["format"] for c in later)
     for form in ("prose", "bullet", "title", "Tested on", "not the machine", "pod"):
@@ -239,6 +239,24 @@ def test_round_five_covers_descriptions_in_words_and_refusals():
     assert 3 <= sum(not c["format"].startswith("prose") for c in later) <= 5
     cc = {x for c in later for x in c.get("compute_capability", [])}
     assert cc >= {"7.0", "8.0", "8.6", "8.9", "9.0", "12.0"}
+
+
+def test_round_six_covers_cloud_and_cluster_specs():
+    """Round 6 (cases 132 on): how cloud and cluster tools describe the GPU machine a job runs on: SkyPilot and
+    dstack task YAML, a Modal app, gcloud and Terraform accelerator flags, Slurm `--gres`, Kubernetes pod specs and
+    node labels, RunPod's CLI, an EC2 instance type alone. A spec that allows several machines (a memory range,
+    `count: 1..`, two nodes' labels) names none: a refusal (`expect_error`); one that names no GPU the tool can
+    know without a provider's table is left unread on purpose (`unread`)."""
+    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 132]
+    assert 18 <= len(later) <= 25 and all(c.get("round6") for c in later)
+    formats = " ".join(c["format"] for c in later)
+    for form in ("SkyPilot", "dstack", "Modal", "gcloud", "Terraform", "Slurm", "Kubernetes", "RunPod",
+                 "instance type"):
+        assert form in formats, form
+    assert 3 <= sum(bool(c.get("expect_error")) for c in later) <= 5
+    assert {c.get("vendor") for c in later} >= {"nvidia", "amd"}
+    cc = {x for c in later for x in c.get("compute_capability", [])}
+    assert cc >= {"3.7", "7.5", "8.0", "8.6", "8.9"}
 
 
 # --- scoring the corpus through the real CLI ------------------------------------------------------------------------

@@ -101,6 +101,7 @@ def machine_from_dict(data: Any, where: str) -> Machine:
                          '{"os": "linux", "arch": "x86_64", "python": "3.11.7", "driver_version": null, "gpus": []}')
     if data.get(UNREAD):  # an environment report or nvidia-smi paste that was read but holds no GPU facts
         raise InputError(f"{where}: {data[UNREAD]}; expected {EXPECTED_FORMATS}, with its GPU lines")
+    data = _task_resources(data, where)
     data, assumed = _read_aliases(data, where, errors)
     known = {"os", "arch", "python", "libc", "driver_version", "cuda_driver_version", "gpus",
              "gpu_vendor", "host_memory_mib", "source", "notes"}
@@ -285,6 +286,44 @@ def _read_aliases(data: dict, where: str, errors: list[str]) -> tuple[dict, list
                 spread.append(gpu)
         out["gpus"] = spread
     return out, notes
+
+
+_ACCELERATOR = re.compile(r"\s*([A-Za-z][\w.-]*?)(?::(\d{1,2}))?\s*")
+
+
+def _task_resources(data: dict, where: str) -> dict:
+    """A cloud tool's task file (SkyPilot's `resources: accelerators: A100-80GB:8`, dstack's `resources: gpu:
+    MI300X` or `gpu: A100:80GB:2`) read as the machine it asks for: a GPU name and a count, with a note. A spec
+    that allows several machines (`{L4: 1, A10G: 1}`, a list, `16GB..24GB`, `count: 1..`, memory alone) names
+    none: refused, naming what it allows. A mapping without `resources` comes back as it was."""
+    resources = data.get("resources")
+    if not isinstance(resources, dict) or any(k in data for k in ("gpus", "gpu", "gpu_name", "driver_version")):
+        return data
+    key = "accelerators" if "accelerators" in resources else "gpu" if "gpu" in resources else None
+    if key is None:
+        return data
+    spec = resources[key]
+    if isinstance(spec, str) and ".." not in spec:
+        parts = spec.strip().split(":")
+        name = parts[0]
+        sizes = [p for p in parts[1:] if re.fullmatch(r"\d+(?:\.\d+)?\s*(?:GB|GiB|G)", p, re.I)]
+        counts = [p for p in parts[1:] if re.fullmatch(r"\d{1,2}", p)]
+        if (re.fullmatch(r"[A-Za-z][\w.-]*", name) and not re.fullmatch(r"\d+\s*(?:GB|GiB|G)", name, re.I)
+                and len(sizes) + len(counts) == len(parts) - 1 and len(sizes) <= 1 and len(counts) <= 1):
+            count = int(counts[0]) if counts else 1
+            gpu: dict[str, Any] = {"name": name}
+            if re.fullmatch(r"(?:MI\d{2,3}[A-Z]?|Radeon.*|Instinct.*)", name, re.I):  # dstack's `gpu: MI300X`
+                gpu["vendor"] = "amd"
+            mib = _size_mib(sizes[0], "GB") if sizes else None
+            if mib is None and (found := re.search(r"-(\d+)GB$", name, re.I)):  # SkyPilot's `A100-80GB`
+                mib = _size_mib(found.group(1), "GB")
+            if mib is not None:
+                gpu["memory_total_mib"] = mib
+            return {"gpus": [gpu] * count, "notes": [f"read as a task file: resources.{key} {spec!r}: {count} of "
+                                                         f"{name}"]}
+    shown = json.dumps(spec)[:80] if not isinstance(spec, str) else spec
+    raise InputError(f"{where}: a task file whose resources.{key} ({shown}) allows more than one machine; "
+                     "name the machine the job ran on (e.g. {\"gpus\": [\"NVIDIA L4\"]})")
 
 
 def _with_memory(gpu: Any, mib: int) -> Any:

@@ -631,6 +631,8 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     else:  # no count beside the name: the text's one `node with 8 GPUs` / `machine with 4 gpus`, where it has one
         hosts = {(int(m.group(1)) if m.group(1).isdigit() else _COUNT_WORDS[m.group(1).lower()], m.group(0))
                  for m in _HOST_WITH_GPUS.finditer(body)}
+        # a config's count key: `gpu_per_vm = 2`, `gpu-count = 1`, `accelerator_count: 4`, `num_gpus=8`
+        hosts |= {(int(m.group(1) or m.group(2)), m.group(0)) for m in _COUNT_KEY.finditer(body)}
         if len({n for n, _ in hosts}) == 1 and 0 < next(iter(hosts))[0] <= 64:
             count, how = next(iter(hosts))
     gb = next((g for s, e, _ in mentions for g in [_memory_near(body, s, e)] if g), None)
@@ -675,6 +677,9 @@ def _sentence_of(body: str, start: int, end: int) -> str:
     return body[begin:min(stop, line_end if line_end >= 0 else stop)]
 
 
+_COUNT_KEY = re.compile(r"\b(?:gpus?|accelerators?)[_-](?:per[_-](?:vm|node|instance|machine|host)|count|num|number)"
+                        r"[ \t\"']*[:=][ \t\"']*(\d{1,2})\b|\bnum[_-]gpus[ \t\"']*[:=][ \t\"']*(\d{1,2})\b", re.I)
+"""A count of GPUs under a key of a config (Terraform, YAML, JSON, env files)."""
 _HOST_WITH_GPUS = re.compile(r"\b(?:node|machine|server|box|host|instance|workstation)[ \t]+with[ \t]+"
                              r"(\d{1,2}|two|three|four|six|eight)[ \t]+GPUs\b", re.I)
 
