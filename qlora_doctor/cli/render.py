@@ -74,8 +74,9 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
             for src in c.sources:
                 console.print(f"    [dim]{escape(src)}[/]", highlight=False, soft_wrap=True)
     if verbose and machine.get("notes"):
+        label = "probe" if machine.get("source") in ("probe", "") else "machine"  # read from a file: not probed
         for note in machine["notes"]:
-            console.print(f"[dim]probe: {escape(note)}[/]")
+            console.print(f"[dim]{label}: {escape(note)}[/]")
     added = next((c for c in report.checks if c.id == "packages.training" and c.status == "pass"
                   and "(added by pip)" in (c.found or "")), None)
     if added is not None and not verbose:  # passes, but the user should pin what the file leaves to pip
