@@ -221,7 +221,7 @@ def _read_aliases(data: dict, where: str, errors: list[str]) -> tuple[dict, list
         out[plain if plain not in out else key] = value
     os_given = out.get("os")
     if isinstance(os_given, str) and os_given.strip().lower() not in _OSES:
-        named = _os_from_words(os_given)
+        named = os_from_words(os_given)
         if named:
             out["os"] = named
             notes.append(f"read os {os_given!r} as {named}")
@@ -359,13 +359,15 @@ def _size_mib(value: Any, unit: str) -> int | None:
     return int(mib) if 0 < mib < 2**31 else None
 
 
-def _os_from_words(text: str) -> str | None:
-    """`Ubuntu 22.04`, `Windows 11`, `macOS 14`: the OS family; None when the words name none."""
-    if re.search(r"windows|win(?:10|11)\b", text, re.I):
+def os_from_words(text: str) -> str | None:
+    """The OS family words name: `Ubuntu 22.04` (or `Ubuntu22.04`), `Windows 11`, `macOS 14`, `Colab`; None when
+    they name none. Windows first, then macOS, then Linux (a WSL box is Linux, whatever else is said)."""
+    if re.search(r"\bWindows\b|\bWin(?:10|11)\b", text, re.I):
         return "windows"
-    if re.search(r"mac ?os|os x|darwin", text, re.I):
+    if re.search(r"\b(?:macOS|Mac ?OS|MacBook|OS X|Darwin)\b", text, re.I):
         return "darwin"
-    if re.search(r"linux|ubuntu|debian|centos|rhel|red hat|rocky|fedora|alma|suse|arch|wsl", text, re.I):
+    if re.search(r"\b(?:Linux|Ubuntu|Debian|CentOS|RHEL|Red Hat|Rocky|Fedora|Alma|SUSE|Arch|WSL2?|Colab|Kaggle)"
+                 r"(?:\b|(?=\d))", text, re.I):
         return "linux"
     return None
 

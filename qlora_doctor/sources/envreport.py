@@ -52,7 +52,7 @@ def read_report(text: str) -> EnvReport | None:
     if re.search(r"^(?:PyTorch version|Is CUDA available|Python platform)[ \t]+:", text, re.M):
         text = re.sub(r"^([A-Za-z][\w /()?'.-]*?[\w)?])[ \t]+:[ \t]?", r"\1: ", text, flags=re.M)  # vLLM's
     # hand-written bullets with markdown bold keys (`- **torch:** 2.5.0`) read as `- torch: 2.5.0`
-    text = re.sub(r"^([ \t]*[-*][ \t]*)\*\*([^*\n]+?)(?::\*\*|\*\*:)", r"\1\2:", text, flags=re.M)
+    text = _unbold_keys(text)
     if PIP_LIST.search(text):
         body = text[PIP_LIST.search(text).end():]
         pins = _rows(re.findall(rf"^([A-Za-z0-9][\w.\-]*)[ \t]+{_VERSION}(?:[ \t]+\S.*)?[ \t\r]*$", body, re.M))
@@ -92,6 +92,11 @@ def read_report(text: str) -> EnvReport | None:
     if banner:  # unsloth's start-up banner: `Torch: 2.5.1+cu124. CUDA: 6.1. ...` (2024's: `Pytorch: ...`)
         return EnvReport("unsloth banner", _rows([("torch", banner.group(1))]), complete=False)
     return None
+
+
+def _unbold_keys(text: str) -> str:
+    """Hand-written bullets with markdown bold keys (`- **torch:** 2.5.0`, `- **Device**: ...`) as plain ones."""
+    return re.sub(r"^([ \t]*[-*][ \t]*)\*\*([^*\n]+?)(?::\*\*|\*\*:)", r"\1\2:", text, flags=re.M)
 
 
 def _rows(rows: list[tuple[str, str]]) -> dict[str, str]:
@@ -143,7 +148,7 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     if banner is not None:
         return banner
     # `- **Device:** NVIDIA Jetson Orin Nano Super` (markdown bold keys) read as `- Device: ...`
-    text = re.sub(r"^([ \t]*[-*][ \t]*)\*\*([^*\n]+?)(?::\*\*|\*\*:)", r"\1\2:", text, flags=re.M)
+    text = _unbold_keys(text)
     # `- 设备名称：NVIDIA H100` (Chinese keys, a full-width colon) read as `- Device: NVIDIA H100`; `- Python版本：`
     # as `- Python version:`
     text = re.sub(r"^([ \t]*[-*][ \t]*)([^:：\n]{1,30}?)[ \t]*：[ \t]*", r"\1\2: ", text, flags=re.M)
@@ -613,7 +618,7 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     own = [m for m in mentions if not _REFERENCE_SENTENCE.search(_sentence_of(body, m[0], m[1]))]
     mentions = own or mentions
     facts = _platform_words(body)
-    products = sorted({tables.gpu_model_for(n).match if tables.gpu_model_for(n) else n for _, _, n in mentions})
+    products = sorted({model.match if (model := tables.gpu_model_for(n)) else n for _, _, n in mentions})
     if not mentions:
         return _other_vendor(body, facts)
     if len(products) > 1:
@@ -739,13 +744,12 @@ def _memory_near(body: str, start: int, end: int) -> float | None:
 
 
 def _platform_words(body: str) -> dict[str, Any]:
+    from qlora_doctor.core.machine import os_from_words
+
     facts: dict[str, Any] = {}
-    if re.search(r"\bWindows\b|\bWin(?:10|11)\b", body, re.I):
-        facts["os"] = "windows"
-    elif re.search(r"\b(?:macOS|Mac ?OS|MacBook|OS X)\b", body, re.I):
-        facts["os"] = "darwin"
-    elif re.search(r"\b(?:Linux|Ubuntu|Debian|CentOS|RHEL|Rocky|Fedora|WSL2?|Colab|Kaggle)(?:\b|(?=\d))", body, re.I):  # `Ubuntu22.04`
-        facts["os"] = "linux"
+    system = os_from_words(body)
+    if system:
+        facts["os"] = system
     python = re.search(r"\bPython[ \t]*[:=]?[ \t]*v?(3\.\d{1,2}(?:\.\d{1,2})?)\b", body, re.I)
     if python:
         facts["python"] = python.group(1)

@@ -312,8 +312,8 @@ def load_described_machine(path: Path | str) -> Machine:
 
     text = read_machine_text(path)  # once: JSON, YAML, nvidia-smi output or an environment report
     smi = parse_nvidia_smi_table(text) if "NVIDIA-SMI" in text[:4000] else None
-    structured = text.lstrip().startswith(("{", "[")) or (path.suffix.lower() in (".yaml", ".yml")
-                                                          and _yaml_mapping(text))
+    keys = _yaml_mapping(text) if smi is None and path.suffix.lower() in (".yaml", ".yml") else None
+    structured = text.lstrip().startswith(("{", "[")) or keys is not None
     report = machine_facts(text) if smi is None and not structured else None
     if smi is not None:
         machine = machine_from_dict(smi, str(path))
@@ -324,19 +324,22 @@ def load_described_machine(path: Path | str) -> Machine:
         machine = replace(machine, notes=machine.notes + (
             "read as a description in words: check the facts above" if words else
             "read as an environment report (torch's collect_env or `transformers env`)",))
+    elif keys is not None:
+        machine = machine_from_dict(keys, str(path))
     else:
         machine = machine_from_text(text, path)
     return fill_from_tables(machine)
 
 
-def _yaml_mapping(text: str) -> bool:
-    """Whether a .yaml file holds a mapping (a machine description in keys), not a paste saved under that name."""
+def _yaml_mapping(text: str) -> dict | None:
+    """A .yaml file's mapping (a machine description in keys); None for a paste saved under that name."""
     import yaml
 
     try:
-        return isinstance(yaml.safe_load(text), dict)
+        data = yaml.safe_load(text)
     except yaml.YAMLError:
-        return False
+        return None
+    return data if isinstance(data, dict) else None
 
 
 PRESETS = Path(__file__).resolve().parent.parent / "knowledge" / "data" / "machines"
