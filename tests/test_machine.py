@@ -272,6 +272,17 @@ def test_the_install_fix_names_the_torch_build_the_described_gpu_needs(tmp_path)
     assert install_training_command(cpu, load_tables(), ["peft"]) == "pip install 'qlora-doctor[train]'"
 
 
+def test_the_install_fix_asks_for_the_driver_of_a_gpu_described_without_one(tmp_path):
+    """An A10G described without its driver (`Colab A10G`, a YAML naming only the GPU): the driver decides the CUDA
+    build, so the fix asks for it instead of naming the CPU index."""
+    from qlora_doctor.doctor.environment import install_training_command
+    from qlora_doctor.knowledge.loading import load_tables
+
+    a10g = _described(tmp_path, "a.json", '{"gpus": ["NVIDIA A10G"]}')
+    fix = install_training_command(a10g, load_tables(), ["torch"])
+    assert "/whl/cpu" not in fix and "NVIDIA driver version" in fix
+
+
 def test_presets_by_name_or_gpu_and_inline_json_describe_a_machine(tmp_path, monkeypatch):
     from qlora_doctor.sources.machine import load_described_machine, preset_names
 

@@ -82,6 +82,9 @@ def install_training_command(machine: Machine | None, tables: Tables | None, mis
     if "torch" not in missing or machine is None or tables is None:
         return "pip install 'qlora-doctor[train]'" + ("" if "torch" not in missing else
                                                       f"   (torch first: see {TORCH_INSTALL})")
+    if machine.nvidia_gpus and machine.driver_version is None:  # the driver decides the build: not the CPU one
+        return ("give this machine's NVIDIA driver version (nvidia-smi's \"Driver Version\") and `check` names the "
+                f"torch build for it; or follow {TORCH_INSTALL}, then pip install 'qlora-doctor[train]'")
     torch, variant = "torch", torch_variant_for(machine, tables)
     if machine.nvidia_gpus:
         from qlora_doctor.matrix.records import default_results_dir, load_records
