@@ -10,6 +10,7 @@ warm-up), the pieces the step runs and the ways to run them:
     bf16 forward    bitsandbytes' matmul_4bit (dequantize NF4 + bf16 GEMM), and the GEMM alone
     bf16 backward   grad @ dequantize(W), as fused LoRA's backward runs it
     fp8 (product)   trainer/fp8.py Fp8BaseGemm forward / grad_input, without and with the weight cache
+    subclass        the same through torchao's Float8TrainingTensor (the product before session 13)
     fp8 pieces      the input cast alone, torch._scaled_mm alone (fast accumulation on and off)
 
 and each one's host time per call (perf_counter without a sync; a host time near the GPU time means the host
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     emulate = dev != "cuda"
     gemms = {False: Fp8BaseGemm.create(emulate=emulate, compile_casts=dev == "cuda"),
              True: Fp8BaseGemm.create(emulate=emulate, compile_casts=dev == "cuda", cache_weights=True)}
+    # torchao's subclass path (the product before session 13), for comparison
+    subclass = {False: Fp8BaseGemm.create(emulate=emulate, compile_casts=dev == "cuda", direct=False),
+                True: Fp8BaseGemm.create(emulate=emulate, compile_casts=dev == "cuda", cache_weights=True,
+                                         direct=False)}
     rows = []
     for name, (fin, fout) in SHAPES.items():
         layer = bnb.nn.Linear4bit(fin, fout, bias=False, compute_dtype=dtype, quant_type="nf4")
@@ -104,41 +109,31 @@ def main(argv: list[str] | None = None) -> int:
             "fp8 bwd cached": lambda: gemms[True].grad_input(g, w, qs),
             "fp8 input cast only": lambda: gemms[True].casts["input"](x),
             "fp8 grad cast only": lambda: gemms[True].casts["grad_output"](g),
+            "subclass fwd": lambda: subclass[False]._forward_impl(x, w, qs),
+            "subclass fwd cached": lambda: subclass[True]._forward_impl(x, w, qs),
+            "subclass bwd": lambda: subclass[False].grad_input(g, w, qs),
+            "subclass bwd cached": lambda: subclass[True].grad_input(g, w, qs),
+            "subclass input cast only": lambda: subclass[True].casts["input"](x),
+            "subclass grad cast only": lambda: subclass[True].casts["grad_output"](g),
         }
+        same = {"fwd": torch.equal(gemms[True]._forward_impl(x, w, qs), subclass[True]._forward_impl(x, w, qs)),
+                "bwd": torch.equal(gemms[True].grad_input(g, w, qs), subclass[True].grad_input(g, w, qs))}
+        rows.append({"shape": name, "piece": "direct equals subclass, bit for bit", **same})
+        print(f"{name:18} direct equals subclass: {same}", flush=True)
         if dev == "cuda":
-            x8 = gemms[True].casts["input"](x)
-            w8 = gemms[True]._weight8("weight", w, qs, dtype)
+            x8 = subclass[True].casts["input"](x)
+            w8 = subclass[True]._weight8("weight", w, qs, dtype)
             one = torch.ones((), device=dev, dtype=torch.float32)
             xd, wdt = x8._data, w8._data  # [tokens, in] row-major; W^T [in, out] column-major
             for fast in (True, False):
                 pieces[f"_scaled_mm only fast_accum={fast}"] = (
                     lambda fast=fast: torch._scaled_mm(xd, wdt, one, one, out_dtype=dtype, use_fast_accum=fast))
-            gd = gemms[True].casts["grad_output"](g)._data
+            gd = subclass[True].casts["grad_output"](g)._data
             w_col = wdt.contiguous().t()  # W [out, in] column-major: grad @ W's mat2
             for fast in (True, False):
                 pieces[f"_scaled_mm bwd only fast_accum={fast}"] = (
                     lambda fast=fast: torch._scaled_mm(gd, w_col, one, one, out_dtype=dtype, use_fast_accum=fast))
             pieces["fp8 weight transpose copy"] = lambda: wdt.contiguous()
-            # The same GEMMs without torchao's subclass: a compiled cast returning (data, 1/scale), _scaled_mm.
-            cast = torch.compile(cast_tensorwise, fullgraph=True)
-            w_rows, w_inv = cast(wd, torch.float8_e4m3fn)  # W [out, in] row-major = W^T column-major
-            w_cols = w_rows.t().contiguous().t()  # a second copy: W column-major for grad @ W
-            e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
-
-            def direct_fwd() -> Any:
-                x8, x_inv = cast(x, e4)
-                return torch._scaled_mm(x8, w_rows.t(), x_inv, w_inv, out_dtype=dtype, use_fast_accum=True)
-
-            def direct_bwd(copy: bool, fast: bool) -> Any:
-                g8, g_inv = cast(g, e5)
-                mat2 = w_rows.t().contiguous().t() if copy else w_cols
-                return torch._scaled_mm(g8, mat2, g_inv, w_inv, out_dtype=dtype, use_fast_accum=fast)
-
-            pieces["direct fwd cached"] = direct_fwd
-            pieces["direct cast only"] = lambda: cast(x, e4)
-            pieces["direct bwd cached both layouts"] = lambda: direct_bwd(False, False)
-            pieces["direct bwd cached transpose per call"] = lambda: direct_bwd(True, False)
-            pieces["direct bwd cached both layouts fast_accum"] = lambda: direct_bwd(False, True)
         for piece, fn in pieces.items():
             try:
                 t = timed(fn, args.iters, dev)
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"shape": name, "in": fin, "out": fout, "tokens": args.tokens, "piece": piece, **t})
             print(f"{name:18} {piece:40} {t}", flush=True)
         del layer, x, g, wd
-        for gemm in gemms.values():
+        for gemm in (*gemms.values(), *subclass.values()):
             gemm.cached.clear()
     meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
             "fallbacks": {str(k): v.fallbacks() for k, v in gemms.items()}}

@@ -96,8 +96,8 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     # fp8_base with selective recompute: the float8 GEMM is one op (qlora_doctor::fp8_gemm_4bit) the policy keeps
     "fast_fp8_selective": {"fp8_base": True, "recompute": "selective"},
     "fast_fp8_selective_offload": {"fp8_base": True, "recompute": "selective", "offload_checkpoints": True},
-    # performance.fp8_weight_cache: each weight's float8 cast kept (1 byte per base parameter), not dequantized
-    # and cast again at every GEMM; the same bits (tests/test_fp8_base.py), unmeasured on a GPU when added
+    # performance.fp8_weight_cache: each weight's float8 cast kept in both layouts (2 bytes per base
+    # parameter), not dequantized and cast again at every GEMM; the same bits (tests/test_fp8_base.py)
     "fast_fp8_cache": {"fp8_base": True, "fp8_weight_cache": True},
     "fast_fp8_cache_selective_offload": {"fp8_base": True, "fp8_weight_cache": True, "recompute": "selective",
                                          "offload_checkpoints": True},

@@ -361,9 +361,36 @@ def test_compiled_casts_give_the_eager_casts_bits(torchao):
         g = torch.randn(24, out_features, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(seed + 9))
         assert torch.equal(compiled.forward(x, w, qs), eager.forward(x, w, qs))
         assert torch.equal(compiled.grad_input(g, w, qs), eager.grad_input(g, w, qs))
-    weight_t = bnb_f.dequantize_4bit(w, qs).to(torch.bfloat16).t()
-    assert compiled.casts["weight"](weight_t)._data.stride() == (1, in_features)
+    # the float8 weights come out in the layouts torch._scaled_mm takes as mat2 (column-major) with no copy
+    forward_w, _ = compiled._weight8("weight", w, qs, torch.bfloat16)
+    backward_w, _ = compiled._weight8("weight_for_grad_input", w, qs, torch.bfloat16)
+    assert forward_w.t().stride() == (1, in_features) and backward_w.t().stride() == (1, out_features)
+    assert torch.equal(forward_w.t().float(), backward_w.float())  # one cast, transposed
     assert not compiled.fallbacks() and all(c.compiled for c in compiled.casts.values())
+
+
+def test_the_tensorwise_cast_is_torchaos_without_its_subclass(torchao):
+    """cast_tensorwise (compiled on CUDA; eager here) returns torchao's hp_tensor_to_float8_dynamic's data and
+    scale, bit for bit, for activations, weights and gradients; only the amax is reduced per row first."""
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+
+    from qlora_doctor.trainer.fp8 import cast_tensorwise
+
+    for seed, (rows, cols) in enumerate([(24, 32), (7, 96), (1, 16)]):
+        x = torch.randn(rows, cols, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(seed)) * 10 ** seed
+        for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            data, scale = cast_tensorwise(x, dtype)
+            ref = hp_tensor_to_float8_dynamic(x, dtype, LinearMMConfig())
+            assert data.dtype == dtype and data.stride() == x.stride()
+            assert torch.equal(data.view(torch.uint8), ref._data.view(torch.uint8)) and torch.equal(scale, ref._scale)
+
+
+def test_tensorwise_runs_without_torchaos_subclass_and_rowwise_with_it(torchao):
+    from qlora_doctor.trainer.fp8 import Fp8BaseGemm
+
+    assert Fp8BaseGemm.create("tensorwise", emulate=True).direct
+    assert not Fp8BaseGemm.create("rowwise", emulate=True).direct
 
 
 def test_compiled_casts_survive_a_llama_layers_shapes_inside_and_outside_the_op(torchao):
@@ -514,8 +541,9 @@ def test_the_memory_planner_counts_the_weight_cache():
     fp8 = TrainSettings(micro_batch=4, seq_len=512, upcast_unquantized=False, fused_lora=True, lora_dropout=0.0,
                         fp8_base=True)
     plain, cached = estimate(counts, fp8), estimate(counts, TrainSettings(**{**vars(fp8), "fp8_weight_cache": True}))
-    assert dict(cached.breakdown)["float8 weight cache (fp8_weight_cache)"] == counts.linear  # 1 byte a parameter
-    assert cached.peak_allocated_bytes - plain.peak_allocated_bytes == counts.linear
+    # 2 bytes a parameter: the float8 cast in both layouts torch._scaled_mm takes
+    assert dict(cached.breakdown)["float8 weight cache (fp8_weight_cache)"] == 2 * counts.linear
+    assert cached.peak_allocated_bytes - plain.peak_allocated_bytes == 2 * counts.linear
 
 
 @pytest.mark.parametrize("fused, recompute", [(True, "full"), (False, "full"), (True, "selective")])
@@ -523,7 +551,7 @@ def test_the_weight_cache_trains_the_same_bits_and_dequantizes_each_weight_once(
                                                                               monkeypatch, fused, recompute):
     """With fp8_weight_cache the loss and every LoRA gradient are those without it, bit for bit, over two steps'
     backward passes; each 4-bit weight is dequantized once (its first GEMM) and never again, and the cache holds
-    one float8 W^T per weight, 1 byte per parameter."""
+    the weight's float8 cast in both layouts, 2 bytes per parameter."""
     from qlora_doctor.trainer.fp8 import Fp8BaseGemm, fp8_gemms
 
     dequantized: list = []  # every dequantization for a float8 GEMM, inside the op or not
@@ -550,10 +578,11 @@ def test_the_weight_cache_trains_the_same_bits_and_dequantizes_each_weight_once(
     dequantize = "bitsandbytes::dequantize_4bit"
     assert first.get(dequantize, 0) <= PROJECTIONS * LAYERS and dequantize not in second
     (gemm,) = fp8_gemms(model)
-    assert gemm.cache_weights and len(gemm.cached) == PROJECTIONS * LAYERS
+    # two float8 layouts per weight (torch._scaled_mm's mat2 for the output GEMM and for the input gradient's)
+    assert gemm.cache_weights and len(gemm.cached) == 2 * PROJECTIONS * LAYERS
     import bitsandbytes as bnb
 
     base = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-    assert gemm.cached_bytes() == base
+    assert gemm.cached_bytes() == 2 * base
     (uncached,) = fp8_gemms(runs[False][2])
     assert not uncached.cached and runs[False][1][2].get(dequantize, 0) > 0

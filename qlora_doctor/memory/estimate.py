@@ -25,7 +25,7 @@ Two paths, lever by lever (per-token counts in activations.py):
   * fused_lora: one saved input per distinct input tensor and no dropout masks;
   * fp8_base: the 4-bit weights stay NF4 and nothing more is saved; the float8 GEMMs add two float8 copies of
     the weight being multiplied and one of the incoming gradient (activations.FP8_GRAD_COPY_BYTES);
-    fp8_weight_cache keeps every weight's float8 cast besides (1 byte per base parameter).
+    fp8_weight_cache keeps every weight's float8 cast besides, in both layouts (2 bytes per base parameter).
 padding_free / group_by_length only ever shorten batches (the planner assumes every sequence is
 max_seq_length), and torch_compile's memory effect is not modelled (plan.py notes both).
 
@@ -162,7 +162,8 @@ class TrainSettings:
     fp8_base: bool = False
     """trainer/fp8.py's float8 GEMMs for the 4-bit base layers."""
     fp8_weight_cache: bool = False
-    """With fp8_base: every 4-bit weight's float8 cast kept (1 byte per base parameter; Fp8BaseGemm.cache_weights)."""
+    """With fp8_base: every 4-bit weight's float8 cast kept, in the two layouts torch._scaled_mm takes (2 bytes per base
+    parameter; Fp8BaseGemm.cache_weights)."""
     offload_checkpoints: bool = False
     """trainer/offload.py: the checkpointed layers' inputs in host memory (OFFLOAD_RESIDENT_LAYERS on the GPU)."""
     levers: tuple[Lever, ...] = ()
@@ -336,8 +337,8 @@ def estimate(counts: ModelCounts, s: TrainSettings, cache_at_start_bytes: int | 
             # torchao's copy of it laid out for torch._scaled_mm (`preprocess_addmm`), 1 byte per element each.
             rows.append(("float8 copies of the largest weight (fp8_base)", 2 * counts.linear_largest))
             if s.fp8_weight_cache:
-                # made during the first forward and kept: part of the static memory from then on
-                rows.append(("float8 weight cache (fp8_weight_cache)", counts.linear))
+                # made during the first forward and backward and kept: static memory from then on; two layouts
+                rows.append(("float8 weight cache (fp8_weight_cache)", 2 * counts.linear))
     else:
         rows.append((f"linear weights ({s.compute_dtype}, not quantized)", counts.linear * compute))
         at_start.append(counts.linear * compute)

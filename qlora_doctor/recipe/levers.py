@@ -28,8 +28,8 @@ What each lever does and why it is the default (measured by bench/train_throughp
   fp8_base: false            the 4-bit base layers' forward and input-gradient GEMMs in float8 through torchao
                              (qlora_doctor/trainer/fp8.py): FP8 tensor cores (compute capability >= 8.9) and
                              torchao needed. Changes numerics: opt in.
-  fp8_weight_cache: false    with fp8_base: each weight's float8 copy kept (1 byte per base parameter of GPU
-                             memory) instead of dequantized and cast at every GEMM; the same bits.
+  fp8_weight_cache: false    with fp8_base: each weight's float8 copy kept (2 bytes per base parameter of GPU
+                             memory: two layouts) instead of dequantized and cast at every GEMM; the same bits.
   cudnn_attention: auto      off where a knowledge-base rule with `workaround = "cudnn_attention_off"`
                              fires for this torch and GPU (the 70B FSDP run's CUDNN_STATUS_INTERNAL_ERROR at
                              24k tokens); SDPA then uses the flash / memory-efficient kernels. A process-wide
@@ -293,7 +293,7 @@ def decide_fp8_weight_cache(setting: bool, fp8_base: Lever) -> Lever:
         return Lever("fp8_weight_cache", False, "off (default)")
     if not fp8_base.on:
         return Lever("fp8_weight_cache", False, f"fp8_base is off ({fp8_base.reason})")
-    return Lever("fp8_weight_cache", True, "each 4-bit weight's float8 cast kept (1 byte per base parameter)")
+    return Lever("fp8_weight_cache", True, "each 4-bit weight's float8 cast kept (2 bytes per base parameter: both layouts)")
 
 
 AUTO_UNRESOLVED = "auto, not decided by the memory planner (the model's config was not readable): off"

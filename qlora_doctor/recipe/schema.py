@@ -444,8 +444,8 @@ class PerformanceSection(Section):
         default=False, description="With fp8_base: keep each 4-bit weight's float8 copy for the run instead of "
         "dequantizing it from NF4 and casting it at every GEMM (the forward, the input gradient and every "
         "recomputed forward). The frozen weight's cast is the same each time, so training is the same bits; it "
-        "costs 1 byte per base parameter of GPU memory (about 6.5 GiB for Llama-3-8B; the NF4 weights stay), which "
-        "the memory planner counts.")
+        "costs 2 bytes per base parameter of GPU memory (the cast in the two layouts FP8 GEMMs take: about 13 GiB "
+        "for Llama-3-8B; the NF4 weights stay), which the memory planner counts.")
     offload_checkpoints: AutoBool = Field(
         default="auto", description="Keep what each checkpointed decoder layer saves for its backward (its input "
         "hidden state, batch x seq x hidden: 128 MiB at 8 x 2048 tokens of Llama-3-8B, and with recompute: "

@@ -6,26 +6,31 @@ Every bitsandbytes `Linear4bit` of the model keeps its NF4 weight; only its two 
     backward:  dx = f8(dy) @ f8(W)          W dequantized again; no weight gradient (frozen), nothing saved
 
 f8() is torchao's dynamic float8 cast of the recipe `RECIPE` (`Float8LinearConfig.from_recipe_name`):
-tensorwise: e4m3 for x and W, e5m2 for dy, one scale per tensor from its amax (`hp_tensor_to_float8_dynamic`),
-and `torch.mm` of two `Float8TrainingTensor`s, which torchao runs as `torch._scaled_mm` (FP8 tensor cores,
-compute capability >= 8.9), or in float32 with `emulate` (CPU tests). LoRA's A and B, their matmuls and
-everything outside the base GEMMs stay as they were.
+tensorwise: e4m3 for x and W, e5m2 for dy, one scale per tensor from its amax, the GEMM torch._scaled_mm (FP8
+tensor cores, compute capability >= 8.9), or in float32 with `emulate` (CPU tests). LoRA's A and B, their
+matmuls and everything outside the base GEMMs stay as they were.
+
+Tensorwise runs without torchao's tensor subclass (`Fp8BaseGemm.direct`): `cast_tensorwise` is torchao's cast
+(its amax_to_scale and to_fp8_saturated) returning (data, scale), and `scaled_mm` is the torch._scaled_mm call
+torchao's float8 `mm` makes, with the same bits (tests compare them). The subclass cost a __torch_dispatch__ per
+GEMM and a float8 copy of the weight at every input-gradient GEMM to fix its layout (48 ms of a 1.4 s step on an
+H100, bench/results/fastpath_h100_2026-12-06c/). The rowwise recipe still goes through torchao's subclass.
 
 Why not torchao's `Float8Linear` / `matmul_with_hp_or_float8_args`: that autograd function always computes
 the weight gradient (a third GEMM the frozen base does not need) and saves the high-precision weight for its
 backward (the dequantized weight, 2 bytes per parameter, for every layer that is not checkpointed). This
-module's function saves nothing and runs two GEMMs, built from the same torchao pieces in the same order.
+module's function saves nothing and runs two GEMMs with the same casts.
 
-The casts: torchao's eager cast goes through float32 (`x.to(float32) * scale`, clamp, `.to(float8)`): for the
-8B down_proj input at 8 x 2048 tokens that is about 8 GB of memory traffic and 2 GiB of temporaries per cast,
-by estimate longer than the FP8 GEMM saves (~1.2 ms of ~2.7). torchao's float8 training is meant to run under
-torch.compile (its docs quote speed-ups "with torch.compile on"), which fuses each cast into an amax and a cast
-kernel; so on CUDA each cast (one function per operand) is compiled (`compile_casts`): the first training step
+The casts: an eager cast goes through float32 (`x.to(float32) * scale`, clamp, `.to(float8)`): for the 8B
+down_proj input at 8 x 2048 tokens that is about 8 GB of memory traffic and 2 GiB of temporaries per cast. So on
+CUDA each cast is compiled (`compile_casts`) into an amax reduction and a cast kernel: the first training step
 compiles them. A compile failure falls back to the eager cast, with a warning (`Fp8BaseGemm.fallbacks`).
 
 The weight's cast is the same at every GEMM (the weight is frozen), so `performance.fp8_weight_cache` keeps it
-(`Fp8BaseGemm.cache_weights`): each weight is dequantized and cast once, at its first GEMM, and its float8 W^T
-(1 byte per parameter, beside the NF4 weight) serves every later forward, replay and input gradient, the same bits.
+(`Fp8BaseGemm.cache_weights`): each weight is dequantized and cast once, at its first GEMM, and kept in the two
+layouts torch._scaled_mm takes as its second operand (W for the output GEMM, W^T for the input gradient's; 2
+bytes per parameter beside the NF4 weight); they serve every later forward, replay and input gradient, the same
+bits.
 
 Where it applies: the unfused LoRA path (peft's layer calls its base layer) gets the base layer's forward
 replaced; fused LoRA (trainer/fused_lora.py) reads the base GEMM from the base layer's `BASE_GEMM_ATTRIBUTE`.
@@ -81,8 +86,8 @@ def torchao_problem() -> str | None:
 
 
 RECOMPILE_LIMIT = 64
-"""Dynamo's per-function recompile limit while fp8_base compiles its casts. Every cast shares torchao's one cast
-function, so dynamo counts the graphs of all operands together: one per weight shape (four on a Llama layer) and
+"""Dynamo's per-function recompile limit while fp8_base compiles its casts. The casts share one function
+(cast_tensorwise per float8 dtype, or torchao's), so dynamo counts the graphs of all operands together: one per weight shape (four on a Llama layer) and
 operand, the dynamic-shape graph of the activations, and a second set for the casts that run inside the
 `fp8_gemm_4bit` op (dispatcher state differs there). On an H200 with selective recompute the default limit (8)
 was hit in the first steps and every cast fell back to eager (10,437 against 12,062 tokens/s without fp8,
@@ -99,6 +104,33 @@ def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
         if hasattr(config, name) and getattr(config, name) < limit:
             setattr(config, name, limit)
             return
+
+
+def cast_tensorwise(x: torch.Tensor, float8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's tensorwise dynamic cast (hp_tensor_to_float8_dynamic: amax, `amax_to_scale`, `to_fp8_saturated`)
+    without its tensor subclass: (float8 data in x's layout, float32 scale), data = saturate(x * scale).
+
+    One difference, in how the amax is reduced, not in its value: per row first, then over the rows. torchao's
+    `torch.max(torch.abs(x))` compiles to one reduction over the whole tensor, which measured 0.22 ms a call on an
+    H100 against 0.11 ms for the cast that follows it, which moves 1.5 times the bytes (bench/results/
+    fastpath_h100_2026-12-06c/call1); a row reduction spreads over the GPU. A maximum is exact in any order."""
+    from torchao.float8.float8_utils import amax_to_scale, to_fp8_saturated
+
+    magnitude = torch.abs(x)
+    amax = torch.amax(magnitude.reshape(-1, x.shape[-1]), dim=-1).max() if x.dim() > 1 else magnitude.max()
+    scale = amax_to_scale(amax, float8_dtype)
+    return to_fp8_saturated(x.to(torch.float32) * scale, float8_dtype), scale
+
+
+def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype,
+              use_fast_accum: bool, emulate: bool) -> torch.Tensor:
+    """(a / a_scale) @ (b / b_scale) for float8 `a` (row-major) and `b` (column-major) as torchao's float8 `mm`
+    runs it (float8_ops.float8_mm, addmm_float8_unwrapped): torch._scaled_mm with the inverse scales, or with
+    `emulate` the same float32 matmul torchao emulates."""
+    if emulate:
+        return torch.mm(a.float() / a_scale, b.float() / b_scale).to(out_dtype)
+    return torch._scaled_mm(a, b, scale_a=a_scale.reciprocal(), scale_b=b_scale.reciprocal(), out_dtype=out_dtype,
+                            use_fast_accum=use_fast_accum)
 
 
 class _Cast:
@@ -144,13 +176,21 @@ class Fp8BaseGemm:
     """`performance.fp8_weight_cache`: keep each weight's float8 cast (`_weight8`) instead of dequantizing and
     casting it again at every GEMM. The frozen weight's cast is the same every time, so the results are the
     same bits; it costs 1 byte per base parameter of GPU memory for the run (the NF4 weight stays too)."""
-    cached: dict[tuple[int, int, torch.dtype], Any] = dataclasses.field(default_factory=dict)
-    """With cache_weights: (weight's data_ptr, id of the cast, compute dtype) -> the float8 W^T. Tensorwise casts
-    W^T the same way for both GEMMs (`weight_for_grad_input` is `weight`), so one entry per weight."""
+    cached: dict[tuple[int, str, torch.dtype], Any] = dataclasses.field(default_factory=dict)
+    """With cache_weights: (weight's data_ptr, role, compute dtype) -> the float8 weight of that GEMM. Tensorwise
+    (`direct`) keeps two per weight, (data, scale) each: W row-major for the output GEMM (its W^T column-major) and
+    W^T row-major for the input gradient's (its W column-major): torch._scaled_mm takes a float8 mat2 only
+    column-major, and transposing the copy at every backward GEMM cost 48 ms of a 1.4 s step on an H100. Rowwise
+    keeps torchao's W^T per role."""
+    direct: bool = False
+    """Tensorwise without torchao's tensor subclass: `cast_tensorwise` and `scaled_mm` (the same math and bits as
+    torchao's Float8TrainingTensor path; tests compare them), so no subclass dispatch per GEMM and no layout fix-up
+    copies. The rowwise recipe goes through torchao's subclass."""
 
     @classmethod
     def create(cls, recipe: str = RECIPE, emulate: bool = False, compile_casts: bool = False,
-               cache_weights: bool = False) -> Fp8BaseGemm:
+               cache_weights: bool = False, direct: bool = True) -> Fp8BaseGemm:
+        """direct=False keeps tensorwise on torchao's subclass too (bench/fp8_gemm_micro.py compares them)."""
         import functools
 
         from torchao.float8 import Float8LinearConfig
@@ -162,6 +202,21 @@ class Fp8BaseGemm:
         mm_config = LinearMMConfig(*(ScaledMMConfig(emulate, gemm.use_fast_accum, False, config.pad_inner_dim)
                                      for gemm in (config.gemm_config_output, config.gemm_config_grad_input,
                                                   config.gemm_config_grad_weight)))
+
+        roles = (config.cast_config_input, config.cast_config_weight, config.cast_config_grad_output,
+                 config.cast_config_weight_for_grad_input)
+        if (direct and all(c.scaling_granularity.name == "TENSORWISE" for c in roles)
+                and config.cast_config_weight == config.cast_config_weight_for_grad_input):
+            direct = {"input": config.cast_config_input, "weight": config.cast_config_weight,
+                      "grad_output": config.cast_config_grad_output,
+                      "weight_for_grad_input": config.cast_config_weight_for_grad_input}
+            compiled: dict[torch.dtype, _Cast] = {}  # one compiled function per float8 dtype, shared by the roles
+            for role, cast_config in direct.items():
+                dtype = cast_config.target_dtype
+                if dtype not in compiled:
+                    compiled[dtype] = _Cast(functools.partial(cast_tensorwise, float8_dtype=dtype), compile_casts)
+                direct[role] = compiled[dtype]
+            return cls(config=config, casts=direct, cache_weights=cache_weights, direct=True)
 
         def cast(cast_config: Any, role: Any, axis: int) -> _Cast:
             fn = functools.partial(
@@ -192,20 +247,29 @@ class Fp8BaseGemm:
         return bnb_f.dequantize_4bit(weight, quant_state).to(dtype)  # [out, in], as bitsandbytes' matmul uses it
 
     def _weight8(self, role: str, weight: Any, quant_state: Any, dtype: torch.dtype) -> Any:
-        """W^T [in, out] in float8 for the GEMM whose weight cast is `role`: dequantized and cast now, or, with
-        cache_weights, the cast kept from the first call for this weight."""
-        cast = self.casts[role]
-        key = (weight.data_ptr(), id(cast), dtype)
+        """The float8 weight of the GEMM whose weight cast is `role`: dequantized and cast now, or, with
+        cache_weights, the one kept from the first call for this weight and role. Direct: (data, scale) with data
+        W [out, in] row-major for `weight`, W^T [in, out] row-major for `weight_for_grad_input`. Rowwise: torchao's
+        float8 W^T [in, out]."""
+        key = (weight.data_ptr(), role, dtype)
         if self.cache_weights and key in self.cached:
             return self.cached[key]
-        w8 = cast(self._weight(weight, quant_state, dtype).t())
+        if not self.direct:
+            w8 = self.casts[role](self._weight(weight, quant_state, dtype).t())
+        else:
+            other = "weight" if role == "weight_for_grad_input" else "weight_for_grad_input"
+            kept = self.cached.get((weight.data_ptr(), other, dtype)) if self.cache_weights else None
+            data, scale = kept if kept is not None else self.casts[role](self._weight(weight, quant_state, dtype))
+            if kept is not None or role == "weight_for_grad_input":  # the same cast transposed (tensorwise: both
+                data = data.t().contiguous()                          # roles cast the same way, one scale)
+            w8 = (data, scale)
         if self.cache_weights:
             self.cached[key] = w8
         return w8
 
     def cached_bytes(self) -> int:
         """GPU memory the kept float8 weights hold (their float8 data; the scales are one float each)."""
-        return sum(w8._data.numel() * w8._data.element_size() for w8 in self.cached.values())
+        return sum((w8[0] if self.direct else w8._data).nbytes for w8 in self.cached.values())
 
     def forward(self, x2: torch.Tensor, weight: Any, quant_state: Any) -> torch.Tensor:
         """x2 [tokens, in] in the compute dtype -> x2 @ W^T [tokens, out] in the same dtype, as one op
@@ -216,6 +280,11 @@ class Fp8BaseGemm:
     def _forward_impl(self, x2: torch.Tensor, weight: Any, quant_state: Any) -> torch.Tensor:
         """`forward`'s computation: dequantize, cast both operands to float8, multiply."""
         with torch.autocast(x2.device.type, enabled=False):
+            if self.direct:
+                w8, w_scale = self._weight8("weight", weight, quant_state, x2.dtype)  # W [out, in] row-major
+                x8, x_scale = self.casts["input"](x2.contiguous())
+                return scaled_mm(x8, x_scale, w8.t(), w_scale, x2.dtype,
+                                 self.config.gemm_config_output.use_fast_accum, self.emulate)
             w8 = self._weight8("weight", weight, quant_state, x2.dtype)  # [in, out], column-major: _scaled_mm's mat2
             x8 = self.casts["input"](x2)
             return torch.mm(x8, w8)
@@ -224,6 +293,11 @@ class Fp8BaseGemm:
         """grad [tokens, out] -> grad @ W [tokens, in] in grad's dtype."""
         g2 = grad.reshape(-1, grad.shape[-1])
         with torch.autocast(g2.device.type, enabled=False):
+            if self.direct:
+                w8, w_scale = self._weight8("weight_for_grad_input", weight, quant_state, g2.dtype)  # W^T row-major
+                g8, g_scale = self.casts["grad_output"](g2.contiguous())
+                return scaled_mm(g8, g_scale, w8.t(), w_scale, g2.dtype,
+                                 self.config.gemm_config_grad_input.use_fast_accum, self.emulate)
             w8 = self._weight8("weight_for_grad_input", weight, quant_state, g2.dtype)
             g8 = self.casts["grad_output"](g2)
             return torch.mm(g8, w8.t())
