@@ -168,7 +168,7 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 125 <= len(CASES) <= 160 and len({c["file"] for c in CASES}) == len(CASES)
+    assert 125 <= len(CASES) <= 185 and len({c["file"] for c in CASES}) == len(CASES)
     files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
     assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
@@ -247,7 +247,7 @@ def test_round_six_covers_cloud_and_cluster_specs():
     node labels, RunPod's CLI, an EC2 instance type alone. A spec that allows several machines (a memory range,
     `count: 1..`, two nodes' labels) names none: a refusal (`expect_error`); one that names no GPU the tool can
     know without a provider's table is left unread on purpose (`unread`)."""
-    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 132]
+    later = [c for c in CASES if 132 <= int(c["file"].split("-")[0]) < 151]
     assert 18 <= len(later) <= 25 and all(c.get("round6") for c in later)
     formats = " ".join(c["format"] for c in later)
     for form in ("SkyPilot", "dstack", "Modal", "gcloud", "Terraform", "Slurm", "Kubernetes", "RunPod",
@@ -257,6 +257,26 @@ def test_round_six_covers_cloud_and_cluster_specs():
     assert {c.get("vendor") for c in later} >= {"nvidia", "amd"}
     cc = {x for c in later for x in c.get("compute_capability", [])}
     assert cc >= {"3.7", "7.5", "8.0", "8.6", "8.9"}
+
+
+def test_round_seven_covers_what_people_paste_when_they_ask_which_gpu():
+    """Round 7 (cases 151 on): the machine inside bug reports and questions of the QLoRA tools: issue forms'
+    `Number GPUs used` answers, Kaggle/Colab notes (`2 T4`, `T4x2`, `GPU  T4`), laptop GPUs (`Laptop GPU`, `Max-Q`),
+    WSL2 `nvidia-smi` and `-a`, a `docker run --gpus all` beside the GPU in words, Chinese counts (`八卡`), a
+    full-width `GPU：A800 * 8`, an Intel XPU laptop's log, and texts that show two machines (refused)."""
+    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 151]
+    assert 20 <= len(later) <= 25 and all(c.get("round7") for c in later)
+    formats = " ".join(c["format"] for c in later)
+    for form in ("issue form", "prose", "nvidia-smi -a", "WSL2", "bullet", "Chinese", "--gpus all", "unsloth",
+                 "two machines"):
+        assert form in formats, form
+    names = " ".join(" ".join(c.get("gpus", [])) for c in later)
+    for gpu in ("Laptop GPU", "Max-Q", "RTX 4090 D"):
+        assert gpu in names, gpu
+    assert 2 <= sum(bool(c.get("expect_error")) for c in later) <= 4
+    assert {c.get("vendor") for c in later} >= {"nvidia", "none"}
+    cc = {x for c in later for x in c.get("compute_capability", [])}
+    assert cc >= {"5.0", "7.5", "8.0", "8.6", "8.9", "12.0"}
 
 
 # --- scoring the corpus through the real CLI ------------------------------------------------------------------------
@@ -337,6 +357,12 @@ if __name__ == "__main__":  # python tests/test_machine_corpus.py OUT.json [FIRS
     ("on a nvidia-a100 GPU cluster with 100G IB. On a single node with 8 gpus", [("A100", "8.0", None)] * 8, {}),
     ("only a Nvidia a100 memory=80", [("A100", "8.0", 81920)], {}),
     ("NVIDIA L40, slow: about the same as a 3060", [("L40", "8.9", 46080)], {}),
+    ("RTX 4090 八卡，python 3.10", [("RTX 4090", "8.9", 24564)] * 8, {"python": "3.10"}),
+    ("My GPU is RTX3060, NVIDIA Driver is 535.86, and CUDA version is 12.2.", [("RTX 3060", "8.6", 12288)],
+     {"driver_version": "535.86", "cuda_driver_version": "12.2"}),
+    ("OOM on A100. OS: Ubuntu 22.04.2, Python Version: 3.10.12", [("A100", "8.0", None)],
+     {"python": "3.10.12", "os": "linux"}),
+    ("a laptop with an RTX 3060 6GB", [("RTX 3060", "8.6", 6144)], {}),
 ])
 def test_a_machine_described_in_words_is_read_with_notes(tmp_path, text, gpus, extra):
     from qlora_doctor.sources.machine import load_described_machine

@@ -201,6 +201,11 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
                          driver.group(2), re.I)
         if cuda:
             data["cuda_driver_version"] = cuda.group(1)
+    else:  # the driver in a bullet's parentheses: `- OS / Backend: Debian Linux / llama.cpp (CUDA 12.4, Driver 550.163.01)`
+        aside = re.search(r"^[ \t]*-[ \t][^\n]*\([^()\n]*\bDriver(?:[ \t]+version)?:?[ \t]*(\d{3}\.\d+(?:\.\d+)?)[,)]", text,
+                          re.M | re.I)
+        if aside:
+            data["driver_version"] = aside.group(1)
     gpu_line = re.search(r"^(?:GPU models and configuration|-\s*GPU(?: type| model| name)?):[ \t]*(.*)$", text,
                          re.M | re.I)
     names = [n for n in re.findall(r"GPU \d+:\s*([^\n(]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
@@ -220,7 +225,11 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     if len(names) == 1:  # a hand-written `- GPU: NVIDIA RTX A6000 (Compute Capability 8.6)` or `... (16GB VRAM)`
         aside = re.search(r"\s*\(([^()]*)\)\s*$", names[0])
         cc = aside and re.search(r"(?:compute capability|cc|sm)[ _]?(\d+)\.?(\d)\b", aside.group(1), re.I)
-        gb = aside and re.fullmatch(r"(\d{1,3})\s*GB(?: VRAM)?", aside.group(1).strip(), re.I)
+        # `(16GB VRAM)`, and a laptop's power beside it: `(16GB VRAM, 115W TGP)`
+        items = [i.strip() for i in aside.group(1).split(",")] if aside else []
+        gb = next((m for i in items if (m := re.fullmatch(r"(\d{1,3})\s*GB(?: VRAM)?", i, re.I))), None)
+        if gb and not all(re.fullmatch(r"\d{1,3}\s*GB(?: VRAM)?|\d{2,3}\s*W(?:[ \t]+(?:TGP|TDP))?", i, re.I) for i in items):
+            gb = None
         if cc or gb:
             names = [names[0][:aside.start()]]
             extra.update({"compute_capability": f"{cc.group(1)}.{cc.group(2)}"} if cc else
@@ -650,10 +659,13 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     if gb:
         gpu["memory_total_mib"] = int(gb * 1024)
     facts["gpus"] = [gpu] * count
-    driver = re.search(r"\bdriver(?:[ \t_-]*version)?[ \t]*[:=]?[ \t]*v?(\d{3}(?:\.\d{1,3}){0,2})\b", body, re.I)
+    # `driver 550.54.15`, `Driver: 550.120`, and in a sentence: `NVIDIA Driver is 535.86`
+    driver = re.search(r"\bdriver(?:[ \t_-]*version)?(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?(\d{3}(?:\.\d{1,3}){0,2})\b", body,
+                       re.I)
     if driver:
         facts["driver_version"] = driver.group(1)
-    cuda = re.search(r"\bCUDA(?:[ \t_-]*(?:version|driver|runtime))?[ \t]*[:=]?[ \t]*v?(\d{1,2}\.\d)\b", body, re.I)
+    cuda = re.search(r"\bCUDA(?:[ \t_-]*(?:version|driver|runtime))?(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?(\d{1,2}\.\d)\b", body,
+                     re.I)
     if cuda:
         facts["cuda_driver_version"] = cuda.group(1)
         notes.append(f"read 'CUDA {cuda.group(1)}' as the CUDA version the driver reports (nvidia-smi's); "
@@ -720,7 +732,16 @@ def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
     suffix = re.match(rf"(?:[ \t]*GPUs?)?[ \t]*{_TIMES}[ \t]*(\d{{1,2}})\b", after)
     if suffix and 0 < int(suffix.group(1)) <= 64:
         return int(suffix.group(1)), suffix.group(0).strip()
+    # Chinese: a count of cards after the name, `RTX 4090 八卡` (eight cards), `A100 4卡`, `单卡` (one card)
+    cards = re.match(r"[ \t]*(\d{1,2}|[单一两二三四六八])[ \t]*(?:张|块)?卡", after)
+    if cards:
+        n = int(cards.group(1)) if cards.group(1).isdigit() else _CHINESE_COUNTS[cards.group(1)]
+        if 0 < n <= 64:
+            return n, cards.group(0).strip()
     return None
+
+
+_CHINESE_COUNTS = {"单": 1, "一": 1, "两": 2, "二": 2, "三": 3, "四": 4, "六": 6, "八": 8}
 
 
 def _memory_near(body: str, start: int, end: int) -> float | None:
@@ -750,7 +771,7 @@ def _platform_words(body: str) -> dict[str, Any]:
     system = os_from_words(body)
     if system:
         facts["os"] = system
-    python = re.search(r"\bPython[ \t]*[:=]?[ \t]*v?(3\.\d{1,2}(?:\.\d{1,2})?)\b", body, re.I)
+    python = re.search(r"\bPython(?:[ \t]+version)?[ \t]*[:=]?[ \t]*v?(3\.\d{1,2}(?:\.\d{1,2})?)\b", body, re.I)
     if python:
         facts["python"] = python.group(1)
     ram = (re.search(r"(?<![\d.])(\d{1,4})[ \t]*(GB|GiB|G|TB|TiB)[ \t]+(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|CPU[ \t]+|"
