@@ -39,6 +39,7 @@ def main(folder: str) -> int:
                               selective_layers=perf.get("selective_layers", "all"),
                               checkpoint_layers=perf.get("checkpoint_layers", "all"),
                               fp8_base=levers.get("fp8_base", {}).get("on", False),
+                              fp8_weight_cache=levers.get("fp8_weight_cache", {}).get("on", False),
                               offload_checkpoints=levers.get("offload_checkpoints", {}).get("on", False))
             predicted = estimate(counts, s).total_bytes / GIB
             rows.append({"file": path[len(folder) + 1:], "variant": variant, "tokens_per_s": point["tokens_per_s"],
