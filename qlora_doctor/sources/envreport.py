@@ -163,6 +163,11 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     # (An answer that is itself a bullet list, `### Environment` then `- Device: ...`, is left to the bullets.)
     text = re.sub(r"^###[ \t]+([^\n]+?)[ \t]*\n[ \t]*\n[ \t]*(?![-*][ \t])([^\s#][^\n]*)$", r"- \1: \2", text,
                   flags=re.M)
+    # a two-column Markdown table's rows (`| GPU | NVIDIA A100-PCIE-40GB |`, `| NVIDIA driver | 590.48.01 |`), as a
+    # PR's `Tested on` table has them, read as the bullets `- GPU: NVIDIA A100-PCIE-40GB` (nvidia-smi's tables are
+    # read above, before this)
+    text = re.sub(r"^\|[ \t]*([A-Za-z][^|\n]{0,40}?)[ \t]*\|[ \t]*([^|\n]*?[^|\s][^|\n]*?)[ \t]*\|[ \t]*$", r"- \1: \2",
+                  text, flags=re.M)
     collect_env = re.search(r"^`?(?:Collecting\W*environment information|PyTorch version:|Is CUDA available:|"
                             r"CUDA used to build PyTorch:|GPU models and configuration:)", text, re.M)
     # transformers/accelerate env bullets, and the hand-written ones (`- GPU: NVIDIA RTX A6000`, `- OS: Ubuntu`)
@@ -208,8 +213,26 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
             data["driver_version"] = aside.group(1)
     gpu_line = re.search(r"^(?:GPU models and configuration|-\s*GPU(?: type| model| name)?):[ \t]*(.*)$", text,
                          re.M | re.I)
-    names = [n for n in re.findall(r"GPU \d+:\s*([^\n(]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
+    names = [n for n in re.findall(r"GPU \d+:\s*([^\n(|]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
              if not _NOT_A_NAME.match(n.strip())]
+    per_gpu: list[dict[str, Any]] = []
+    # a rig report's GPU lines, fields split by `|`: `- GPU 0: NVIDIA GeForce RTX 3090 | 24576 MiB | driver 595.58.03
+    # | VBIOS ...`; a launcher's `GPU 0: NVIDIA RTX 3090 (24 GB, sm 8.6)` (its rounded GB left to the tables)
+    piped = re.findall(r"GPU \d+:[ \t]*([^|\n(]+?)[ \t]*\|[ \t]*(\d{3,6}) MiB\b(?:[ \t]*\|[ \t]*driver[ \t]+(\d{3}\.\d+(?:\.\d+)?)\b)?",
+                       text, re.I)
+    sm = re.findall(r"GPU \d+:[ \t]*([^|\n(]+?)[ \t]*\(\d{1,3} ?GB, sm[ _]?(\d+)\.(\d)\)[ \t]*$", text, re.M | re.I)
+    if piped and not names:
+        names = [n for n, _, _ in piped]
+        per_gpu = [{"memory_total_mib": int(mib)} for _, mib, _ in piped]
+        drivers = {d for _, _, d in piped if d}
+        if len(drivers) == 1 and "driver_version" not in data:
+            data["driver_version"] = drivers.pop()
+        runtime = re.search(r"^-\s*CUDA Runtime \(per driver\):[ \t]*(\d{2}\.\d)\b", text, re.M)
+        if runtime and "driver_version" in data:
+            data["cuda_driver_version"] = runtime.group(1)
+    elif sm and not names:
+        names = [n for n, _, _ in sm]
+        per_gpu = [{"compute_capability": f"{a}.{b}"} for _, a, b in sm]
     if not gpu_line:  # a hand-written `- Device: NVIDIA Jetson Orin Nano Super` / `- Hardware: Jetson AGX Orin 64GB`
         gpu_line = re.search(r"^-\s*(?:Device|Hardware):[ \t]*((?:NVIDIA|GeForce|Tesla|Quadro|Jetson)\b.*)$", text,
                              re.M | re.I)
@@ -244,6 +267,8 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     elif rocm:  # a ROCm build answers torch.cuda with the AMD GPU: no CUDA GPU here
         data["gpus"] = [{"name": n.strip(), "vendor": "amd"} for n in names]
         data["gpu_vendor"] = "amd"
+    elif names and per_gpu:
+        data["gpus"] = [{"name": n.strip(), **g} for n, g in zip(names, per_gpu)]
     elif names:
         data["gpus"] = [{"name": n.strip(), **extra} for n in names]
     elif available:
@@ -590,7 +615,8 @@ _VENDOR_WORDS = r"(?:(?:NVIDIA|Nvidia|nvidia|GeForce|Tesla|Quadro)[ \t]+)*"
 _SENTENCE_END = re.compile(r"[.;!?](?:\s|$)|\n\s*\n|[。；，]")
 _APPLE = re.compile(r"\bApple[ \t]+(?:silicon|M[1-5])\b|\bM[1-5](?:[ \t]+(?:Pro|Max|Ultra))?\b(?=[^.\n]*\b(?:Mac|macOS|"
                     r"MacOS|MacBook|mps|MPS)\b)|\b(?:Mac(?:Book)?|macOS|MacOS)\b[^.\n]*\bM[1-5]\b", re.I)
-_AMD_GPU = re.compile(r"\b(?:AMD[ \t]+)?(?:Instinct[ \t]+)?(MI\d{2,3}[A-Z]?|Radeon(?:[ \t]+(?:Pro|RX))?[ \t]+\w+|"
+# `Radeon RX 7900 XTX` keeps its `XT`/`XTX` (a different card from the RX 7900 GRE)
+_AMD_GPU = re.compile(r"\b(?:AMD[ \t]+)?(?:Instinct[ \t]+)?(MI\d{2,3}[A-Z]?|Radeon(?:[ \t]+(?:Pro|RX))?[ \t]+\w+(?:[ \t]XTX?\b)?|"
                       r"RX[ \t]?\d{4}(?:[ \t]?XTX?)?)\b")
 _INTEL_GPU = re.compile(r"\bIntel(?:\(R\))?[ \t]+(?:Arc|Data[ \t]+Center[ \t]+GPU|Iris|UHD)\b|\+xpu\b|\bXPU\b")
 
