@@ -588,12 +588,13 @@ def test_the_weight_cache_trains_the_same_bits_and_dequantizes_each_weight_once(
     assert not uncached.cached and runs[False][1][2].get(dequantize, 0) > 0
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused, recompute", [(True, "full"), (False, "full"), (True, "selective")])
 def test_projections_reading_one_input_share_its_float8_cast_and_train_the_same_bits(torchao, tiny_llama, tmp_path,
-                                                                                    monkeypatch, fused):
+                                                                                    monkeypatch, fused, recompute):
     """q/k/v_proj read one normed hidden state and gate/up_proj another: the direct path casts each once (4 input
-    casts for a Llama layer's 7 GEMMs, forward and recomputed forward alike), and the loss and every LoRA gradient
-    equal, bit for bit, those of torchao's subclass path, which casts every GEMM's input."""
+    casts for a Llama layer's 7 GEMMs, forward and recomputed forward alike; selective recompute replays only
+    gate/up, one cast for both), and the loss and every LoRA gradient equal, bit for bit, those of torchao's
+    subclass path, which casts every GEMM's input."""
     from qlora_doctor.trainer import fp8
 
     class Counting:
@@ -604,7 +605,7 @@ def test_projections_reading_one_input_share_its_float8_cast_and_train_the_same_
             self.calls += 1
             return self.cast(tensor)
 
-    model = build(tiny_llama, tmp_path, monkeypatch, fp8=True, fused=fused)
+    model = build(tiny_llama, tmp_path, monkeypatch, fp8=True, fused=fused, recompute=recompute)
     (gemm,) = fp8.fp8_gemms(model)
     assert gemm.direct
     counting = gemm.casts["input"] = Counting(gemm.casts["input"])
@@ -612,13 +613,16 @@ def test_projections_reading_one_input_share_its_float8_cast_and_train_the_same_
     input8 = fp8.Fp8BaseGemm._input8
     monkeypatch.setattr(fp8.Fp8BaseGemm, "_input8", lambda self, x2: lookups.append(1) or input8(self, x2))
     loss, grads = loss_and_grads(model)
-    assert lookups and len(lookups) % (PROJECTIONS * LAYERS) == 0  # every forward GEMM, replays included
-    assert counting.calls * PROJECTIONS == 4 * len(lookups)
+    if recompute == "full":
+        assert lookups and len(lookups) % (PROJECTIONS * LAYERS) == 0  # every forward GEMM, replays included
+        assert counting.calls * PROJECTIONS == 4 * len(lookups)
+    else:  # the forward's 7 GEMMs a layer (4 casts), then the replay's gate and up (1 cast)
+        assert len(lookups) == (PROJECTIONS + 2) * LAYERS and counting.calls == (4 + 1) * LAYERS
     assert gemm.shared_input is None or gemm.shared_input[0]() is not None  # nothing kept past its input's life
 
     create = fp8.Fp8BaseGemm.create.__func__
     monkeypatch.setattr(fp8.Fp8BaseGemm, "create", classmethod(lambda cls, *a, **k: create(cls, *a, **k, direct=False)))
-    reference = build(tiny_llama, tmp_path, monkeypatch, fp8=True, fused=fused)
+    reference = build(tiny_llama, tmp_path, monkeypatch, fp8=True, fused=fused, recompute=recompute)
     assert not fp8.fp8_gemms(reference)[0].direct
     ref_loss, ref_grads = loss_and_grads(reference)
     assert loss == ref_loss and set(grads) == set(ref_grads)

@@ -55,7 +55,7 @@ import dataclasses
 import types
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -164,6 +164,17 @@ class _Cast:
             return self.eager(tensor)
 
 
+class _SharedCast(NamedTuple):
+    """A forward input's float8 cast and what it was cast from (Fp8BaseGemm.shared_input)."""
+
+    owner: weakref.ref
+    """The tensor the GEMM's input is (or is a view of)."""
+    key: tuple
+    """The owner's version counter, and the input's data_ptr, shape, strides and dtype."""
+    cast: tuple[torch.Tensor, torch.Tensor]
+    """(float8 data, scale)."""
+
+
 @dataclasses.dataclass
 class Fp8BaseGemm:
     """The float8 GEMMs of a frozen 4-bit weight for one torchao recipe: `forward` and `grad_input`, the two
@@ -183,11 +194,10 @@ class Fp8BaseGemm:
     W^T row-major for the input gradient's (its W column-major): torch._scaled_mm takes a float8 mat2 only
     column-major, and transposing the copy at every backward GEMM cost 48 ms of a 1.4 s step on an H100. Rowwise
     keeps torchao's W^T per role."""
-    shared_input: Any = dataclasses.field(default=None, repr=False, compare=False)
+    shared_input: _SharedCast | None = dataclasses.field(default=None, repr=False, compare=False)
     """Direct: the last forward input's float8 cast, reused by the next GEMM that reads the same tensor (q/k/v_proj
-    read one normed hidden state, gate/up_proj another): (weak reference to the tensor x2 is a view of, its version,
-    x2's data_ptr, shape, strides and dtype, (data, scale)). The reference's callback drops the entry when that
-    tensor dies, so the float8 copy (1 byte per element) lives no longer than the input it was cast from."""
+    read one normed hidden state, gate/up_proj another). Its weak reference's callback drops it when that tensor
+    dies, so the float8 copy (1 byte per element) lives no longer than the input it was cast from."""
     direct: bool = False
     """Tensorwise without torchao's tensor subclass: `cast_tensorwise` and `scaled_mm` (the same math and bits as
     torchao's Float8TrainingTensor path; tests compare them), so no subclass dispatch per GEMM and no layout fix-up
@@ -278,15 +288,15 @@ class Fp8BaseGemm:
         of the same live tensor unchanged (`shared_input`): the same cast of the same values, so the same bits."""
         owner = x2 if x2._base is None else x2._base
         key = (owner._version, x2.data_ptr(), tuple(x2.shape), x2.stride(), x2.dtype)
-        memo = self.shared_input
-        if memo is not None and memo[0]() is owner and memo[1:6] == key:
-            return memo[6]
-        x8 = self.casts["input"](x2.contiguous())
-        self.shared_input = (weakref.ref(owner, self._drop_shared_input), *key, x8)
-        return x8
+        shared = self.shared_input
+        if shared is not None and shared.owner() is owner and shared.key == key:
+            return shared.cast
+        cast = self.casts["input"](x2.contiguous())
+        self.shared_input = _SharedCast(weakref.ref(owner, self._drop_shared_input), key, cast)
+        return cast
 
     def _drop_shared_input(self, ref: Any) -> None:
-        if self.shared_input is not None and self.shared_input[0] is ref:
+        if self.shared_input is not None and self.shared_input.owner is ref:
             self.shared_input = None
 
     def cached_bytes(self) -> int:
