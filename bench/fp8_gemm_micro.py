@@ -103,19 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             "bf16 fwd gemm only": lambda: x @ wd.t(),
             "dequantize only": lambda: bnb_f.dequantize_4bit(w, qs),
             "bf16 bwd dequant+gemm": lambda: g @ bnb_f.dequantize_4bit(w, qs).to(dtype),
-            "fp8 fwd": lambda: gemms[False]._forward_impl(x, w, qs),
-            "fp8 fwd cached": lambda: gemms[True]._forward_impl(x, w, qs),
-            "fp8 bwd": lambda: gemms[False].grad_input(g, w, qs),
-            "fp8 bwd cached": lambda: gemms[True].grad_input(g, w, qs),
-            "fp8 input cast only": lambda: gemms[True].casts["input"](x),
-            "fp8 grad cast only": lambda: gemms[True].casts["grad_output"](g),
-            "subclass fwd": lambda: subclass[False]._forward_impl(x, w, qs),
-            "subclass fwd cached": lambda: subclass[True]._forward_impl(x, w, qs),
-            "subclass bwd": lambda: subclass[False].grad_input(g, w, qs),
-            "subclass bwd cached": lambda: subclass[True].grad_input(g, w, qs),
-            "subclass input cast only": lambda: subclass[True].casts["input"](x),
-            "subclass grad cast only": lambda: subclass[True].casts["grad_output"](g),
         }
+        for family, pair in (("fp8", gemms), ("subclass", subclass)):
+            for cached, gemm in pair.items():
+                suffix = " cached" if cached else ""
+                pieces[f"{family} fwd{suffix}"] = lambda gemm=gemm: gemm._forward_impl(x, w, qs)
+                pieces[f"{family} bwd{suffix}"] = lambda gemm=gemm: gemm.grad_input(g, w, qs)
+            pieces[f"{family} input cast only"] = lambda pair=pair: pair[True].casts["input"](x)
+            pieces[f"{family} grad cast only"] = lambda pair=pair: pair[True].casts["grad_output"](g)
         same = {"fwd": torch.equal(gemms[True]._forward_impl(x, w, qs), subclass[True]._forward_impl(x, w, qs)),
                 "bwd": torch.equal(gemms[True].grad_input(g, w, qs), subclass[True].grad_input(g, w, qs))}
         rows.append({"shape": name, "piece": "direct equals subclass, bit for bit", **same})
