@@ -6,11 +6,14 @@
 #                the cache keeps each weight's float8 cast: performance.fp8_weight_cache)            (~9 min)
 #   PART=peer    bench/peer_unsloth.py (both checkpointing modes)                          (~6 min)
 #   PART=loss    loss curves of LOSS_REF against LOSS_VAR (default fast_full_recompute, fast) on the 1B shape
-#                memorising fixed rows, LOSS_STEPS (200) steps                                  (~2 min)
+#                memorising fixed rows, LOSS_STEPS (200) steps: ~90 s a curve plus loading; give it 260 s or more
+#                (a 200 s bound cut the fp8 curve at step 173 in session 13)                     (~4 min)
 # VARIANTS="a b" overrides a PART's list; VARIANT_S (150) bounds each variant's process.
 # BENCH_ARGS adds train_throughput.py options (e.g. "--lora-dropout 0 --optim adamw_torch_fused": unsloth's settings).
 # Wheels: .whl2 as in bench/results/fastpath_h200_2026-12-05/NOTES.md (slim bitsandbytes 0.50.2 for cuda130,
 # datasets and its needs, liger-kernel 0.8.5, torchao 0.18; unsloth and its needs for PART=peer); carry [".whl2"].
+# The working tree travels too (~15 MB), so with unsloth the call exceeds 64 MiB: for PART=ours/fp8/loss carry
+# `.whl3` (.whl2 without unsloth, unsloth_zoo, trl, hf_transfer, sentencepiece: 18 MB) and `ln -sfn .whl3 .whl2`.
 # `recompute: selective` runs on the image's torch 2.11 since fused LoRA adds out of place inside selective
 # layers (trainer/selective.py). Results land in $OUT/<PART>/; commit them under bench/results/ with the card.
 set -u
