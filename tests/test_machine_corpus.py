@@ -172,7 +172,7 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 125 <= len(CASES) <= 210 and len({c["file"] for c in CASES}) == len(CASES)
+    assert 125 <= len(CASES) <= 240 and len({c["file"] for c in CASES}) == len(CASES)
     files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
     assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
@@ -290,7 +290,7 @@ def test_round_eight_covers_containers_notebooks_and_home_rigs():
     a mixed RTX 5090 + 3090 Ti rig read as two products), an eGPU beside a laptop's GPU (refused), a PR's Markdown
     `Tested on` table, and non-NVIDIA machines described the same ways (LACT, ComfyUI on ROCm, Apple gpuinfo,
     xpu-smi, torch.xpu's device properties)."""
-    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 174]
+    later = [c for c in CASES if 174 <= int(c["file"].split("-")[0]) < 196]
     assert 20 <= len(later) <= 25 and all(c.get("round8") for c in later)
     formats = " ".join(c["format"] for c in later)
     for form in ("NGC container banner", "nvidia-container-cli", "docker info", "Colab", "Kaggle", "mem_get_info",
@@ -300,6 +300,54 @@ def test_round_eight_covers_containers_notebooks_and_home_rigs():
     assert {c.get("vendor") for c in later if not c.get("expect_error")} >= {"nvidia", "amd", "apple", "none"}
     cc = {x for c in later for x in c.get("compute_capability", [])}
     assert cc >= {"7.0", "7.5", "8.0", "8.6", "8.9", "12.0"}
+
+
+def test_round_nine_covers_other_languages_and_forum_prose():
+    """Round 9 (cases 196 on): machines described by users in Chinese (`4090*4（24G）`, `8张Tesla P4(8G)`,
+    `两张3090`, `CUDA版本12.8`), Korean (`RTX 2080 4대 1대당 8기가`), Russian (`RTX 2060 Super 8G`) and forum-style
+    English (`24 gig of vram`, `24GB vram (nvidia 3090)`, `8 gb rtx 4060 and 32gb ram`); texts naming several
+    machines or a card still to buy are refused (`expect_error`), and forms left unread on purpose are refused by
+    name (`unread`)."""
+    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 196]
+    assert 20 <= len(later) <= 25 and all(c.get("round9") for c in later)
+    formats = " ".join(c["format"] for c in later)
+    for form in ("Chinese", "Korean", "Russian", "forum-style English"):
+        assert form in formats, form
+    assert 4 <= sum(bool(c.get("expect_error")) for c in later) <= 7
+    assert sum(bool(c.get("unread")) for c in later) <= 6
+    cc = {x for c in later for x in c.get("compute_capability", [])}
+    assert cc >= {"6.1", "7.5", "8.6", "8.9", "12.0"}
+
+
+@pytest.mark.parametrize("text, gpus", [
+    ("使用4090*4（24G）微调", [("RTX 4090", "8.9", 24576)] * 4),
+    ("Ubuntu 20.04.6 LTS 8张Tesla P4(8G)显卡", [("Tesla P4", "6.1", 8192)] * 8),
+    ("两张3090但是显存爆满", [("RTX 3090", "8.6", 24576)] * 2),  # the size from the tables (one variant)
+    ("현재 GeForce RTX 2080 4대 1대당 8기가 정도 되는데", [("RTX 2080", "7.5", 8192)] * 4),
+    ("I have 24GB vram (nvidia 3090) and 32gb system ram.", [("RTX 3090", "8.6", 24576)]),
+])
+def test_round_nine_forms_are_read(tmp_path, text, gpus):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text(text + "\n")
+    machine = load_described_machine(path)
+    assert [(g.name, g.compute_capability, g.memory_total_mib) for g in machine.gpus] == gpus
+
+
+@pytest.mark.parametrize("text", [
+    "单机5张3090卡微调内存不足，但单机单卡a6000可以微调",
+    "我准备买3060 12g，现在是cpu在跑。我是5080 16G（笔记本）",
+])
+def test_round_nine_several_products_are_refused(tmp_path, text):
+    from qlora_doctor.core.errors import InputError
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text(text + "\n")
+    with pytest.raises(InputError) as err:
+        load_described_machine(path)
+    assert "names several GPUs" in str(err.value)
 
 
 # --- scoring the corpus through the real CLI ------------------------------------------------------------------------

@@ -736,8 +736,12 @@ def _name_pattern(name: str) -> str:
         core = rf"(?:RTX[ \t-]?)?{words[1]}"
     if re.fullmatch(r"(?:RTX|GTX) \d{4}", name):  # a GeForce number alone: beside a count or the word GPU/card
         digits = re.escape(name.split()[1])  # (or owned: `_OWNED_NUMBER`, read in prose_facts)
-        core = (rf"(?:{core}|(?<=[x×*X][ \t])\s*{digits}|(?<=[x×*X]){digits}|"
-                rf"{digits}(?=[ \t]*(?:GPUs?|cards?|显卡|卡)\b))")
+        # also: after a vendor word (`nvidia 3090`), after a Chinese measure word for cards (`两张3090`, `8块4090`),
+        # before a count (`4090*4`, `3090x2`) or a stated size (`3060 12G`, `5080 16G`)
+        core = (rf"(?:{core}|(?<=[x×*X][ \t])\s*{digits}|(?<=[x×*X]){digits}|(?<=nvidia[ \t]){digits}|"
+                rf"(?<=geforce[ \t]){digits}|(?<=[张块]){digits}|"
+                rf"{digits}(?=[ \t]*(?:(?:GPUs?|cards?)\b|显卡|卡|[x×*X][ \t]*\d{{1,2}}(?!\d)|"
+                rf"\d{{1,2}}[ \t]?G(?:B|iB)?(?![A-Za-z]))))")
     # glued to a count before it too: `8xH100`, `2×A100`
     return rf"(?:(?<![A-Za-z0-9])|(?<=\d[xX×])){core}(?=s?(?![A-Za-z0-9])|x\d|-?\d+\s*G)"
 
@@ -755,11 +759,21 @@ def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
         count = _COUNT_WORDS.get(value) or (int(value) if value.isdigit() else 0)
         if 0 < count <= 64:
             return count, word.group(0).strip()
+    # Chinese: a count with its measure word before the name, `8张Tesla P4`, `两张3090`, `4块A100`
+    measure = re.search(rf"(\d{{1,2}}|[单一两二三四六八])[ \t]*[张块][ \t]*{_VENDOR_WORDS}$", before)
+    if measure:
+        n = int(measure.group(1)) if measure.group(1).isdigit() else _CHINESE_COUNTS[measure.group(1)]
+        if 0 < n <= 64:
+            return n, measure.group(0).strip()
     suffix = re.match(rf"(?:[ \t]*GPUs?)?[ \t]*{_TIMES}[ \t]*(\d{{1,2}})\b", after)
     if suffix and 0 < int(suffix.group(1)) <= 64:
         return int(suffix.group(1)), suffix.group(0).strip()
     # Chinese: a count of cards after the name, `RTX 4090 八卡` (eight cards), `A100 4卡`, `单卡` (one card)
     cards = re.match(r"[ \t]*(\d{1,2}|[单一两二三四六八])[ \t]*(?:张|块)?卡", after)
+    # Korean: units after the name, `RTX 2080 4대` (four units; `1대당` is "per unit", not a count)
+    units = re.match(r"[ \t]*(\d{1,2})[ \t]*대(?!당)", after)
+    if units and not cards and 0 < int(units.group(1)) <= 64:
+        return int(units.group(1)), units.group(0).strip()
     if cards:
         n = int(cards.group(1)) if cards.group(1).isdigit() else _CHINESE_COUNTS[cards.group(1)]
         if 0 < n <= 64:
@@ -777,7 +791,7 @@ def _memory_near(body: str, start: int, end: int) -> float | None:
     stop = _SENTENCE_END.search(after)
     after = after[:stop.start()] if stop else after
     # not a host's RAM, and not a network's speed (`an A100 cluster with 100G IB`)
-    size = re.search(r"(?<![\d.])(\d{1,3}(?:\.\d)?)[ \t]*(?:GB|GiB|G)(?![A-Za-z])(?![ \t]*(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|"
+    size = re.search(r"(?<![\d.])(\d{1,3}(?:\.\d)?)[ \t]*(?:GB|GiB|G|기가)(?![A-Za-z])(?![ \t]*(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|"
                      r"DDR\d[ \t]+)?RAM\b)(?![ \t]*(?:IB|InfiniBand|Ethernet|RoCE|NICs?|network|networking|"
                      r"interconnect|bandwidth|links?)\b)", after, re.I)
     if size is None:  # `a100 memory=80`, `A100 (VRAM: 40)`: a size whose unit is left out, after the word memory
@@ -800,7 +814,7 @@ def _platform_words(body: str) -> dict[str, Any]:
     python = re.search(r"\bPython(?:[ \t]+version)?[ \t]*[:=]?[ \t]*v?(3\.\d{1,2}(?:\.\d{1,2})?)\b", body, re.I)
     if python:
         facts["python"] = python.group(1)
-    ram = (re.search(r"(?<![\d.])(\d{1,4})[ \t]*(GB|GiB|G|TB|TiB)[ \t]+(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|CPU[ \t]+|"
+    ram = (re.search(r"(?<![\d.])(\d{1,4})[ \t]*(GB|GiB|gigs?|G|TB|TiB)[ \t]+(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|CPU[ \t]+|"
                      r"DDR\d[ \t]+)?RAM\b", body, re.I) or
            re.search(r"\b(?:system[ \t]+|host[ \t]+)?RAM[ \t]*[:=]?[ \t]*(\d{1,4})[ \t]*(GB|GiB|G|TB|TiB)(?![A-Za-z])", body, re.I))
     if ram:
