@@ -229,20 +229,30 @@ def test_round_four_covers_query_forms_platforms_and_prose():
     assert all(c.get("read_in_round4") is None or "prose" in c["format"] for c in later)
 
 
+def round_cases(low: int, high: int | None, marker: str, sizes: tuple[int, int] = (20, 25)) -> tuple[list, str]:
+    """One round's cases (numbered low to high - 1; high None: to the end), each carrying its round's marker, and
+    their formats as one text."""
+    numbered = [(int(c["file"].split("-")[0]), c) for c in CASES]
+    later = [c for n, c in numbered if low <= n and (high is None or n < high)]
+    assert sizes[0] <= len(later) <= sizes[1] and all(c.get(marker) for c in later)
+    return later, " ".join(c["format"] for c in later)
+
+
+def capabilities(cases: list) -> set:
+    return {x for c in cases for x in c.get("compute_capability", [])}
+
+
 def test_round_five_covers_descriptions_in_words_and_refusals():
     """Round 5 (cases 107 on): machines described in words (issue titles and bodies, maintainers' answers, a PR's
     `Tested on`, a rented pod), hand-written key/value lines (bold values, Chinese keys, keys without colons), texts
     that name a GPU beside the machine that is not it (a paper's, a comparison's), and texts naming two machines,
     which a careful reader cannot take as one (`expect_error`)."""
-    later = [c for c in CASES if 107 <= int(c["file"].split("-")[0]) < 132]
-    assert 20 <= len(later) <= 25 and all(c.get("round5") for c in later)
-    formats = " ".join(c["format"] for c in later)
+    later, formats = round_cases(107, 132, "round5")
     for form in ("prose", "bullet", "title", "Tested on", "not the machine", "pod"):
         assert form in formats, form
     assert 3 <= sum(bool(c.get("expect_error")) for c in later) <= 4
     assert 3 <= sum(not c["format"].startswith("prose") for c in later) <= 5
-    cc = {x for c in later for x in c.get("compute_capability", [])}
-    assert cc >= {"7.0", "8.0", "8.6", "8.9", "9.0", "12.0"}
+    assert capabilities(later) >= {"7.0", "8.0", "8.6", "8.9", "9.0", "12.0"}
 
 
 def test_round_six_covers_cloud_and_cluster_specs():
@@ -251,16 +261,13 @@ def test_round_six_covers_cloud_and_cluster_specs():
     node labels, RunPod's CLI, an EC2 instance type alone. A spec that allows several machines (a memory range,
     `count: 1..`, two nodes' labels) names none: a refusal (`expect_error`); one that names no GPU the tool can
     know without a provider's table is left unread on purpose (`unread`)."""
-    later = [c for c in CASES if 132 <= int(c["file"].split("-")[0]) < 151]
-    assert 18 <= len(later) <= 25 and all(c.get("round6") for c in later)
-    formats = " ".join(c["format"] for c in later)
+    later, formats = round_cases(132, 151, "round6", sizes=(18, 25))
     for form in ("SkyPilot", "dstack", "Modal", "gcloud", "Terraform", "Slurm", "Kubernetes", "RunPod",
                  "instance type"):
         assert form in formats, form
     assert 3 <= sum(bool(c.get("expect_error")) for c in later) <= 5
     assert {c.get("vendor") for c in later} >= {"nvidia", "amd"}
-    cc = {x for c in later for x in c.get("compute_capability", [])}
-    assert cc >= {"3.7", "7.5", "8.0", "8.6", "8.9"}
+    assert capabilities(later) >= {"3.7", "7.5", "8.0", "8.6", "8.9"}
 
 
 def test_round_seven_covers_what_people_paste_when_they_ask_which_gpu():
@@ -268,9 +275,7 @@ def test_round_seven_covers_what_people_paste_when_they_ask_which_gpu():
     `Number GPUs used` answers, Kaggle/Colab notes (`2 T4`, `T4x2`, `GPU  T4`), laptop GPUs (`Laptop GPU`, `Max-Q`),
     WSL2 `nvidia-smi` and `-a`, a `docker run --gpus all` beside the GPU in words, Chinese counts (`八卡`), a
     full-width `GPU：A800 * 8`, an Intel XPU laptop's log, and texts that show two machines (refused)."""
-    later = [c for c in CASES if 151 <= int(c["file"].split("-")[0]) < 174]
-    assert 20 <= len(later) <= 25 and all(c.get("round7") for c in later)
-    formats = " ".join(c["format"] for c in later)
+    later, formats = round_cases(151, 174, "round7")
     for form in ("issue form", "prose", "nvidia-smi -a", "WSL2", "bullet", "Chinese", "--gpus all", "unsloth",
                  "two machines"):
         assert form in formats, form
@@ -279,8 +284,7 @@ def test_round_seven_covers_what_people_paste_when_they_ask_which_gpu():
         assert gpu in names, gpu
     assert 2 <= sum(bool(c.get("expect_error")) for c in later) <= 4
     assert {c.get("vendor") for c in later} >= {"nvidia", "none"}
-    cc = {x for c in later for x in c.get("compute_capability", [])}
-    assert cc >= {"5.0", "7.5", "8.0", "8.6", "8.9", "12.0"}
+    assert capabilities(later) >= {"5.0", "7.5", "8.0", "8.6", "8.9", "12.0"}
 
 
 def test_round_eight_covers_containers_notebooks_and_home_rigs():
@@ -290,16 +294,13 @@ def test_round_eight_covers_containers_notebooks_and_home_rigs():
     a mixed RTX 5090 + 3090 Ti rig read as two products), an eGPU beside a laptop's GPU (refused), a PR's Markdown
     `Tested on` table, and non-NVIDIA machines described the same ways (LACT, ComfyUI on ROCm, Apple gpuinfo,
     xpu-smi, torch.xpu's device properties)."""
-    later = [c for c in CASES if 174 <= int(c["file"].split("-")[0]) < 196]
-    assert 20 <= len(later) <= 25 and all(c.get("round8") for c in later)
-    formats = " ".join(c["format"] for c in later)
+    later, formats = round_cases(174, 196, "round8")
     for form in ("NGC container banner", "nvidia-container-cli", "docker info", "Colab", "Kaggle", "mem_get_info",
                  "deviceQuery", "rig report", "mixed", "eGPU", "Markdown table", "lact", "xpu-smi", "gpuinfo"):
         assert form in formats, form
     assert 3 <= sum(bool(c.get("expect_error")) for c in later) <= 5
     assert {c.get("vendor") for c in later if not c.get("expect_error")} >= {"nvidia", "amd", "apple", "none"}
-    cc = {x for c in later for x in c.get("compute_capability", [])}
-    assert cc >= {"7.0", "7.5", "8.0", "8.6", "8.9", "12.0"}
+    assert capabilities(later) >= {"7.0", "7.5", "8.0", "8.6", "8.9", "12.0"}
 
 
 def test_round_nine_covers_other_languages_and_forum_prose():
@@ -308,15 +309,12 @@ def test_round_nine_covers_other_languages_and_forum_prose():
     English (`24 gig of vram`, `24GB vram (nvidia 3090)`, `8 gb rtx 4060 and 32gb ram`); texts naming several
     machines or a card still to buy are refused (`expect_error`), and forms left unread on purpose are refused by
     name (`unread`)."""
-    later = [c for c in CASES if int(c["file"].split("-")[0]) >= 196]
-    assert 20 <= len(later) <= 25 and all(c.get("round9") for c in later)
-    formats = " ".join(c["format"] for c in later)
+    later, formats = round_cases(196, None, "round9")
     for form in ("Chinese", "Korean", "Russian", "forum-style English"):
         assert form in formats, form
     assert 4 <= sum(bool(c.get("expect_error")) for c in later) <= 7
     assert sum(bool(c.get("unread")) for c in later) <= 6
-    cc = {x for c in later for x in c.get("compute_capability", [])}
-    assert cc >= {"6.1", "7.5", "8.6", "8.9", "12.0"}
+    assert capabilities(later) >= {"6.1", "7.5", "8.6", "8.9", "12.0"}
 
 
 @pytest.mark.parametrize("text, gpus", [

@@ -155,8 +155,9 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     text = re.sub(r"^([ \t]*[-*][ \t]*)(?:设备名称|设备型号|设备|显卡型号|显卡|GPU型号):", r"\1Device:", text, flags=re.M)
     text = re.sub(r"^([ \t]*[-*][ \t]*)(\w+?)[ \t]*版本:", r"\1\2 version:", text, flags=re.M)
     # `- GPU: **NVIDIA H100 80GB HBM3**`, `- Driver **535.183.06**` (markdown bold values) read without the stars
-    text = re.sub(r"^([ \t]*[-*][ \t]*[^*\n]*?)\*\*([^*\n]+)\*\*", r"\1\2", text, flags=re.M)
-    text = re.sub(r"^([ \t]*[-*][ \t]*[^*\n]*?)\*\*([^*\n]+)\*\*", r"\1\2", text, flags=re.M)
+    # (the first two bold runs of a bullet line: a key's and its value's)
+    for _ in range(2):
+        text = re.sub(r"^([ \t]*[-*][ \t]*[^*\n]*?)\*\*([^*\n]+)\*\*", r"\1\2", text, flags=re.M)
     text = re.sub(r"^([A-Za-z][\w /()?'.-]*?[\w)?])[ \t]+:[ \t]?", r"\1: ", text, flags=re.M)  # vLLM `key : value`
     # A GitHub issue form's answers (`### GPU model`, a blank line, `NVIDIA GeForce RTX 4090`), read as the bullets
     # `- GPU model: NVIDIA GeForce RTX 4090` that the rest of this reads.
@@ -581,8 +582,9 @@ def ultralytics_facts(text: str) -> dict[str, Any] | None:
     data["gpus"] = gpus
     system = re.search(r"^OS\s{2,}(Linux|Windows|macOS|Darwin)\S*", text, re.M)
     if system:
-        word = system.group(1).lower()
-        data["os"] = "darwin" if word in ("macos", "darwin") else word
+        from qlora_doctor.core.machine import os_from_words
+
+        data["os"] = os_from_words(system.group(1))
         arch = re.search(r"x86_64|aarch64|arm64|AMD64", system.group(0))
         if arch:
             data["arch"] = {"AMD64": "x86_64"}.get(arch.group(0), arch.group(0))
@@ -761,10 +763,8 @@ def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
             return count, word.group(0).strip()
     # Chinese: a count with its measure word before the name, `8张Tesla P4`, `两张3090`, `4块A100`
     measure = re.search(rf"(\d{{1,2}}|[单一两二三四六八])[ \t]*[张块][ \t]*{_VENDOR_WORDS}$", before)
-    if measure:
-        n = int(measure.group(1)) if measure.group(1).isdigit() else _CHINESE_COUNTS[measure.group(1)]
-        if 0 < n <= 64:
-            return n, measure.group(0).strip()
+    if measure and 0 < _chinese_count(measure.group(1)) <= 64:
+        return _chinese_count(measure.group(1)), measure.group(0).strip()
     suffix = re.match(rf"(?:[ \t]*GPUs?)?[ \t]*{_TIMES}[ \t]*(\d{{1,2}})\b", after)
     if suffix and 0 < int(suffix.group(1)) <= 64:
         return int(suffix.group(1)), suffix.group(0).strip()
@@ -774,14 +774,17 @@ def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
     units = re.match(r"[ \t]*(\d{1,2})[ \t]*대(?!당)", after)
     if units and not cards and 0 < int(units.group(1)) <= 64:
         return int(units.group(1)), units.group(0).strip()
-    if cards:
-        n = int(cards.group(1)) if cards.group(1).isdigit() else _CHINESE_COUNTS[cards.group(1)]
-        if 0 < n <= 64:
-            return n, cards.group(0).strip()
+    if cards and 0 < _chinese_count(cards.group(1)) <= 64:
+        return _chinese_count(cards.group(1)), cards.group(0).strip()
     return None
 
 
 _CHINESE_COUNTS = {"单": 1, "一": 1, "两": 2, "二": 2, "三": 3, "四": 4, "六": 6, "八": 8}
+
+
+def _chinese_count(token: str) -> int:
+    """`8` or a Chinese numeral (`两`, `八`, `单`) as a number."""
+    return int(token) if token.isdigit() else _CHINESE_COUNTS[token]
 
 
 def _memory_near(body: str, start: int, end: int) -> float | None:

@@ -272,13 +272,11 @@ class Fp8BaseGemm:
             return self.cached[key]
         if not self.direct:
             w8 = self.casts[role](self._weight(weight, quant_state, dtype).t())
-        else:
-            other = "weight" if role == "weight_for_grad_input" else "weight_for_grad_input"
-            kept = self.cached.get((weight.data_ptr(), other, dtype)) if self.cache_weights else None
-            data, scale = kept if kept is not None else self.casts[role](self._weight(weight, quant_state, dtype))
-            if kept is not None or role == "weight_for_grad_input":  # the same cast transposed (tensorwise: both
-                data = data.t().contiguous()                          # roles cast the same way, one scale)
-            w8 = (data, scale)
+        elif role == "weight":
+            w8 = self.casts[role](self._weight(weight, quant_state, dtype))
+        else:  # tensorwise casts both roles the same way (one scale): the output GEMM's cast, transposed
+            data, scale = self._weight8("weight", weight, quant_state, dtype)
+            w8 = (data.t().contiguous(), scale)
         if self.cache_weights:
             self.cached[key] = w8
         return w8
