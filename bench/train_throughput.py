@@ -59,7 +59,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 BENCH_ONLY_CACHE_ON_GPU = "_selective_cache_on_gpu"
 BENCH_ONLY_NO_WHOLE_LORA = "_no_whole_lora"
 BENCH_ONLY_CACHE_MIN_64KIB = "_cache_min_64kib"
-BENCH_ONLY = (BENCH_ONLY_CACHE_ON_GPU, BENCH_ONLY_NO_WHOLE_LORA, BENCH_ONLY_CACHE_MIN_64KIB)
+BENCH_ONLY_LIGER_SWIGLU = "_fp8_liger_swiglu"
+BENCH_ONLY = (BENCH_ONLY_CACHE_ON_GPU, BENCH_ONLY_NO_WHOLE_LORA, BENCH_ONLY_CACHE_MIN_64KIB, BENCH_ONLY_LIGER_SWIGLU)
 """`performance` keys of a variant that are switches of this bench, not recipe settings."""
 """A variant key that is not a recipe setting: trainer/offload.py's OFFLOAD_SELECTIVE_CACHE off for that variant."""
 
@@ -101,6 +102,10 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "fast_fp8_cache": {"fp8_base": True, "fp8_weight_cache": True},
     "fast_fp8_cache_selective_offload": {"fp8_base": True, "fp8_weight_cache": True, "recompute": "selective",
                                          "offload_checkpoints": True},
+    # the same with Liger's own SwiGLU (trainer/fp8_swiglu.py ROUTE off): the casts read their tensors for the amax
+    "fast_fp8_cache_selective_offload_liger_swiglu": {"fp8_base": True, "fp8_weight_cache": True,
+                                                      "recompute": "selective", "offload_checkpoints": True,
+                                                      BENCH_ONLY_LIGER_SWIGLU: True},
     # selective recompute with the checkpointed layers' inputs on the host: less recompute at offload's memory
     "fast_selective_offload": {"recompute": "selective", "offload_checkpoints": True},
     # selective recompute on the first 3/4 or half of the (offloaded) checkpointed layers, full on the rest
@@ -405,6 +410,9 @@ def ours_trainer_parts(model_path: str, performance: dict[str, Any], device: str
 
     offload.OFFLOAD_SELECTIVE_CACHE = not performance.get(BENCH_ONLY_CACHE_ON_GPU, False)
     fused_lora.WHOLE_LORA_OP = not performance.get(BENCH_ONLY_NO_WHOLE_LORA, False)
+    from qlora_doctor.trainer import fp8_swiglu
+
+    fp8_swiglu.ROUTE = not performance.get(BENCH_ONLY_LIGER_SWIGLU, False)
     OFFLOAD_DEFAULTS.setdefault("min", offload.CACHE_MIN_BYTES)
     OFFLOAD_DEFAULTS.setdefault("stay", offload.STAY_ON_DEVICE)
     moved = performance.get(BENCH_ONLY_CACHE_MIN_64KIB, False)
@@ -524,6 +532,12 @@ def train_points(variant: str, model_path: str, shape: str, seq: int, batches: l
                 fallbacks = [f for gemm in fp8_gemms(model) for f in gemm.fallbacks()]
                 if fallbacks:
                     point["fp8_cast_fallbacks"] = fallbacks
+                if fp8_gemms(model):  # how many MLPs run trainer/fp8_swiglu.py's SwiGLU, how many casts took its maxima
+                    from qlora_doctor.trainer.fp8 import ROW_AMAX
+                    from qlora_doctor.trainer.fp8_swiglu import is_routed
+
+                    point["fp8_swiglu_mlps"] = sum(is_routed(m) for m in model.modules())
+                    point["fp8_casts_given_row_maxima"] = ROW_AMAX.used
                 if device == "cuda":
                     point.update(max_memory_allocated_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
                                  max_memory_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2))

@@ -628,3 +628,91 @@ def test_projections_reading_one_input_share_its_float8_cast_and_train_the_same_
     assert loss == ref_loss and set(grads) == set(ref_grads)
     for name, grad in ref_grads.items():
         assert torch.equal(grads[name], grad), name
+
+
+# --- SwiGLU's row maxima for the largest casts (trainer/fp8_swiglu.py) --------------------------------------
+
+@pytest.mark.parametrize("fused, recompute", [(True, "full"), (False, "full"), (True, "selective")])
+def test_swiglu_row_maxima_feed_the_largest_casts_and_change_no_bit(torchao, tiny_llama, tmp_path, monkeypatch, fused,
+                                                                    recompute):
+    """apply_fp8_base routes the SwiGLU MLPs through SiluMulRowAmax (here transformers' MLP stands where Liger's
+    would: the CPU has no Liger). Its notes serve down_proj's input cast in every forward (the replay of full
+    recompute too; selective recompute keeps down_proj's output, so its replay casts nothing) and gate's and up's
+    output-gradient casts, and the loss and every LoRA gradient are those of the same model whose casts read the
+    tensors for their amax, bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from qlora_doctor.trainer import fp8, fp8_swiglu
+
+    monkeypatch.setattr(fp8_swiglu, "liger_swiglu_forward", lambda: LlamaMLP.forward)
+    note = fp8.RowAmaxNotes.note
+    runs = {}
+    for notes in (True, False):
+        monkeypatch.setattr(fp8.RowAmaxNotes, "note", note if notes else lambda self, tensor, row_amax: None)
+        model = build(tiny_llama, tmp_path, monkeypatch, fp8=True, fused=fused, recompute=recompute)
+        mlps = [m for m in model.modules() if isinstance(m, LlamaMLP)]
+        assert len(mlps) == LAYERS and all(fp8_swiglu.is_routed(m) for m in mlps)
+        before = fp8.ROW_AMAX.used
+        loss, grads = loss_and_grads(model)
+        runs[notes] = loss, grads, fp8.ROW_AMAX.used - before
+    forwards = 2 if recompute == "full" else 1
+    assert runs[True][2] == (forwards + 2) * LAYERS and runs[False][2] == 0
+    (loss, grads, _), (ref_loss, ref_grads, _) = runs[True], runs[False]
+    assert loss == ref_loss and set(grads) == set(ref_grads)
+    for name, grad in ref_grads.items():
+        assert torch.equal(grads[name], grad), name
+    assert not fp8.ROW_AMAX.notes  # every note dropped with its tensor
+
+
+def test_swiglu_is_routed_only_where_every_projection_takes_the_notes(torchao, tiny_llama, tmp_path, monkeypatch):
+    """Rowwise casts go through torchao's subclass, which reads no notes: its MLPs keep their forward."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from qlora_doctor.trainer import fp8, fp8_swiglu
+
+    monkeypatch.setattr(fp8_swiglu, "liger_swiglu_forward", lambda: LlamaMLP.forward)
+    monkeypatch.setattr(fp8, "RECIPE", "rowwise")
+    create = fp8.Fp8BaseGemm.create.__func__
+    monkeypatch.setattr(fp8.Fp8BaseGemm, "create", classmethod(lambda cls, recipe=fp8.RECIPE, **k: create(cls, "rowwise", **k)))
+    model = build(tiny_llama, tmp_path, monkeypatch, fp8=True)
+    assert not fp8.fp8_gemms(model)[0].direct
+    assert not any(fp8_swiglu.is_routed(m) for m in model.modules())
+
+
+def test_swiglu_forward_and_backward_and_their_row_maxima():
+    """silu(a) * b and its gradients as Liger computes them (silu in float32, each result rounded once to the
+    input dtype; da and db written into a and b), with each row's max |value|."""
+    from qlora_doctor.trainer.fp8_swiglu import silu_mul, silu_mul_backward
+
+    g = torch.Generator().manual_seed(0)
+    a, b, dc = (torch.randn(6, 40, generator=g).to(torch.bfloat16) for _ in range(3))
+    c, amax = silu_mul(a, b)
+    assert c.dtype == torch.bfloat16 and torch.equal(amax, c.float().abs().amax(dim=-1))
+    assert torch.equal(c, torch.nn.functional.silu(a.float()).to(torch.bfloat16) * b)
+    a64, b64 = a.double().requires_grad_(True), b.double().requires_grad_(True)
+    (torch.nn.functional.silu(a64) * b64).backward(dc.double())
+    a_buffer, b_buffer = a.clone(), b.clone()
+    da, db, amax_a, amax_b = silu_mul_backward(dc, a_buffer, b_buffer)
+    assert da is a_buffer and db is b_buffer  # in place, as Liger's
+    for ours, exact, maxima in ((da, a64.grad, amax_a), (db, b64.grad, amax_b)):
+        assert torch.allclose(ours.double(), exact, rtol=2 ** -7, atol=1e-6)  # one bf16 rounding
+        assert torch.equal(maxima, ours.float().abs().amax(dim=-1))
+
+
+def test_a_row_maxima_note_holds_for_its_tensor_alive_and_unchanged_only():
+    from qlora_doctor.trainer.fp8 import RowAmaxNotes
+
+    notes = RowAmaxNotes()
+    x = torch.randn(4, 8)
+    notes.note(x.view(2, 16), x.abs().amax(dim=-1))
+    assert notes.row_amax(x.reshape(8, 4)) is not None and notes.row_amax(x) is not None  # views of all of it
+    assert notes.row_amax(x[:2]) is None  # part of it
+    assert notes.row_amax(x.clone()) is None  # another tensor
+    assert notes.used == 2
+    x.mul_(2)  # changed by a torch op: the note no longer holds
+    assert notes.row_amax(x) is None
+    y = torch.randn(3, 5)
+    notes.note(y, y.abs().amax(dim=-1))
+    assert len(notes.notes) == 2
+    del y
+    assert len(notes.notes) == 1  # dropped with its tensor
