@@ -172,7 +172,7 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 125 <= len(CASES) <= 240 and len({c["file"] for c in CASES}) == len(CASES)
+    assert 125 <= len(CASES) <= 260 and len({c["file"] for c in CASES}) == len(CASES)
     files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
     assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
@@ -309,12 +309,57 @@ def test_round_nine_covers_other_languages_and_forum_prose():
     English (`24 gig of vram`, `24GB vram (nvidia 3090)`, `8 gb rtx 4060 and 32gb ram`); texts naming several
     machines or a card still to buy are refused (`expect_error`), and forms left unread on purpose are refused by
     name (`unread`)."""
-    later, formats = round_cases(196, None, "round9")
+    later, formats = round_cases(196, 221, "round9")
     for form in ("Chinese", "Korean", "Russian", "forum-style English"):
         assert form in formats, form
     assert 4 <= sum(bool(c.get("expect_error")) for c in later) <= 7
     assert sum(bool(c.get("unread")) for c in later) <= 6
     assert capabilities(later) >= {"6.1", "7.5", "8.6", "8.9", "12.0"}
+
+
+def test_round_ten_covers_diagnostic_tool_outputs():
+    """Round 10 (cases 221 on): diagnostic tools' outputs as pasted in threads: gpustat, `nvidia-smi topo -m`,
+    `nvidia-smi -q -x` (XML), `--query-gpu` CSV without its header, ds_report, `nvcc --version` beside nvidia-smi's
+    header, bitsandbytes' old `CUDA SETUP` report, llamafactory-cli env (`GPU number`), vLLM's collect_env on ROCm,
+    DIGITS' device_query.py, `gpu_burn -l`, the first `accelerate env`, gpustack's GPU JSON; texts naming several
+    products or no GPU are refused (`expect_error`)."""
+    later, formats = round_cases(221, None, "round10")
+    for form in ("gpustat", "topo -m", "-q -x", "csv,noheader", "ds_report", "nvcc --version", "bitsandbytes",
+                 "llamafactory-cli env", "vllm collect-env", "device_query.py", "gpu_burn", "accelerate env",
+                 "gpustack"):
+        assert form in formats, form
+    assert 3 <= sum(bool(c.get("expect_error")) for c in later) <= 5
+    assert {c.get("vendor") for c in later if not c.get("expect_error")} >= {"nvidia", "amd", "none"}
+    assert capabilities(later) >= {"3.5", "6.0", "7.5", "8.9", "9.0"}
+
+
+@pytest.mark.parametrize("text, gpus, driver, cuda, python", [
+    ("- GPU type: NVIDIA GeForce RTX 4090\n- GPU number: 2\n- Python version: 3.12.9",
+     [("NVIDIA GeForce RTX 4090", "8.9")] * 2, None, None, "3.12.9"),  # llamafactory-cli env's count
+    ("Ubuntu 22.04.5 LTS\nTesla T4 显卡*6", [("T4", "7.5")] * 6, None, None, None),
+    ("<nvidia_smi_log>\n<driver_version>430.64</driver_version>\n<cuda_version>10.1</cuda_version>\n"
+     "<gpu id=\"00000000:29:00.0\">\n<product_name>GeForce GTX 1660 Ti</product_name>",
+     [("GeForce GTX 1660 Ti", "7.5")], "430.64", "10.1", None),  # nvidia-smi -q -x
+    ("GPU 0: Quadro K620 (UUID: GPU-56622fc6-a9b3-5594-4c6d-b0b231be656a)\npython version：3.8.16",
+     [("Quadro K620", "5.0")], None, None, "3.8.16"),  # cuda.toml's row (NVIDIA's legacy GPUs page)
+    ("box  Mon Aug 22 15:23:57 2022  515.65.01\n[0] Tesla P100-PCIE-16GB | 27'C,   0 % |   103 / 16384 MB |\n"
+     "[1] Tesla P100-PCIE-16GB | 28'C,   2 % |   103 / 16384 MB |", [("Tesla P100-PCIE-16GB", "6.0")] * 2,
+     "515.65.01", None, None),  # gpustat
+    ("$ nvidia-smi --query-gpu=memory.total,driver_version,name --format=csv,noheader,nounits\n"
+     "7979, 440.64, GeForce RTX 2080\n", [("GeForce RTX 2080", "7.5")], "440.64", None, None),  # the command's fields
+    ("`nvidia-smi --query-gpu=name,pci.device_id --format=csv,noheader`:\n```\nNVIDIA H100 NVL, 0x232110DE\n```\n"
+     "`PCI\\VEN_10DE&DEV_2321` -> vendor `10de`, device `2321`.", [("NVIDIA H100 NVL", "9.0")], None, None, None),
+])
+def test_round_ten_forms_are_read(tmp_path, text, gpus, driver, cuda, python):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text(text + "\n")
+    machine = load_described_machine(path)
+    assert [(g.name, g.compute_capability) for g in machine.gpus] == gpus
+    assert (machine.driver_version, machine.cuda_driver_version) == (driver, cuda)
+    if python:
+        assert machine.python == python
 
 
 @pytest.mark.parametrize("text, gpus", [

@@ -144,7 +144,8 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     smi = nvidia_smi_facts(text)
     if smi is not None:
         return smi
-    banner = unsloth_facts(text) or device_query_facts(text) or ultralytics_facts(text) or rocm_smi_facts(text)
+    banner = (unsloth_facts(text) or device_query_facts(text) or ultralytics_facts(text) or rocm_smi_facts(text) or
+              gpustat_facts(text) or gpu_json_facts(text))
     if banner is not None:
         return banner
     # `- **Device:** NVIDIA Jetson Orin Nano Super` (markdown bold keys) read as `- Device: ...`
@@ -186,7 +187,8 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
         arch = re.search(r"x86_64|aarch64|arm64|amd64", where)
         if arch:
             data["arch"] = {"amd64": "x86_64"}.get(arch.group(0), arch.group(0))
-    python = re.search(r"^(?:-\s*)?Python(?: version)?:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
+    # `Python version: 3.10.12`, and a hand-written `python version：3.8.16` (lower case, a full-width colon)
+    python = re.search(r"^(?:-\s*)?[Pp]ython(?: version)?[ \t]*[:：]\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
     # a wheel-tag-like `py3123` / `cp312` / `py310` (3.12.3, 3.12, 3.10): minors of 10 on take two digits
     tag = None if python else re.search(r"^(?:-\s*)?Python(?: version)?:\s*(?:py|cp)(3)(1\d|[6-9])(\d{0,2})\b", text,
                                         re.M | re.I)
@@ -271,7 +273,10 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     elif names and per_gpu:
         data["gpus"] = [{"name": n.strip(), **g} for n, g in zip(names, per_gpu)]
     elif names:
-        data["gpus"] = [{"name": n.strip(), **extra} for n in names]
+        # llamafactory-cli env names one `GPU type` and counts them: `- GPU number: 8` (that many of it)
+        number = re.search(r"^-\s*GPU number:[ \t]*(\d{1,2})[ \t]*$", text, re.M)
+        count = int(number.group(1)) if number and len(names) == 1 and 0 < int(number.group(1)) <= 64 else 1
+        data["gpus"] = [{"name": n.strip(), **extra} for n in names] * count
     elif available:
         data["gpus"] = [{"name": "NVIDIA GPU (the report does not name it)"}]  # judged unknown, not absent
     elif available is False or gpu_line:
@@ -295,8 +300,10 @@ def nvidia_smi_facts(text: str) -> dict[str, Any] | None:
     header = re.search(r"NVIDIA-SMI\s+\S+\s+(?:Driver|KMD) Version:\s*(\d+\.\d+(?:\.\d+)?)"
                        r"(?:\s+CUDA (?:UMD )?Version:\s*(\d+\.\d+)?)?", text)
     query = re.search(r"^\s*Driver Version\s+:\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
+    # `nvidia-smi -q -x` (XML): `<driver_version>430.64</driver_version>`, `<cuda_version>10.1</cuda_version>`
+    xml = re.search(r"^\s*<driver_version>(\d+\.\d+(?:\.\d+)?)</driver_version>", text, re.M)
     listing = re.findall(r"^GPU (\d+): (.+?) \(UUID: GPU-", text, re.M)
-    if not header and not query and not listing:
+    if not header and not query and not listing and not xml:
         return None
     data: dict[str, Any] = {}
     cuda = header.group(2) if header else None
@@ -304,6 +311,10 @@ def nvidia_smi_facts(text: str) -> dict[str, Any] | None:
         data["driver_version"] = query.group(1)
         found = re.search(r"^\s*CUDA Version\s+:\s*(\d+\.\d+)", text, re.M)
         cuda = found.group(1) if found else None
+    if xml and not query:
+        data["driver_version"] = xml.group(1)
+        found = re.search(r"^\s*<cuda_version>(\d+\.\d+)</cuda_version>", text, re.M)
+        cuda = found.group(1) if found else cuda
     if header:
         data["driver_version"] = header.group(1)
     if cuda:
@@ -335,6 +346,8 @@ def nvidia_smi_facts(text: str) -> dict[str, Any] | None:
             count = int(attached.group(1))
             notes.append(f"Attached GPUs: {count}, only the first shown ({gpus[0]['name']}): taken as {count} of it")
             gpus = gpus * count
+    if xml and not gpus:  # `-q -x`: one `<product_name>` per GPU
+        gpus = [{"name": n} for n in re.findall(r"^\s*<product_name>([^<\n]+)</product_name>", text, re.M)]
     if listing and not gpus:
         gpus = [{"name": name.strip()} for _, name in listing]
     attached = re.search(r"^\s*Attached GPUs\s+:\s*(\d+)", text, re.M) if query else None
@@ -350,6 +363,13 @@ def nvidia_smi_facts(text: str) -> dict[str, Any] | None:
         notes.append(f"{gpus[0]['name']}: split into {slices} MIG slices (smallest {migs[0][0]}g.{gb}gb); a process "
                      f"sees one slice, so judged as one GPU of {mib} MiB ({gb} GB less 1/16)")
         gpus = [{"name": gpus[0]["name"], "memory_total_mib": mib}]
+    stat = gpustat_facts(text)
+    if stat is not None and len(stat["gpus"]) > len(gpus) and all(
+            s["name"].startswith(g["name"]) for g, s in zip(gpus, stat["gpus"])):
+        # gpustat's lines beside a table cut after its first GPUs: gpustat lists them all
+        notes.append(f"gpustat lists {len(stat['gpus'])} GPUs, the nvidia-smi table shows {len(gpus)} (cut): "
+                     "read from gpustat's lines")
+        gpus = stat["gpus"]
     if not gpus:
         gpus = [{"name": "NVIDIA GPU (the nvidia-smi output does not name it)"}]
         notes.append("nvidia-smi's header alone: an NVIDIA GPU is there, but not which (paste the whole table)")
@@ -360,6 +380,68 @@ def nvidia_smi_facts(text: str) -> dict[str, Any] | None:
     return data
 
 
+_GPUSTAT_ROW = re.compile(r"^\[(\d{1,2})\][ \t]+([^|\n]*?\S)[ \t]*\|[ \t]*-?\d+'C,[ \t]*\d+[ \t]*%[ \t]*(?:,[^|\n]*)?\|"
+                          r"[ \t]*\d+[ \t]*/[ \t]*(\d+)[ \t]*MB[ \t]*\|", re.M)
+
+
+def gpustat_facts(text: str) -> dict[str, Any] | None:
+    """gpustat's lines: `[0] Tesla P100-PCIE-16GB | 27'C,   0 % |   103 / 16384 MB |` (its MB are NVML's MiB),
+    under the host line that ends in the driver (`gpu-a-11  Mon Aug 22 15:23:57 2022  515.65.01`). None without
+    them, or where the indices do not run 0, 1, 2, ..."""
+    rows = _GPUSTAT_ROW.findall(text)
+    if not rows or [int(i) for i, _, _ in rows] != list(range(len(rows))):
+        return None
+    data: dict[str, Any] = {"gpus": [{"name": name, "memory_total_mib": int(mib)} for _, name, mib in rows]}
+    host = re.search(r"^\S+[ \t]+\w{3}[ \t]+\w{3}[ \t]+\d{1,2}[ \t]+\d\d:\d\d:\d\d[ \t]+\d{4}[ \t]+(\d{3}\.\d+(?:\.\d+)?)[ \t]*$",
+                     text, re.M)
+    if host:
+        data["driver_version"] = host.group(1)
+    return data
+
+
+def gpu_json_facts(text: str) -> dict[str, Any] | None:
+    """gpustack's GPU list (JSON objects with `"manufacturer": "nvidia"`, `"name"`, `"memory"` in MiB,
+    `"compute_capability"`, `"driver_version"`), whole or cut mid-way. A list cut short counts the GPUs it shows,
+    unless the words beside it count that product (`an 8-GPU H100 configuration`): then that many of it, noted.
+    None without such objects."""
+    starts = list(re.finditer(r'^\s*\{\s*\n\s*"manufacturer":\s*"nvidia",', text, re.M))
+    if not starts:
+        return None
+    gpus, drivers = [], set()
+    for i, start in enumerate(starts):
+        body = text[start.end():starts[i + 1].start() if i + 1 < len(starts) else len(text)]
+        name = re.search(r'^\s*"name":\s*"([^"\n]+)"', body, re.M)
+        if not name:
+            continue
+        gpu: dict[str, Any] = {"name": name.group(1)}
+        memory = re.search(r'^\s*"memory":\s*(\d{3,7}),?\s*$', body, re.M)
+        if memory:
+            gpu["memory_total_mib"] = int(memory.group(1))
+        cc = re.search(r'^\s*"compute_capability":\s*"(\d+\.\d+)"', body, re.M)
+        if cc:
+            gpu["compute_capability"] = cc.group(1)
+        driver = re.search(r'^\s*"driver_version":\s*"(\d{3}\.\d+(?:\.\d+)?)"', body, re.M)
+        if driver:
+            drivers.add(driver.group(1))
+        gpus.append(gpu)
+    if not gpus or len(drivers) > 1:
+        return None
+    data: dict[str, Any] = {"gpus": gpus}
+    if drivers:
+        data["driver_version"] = drivers.pop()
+    cut = not re.search(r"^\s*\}\s*\n\s*\]\s*$", text[starts[-1].end():], re.M)
+    names = {g["name"] for g in gpus}
+    words = text[:starts[0].start()]
+    counted = re.search(r"\b(\d{1,2})-GPU[ \t]+(\w+)\b", words)
+    if cut and counted and len(names) == 1 and len(gpus) < int(counted.group(1)) <= 64 and \
+            re.search(rf"\b{re.escape(counted.group(2))}\b", gpus[0]["name"]):
+        count = int(counted.group(1))
+        data["gpus"] = [dict(gpus[0]) for _ in range(count)]
+        data["notes"] = [f"the GPU list is cut after {len(gpus)} ({gpus[0]['name']}); the text says "
+                         f"'{counted.group(0)}': taken as {count} of it"]
+    return data
+
+
 def _side_facts(text: str) -> dict[str, str]:
     """What a user typed beside the output, as `Key==value` lines (`Architecture==aarch64`, `OS==Linux`,
     `Python==3.9.18`, as in pip's pin syntax): the facts the output itself does not say."""
@@ -367,7 +449,8 @@ def _side_facts(text: str) -> dict[str, str]:
     arch = re.search(r"^\s*(?:Architecture|Arch)\s*==\s*(aarch64|arm64|x86_64|amd64)\s*$", text, re.M | re.I)
     if arch:
         out["arch"] = {"arm64": "aarch64", "amd64": "x86_64"}.get(arch.group(1).lower(), arch.group(1).lower())
-    python = re.search(r"^\s*Python\s*==\s*(\d+\.\d+(?:\.\d+)?)\s*$", text, re.M | re.I)
+    # `Python==3.9.18`, and a typed `python version：3.8.16` (a full-width colon) under nvidia-smi's lines
+    python = re.search(r"^\s*Python\s*(?:==|[ \t]version[ \t]*[:：])\s*(\d+\.\d+(?:\.\d+)?)\s*$", text, re.M | re.I)
     if python:
         out["python"] = python.group(1)
     system = re.search(r"^\s*OS\s*==\s*(Linux|Windows)\b", text, re.M | re.I)
@@ -495,6 +578,9 @@ def log_facts(text: str) -> dict[str, Any] | None:
 def _query_gpu_csv(text: str) -> dict[str, Any] | None:
     """`nvidia-smi --query-gpu=name,driver_version,memory.total,... --format=csv[,noheader][,nounits]`: by its
     header row when it has one, else the fields qlora-doctor itself asks for."""
+    headless = _query_gpu_noheader(text)
+    if headless is not None:
+        return headless
     rows = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     # The header row where the CSV follows other lines (the `$ nvidia-smi --query-gpu=...` command, an
     # `nvidia-smi -L` listing, a sentence): the rows are the lines after it with as many fields.
@@ -528,6 +614,45 @@ def _query_gpu_csv(text: str) -> dict[str, Any] | None:
         gpus.append(gpu)
         drivers.add(row["driver_version"])
     return {"driver_version": sorted(drivers)[0], "gpus": gpus}
+
+
+def _query_gpu_noheader(text: str) -> dict[str, Any] | None:
+    """`nvidia-smi --query-gpu=name,pci.device_id --format=csv,noheader` with the rows it printed: the fields are
+    the command's own, in its order (a row quoted in a debug list, `['200.00, ..., GeForce RTX 2080, ...', '']`,
+    read inside its quotes). Only the first run of rows with exactly that many cells, a name with a letter in it, and (where asked)
+    a driver version that is one; None without the command or such a row."""
+    command = re.search(r"--query-gpu[= ]([\w.]+(?:,[\w.]+)*)[^\n]*--format[= ]csv,[\w,]*\bnoheader\b", text)
+    if not command:
+        return None
+    fields = command.group(1).split(",")
+    if "name" not in fields:
+        return None
+    gpus, drivers = [], set()
+    for line in text[command.end():].splitlines():
+        line = re.sub(r"^\s*\[?'([^'\n]*)'(?:,\s*'')?\]?\s*$", r"\1", line).strip()
+        cells = [c.strip() for c in line.split(",")]
+        row = dict(zip(fields, cells))
+        if len(cells) != len(fields) or not re.fullmatch(r"[A-Za-z][\w .()/-]*", row["name"]) or \
+                row["name"] == "name" or ("driver_version" in row and
+                                          not re.fullmatch(r"\d{3}\.\d+(?:\.\d+)?", row["driver_version"])):
+            if gpus:  # the rows run together: the first line that is not one ends them
+                break
+            continue
+        gpu: dict[str, Any] = {"name": row["name"]}
+        total = re.fullmatch(r"(\d+)(?:\s*MiB)?", row.get("memory.total", ""))
+        if total:
+            gpu["memory_total_mib"] = int(total.group(1))
+        if re.fullmatch(r"\d+\.\d+", row.get("compute_cap", "")):
+            gpu["compute_capability"] = row["compute_cap"]
+        gpus.append(gpu)
+        if "driver_version" in row:
+            drivers.add(row["driver_version"])
+    if not gpus or len(drivers) > 1:
+        return None
+    data: dict[str, Any] = {"gpus": gpus}
+    if drivers:
+        data["driver_version"] = drivers.pop()
+    return data
 
 
 def device_query_facts(text: str) -> dict[str, Any] | None:
@@ -692,8 +817,9 @@ def prose_facts(text: str) -> dict[str, Any] | None:
                        re.I)
     if driver:
         facts["driver_version"] = driver.group(1)
-    cuda = re.search(r"\bCUDA(?:[ \t_-]*(?:version|driver|runtime))?(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?(\d{1,2}\.\d)\b", body,
-                     re.I)
+    # (not a toolkit's full version, `cuda12.2.91`: nvidia-smi prints the driver's CUDA as major.minor only)
+    cuda = re.search(r"\bCUDA(?:[ \t_-]*(?:version|driver|runtime))?(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?(\d{1,2}\.\d)\b(?!\.\d)",
+                     body, re.I)
     if cuda:
         facts["cuda_driver_version"] = cuda.group(1)
         notes.append(f"read 'CUDA {cuda.group(1)}' as the CUDA version the driver reports (nvidia-smi's); "
@@ -765,7 +891,8 @@ def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
     measure = re.search(rf"(\d{{1,2}}|[单一两二三四六八])[ \t]*[张块][ \t]*{_VENDOR_WORDS}$", before)
     if measure and 0 < _chinese_count(measure.group(1)) <= 64:
         return _chinese_count(measure.group(1)), measure.group(0).strip()
-    suffix = re.match(rf"(?:[ \t]*GPUs?)?[ \t]*{_TIMES}[ \t]*(\d{{1,2}})\b", after)
+    # `T4 x 2`, `A100 GPUs * 8`, and Chinese `Tesla T4 显卡*6` (a card word, `显卡`/`卡`, before the times)
+    suffix = re.match(rf"(?:[ \t]*(?:GPUs?|显卡|卡))?[ \t]*{_TIMES}[ \t]*(\d{{1,2}})\b", after)
     if suffix and 0 < int(suffix.group(1)) <= 64:
         return int(suffix.group(1)), suffix.group(0).strip()
     # Chinese: a count of cards after the name, `RTX 4090 八卡` (eight cards), `A100 4卡`, `单卡` (one card)
