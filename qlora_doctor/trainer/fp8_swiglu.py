@@ -8,9 +8,9 @@ largest casts of a Llama layer read tensors that Liger's SwiGLU kernel has just 
 
 At 8 x 2048 tokens of the 8B shape each is 16,384 x 14,336 bf16 (448 MiB), and the amax read cost about 0.15 ms
 of each 0.55-0.62 ms cast on an H100 (bench/results/fastpath_h100_2026-12-06c/). `SiluMulRowAmax` is Liger's
-SwiGLU (the same kernels, the same bits; bench/fp8_gemm_micro.py compares them on the GPU) that also writes the
-maximum |value| of each row it produced, while the row is still in registers, and notes it for that tensor
-(fp8.ROW_AMAX). The cast then takes the maximum of those row maxima instead of reading the tensor for it: the
+SwiGLU (its kernels, copied into trainer/fp8_swiglu_kernels.py: the same bits, which bench/fp8_swiglu_micro.py
+checks on the GPU) that also writes the maximum |value| of each row it produced, while the row is still in
+registers, and notes it for that tensor (fp8.ROW_AMAX). The cast then takes the maximum of those row maxima instead of reading the tensor for it: the
 same amax, so the same scale and the same float8 bits.
 
 It replaces the forward of Liger's SwiGLU MLP (`down_proj(silu_mul(gate_proj(x), up_proj(x)))`) where all three
@@ -30,77 +30,25 @@ ROUTE = True
 """Route Liger's SwiGLU MLPs through SiluMulRowAmax under fp8_base. False (bench/train_throughput.py's
 `fast_fp8_cache_selective_offload_liger_swiglu`, to measure what it brings) keeps Liger's."""
 
-_KERNELS: Any = None
-
-
-def _kernels() -> Any:
-    """The two Triton kernels (compiled at their first launch), built once; triton is imported only here."""
-    global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def forward(a_ptr, b_ptr, c_ptr, amax_ptr, stride, n_cols: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        # liger_kernel/ops/swiglu.py _swiglu_forward_kernel (gate_multiplier 1.0), plus the row's max |c|.
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        a = tl.load(a_ptr + row * stride + cols, mask=mask, other=0).to(tl.float32)
-        b = tl.load(b_ptr + row * stride + cols, mask=mask, other=0)
-        c = (a * tl.sigmoid(a)).cast(b.dtype) * b
-        tl.store(c_ptr + row * stride + cols, c, mask=mask)
-        tl.store(amax_ptr + row, tl.max(tl.abs(c.to(tl.float32)), axis=0))
-
-    @triton.jit
-    def backward(dc_ptr, a_ptr, b_ptr, amax_a_ptr, amax_b_ptr, stride, n_cols: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr):
-        # liger_kernel/ops/swiglu.py _swiglu_backward_kernel (gate_multiplier 1.0): da into a, db into b, rounded
-        # to their dtype as its stores round them, plus each row's max |da| and |db|.
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_SIZE)
-        mask = cols < n_cols
-        dc = tl.load(dc_ptr + row * stride + cols, mask=mask, other=0)
-        a = tl.load(a_ptr + row * stride + cols, mask=mask, other=0).to(tl.float32)
-        b = tl.load(b_ptr + row * stride + cols, mask=mask, other=0)
-        sig = tl.sigmoid(a)
-        silu = a * sig
-        db = (dc * silu).to(b.dtype)
-        da = (dc * (silu * (1 - sig) + sig) * b).to(b.dtype)
-        tl.store(a_ptr + row * stride + cols, da, mask=mask)
-        tl.store(b_ptr + row * stride + cols, db, mask=mask)
-        tl.store(amax_a_ptr + row, tl.max(tl.abs(da.to(tl.float32)), axis=0))
-        tl.store(amax_b_ptr + row, tl.max(tl.abs(db.to(tl.float32)), axis=0))
-
-    _KERNELS = types.SimpleNamespace(forward=forward, backward=backward)
-    return _KERNELS
-
-
-def _launch_settings(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_SIZE, num_warps) as Liger launches its one-row SwiGLU kernels (liger_kernel.ops.utils)."""
-    from liger_kernel.ops.utils import calculate_settings
-
-    return calculate_settings(n_cols)
-
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(c, row maxima of |c|) for 2-D contiguous a, b: c = silu(a) * b, silu in float32, c in b's dtype."""
-    rows, cols = a.shape
+    rows = a.shape[0]
     if not a.is_cuda:
         c = torch.nn.functional.silu(a.float()).to(b.dtype) * b
         return c, c.abs().amax(dim=-1).float()
+    from qlora_doctor.trainer import fp8_swiglu_kernels
+
     c = torch.empty_like(a)
     amax = torch.empty(rows, dtype=torch.float32, device=a.device)
-    block, warps = _launch_settings(cols)
     with torch.cuda.device(a.device):
-        _kernels().forward[(rows,)](a, b, c, amax, c.stride(0), n_cols=cols, BLOCK_SIZE=block, num_warps=warps)
+        fp8_swiglu_kernels.forward(a, b, c, amax)
     return c, amax
 
 
 def silu_mul_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(da, db, row maxima of |da|, of |db|) for 2-D contiguous dc, a, b; da and db are written into a and b."""
-    rows, cols = a.shape
+    rows = a.shape[0]
     if not a.is_cuda:
         a32 = a.float()
         sig = torch.sigmoid(a32)
@@ -110,12 +58,12 @@ def silu_mul_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tup
         a.copy_(da)
         b.copy_(db)
         return a, b, a.abs().amax(dim=-1).float(), b.abs().amax(dim=-1).float()
+    from qlora_doctor.trainer import fp8_swiglu_kernels
+
     amax_a = torch.empty(rows, dtype=torch.float32, device=a.device)
     amax_b = torch.empty_like(amax_a)
-    block, warps = _launch_settings(cols)
     with torch.cuda.device(a.device):
-        _kernels().backward[(rows,)](dc, a, b, amax_a, amax_b, a.stride(0), n_cols=cols, BLOCK_SIZE=block,
-                                     num_warps=warps)
+        fp8_swiglu_kernels.backward(dc, a, b, amax_a, amax_b)
     return a, b, amax_a, amax_b
 
 
