@@ -533,7 +533,7 @@ def train_points(variant: str, model_path: str, shape: str, seq: int, batches: l
                 if fallbacks:
                     point["fp8_cast_fallbacks"] = fallbacks
                 if fp8_gemms(model):  # how many MLPs run trainer/fp8_swiglu.py's SwiGLU, how many casts took its maxima
-                    from qlora_doctor.trainer.fp8 import ROW_AMAX
+                    from qlora_doctor.trainer.fp8_swiglu import ROW_AMAX
                     from qlora_doctor.trainer.fp8_swiglu import is_routed
 
                     point["fp8_swiglu_mlps"] = sum(is_routed(m) for m in model.modules())

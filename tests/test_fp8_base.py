@@ -645,23 +645,23 @@ def test_swiglu_row_maxima_feed_the_largest_casts_and_change_no_bit(torchao, tin
     from qlora_doctor.trainer import fp8, fp8_swiglu
 
     monkeypatch.setattr(fp8_swiglu, "liger_swiglu_forward", lambda: LlamaMLP.forward)
-    note = fp8.RowAmaxNotes.note
+    note = fp8_swiglu.RowAmaxNotes.note
     runs = {}
     for notes in (True, False):
-        monkeypatch.setattr(fp8.RowAmaxNotes, "note", note if notes else lambda self, tensor, row_amax: None)
+        monkeypatch.setattr(fp8_swiglu.RowAmaxNotes, "note", note if notes else lambda self, tensor, row_amax: None)
         model = build(tiny_llama, tmp_path, monkeypatch, fp8=True, fused=fused, recompute=recompute)
         mlps = [m for m in model.modules() if isinstance(m, LlamaMLP)]
         assert len(mlps) == LAYERS and all(fp8_swiglu.is_routed(m) for m in mlps)
-        before = fp8.ROW_AMAX.used
+        before = fp8_swiglu.ROW_AMAX.used
         loss, grads = loss_and_grads(model)
-        runs[notes] = loss, grads, fp8.ROW_AMAX.used - before
+        runs[notes] = loss, grads, fp8_swiglu.ROW_AMAX.used - before
     forwards = 2 if recompute == "full" else 1
     assert runs[True][2] == (forwards + 2) * LAYERS and runs[False][2] == 0
     (loss, grads, _), (ref_loss, ref_grads, _) = runs[True], runs[False]
     assert loss == ref_loss and set(grads) == set(ref_grads)
     for name, grad in ref_grads.items():
         assert torch.equal(grads[name], grad), name
-    assert not fp8.ROW_AMAX.notes  # every note dropped with its tensor
+    assert not fp8_swiglu.ROW_AMAX.notes  # every note dropped with its tensor
 
 
 def test_swiglu_is_routed_only_where_every_projection_takes_the_notes(torchao, tiny_llama, tmp_path, monkeypatch):
@@ -700,7 +700,7 @@ def test_swiglu_forward_and_backward_and_their_row_maxima():
 
 
 def test_a_row_maxima_note_holds_for_its_tensor_alive_and_unchanged_only():
-    from qlora_doctor.trainer.fp8 import RowAmaxNotes
+    from qlora_doctor.trainer.fp8_swiglu import RowAmaxNotes
 
     notes = RowAmaxNotes()
     x = torch.randn(4, 8)

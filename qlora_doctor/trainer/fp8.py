@@ -66,6 +66,7 @@ import torch
 
 from qlora_doctor.core.errors import CheckFailed
 from qlora_doctor.recipe.levers import TORCHAO_REQUIREMENT, fp8_capable, torchao_installed
+from qlora_doctor.trainer.fp8_swiglu import ROW_AMAX, route_swiglu_mlps
 from qlora_doctor.trainer.fused_lora import BASE_GEMM_ATTRIBUTE
 from qlora_doctor.trainer.op_calls import OpCalls
 
@@ -173,55 +174,6 @@ class _Cast:
                           "eagerly instead (slower, more temporary memory)", RuntimeWarning, stacklevel=2)
             self.fn = self.eager
             return self.eager(tensor, **known)
-
-
-class _Note(NamedTuple):
-    owner: weakref.ref
-    """The noted tensor's base (itself when it is no view)."""
-    key: tuple
-    """The owner's version counter, the noted tensor's data_ptr, element count and dtype."""
-    row_amax: torch.Tensor
-
-
-class RowAmaxNotes:
-    """The row maxima of |x| of tensors whose producing kernel computed them anyway (trainer/fp8_swiglu.py), so
-    their float8 cast need not read them for its amax. A note holds for the tensor it was taken of, or any
-    contiguous view of all of it, while the tensor is alive and unchanged by torch ops (its version counter);
-    its weak reference's callback drops it when the tensor dies. `used` counts the casts that took a note."""
-
-    def __init__(self) -> None:
-        self.notes: dict[int, _Note] = {}
-        self.used = 0
-
-    @staticmethod
-    def _key(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-        owner = tensor if tensor._base is None else tensor._base
-        return owner, (owner._version, tensor.data_ptr(), tensor.numel(), tensor.dtype)
-
-    def note(self, tensor: torch.Tensor, row_amax: torch.Tensor) -> None:
-        owner, key = self._key(tensor)
-        pointer = tensor.data_ptr()
-
-        def drop(ref: Any) -> None:
-            if self.notes.get(pointer, None) is not None and self.notes[pointer].owner is ref:
-                del self.notes[pointer]
-
-        self.notes[pointer] = _Note(weakref.ref(owner, drop), key, row_amax)
-
-    def row_amax(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The noted row maxima of `tensor` (a contiguous tensor covering all of a noted one), else None."""
-        note = self.notes.get(tensor.data_ptr())
-        if note is None or not tensor.is_contiguous():
-            return None
-        owner, key = self._key(tensor)
-        if note.owner() is not owner or note.key != key:
-            return None
-        self.used += 1
-        return note.row_amax
-
-
-ROW_AMAX = RowAmaxNotes()
-"""The notes of this process (trainer/fp8_swiglu.py writes them, the direct casts read them)."""
 
 
 class _SharedCast(NamedTuple):
@@ -509,8 +461,6 @@ def apply_fp8_base(model: Any, *, emulate: bool | None = None, recipe: str = REC
         setattr(module, BASE_GEMM_ATTRIBUTE, gemms[key])
         module.forward = types.MethodType(_fp8_forward, module)
         switched += 1
-    from qlora_doctor.trainer.fp8_swiglu import route_swiglu_mlps
-
     route_swiglu_mlps(model, takes_row_amax)
     return switched, [f"{name}: {reason}" for reason, name in skipped.items()]
 

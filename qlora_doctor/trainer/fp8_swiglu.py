@@ -10,8 +10,8 @@ At 8 x 2048 tokens of the 8B shape each is 16,384 x 14,336 bf16 (448 MiB), and t
 of each 0.55-0.62 ms cast on an H100 (bench/results/fastpath_h100_2026-12-06c/). `SiluMulRowAmax` is Liger's
 SwiGLU (its kernels, copied into trainer/fp8_swiglu_kernels.py: the same bits, which bench/fp8_swiglu_micro.py
 checks on the GPU) that also writes the maximum |value| of each row it produced, while the row is still in
-registers, and notes it for that tensor (fp8.ROW_AMAX). The cast then takes the maximum of those row maxima instead of reading the tensor for it: the
-same amax, so the same scale and the same float8 bits.
+registers, and notes it for that tensor (ROW_AMAX). The cast then takes the maximum of those row maxima instead
+of reading the tensor for it: the same amax, so the same scale and the same float8 bits.
 
 It replaces the forward of Liger's SwiGLU MLP (`down_proj(silu_mul(gate_proj(x), up_proj(x)))`) where all three
 projections run float8 GEMMs without torchao's subclass (`route_swiglu_mlps`, called by fp8.apply_fp8_base). Like
@@ -22,13 +22,63 @@ runs as torch ops.
 from __future__ import annotations
 
 import types
-from typing import Any
+import weakref
+from typing import Any, NamedTuple
 
 import torch
 
 ROUTE = True
 """Route Liger's SwiGLU MLPs through SiluMulRowAmax under fp8_base. False (bench/train_throughput.py's
 `fast_fp8_cache_selective_offload_liger_swiglu`, to measure what it brings) keeps Liger's."""
+
+
+class _Note(NamedTuple):
+    owner: weakref.ref
+    """The noted tensor's base (itself when it is no view)."""
+    key: tuple
+    """The owner's version counter, the noted tensor's data_ptr, element count and dtype."""
+    row_amax: torch.Tensor
+
+
+class RowAmaxNotes:
+    """The row maxima of |x| of tensors whose producing kernel computed them anyway (SiluMulRowAmax), so
+    their float8 cast need not read them for its amax. A note holds for the tensor it was taken of, or any
+    contiguous view of all of it, while the tensor is alive and unchanged by torch ops (its version counter);
+    its weak reference's callback drops it when the tensor dies. `used` counts the casts that took a note."""
+
+    def __init__(self) -> None:
+        self.notes: dict[int, _Note] = {}
+        self.used = 0
+
+    @staticmethod
+    def _key(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        owner = tensor if tensor._base is None else tensor._base
+        return owner, (owner._version, tensor.data_ptr(), tensor.numel(), tensor.dtype)
+
+    def note(self, tensor: torch.Tensor, row_amax: torch.Tensor) -> None:
+        owner, key = self._key(tensor)
+        pointer = tensor.data_ptr()
+
+        def drop(ref: Any) -> None:
+            if self.notes.get(pointer, None) is not None and self.notes[pointer].owner is ref:
+                del self.notes[pointer]
+
+        self.notes[pointer] = _Note(weakref.ref(owner, drop), key, row_amax)
+
+    def row_amax(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The noted row maxima of `tensor` (a contiguous tensor covering all of a noted one), else None."""
+        note = self.notes.get(tensor.data_ptr())
+        if note is None or not tensor.is_contiguous():
+            return None
+        owner, key = self._key(tensor)
+        if note.owner() is not owner or note.key != key:
+            return None
+        self.used += 1
+        return note.row_amax
+
+
+ROW_AMAX = RowAmaxNotes()
+"""The notes of this process (SiluMulRowAmax writes them, trainer/fp8.py's direct casts read them)."""
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +119,10 @@ def silu_mul_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tup
 
 class SiluMulRowAmax(torch.autograd.Function):
     """silu(a) * b (Liger's LigerSiLUMulFunction with no multipliers), its output's and its input gradients' row
-    maxima noted for their float8 casts (fp8.ROW_AMAX)."""
+    maxima noted for their float8 casts (ROW_AMAX)."""
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        from qlora_doctor.trainer.fp8 import ROW_AMAX
-
         shape = a.shape
         a2, b2 = a.reshape(-1, shape[-1]).contiguous(), b.reshape(-1, shape[-1]).contiguous()
         c, amax = silu_mul(a2, b2)
@@ -85,8 +133,6 @@ class SiluMulRowAmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from qlora_doctor.trainer.fp8 import ROW_AMAX
-
         a2, b2 = ctx.saved_tensors
         da, db, amax_a, amax_b = silu_mul_backward(dc.reshape(a2.shape).contiguous(), a2, b2)
         da, db = da.view(dc.shape), db.view(dc.shape)
