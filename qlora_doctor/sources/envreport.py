@@ -392,8 +392,8 @@ def gpustat_facts(text: str) -> dict[str, Any] | None:
     if not rows or [int(i) for i, _, _ in rows] != list(range(len(rows))):
         return None
     data: dict[str, Any] = {"gpus": [{"name": name, "memory_total_mib": int(mib)} for _, name, mib in rows]}
-    host = re.search(r"^\S+[ \t]+\w{3}[ \t]+\w{3}[ \t]+\d{1,2}[ \t]+\d\d:\d\d:\d\d[ \t]+\d{4}[ \t]+(\d{3}\.\d+(?:\.\d+)?)[ \t]*$",
-                     text, re.M)
+    host = re.search(r"^\S+[ \t]+\w{3}[ \t]+\w{3}[ \t]+\d{1,2}[ \t]+\d\d:\d\d:\d\d[ \t]+\d{4}[ \t]+"
+                     r"(\d{3}\.\d+(?:\.\d+)?)[ \t]*$", text, re.M)
     if host:
         data["driver_version"] = host.group(1)
     return data
@@ -605,22 +605,27 @@ def _query_gpu_csv(text: str) -> dict[str, Any] | None:
         row = dict(zip(fields, c))
         if not row.get("name") or not re.fullmatch(r"\d+\.\d+(?:\.\d+)?", row.get("driver_version", "")):
             return None
-        gpu: dict[str, Any] = {"name": row["name"]}
-        total = re.fullmatch(r"(\d+)(?:\s*MiB)?", row.get("memory.total", ""))
-        if total:
-            gpu["memory_total_mib"] = int(total.group(1))
-        if re.fullmatch(r"\d+\.\d+", row.get("compute_cap", "")):
-            gpu["compute_capability"] = row["compute_cap"]
-        gpus.append(gpu)
+        gpus.append(_query_gpu_row(row))
         drivers.add(row["driver_version"])
     return {"driver_version": sorted(drivers)[0], "gpus": gpus}
+
+
+def _query_gpu_row(row: dict[str, str]) -> dict[str, Any]:
+    """One GPU of a `--query-gpu` CSV row (field -> cell): its name, memory.total and compute_cap where given."""
+    gpu: dict[str, Any] = {"name": row["name"]}
+    total = re.fullmatch(r"(\d+)(?:\s*MiB)?", row.get("memory.total", ""))
+    if total:
+        gpu["memory_total_mib"] = int(total.group(1))
+    if re.fullmatch(r"\d+\.\d+", row.get("compute_cap", "")):
+        gpu["compute_capability"] = row["compute_cap"]
+    return gpu
 
 
 def _query_gpu_noheader(text: str) -> dict[str, Any] | None:
     """`nvidia-smi --query-gpu=name,pci.device_id --format=csv,noheader` with the rows it printed: the fields are
     the command's own, in its order (a row quoted in a debug list, `['200.00, ..., GeForce RTX 2080, ...', '']`,
-    read inside its quotes). Only the first run of rows with exactly that many cells, a name with a letter in it, and (where asked)
-    a driver version that is one; None without the command or such a row."""
+    read inside its quotes). Only the first run of rows with exactly that many cells, a name with a letter in it, and
+    (where asked) a driver version that is one; None without the command or such a row."""
     command = re.search(r"--query-gpu[= ]([\w.]+(?:,[\w.]+)*)[^\n]*--format[= ]csv,[\w,]*\bnoheader\b", text)
     if not command:
         return None
@@ -638,13 +643,7 @@ def _query_gpu_noheader(text: str) -> dict[str, Any] | None:
             if gpus:  # the rows run together: the first line that is not one ends them
                 break
             continue
-        gpu: dict[str, Any] = {"name": row["name"]}
-        total = re.fullmatch(r"(\d+)(?:\s*MiB)?", row.get("memory.total", ""))
-        if total:
-            gpu["memory_total_mib"] = int(total.group(1))
-        if re.fullmatch(r"\d+\.\d+", row.get("compute_cap", "")):
-            gpu["compute_capability"] = row["compute_cap"]
-        gpus.append(gpu)
+        gpus.append(_query_gpu_row(row))
         if "driver_version" in row:
             drivers.add(row["driver_version"])
     if not gpus or len(drivers) > 1:
