@@ -7,6 +7,7 @@ the knowledge base that fires (or cannot be judged), then recipe-aware checks an
 
 from __future__ import annotations
 
+import collections
 from typing import TYPE_CHECKING, Mapping
 
 from packaging.version import Version
@@ -224,21 +225,23 @@ def arch_checks(machine: Machine, env: Environment, tables: Tables, build: str) 
                       found=build)]
     checks = []
     archs = ", ".join(f"sm_{a.replace('.', '')}" for a in row.archs)
-    for gpu in machine.nvidia_gpus:
-        if gpu.compute_capability is None:
-            checks.append(Check("cuda.arch", "unknown", title, f"{gpu.name}: compute capability unknown",
-                                found=gpu.name, expected=archs))
-        elif not arch_supported(gpu.compute_capability, row.archs):
-            sm = "sm_" + gpu.compute_capability.replace(".", "")
+    # one check per kind of GPU: eight of one product are one finding (`NAME (x8)`), not eight
+    kinds = collections.Counter((gpu.name, gpu.compute_capability) for gpu in machine.nvidia_gpus)
+    for (name, capability), count in kinds.items():
+        label = name if count == 1 else f"{name} (x{count})"
+        if capability is None:
+            checks.append(Check("cuda.arch", "unknown", title, f"{label}: compute capability unknown",
+                                found=label, expected=archs))
+        elif not arch_supported(capability, row.archs):
+            sm = "sm_" + capability.replace(".", "")
             checks.append(Check("cuda.arch", "fail", title,
-                                f"{gpu.name} is {sm}, but {build} ships kernels only for {archs}: "
+                                f"{label} is {sm}, but {build} ships kernels only for {archs}: "
                                 f"'no kernel image is available for execution on the device'",
                                 fix="install a torch build that ships " + sm + " (`qlora-doctor lock` picks one)",
-                                sources=row.sources, found=f"{gpu.name} ({sm})", expected=archs))
+                                sources=row.sources, found=f"{label} ({sm})", expected=archs))
         else:
-            checks.append(Check("cuda.arch", "pass", title, f"{gpu.name} (cc {gpu.compute_capability}) "
-                                f"is covered by {build}", sources=row.sources,
-                                found=f"cc {gpu.compute_capability}", expected=archs))
+            checks.append(Check("cuda.arch", "pass", title, f"{label} (cc {capability}) is covered by {build}",
+                                sources=row.sources, found=f"cc {capability}", expected=archs))
     return checks
 
 
