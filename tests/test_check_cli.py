@@ -134,6 +134,21 @@ def test_unknown_flag_is_exit_2():
     assert run("check", "--no-such-flag").exit_code == 2
 
 
+def test_several_cards_of_one_kind_are_one_arch_finding_and_counted_once(tmp_path):
+    """Eight RTX 5090s under a torch without sm_120: one cuda.arch row naming the count, and the machine line says
+    `8x` instead of the name eight times; two kinds are two findings."""
+    gpu = {"name": "NVIDIA GeForce RTX 5090", "compute_capability": "12.0", "memory_total_mib": 32607}
+    _, data, _ = check_json(tmp_path, GOOD_PINS, gpus=[gpu] * 8, driver_version="575.51.03")
+    (arch,) = [c for c in data["checks"] if c["id"] == "cuda.arch"]
+    assert arch["status"] == "fail" and "NVIDIA GeForce RTX 5090 (x8) is sm_120" in arch["detail"]
+    req, m = tmp_path / "req.txt", tmp_path / "m.json"
+    table = run("check", "--machine", str(m), "--no-resolve", "--requirements", str(req)).output
+    assert "8x NVIDIA GeForce RTX" in table and table.count("RTX") <= 4  # the machine line, the row, its detail
+    t4 = {"name": "Tesla T4", "compute_capability": "7.5", "memory_total_mib": 15360}
+    _, data, _ = check_json(tmp_path, GOOD_PINS, gpus=[gpu, t4, gpu], driver_version="575.51.03")
+    assert [c["status"] for c in data["checks"] if c["id"] == "cuda.arch"] == ["fail", "pass"]
+
+
 def test_table_output_mentions_failure_and_fix(tmp_path):
     req = tmp_path / "req.txt"
     req.write_text(GOOD_PINS)

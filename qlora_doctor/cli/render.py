@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import re
 
 from typing import Any
@@ -41,7 +42,8 @@ def render_report(report: Report, verbose: bool = False, width: int | None = Non
 
     console = _console(width, color)
     machine = report.machine
-    gpus = ", ".join(g["name"] for g in machine["gpus"]) or "no GPU"
+    counts = collections.Counter(g["name"] for g in machine["gpus"])  # `8x H100`, not the name eight times
+    gpus = ", ".join(name if n == 1 else f"{n}x {name}" for name, n in counts.items()) or "no GPU"
     console.print(f"[bold]machine[/]: {machine['os']} {machine['arch']}, Python {machine['python']}, "
                   f"driver {machine['driver_version'] or '-'}, {escape(gpus)}  [dim]({escape(str(machine['source']))})[/]")
     # The table wraps at spaces; a command or URL is never in it (the fix column would cut one in two):
