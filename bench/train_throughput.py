@@ -529,12 +529,12 @@ def train_points(variant: str, model_path: str, shape: str, seq: int, batches: l
                              losses=losses or None)
                 from qlora_doctor.trainer.fp8 import fp8_gemms  # fp8_base: casts that could not be compiled
 
-                fallbacks = [f for gemm in fp8_gemms(model) for f in gemm.fallbacks()]
+                gemms = fp8_gemms(model)
+                fallbacks = [f for gemm in gemms for f in gemm.fallbacks()]
                 if fallbacks:
                     point["fp8_cast_fallbacks"] = fallbacks
-                if fp8_gemms(model):  # how many MLPs run trainer/fp8_swiglu.py's SwiGLU, how many casts took its maxima
-                    from qlora_doctor.trainer.fp8_swiglu import ROW_AMAX
-                    from qlora_doctor.trainer.fp8_swiglu import is_routed
+                if gemms:  # how many MLPs run trainer/fp8_swiglu.py's SwiGLU, how many casts took its maxima
+                    from qlora_doctor.trainer.fp8_swiglu import ROW_AMAX, is_routed
 
                     point["fp8_swiglu_mlps"] = sum(is_routed(m) for m in model.modules())
                     point["fp8_casts_given_row_maxima"] = ROW_AMAX.used

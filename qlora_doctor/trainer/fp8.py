@@ -57,7 +57,6 @@ each, one more graph at the first step.
 from __future__ import annotations
 
 import dataclasses
-import types
 import warnings
 import weakref
 from typing import Any, Callable, NamedTuple
@@ -66,6 +65,7 @@ import torch
 
 from qlora_doctor.core.errors import CheckFailed
 from qlora_doctor.recipe.levers import TORCHAO_REQUIREMENT, fp8_capable, torchao_installed
+from qlora_doctor.trainer.forwards import replace_forward, runs_forward
 from qlora_doctor.trainer.fp8_swiglu import ROW_AMAX, route_swiglu_mlps
 from qlora_doctor.trainer.fused_lora import BASE_GEMM_ATTRIBUTE
 from qlora_doctor.trainer.op_calls import OpCalls
@@ -301,11 +301,15 @@ class Fp8BaseGemm:
         shared = self.shared_input
         if shared is not None and shared.owner() is owner and shared.key == key:
             return shared.cast
-        x2 = x2.contiguous()
-        known = ROW_AMAX.row_amax(x2)
-        cast = self.casts["input"](x2) if known is None else self.casts["input"](x2, row_amax=known)
+        cast = self._cast_direct("input", x2)
         self.shared_input = _SharedCast(weakref.ref(owner, self._drop_shared_input), key, cast)
         return cast
+
+    def _cast_direct(self, role: str, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cast_tensorwise of `x2` for `role` (direct), given the row maxima ROW_AMAX noted for it, if any."""
+        x2 = x2.contiguous()
+        known = ROW_AMAX.row_amax(x2)
+        return self.casts[role](x2) if known is None else self.casts[role](x2, row_amax=known)
 
     def _drop_shared_input(self, ref: Any) -> None:
         if self.shared_input is not None and self.shared_input.owner is ref:
@@ -339,10 +343,7 @@ class Fp8BaseGemm:
         with torch.autocast(g2.device.type, enabled=False):
             if self.direct:
                 w8, w_scale = self._weight8("weight_for_grad_input", weight, quant_state, g2.dtype)  # W^T row-major
-                g2 = g2.contiguous()
-                known = ROW_AMAX.row_amax(g2)
-                g8, g_scale = (self.casts["grad_output"](g2) if known is None
-                               else self.casts["grad_output"](g2, row_amax=known))
+                g8, g_scale = self._cast_direct("grad_output", g2)
                 return scaled_mm(g8, g_scale, w8.t(), w_scale, g2.dtype,
                                  self.config.gemm_config_grad_input.use_fast_accum, self.emulate)
             w8 = self._weight8("weight_for_grad_input", weight, quant_state, g2.dtype)
@@ -459,7 +460,7 @@ def apply_fp8_base(model: Any, *, emulate: bool | None = None, recipe: str = REC
             gemms[key] = Fp8BaseGemm.create(recipe, emulate=emulated, compile_casts=compiled,
                                             cache_weights=cache_weights)
         setattr(module, BASE_GEMM_ATTRIBUTE, gemms[key])
-        module.forward = types.MethodType(_fp8_forward, module)
+        replace_forward(module, _fp8_forward)
         switched += 1
     route_swiglu_mlps(model, takes_row_amax)
     return switched, [f"{name}: {reason}" for reason, name in skipped.items()]
@@ -475,7 +476,7 @@ def takes_row_amax(module: Any) -> bool:
 def is_fp8(module: Any) -> bool:
     """Whether `module` (a bitsandbytes 4-bit layer) runs its GEMMs in float8 (apply_fp8_base switched it)."""
     return (isinstance(getattr(module, BASE_GEMM_ATTRIBUTE, None), Fp8BaseGemm)
-            and getattr(vars(module).get("forward"), "__func__", None) is _fp8_forward)
+            and runs_forward(module, _fp8_forward))
 
 
 def fp8_gemms(model: Any) -> list[Fp8BaseGemm]:

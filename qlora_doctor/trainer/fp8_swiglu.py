@@ -21,11 +21,12 @@ runs as torch ops.
 
 from __future__ import annotations
 
-import types
 import weakref
 from typing import Any, NamedTuple
 
 import torch
+
+from qlora_doctor.trainer.forwards import replace_forward, runs_forward
 
 ROUTE = True
 """Route Liger's SwiGLU MLPs through SiluMulRowAmax under fp8_base. False (bench/train_throughput.py's
@@ -155,13 +156,9 @@ def liger_swiglu_forward() -> Any:
     return LigerSwiGLUMLP.forward
 
 
-def route(mlp: Any) -> None:
-    """Run `mlp` (gate_proj, up_proj, down_proj and a SwiGLU between them) through SiluMulRowAmax."""
-    mlp.forward = types.MethodType(_forward, mlp)
-
-
 def is_routed(mlp: Any) -> bool:
-    return getattr(vars(mlp).get("forward"), "__func__", None) is _forward
+    """Whether route_swiglu_mlps routed `mlp` through SiluMulRowAmax."""
+    return runs_forward(mlp, _forward)
 
 
 def route_swiglu_mlps(model: Any, takes_notes: Any) -> int:
@@ -175,6 +172,6 @@ def route_swiglu_mlps(model: Any, takes_notes: Any) -> int:
         if getattr(getattr(module, "forward", None), "__func__", None) is not liger:
             continue
         if all(takes_notes(getattr(module, name, None)) for name in ("gate_proj", "up_proj", "down_proj")):
-            route(module)
+            replace_forward(module, _forward)
             routed += 1
     return routed

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import types
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import torch
 
+from qlora_doctor.trainer.forwards import replace_forward, runs_forward
 from qlora_doctor.trainer.op_calls import OpCalls
 
 WHOLE_LORA_OP = True
@@ -252,7 +252,7 @@ def fuse_lora_layers(model: Any) -> tuple[int, list[str]]:
             continue
         reason = fusable_reason(module)
         if reason is None:
-            module.forward = types.MethodType(_fused_forward, module)
+            replace_forward(module, _fused_forward)
             fused += 1
         else:
             skipped.setdefault(reason, name)
@@ -261,4 +261,4 @@ def fuse_lora_layers(model: Any) -> tuple[int, list[str]]:
 
 def is_fused(module: Any) -> bool:
     """Whether `module` runs the fused LoRA forward (fuse_lora_layers replaced its forward)."""
-    return "forward" in vars(module) and getattr(module.forward, "__func__", None) is _fused_forward
+    return runs_forward(module, _fused_forward)
