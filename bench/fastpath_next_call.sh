@@ -5,9 +5,14 @@
 #   PART=fp8     baseline, fast, fast_fp8_selective_offload, fast_fp8_cache_selective_offload (the FP8 target;
 #                the cache keeps each weight's float8 cast: performance.fp8_weight_cache)            (~9 min)
 #   PART=peer    bench/peer_unsloth.py (both checkpointing modes)                          (~6 min)
-#   PART=loss    loss curves of LOSS_REF against LOSS_VAR (default fast_full_recompute, fast) on the 1B shape
-#                memorising fixed rows, LOSS_STEPS (200) steps: ~90 s a curve plus loading; give it 260 s or more
-#                (a 200 s bound cut the fp8 curve at step 173 in session 13)                     (~4 min)
+#   PART=loss    loss curves of LOSS_REF against LOSS_VAR (default fast_full_recompute, fast; LOSS_VAR may be a
+#                comma list) on the 1B shape memorising fixed rows, LOSS_STEPS (200) steps: ~90 s a curve plus
+#                loading; give it 260 s or more (a 200 s bound cut the fp8 curve at step 173 in session 13) (~4 min)
+#   PART=table   README's one table: baseline, fast (the default), fast_fp8_cache_selective_offload, then unsloth
+#                (both checkpointing modes), then unsloth's loss curve on the rows PART=loss trains on, with the
+#                Trainer's settings (1B, 200 steps, cosine, clip 0.3, alpha 32); needs .whl2 whole     (~7 min)
+#                Then PART=loss with LOSS_REF=baseline LOSS_VAR=fast,fast_fp8_cache_selective_offload, and here
+#                `bench/loss_plot.py --curves loss/curves.json --peer table/unsloth_loss.json` draws all against plain.
 # VARIANTS="a b" overrides a PART's list; VARIANT_S (150) bounds each variant's process.
 # BENCH_ARGS adds train_throughput.py options (e.g. "--lora-dropout 0 --optim adamw_torch_fused": unsloth's settings).
 # Wheels: .whl2 as in bench/results/fastpath_h200_2026-12-05/NOTES.md (slim bitsandbytes 0.50.2 for cuda130,
@@ -17,7 +22,7 @@
 # `recompute: selective` runs on the image's torch 2.11 since fused LoRA adds out of place inside selective
 # layers (trainer/selective.py). Results land in $OUT/<PART>/; commit them under bench/results/ with the card.
 set -u
-PART=${PART:?PART=ours|fp8|peer|loss}
+PART=${PART:?PART=ours|fp8|peer|loss|table}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl2/*.whl || exit 1
 export PYTHONPATH=/tmp/site2:$PWD HF_HUB_OFFLINE=1
 mkdir -p "$OUT/$PART"
@@ -33,14 +38,22 @@ case $PART in
   ours) for v in ${VARIANTS:-baseline fast fast_selective fast_offload fast_selective_offload}; do run $v; done ;;
   fp8)  for v in ${VARIANTS:-baseline fast fast_fp8_selective_offload fast_fp8_cache_selective_offload}; do run $v; done ;;
   loss) python3 bench/train_throughput.py --out "$OUT/loss/curves.json" --variants fast --batches 1 \
-          --steps 1 --warmup 0 --shapes 1b --seq 512 --loss-steps "${LOSS_STEPS:-200}" --loss-data memorise \
+          --steps 1 --warmup 0 --shapes "" --seq 512 --loss-steps "${LOSS_STEPS:-200}" --loss-data memorise \
           --loss-reference "${LOSS_REF:-fast_full_recompute}" --loss-variant "${LOSS_VAR:-fast}" \
-          --loss-tolerance 0.01 --budget-s 400 ${BENCH_ARGS:-} > "$OUT/loss/curves.log" 2>&1
+          --loss-tolerance "${LOSS_TOL:-0.01}" --loss-abs-tolerance "${LOSS_ABS_TOL:-0}" --budget-s 480 ${BENCH_ARGS:-} > "$OUT/loss/curves.log" 2>&1
         echo "loss exit $?" >> "$OUT/loss/exits.txt"; tail -3 "$OUT/loss/curves.log"
-        python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['loss_curves']; [d.pop(k, None) for k in ('baseline', 'fast', 'levers')]; print(d)" "$OUT/loss/curves.json" ;;
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['loss_curves']; print(d.get('compared'), d.get('errors'))" "$OUT/loss/curves.json" ;;
+  table) for v in ${VARIANTS:-baseline fast fast_fp8_cache_selective_offload}; do run $v; done
+        python3 bench/peer_unsloth.py --out "$OUT/table/unsloth.json" --budget-s "${PEER_S:-200}" > "$OUT/table/unsloth.log" 2>&1
+        echo "unsloth exit $?" >> "$OUT/table/exits.txt"
+        python3 bench/peer_unsloth.py --out "$OUT/table/unsloth_loss.json" --modes unsloth --shape 1b --seq 512 \
+          --batch 4 --warmup 0 --steps "${LOSS_STEPS:-200}" --lr 3e-3 --lora-alpha 32 --data memorise --schedule cosine \
+          --max-grad-norm 0.3 --budget-s "${PEER_LOSS_S:-170}" > "$OUT/table/unsloth_loss.log" 2>&1
+        echo "unsloth_loss exit $?" >> "$OUT/table/exits.txt"
+        python3 -c "import json,sys; p=json.load(open(sys.argv[1]))['points'][0]; l=p.get('losses') or []; print('unsloth loss', len(l), l[:2], l[-3:], p.get('error'))" "$OUT/table/unsloth_loss.json" ;;
   peer) python3 bench/peer_unsloth.py --out "$OUT/peer/unsloth.json" --budget-s 360 > "$OUT/peer/unsloth.log" 2>&1
         echo "unsloth exit $?" >> "$OUT/peer/exits.txt" ;;
-  *) echo "PART=$PART: expected ours, fp8, peer or loss" >&2; exit 2 ;;
+  *) echo "PART=$PART: expected ours, fp8, peer, loss or table" >&2; exit 2 ;;
 esac
 python3 - "$OUT/$PART" <<'PY'
 import glob, json, sys

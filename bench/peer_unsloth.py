@@ -17,6 +17,9 @@ a mode that fails (unsloth not importable, OOM, time-out) leaves a point with an
 traceback or log tail.
 
     python3 bench/peer_unsloth.py --out /tmp/o2/unsloth.json                     # both modes, 8B, b8, s2048
+    python3 bench/peer_unsloth.py --out /tmp/o3/unsloth.json --modes unsloth --shape 1b --seq 512 --batch 4 \
+        --warmup 0 --steps 200 --lr 3e-3 --lora-alpha 32 --data memorise --schedule cosine --max-grad-norm 0.3
+        # the loss curve beside train_throughput.py --loss-steps 200 --loss-data memorise (the Trainer's settings)
     python3 bench/peer_unsloth.py --out /tmp/u.json --device cpu --shape tiny-8b --seq 64 --batch 2   # CPU smoke
 """
 
@@ -65,6 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (train_throughput's default)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--data", choices=["random", "memorise"], default="random",
+                   help="random: train_throughput's timing rows (seed 1); memorise: its loss-curve rows, 16 fixed "
+                        "random rows cycled (seed 7), whose loss falls from ~ln(vocab) toward 0")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning-rate schedule over warmup + steps (cosine, no warm-up: the Trainer's as the bench "
+                        "and the recipe default set it)")
+    p.add_argument("--max-grad-norm", type=float, default=0.0,
+                   help="clip the LoRA gradients' norm to this before each step (0: no clipping; the Trainer "
+                        "in the bench clips at 0.3)")
     p.add_argument("--models-dir", default="/tmp/models")
     p.add_argument("--budget-s", type=float, default=380,
                    help="whole run; each child gets its share of what is left and is killed past it")
@@ -77,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown modes {unknown}; known: {', '.join(MODES)}")
     if args.warmup < 0 or args.steps < 1:
         p.error("--warmup must be >= 0 and --steps >= 1")
+    if args.max_grad_norm < 0:
+        p.error("--max-grad-norm must be >= 0")
     return args
 
 
@@ -147,11 +161,16 @@ def child_build(args: argparse.Namespace, tt: Any) -> dict[str, Any]:
 
 
 def batches(tt: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """train_throughput's synthetic rows (full length, no padding, labels = inputs), as tensors."""
+    """train_throughput's synthetic rows (full length, no padding, labels = inputs), as tensors: its timing rows,
+    or with --data memorise the rows its loss curves train on."""
     import torch
 
     count = args.warmup + args.steps
-    rows = tt.random_rows(args.batch * count, [args.seq], tt.SHAPES[args.shape]["vocab_size"], seed=1).rows
+    vocab = tt.SHAPES[args.shape]["vocab_size"]
+    if args.data == "memorise":
+        rows = tt.memorised_rows(args.batch * count, args.seq, seed=7, vocab=vocab).rows
+    else:
+        rows = tt.random_rows(args.batch * count, [args.seq], vocab, seed=1).rows
     out = []
     for k in range(count):
         ids = torch.tensor(rows[k * args.batch:(k + 1) * args.batch], dtype=torch.long, device=args.device)
@@ -168,6 +187,19 @@ def record_steps(point: dict[str, Any], seconds: list[float], losses: list[float
     if timed:
         point["tokens_per_s"] = round(point["batch"] * point["seq"] * len(timed) / sum(timed), 1)
         tt.add_mfu([point])
+
+
+def optimizer_and_schedule(params: list[Any], args: argparse.Namespace, fused: bool) -> tuple[Any, Any]:
+    """AdamW as the Trainer builds it (weight decay 0, its default; torch's own is 0.01) and, with --schedule
+    cosine, the Trainer's cosine schedule without warm-up over all warmup + steps steps (None: constant)."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=fused)
+    if args.schedule == "constant":
+        return optimizer, None
+    from transformers import get_cosine_schedule_with_warmup
+
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, 0, args.warmup + args.steps)
 
 
 def child_mode(args: argparse.Namespace, tt: Any, point: dict[str, Any], save: Any) -> None:
@@ -201,7 +233,7 @@ def child_mode(args: argparse.Namespace, tt: Any, point: dict[str, Any], save: A
         point["load_max_memory_reserved_gib"] = round(torch.cuda.max_memory_reserved() / gib, 2)
         torch.cuda.reset_peak_memory_stats()
     save()
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, fused=cuda)
+    optimizer, scheduler = optimizer_and_schedule(trainable, args, fused=cuda)
     data = batches(tt, args)
     seconds: list[float] = []
     losses: list[float] = []
@@ -212,12 +244,16 @@ def child_mode(args: argparse.Namespace, tt: Any, point: dict[str, Any], save: A
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # the Trainer's bf16=True
             loss = model(**batch).loss
         loss.backward()
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-        losses.append(round(float(loss.detach()), 4))
+        losses.append(round(float(loss.detach()), 6))
         record_steps(point, seconds, losses, args.warmup, tt)
         if cuda:
             point.update(max_memory_allocated_gib=round(torch.cuda.max_memory_allocated() / gib, 2),
@@ -232,7 +268,9 @@ def child_main(args: argparse.Namespace) -> int:
     if args.mode in MODES:
         point.update(variant=VARIANT[args.mode], use_gradient_checkpointing=MODES[args.mode], padding_waste=0.0,
                      lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0, "targets": TARGETS},
-                     optimizer={"name": "torch.optim.AdamW", "fused": args.device == "cuda", "lr": args.lr},
+                     optimizer={"name": "torch.optim.AdamW", "fused": args.device == "cuda", "lr": args.lr,
+                                "weight_decay": 0.0, "schedule": args.schedule, "max_grad_norm": args.max_grad_norm},
+                     data=args.data,
                      loop="hand loop: forward(labels) under bf16 autocast, backward, step, zero_grad")
 
     def save() -> None:
@@ -277,7 +315,8 @@ def run_child(args: argparse.Namespace, job: str, timeout: float, logs: Path, wo
     cmd = [sys.executable, str(Path(__file__).resolve()), "--out", args.out, "--mode", job,
            "--point-out", str(point_out), "--device", args.device, "--shape", args.shape, "--seq", str(args.seq),
            "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr),
-           "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--models-dir", args.models_dir]
+           "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--models-dir", args.models_dir,
+           "--data", args.data, "--schedule", args.schedule, "--max-grad-norm", str(args.max_grad_norm)]
     env = {**os.environ, **OFFLINE}
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -319,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, kill_active)
     res: dict[str, Any] = {
         "meta": {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "device": args.device,
-                 "shape": args.shape, "seq": args.seq, "batch": args.batch, "warmup_steps": args.warmup,
+                 "shape": args.shape, "seq": args.seq, "batch": args.batch, "warmup_steps": args.warmup, "data": args.data,
                  "timed_steps": args.steps, "versions": versions(), "env": OFFLINE, "logs": str(logs),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "build": None, "points": []}

@@ -142,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (tiny-1b, tiny-8b) for a CPU smoke run")
     p.add_argument("--quick", action="store_true", help="8B, batch 8, baseline and fast, 4 timed steps")
-    p.add_argument("--shapes", default="8b", help="comma list of 1b, 8b, 135m (with --tiny: tiny-1b, tiny-8b)")
+    p.add_argument("--shapes", default="8b",
+                   help="comma list of 1b, 8b, 135m (with --tiny: tiny-1b, tiny-8b); \"\": none (only --loss-steps)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--variants", default="baseline,fast",
@@ -155,7 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--varlen", action="store_true", help="variable-length data (uniform 128..seq): padded vs ours")
     p.add_argument("--varlen-shape", default=None, help="shape for --varlen and --loss-steps (default 1b / tiny-1b)")
     p.add_argument("--varlen-batch", type=int, default=8)
-    p.add_argument("--loss-steps", type=int, default=0, help="loss curves of (a) and (b) over this many steps")
+    p.add_argument("--loss-steps", type=int, default=0,
+                   help="loss curves of --loss-reference and each --loss-variant over this many steps")
     p.add_argument("--loss-seq", type=int, default=512)
     p.add_argument("--loss-batch", type=int, default=4)
     p.add_argument("--loss-lr", type=float, default=3e-3,
@@ -165,7 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-abs-tolerance", type=float, default=0.0,
                    help="also passes when the last-10 means differ by at most this much (losses near 0)")
     p.add_argument("--loss-reference", default="baseline", help="the reference curve's variant (e.g. fast)")
-    p.add_argument("--loss-variant", default="fast", help="the compared curve's variant (e.g. fast_fp8)")
+    p.add_argument("--loss-variant", default="fast",
+                   help="comma list: the curves compared with the reference (e.g. fast,fast_fp8_cache)")
     p.add_argument("--loss-data", choices=["pattern", "memorise"], default="pattern",
                    help="pattern: rows repeating a random 16-token pattern (each row new); memorise: 16 fixed "
                         "random rows over the whole vocabulary, cycled (loss from ~ln(vocab) toward 0)")
@@ -179,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.shapes, args.batches, args.variants, args.steps, args.warmup = "8b", "8", "baseline,fast", 4, 1
     if args.tiny:
-        args.shapes = ",".join(s if s.startswith("tiny-") else f"tiny-{s}" for s in args.shapes.split(","))
+        args.shapes = ",".join(s if s.startswith("tiny-") else f"tiny-{s}" for s in args.shapes.split(",") if s)
         if args.seq == 2048:
             args.seq = 64
         args.loss_seq = min(args.loss_seq, 64)
@@ -189,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.variants = ",".join(SELECTIVE)
     elif args.variants == "fp8":
         args.variants = ",".join(FP8)
-    unknown = [v for v in [*args.variants.split(","), args.loss_reference, args.loss_variant] if v not in VARIANTS]
+    unknown = [v for v in [*args.variants.split(","), args.loss_reference, *args.loss_variant.split(",")]
+               if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     return args
@@ -608,7 +612,24 @@ def _ratio(p: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
     return round(p[key] / b[key], 3) if p.get(key) and b.get(key) else None
 
 
+def compare_losses(a: list[float], b: list[float], tolerance: float, abs_tolerance: float) -> dict[str, Any]:
+    """Curve `b` against reference `a` (same steps): last-10-step means, their relative difference, the largest
+    single-step gap, and whether the means agree within `tolerance` (relative) or `abs_tolerance`."""
+    if not a or not b or len(a) != len(b):
+        return {"error": f"curves of {len(a)} and {len(b)} steps cannot be compared"}
+    tail = min(10, len(a))
+    mean_a, mean_b = sum(a[-tail:]) / tail, sum(b[-tail:]) / tail
+    return dict(last_mean_reference=round(mean_a, 4), last_mean=round(mean_b, 4),
+                last_mean_rel_diff=round(abs(mean_b - mean_a) / mean_a, 4),
+                last_mean_abs_diff=round(abs(mean_b - mean_a), 4),
+                max_abs_step_diff=round(max(abs(x - y) for x, y in zip(a, b)), 4),
+                loss_moved=b[-1] < 0.8 * b[0],
+                within_tolerance=(abs(mean_b - mean_a) / mean_a <= tolerance or abs(mean_b - mean_a) <= abs_tolerance))
+
+
 def loss_curves(args: argparse.Namespace, res: Results, optim: str, deadline: float) -> None:
+    """The reference variant's loss curve and each --loss-variant's, on the same batches in the same order, each
+    compared with the reference (compare_losses) and all drawn in one plot beside --out."""
     shape = args.varlen_shape or ("tiny-1b" if args.tiny else "1b")
     path = build_model(shape, args.device, args.models_dir)
     n = args.loss_steps
@@ -620,36 +641,35 @@ def loss_curves(args: argparse.Namespace, res: Results, optim: str, deadline: fl
         described = "rows repeating a random 16-token pattern over 64 tokens, seed 7"
     saved = (args.warmup, args.steps)
     args.warmup, args.steps = 0, n
-    curves = {}
-    # The same batches in the same order for both curves (no grouping by length); the baseline is the plain path.
-    for key, name in (("loss_reference", args.loss_reference), ("loss_variant", args.loss_variant)):
+    names = [args.loss_reference, *[v for v in args.loss_variant.split(",") if v != args.loss_reference]]
+    points: dict[str, dict[str, Any]] = {}
+    # The same batches in the same order for every curve (no grouping by length); the baseline is the plain path.
+    for name in names:
+        key = f"loss_{name}"
         VARIANTS[key] = None if name == "baseline" else {**(VARIANTS[name] or {}), "group_by_length": False}
-        pts = train_points(key, path, shape, args.loss_seq, [args.loss_batch], lambda b, s: data, args, optim,
-                           lr=args.loss_lr, logging_steps=1, deadline=deadline)
-        curves[key] = pts[0]
+        points[name] = train_points(key, path, shape, args.loss_seq, [args.loss_batch], lambda b, s: data, args,
+                                    optim, lr=args.loss_lr, logging_steps=1, deadline=deadline)[0]
     args.warmup, args.steps = saved
-    a, b = curves["loss_reference"].get("losses") or [], curves["loss_variant"].get("losses") or []
+    curves = {name: points[name].get("losses") or [] for name in names}
+    ref = curves[args.loss_reference]
     out: dict[str, Any] = {"shape": shape, "seq": args.loss_seq, "batch": args.loss_batch, "steps": n, "lr": args.loss_lr,
-                           "data": described, "reference_variant": args.loss_reference,
-                           "variant": args.loss_variant, "baseline": a, "fast": b, "tolerance": args.loss_tolerance,
-                           "abs_tolerance": args.loss_abs_tolerance,
-                           "levers": {k: v.get("levers") for k, v in curves.items()},
-                           "errors": {k: v.get("error") for k, v in curves.items() if v.get("error")}}
-    if a and b and len(a) == len(b):
-        tail = min(10, len(a))
-        mean_a, mean_b = sum(a[-tail:]) / tail, sum(b[-tail:]) / tail
-        out.update(max_abs_step_diff=round(max(abs(x - y) for x, y in zip(a, b)), 4),
-                   last_mean_baseline=round(mean_a, 4), last_mean_fast=round(mean_b, 4),
-                   last_mean_rel_diff=round(abs(mean_b - mean_a) / mean_a, 4),
-                   max_rel_step_diff=round(max(abs(x - y) / x for x, y in zip(a, b)), 4),
-                   loss_moved=a[-1] < 0.8 * a[0],
-                   within_tolerance=(abs(mean_b - mean_a) / mean_a <= args.loss_tolerance
-                                     or abs(mean_b - mean_a) <= args.loss_abs_tolerance))
-        out["plot"] = plot_losses(a, b, Path(args.out).parent / "loss_curves.png", out)
+                           "optim": optim, "lora_dropout": LORA_DROPOUT, "data": described,
+                           "reference_variant": args.loss_reference, "variants": names[1:], "curves": curves,
+                           "tolerance": args.loss_tolerance, "abs_tolerance": args.loss_abs_tolerance,
+                           "compared": {name: compare_losses(ref, curves[name], args.loss_tolerance,
+                                                             args.loss_abs_tolerance) for name in names[1:]},
+                           "levers": {name: p.get("levers") for name, p in points.items()},
+                           "errors": {name: p.get("error") for name, p in points.items() if p.get("error")}}
+    if ref and any(curves[name] for name in names[1:]):
+        out["plot"] = plot_losses(args.loss_reference, curves, Path(args.out).parent / "loss_curves.png", out)
     res.data["loss_curves"] = out
 
 
-def plot_losses(a: list[float], b: list[float], path: Path, info: dict[str, Any]) -> str | None:
+CURVE_LABELS = {"baseline": "plain transformers + peft + bitsandbytes (Trainer)"}
+
+
+def plot_losses(reference: str, curves: dict[str, list[float]], path: Path, info: dict[str, Any]) -> str | None:
+    """One panel per compared curve, each drawn over the reference; the title gives the last-10 means."""
     try:
         import matplotlib
 
@@ -657,17 +677,22 @@ def plot_losses(a: list[float], b: list[float], path: Path, info: dict[str, Any]
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ref, var = info.get("reference_variant", "baseline"), info.get("variant", "fast")
-    ax.plot(range(1, len(a) + 1), a, label="(a) transformers+peft+bnb baseline" if ref == "baseline" else f"(a) {ref}")
-    ax.plot(range(1, len(b) + 1), b, label=f"(b) qlora-doctor run ({var})", linestyle="--")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"{info['shape']}, seq {info['seq']}, batch {info['batch']}: last-10 mean rel diff "
-                 f"{info.get('last_mean_rel_diff')}")
-    ax.legend()
+    others = [name for name in curves if name != reference and curves[name]]
+    fig, axes = plt.subplots(len(others), 1, figsize=(7, 3.2 * len(others)), squeeze=False, sharex=True)
+    ref = curves[reference]
+    for ax, name in zip(axes[:, 0], others):
+        ax.plot(range(1, len(ref) + 1), ref, label=CURVE_LABELS.get(reference, reference), color="0.45")
+        ax.plot(range(1, len(curves[name]) + 1), curves[name], label=CURVE_LABELS.get(name, name), linestyle="--")
+        ax.set_yscale("log")
+        ax.set_ylabel("training loss")
+        got = info.get("compared", {}).get(name, {})
+        ax.set_title(f"{name}: last-10 mean {got.get('last_mean')} vs {got.get('last_mean_reference')}", fontsize=9)
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.suptitle(f"{info['shape']} shape, seq {info['seq']}, batch {info['batch']}, lr {info['lr']}: {info['data']}",
+                 fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
 
@@ -696,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.loss_steps:  # first: small, and the correctness evidence must not fall to --budget-s
         loss_curves(args, res, optim, deadline)
         res.write()
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):  # --shapes "": only the loss curves or --varlen
         if time.perf_counter() > deadline:
             res.data["points"].append(dict(shape=shape, error="skipped: --budget-s reached before building it"))
             continue
@@ -733,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     res.data["meta"]["wall_seconds"] = round(time.perf_counter() - started, 1)
     res.write()
     print(json.dumps({"summary": res.data["summary"], "loss_curves": {k: v for k, v in (res.data["loss_curves"] or {}).items()
-                                                                        if k not in ("baseline", "fast")}},
+                                                                        if k not in ("curves", "levers")}},
                      indent=1))
     return 0
 

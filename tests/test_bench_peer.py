@@ -117,3 +117,81 @@ def test_every_throughput_variant_is_a_recipe_the_schema_accepts(tmp_path):
     for name, performance in module.VARIANTS.items():
         if performance is not None:
             module.make_recipe(str(tmp_path), performance, tmp_path, 8, 2048, 6, "paged_adamw_8bit", 2e-4, 1)
+
+
+def test_memorise_batches_are_the_loss_curves_rows_and_defaults_stay_the_timing_rows():
+    args = peer.parse_args(["--out", "x.json", "--device", "cpu", "--shape", "tiny-1b", "--seq", "8", "--batch", "4",
+                            "--warmup", "0", "--steps", "5", "--data", "memorise"])
+    data = peer.batches(TT, args)
+    rows = TT.memorised_rows(20, 8, seed=7, vocab=TT.SHAPES["tiny-1b"]["vocab_size"]).rows
+    assert [r for b in data for r in b["input_ids"].tolist()] == rows
+    assert data[4]["input_ids"].tolist() == data[0]["input_ids"].tolist()  # 16 rows cycled: step 5 repeats step 1
+    default = peer.parse_args(["--out", "x.json"])
+    assert (default.data, default.schedule, default.max_grad_norm) == ("random", "constant", 0.0)
+    with pytest.raises(SystemExit):
+        peer.parse_args(["--out", "x.json", "--max-grad-norm", "-1"])
+
+
+def test_cosine_schedule_is_the_trainers(tmp_path):
+    """The hand loop's learning rates step for step equal the Trainer's with the bench's loss-curve settings
+    (cosine, no warm-up, weight decay 0), so the peer's loss curve is comparable with the plain path's."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    steps = 7
+    args = peer.parse_args(["--out", "x.json", "--warmup", "0", "--steps", str(steps), "--lr", "3e-3",
+                            "--schedule", "cosine"])
+    ours, schedule = peer.optimizer_and_schedule([torch.nn.Parameter(torch.zeros(2))], args, fused=False)
+    targs = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-3, lr_scheduler_type="cosine",
+                              max_steps=steps, warmup_steps=0, report_to="none", use_cpu=True)
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=targs)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {0.0}  # per group; its default says 0.01
+    assert ours.param_groups[0]["weight_decay"] == 0.0
+    mine, theirs = [], []
+    for _ in range(steps):
+        mine.append(ours.param_groups[0]["lr"])
+        theirs.append(trainer.optimizer.param_groups[0]["lr"])
+        schedule.step()
+        trainer.lr_scheduler.step()
+    assert mine == pytest.approx(theirs) and mine[0] == 3e-3 and mine[-1] < mine[0] / 10
+    constant, none = peer.optimizer_and_schedule([torch.nn.Parameter(torch.zeros(2))],
+                                                 peer.parse_args(["--out", "x.json"]), fused=False)
+    assert none is None and constant.defaults["weight_decay"] == 0.0
+
+
+def _loss_run(tmp_path: Path, peer_points: list[dict], peer_meta: dict | None = None) -> tuple[int, dict]:
+    import loss_plot
+
+    ref = [12.0, 9.0, 5.0, 1.0]
+    curves = tmp_path / "curves.json"
+    curves.write_text(json.dumps({"loss_curves": {
+        "shape": "1b", "seq": 512, "batch": 4, "steps": 4, "lr": 3e-3, "data": "16 fixed rows", "tolerance": 0.01,
+        "abs_tolerance": 0.05, "reference_variant": "baseline", "variants": ["fast"],
+        "curves": {"baseline": ref, "fast": [12.0, 9.1, 5.0, 1.01]}, "errors": {}}}))
+    peer_json = tmp_path / "unsloth.json"
+    meta = {"shape": "1b", "seq": 512, "batch": 4, "data": "memorise", **(peer_meta or {})}
+    peer_json.write_text(json.dumps({"meta": meta, "points": peer_points}))
+    out = tmp_path / "all.json"
+    rc = loss_plot.main(["--curves", str(curves), "--peer", str(peer_json), "--out", str(out)])
+    return rc, json.loads(out.read_text())
+
+
+def test_loss_plot_compares_ours_and_the_peer_with_the_plain_curve(tmp_path):
+    rc, got = _loss_run(tmp_path, [{"variant": "unsloth_offload_ckpt", "losses": [12.0, 9.5, 6.0, 2.0]}])
+    assert rc == 0 and got["problems"] == []
+    assert got["variants"] == ["fast", "unsloth_offload_ckpt"]
+    assert got["compared"]["fast"]["within_tolerance"] is True  # 0.01 apart: inside the absolute 0.05
+    peer_cmp = got["compared"]["unsloth_offload_ckpt"]
+    assert peer_cmp["last_mean"] == 7.375 and peer_cmp["last_mean_reference"] == 6.75  # means of the last (4) steps
+    assert peer_cmp["last_mean_rel_diff"] == pytest.approx(0.625 / 6.75, abs=1e-4)
+    assert peer_cmp["within_tolerance"] is False and peer_cmp["max_abs_step_diff"] == 1.0
+
+
+def test_loss_plot_refuses_a_peer_curve_of_other_rows_or_length(tmp_path):
+    rc, got = _loss_run(tmp_path, [{"variant": "unsloth_offload_ckpt", "losses": [12.0, 9.5, 6.0]}])
+    assert rc == 1 and got["variants"] == ["fast"]
+    assert any("3 losses for 4 steps" in p for p in got["problems"])
+    rc, got = _loss_run(tmp_path, [{"variant": "unsloth_offload_ckpt", "losses": [1.0] * 4}], {"data": "random"})
+    assert rc == 1 and "unsloth_offload_ckpt" not in got["curves"]
+    assert any("not the reference's memorised ones" in p for p in got["problems"])
