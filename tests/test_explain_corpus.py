@@ -26,14 +26,14 @@ FILES = ("hardware.toml", "software.toml", "heldout_2026.toml", "heldout_2026b.t
          "heldout_2026t.toml", "heldout_2026u.toml", "heldout_2026v.toml",
          "heldout_2026w.toml", "heldout_2026x.toml", "heldout_2026y.toml",
          "heldout_2026z.toml", "heldout_2026aa.toml", "heldout_2026ab.toml",
-         "heldout_2026ac.toml", "heldout_2026ad.toml")
+         "heldout_2026ac.toml", "heldout_2026ad.toml", "heldout_2026ae.toml")
 """heldout_2026.toml, heldout_2026b.toml, heldout_2026c.toml, heldout_2026d.toml, heldout_2026e.toml,
 heldout_2026f.toml, heldout_2026g.toml, heldout_2026h.toml, heldout_2026i.toml, heldout_2026j.toml,
 heldout_2026k.toml, heldout_2026l.toml, heldout_2026m.toml, heldout_2026n.toml, heldout_2026o.toml,
 heldout_2026p.toml, heldout_2026q.toml, heldout_2026r.toml, heldout_2026s.toml, heldout_2026t.toml,
 heldout_2026u.toml, heldout_2026v.toml, heldout_2026w.toml, heldout_2026x.toml,
 heldout_2026y.toml, heldout_2026z.toml, heldout_2026aa.toml, heldout_2026ab.toml, heldout_2026ac.toml,
-heldout_2026ad.toml: pastes scored
+heldout_2026ad.toml, heldout_2026ae.toml: pastes scored
 once before any fix (bench/results/explain_heldout_first_sight.json, bench/results/explain_heldout2_first_sight.json,
 bench/results/explain_heldout3_first_sight.json, bench/results/explain_heldout4_first_sight.json,
 bench/results/explain_heldout5_first_sight.json, bench/results/explain_heldout6_first_sight.json,
@@ -58,7 +58,8 @@ bench/results/explain_heldout26_first_sight.json,
 bench/results/explain_heldout27_first_sight.json,
 bench/results/explain_heldout28_first_sight.json,
 bench/results/explain_heldout29_first_sight.json,
-bench/results/explain_heldout30_first_sight.json)."""
+bench/results/explain_heldout30_first_sight.json,
+bench/results/explain_heldout31_first_sight.json)."""
 TOP1_TARGET = 0.95
 """Issue #15: >= 95% top-1 on our own corpus."""
 PRECISION_TARGET = 1.0
