@@ -172,7 +172,7 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 125 <= len(CASES) <= 260 and len({c["file"] for c in CASES}) == len(CASES)
+    assert 125 <= len(CASES) <= 300 and len({c["file"] for c in CASES}) == len(CASES)
     files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
     assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
@@ -323,7 +323,7 @@ def test_round_ten_covers_diagnostic_tool_outputs():
     header, bitsandbytes' old `CUDA SETUP` report, llamafactory-cli env (`GPU number`), vLLM's collect_env on ROCm,
     DIGITS' device_query.py, `gpu_burn -l`, the first `accelerate env`, gpustack's GPU JSON; texts naming several
     products or no GPU are refused (`expect_error`)."""
-    later, formats = round_cases(221, None, "round10")
+    later, formats = round_cases(221, 244, "round10")
     for form in ("gpustat", "topo -m", "-q -x", "csv,noheader", "ds_report", "nvcc --version", "bitsandbytes",
                  "llamafactory-cli env", "vllm collect-env", "device_query.py", "gpu_burn", "accelerate env",
                  "gpustack"):
@@ -331,6 +331,109 @@ def test_round_ten_covers_diagnostic_tool_outputs():
     assert 3 <= sum(bool(c.get("expect_error")) for c in later) <= 5
     assert {c.get("vendor") for c in later if not c.get("expect_error")} >= {"nvidia", "amd", "none"}
     assert capabilities(later) >= {"3.5", "6.0", "7.5", "8.9", "9.0"}
+
+
+def test_round_eleven_covers_common_gpus_described_briefly():
+    """Round 11 (cases 244 on): the short descriptions of common GPUs that users write when they ask for help: issue
+    titles (`RTX 4060TI 16G`, `4*2080ti 22g`, `H20 96G显存`), one-line `GPU:` fields (`GPU：2080Ti`, `GPU: RTX 5090
+    (sm_120)`), bullets with a count in the key (`- 1 GPU: RTX 4090 (24GB)`), bold bullets and an Environment
+    Markdown table (RTX PRO 6000 Blackwell, `**Video Memory**: 96GB`), Tested-on notes (Jetson AGX Orin, DGX Spark
+    GB10), Colab/Kaggle T4s, an instance type beside its GPU (`A10G (g5.4xlarge)`), AMD and Apple machines in words;
+    texts naming several products or machines are refused (`expect_error`)."""
+    later, formats = round_cases(244, None, "round11")
+    for form in ("title", "short GPU line", "bullet", "bold bullets", "Markdown table", "Tested On", "prose",
+                 "Chinese", "instance type", "two products", "two machines"):
+        assert form in formats, form
+    assert 2 <= sum(bool(c.get("expect_error")) for c in later) <= 4
+    assert {c.get("vendor") for c in later if not c.get("expect_error")} >= {"nvidia", "amd", "apple"}
+    assert capabilities(later) >= {"7.5", "8.0", "8.6", "8.7", "8.9", "9.0", "12.0", "12.1"}
+
+
+@pytest.mark.parametrize("text, gpus, driver, cuda, python", [
+    # a GeForce `Ti`/`SUPER` is another product (another memory size): kept in the name, no table size guessed
+    ("single RTX 3060 Ti", [("RTX 3060 Ti", "8.6", None)], None, None, None),
+    ("CUDA Out of memory RTX 4060TI 16G", [("RTX 4060 Ti", "8.9", 16384)], None, None, None),
+    ("RTX 4070 SUPER 12GB", [("RTX 4070 SUPER", "8.9", 12288)], None, None, None),
+    ("GPU：2080Ti", [("RTX 2080 Ti", "7.5", None)], None, None, None),  # a `GPU:` field's bare number
+    ("4*2080ti 22g deploy fail", [("RTX 2080 Ti", "7.5", 22528)] * 4, None, None, None),  # a modded card's size
+    ("H20 96G显存 lora微调", [("H20", "9.0", 98304)], None, None, None),  # cuda.toml's H20 row
+    ("在4张H20上微调\nDriver Version: 550.144.03     CUDA Version: 12.4    GPU H20   Torch Version: 2.5.1",
+     [("H20", "9.0", None)] * 4, "550.144.03", "12.4", None),
+    ("- 1 GPU: RTX 4090 (24GB)\n- OS: Ubuntu 22.04 / WSL2", [("RTX 4090", "8.9", 23040)], None, None, None),
+    ("* **Product Name**: NVIDIA RTX PRO 6000 Blackwell Server Edition\n* **Video Memory**: 96GB GDDR7",
+     [("RTX PRO 6000", "12.0", 98304)], None, None, None),
+    ("| **Hardware** | 2× NVIDIA RTX PRO 6000 Blackwell Workstation Edition (96 GB each), TP=2 |\n"
+     "| **Driver** | 595.71.05 (open kernel module) |\n| **CUDA** | 13.0 (toolkit & runtime) |\n"
+     "| **Python** | 3.12.3 |", [("RTX PRO 6000", "12.0", 98304)] * 2, "595.71.05", None, "3.12.3"),
+])
+def test_round_eleven_forms_are_read(tmp_path, text, gpus, driver, cuda, python):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text(text + "\n")
+    machine = load_described_machine(path)
+    assert [(g.name, g.compute_capability, g.memory_total_mib) for g in machine.gpus] == gpus
+    assert (machine.driver_version, machine.cuda_driver_version) == (driver, cuda)
+    if python:
+        assert machine.python == python
+
+
+@pytest.mark.parametrize("text, gpus, vendor", [
+    # hand-written YAML with the keys a user guesses: `count` beside `gpu`, a count glued to a name, one name mapped
+    # to a count, an AMD name
+    ('gpu: "RTX 4090"\nvram: 24GB\ncount: 2\ncuda: 12.4', [("RTX 4090", "8.9", 24576)] * 2, "nvidia"),
+    ("gpus: 2x A100-80G\ndriver: '550.54.15'", [("A100-80G", "8.0", None)] * 2, "nvidia"),
+    ("gpu: t4x2", [("t4", "7.5", 15360)] * 2, "nvidia"),
+    ("gpu: {H100: 8}", [("H100", "9.0", None)] * 8, "nvidia"),
+    ("gpu: MI300X\ncount: 8", [("MI300X", None, None)] * 8, "amd"),
+])
+def test_round_eleven_hand_written_keys_are_read(tmp_path, text, gpus, vendor):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.yaml"
+    path.write_text(text + "\n")
+    machine = load_described_machine(path)
+    assert [(g.name, g.compute_capability, g.memory_total_mib) for g in machine.gpus] == gpus
+    assert machine.gpu_vendor == vendor
+
+
+@pytest.mark.parametrize("text", ["- GPUs: 2\n- OS: Ubuntu 22.04", "- GPUs: 2x NVIDIA A100\n- OS: Ubuntu"])
+def test_round_eleven_a_plural_gpus_key_is_not_a_name(tmp_path, text):
+    """`- GPUs: 2` is a count without a GPU (not a GPU named "2"); only a count in the key (`- 1 GPU:`) is read."""
+    from qlora_doctor.core.errors import InputError
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text(text + "\n")
+    with pytest.raises(InputError):
+        load_described_machine(path)
+
+
+def test_round_eleven_a_spec_of_alternatives_is_refused_by_name(tmp_path):
+    """`gpu: {L4: 1, A10G: 1}` (a cloud spec's alternatives) names no one machine."""
+    from qlora_doctor.core.errors import InputError
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.yaml"
+    path.write_text("gpu: {L4: 1, A10G: 1}\n")
+    with pytest.raises(InputError) as err:
+        load_described_machine(path)
+    assert "names several GPUs (A10G, L4)" in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("text", [
+    "NVIDIA RTX 4090 / 24GB cannot run normally. Do I have to use NVIDIA V100 / 40GB to run it?",
+    "We have tested the training speed with A100 and H100 (single GPU for test)",
+])
+def test_round_eleven_several_products_are_refused(tmp_path, text):
+    from qlora_doctor.core.errors import InputError
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text(text + "\n")
+    with pytest.raises(InputError) as err:
+        load_described_machine(path)
+    assert "names several GPUs" in str(err.value)
 
 
 @pytest.mark.parametrize("text, gpus, driver, cuda, python", [

@@ -207,7 +207,7 @@ _ALIASES = {"driver": "driver_version", "nvidia_driver": "driver_version", "nvid
             "machine": "arch"}
 """Names people give these facts in hand-written descriptions, read as the documented key (with a note)."""
 
-_COUNT_KEYS = ("gpu_count", "num_gpus", "n_gpus")
+_COUNT_KEYS = ("gpu_count", "num_gpus", "n_gpus", "count")  # `count: 2` beside `gpu: "RTX 4090"` (a guessed key)
 _MEMORY_GB_KEYS = ("gpu_memory_gb", "vram_gb", "memory_gb", "vram")
 
 
@@ -250,6 +250,8 @@ def _read_aliases(data: dict, where: str, errors: list[str]) -> tuple[dict, list
         out.pop("python")
     if isinstance(out.get("gpus"), (str, dict)):
         out["gpus"] = [out["gpus"]]
+    if isinstance(out.get("gpus"), list):
+        out["gpus"] = _counted_names(out["gpus"], where, errors, notes)
     count_key = next((k for k in _COUNT_KEYS if k in out), None)
     count = out.pop(count_key) if count_key else None
     if isinstance(out.get("gpus"), int) and not isinstance(out.get("gpus"), bool):
@@ -286,6 +288,48 @@ def _read_aliases(data: dict, where: str, errors: list[str]) -> tuple[dict, list
                 spread.append(gpu)
         out["gpus"] = spread
     return out, notes
+
+
+_COUNTED_NAME = re.compile(r"(?:(\d{1,2})[ \t]*[x×*][ \t]*(?P<a>[A-Za-z][^\n]*?)|(?P<b>[A-Za-z][^\n]*?)[ \t]*[x×*][ \t]*(\d{1,2}))",
+                           re.I)
+_GPU_KEYS = {"name", "compute_capability", "memory_total_mib", "memory_free_mib", "vendor", "cc", "compute_cap", "sm",
+             "model", "gpu", "count", "number", "quantity", "memory", "memory_gb", "vram", "vram_gb", "memory_mib"}
+
+
+def _counted_names(gpus: list, where: str, errors: list[str], notes: list[str]) -> list:
+    """Hand-written GPU entries that carry their count: a name with a count glued on (`2x A100-80G`, `t4x2`,
+    `H100 * 8`) as that many of the name; a mapping of one name to a count (`{H100: 8}`) likewise; a mapping of
+    several names to counts (`{L4: 1, A10G: 1}`, a cloud spec's alternatives) names no one machine: refused,
+    naming them. Each reading said in a note."""
+    out: list = []
+    for gpu in gpus:
+        if isinstance(gpu, str):
+            found = _COUNTED_NAME.fullmatch(gpu.strip())
+            n = found and int(found.group(1) or found.group(4))
+            if found and 1 <= n <= 64:
+                name = (found.group("a") or found.group("b")).strip()
+                out += [name] * n
+                notes.append(f"read {gpu.strip()!r} as {n} x {name!r}")
+                continue
+        elif (isinstance(gpu, dict) and gpu and not set(gpu) & _GPU_KEYS
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in gpu.values())):
+            if len(gpu) > 1:
+                errors.append(f"{where}: gpus: {json.dumps(gpu)[:80]} names several GPUs ({', '.join(sorted(gpu))}), "
+                              "not one machine; name the machine the job ran on (e.g. {\"gpus\": [\"NVIDIA L4\"]})")
+                continue
+            (name, n), = gpu.items()
+            if 1 <= n <= 64:
+                out += [name] * n
+                notes.append(f"read {json.dumps(gpu)} as {n} x {name!r}")
+                continue
+        if isinstance(gpu, str) and _AMD_NAME.fullmatch(gpu.strip()):  # `gpu: MI300X`: an AMD GPU (ROCm), not CUDA
+            gpu = {"name": gpu.strip(), "vendor": "amd"}
+            notes.append(f"read {gpu['name']!r} as an AMD GPU")
+        out.append(gpu)
+    return out
+
+
+_AMD_NAME = re.compile(r"(?:AMD[ \t]+)?(?:Instinct[ \t]+)?MI\d{2,3}[A-Z]?|(?:AMD[ \t]+)?Radeon\b.*", re.I)
 
 
 _ACCELERATOR = re.compile(r"\s*([A-Za-z][\w.-]*?)(?::(\d{1,2}))?\s*")

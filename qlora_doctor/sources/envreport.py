@@ -173,7 +173,8 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     collect_env = re.search(r"^`?(?:Collecting\W*environment information|PyTorch version:|Is CUDA available:|"
                             r"CUDA used to build PyTorch:|GPU models and configuration:)", text, re.M)
     # transformers/accelerate env bullets, and the hand-written ones (`- GPU: NVIDIA RTX A6000`, `- OS: Ubuntu`)
-    hf_env = re.search(r"^-\s*(?:`?\w+`? version|Platform|Python version|GPU(?: type| model| name| vendor)?|OS|"
+    hf_env = re.search(r"^-\s*(?:`?\w+`? version|Platform|Python version|(?:\d{1,2}[ \t]*[x×]?[ \t]*GPUs?|GPU)"
+                       r"(?: type| model| name| vendor)?|OS|"
                        r"Operating system|Device|Hardware):", text, re.M | re.I)
     if not collect_env and not hf_env:
         return container_cli_facts(text) or log_facts(text) or prose_facts(text)
@@ -214,8 +215,10 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
                           re.M | re.I)
         if aside:
             data["driver_version"] = aside.group(1)
-    gpu_line = re.search(r"^(?:GPU models and configuration|-\s*GPU(?: type| model| name)?):[ \t]*(.*)$", text,
-                         re.M | re.I)
+    # (a count in the key, `- 1 GPU: RTX 4090 (24GB)`, `- 2x GPUs: ...`: that many of the one GPU it names)
+    gpu_line = re.search(r"^(?:GPU models and configuration|-\s*(?:\d{1,2}[ \t]*[x×]?[ \t]*GPUs?|GPU)(?: type| model| name)?):"
+                         r"[ \t]*(.*)$", text, re.M | re.I)
+    keyed_count = re.search(r"^-\s*(\d{1,2})[ \t]*[x×]?[ \t]*GPUs?:", text, re.M | re.I)
     names = [n for n in re.findall(r"GPU \d+:\s*([^\n(|]+?)\s*(?:\(UUID[^)]*\))?\s*$", text, re.M)
              if not _NOT_A_NAME.match(n.strip())]
     per_gpu: list[dict[str, Any]] = []
@@ -275,6 +278,7 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     elif names:
         # llamafactory-cli env names one `GPU type` and counts them: `- GPU number: 8` (that many of it)
         number = re.search(r"^-\s*GPU number:[ \t]*(\d{1,2})[ \t]*$", text, re.M)
+        number = number or keyed_count
         count = int(number.group(1)) if number and len(names) == 1 and 0 < int(number.group(1)) <= 64 else 1
         data["gpus"] = [{"name": n.strip(), **extra} for n in names] * count
     elif available:
@@ -762,6 +766,10 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     if len(text) > PROSE_MAX_CHARS:
         return None
     body = "\n".join(ln for ln in text.splitlines() if not re.match(r"\s*#\s*https?://", ln))  # a `# URL` line
+    # a two-column Markdown table's rows with bold keys (`| **Driver** | 595.71.05 (open kernel module) |`, as an
+    # issue's `Environment` table has them), read as `Driver: 595.71.05 ...` (the plain ones are bullets already)
+    body = re.sub(r"^\|[ \t]*\*\*([A-Za-z][^|*\n]{0,40}?)\*\*[ \t]*\|[ \t]*([^|\n]*?\S)[ \t]*\|[ \t]*$", r"\1: \2", body,
+                  flags=re.M)
     tables = load_tables()
     names = sorted({m.match for m in tables.gpu_models if not m.match.endswith(" P")} |
                    {m.match for m in tables.gpu_memory}, key=len, reverse=True)
@@ -805,7 +813,15 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     if gb is None and count > 1:  # `2 * 4090 ... 2 * 24GB`: the same count times a size, elsewhere in the text
         each = re.search(rf"(?<![\d.]){count}[ \t]*{_TIMES}[ \t]*(\d{{1,3}})[ \t]*(?:GB|G)(?![A-Za-z])", body)
         gb = float(each.group(1)) if each and 2 <= int(each.group(1)) <= 512 else None
-    gpu: dict[str, Any] = {"name": name}  # the table's spelling: `rtx3090` and `4090` alone are its `RTX 3090`
+    if gb is None and count == 1:  # one GPU and a memory key line: `**Video Memory**: 96GB GDDR7`, `VRAM: 24GB`
+        keyed = re.search(r"\b(?:Video[ \t]+Memory|VRAM|GPU[ \t]+Memory|显存)\**[ \t]*[:：=]\**[ \t]*(\d{1,3})[ \t]*"
+                          r"(?:GB|GiB|G)(?![A-Za-z])", body, re.I)
+        gb = float(keyed.group(1)) if keyed and 2 <= int(keyed.group(1)) <= 512 else None
+    # the table's spelling: `rtx3090` and `4090` alone are its `RTX 3090`; a GeForce suffix kept (`RTX 2080 Ti`)
+    suffix = re.search(rf"{_GEFORCE_SUFFIX}$", body[start:end], re.I) if re.fullmatch(r"(?:RTX|GTX) \d{4}", name) \
+        else None
+    gpu: dict[str, Any] = {"name": name + (" Ti" if suffix and suffix.group(0).strip(" \t-").lower() == "ti" else
+                                           " SUPER" if suffix else "")}
     notes = [f"read from words: {count} x {gpu['name']}" + (f" ({how})" if how else f" ('{body[start:end]}')") +
              (f", {gb:g} GB each as stated" if gb else "")]
     if gb:
@@ -817,8 +833,9 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     if driver:
         facts["driver_version"] = driver.group(1)
     # (not a toolkit's full version, `cuda12.2.91`: nvidia-smi prints the driver's CUDA as major.minor only)
-    cuda = re.search(r"\bCUDA(?:[ \t_-]*(?:version|driver|runtime))?(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?(\d{1,2}\.\d)\b(?!\.\d)",
-                     body, re.I)
+    # (nor one the text calls the toolkit's or runtime's: `CUDA: 13.0 (toolkit & runtime)`)
+    cuda = re.search(r"\bCUDA(?:[ \t_-]*(?:version|driver|runtime))?(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?(\d{1,2}\.\d)\b(?!\.\d)"
+                     r"(?![ \t]*\(?[ \t]*(?:toolkit|runtime)\b)", body, re.I)
     if cuda:
         facts["cuda_driver_version"] = cuda.group(1)
         notes.append(f"read 'CUDA {cuda.group(1)}' as the CUDA version the driver reports (nvidia-smi's); "
@@ -854,6 +871,10 @@ _HOST_WITH_GPUS = re.compile(r"\b(?:node|machine|server|box|host|instance|workst
                              r"(\d{1,2}|two|three|four|six|eight)[ \t]+GPUs\b", re.I)
 
 
+_GEFORCE_SUFFIX = r"(?:[ \t-]?(?:Ti|SUPER)(?![A-Za-z]))"
+"""A GeForce name's `Ti` / `SUPER` (any case, glued or not): the pattern is used with re.I."""
+
+
 def _name_pattern(name: str) -> str:
     """A table name as people write it: any case, the space between its words optional or a hyphen
     (`RTX 4090`, `rtx4090`, `RTX-4090`), a plural `s`, an `x2` or a size glued on (`A100-80GB`, `T4x2`)."""
@@ -865,10 +886,15 @@ def _name_pattern(name: str) -> str:
         digits = re.escape(name.split()[1])  # (or owned: `_OWNED_NUMBER`, read in prose_facts)
         # also: after a vendor word (`nvidia 3090`), after a Chinese measure word for cards (`两张3090`, `8块4090`),
         # before a count (`4090*4`, `3090x2`) or a stated size (`3060 12G`, `5080 16G`)
+        # and a `GPU:` field's answer (`GPU：2080Ti`, `GPU: 3090`)
         core = (rf"(?:{core}|(?<=[x×*X][ \t])\s*{digits}|(?<=[x×*X]){digits}|(?<=nvidia[ \t]){digits}|"
-                rf"(?<=geforce[ \t]){digits}|(?<=[张块]){digits}|"
-                rf"{digits}(?=[ \t]*(?:(?:GPUs?|cards?)\b|显卡|卡|[x×*X][ \t]*\d{{1,2}}(?!\d)|"
+                rf"(?<=geforce[ \t]){digits}|(?<=[张块]){digits}|(?<=GPU:){digits}|(?<=GPU: ){digits}|"
+                rf"(?<=GPU：){digits}|(?<=GPU： ){digits}|"
+                rf"{digits}(?={_GEFORCE_SUFFIX}?[ \t]*(?:(?:GPUs?|cards?)\b|显卡|卡|[x×*X][ \t]*\d{{1,2}}(?!\d)|"
                 rf"\d{{1,2}}[ \t]?G(?:B|iB)?(?![A-Za-z]))))")
+        # `3060 Ti`, `4060TI`, `2080ti`, `4070 SUPER`: another product than the number alone (another memory
+        # size), kept in the match so that prose_facts names it (`RTX 3060 Ti`, not `RTX 3060`)
+        core = rf"{core}{_GEFORCE_SUFFIX}?"
     # glued to a count before it too: `8xH100`, `2×A100`
     return rf"(?:(?<![A-Za-z0-9])|(?<=\d[xX×])){core}(?=s?(?![A-Za-z0-9])|x\d|-?\d+\s*G)"
 
