@@ -22,7 +22,7 @@
 # `recompute: selective` runs on the image's torch 2.11 since fused LoRA adds out of place inside selective
 # layers (trainer/selective.py). Results land in $OUT/<PART>/; commit them under bench/results/ with the card.
 set -u
-PART=${PART:?PART=ours|fp8|peer|loss|table}
+PART=${PART:?PART=ours|fp8|peer|loss|table|all}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl2/*.whl || exit 1
 export PYTHONPATH=/tmp/site2:$PWD HF_HUB_OFFLINE=1
 mkdir -p "$OUT/$PART"
@@ -53,7 +53,23 @@ case $PART in
         python3 -c "import json,sys; p=json.load(open(sys.argv[1]))['points'][0]; l=p.get('losses') or []; print('unsloth loss', len(l), l[:2], l[-3:], p.get('error'))" "$OUT/table/unsloth_loss.json" ;;
   peer) python3 bench/peer_unsloth.py --out "$OUT/peer/unsloth.json" --budget-s 360 > "$OUT/peer/unsloth.log" 2>&1
         echo "unsloth exit $?" >> "$OUT/peer/exits.txt" ;;
-  *) echo "PART=$PART: expected ours, fp8, peer, loss or table" >&2; exit 2 ;;
+  all)  # table and loss in one call, when only one fits the device budget (LOSS_STEPS 100 here)         (~8 min)
+        for v in baseline fast fast_fp8_cache_selective_offload; do run $v; done
+        python3 bench/peer_unsloth.py --out "$OUT/all/unsloth.json" --modes "${PEER_MODES:-unsloth}" \
+          --budget-s "${PEER_S:-130}" > "$OUT/all/unsloth.log" 2>&1
+        echo "unsloth exit $?" >> "$OUT/all/exits.txt"
+        python3 bench/train_throughput.py --out "$OUT/all/curves.json" --shapes "" --loss-steps "${LOSS_STEPS:-100}" \
+          --loss-data memorise --loss-reference baseline --loss-variant fast,fast_fp8_cache_selective_offload \
+          --loss-tolerance 0.05 --loss-abs-tolerance 0.05 --budget-s "${LOSS_S:-220}" ${BENCH_ARGS:-} \
+          > "$OUT/all/curves.log" 2>&1
+        echo "loss exit $?" >> "$OUT/all/exits.txt"
+        python3 bench/peer_unsloth.py --out "$OUT/all/unsloth_loss.json" --modes unsloth --shape 1b --seq 512 \
+          --batch 4 --warmup 0 --steps "${LOSS_STEPS:-100}" --lr 3e-3 --lora-alpha 32 --data memorise \
+          --schedule cosine --max-grad-norm 0.3 --budget-s "${PEER_LOSS_S:-130}" > "$OUT/all/unsloth_loss.log" 2>&1
+        echo "unsloth_loss exit $?" >> "$OUT/all/exits.txt"
+        python3 bench/loss_plot.py --curves "$OUT/all/curves.json" --peer "$OUT/all/unsloth_loss.json" \
+          --out "$OUT/all/loss_all.json" ;;
+  *) echo "PART=$PART: expected ours, fp8, peer, loss, table or all" >&2; exit 2 ;;
 esac
 python3 - "$OUT/$PART" <<'PY'
 import glob, json, sys
