@@ -47,7 +47,7 @@ case $PART in
         python3 bench/peer_unsloth.py --out "$OUT/table/unsloth.json" --budget-s "${PEER_S:-200}" > "$OUT/table/unsloth.log" 2>&1
         echo "unsloth exit $?" >> "$OUT/table/exits.txt"
         python3 bench/peer_unsloth.py --out "$OUT/table/unsloth_loss.json" --modes unsloth --shape 1b --seq 512 \
-          --batch 4 --warmup 0 --steps "${LOSS_STEPS:-200}" --lr 3e-3 --lora-alpha 32 --data memorise --schedule cosine \
+          --batch 4 --warmup 0 --steps "${LOSS_STEPS:-200}" --lr 3e-3 --lora-alpha 32 --data memorise --order trainer --schedule cosine \
           --max-grad-norm 0.3 --budget-s "${PEER_LOSS_S:-170}" > "$OUT/table/unsloth_loss.log" 2>&1
         echo "unsloth_loss exit $?" >> "$OUT/table/exits.txt"
         python3 -c "import json,sys; p=json.load(open(sys.argv[1]))['points'][0]; l=p.get('losses') or []; print('unsloth loss', len(l), l[:2], l[-3:], p.get('error'))" "$OUT/table/unsloth_loss.json" ;;
@@ -64,7 +64,7 @@ case $PART in
           > "$OUT/all/curves.log" 2>&1
         echo "loss exit $?" >> "$OUT/all/exits.txt"
         python3 bench/peer_unsloth.py --out "$OUT/all/unsloth_loss.json" --modes unsloth --shape 1b --seq 512 \
-          --batch 4 --warmup 0 --steps "${LOSS_STEPS:-100}" --lr 3e-3 --lora-alpha 32 --data memorise \
+          --batch 4 --warmup 0 --steps "${LOSS_STEPS:-100}" --lr 3e-3 --lora-alpha 32 --data memorise --order trainer \
           --schedule cosine --max-grad-norm 0.3 --budget-s "${PEER_LOSS_S:-130}" > "$OUT/all/unsloth_loss.log" 2>&1
         echo "unsloth_loss exit $?" >> "$OUT/all/exits.txt"
         python3 bench/loss_plot.py --curves "$OUT/all/curves.json" --peer "$OUT/all/unsloth_loss.json" \

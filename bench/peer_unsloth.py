@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", choices=["random", "memorise"], default="random",
                    help="random: train_throughput's timing rows (seed 1); memorise: its loss-curve rows, 16 fixed "
                         "random rows cycled (seed 7), whose loss falls from ~ln(vocab) toward 0")
+    p.add_argument("--order", choices=["sequential", "trainer"], default="sequential",
+                   help="the rows in order, or in the order the transformers Trainer's sampler draws them (seed 42, "
+                        "as train_throughput's loss curves take them): the curves are then step-for-step comparable")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning-rate schedule over warmup + steps (cosine, no warm-up: the Trainer's as the bench "
                         "and the recipe default set it)")
@@ -156,13 +159,47 @@ def child_build(args: argparse.Namespace, tt: Any) -> dict[str, Any]:
     Path(args.models_dir).mkdir(parents=True, exist_ok=True)
     path = Path(tt.build_model(args.shape, args.device, args.models_dir))
     wrote = write_tokenizer(path)
-    return {"path": str(path), "reused": existed, "tokenizer_written": wrote,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    out = {"path": str(path), "reused": existed, "tokenizer_written": wrote}
+    if args.order == "trainer":
+        order = trainer_order(args.batch * (args.warmup + args.steps), args.batch, args.warmup + args.steps)
+        order_path(args).write_text(json.dumps(order))
+        out["trainer_order"] = str(order_path(args))
+    return {**out, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def batches(tt: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+def trainer_order(count: int, batch: int, steps: int, seed: int = 42) -> list[int]:
+    """The row indices, in step order, that a transformers Trainer (its default sampler, `seed`) draws from a
+    dataset of `count` rows over `steps` steps of `batch`: what train_throughput's loss curves train on. Run in the
+    build child (never after `import unsloth`, which patches the Trainer)."""
+    import itertools
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    class Indices(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return count
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {"i": torch.tensor(i)}
+
+    with tempfile.TemporaryDirectory() as work:
+        targs = TrainingArguments(output_dir=work, per_device_train_batch_size=batch, max_steps=steps, seed=seed,
+                                  report_to="none", use_cpu=True, remove_unused_columns=False)
+        trainer = Trainer(model=torch.nn.Linear(1, 1), args=targs, train_dataset=Indices(),
+                          data_collator=lambda rows: torch.stack([r["i"] for r in rows]))
+        drawn = itertools.islice(trainer.get_train_dataloader(), steps)
+        return [int(i) for step in drawn for i in step.flatten().tolist()]
+
+
+def order_path(args: argparse.Namespace) -> Path:
+    """Where the build child leaves trainer_order's indices for the mode children (beside their points)."""
+    return Path(args.point_out).with_name("trainer_order.json")
+
+
+def batches(tt: Any, args: argparse.Namespace, order: list[int] | None = None) -> list[dict[str, Any]]:
     """train_throughput's synthetic rows (full length, no padding, labels = inputs), as tensors: its timing rows,
-    or with --data memorise the rows its loss curves train on."""
+    or with --data memorise the rows its loss curves train on; taken in `order` (row indices) when given."""
     import torch
 
     count = args.warmup + args.steps
@@ -171,6 +208,8 @@ def batches(tt: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
         rows = tt.memorised_rows(args.batch * count, args.seq, seed=7, vocab=vocab).rows
     else:
         rows = tt.random_rows(args.batch * count, [args.seq], vocab, seed=1).rows
+    if order is not None:
+        rows = [rows[i] for i in order]
     out = []
     for k in range(count):
         ids = torch.tensor(rows[k * args.batch:(k + 1) * args.batch], dtype=torch.long, device=args.device)
@@ -234,7 +273,7 @@ def child_mode(args: argparse.Namespace, tt: Any, point: dict[str, Any], save: A
         torch.cuda.reset_peak_memory_stats()
     save()
     optimizer, scheduler = optimizer_and_schedule(trainable, args, fused=cuda)
-    data = batches(tt, args)
+    data = batches(tt, args, json.loads(order_path(args).read_text()) if args.order == "trainer" else None)
     seconds: list[float] = []
     losses: list[float] = []
     for batch in data:
@@ -270,7 +309,7 @@ def child_main(args: argparse.Namespace) -> int:
                      lora={"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0, "targets": TARGETS},
                      optimizer={"name": "torch.optim.AdamW", "fused": args.device == "cuda", "lr": args.lr,
                                 "weight_decay": 0.0, "schedule": args.schedule, "max_grad_norm": args.max_grad_norm},
-                     data=args.data,
+                     data=args.data, order=args.order,
                      loop="hand loop: forward(labels) under bf16 autocast, backward, step, zero_grad")
 
     def save() -> None:
@@ -316,7 +355,8 @@ def run_child(args: argparse.Namespace, job: str, timeout: float, logs: Path, wo
            "--point-out", str(point_out), "--device", args.device, "--shape", args.shape, "--seq", str(args.seq),
            "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr),
            "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha), "--models-dir", args.models_dir,
-           "--data", args.data, "--schedule", args.schedule, "--max-grad-norm", str(args.max_grad_norm)]
+           "--data", args.data, "--order", args.order, "--schedule", args.schedule,
+           "--max-grad-norm", str(args.max_grad_norm)]
     env = {**os.environ, **OFFLINE}
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -359,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {
         "meta": {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "device": args.device,
                  "shape": args.shape, "seq": args.seq, "batch": args.batch, "warmup_steps": args.warmup, "data": args.data,
+                 "order": args.order,
                  "timed_steps": args.steps, "versions": versions(), "env": OFFLINE, "logs": str(logs),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "build": None, "points": []}

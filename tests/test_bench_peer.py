@@ -195,3 +195,29 @@ def test_loss_plot_refuses_a_peer_curve_of_other_rows_or_length(tmp_path):
     rc, got = _loss_run(tmp_path, [{"variant": "unsloth_offload_ckpt", "losses": [1.0] * 4}], {"data": "random"})
     assert rc == 1 and "unsloth_offload_ckpt" not in got["curves"]
     assert any("not the reference's memorised ones" in p for p in got["problems"])
+
+
+def test_trainer_order_is_the_order_the_benchs_trainer_trains_on(tmp_path):
+    """--order trainer feeds the peer the rows in the order the plain path's Trainer (train_throughput's
+    baseline_trainer_parts, run for real on CPU) draws them, so the two loss curves are step-for-step comparable."""
+    from transformers import Trainer
+
+    batch, steps = 2, 6
+    args = peer.parse_args(["--out", "x.json", "--device", "cpu", "--shape", "tiny-1b", "--seq", "16", "--batch",
+                            str(batch), "--warmup", "0", "--steps", str(steps), "--data", "memorise",
+                            "--order", "trainer"])
+    order = peer.trainer_order(batch * steps, batch, steps)
+    assert sorted(order) == list(range(batch * steps)) and order != sorted(order)
+    ours = [r for b in peer.batches(TT, args, order) for r in b["input_ids"].tolist()]
+
+    path = TT.build_model("tiny-1b", "cpu", str(tmp_path / "models"))
+    model, targs, inner = TT.baseline_trainer_parts(path, "cpu", batch, steps, "adamw_torch", 3e-3, 1, tmp_path)
+    seen: list[list[int]] = []
+
+    def recording(features):
+        seen.extend(list(f["input_ids"]) for f in features)
+        return inner(features)
+
+    data = TT.memorised_rows(batch * steps, 16, seed=7, vocab=TT.SHAPES["tiny-1b"]["vocab_size"])
+    Trainer(model=model, args=targs, train_dataset=data, data_collator=recording).train()
+    assert seen == ours
