@@ -32,41 +32,43 @@ run() {  # one variant per process: each starts from an empty CUDA cache
     --warmup 2 --steps 4 --budget-s 100 ${BENCH_ARGS:-} > "$OUT/$PART/$1.log" 2>&1 &
   local pid=$!; ( sleep "${VARIANT_S:-150}"; kill "$pid" 2>/dev/null ) & local guard=$!
   wait "$pid"; local rc=$?; kill "$guard" 2>/dev/null
-  echo "$1 exit $rc" >> "$OUT/$PART/exits.txt"; tail -3 "$OUT/$PART/$1.log"
+  exited "$1" $rc; tail -3 "$OUT/$PART/$1.log"
+}
+exited() { echo "$1 exit $2" >> "$OUT/$PART/exits.txt"; }
+curves() {  # loss curves of $1 against the comma list $2 over $LOSS_STEPS: tolerances $3 (relative), $4 (absolute); budget $5
+  python3 bench/train_throughput.py --out "$OUT/$PART/curves.json" --shapes "" --loss-steps "$LOSS_STEPS" \
+    --loss-data memorise --loss-reference "$1" --loss-variant "$2" --loss-tolerance "$3" --loss-abs-tolerance "$4" \
+    --budget-s "$5" ${BENCH_ARGS:-} > "$OUT/$PART/curves.log" 2>&1
+  exited loss $?; tail -3 "$OUT/$PART/curves.log"
+}
+peer() {  # unsloth's throughput, modes $1, budget $2
+  python3 bench/peer_unsloth.py --out "$OUT/$PART/unsloth.json" --modes "$1" --budget-s "$2" > "$OUT/$PART/unsloth.log" 2>&1
+  exited unsloth $?
+}
+peer_loss() {  # unsloth's loss curve on the rows, order and settings curves() trains on (the Trainer's); budget $1
+  python3 bench/peer_unsloth.py --out "$OUT/$PART/unsloth_loss.json" --modes unsloth --shape 1b --seq 512 --batch 4 \
+    --warmup 0 --steps "$LOSS_STEPS" --lr 3e-3 --lora-alpha 32 --data memorise --order trainer --schedule cosine \
+    --max-grad-norm 0.3 --budget-s "$1" > "$OUT/$PART/unsloth_loss.log" 2>&1
+  exited unsloth_loss $?
 }
 case $PART in
   ours) for v in ${VARIANTS:-baseline fast fast_selective fast_offload fast_selective_offload}; do run $v; done ;;
   fp8)  for v in ${VARIANTS:-baseline fast fast_fp8_selective_offload fast_fp8_cache_selective_offload}; do run $v; done ;;
-  loss) python3 bench/train_throughput.py --out "$OUT/loss/curves.json" --variants fast --batches 1 \
-          --steps 1 --warmup 0 --shapes "" --seq 512 --loss-steps "${LOSS_STEPS:-200}" --loss-data memorise \
-          --loss-reference "${LOSS_REF:-fast_full_recompute}" --loss-variant "${LOSS_VAR:-fast}" \
-          --loss-tolerance "${LOSS_TOL:-0.01}" --loss-abs-tolerance "${LOSS_ABS_TOL:-0}" --budget-s 480 ${BENCH_ARGS:-} > "$OUT/loss/curves.log" 2>&1
-        echo "loss exit $?" >> "$OUT/loss/exits.txt"; tail -3 "$OUT/loss/curves.log"
+  loss) LOSS_STEPS=${LOSS_STEPS:-200}
+        curves "${LOSS_REF:-fast_full_recompute}" "${LOSS_VAR:-fast}" "${LOSS_TOL:-0.01}" "${LOSS_ABS_TOL:-0}" 480
         python3 -c "import json,sys; d=json.load(open(sys.argv[1]))['loss_curves']; print(d.get('compared'), d.get('errors'))" "$OUT/loss/curves.json" ;;
-  table) for v in ${VARIANTS:-baseline fast fast_fp8_cache_selective_offload}; do run $v; done
-        python3 bench/peer_unsloth.py --out "$OUT/table/unsloth.json" --budget-s "${PEER_S:-200}" > "$OUT/table/unsloth.log" 2>&1
-        echo "unsloth exit $?" >> "$OUT/table/exits.txt"
-        python3 bench/peer_unsloth.py --out "$OUT/table/unsloth_loss.json" --modes unsloth --shape 1b --seq 512 \
-          --batch 4 --warmup 0 --steps "${LOSS_STEPS:-200}" --lr 3e-3 --lora-alpha 32 --data memorise --order trainer --schedule cosine \
-          --max-grad-norm 0.3 --budget-s "${PEER_LOSS_S:-170}" > "$OUT/table/unsloth_loss.log" 2>&1
-        echo "unsloth_loss exit $?" >> "$OUT/table/exits.txt"
+  table) LOSS_STEPS=${LOSS_STEPS:-200}
+        for v in ${VARIANTS:-baseline fast fast_fp8_cache_selective_offload}; do run $v; done
+        peer unsloth,plain "${PEER_S:-200}"
+        peer_loss "${PEER_LOSS_S:-170}"
         python3 -c "import json,sys; p=json.load(open(sys.argv[1]))['points'][0]; l=p.get('losses') or []; print('unsloth loss', len(l), l[:2], l[-3:], p.get('error'))" "$OUT/table/unsloth_loss.json" ;;
-  peer) python3 bench/peer_unsloth.py --out "$OUT/peer/unsloth.json" --budget-s 360 > "$OUT/peer/unsloth.log" 2>&1
-        echo "unsloth exit $?" >> "$OUT/peer/exits.txt" ;;
+  peer) peer unsloth,plain 360 ;;
   all)  # table and loss in one call, when only one fits the device budget (LOSS_STEPS 100 here)         (~8 min)
+        LOSS_STEPS=${LOSS_STEPS:-100}
         for v in baseline fast fast_fp8_cache_selective_offload; do run $v; done
-        python3 bench/peer_unsloth.py --out "$OUT/all/unsloth.json" --modes "${PEER_MODES:-unsloth}" \
-          --budget-s "${PEER_S:-130}" > "$OUT/all/unsloth.log" 2>&1
-        echo "unsloth exit $?" >> "$OUT/all/exits.txt"
-        python3 bench/train_throughput.py --out "$OUT/all/curves.json" --shapes "" --loss-steps "${LOSS_STEPS:-100}" \
-          --loss-data memorise --loss-reference baseline --loss-variant fast,fast_fp8_cache_selective_offload \
-          --loss-tolerance 0.05 --loss-abs-tolerance 0.05 --budget-s "${LOSS_S:-220}" ${BENCH_ARGS:-} \
-          > "$OUT/all/curves.log" 2>&1
-        echo "loss exit $?" >> "$OUT/all/exits.txt"
-        python3 bench/peer_unsloth.py --out "$OUT/all/unsloth_loss.json" --modes unsloth --shape 1b --seq 512 \
-          --batch 4 --warmup 0 --steps "${LOSS_STEPS:-100}" --lr 3e-3 --lora-alpha 32 --data memorise --order trainer \
-          --schedule cosine --max-grad-norm 0.3 --budget-s "${PEER_LOSS_S:-130}" > "$OUT/all/unsloth_loss.log" 2>&1
-        echo "unsloth_loss exit $?" >> "$OUT/all/exits.txt"
+        peer "${PEER_MODES:-unsloth}" "${PEER_S:-130}"
+        curves baseline fast,fast_fp8_cache_selective_offload 0.05 0.05 "${LOSS_S:-220}"
+        peer_loss "${PEER_LOSS_S:-130}"
         python3 bench/loss_plot.py --curves "$OUT/all/curves.json" --peer "$OUT/all/unsloth_loss.json" \
           --out "$OUT/all/loss_all.json" ;;
   *) echo "PART=$PART: expected ours, fp8, peer, loss, table or all" >&2; exit 2 ;;

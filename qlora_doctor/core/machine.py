@@ -290,6 +290,10 @@ def _read_aliases(data: dict, where: str, errors: list[str]) -> tuple[dict, list
     return out, notes
 
 
+_AMD_NAME = re.compile(r"(?:AMD[ \t]+)?(?:Instinct.*|MI\d{2,3}[A-Z]?|Radeon.*)", re.I)
+"""An AMD GPU's name (`MI300X`, `AMD Instinct MI250X`, `Radeon RX 7900 XTX`): ROCm, not CUDA."""
+_ONE_MACHINE = "name the machine the job ran on (e.g. {\"gpus\": [\"NVIDIA L4\"]})"
+
 _COUNTED_NAME = re.compile(r"(?:(\d{1,2})[ \t]*[x×*][ \t]*(?P<a>[A-Za-z][^\n]*?)|(?P<b>[A-Za-z][^\n]*?)[ \t]*[x×*][ \t]*(\d{1,2}))",
                            re.I)
 _GPU_KEYS = {"name", "compute_capability", "memory_total_mib", "memory_free_mib", "vendor", "cc", "compute_cap", "sm",
@@ -315,7 +319,7 @@ def _counted_names(gpus: list, where: str, errors: list[str], notes: list[str]) 
               and all(isinstance(v, int) and not isinstance(v, bool) for v in gpu.values())):
             if len(gpu) > 1:
                 errors.append(f"{where}: gpus: {json.dumps(gpu)[:80]} names several GPUs ({', '.join(sorted(gpu))}), "
-                              "not one machine; name the machine the job ran on (e.g. {\"gpus\": [\"NVIDIA L4\"]})")
+                              f"not one machine; {_ONE_MACHINE}")
                 continue
             (name, n), = gpu.items()
             if 1 <= n <= 64:
@@ -327,9 +331,6 @@ def _counted_names(gpus: list, where: str, errors: list[str], notes: list[str]) 
             notes.append(f"read {gpu['name']!r} as an AMD GPU")
         out.append(gpu)
     return out
-
-
-_AMD_NAME = re.compile(r"(?:AMD[ \t]+)?(?:Instinct[ \t]+)?MI\d{2,3}[A-Z]?|(?:AMD[ \t]+)?Radeon\b.*", re.I)
 
 
 _ACCELERATOR = re.compile(r"\s*([A-Za-z][\w.-]*?)(?::(\d{1,2}))?\s*")
@@ -356,7 +357,7 @@ def _task_resources(data: dict, where: str) -> dict:
                 and len(sizes) + len(counts) == len(parts) - 1 and len(sizes) <= 1 and len(counts) <= 1):
             count = int(counts[0]) if counts else 1
             gpu: dict[str, Any] = {"name": name}
-            if re.fullmatch(r"(?:MI\d{2,3}[A-Z]?|Radeon.*|Instinct.*)", name, re.I):  # dstack's `gpu: MI300X`
+            if _AMD_NAME.fullmatch(name):  # dstack's `gpu: MI300X`
                 gpu["vendor"] = "amd"
             mib = _size_mib(sizes[0], "GB") if sizes else None
             if mib is None and (found := re.search(r"-(\d+)GB$", name, re.I)):  # SkyPilot's `A100-80GB`
@@ -367,7 +368,7 @@ def _task_resources(data: dict, where: str) -> dict:
                                                          f"{name}"]}
     shown = json.dumps(spec)[:80] if not isinstance(spec, str) else spec
     raise InputError(f"{where}: a task file whose resources.{key} ({shown}) allows more than one machine; "
-                     "name the machine the job ran on (e.g. {\"gpus\": [\"NVIDIA L4\"]})")
+                     + _ONE_MACHINE)
 
 
 def _with_memory(gpu: Any, mib: int) -> Any:

@@ -888,8 +888,7 @@ def _name_pattern(name: str) -> str:
         # before a count (`4090*4`, `3090x2`) or a stated size (`3060 12G`, `5080 16G`)
         # and a `GPU:` field's answer (`GPU：2080Ti`, `GPU: 3090`)
         core = (rf"(?:{core}|(?<=[x×*X][ \t])\s*{digits}|(?<=[x×*X]){digits}|(?<=nvidia[ \t]){digits}|"
-                rf"(?<=geforce[ \t]){digits}|(?<=[张块]){digits}|(?<=GPU:){digits}|(?<=GPU: ){digits}|"
-                rf"(?<=GPU：){digits}|(?<=GPU： ){digits}|"
+                rf"(?<=geforce[ \t]){digits}|(?<=[张块]){digits}|(?<=GPU[:：]){digits}|(?<=GPU[:：] ){digits}|"
                 rf"{digits}(?={_GEFORCE_SUFFIX}?[ \t]*(?:(?:GPUs?|cards?)\b|显卡|卡|[x×*X][ \t]*\d{{1,2}}(?!\d)|"
                 rf"\d{{1,2}}[ \t]?G(?:B|iB)?(?![A-Za-z]))))")
         # `3060 Ti`, `4060TI`, `2080ti`, `4070 SUPER`: another product than the number alone (another memory
