@@ -13,6 +13,8 @@
 #                Trainer's settings (1B, 200 steps, cosine, clip 0.3, alpha 32); needs .whl2 whole     (~7 min)
 #                Then PART=loss with LOSS_REF=baseline LOSS_VAR=fast,fast_fp8_cache_selective_offload, and here
 #                `bench/loss_plot.py --curves loss/curves.json --peer table/unsloth_loss.json` draws all against plain.
+#   PART=curves  200-step loss curves of plain, ours, ours fp8, and unsloth in the Trainer's order and in row order,
+#                drawn together by bench/loss_plot.py (tables aside)                                           (~8 min)
 # VARIANTS="a b" overrides a PART's list; VARIANT_S (150) bounds each variant's process.
 # BENCH_ARGS adds train_throughput.py options (e.g. "--lora-dropout 0 --optim adamw_torch_fused": unsloth's settings).
 # Wheels: .whl2 as in bench/results/fastpath_h200_2026-12-05/NOTES.md (slim bitsandbytes 0.50.2 for cuda130,
@@ -22,7 +24,7 @@
 # `recompute: selective` runs on the image's torch 2.11 since fused LoRA adds out of place inside selective
 # layers (trainer/selective.py). Results land in $OUT/<PART>/; commit them under bench/results/ with the card.
 set -u
-PART=${PART:?PART=ours|fp8|peer|loss|table|all}
+PART=${PART:?PART=ours|fp8|peer|loss|table|all|curves}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl2/*.whl || exit 1
 export PYTHONPATH=/tmp/site2:$PWD HF_HUB_OFFLINE=1
 mkdir -p "$OUT/$PART"
@@ -45,11 +47,13 @@ peer() {  # unsloth's throughput, modes $1, budget $2
   python3 bench/peer_unsloth.py --out "$OUT/$PART/unsloth.json" --modes "$1" --budget-s "$2" > "$OUT/$PART/unsloth.log" 2>&1
   exited unsloth $?
 }
-peer_loss() {  # unsloth's loss curve on the rows, order and settings curves() trains on (the Trainer's); budget $1
-  python3 bench/peer_unsloth.py --out "$OUT/$PART/unsloth_loss.json" --modes unsloth --shape 1b --seq 512 --batch 4 \
-    --warmup 0 --steps "$LOSS_STEPS" --lr 3e-3 --lora-alpha 32 --data memorise --order trainer --schedule cosine \
-    --max-grad-norm 0.3 --budget-s "$1" > "$OUT/$PART/unsloth_loss.log" 2>&1
-  exited unsloth_loss $?
+peer_loss() {  # unsloth's loss curve on the rows and settings curves() trains on; budget $1; order $2 (trainer: the
+  # Trainer's, as curves() takes them; sequential: each row once every 4 steps), output name $3
+  local name=${3:-unsloth_loss}
+  python3 bench/peer_unsloth.py --out "$OUT/$PART/$name.json" --modes unsloth --shape 1b --seq 512 --batch 4 \
+    --warmup 0 --steps "$LOSS_STEPS" --lr 3e-3 --lora-alpha 32 --data memorise --order "${2:-trainer}" \
+    --schedule cosine --max-grad-norm 0.3 --budget-s "$1" > "$OUT/$PART/$name.log" 2>&1
+  exited "$name" $?
 }
 case $PART in
   ours) for v in ${VARIANTS:-baseline fast fast_selective fast_offload fast_selective_offload}; do run $v; done ;;
@@ -71,7 +75,15 @@ case $PART in
         peer_loss "${PEER_LOSS_S:-130}"
         python3 bench/loss_plot.py --curves "$OUT/all/curves.json" --peer "$OUT/all/unsloth_loss.json" \
           --out "$OUT/all/loss_all.json" ;;
-  *) echo "PART=$PART: expected ours, fp8, peer, loss, table or all" >&2; exit 2 ;;
+  curves)  # every path's loss curve against plain over LOSS_STEPS (200): ours, fp8, unsloth in the Trainer's order
+        # and unsloth on the rows in order (the two show what the order alone does)                          (~8 min)
+        LOSS_STEPS=${LOSS_STEPS:-200}
+        curves baseline fast,fast_fp8_cache_selective_offload 0.05 0.05 "${LOSS_S:-280}"
+        peer_loss "${PEER_LOSS_S:-140}" trainer unsloth_loss
+        peer_loss "${PEER_LOSS_S:-140}" sequential unsloth_loss_seq
+        python3 bench/loss_plot.py --curves "$OUT/curves/curves.json" --peer "$OUT/curves/unsloth_loss.json" \
+          --peer "$OUT/curves/unsloth_loss_seq.json" --out "$OUT/curves/loss_all.json" ;;
+  *) echo "PART=$PART: expected ours, fp8, peer, loss, table, all or curves" >&2; exit 2 ;;
 esac
 python3 - "$OUT/$PART" <<'PY'
 import glob, json, sys

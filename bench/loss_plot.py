@@ -33,8 +33,10 @@ def peer_curves(peer: dict[str, Any], loss: dict[str, Any]) -> tuple[dict[str, l
             problems.append(f"the peer ran {want} {got}, the reference {loss.get(want)}")
     if meta.get("data") != "memorise":
         problems.append(f"the peer trained on {meta.get('data')!r} rows, not the reference's memorised ones")
+    # two runs of one peer (rows in order, rows in the Trainer's order) stand side by side under distinct names
+    order = "" if meta.get("order") in (None, "trainer") else f" ({meta['order']} rows)"
     for point in peer.get("points", []):
-        name = point.get("variant") or point.get("mode")
+        name = (point.get("variant") or point.get("mode")) + order
         losses = point.get("losses") or []
         if point.get("error"):
             problems.append(f"{name}: {point['error']}")

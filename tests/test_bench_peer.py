@@ -188,6 +188,14 @@ def test_loss_plot_compares_ours_and_the_peer_with_the_plain_curve(tmp_path):
     assert peer_cmp["within_tolerance"] is False and peer_cmp["max_abs_step_diff"] == 1.0
 
 
+def test_loss_plot_names_a_peer_run_on_rows_in_order_apart_from_one_in_the_trainers_order(tmp_path):
+    point = {"variant": "unsloth_offload_ckpt", "losses": [12.0, 9.5, 6.0, 2.0]}
+    rc, got = _loss_run(tmp_path, [point], {"order": "sequential"})
+    assert rc == 0 and got["variants"] == ["fast", "unsloth_offload_ckpt (sequential rows)"]
+    rc, got = _loss_run(tmp_path, [point], {"order": "trainer"})
+    assert rc == 0 and got["variants"] == ["fast", "unsloth_offload_ckpt"]
+
+
 def test_loss_plot_refuses_a_peer_curve_of_other_rows_or_length(tmp_path):
     rc, got = _loss_run(tmp_path, [{"variant": "unsloth_offload_ckpt", "losses": [12.0, 9.5, 6.0]}])
     assert rc == 1 and got["variants"] == ["fast"]
