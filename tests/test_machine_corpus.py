@@ -340,13 +340,83 @@ def test_round_eleven_covers_common_gpus_described_briefly():
     Markdown table (RTX PRO 6000 Blackwell, `**Video Memory**: 96GB`), Tested-on notes (Jetson AGX Orin, DGX Spark
     GB10), Colab/Kaggle T4s, an instance type beside its GPU (`A10G (g5.4xlarge)`), AMD and Apple machines in words;
     texts naming several products or machines are refused (`expect_error`)."""
-    later, formats = round_cases(244, None, "round11")
+    later, formats = round_cases(244, 267, "round11")
     for form in ("title", "short GPU line", "bullet", "bold bullets", "Markdown table", "Tested On", "prose",
                  "Chinese", "instance type", "two products", "two machines"):
         assert form in formats, form
     assert 2 <= sum(bool(c.get("expect_error")) for c in later) <= 4
     assert {c.get("vendor") for c in later if not c.get("expect_error")} >= {"nvidia", "amd", "apple"}
     assert capabilities(later) >= {"7.5", "8.0", "8.6", "8.7", "8.9", "9.0", "12.0", "12.1"}
+
+
+def test_round_twelve_covers_common_gpus_in_new_forms():
+    """Round 12 (cases 267 on): common GPUs (RTX 3050-5090, laptop parts, A100, H100, L40S, T4, V100S) as 2025-2026
+    threads paste them, in forms not yet covered: ComfyUI's system info, NVIDIA Warp's banner, ollama's Windows log
+    beside a skipped Radeon iGPU, torch's sm_120 warning, diffusers-cli env, a vLLM collect_env cut inside its GPU
+    list, a dorado device list, Russian and Chinese system lines, `docker run --gpus all` beside a `gpu:` line; a text
+    naming two machines is refused (`expect_error`)."""
+    later, formats = round_cases(267, None, "round12")
+    for form in ("ComfyUI", "Warp", "ollama", "torch's warning", "diffusers-cli env", "collect_env", "Russian",
+                 "Chinese", "docker run", "nvidia-smi", "unsloth", "two machines"):
+        assert form in formats, form
+    names = " ".join(" ".join(c.get("gpus", [])) for c in later)
+    for gpu in ("Laptop GPU", "RTX 3060", "RTX 5090", "A100 80GB PCIe", "L40S", "Tesla T4", "V100S"):
+        assert gpu in names, gpu
+    assert 1 <= sum(bool(c.get("expect_error")) for c in later) <= 3
+    assert {c.get("vendor") for c in later if not c.get("expect_error")} >= {"nvidia", "amd"}
+    assert capabilities(later) >= {"7.0", "7.5", "8.0", "8.6", "8.9", "12.0"}
+
+
+@pytest.mark.parametrize("text, gpus, driver, cuda, python", [
+    ("## Devices\n\n- **Name:** cuda:0 NVIDIA GeForce RTX 3060 : cudaMallocAsync\n  - **Type:** cuda\n"
+     "  - **VRAM Total:** 12884246528\n- **OS:** nt\n- **Python Version:** 3.13.6 (tags/v3.13.6:4e66535)",
+     [("NVIDIA GeForce RTX 3060", "8.6", 12287)], None, None, "3.13.6"),  # ComfyUI: bytes, `nt` is Windows
+    ('Warp 1.10.0 initialized:\n   CUDA Toolkit 12.8, Driver 13.0\n   Devices:\n     "cpu"      : "x86_64"\n'
+     '     "cuda:0"   : "NVIDIA GeForce RTX 5090" (32 GiB, sm_120, mempool enabled)',
+     [("NVIDIA GeForce RTX 5090", "12.0", 32768)], None, "13.0", None),
+    ("UserWarning:\nNVIDIA GeForce RTX 5070 Ti Laptop GPU with CUDA capability sm_120 is not compatible with the "
+     "current PyTorch installation.", [("NVIDIA GeForce RTX 5070 Ti Laptop GPU", "12.0", None)], None, None, None),
+    ("killed on my HPC\n[info] Using CUDA devices:\n[info] cuda:0 - NVIDIA L40S\n[info] cuda:1 - NVIDIA L40S",
+     [("NVIDIA L40S", "8.9", 46068)] * 2, None, None, None),
+    ("Platform: Linux-6.5.0-1022-azure-x86_64-with-glibc2.35\nPython version: 3.10.12\n"
+     "Accelerator: NVIDIA A100 80GB PCIe, 81920 MiB\nNVIDIA A100 80GB PCIe, 81920 MiB",
+     [("NVIDIA A100 80GB PCIe", "8.0", 81920)] * 2, None, None, "3.10.12"),  # diffusers-cli env, dashes lost
+    ("- GPU: NVIDIA NVIDIA RTX4070 (laptop)\n- Driver: 595.84", [("NVIDIA RTX 4070 Laptop GPU", "8.9", None)],
+     "595.84", None, None),  # a laptop part: no desktop size guessed
+    ("- **GPU:** GeForce RTX 5090\n- **NVIDIA Driver:** Studio 595.79 (Mar 10, 2026)",
+     [("GeForce RTX 5090", "12.0", 32607)], "595.79", None, None),  # the size from the tables
+    ("- GPU: NVIDIA RTX A1000 Laptop GPU\n- NVIDIA driver version: 582.08\n- CUDA version (from nvidia-smi): 13.0",
+     [("NVIDIA RTX A1000 Laptop GPU", "8.6", None)], "582.08", "13.0", None),
+    ("Видеокарта: NVIDIA GeForce RTX 3050 (6 ГБ VRAM)\n\nДрайвер NVIDIA: 591.86\n\nPython: 3.12.7",
+     [("RTX 3050", "8.6", 6144)], "591.86", None, "3.12.7"),  # cuda.toml's RTX 3050 row
+    ("操作系统 Ubuntu 22.04\n内存 512G\n显卡 NVIDIA GeForce RTX 4090-24G*8", [("RTX 4090", "8.9", 24576)] * 8,
+     None, None, None),
+])
+def test_round_twelve_forms_are_read(tmp_path, text, gpus, driver, cuda, python):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text(text + "\n")
+    machine = load_described_machine(path)
+    assert [(g.name, g.compute_capability, g.memory_total_mib) for g in machine.gpus] == gpus
+    if driver:
+        assert machine.driver_version == driver
+    if cuda:
+        assert machine.cuda_driver_version == cuda
+    if python:
+        assert machine.python == python
+
+
+def test_round_twelve_host_memory_and_amd_words(tmp_path):
+    """`内存 512G` is the host's memory (显存 the GPU's); `amd 7800xt` a Radeon RX card (no CUDA GPU)."""
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text("操作系统 Ubuntu 22.04\n内存 512G\n显卡 NVIDIA GeForce RTX 4090-24G*8\n")
+    assert load_described_machine(path).host_memory_mib == 524288
+    path.write_text("Windows 11\n\n**GPU model(s) and accelerator backend:**\n\namd 7800xt 16gb\n")
+    machine = load_described_machine(path)
+    assert machine.gpu_vendor == "amd" and machine.os == "windows" and not machine.nvidia_gpus
 
 
 @pytest.mark.parametrize("text, gpus, driver, cuda, python", [

@@ -145,7 +145,7 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     if smi is not None:
         return smi
     banner = (unsloth_facts(text) or device_query_facts(text) or ultralytics_facts(text) or rocm_smi_facts(text) or
-              gpustat_facts(text) or gpu_json_facts(text))
+              gpustat_facts(text) or gpu_json_facts(text) or warp_facts(text))
     if banner is not None:
         return banner
     # `- **Device:** NVIDIA Jetson Orin Nano Super` (markdown bold keys) read as `- Device: ...`
@@ -170,6 +170,17 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     # read above, before this)
     text = re.sub(r"^\|[ \t]*([A-Za-z][^|\n]{0,40}?)[ \t]*\|[ \t]*([^|\n]*?[^|\s][^|\n]*?)[ \t]*\|[ \t]*$", r"- \1: \2",
                   text, flags=re.M)
+    # diffusers-cli env: `Accelerator: NVIDIA A100 80GB PCIe, 81920 MiB` and one `name, N MiB` line for each further
+    # GPU, read as a rig report's `- GPU 0: NVIDIA A100 80GB PCIe | 81920 MiB`; its keys as bullets where the paste
+    # lost their dashes (`Platform: Linux-...`, `Python version: 3.10.12`)
+    accel = re.search(r"^(?:-[ \t]*)?Accelerator:[ \t]*([^,\n]*[^,\s]),[ \t]*(\d{3,6})[ \t]*MiB[ \t]*$"
+                      r"((?:\n[ \t]*(?:-[ \t]*)?[A-Za-z][^,\n]*,[ \t]*\d{3,6}[ \t]*MiB[ \t]*$)*)", text, re.M)
+    if accel:
+        rows = [(accel.group(1), accel.group(2))] + re.findall(r"^[ \t]*(?:-[ \t]*)?([A-Za-z][^,\n]*[^,\s]),[ \t]*(\d{3,6})"
+                                                               r"[ \t]*MiB[ \t]*$", accel.group(3), re.M)
+        lines = "\n".join(f"- GPU {i}: {n.strip()} | {mib} MiB" for i, (n, mib) in enumerate(rows))
+        text = text[:accel.start()] + lines + text[accel.end():]
+        text = re.sub(r"^(?=(?:Platform|Python version|PyTorch version \(GPU\?\)):)", "- ", text, flags=re.M)
     collect_env = re.search(r"^`?(?:Collecting\W*environment information|PyTorch version:|Is CUDA available:|"
                             r"CUDA used to build PyTorch:|GPU models and configuration:)", text, re.M)
     # transformers/accelerate env bullets, and the hand-written ones (`- GPU: NVIDIA RTX A6000`, `- OS: Ubuntu`)
@@ -183,13 +194,14 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     os_line = re.search(r"^(?:-\s*)?(?:OS|Operating System):\s*(.+)$", text, re.M | re.I)
     where = " ".join(m.group(1) for m in (platform_line, os_line) if m).lower()
     if where:
-        data["os"] = ("windows" if "windows" in where else "darwin" if re.search(r"mac ?os|darwin", where)
-                      else "linux")
+        # (`OS: nt` is Python's os.name on Windows, as ComfyUI's system info prints it)
+        data["os"] = ("windows" if re.search(r"windows|\bnt\b", where) else
+                      "darwin" if re.search(r"mac ?os|darwin", where) else "linux")
         arch = re.search(r"x86_64|aarch64|arm64|amd64", where)
         if arch:
             data["arch"] = {"amd64": "x86_64"}.get(arch.group(0), arch.group(0))
     # `Python version: 3.10.12`, and a hand-written `python version：3.8.16` (lower case, a full-width colon)
-    python = re.search(r"^(?:-\s*)?[Pp]ython(?: version)?[ \t]*[:：]\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
+    python = re.search(r"^(?:-\s*)?[Pp]ython(?: [Vv]ersion)?[ \t]*[:：]\s*(\d+\.\d+(?:\.\d+)?)", text, re.M)
     # a wheel-tag-like `py3123` / `cp312` / `py310` (3.12.3, 3.12, 3.10): minors of 10 on take two digits
     tag = None if python else re.search(r"^(?:-\s*)?Python(?: version)?:\s*(?:py|cp)(3)(1\d|[6-9])(\d{0,2})\b", text,
                                         re.M | re.I)
@@ -201,8 +213,9 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     if libc:
         data["libc"] = f"glibc {libc.group(1)}"
     # `- Driver: 535.183.06`, and the colon left out: `- Driver 535.183.06 → max supported CUDA 12.9`
-    driver = re.search(r"^(?:Nvidia driver version|-\s*(?:NVIDIA )?Driver(?: version)?):?[ \t]*(\d{3}\.\d+(?:\.\d+)?)"
-                       r"(.*)$", text, re.M | re.I)
+    # (and the branch named before the number: `- NVIDIA Driver: Studio 595.79`, `Game Ready 576.02`)
+    driver = re.search(r"^(?:Nvidia driver version|-\s*(?:NVIDIA )?Driver(?: version)?):?[ \t]*"
+                       r"(?:(?:Studio|Game[ \t]+Ready|GRD|SD)[ \t]+)?(\d{3}\.\d+(?:\.\d+)?)(.*)$", text, re.M | re.I)
     if driver:
         data["driver_version"] = driver.group(1)
         # the CUDA version the driver supports, said on the driver's own line (nvidia-smi's `CUDA Version`)
@@ -215,6 +228,11 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
                           re.M | re.I)
         if aside:
             data["driver_version"] = aside.group(1)
+    # a bullet that says its CUDA version is nvidia-smi's (the driver's): `- CUDA version (from nvidia-smi): 13.0`
+    smi_cuda = re.search(r"^-\s*CUDA(?: version)?[ \t]*\((?:from|per|by|via)?[ \t]*(?:nvidia-smi|the driver|driver)\)"
+                         r"[ \t]*:[ \t]*(\d{2}\.\d)\b", text, re.M | re.I)
+    if smi_cuda and "cuda_driver_version" not in data:
+        data["cuda_driver_version"] = smi_cuda.group(1)
     # (a count in the key, `- 1 GPU: RTX 4090 (24GB)`, `- 2x GPUs: ...`: that many of the one GPU it names)
     gpu_line = re.search(r"^(?:GPU models and configuration|-\s*(?:\d{1,2}[ \t]*[x×]?[ \t]*GPUs?|GPU)(?: type| model| name)?):"
                          r"[ \t]*(.*)$", text, re.M | re.I)
@@ -239,6 +257,13 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     elif sm and not names:
         names = [n for n, _, _ in sm]
         per_gpu = [{"compute_capability": f"{a}.{b}"} for _, a, b in sm]
+    # ComfyUI's system info: `- Name: cuda:0 NVIDIA GeForce RTX 3060 : cudaMallocAsync` (the allocator after the
+    # colon) and, under it, `- VRAM Total: 12884246528` (bytes)
+    comfy = re.findall(r"^[ \t]*-[ \t]*Name:[ \t]*cuda:\d{1,2}[ \t]+([^\n]+?)(?:[ \t]+:[ \t]*\w+)?[ \t]*$", text, re.M)
+    if comfy and not names:
+        names = comfy
+        totals = re.findall(r"^[ \t]*-[ \t]*VRAM Total:[ \t]*(\d{8,14})[ \t]*$", text, re.M)
+        per_gpu = [{"memory_total_mib": int(b) // 2**20} for b in totals] if len(totals) == len(comfy) else []
     if not gpu_line:  # a hand-written `- Device: NVIDIA Jetson Orin Nano Super` / `- Hardware: Jetson AGX Orin 64GB`
         gpu_line = re.search(r"^-\s*(?:Device|Hardware):[ \t]*((?:NVIDIA|GeForce|Tesla|Quadro|Jetson)\b.*)$", text,
                              re.M | re.I)
@@ -254,6 +279,12 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     if len(names) == 1:  # a hand-written `- GPU: NVIDIA RTX A6000 (Compute Capability 8.6)` or `... (16GB VRAM)`
         aside = re.search(r"\s*\(([^()]*)\)\s*$", names[0])
         cc = aside and re.search(r"(?:compute capability|cc|sm)[ _]?(\d+)\.?(\d)\b", aside.group(1), re.I)
+        # `- GPU: NVIDIA NVIDIA RTX4070 (laptop)`: the laptop part (another product, another memory size) by the
+        # name nvidia-smi gives it, its number apart from RTX (the tables' spelling) and the vendor once
+        if aside and re.fullmatch(r"[ \t]*(?:laptop|notebook|mobile|笔记本)[ \t]*", aside.group(1), re.I):
+            bare = re.sub(r"\b(NVIDIA)(?:[ \t]+\1)+\b", r"\1", names[0][:aside.start()], flags=re.I)
+            names = [re.sub(r"\b(RTX|GTX)(\d{4})\b", r"\1 \2", bare, flags=re.I).strip() + " Laptop GPU"]
+            aside = None
         # `(16GB VRAM)`, and a laptop's power beside it: `(16GB VRAM, 115W TGP)`
         items = [i.strip() for i in aside.group(1).split(",")] if aside else []
         gb = next((m for i in items if (m := re.fullmatch(r"(\d{1,3})\s*GB(?: VRAM)?", i, re.I))), None)
@@ -482,6 +513,31 @@ def unsloth_facts(text: str) -> dict[str, Any] | None:
     return data
 
 
+def warp_facts(text: str) -> dict[str, Any] | None:
+    """NVIDIA Warp's start-up banner: `CUDA Toolkit 12.8, Driver 13.0` (the driver's CUDA version) and under
+    `Devices:` one `"cuda:0" : "NVIDIA GeForce RTX 5090" (32 GiB, sm_120, mempool enabled)` line per GPU (its
+    total in whole GiB), beside `"cpu" : "x86_64"`. None without its device lines."""
+    from qlora_doctor.core.machine import os_from_words
+
+    devices = re.findall(r'^[ \t]*"cuda:(\d{1,2})"[ \t]*:[ \t]*"([^"\n]+)"[ \t]*\((\d+(?:\.\d+)?) GiB, sm_(\d+)(\d)\b', text,
+                         re.M)
+    if not devices or not re.search(r"^Warp \S+ initialized:", text, re.M):
+        return None
+    data: dict[str, Any] = {"gpus": [{"name": name, "memory_total_mib": int(float(gib) * 1024),
+                                      "compute_capability": f"{major}.{minor}"}
+                                     for _, name, gib, major, minor in devices]}
+    driver = re.search(r"^[ \t]*CUDA Toolkit \d+\.\d+, Driver (\d+\.\d+)\b", text, re.M)
+    if driver:
+        data["cuda_driver_version"] = driver.group(1)
+    cpu = re.search(r'^[ \t]*"cpu"[ \t]*:[ \t]*"(x86_64|aarch64|AMD64|arm64)"', text, re.M)
+    if cpu:
+        data["arch"] = {"AMD64": "x86_64", "arm64": "aarch64"}.get(cpu.group(1), cpu.group(1))
+    system = os_from_words(text)
+    if system:
+        data["os"] = system
+    return data
+
+
 def host_memory_mib(text: str) -> int | None:
     """The host's total memory where a paste gives it: /proc/meminfo's `MemTotal: N kB`, the `Mem:` row of `free`
     (`-h`'s Gi/Mi/Ti, `-m`/`-g` by the command shown, else free's default KiB), accelerate env's `- System RAM:
@@ -497,6 +553,11 @@ def host_memory_mib(text: str) -> int | None:
     # `- System RAM: 251.53 GB`, `- RAM: 64GB`; ultralytics' checks table: `RAM                 251.55 GB`
     ram = re.search(r"^\s*-?\s*(?:System RAM|Host RAM|System memory|RAM)(?:\s*:|[ \t]{2,})\s*(\d+(?:\.\d+)?)\s*"
                     r"(GB|GiB|TB|TiB)\b", text, re.M | re.I)
+    if ram:
+        return int(float(ram.group(1)) * (1024 if ram.group(2).upper().startswith("G") else 1024**2))
+    # Chinese system info: `内存 512G`, `内存：64GB` (内存 is the host's memory; the GPU's is 显存)
+    ram = re.search(r"^\s*-?\s*(?:系统)?内存[ \t]*[:：]?[ \t]*(\d+(?:\.\d+)?)[ \t]*(GB|GiB|G|TB|TiB|T)(?![A-Za-z])", text,
+                    re.M | re.I)
     if ram:
         return int(float(ram.group(1)) * (1024 if ram.group(2).upper().startswith("G") else 1024**2))
     return None
@@ -555,6 +616,17 @@ def log_facts(text: str) -> dict[str, Any] | None:
         if lib:
             data["driver_version"] = lib.group(1)
         return data
+    # a device list in a log: `[info] Using CUDA devices:` then `cuda:0 - NVIDIA L40S`, one line per GPU
+    listed = dict(re.findall(r"\bcuda:(\d{1,2})[ \t]+-[ \t]+((?:NVIDIA|Tesla|Quadro|GeForce)\b[^\n]*?)[ \t]*$", text, re.M))
+    if listed:
+        return {"gpus": [{"name": name} for _, name in sorted(listed.items(), key=lambda kv: int(kv[0]))]}
+    # torch's warning for a GPU its build lacks kernels for: `NVIDIA GeForce RTX 5070 Ti Laptop GPU with CUDA
+    # capability sm_120 is not compatible with the current PyTorch installation.` (one GPU per product named)
+    warned = re.findall(r"^[ \t]*(?:\S+UserWarning:[ \t]*)?(\S[^\n]*?) with CUDA capability sm_(\d+)(\d) is not "
+                        r"compatible with the current PyTorch installation", text, re.M)
+    if warned:
+        names = dict.fromkeys((name, f"{major}.{minor}") for name, major, minor in warned)
+        return {"gpus": [{"name": name, "compute_capability": cc} for name, cc in names]}
     device = re.search(r"\bdevice=(.+?) n=(\d+)\b(.*(?:\n\s+\S+=.*)?)", text)
     if not device:
         return None
@@ -747,7 +819,7 @@ _APPLE = re.compile(r"\bApple[ \t]+(?:silicon|M[1-5])\b|\bM[1-5](?:[ \t]+(?:Pro|
                     r"MacOS|MacBook|mps|MPS)\b)|\b(?:Mac(?:Book)?|macOS|MacOS)\b[^.\n]*\bM[1-5]\b", re.I)
 # `Radeon RX 7900 XTX` keeps its `XT`/`XTX` (a different card from the RX 7900 GRE)
 _AMD_GPU = re.compile(r"\b(?:AMD[ \t]+)?(?:Instinct[ \t]+)?(MI\d{2,3}[A-Z]?|Radeon(?:[ \t]+(?:Pro|RX))?[ \t]+\w+(?:[ \t]XTX?\b)?|"
-                      r"RX[ \t]?\d{4}(?:[ \t]?XTX?)?)\b")
+                      r"RX[ \t]?\d{4}(?:[ \t]?XTX?)?|(?i:AMD)[ \t]+\d{4}[ \t]?(?i:XTX?|GRE))\b")
 _INTEL_GPU = re.compile(r"\bIntel(?:\(R\))?[ \t]+(?:Arc|Data[ \t]+Center[ \t]+GPU|Iris|UHD)\b|\+xpu\b|\bXPU\b")
 
 
@@ -828,8 +900,9 @@ def prose_facts(text: str) -> dict[str, Any] | None:
         gpu["memory_total_mib"] = int(gb * 1024)
     facts["gpus"] = [gpu] * count
     # `driver 550.54.15`, `Driver: 550.120`, and in a sentence: `NVIDIA Driver is 535.86`
-    driver = re.search(r"\bdriver(?:[ \t_-]*version)?(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?(\d{3}(?:\.\d{1,3}){0,2})\b", body,
-                       re.I)
+    # (and Russian's `Драйвер NVIDIA: 591.86`)
+    driver = re.search(r"\b(?:driver(?:[ \t_-]*version)?|Драйвер(?:[ \t]+NVIDIA)?)(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?"
+                       r"(\d{3}(?:\.\d{1,3}){0,2})\b", body, re.I)
     if driver:
         facts["driver_version"] = driver.group(1)
     # (not a toolkit's full version, `cuda12.2.91`: nvidia-smi prints the driver's CUDA as major.minor only)
@@ -916,7 +989,9 @@ def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
     if measure and 0 < _chinese_count(measure.group(1)) <= 64:
         return _chinese_count(measure.group(1)), measure.group(0).strip()
     # `T4 x 2`, `A100 GPUs * 8`, and Chinese `Tesla T4 显卡*6` (a card word, `显卡`/`卡`, before the times)
-    suffix = re.match(rf"(?:[ \t]*(?:GPUs?|显卡|卡))?[ \t]*{_TIMES}[ \t]*(\d{{1,2}})\b", after)
+    # (and a size between: `RTX 4090-24G*8`, `A100 80G x 4`)
+    suffix = re.match(rf"(?:[ \t-]*\d{{1,3}}[ \t]?G(?:B|iB)?)?(?:[ \t]*(?:GPUs?|显卡|卡))?[ \t]*{_TIMES}[ \t]*(\d{{1,2}})\b",
+                      after)
     if suffix and 0 < int(suffix.group(1)) <= 64:
         return int(suffix.group(1)), suffix.group(0).strip()
     # Chinese: a count of cards after the name, `RTX 4090 八卡` (eight cards), `A100 4卡`, `单卡` (one card)
@@ -945,7 +1020,7 @@ def _memory_near(body: str, start: int, end: int) -> float | None:
     stop = _SENTENCE_END.search(after)
     after = after[:stop.start()] if stop else after
     # not a host's RAM, and not a network's speed (`an A100 cluster with 100G IB`)
-    size = re.search(r"(?<![\d.])(\d{1,3}(?:\.\d)?)[ \t]*(?:GB|GiB|G|기가)(?![A-Za-z])(?![ \t]*(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|"
+    size = re.search(r"(?<![\d.])(\d{1,3}(?:\.\d)?)[ \t]*(?:GB|GiB|G|기가|ГБ|Гб)(?![A-Za-z])(?![ \t]*(?:of[ \t]+)?(?:system[ \t]+|host[ \t]+|"
                      r"DDR\d[ \t]+)?RAM\b)(?![ \t]*(?:IB|InfiniBand|Ethernet|RoCE|NICs?|network|networking|"
                      r"interconnect|bandwidth|links?)\b)", after, re.I)
     if size is None:  # `a100 memory=80`, `A100 (VRAM: 40)`: a size whose unit is left out, after the word memory
