@@ -686,7 +686,8 @@ def plot_losses(reference: str, curves: dict[str, list[float]], path: Path, info
         ax.set_yscale("log")
         ax.set_ylabel("training loss")
         got = info.get("compared", {}).get(name, {})
-        ax.set_title(f"{name}: last-10 mean {got.get('last_mean')} vs {got.get('last_mean_reference')}", fontsize=9)
+        part = f" (its first {got['steps_compared']} steps)" if got.get("steps_compared", len(ref)) < len(ref) else ""
+        ax.set_title(f"{name}: last-10 mean {got.get('last_mean')} vs {got.get('last_mean_reference')}{part}", fontsize=9)
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.suptitle(f"{info['shape']} shape, seq {info['seq']}, batch {info['batch']}, lr {info['lr']}: {info['data']}",
