@@ -27,7 +27,7 @@ FILES = ("hardware.toml", "software.toml", "heldout_2026.toml", "heldout_2026b.t
          "heldout_2026w.toml", "heldout_2026x.toml", "heldout_2026y.toml",
          "heldout_2026z.toml", "heldout_2026aa.toml", "heldout_2026ab.toml",
          "heldout_2026ac.toml", "heldout_2026ad.toml", "heldout_2026ae.toml", "heldout_2026af.toml",
-         "heldout_2026ag.toml", "heldout_2026ah.toml", "heldout_2026ai.toml")
+         "heldout_2026ag.toml", "heldout_2026ah.toml", "heldout_2026ai.toml", "heldout_2026aj.toml")
 """heldout_2026.toml, heldout_2026b.toml, heldout_2026c.toml, heldout_2026d.toml, heldout_2026e.toml,
 heldout_2026f.toml, heldout_2026g.toml, heldout_2026h.toml, heldout_2026i.toml, heldout_2026j.toml,
 heldout_2026k.toml, heldout_2026l.toml, heldout_2026m.toml, heldout_2026n.toml, heldout_2026o.toml,
@@ -35,7 +35,7 @@ heldout_2026p.toml, heldout_2026q.toml, heldout_2026r.toml, heldout_2026s.toml, 
 heldout_2026u.toml, heldout_2026v.toml, heldout_2026w.toml, heldout_2026x.toml,
 heldout_2026y.toml, heldout_2026z.toml, heldout_2026aa.toml, heldout_2026ab.toml, heldout_2026ac.toml,
 heldout_2026ad.toml, heldout_2026ae.toml, heldout_2026af.toml, heldout_2026ag.toml, heldout_2026ah.toml,
-heldout_2026ai.toml: pastes scored
+heldout_2026ai.toml, heldout_2026aj.toml: pastes scored
 once before any fix (bench/results/explain_heldout_first_sight.json, bench/results/explain_heldout2_first_sight.json,
 bench/results/explain_heldout3_first_sight.json, bench/results/explain_heldout4_first_sight.json,
 bench/results/explain_heldout5_first_sight.json, bench/results/explain_heldout6_first_sight.json,
@@ -65,10 +65,11 @@ bench/results/explain_heldout31_first_sight.json,
 bench/results/explain_heldout32_first_sight.json,
 bench/results/explain_heldout33_first_sight.json,
 bench/results/explain_heldout34_first_sight.json,
-bench/results/explain_heldout35_first_sight.json).
-heldout_2026af.toml (round 32), heldout_2026ag.toml (round 33) and heldout_2026ah.toml (round 34) take their pastes
-from Q&A and forum threads and blog posts instead of GitHub issues."""
-FORUM_FILES = ("heldout_2026af.toml", "heldout_2026ag.toml", "heldout_2026ah.toml")
+bench/results/explain_heldout35_first_sight.json,
+bench/results/explain_heldout36_first_sight.json).
+heldout_2026af.toml (round 32), heldout_2026ag.toml (round 33), heldout_2026ah.toml (round 34) and heldout_2026aj.toml
+(round 36) take their pastes from Q&A and forum threads and blog posts instead of GitHub issues."""
+FORUM_FILES = ("heldout_2026af.toml", "heldout_2026ag.toml", "heldout_2026ah.toml", "heldout_2026aj.toml")
 """Files whose urls are forum / Q&A / blog pages, not GitHub threads."""
 TOP1_TARGET = 0.95
 """Issue #15: >= 95% top-1 on our own corpus."""
