@@ -77,6 +77,21 @@ def test_machine_file_invalid_json_names_line(tmp_path):
         load_machine_file(path)
 
 
+def test_a_log_starting_with_a_bracket_is_read_as_text_not_json(tmp_path):
+    """A paste whose first character is `[` (`[2025-01-01 12:00:00] [info] ...`, a log's timestamp) is not JSON: read
+    as text (round 12's limitation); a real JSON list is still refused as not a description."""
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "log.txt"
+    path.write_text("[2025-01-01 12:00:00.123] [info] Using CUDA devices:\n"
+                    "[2025-01-01 12:00:00.123] [info] cuda:0 - NVIDIA GeForce RTX 4090\n")
+    machine = load_described_machine(path)
+    assert [(g.name, g.compute_capability) for g in machine.gpus] == [("NVIDIA GeForce RTX 4090", "8.9")]
+    path.write_text('["Tesla T4"]\n')
+    with pytest.raises(InputError, match="expected a JSON object"):
+        load_described_machine(path)
+
+
 def test_env_override_replaces_probe(tmp_path, monkeypatch):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"os": "linux", "arch": "aarch64", "python": "3.12.1", "driver_version": None,

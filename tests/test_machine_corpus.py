@@ -172,7 +172,7 @@ def test_the_corpus_covers_the_common_machines():
     for gpu in ("T4", "V100", "A10G", "L4", "A100 80G", "A100-SXM4-40GB", "RTX 3060", "RTX 3090", "RTX 4090",
                 "RTX 5090", "H100", "RTX A6000", "L40S"):
         assert gpu in names, gpu
-    assert 125 <= len(CASES) <= 300 and len({c["file"] for c in CASES}) == len(CASES)
+    assert 125 <= len(CASES) <= 320 and len({c["file"] for c in CASES}) == len(CASES)
     files = [p.name for p in CORPUS.iterdir() if p.suffix in (".txt", *PLAIN)]
     assert sorted(files) == sorted(c["file"] for c in CASES)
     assert {c.get("vendor") for c in CASES} >= {"nvidia", "amd", "apple", "none"}
@@ -355,7 +355,7 @@ def test_round_twelve_covers_common_gpus_in_new_forms():
     beside a skipped Radeon iGPU, torch's sm_120 warning, diffusers-cli env, a vLLM collect_env cut inside its GPU
     list, a dorado device list, Russian and Chinese system lines, `docker run --gpus all` beside a `gpu:` line; a text
     naming two machines is refused (`expect_error`)."""
-    later, formats = round_cases(267, None, "round12")
+    later, formats = round_cases(267, 290, "round12")
     for form in ("ComfyUI", "Warp", "ollama", "torch's warning", "diffusers-cli env", "collect_env", "Russian",
                  "Chinese", "docker run", "nvidia-smi", "unsloth", "two machines"):
         assert form in formats, form
@@ -365,6 +365,100 @@ def test_round_twelve_covers_common_gpus_in_new_forms():
     assert 1 <= sum(bool(c.get("expect_error")) for c in later) <= 3
     assert {c.get("vendor") for c in later if not c.get("expect_error")} >= {"nvidia", "amd"}
     assert capabilities(later) >= {"7.0", "7.5", "8.0", "8.6", "8.9", "12.0"}
+
+
+def test_round_thirteen_covers_common_gpus_named_by_cloud_and_system_tools():
+    """Round 13 (cases 290 on): common fine-tuning GPUs (RTX 3090, 5060 Ti, 5090, A100, H100, L4, L40S, V100, A10G)
+    as 2025-2026 threads name them: an instance type alone (SageMaker's `ml.g5.2xlarge`, read from
+    knowledge/data/cloud_instances.toml) or with its spec list, `lspci -nnk`, Windows' `Get-PnpDevice`, a vLLM
+    `<summary>` line over a collect_env cut before its GPUs, issue-form answers after em dashes, a glued
+    `nvidia5090 * 4`, Chinese `双 16G V100`, Colab in words, a PowerShell prompt; two products are refused."""
+    later, formats = round_cases(290, None, "round13", sizes=(18, 25))
+    for form in ("instance type", "lspci", "Get-PnpDevice", "<summary>", "collect_env", "issue form", "Chinese",
+                 "prose", "PowerShell"):
+        assert form in formats, form
+    assert 1 <= sum(bool(c.get("expect_error")) for c in later) <= 3
+    assert capabilities(later) >= {"7.0", "8.0", "8.6", "8.9", "9.0", "12.0"}
+    case145 = next(c for c in CASES if c["file"].startswith("145-"))
+    assert not case145.get("unread") and case145.get("read_in_round13")
+
+
+@pytest.mark.parametrize("text, gpus, count", [
+    ('"current_instance_type": "ml.g5.2xlarge"', "NVIDIA A10G", 1),
+    ('instance_type = "g4dn.12xlarge"', "Tesla T4", 4),
+    ("on a2-highgpu-2g", "NVIDIA A100-SXM4-40GB", 2),
+    ("VM size Standard_NC24ads_A100_v4", "NVIDIA A100 80GB PCIe", 1),
+    ("p4d.24xlarge", "NVIDIA A100-SXM4-40GB", 8),
+])
+def test_round_thirteen_an_instance_type_alone_names_its_gpus(tmp_path, text, gpus, count):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text(text + "\n")
+    machine = load_described_machine(path)
+    assert [g.name for g in machine.gpus] == [gpus] * count
+    assert all(g.compute_capability and g.memory_total_mib for g in machine.gpus)
+    assert any("read from the instance type" in n for n in machine.notes)
+
+
+def test_round_thirteen_two_instance_types_are_refused(tmp_path):
+    from qlora_doctor.core.errors import InputError
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text("works on g5.2xlarge, OOM on g4dn.xlarge\n")
+    with pytest.raises(InputError) as err:
+        load_described_machine(path)
+    assert "names several instance types (g5.2xlarge, g4dn.xlarge)" in str(err.value)
+
+
+def test_every_cloud_instance_row_has_a_source_and_a_known_gpu():
+    from qlora_doctor.knowledge.loading import load_tables
+    from qlora_doctor.sources.envreport import cloud_instances
+
+    table, tables = cloud_instances(), load_tables()
+    assert len(table) >= 60
+    for name, (gpu, count, source) in table.items():
+        assert source.startswith("https://") and 1 <= count <= 16, name
+        assert tables.gpu_model_for(gpu) is not None, (name, gpu)
+
+
+@pytest.mark.parametrize("text, gpus, extra", [
+    ("01:00.0 VGA compatible controller [0300]: NVIDIA Corporation GA102 [GeForce RTX 3090] [10de:2204] (rev a1)\n"
+     "01:00.1 Audio device [0403]: NVIDIA Corporation GA102 High Definition Audio Controller [10de:1aef] (rev a1)\n"
+     "41:00.0 3D controller: NVIDIA Corporation GA100 [A100 PCIe 80GB] (rev a1)",
+     [("GeForce RTX 3090", "8.6"), ("A100 PCIe 80GB", "8.0")], {}),  # lspci: audio functions are no GPUs
+    ("FriendlyName                         InstanceId\n"
+     "NVIDIA GeForce RTX 4090              PCI\\VEN_10DE&DEV_2684&SUBSYS_16F310DE&REV_A1\\4&1A2B",
+     [("NVIDIA GeForce RTX 4090", "8.9")], {"os": "windows"}),  # Get-PnpDevice
+    ("<summary>vllm==0.9.1, python==3.10,8xA100 80GB</summary>\nCollecting environment information...\n"
+     "PyTorch version: 2.7.0+cu126\nIs CUDA available: True\nPython version: 3.10.12", [("A100", "8.0")] * 8,
+     {"python": "3.10.12"}),  # a collect_env cut before its GPUs: the summary's words
+    ("ubuntu 22.04.4\nnvidia5090 * 4", [("RTX 5090", "12.0")] * 4, {"os": "linux"}),
+    ("[Bug]: 双 16G V100 运行失败", [("V100", "7.0")] * 2, {}),
+    ("Ubuntu 24.02\n4 H200 GPU", [("H200", "9.0")] * 4, {}),
+    ("PS C:\\Users\\me> python -c ...\nyou have an NVIDIA RTX 5090", [("RTX 5090", "12.0")], {"os": "windows"}),
+])
+def test_round_thirteen_forms_are_read(tmp_path, text, gpus, extra):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "machine.txt"
+    path.write_text(text + "\n")
+    machine = load_described_machine(path)
+    assert [(g.name, g.compute_capability) for g in machine.gpus] == gpus
+    for key, value in extra.items():
+        assert getattr(machine, key) == value, key
+
+
+def test_round_thirteen_sizes_beside_the_words():
+    """`40 GB VRAM` (the size before the word) is the GPU's; an instance spec list's `Memory:` beside `vCPUs:` the
+    host's."""
+    from qlora_doctor.sources.envreport import host_memory_mib, prose_facts
+
+    found = prose_facts("the Colab A100 runtime. It has 80 GB system RAM and 40 GB  VRAM.")
+    assert found["gpus"][0]["memory_total_mib"] == 40960 and found["host_memory_mib"] == 81920
+    assert host_memory_mib("vCPUs: 4\nMemory: 16 GiB\nGPU Memory: 24 GiB") == 16384
+    assert host_memory_mib("Memory: 16 GiB") is None  # alone, whose memory it is is not said
 
 
 @pytest.mark.parametrize("text, gpus, driver, cuda, python", [

@@ -414,6 +414,9 @@ def os_from_words(text: str) -> str | None:
     if re.search(r"\b(?:Linux|Ubuntu|Debian|CentOS|RHEL|Red Hat|Rocky|Fedora|Alma|SUSE|Arch|WSL2?|Colab|Kaggle)"
                  r"(?:\b|(?=\d))", text, re.I):
         return "linux"
+    # no OS named, but a PowerShell prompt or a Windows user path (`PS C:\Users\me>`, `C:\Users\...`)
+    if re.search(r"(?:^|\s)PS [A-Z]:\\|\b[A-Z]:\\Users\\", text):
+        return "windows"
     return None
 
 

@@ -8,6 +8,7 @@ transformers env (OS, Python, driver, GPUs) are `machine_facts`, for `--machine 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -145,7 +146,7 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
     if smi is not None:
         return smi
     banner = (unsloth_facts(text) or device_query_facts(text) or ultralytics_facts(text) or rocm_smi_facts(text) or
-              gpustat_facts(text) or gpu_json_facts(text) or warp_facts(text))
+              gpustat_facts(text) or gpu_json_facts(text) or warp_facts(text) or pci_listing_facts(text))
     if banner is not None:
         return banner
     # `- **Device:** NVIDIA Jetson Orin Nano Super` (markdown bold keys) read as `- Device: ...`
@@ -188,7 +189,7 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
                        r"(?: type| model| name| vendor)?|OS|"
                        r"Operating system|Device|Hardware):", text, re.M | re.I)
     if not collect_env and not hf_env:
-        return container_cli_facts(text) or log_facts(text) or prose_facts(text)
+        return container_cli_facts(text) or log_facts(text) or prose_facts(text) or instance_facts(text)
     data: dict[str, Any] = {}
     platform_line = re.search(r"^(?:-\s*)?(?:Python )?[Pp]latform:\s*(\S+)", text, re.M)
     os_line = re.search(r"^(?:-\s*)?(?:OS|Operating System):\s*(.+)$", text, re.M | re.I)
@@ -312,6 +313,8 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
         number = number or keyed_count
         count = int(number.group(1)) if number and len(names) == 1 and 0 < int(number.group(1)) <= 64 else 1
         data["gpus"] = [{"name": n.strip(), **extra} for n in names] * count
+    elif available is not False and (heading := _heading_gpus(text, collect_env)) is not None:
+        data["gpus"], data["notes"] = heading
     elif available:
         data["gpus"] = [{"name": "NVIDIA GPU (the report does not name it)"}]  # judged unknown, not absent
     elif available is False or gpu_line:
@@ -322,6 +325,20 @@ def _machine_facts(text: str) -> dict[str, Any] | None:
                         ", but it says nothing of the GPU (cut before `Is CUDA available` and `GPU models and "
                         "configuration`?)")
     return data
+
+
+def _heading_gpus(text: str, report: re.Match | None) -> tuple[list, list[str]] | None:
+    """The GPUs a report's heading names in words where the report itself names none (cut before its GPU list): a
+    vLLM issue's `<summary>vllm==0.9.1, python==3.10,8xA100 80GB, Ubuntu 22.04.5 LTS </summary>`, or the lines
+    above `Collecting environment information`. None where the heading names no one GPU."""
+    summary = re.findall(r"<summary>([^<\n]*)</summary>", text)
+    words = "\n".join(summary) + ("\n" + text[:report.start()] if report else "")
+    found = prose_facts(words) if words.strip() else None
+    if not found or not found.get("gpus") or found.get("gpu_vendor", "nvidia") != "nvidia":
+        return None
+    notes = [n.replace("read from words", "read from the report's heading", 1) for n in found.get("notes", [])
+             if n.startswith("read from words")]
+    return found["gpus"], notes + ["the report names no GPU itself (cut before `GPU models and configuration`?)"]
 
 
 def nvidia_smi_facts(text: str) -> dict[str, Any] | None:
@@ -555,6 +572,10 @@ def host_memory_mib(text: str) -> int | None:
                     r"(GB|GiB|TB|TiB)\b", text, re.M | re.I)
     if ram:
         return int(float(ram.group(1)) * (1024 if ram.group(2).upper().startswith("G") else 1024**2))
+    # a cloud instance's spec list: `vCPUs: 4`, `Memory: 16 GiB` (the host's), `GPU Memory: 24 GiB` (the GPU's)
+    spec = re.search(r"^[ \t]*-?[ \t]*Memory[ \t]*:[ \t]*(\d+(?:\.\d+)?)[ \t]*(GB|GiB|TB|TiB)\b", text, re.M | re.I)
+    if spec and re.search(r"^[ \t]*-?[ \t]*vCPUs?[ \t]*:[ \t]*\d+", text, re.M | re.I):
+        return int(float(spec.group(1)) * (1024 if spec.group(2).upper().startswith("G") else 1024**2))
     # Chinese system info: `内存 512G`, `内存：64GB` (内存 is the host's memory; the GPU's is 显存)
     ram = re.search(r"^\s*-?\s*(?:系统)?内存[ \t]*[:：]?[ \t]*(\d+(?:\.\d+)?)[ \t]*(GB|GiB|G|TB|TiB|T)(?![A-Za-z])", text,
                     re.M | re.I)
@@ -805,6 +826,72 @@ def rocm_smi_facts(text: str) -> dict[str, Any] | None:
     return {"gpus": [{"name": n, "vendor": "amd"} for n in names], "gpu_vendor": "amd"}
 
 
+_PCI_GPU = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.\d[ \t]+(?:VGA compatible controller|3D controller|"
+                      r"Display controller)(?:[ \t]+\[03[0-9a-f]{2}\])?:[ \t]+NVIDIA Corporation[ \t]+(?:\w+[ \t]+)?"
+                      r"\[([^\]\n]+)\]", re.M | re.I)
+_PNP_GPU = re.compile(r"^[ \t]*(\S[^\n]*?)[ \t]{2,}PCI\\VEN_10DE&DEV_[0-9A-F]{4}\b", re.M | re.I)
+
+
+def pci_listing_facts(text: str) -> dict[str, Any] | None:
+    """NVIDIA GPUs as the PCI bus lists them: `lspci` (`01:00.0 VGA compatible controller [0300]: NVIDIA Corporation
+    GA102 [GeForce RTX 3090] [10de:2204] (rev a1)`, one line per GPU; a `3D controller` for the data-center cards; the
+    card's audio function and `Subsystem:` lines are no GPUs) and Windows' `Get-PnpDevice` (`NVIDIA GeForce RTX 5090
+    Laptop GPU   PCI\\VEN_10DE&DEV_2C58&...`). None without such lines."""
+    names = [n for n in _PCI_GPU.findall(text) if not re.fullmatch(r"[0-9a-f]{4}(?::[0-9a-f]{4})?", n, re.I)]
+    if names:
+        return {"gpus": [{"name": n.strip()} for n in names],
+                "notes": [f"read from lspci: {len(names)} NVIDIA GPU(s) ({', '.join(dict.fromkeys(names))})"]}
+    pnp = _PNP_GPU.findall(text)
+    if pnp:
+        return {"gpus": [{"name": n.strip()} for n in pnp], "os": "windows",
+                "notes": [f"read from Windows' device list (PCI\\VEN_10DE): {', '.join(dict.fromkeys(pnp))}"]}
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cloud_instances() -> dict[str, tuple[str, int, str]]:
+    """knowledge/data/cloud_instances.toml: instance type (lower case) -> (GPU name, count, source)."""
+    import tomllib
+
+    from qlora_doctor.knowledge.loading import DATA_DIR
+
+    path = DATA_DIR / "cloud_instances.toml"
+    if not path.exists():
+        return {}
+    with path.open("rb") as f:
+        rows = tomllib.load(f).get("instance", [])
+    table: dict[str, tuple[str, int, str]] = {}
+    for row in rows:
+        for name in row["types"]:
+            table[name.lower()] = (row["gpu"], int(row["count"]), row["sources"][0])
+    return table
+
+
+def instance_types(text: str) -> list[str]:
+    """The cloud instance types of the table named in the text (`g5.2xlarge`, SageMaker's `ml.g5.2xlarge`,
+    `a2-highgpu-1g`, `Standard_NC24ads_A100_v4`), each once, lower-cased, in order."""
+    table = cloud_instances()
+    found = re.findall(r"(?<![\w.-])(?:ml\.)?([A-Za-z][\w-]*?(?:\.\w+|-\d+g|-standard-\d+|_v\d))(?![\w-])(?!\.\w)", text)
+    return list(dict.fromkeys(t.lower() for t in found if t.lower() in table))
+
+
+def instance_facts(text: str) -> dict[str, Any] | None:
+    """A machine named by its cloud instance type alone (`"current_instance_type": "ml.g5.2xlarge"`, `instance_type =
+    "g4dn.8xlarge"`): the GPUs the provider's table gives it (knowledge/data/cloud_instances.toml), with a note. Two
+    instance types named are not one machine: refused, naming them. None without an instance type of the table."""
+    from qlora_doctor.core.machine import UNREAD
+
+    named = instance_types(text)
+    if not named:
+        return None
+    if len(named) > 1:
+        return {UNREAD: f"the text names several instance types ({', '.join(named)}), not one machine; describe one "
+                        "machine per file"}
+    gpu, count, source = cloud_instances()[named[0]]
+    return {"gpus": [{"name": gpu}] * count,
+            "notes": [f"read from the instance type {named[0]}: {count} x {gpu} ({source}); the text names no GPU"]}
+
+
 # --- a machine described in words ---------------------------------------------------------------------------------
 
 PROSE_MAX_CHARS = 4000
@@ -842,6 +929,9 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     # issue's `Environment` table has them), read as `Driver: 595.71.05 ...` (the plain ones are bullets already)
     body = re.sub(r"^\|[ \t]*\*\*([A-Za-z][^|*\n]{0,40}?)\*\*[ \t]*\|[ \t]*([^|\n]*?\S)[ \t]*\|[ \t]*$", r"\1: \2", body,
                   flags=re.M)
+    # an instance type's name is no GPU named in words (`Standard_NC24ads_A100_v4`): instance_facts reads it
+    for named in instance_types(body):
+        body = re.sub(rf"(?<![\w.-])(?:ml\.)?{re.escape(named)}(?![\w-])", lambda m: " " * len(m.group(0)), body, flags=re.I)
     tables = load_tables()
     names = sorted({m.match for m in tables.gpu_models if not m.match.endswith(" P")} |
                    {m.match for m in tables.gpu_memory}, key=len, reverse=True)
@@ -888,6 +978,8 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     if gb is None and count == 1:  # one GPU and a memory key line: `**Video Memory**: 96GB GDDR7`, `VRAM: 24GB`
         keyed = re.search(r"\b(?:Video[ \t]+Memory|VRAM|GPU[ \t]+Memory|显存)\**[ \t]*[:：=]\**[ \t]*(\d{1,3})[ \t]*"
                           r"(?:GB|GiB|G)(?![A-Za-z])", body, re.I)
+        keyed = keyed or re.search(r"(?<![\d.])(\d{1,3})[ \t]*(?:GB|GiB|G)[ \t]+(?:of[ \t]+)?(?:VRAM|GPU[ \t]+memory|显存)\b", body,
+                                   re.I)
         gb = float(keyed.group(1)) if keyed and 2 <= int(keyed.group(1)) <= 512 else None
     # the table's spelling: `rtx3090` and `4090` alone are its `RTX 3090`; a GeForce suffix kept (`RTX 2080 Ti`)
     suffix = re.search(rf"{_GEFORCE_SUFFIX}$", body[start:end], re.I) if re.fullmatch(r"(?:RTX|GTX) \d{4}", name) \
@@ -960,7 +1052,7 @@ def _name_pattern(name: str) -> str:
         # also: after a vendor word (`nvidia 3090`), after a Chinese measure word for cards (`两张3090`, `8块4090`),
         # before a count (`4090*4`, `3090x2`) or a stated size (`3060 12G`, `5080 16G`)
         # and a `GPU:` field's answer (`GPU：2080Ti`, `GPU: 3090`)
-        core = (rf"(?:{core}|(?<=[x×*X][ \t])\s*{digits}|(?<=[x×*X]){digits}|(?<=nvidia[ \t]){digits}|"
+        core = (rf"(?:{core}|(?<=[x×*X][ \t])\s*{digits}|(?<=[x×*X]){digits}|(?<=nvidia[ \t]){digits}|(?<=nvidia){digits}|"
                 rf"(?<=geforce[ \t]){digits}|(?<=[张块]){digits}|(?<=GPU[:：]){digits}|(?<=GPU[:：] ){digits}|"
                 rf"{digits}(?={_GEFORCE_SUFFIX}?[ \t]*(?:(?:GPUs?|cards?)\b|显卡|卡|[x×*X][ \t]*\d{{1,2}}(?!\d)|"
                 rf"\d{{1,2}}[ \t]?G(?:B|iB)?(?![A-Za-z]))))")
@@ -968,7 +1060,7 @@ def _name_pattern(name: str) -> str:
         # size), kept in the match so that prose_facts names it (`RTX 3060 Ti`, not `RTX 3060`)
         core = rf"{core}{_GEFORCE_SUFFIX}?"
     # glued to a count before it too: `8xH100`, `2×A100`
-    return rf"(?:(?<![A-Za-z0-9])|(?<=\d[xX×])){core}(?=s?(?![A-Za-z0-9])|x\d|-?\d+\s*G)"
+    return rf"(?:(?<![A-Za-z0-9])|(?<=\d[xX×])|(?<=nvidia)){core}(?=s?(?![A-Za-z0-9])|x\d|-?\d+\s*G)"
 
 
 def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
@@ -979,7 +1071,7 @@ def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
     # `two Nvidia A40`, and a size between the count and the name: `two 48GB A6000`
     word = re.search(rf"\b(a|an|one|single|1x|two|dual|double|three|four|quad|six|eight|\d{{1,2}})[ \t]+"
                      rf"(?:\d{{1,3}}[ \t]?G(?:B|iB)?[ \t]+)?{_VENDOR_WORDS}$", before, re.I)
-    if word and not re.search(r"[\d.]$", before[:word.start(1)].rstrip()[-1:] or " "):
+    if word and not re.search(r"[\d.][ \t]*\Z", before[:word.start(1)]):
         value = word.group(1).lower()
         count = _COUNT_WORDS.get(value) or (int(value) if value.isdigit() else 0)
         if 0 < count <= 64:
@@ -988,6 +1080,10 @@ def _count_near(body: str, start: int, end: int) -> tuple[int, str] | None:
     measure = re.search(rf"(\d{{1,2}}|[单一两二三四六八])[ \t]*[张块][ \t]*{_VENDOR_WORDS}$", before)
     if measure and 0 < _chinese_count(measure.group(1)) <= 64:
         return _chinese_count(measure.group(1)), measure.group(0).strip()
+    # `双 16G V100`, `双4090`: a pair (双), a size between allowed
+    pair = re.search(rf"双[ \t]*(?:\d{{1,3}}[ \t]?G(?:B|iB)?[ \t]*)?{_VENDOR_WORDS}$", before, re.I)
+    if pair:
+        return 2, pair.group(0).strip()
     # `T4 x 2`, `A100 GPUs * 8`, and Chinese `Tesla T4 显卡*6` (a card word, `显卡`/`卡`, before the times)
     # (and a size between: `RTX 4090-24G*8`, `A100 80G x 4`)
     suffix = re.match(rf"(?:[ \t-]*\d{{1,3}}[ \t]?G(?:B|iB)?)?(?:[ \t]*(?:GPUs?|显卡|卡))?[ \t]*{_TIMES}[ \t]*(\d{{1,2}})\b",

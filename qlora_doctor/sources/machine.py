@@ -313,7 +313,7 @@ def load_described_machine(path: Path | str) -> Machine:
     text = read_machine_text(path)  # once: JSON, YAML, nvidia-smi output or an environment report
     smi = parse_nvidia_smi_table(text) if "NVIDIA-SMI" in text[:4000] else None
     keys = _yaml_mapping(text) if smi is None and path.suffix.lower() in (".yaml", ".yml") else None
-    structured = text.lstrip().startswith(("{", "[")) or keys is not None
+    structured = text.lstrip().startswith("{") or _json_list(text) or keys is not None
     report = machine_facts(text) if smi is None and not structured else None
     if smi is not None:
         machine = machine_from_dict(smi, str(path))
@@ -329,6 +329,18 @@ def load_described_machine(path: Path | str) -> Machine:
     else:
         machine = machine_from_text(text, path)
     return fill_from_tables(machine)
+
+
+def _json_list(text: str) -> bool:
+    """A text that starts with `[` and is JSON (a list: refused as not a description, by machine_from_dict); not a
+    log that starts with `[2025-01-01 12:00:00] [info] ...`, which is read as a paste."""
+    if not text.lstrip().startswith("["):
+        return False
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return True
 
 
 def _yaml_mapping(text: str) -> dict | None:
