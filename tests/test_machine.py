@@ -77,6 +77,42 @@ def test_machine_file_invalid_json_names_line(tmp_path):
         load_machine_file(path)
 
 
+@pytest.mark.parametrize("name, text, gpus", [
+    ("m.yaml", "instance_type: ml.g5.2xlarge\ndriver_version: '535.183.01'\n", ["NVIDIA A10G"]),
+    ("m.json", '{"current_instance_type": "ml.g5.12xlarge", "python": "3.10"}', ["NVIDIA A10G"] * 4),
+    ("m.yaml", "Machine Type: a2-highgpu-2g\n", ["NVIDIA A100-SXM4-40GB"] * 2),
+    ("m.yaml", "vm_size: Standard_NC24ads_A100_v4\ngpus: [NVIDIA A100 80GB PCIe]\n", ["NVIDIA A100 80GB PCIe"]),
+])
+def test_a_description_naming_a_cloud_instance_type_gets_its_gpus(tmp_path, name, text, gpus):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / name
+    path.write_text(text)
+    machine = load_described_machine(path)
+    assert [g.name for g in machine.gpus] == gpus
+    assert all(g.memory_total_mib for g in machine.gpus)  # the tables know each one's memory
+    assert "gpus:" in text or any("read " in n and "x " in n for n in machine.notes)
+
+
+def test_an_instance_type_in_words_keeps_the_driver_and_os_said_beside_it(tmp_path):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "m.txt"
+    path.write_text("We fine-tune on a g6.xlarge (Ubuntu 22.04), driver 550.127.05, CUDA 12.4\n")
+    machine = load_described_machine(path)
+    assert [g.name for g in machine.gpus] == ["NVIDIA L4"]
+    assert (machine.driver_version, machine.cuda_driver_version, machine.os) == ("550.127.05", "12.4", "linux")
+
+
+def test_an_instance_type_the_table_lacks_is_refused_naming_the_key(tmp_path):
+    from qlora_doctor.sources.machine import load_described_machine
+
+    path = tmp_path / "m.yaml"
+    path.write_text("instance_type: ml.p9.huge\n")
+    with pytest.raises(InputError, match=r"m\.yaml: instance_type: 'ml\.p9\.huge' is not a GPU instance type.*gpus:"):
+        load_described_machine(path)
+
+
 def test_a_log_starting_with_a_bracket_is_read_as_text_not_json(tmp_path):
     """A paste whose first character is `[` (`[2025-01-01 12:00:00] [info] ...`, a log's timestamp) is not JSON: read
     as text (round 12's limitation); a real JSON list is still refused as not a description."""

@@ -888,8 +888,11 @@ def instance_facts(text: str) -> dict[str, Any] | None:
         return {UNREAD: f"the text names several instance types ({', '.join(named)}), not one machine; describe one "
                         "machine per file"}
     gpu, count, source = cloud_instances()[named[0]]
-    return {"gpus": [{"name": gpu}] * count,
-            "notes": [f"read from the instance type {named[0]}: {count} x {gpu} ({source}); the text names no GPU"]}
+    facts = _platform_words(text) if len(text) <= PROSE_MAX_CHARS else {}  # and what a description says beside it
+    notes = [f"read from the instance type {named[0]}: {count} x {gpu} ({source}); the text names no GPU"]
+    if len(text) <= PROSE_MAX_CHARS:
+        notes += _driver_words(text, facts)
+    return {**facts, "gpus": [{"name": gpu}] * count, "notes": notes}
 
 
 # --- a machine described in words ---------------------------------------------------------------------------------
@@ -991,6 +994,12 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     if gb:
         gpu["memory_total_mib"] = int(gb * 1024)
     facts["gpus"] = [gpu] * count
+    facts["notes"] = notes + _driver_words(body, facts)
+    return facts
+
+
+def _driver_words(body: str, facts: dict[str, Any]) -> list[str]:
+    """The driver and the CUDA version a description states in words, into `facts`; the notes they need."""
     # `driver 550.54.15`, `Driver: 550.120`, and in a sentence: `NVIDIA Driver is 535.86`
     # (and Russian's `Драйвер NVIDIA: 591.86`)
     driver = re.search(r"\b(?:driver(?:[ \t_-]*version)?|Драйвер(?:[ \t]+NVIDIA)?)(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?"
@@ -1001,12 +1010,11 @@ def prose_facts(text: str) -> dict[str, Any] | None:
     # (nor one the text calls the toolkit's or runtime's: `CUDA: 13.0 (toolkit & runtime)`)
     cuda = re.search(r"\bCUDA(?:[ \t_-]*(?:version|driver|runtime))?(?:[ \t]*[:=]|[ \t]+is)?[ \t]*v?(\d{1,2}\.\d)\b(?!\.\d)"
                      r"(?![ \t]*\(?[ \t]*(?:toolkit|runtime)\b)", body, re.I)
-    if cuda:
-        facts["cuda_driver_version"] = cuda.group(1)
-        notes.append(f"read 'CUDA {cuda.group(1)}' as the CUDA version the driver reports (nvidia-smi's); "
-                     "the text does not say whether it is the driver's or torch's")
-    facts["notes"] = notes
-    return facts
+    if not cuda:
+        return []
+    facts["cuda_driver_version"] = cuda.group(1)
+    return [f"read 'CUDA {cuda.group(1)}' as the CUDA version the driver reports (nvidia-smi's); "
+            "the text does not say whether it is the driver's or torch's"]
 
 
 _OWNED_NUMBER = re.compile(r"(?<![A-Za-z])(?:(?:with|on|using|have|has|had|own|got|bought|rented)[ \t]+(?:a|an|one|my|our)"

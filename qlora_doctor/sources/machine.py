@@ -299,7 +299,7 @@ def load_described_machine(path: Path | str) -> Machine:
         except json.JSONDecodeError as err:
             raise InputError(f"--machine: the inline description is not valid JSON ({err.msg} at column "
                              f"{err.colno}); or give a file, or a preset ({', '.join(preset_names())})") from None
-        return fill_from_tables(machine_from_dict(data, "--machine"))
+        return fill_from_tables(machine_from_dict(_instance_described(data, "--machine"), "--machine"))
     path = Path(path)
     if not path.exists() and (preset := find_preset(given)) is not None:
         machine = load_machine_file(preset)
@@ -325,10 +325,54 @@ def load_described_machine(path: Path | str) -> Machine:
             "read as a description in words: check the facts above" if words else
             "read as an environment report (torch's collect_env or `transformers env`)",))
     elif keys is not None:
-        machine = machine_from_dict(keys, str(path))
+        machine = machine_from_dict(_instance_described(keys, str(path)), str(path))
+    elif (data := _json_object(text)) is not None:
+        machine = machine_from_dict(_instance_described(data, str(path)), str(path))
     else:
         machine = machine_from_text(text, path)
     return fill_from_tables(machine)
+
+
+_INSTANCE_KEYS = ("instance_type", "current_instance_type", "ec2_instance_type", "instance", "machine_type", "vm_size")
+"""Keys a hand-written description names its cloud instance type by (AWS/SageMaker, GCP, Azure)."""
+
+
+def _instance_described(data: Any, where: str) -> Any:
+    """A description that names a cloud instance type for its GPUs (`instance_type: ml.g5.2xlarge`,
+    `machine_type: a2-highgpu-1g`) with those GPUs, from the provider's table (knowledge/data/cloud_instances.toml),
+    and a note; GPUs named beside it are kept. An instance type the table lacks is refused, naming the key and what
+    to write instead. Anything else comes back as it was."""
+    if not isinstance(data, dict):
+        return data
+    plain = {re.sub(r"[\s-]+", "_", k.strip().lower()): k for k in data if isinstance(k, str)}
+    key = next((plain[k] for k in _INSTANCE_KEYS if k in plain), None)
+    if key is None:
+        return data
+    from qlora_doctor.sources.envreport import cloud_instances
+
+    given = data[key]
+    rest = {k: v for k, v in data.items() if k != key}
+    if any(k in plain for k in ("gpus", "gpu", "gpu_name", "gpu_names")):
+        return rest
+    name = str(given).strip().lower().removeprefix("ml.")
+    if name not in cloud_instances():
+        raise InputError(f"{where}: {key}: {given!r} is not a GPU instance type qlora-doctor's table knows; name its "
+                         "GPUs instead (e.g. gpus: [\"NVIDIA A10G\"]), or the instance type as its provider spells it "
+                         "(g5.2xlarge, a2-highgpu-1g, Standard_NC24ads_A100_v4)")
+    gpu, count, source = cloud_instances()[name]
+    notes = [*(rest.pop("notes", None) or []), f"read {key} {given}: {count} x {gpu} ({source})"]
+    return {**rest, "gpus": [gpu] * count, "notes": notes}
+
+
+def _json_object(text: str) -> dict | None:
+    """The JSON object a machine file holds; None for anything else (machine_from_text then says what is wrong)."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _json_list(text: str) -> bool:
