@@ -414,9 +414,9 @@ def test_round_thirteen_two_instance_types_are_refused(tmp_path):
 
 def test_every_cloud_instance_row_has_a_source_and_a_known_gpu():
     from qlora_doctor.knowledge.loading import load_tables
-    from qlora_doctor.sources.envreport import cloud_instances
+    from qlora_doctor.knowledge.loading import load_cloud_instances
 
-    table, tables = cloud_instances(), load_tables()
+    table, tables = load_cloud_instances(), load_tables()
     assert len(table) >= 60
     for name, (gpu, count, source) in table.items():
         assert source.startswith("https://") and 1 <= count <= 16, name

@@ -486,6 +486,16 @@ def load_rules(data_dir: Path = DATA_DIR) -> tuple[Rule, ...]:
 
 
 @functools.lru_cache(maxsize=4)
+def load_cloud_instances(data_dir: Path = DATA_DIR) -> dict[str, tuple[str, int, str]]:
+    """cloud_instances.toml: a GPU cloud instance type (lower case) -> (GPU name, count, the provider's page)."""
+    path = data_dir / "cloud_instances.toml"
+    if not path.exists():
+        return {}
+    return {name.lower(): (row["gpu"], int(row["count"]), row["sources"][0])
+            for row in _read_toml(path).get("instance", []) for name in row["types"]}
+
+
+@functools.lru_cache(maxsize=4)
 def load_tables(data_dir: Path = DATA_DIR) -> Tables:
     path = data_dir / "cuda.toml"
     if not path.exists():

@@ -8,7 +8,6 @@ transformers env (OS, Python, driver, GPUs) are `machine_facts`, for `--machine 
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -848,29 +847,12 @@ def pci_listing_facts(text: str) -> dict[str, Any] | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def cloud_instances() -> dict[str, tuple[str, int, str]]:
-    """knowledge/data/cloud_instances.toml: instance type (lower case) -> (GPU name, count, source)."""
-    import tomllib
-
-    from qlora_doctor.knowledge.loading import DATA_DIR
-
-    path = DATA_DIR / "cloud_instances.toml"
-    if not path.exists():
-        return {}
-    with path.open("rb") as f:
-        rows = tomllib.load(f).get("instance", [])
-    table: dict[str, tuple[str, int, str]] = {}
-    for row in rows:
-        for name in row["types"]:
-            table[name.lower()] = (row["gpu"], int(row["count"]), row["sources"][0])
-    return table
-
-
 def instance_types(text: str) -> list[str]:
     """The cloud instance types of the table named in the text (`g5.2xlarge`, SageMaker's `ml.g5.2xlarge`,
     `a2-highgpu-1g`, `Standard_NC24ads_A100_v4`), each once, lower-cased, in order."""
-    table = cloud_instances()
+    from qlora_doctor.knowledge.loading import load_cloud_instances
+
+    table = load_cloud_instances()
     found = re.findall(r"(?<![\w.-])(?:ml\.)?([A-Za-z][\w-]*?(?:\.\w+|-\d+g|-standard-\d+|_v\d))(?![\w-])(?!\.\w)", text)
     return list(dict.fromkeys(t.lower() for t in found if t.lower() in table))
 
@@ -880,6 +862,7 @@ def instance_facts(text: str) -> dict[str, Any] | None:
     "g4dn.8xlarge"`): the GPUs the provider's table gives it (knowledge/data/cloud_instances.toml), with a note. Two
     instance types named are not one machine: refused, naming them. None without an instance type of the table."""
     from qlora_doctor.core.machine import UNREAD
+    from qlora_doctor.knowledge.loading import load_cloud_instances
 
     named = instance_types(text)
     if not named:
@@ -887,10 +870,11 @@ def instance_facts(text: str) -> dict[str, Any] | None:
     if len(named) > 1:
         return {UNREAD: f"the text names several instance types ({', '.join(named)}), not one machine; describe one "
                         "machine per file"}
-    gpu, count, source = cloud_instances()[named[0]]
-    facts = _platform_words(text) if len(text) <= PROSE_MAX_CHARS else {}  # and what a description says beside it
+    gpu, count, source = load_cloud_instances()[named[0]]
     notes = [f"read from the instance type {named[0]}: {count} x {gpu} ({source}); the text names no GPU"]
-    if len(text) <= PROSE_MAX_CHARS:
+    facts: dict[str, Any] = {}
+    if len(text) <= PROSE_MAX_CHARS:  # a description: what it says beside the instance type
+        facts = _platform_words(text)
         notes += _driver_words(text, facts)
     return {**facts, "gpus": [{"name": gpu}] * count, "notes": notes}
 

@@ -313,7 +313,8 @@ def load_described_machine(path: Path | str) -> Machine:
     text = read_machine_text(path)  # once: JSON, YAML, nvidia-smi output or an environment report
     smi = parse_nvidia_smi_table(text) if "NVIDIA-SMI" in text[:4000] else None
     keys = _yaml_mapping(text) if smi is None and path.suffix.lower() in (".yaml", ".yml") else None
-    structured = text.lstrip().startswith("{") or _json_list(text) or keys is not None
+    parsed = _json_value(text) if smi is None and keys is None else _NOT_JSON
+    structured = text.lstrip().startswith("{") or parsed is not _NOT_JSON or keys is not None
     report = machine_facts(text) if smi is None and not structured else None
     if smi is not None:
         machine = machine_from_dict(smi, str(path))
@@ -324,11 +325,10 @@ def load_described_machine(path: Path | str) -> Machine:
         machine = replace(machine, notes=machine.notes + (
             "read as a description in words: check the facts above" if words else
             "read as an environment report (torch's collect_env or `transformers env`)",))
-    elif keys is not None:
-        machine = machine_from_dict(_instance_described(keys, str(path)), str(path))
-    elif (data := _json_object(text)) is not None:
+    elif keys is not None or parsed is not _NOT_JSON:
+        data = keys if keys is not None else parsed
         machine = machine_from_dict(_instance_described(data, str(path)), str(path))
-    else:
+    else:  # JSON that does not parse: machine_from_text says where
         machine = machine_from_text(text, path)
     return fill_from_tables(machine)
 
@@ -348,43 +348,36 @@ def _instance_described(data: Any, where: str) -> Any:
     key = next((plain[k] for k in _INSTANCE_KEYS if k in plain), None)
     if key is None:
         return data
-    from qlora_doctor.sources.envreport import cloud_instances
+    from qlora_doctor.knowledge.loading import load_cloud_instances
 
     given = data[key]
     rest = {k: v for k, v in data.items() if k != key}
     if any(k in plain for k in ("gpus", "gpu", "gpu_name", "gpu_names")):
         return rest
     name = str(given).strip().lower().removeprefix("ml.")
-    if name not in cloud_instances():
+    table = load_cloud_instances()
+    if name not in table:
         raise InputError(f"{where}: {key}: {given!r} is not a GPU instance type qlora-doctor's table knows; name its "
                          "GPUs instead (e.g. gpus: [\"NVIDIA A10G\"]), or the instance type as its provider spells it "
                          "(g5.2xlarge, a2-highgpu-1g, Standard_NC24ads_A100_v4)")
-    gpu, count, source = cloud_instances()[name]
+    gpu, count, source = table[name]
     notes = [*(rest.pop("notes", None) or []), f"read {key} {given}: {count} x {gpu} ({source})"]
     return {**rest, "gpus": [gpu] * count, "notes": notes}
 
 
-def _json_object(text: str) -> dict | None:
-    """The JSON object a machine file holds; None for anything else (machine_from_text then says what is wrong)."""
-    if not text.lstrip().startswith("{"):
-        return None
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
+_NOT_JSON = object()
 
 
-def _json_list(text: str) -> bool:
-    """A text that starts with `[` and is JSON (a list: refused as not a description, by machine_from_dict); not a
-    log that starts with `[2025-01-01 12:00:00] [info] ...`, which is read as a paste."""
-    if not text.lstrip().startswith("["):
-        return False
+def _json_value(text: str) -> Any:
+    """What a machine file's JSON holds (an object; a list, which machine_from_dict refuses as no description), or
+    _NOT_JSON: a text that does not start as JSON, or starts with `[` and is a log (`[2025-01-01 12:00:00] [info]
+    ...`, read as a paste), or starts with `{` and does not parse (machine_from_text says where)."""
+    if not text.lstrip().startswith(("{", "[")):
+        return _NOT_JSON
     try:
-        json.loads(text)
+        return json.loads(text)
     except (json.JSONDecodeError, RecursionError):
-        return False
-    return True
+        return _NOT_JSON
 
 
 def _yaml_mapping(text: str) -> dict | None:
